@@ -1,0 +1,61 @@
+"""A small name → object registry with module discovery.
+
+Each method registers itself in its own file; :meth:`Registry.discover` imports every module
+of a package once, so adding a method is adding one file.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import pkgutil
+from collections.abc import Callable, Iterator
+from typing import Generic, TypeVar
+
+from splice.errors import SpliceError
+
+T = TypeVar("T")
+
+
+class Registry(Generic[T]):
+    """Maps method names to objects; imports ``package`` lazily on first lookup."""
+
+    def __init__(self, kind: str, package: str) -> None:
+        self.kind = kind
+        self.package = package
+        self._items: dict[str, T] = {}
+        self._discovered = False
+
+    def register(self, name: str) -> Callable[[T], T]:
+        def deco(obj: T) -> T:
+            if name in self._items and self._items[name] is not obj:
+                raise ValueError(f"{self.kind} {name!r} registered twice")
+            self._items[name] = obj
+            return obj
+
+        return deco
+
+    def discover(self) -> None:
+        if self._discovered:
+            return
+        self._discovered = True
+        pkg = importlib.import_module(self.package)
+        for info in pkgutil.iter_modules(pkg.__path__):
+            if not info.name.startswith("_"):
+                importlib.import_module(f"{self.package}.{info.name}")
+
+    def get(self, name: str) -> T:
+        self.discover()
+        if name not in self._items:
+            close = difflib.get_close_matches(name, self._items, n=1)
+            hint = f"did you mean {close[0]!r}?" if close else f"choose from {self.names()}"
+            raise SpliceError(f"unknown {self.kind} {name!r}", fix=hint)
+        return self._items[name]
+
+    def names(self) -> list[str]:
+        self.discover()
+        return sorted(self._items)
+
+    def items(self) -> Iterator[tuple[str, T]]:
+        self.discover()
+        yield from sorted(self._items.items())

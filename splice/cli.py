@@ -1,0 +1,81 @@
+"""The ``splice`` command line: thin wrappers that parse options and call the library.
+
+Each command imports what it needs inside its body, so ``splice --help`` stays fast.
+User errors (:class:`splice.errors.SpliceError`) print one line, no traceback, exit 1;
+usage errors exit 2.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(
+    name="splice",
+    help="Adapt and compose pretrained models: adapters, merging, continual learning, benchmarks.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+
+
+@app.command()
+def inspect(
+    path: Annotated[Path, typer.Argument(help="Checkpoint: .safetensors file, HF model dir or PEFT adapter dir.")],
+    other: Annotated[
+        Path | None, typer.Argument(help="Second checkpoint: report per-tensor differences.")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    allow_pickle: Annotated[
+        bool, typer.Option("--allow-pickle", help="Read .bin/.pt files (weights_only=True).")
+    ] = False,
+) -> None:
+    """Summarise a checkpoint or adapter (format, tensors, dtypes, shards, bytes), or diff two."""
+    from splice.inspect import diff_report, print_diff, print_summary, summarize
+
+    if other is None:
+        summary = summarize(path, allow_pickle=allow_pickle)
+        if as_json:
+            _print_json(summary)
+        else:
+            print_summary(summary)
+    else:
+        report = diff_report(path, other, allow_pickle=allow_pickle)
+        if as_json:
+            _print_json(report)
+        else:
+            print_diff(report)
+
+
+def _print_json(obj: object) -> None:
+    import json
+
+    sys.stdout.write(json.dumps(obj, indent=2) + "\n")
+
+
+def main() -> None:
+    """Entry point: run the app, turning user errors into one line and an exit code."""
+    import click
+
+    from splice.errors import SpliceError
+
+    try:
+        app(standalone_mode=False)
+    except SpliceError as e:
+        typer.secho(f"error: {e}", err=True, fg="red")
+        sys.exit(e.exit_code)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        typer.secho("interrupted: nothing was written", err=True, fg="yellow")
+        sys.exit(130)
+    except FileNotFoundError as e:
+        typer.secho(f"error: {e.strerror}: {e.filename}", err=True, fg="red")
+        sys.exit(1)
