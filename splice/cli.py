@@ -25,7 +25,10 @@ app = typer.Typer(
 
 @app.command()
 def inspect(
-    path: Annotated[Path, typer.Argument(help="Checkpoint: .safetensors file, HF model dir or PEFT adapter dir.")],
+    path: Annotated[
+        Path,
+        typer.Argument(help="Checkpoint: .safetensors file, HF model dir or PEFT adapter dir."),
+    ],
     other: Annotated[
         Path | None, typer.Argument(help="Second checkpoint: report per-tensor differences.")
     ] = None,

@@ -4,7 +4,7 @@ A fine-tuned checkpoint minus its base is a set of :class:`Dense` deltas; a LoRA
 set of :class:`LowRank` deltas; sparsified or masked task vectors are :class:`Sparse` /
 :class:`Masked`. Every delta can ``materialize()`` the full ΔW, reports ``nbytes`` of what it
 stores, and round-trips losslessly through :func:`save_deltas` / :func:`load_deltas`.
-All are keyed by the *base model's* tensor name (e.g. ``encoder.layer.0.attention.self.query.weight``).
+All are keyed by the *base model's* tensor name (e.g. ``encoder.layer.0.output.dense.weight``).
 """
 
 from __future__ import annotations
@@ -308,8 +308,7 @@ def load_deltas(path: str | Path, *, base_names: set[str] | None = None) -> dict
             if cls is None:
                 raise SpliceError(f"unknown delta kind for {name!r}", where=str(path))
             parts = {
-                key.split("::", 1)[1]: ckpt[key]
-                for key in ckpt.names_with_prefix(f"{name}::")
+                key.split("::", 1)[1]: ckpt[key] for key in ckpt.names_with_prefix(f"{name}::")
             }
             deltas[name] = cls.from_parts(parts, info)
     if base_names is not None:

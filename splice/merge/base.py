@@ -1,0 +1,116 @@
+"""The merge-method protocol: a method is a pure function over the tensors of one name.
+
+A method lives in one file under ``splice/merge/methods/``, subclasses :class:`MergeMethod`,
+declares its hyperparameters as frozen pydantic models (global ``Params`` and per-input
+``ModelParams``) and registers itself with ``@methods.register("name")``. The engine owns
+reading, devices, dtypes and writing; it resolves per-layer values (gradients, filters) to plain
+scalars before calling :meth:`MergeMethod.merge`, once per tensor name.
+
+Methods that need a statistic over the whole model (a global top-k threshold, a norm) return
+:class:`GlobalStat` objects from :meth:`MergeMethod.global_stats`; the engine streams every
+tensor through them (as many passes as they ask for) before the merge pass, and hands their
+results to ``merge`` through ``ctx.stats[stat.key]``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Protocol
+
+import torch
+from pydantic import BaseModel, ConfigDict
+from torch import Tensor
+
+from splice._registry import Registry
+
+__all__ = [
+    "GlobalStat",
+    "HyperParams",
+    "MergeContext",
+    "MergeMethod",
+    "NoParams",
+    "methods",
+    "tensor_seed",
+]
+
+
+class HyperParams(BaseModel):
+    """Base for method hyperparameters: frozen, and unknown keys are errors."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class NoParams(HyperParams):
+    """For methods without hyperparameters."""
+
+
+def tensor_seed(seed: int, name: str) -> int:
+    """A 63-bit seed derived from (seed, tensor name): stable across runs and machines."""
+    digest = hashlib.sha256(f"{seed}\x00{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+@dataclass(frozen=True)
+class MergeContext:
+    """What a method may know about the tensor being merged."""
+
+    name: str
+    seed: int = 0
+    layer: int | None = None
+    num_layers: int | None = None
+    stats: Mapping[str, Any] = field(default_factory=dict)
+
+    def generator(self, device: torch.device | str = "cpu") -> torch.Generator:
+        """Per-tensor RNG from (seed, name): draws on CPU so results are device-independent."""
+        del device
+        return torch.Generator("cpu").manual_seed(tensor_seed(self.seed, self.name))
+
+
+class GlobalStat(Protocol):
+    """A whole-model statistic computed in streaming passes before the merge pass."""
+
+    key: str
+
+    def observe(
+        self, name: str, base: Tensor | None, tensors: list[Tensor], ctx: MergeContext
+    ) -> None:
+        """See one tensor name (all inputs) during the current pass."""
+
+    def end_pass(self) -> bool:
+        """Close the current pass; return True when the statistic is final."""
+
+    def result(self) -> Any:
+        """The final value, passed to ``merge`` as ``ctx.stats[key]``."""
+
+
+class MergeMethod:
+    """Base class of data-free merge methods (see module docstring)."""
+
+    name: ClassVar[str] = ""
+    pretty_name: ClassVar[str] = ""
+    reference: ClassVar[str] = ""
+    Params: ClassVar[type[HyperParams]] = NoParams
+    ModelParams: ClassVar[type[HyperParams]] = NoParams
+    requires_base: ClassVar[bool] = True
+
+    def global_stats(
+        self, params: HyperParams, model_params: list[HyperParams]
+    ) -> list[GlobalStat]:
+        """Statistics needed before merging; none by default."""
+        return []
+
+    def merge(
+        self,
+        base: Tensor | None,
+        tensors: list[Tensor],
+        params: HyperParams,
+        model_params: list[HyperParams],
+        ctx: MergeContext,
+    ) -> Tensor:
+        """Return the merged tensor for one name (same shape as the inputs)."""
+        raise NotImplementedError
+
+
+methods: Registry[type[MergeMethod]] = Registry("merge method", "splice.merge.methods")
