@@ -23,6 +23,11 @@ app = typer.Typer(
 )
 
 
+@app.callback()
+def _root() -> None:
+    """splice: adapt and compose pretrained models."""
+
+
 @app.command()
 def inspect(
     path: Annotated[
@@ -62,23 +67,13 @@ def _print_json(obj: object) -> None:
 
 def main() -> None:
     """Entry point: run the app, turning user errors into one line and an exit code."""
-    import click
-
     from splice.errors import SpliceError
 
     try:
-        app(standalone_mode=False)
+        app()
     except SpliceError as e:
         typer.secho(f"error: {e}", err=True, fg="red")
         sys.exit(e.exit_code)
-    except click.exceptions.Exit as e:
-        sys.exit(e.exit_code)
-    except click.ClickException as e:
-        e.show()
-        sys.exit(e.exit_code)
-    except (click.exceptions.Abort, KeyboardInterrupt):
-        typer.secho("interrupted: nothing was written", err=True, fg="yellow")
+    except KeyboardInterrupt:
+        typer.secho("interrupted: nothing partial was left behind", err=True, fg="yellow")
         sys.exit(130)
-    except FileNotFoundError as e:
-        typer.secho(f"error: {e.strerror}: {e.filename}", err=True, fg="red")
-        sys.exit(1)

@@ -278,45 +278,78 @@ def save_deltas(deltas: Mapping[str, Delta], path: str | Path) -> Path:
     return path
 
 
-def load_deltas(path: str | Path, *, base_names: set[str] | None = None) -> dict[str, Delta]:
+def load_deltas(path: str | Path, *, base: Mapping[str, Tensor] | None = None) -> dict[str, Delta]:
     """Load deltas from a splice delta file or a PEFT LoRA adapter directory.
 
-    A PEFT dir yields :class:`LowRank` deltas keyed by the base model's tensor names.
-    ``base_names`` (optional) is used to check that every target exists in the base.
+    A PEFT dir yields :class:`LowRank` deltas keyed by the base model's tensor names; its
+    ``modules_to_save`` tensors (full weights) become :class:`Dense` deltas against ``base``.
+    With ``base`` given, every target must exist in it with the delta's shape.
+
+    Raises:
+        SpliceError: not a delta file / adapter, full modules without ``base``, target missing
+            from ``base`` or of another shape.
     """
     from splice.io import open_checkpoint
 
     path = Path(path)
     ckpt = open_checkpoint(path)
+    deltas: dict[str, Delta]
     if ckpt.format == "peft":
-        from splice.io.peft import peft_lowrank_deltas
+        from splice.io.peft import peft_full_tensors, peft_lowrank_deltas
 
-        deltas = peft_lowrank_deltas(ckpt)
-    else:
-        meta = ckpt.metadata
-        if meta.get("format") != DELTA_FORMAT:
+        deltas = dict(peft_lowrank_deltas(ckpt))
+        full = peft_full_tensors(ckpt)
+        if full and base is None:
             raise SpliceError(
-                "not a splice delta file or PEFT adapter dir",
+                f"adapter stores {len(full)} full module tensor(s) (modules_to_save), "
+                f"e.g. {next(iter(full))!r}",
                 where=str(path),
-                fix="create one with splice.save_deltas or point at an adapter dir",
+                fix="pass base= (the base checkpoint) to express them as deltas",
             )
-        index = json.loads(meta["deltas"])
-        deltas = {}
-        for name, info in index.items():
-            info = dict(info)
-            cls = Delta._kinds.get(info.pop("kind"))
-            if cls is None:
-                raise SpliceError(f"unknown delta kind for {name!r}", where=str(path))
-            parts = {
-                key.split("::", 1)[1]: ckpt[key] for key in ckpt.names_with_prefix(f"{name}::")
-            }
-            deltas[name] = cls.from_parts(parts, info)
-    if base_names is not None:
-        missing = sorted(set(deltas) - base_names)
-        if missing:
+        for name, value in full.items():
+            if base is not None and name in base:
+                deltas[name] = Dense(value.to(base[name].dtype) - base[name])
+            else:
+                deltas[name] = Dense(value)
+    else:
+        deltas = _load_splice_deltas(ckpt, path)
+    if base is not None:
+        _check_targets(deltas, base, path)
+    return deltas
+
+
+def _load_splice_deltas(ckpt: Any, path: Path) -> dict[str, Delta]:
+    meta = ckpt.metadata
+    if meta.get("format") != DELTA_FORMAT:
+        raise SpliceError(
+            "not a splice delta file or PEFT adapter dir",
+            where=str(path),
+            fix="create one with splice.save_deltas or point at an adapter dir",
+        )
+    index = json.loads(meta["deltas"])
+    deltas: dict[str, Delta] = {}
+    for name, info in index.items():
+        info = dict(info)
+        cls = Delta._kinds.get(info.pop("kind"))
+        if cls is None:
+            raise SpliceError(f"unknown delta kind for {name!r}", where=str(path))
+        parts = {key.split("::", 1)[1]: ckpt[key] for key in ckpt.names_with_prefix(f"{name}::")}
+        deltas[name] = cls.from_parts(parts, info)
+    return deltas
+
+
+def _check_targets(deltas: Mapping[str, Delta], base: Mapping[str, Tensor], path: Path) -> None:
+    for name, d in deltas.items():
+        if name not in base:
             raise SpliceError(
-                f"{len(missing)} delta target(s) not in the base model, e.g. {missing[0]!r}",
+                f"delta target {name!r} is not in the base model",
                 where=str(path),
                 fix="use the base model this adapter was trained on",
             )
-    return deltas
+        shape = base.info(name).shape if hasattr(base, "info") else tuple(base[name].shape)
+        if tuple(d.shape) != tuple(shape):
+            raise SpliceError(
+                f"delta for {name!r} has shape {tuple(d.shape)}, base has {tuple(shape)}",
+                where=str(path),
+                fix="use the base model this adapter was trained on",
+            )

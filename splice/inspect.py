@@ -1,0 +1,146 @@
+"""``splice inspect``: summarise one checkpoint, or report how two differ tensor by tensor."""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from splice.io import human_bytes, human_count, open_checkpoint
+
+__all__ = ["diff_report", "layer_of", "print_diff", "print_summary", "summarize"]
+
+_LAYER = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
+
+
+def layer_of(name: str) -> int | None:
+    """The first numeric path component of a tensor name (``h.3.attn.weight`` → 3)."""
+    m = _LAYER.search(name)
+    return int(m.group(1)) if m else None
+
+
+def summarize(path: str | Path, *, allow_pickle: bool = False) -> dict[str, Any]:
+    """Format, files, tensor/parameter counts, bytes and dtypes of a checkpoint (headers only)."""
+    ckpt = open_checkpoint(path, allow_pickle=allow_pickle)
+    dtypes: dict[str, dict[str, int]] = defaultdict(lambda: {"tensors": 0, "params": 0})
+    layers = set()
+    for info in ckpt.infos():
+        d = dtypes[str(info.dtype).removeprefix("torch.")]
+        d["tensors"] += 1
+        d["params"] += info.numel
+        if (layer := layer_of(info.name)) is not None:
+            layers.add(layer)
+    cfg = ckpt.config or {}
+    keys = ("model_type", "architectures", "hidden_size", "num_hidden_layers", "vocab_size")
+    if ckpt.format == "peft":
+        keys = ("peft_type", "r", "lora_alpha", "target_modules", "base_model_name_or_path")
+    return {
+        "path": str(ckpt.path),
+        "format": ckpt.format,
+        "files": [str(f.name) for f in ckpt.files],
+        "tensors": len(ckpt),
+        "params": ckpt.num_params,
+        "bytes": ckpt.total_bytes,
+        "layers": len(layers),
+        "dtypes": dict(dtypes),
+        "config": {k: cfg[k] for k in keys if k in cfg},
+        "metadata": {k: v for k, v in ckpt.metadata.items() if len(v) <= 200},
+    }
+
+
+def diff_report(a: str | Path, b: str | Path, *, allow_pickle: bool = False) -> dict[str, Any]:
+    """Per-tensor differences ``b - a``: relative norm, max |Δ|, grouped by layer.
+
+    Reads one pair of tensors at a time; names or shapes present in one side only are listed.
+    """
+    ca = open_checkpoint(a, allow_pickle=allow_pickle)
+    cb = open_checkpoint(b, allow_pickle=allow_pickle)
+    rows, shape_mismatch = [], []
+    per_layer: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
+    for name in ca:
+        if name not in cb:
+            continue
+        ia, ib = ca.info(name), cb.info(name)
+        if ia.shape != ib.shape:
+            shape_mismatch.append({"name": name, "a": list(ia.shape), "b": list(ib.shape)})
+            continue
+        ta, tb = ca[name].double(), cb[name].double()
+        diff_sq = float((tb - ta).pow(2).sum())
+        base_sq = float(ta.pow(2).sum())
+        max_abs = float((tb - ta).abs().max()) if ta.numel() else 0.0
+        rel = (diff_sq**0.5) / (base_sq**0.5) if base_sq > 0 else (0.0 if diff_sq == 0 else 1.0)
+        rows.append({"name": name, "rel_diff": rel, "max_abs": max_abs, "equal": diff_sq == 0})
+        layer = layer_of(name)
+        acc = per_layer["other" if layer is None else str(layer)]
+        acc[0] += diff_sq
+        acc[1] += base_sq
+
+    def _key(k: str) -> tuple[int, int]:
+        return (0, int(k)) if k.isdigit() else (1, 0)
+
+    return {
+        "a": str(ca.path),
+        "b": str(cb.path),
+        "compared": len(rows),
+        "differing": sum(not r["equal"] for r in rows),
+        "only_in_a": [n for n in ca if n not in cb],
+        "only_in_b": [n for n in cb if n not in ca],
+        "shape_mismatch": shape_mismatch,
+        "by_layer": {
+            k: (d**0.5) / (s**0.5) if s > 0 else 0.0
+            for k, (d, s) in sorted(per_layer.items(), key=lambda kv: _key(kv[0]))
+        },
+        "tensors": rows,
+    }
+
+
+def print_summary(s: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    console.print(f"[bold]{s['path']}[/]  ({s['format']})")
+    info = Table.grid(padding=(0, 2))
+    info.add_row(
+        "files",
+        f"{len(s['files'])}: " + ", ".join(s["files"][:4]) + (" …" if len(s["files"]) > 4 else ""),
+    )
+    info.add_row("tensors", f"{s['tensors']:,}")
+    info.add_row("parameters", f"{human_count(s['params'])} ({s['params']:,})")
+    info.add_row("size", human_bytes(s["bytes"]))
+    info.add_row("layers", str(s["layers"]))
+    for k, v in s["config"].items():
+        info.add_row(k, str(v))
+    console.print(info)
+    table = Table("dtype", "tensors", "parameters", title="by dtype")
+    for dtype, d in s["dtypes"].items():
+        table.add_row(dtype, f"{d['tensors']:,}", human_count(d["params"]))
+    console.print(table)
+
+
+def print_diff(r: dict[str, Any], top: int = 20) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    console.print(f"[bold]{r['a']}[/] → [bold]{r['b']}[/]")
+    console.print(
+        f"{r['compared']} tensors compared, {r['differing']} differ; "
+        f"{len(r['only_in_a'])} only in first, {len(r['only_in_b'])} only in second, "
+        f"{len(r['shape_mismatch'])} shape mismatches"
+    )
+    layers = Table("layer", "‖Δ‖/‖a‖", title="relative change by layer")
+    for k, v in r["by_layer"].items():
+        layers.add_row(k, f"{v:.3e}")
+    console.print(layers)
+    worst = sorted(r["tensors"], key=lambda x: -x["rel_diff"])[:top]
+    table = Table("tensor", "‖Δ‖/‖a‖", "max |Δ|", title=f"largest changes (top {len(worst)})")
+    for row in worst:
+        table.add_row(row["name"], f"{row['rel_diff']:.3e}", f"{row['max_abs']:.3e}")
+    console.print(table)
+    for key, label in (("only_in_a", "only in first"), ("only_in_b", "only in second")):
+        if r[key]:
+            console.print(f"[yellow]{label}:[/] " + ", ".join(r[key][:10]))
+    for m in r["shape_mismatch"][:10]:
+        console.print(f"[red]shape mismatch:[/] {m['name']} {m['a']} vs {m['b']}")

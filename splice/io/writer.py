@@ -1,0 +1,253 @@
+"""Atomic, streaming, sharded safetensors writer.
+
+Tensors are appended to the current shard's data file as they arrive (memory stays one
+tensor); when a shard is full its header is written and the data copied behind it. Everything
+happens in a temp dir beside the destination, renamed into place only when the block exits
+cleanly. An exception (or Ctrl-C) removes the temp dir: the destination is either untouched
+or complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from types import TracebackType
+
+import torch
+
+from splice.errors import SpliceError
+from splice.io._safetensors import DTYPE_NAMES, check_tensor_name
+from splice.io._units import parse_size
+
+__all__ = ["AUX_FILES", "CheckpointWriter", "clean_stale_temps"]
+
+AUX_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+)
+_TMP_MARK = ".splice-tmp-"
+
+
+def clean_stale_temps(dest: Path) -> None:
+    """Remove temp dirs left beside ``dest`` by writers whose process is gone."""
+    for tmp in dest.parent.glob(f".{dest.name}{_TMP_MARK}*"):
+        pid = tmp.name.rsplit("-", 2)[-2]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class _Shard:
+    def __init__(self, data_path: Path) -> None:
+        self.data_path = data_path
+        self.fh = open(data_path, "wb")  # noqa: SIM115 - closed in finish()
+        self.entries: dict[str, dict[str, object]] = {}
+        self.size = 0
+
+    def add(self, name: str, t: torch.Tensor) -> None:
+        n = t.numel() * t.element_size()
+        if n:
+            self.fh.write(t.reshape(-1).view(torch.uint8).numpy().data)
+        self.entries[name] = {
+            "dtype": DTYPE_NAMES[t.dtype],
+            "shape": list(t.shape),
+            "data_offsets": [self.size, self.size + n],
+        }
+        self.size += n
+
+    def finish(self, final: Path, metadata: dict[str, str]) -> None:
+        self.fh.close()
+        header = {"__metadata__": metadata, **self.entries}
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        with open(final, "wb") as out, open(self.data_path, "rb") as data:
+            out.write(len(raw).to_bytes(8, "little"))
+            out.write(raw)
+            shutil.copyfileobj(data, out, 16 * 1024 * 1024)
+            out.flush()
+            os.fsync(out.fileno())
+        self.data_path.unlink()
+
+
+class CheckpointWriter:
+    """Write an HF-style model dir atomically: ``with CheckpointWriter(dest) as w: w.write(...)``.
+
+    Args:
+        dest: destination directory.
+        max_shard_size: bytes per shard, int or human units ("2GB", "500MB").
+        force: replace an existing ``dest``; without it an existing ``dest`` is an error.
+        copy_files_from: dir whose config/tokenizer/generation files are copied into ``dest``.
+        metadata: string metadata stored in every shard's header (recipe, seed, version).
+
+    Raises:
+        SpliceError: ``dest`` exists without ``force``, a name repeats, a dtype is unsupported.
+    """
+
+    def __init__(
+        self,
+        dest: str | Path,
+        *,
+        max_shard_size: int | str = "5GB",
+        force: bool = False,
+        copy_files_from: str | Path | None = None,
+        metadata: dict[str, str] | None = None,
+    ) -> None:
+        self.dest = Path(dest)
+        self.max_shard_size = parse_size(max_shard_size)
+        self.force = force
+        self.copy_files_from = Path(copy_files_from) if copy_files_from else None
+        self.metadata = {"format": "pt", **(metadata or {})}
+        if self.dest.exists() and not force:
+            raise SpliceError(
+                "destination already exists",
+                where=str(self.dest),
+                fix="choose another output path or pass --force to replace it",
+            )
+        if self.dest.exists() and not self.dest.is_dir():
+            raise SpliceError("destination exists and is not a directory", where=str(self.dest))
+        self._tmp: Path | None = None
+        self._shards: list[tuple[Path, dict[str, dict[str, object]], int]] = []
+        self._current: _Shard | None = None
+        self._names: set[str] = set()
+        self._files: dict[str, bytes] = {}
+
+    def __enter__(self) -> CheckpointWriter:
+        self.dest.parent.mkdir(parents=True, exist_ok=True)
+        clean_stale_temps(self.dest)
+        tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self._tmp = self.dest.parent / f".{self.dest.name}{_TMP_MARK}{tag}"
+        try:
+            self._tmp.mkdir()
+        except OSError as e:
+            raise SpliceError(
+                f"cannot create output: {e.strerror}", where=str(self.dest.parent)
+            ) from e
+        return self
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Append one tensor (moved to CPU, made contiguous) to the current shard."""
+        if self._tmp is None:
+            raise RuntimeError("use CheckpointWriter as a context manager")
+        check_tensor_name(name, str(self.dest))
+        if name in self._names:
+            raise SpliceError(f"tensor {name!r} written twice", where=str(self.dest))
+        if tensor.dtype not in DTYPE_NAMES:
+            raise SpliceError(f"dtype {tensor.dtype} cannot be saved", where=name)
+        self._names.add(name)
+        t = tensor.detach().to("cpu").contiguous()
+        n = t.numel() * t.element_size()
+        if self._current is not None and self._current.size + n > self.max_shard_size:
+            self._close_shard()
+        if self._current is None:
+            self._current = _Shard(self._tmp / f"shard-{len(self._shards):05d}.data")
+        try:
+            self._current.add(name, t)
+        except OSError as e:
+            raise SpliceError(f"cannot write: {e.strerror}", where=str(self.dest)) from e
+
+    def add_file(self, name: str, content: str | bytes) -> None:
+        """Add a small file (ledger, config) to the output dir."""
+        if Path(name).name != name:
+            raise SpliceError(f"file name {name!r} must not contain directories")
+        self._files[name] = content.encode() if isinstance(content, str) else content
+
+    def _close_shard(self) -> None:
+        assert self._current is not None and self._tmp is not None
+        part = self._tmp / f"part-{len(self._shards):05d}.safetensors"
+        self._current.finish(part, self.metadata)
+        self._shards.append((part, self._current.entries, self._current.size))
+        self._current = None
+
+    def _finalize(self) -> None:
+        assert self._tmp is not None
+        if self._current is not None:
+            self._close_shard()
+        if not self._shards:
+            raise SpliceError("nothing was written", where=str(self.dest))
+        total = len(self._shards)
+        weight_map: dict[str, str] = {}
+        for i, (part, entries, _) in enumerate(self._shards):
+            final = (
+                "model.safetensors"
+                if total == 1
+                else f"model-{i + 1:05d}-of-{total:05d}.safetensors"
+            )
+            part.rename(self._tmp / final)
+            weight_map.update(dict.fromkeys(entries, final))
+        if total > 1:
+            index = {
+                "metadata": {"total_size": sum(s for _, _, s in self._shards)},
+                "weight_map": weight_map,
+            }
+            (self._tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        if self.copy_files_from is not None:
+            for aux in AUX_FILES:
+                src = self.copy_files_from / aux
+                if src.is_file():
+                    shutil.copy2(src, self._tmp / aux)
+        for name, content in self._files.items():
+            (self._tmp / name).write_bytes(content)
+        self._swap_in()
+
+    def _swap_in(self) -> None:
+        assert self._tmp is not None
+        old = None
+        if self.dest.exists():
+            old = self.dest.parent / f".{self.dest.name}.old-{uuid.uuid4().hex[:8]}"
+            self.dest.rename(old)
+        try:
+            self._tmp.rename(self.dest)
+        except OSError:
+            if old is not None:
+                old.rename(self.dest)
+            raise
+        self._tmp = None
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def _abort(self) -> None:
+        if self._current is not None:
+            self._current.fh.close()
+            self._current = None
+        if self._tmp is not None:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+            self._tmp = None
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc_type is not None:
+            self._abort()
+            return
+        try:
+            self._finalize()
+        except OSError as e:
+            self._abort()
+            raise SpliceError(f"cannot write output: {e.strerror}", where=str(self.dest)) from e
+        except BaseException:
+            self._abort()
+            raise
