@@ -10,6 +10,11 @@ Methods that need a statistic over the whole model (a global top-k threshold, a 
 :class:`GlobalStat` objects from :meth:`MergeMethod.global_stats`; the engine streams every
 tensor through them (as many passes as they ask for) before the merge pass, and hands their
 results to ``merge`` through ``ctx.stats[stat.key]``.
+
+A :class:`MergeTransform` rewrites a method's merged tensor afterwards (LiNeS depth scaling is
+one): a recipe names it beside any method, and the engine applies it to every merged tensor.
+Its statistics (:class:`MergedStat`) may look at the inner method's result, so the engine
+computes that result during their passes too.
 """
 
 from __future__ import annotations
@@ -30,9 +35,12 @@ __all__ = [
     "HyperParams",
     "MergeContext",
     "MergeMethod",
+    "MergeTransform",
+    "MergedStat",
     "NoParams",
     "methods",
     "tensor_seed",
+    "transforms",
 ]
 
 
@@ -61,6 +69,17 @@ class MergeContext:
     layer: int | None = None
     num_layers: int | None = None
     stats: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def depth(self) -> float:
+        """Position in the layer stack in [0, 1]: ``layer / (num_layers - 1)``.
+
+        mergekit's convention for gradients: tensors outside the layer stack (embeddings, final
+        norm, head) are at 0, and a one-layer stack is at 1.
+        """
+        if self.layer is None or self.num_layers is None:
+            return 0.0
+        return self.layer / (self.num_layers - 1) if self.num_layers > 1 else 1.0
 
     def generator(self, device: torch.device | str = "cpu") -> torch.Generator:
         """Per-tensor RNG from (seed, name): draws on CPU so results are device-independent."""
@@ -113,4 +132,56 @@ class MergeMethod:
         raise NotImplementedError
 
 
+class MergedStat(Protocol):
+    """Like :class:`GlobalStat`, but also sees the inner method's merged tensor (transforms)."""
+
+    key: str
+
+    def observe(
+        self,
+        name: str,
+        base: Tensor | None,
+        tensors: list[Tensor],
+        merged: Tensor,
+        ctx: MergeContext,
+    ) -> None:
+        """See one tensor name: all inputs and what the method merged them into."""
+
+    def end_pass(self) -> bool:
+        """Close the current pass; return True when the statistic is final."""
+
+    def result(self) -> Any:
+        """The final value, passed to ``apply`` as ``ctx.stats[key]``."""
+
+
+class MergeTransform:
+    """Rewrites the merged tensor of any method, per tensor name (e.g. LiNeS depth scaling).
+
+    A recipe enables one with a top-level key named after it (``lines: {beta: 0.5}``); the
+    engine calls :meth:`apply` on every merged floating-point tensor, after the method.
+    """
+
+    name: ClassVar[str] = ""
+    pretty_name: ClassVar[str] = ""
+    reference: ClassVar[str] = ""
+    Params: ClassVar[type[HyperParams]] = NoParams
+    requires_base: ClassVar[bool] = True
+
+    def global_stats(self, params: HyperParams, num_models: int) -> list[MergedStat]:
+        """Statistics needed before the merge pass (they run after the method's own)."""
+        return []
+
+    def apply(
+        self,
+        base: Tensor | None,
+        merged: Tensor,
+        tensors: list[Tensor],
+        params: HyperParams,
+        ctx: MergeContext,
+    ) -> Tensor:
+        """Return the rewritten tensor (same shape as ``merged``)."""
+        raise NotImplementedError
+
+
 methods: Registry[type[MergeMethod]] = Registry("merge method", "splice.merge.methods")
+transforms: Registry[type[MergeTransform]] = Registry("merge transform", "splice.merge.methods")
