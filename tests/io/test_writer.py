@@ -1,0 +1,206 @@
+"""Atomic sharded writer: round trips, HF compatibility, sharded-dir validation, atomicity."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from splice.errors import SpliceError
+from splice.io import CheckpointWriter, open_checkpoint, parse_size
+from splice.io.writer import clean_stale_temps
+
+
+def _state(seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    sd = {f"layers.{i}.weight": torch.randn(32, 16, generator=g) for i in range(6)}
+    sd["bf16"] = torch.randn(3, 7, generator=g).to(torch.bfloat16)
+    sd["half"] = torch.randn(5, generator=g).half()
+    sd["ids"] = torch.arange(9)
+    sd["flag"] = torch.tensor([True, False])
+    sd["scalar"] = torch.tensor(3.5)
+    sd["empty"] = torch.zeros(0, 3)
+    return sd
+
+
+def _write(dest: Path, sd: dict[str, torch.Tensor], **kw) -> None:
+    with CheckpointWriter(dest, **kw) as w:
+        for k, v in sd.items():
+            w.write(k, v)
+
+
+def test_sharded_round_trip_is_bit_identical(tmp_path: Path) -> None:
+    sd = _state()
+    _write(tmp_path / "out", sd, max_shard_size="5KB", metadata={"seed": "7"})
+    files = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert "model.safetensors.index.json" in files
+    shards = [f for f in files if f.endswith(".safetensors")]
+    assert len(shards) > 2 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
+    ckpt = open_checkpoint(tmp_path / "out")
+    assert ckpt.format == "hf" and list(ckpt) == list(sd)
+    for k, v in sd.items():
+        got = ckpt[k]
+        assert got.dtype == v.dtype and got.shape == v.shape
+        assert torch.equal(got.view(-1).view(torch.uint8), v.reshape(-1).view(torch.uint8))
+    assert ckpt.metadata == {"format": "pt", "seed": "7"}
+    index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
+    assert index["metadata"]["total_size"] == ckpt.total_bytes
+    assert set(index["weight_map"].values()) == set(shards)
+
+
+def test_single_shard_is_model_safetensors_readable_by_safetensors(tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    sd = _state()
+    _write(tmp_path / "out", sd)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["model.safetensors"]
+    loaded = load_file(tmp_path / "out" / "model.safetensors")
+    assert all(torch.equal(loaded[k], v) for k, v in sd.items())
+
+
+def test_output_loads_in_transformers_from_pretrained(tmp_path: Path) -> None:
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    cfg = BertConfig(
+        vocab_size=50,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=32,
+    )
+    model = BertModel(cfg).eval()
+    src = tmp_path / "src"
+    cfg.save_pretrained(src)
+    (src / "tokenizer_config.json").write_text("{}")
+    with CheckpointWriter(tmp_path / "out", max_shard_size="20KB", copy_files_from=src) as w:
+        for k, v in model.state_dict().items():
+            w.write(k, v)
+    out = tmp_path / "out"
+    assert (out / "config.json").is_file() and (out / "tokenizer_config.json").is_file()
+    assert len(list(out.glob("model-*.safetensors"))) > 1
+    reloaded = BertModel.from_pretrained(out).eval()
+    ids = torch.randint(0, 50, (2, 7))
+    with torch.no_grad():
+        assert torch.equal(model(ids).last_hidden_state, reloaded(ids).last_hidden_state)
+
+
+def test_existing_destination_needs_force_and_is_replaced_whole(tmp_path: Path) -> None:
+    dest = tmp_path / "out"
+    _write(dest, {"a": torch.ones(2)})
+    with pytest.raises(SpliceError, match="--force"):
+        CheckpointWriter(dest)
+    _write(dest, {"b": torch.zeros(3)}, force=True)
+    assert list(open_checkpoint(dest)) == ["b"]
+
+
+def test_exception_mid_write_leaves_destination_untouched(tmp_path: Path) -> None:
+    dest = tmp_path / "out"
+    _write(dest, {"a": torch.ones(2)})
+    before = {p.name: p.read_bytes() for p in dest.iterdir()}
+    with pytest.raises(RuntimeError), CheckpointWriter(dest, force=True, max_shard_size=8) as w:
+        w.write("x", torch.ones(4))
+        w.write("y", torch.ones(4))
+        raise RuntimeError("boom")
+    assert {p.name: p.read_bytes() for p in dest.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_fresh_destination_absent_after_failure(tmp_path: Path) -> None:
+    with pytest.raises(SpliceError, match="written twice"), CheckpointWriter(tmp_path / "o") as w:
+        w.write("a", torch.ones(1))
+        w.write("a", torch.ones(1))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_stale_temp_dirs_of_dead_processes_are_cleaned(tmp_path: Path) -> None:
+    stale = tmp_path / ".out.splice-tmp-999999999-abcd1234"
+    stale.mkdir()
+    (stale / "part").write_bytes(b"x")
+    live = tmp_path / ".out.splice-tmp-1-abcd1234"  # pid 1 is alive
+    live.mkdir()
+    clean_stale_temps(tmp_path / "out")
+    assert not stale.exists() and live.exists()
+
+
+def test_added_files_and_names_are_checked(tmp_path: Path) -> None:
+    with CheckpointWriter(tmp_path / "o") as w:
+        w.write("a", torch.ones(1))
+        w.add_file("ledger.json", "{}")
+        with pytest.raises(SpliceError, match="directories"):
+            w.add_file("../evil", "x")
+        with pytest.raises(SpliceError, match="invalid tensor name"):
+            w.write("/etc/x", torch.ones(1))
+    assert (tmp_path / "o" / "ledger.json").read_text() == "{}"
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [("2GB", 2 * 10**9), ("500MB", 5 * 10**8), ("1.5GiB", int(1.5 * 2**30)), ("10", 10), (7, 7)],
+)
+def test_parse_size(text: str | int, value: int) -> None:
+    assert parse_size(text) == value
+
+
+@pytest.mark.parametrize("bad", ["", "2XB", "-1GB", "0", 0])
+def test_parse_size_rejects(bad: str | int) -> None:
+    with pytest.raises(SpliceError):
+        parse_size(bad)
+
+
+def _sharded(tmp_path: Path) -> Path:
+    d = tmp_path / "m"
+    d.mkdir()
+    save_file({"a": torch.ones(2)}, d / "s1.safetensors")
+    save_file({"b": torch.ones(3)}, d / "s2.safetensors")
+    return d
+
+
+def _index(d: Path, weight_map: dict[str, str]) -> None:
+    (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+
+
+@pytest.mark.parametrize(
+    ("weight_map", "message"),
+    [
+        ({"a": "s1.safetensors", "b": "missing.safetensors"}, "does not exist"),
+        ({"a": "s1.safetensors", "b": "../s2.safetensors"}, "not a plain file name"),
+        ({"a": "s1.safetensors", "b": "/tmp/s2.safetensors"}, "not a plain file name"),
+        ({"a": "s2.safetensors", "b": "s1.safetensors"}, "puts it in"),
+        ({"a": "s1.safetensors", "b": "s2.safetensors", "c": "s2.safetensors"}, "absent"),
+        ({}, "no weight_map"),
+    ],
+)
+def test_broken_index_is_refused(tmp_path: Path, weight_map: dict[str, str], message: str) -> None:
+    d = _sharded(tmp_path)
+    _index(d, weight_map)
+    with pytest.raises(SpliceError, match=message):
+        open_checkpoint(d)
+
+
+def test_tensor_in_two_shards_is_refused(tmp_path: Path) -> None:
+    d = _sharded(tmp_path)
+    save_file({"a": torch.ones(2), "b": torch.ones(3)}, d / "s2.safetensors")
+    _index(d, {"a": "s1.safetensors", "b": "s2.safetensors"})
+    with pytest.raises(SpliceError, match="in both"):
+        open_checkpoint(d)
+
+
+def test_tensor_missing_from_index_is_refused(tmp_path: Path) -> None:
+    d = _sharded(tmp_path)
+    save_file({"b": torch.ones(3), "z": torch.ones(1)}, d / "s2.safetensors")
+    _index(d, {"a": "s1.safetensors", "b": "s2.safetensors"})
+    with pytest.raises(SpliceError, match="does not list it"):
+        open_checkpoint(d)
+
+
+def test_valid_index_reads_lazily(tmp_path: Path) -> None:
+    d = _sharded(tmp_path)
+    _index(d, {"a": "s1.safetensors", "b": "s2.safetensors"})
+    ckpt = open_checkpoint(d)
+    assert sorted(ckpt) == ["a", "b"] and len(ckpt.files) == 2
+    assert torch.equal(ckpt["b"], torch.ones(3))
