@@ -59,6 +59,52 @@ def inspect(
             print_diff(report)
 
 
+@app.command()
+def bench(
+    full: Annotated[
+        bool,
+        typer.Option(
+            "--full/--quick",
+            help="Profile: --quick (default; 4 text tasks, ~10 min on 2 cores) or --full "
+            "(6 text + 4 vision tasks, longer training, 3 seeds).",
+        ),
+    ] = False,
+    suite: Annotated[
+        str | None, typer.Option(help="Task suite of the profile: text, vision or all.")
+    ] = None,
+    tasks: Annotated[
+        str | None,
+        typer.Option(help="Comma-separated task names or paths (CSV/JSONL/image folder)."),
+    ] = None,
+    methods: Annotated[
+        str | None, typer.Option(help="Comma-separated merge methods (default: all registered).")
+    ] = None,
+    finetune: Annotated[
+        str | None, typer.Option(help="'lora' (default), 'full', or another adapter name.")
+    ] = None,
+    steps: Annotated[int | None, typer.Option(help="Training steps per task.")] = None,
+    device: Annotated[str | None, typer.Option(help="Torch device, e.g. cpu or cuda.")] = None,
+    out: Annotated[Path, typer.Option(help="Output folder for results.*")] = Path("bench-out"),
+    seed: Annotated[int | None, typer.Option(help="First training seed.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print results as JSON.")] = False,
+) -> None:
+    """Fine-tune tasks from packaged data, merge them every registered way, report a table."""
+    from splice.bench.command import bench_command
+
+    bench_command(
+        "full" if full else "quick",
+        suite=suite,
+        tasks=tasks,
+        methods=methods,
+        finetune=finetune,
+        steps=steps,
+        device=device,
+        out=out,
+        seed=seed,
+        as_json=as_json,
+    )
+
+
 def _print_json(obj: object) -> None:
     import json
 

@@ -1,0 +1,33 @@
+"""``splice bench``: an offline benchmark of fine-tuning and merging on packaged models and data.
+
+Text tasks fine-tune all-MiniLM-L6-v2, image tasks EfficientNet-Lite0 (both shipped as pip
+packages); data come from pinned pip and Debian packages. Each task is fine-tuned (LoRA by
+default), then the zero-shot, individual and every registered merge method are evaluated and
+reported as a table, JSON and a plot. See docs/bench.md.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_LAZY = {
+    "BenchConfig": "splice.bench.runner",
+    "PROFILES": "splice.bench.runner",
+    "run_bench": "splice.bench.runner",
+    "TrainConfig": "splice.bench.train",
+    "Task": "splice.bench.data",
+    "tasks": "splice.bench.data",
+    "load_task": "splice.bench.data",
+    "local_task": "splice.bench.local",
+    "write_report": "splice.bench.report",
+}
+
+__all__ = list(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'splice.bench' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)

@@ -1,0 +1,169 @@
+"""The benchmark report: a rich table, ``results.md``, ``results.json`` and ``results.png``.
+
+Accuracy is per task on its test split. *Normalized* accuracy is merged / individual accuracy
+on the same task (spec merging.md §0), averaged over tasks; with several seeds every number is
+the mean ± std over seeds of the per-seed value.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["print_table", "summarize", "to_markdown", "write_report"]
+
+
+def _ms(values: list[float]) -> tuple[float, float]:
+    a = np.asarray(values, dtype=float)
+    return float(a.mean()), float(a.std()) if len(a) > 1 else 0.0
+
+
+def summarize(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per row: per-task and average accuracy, average normalized accuracy (mean, std)."""
+    tasks = list(results["tasks"])
+    rows = results["rows"]
+    ind = next(r for r in rows if r["key"] == "individual")["acc"]
+    out = []
+    for r in rows:
+        acc = r["acc"]
+        seeds = len(next(iter(acc.values())))
+        avg = [np.mean([acc[t][s] for t in tasks]) for s in range(seeds)]
+        norm = [np.mean([acc[t][s] / max(ind[t][s], 1e-9) for t in tasks]) for s in range(seeds)]
+        out.append(
+            {
+                "key": r["key"],
+                "label": r["label"],
+                "kind": r["kind"],
+                "acc": {t: _ms(acc[t]) for t in tasks},
+                "avg_acc": _ms(avg),
+                "avg_norm": _ms(norm),
+                "merge_s": _ms(r["merge_s"]) if r["merge_s"] else None,
+                "params": r["params"],
+            }
+        )
+    return out
+
+
+def _fmt(ms: tuple[float, float] | None, pct: bool = True, seeds: int = 1) -> str:
+    if ms is None:
+        return "–"
+    m, s = ms
+    k = 100.0 if pct else 1.0
+    digits = 1 if pct else 3
+    return f"{m * k:.{digits}f}" + (f" ± {s * k:.{digits}f}" if seeds > 1 else "")
+
+
+def _table(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    tasks = list(results["tasks"])
+    seeds = len(results["config"]["seeds"])
+    header = ["method", *tasks, "avg acc", "avg norm.", "merge s"]
+    body = []
+    for r in summarize(results):
+        label = r["label"]
+        if r["params"] and any(r["params"]):
+            chosen = sorted({json.dumps(p, sort_keys=True) for p in r["params"]})
+            if "tuned" in label:
+                label += " → " + "; ".join(c.strip("{}").replace('"', "") for c in chosen)
+        body.append(
+            [
+                label,
+                *(_fmt(r["acc"][t], seeds=seeds) for t in tasks),
+                _fmt(r["avg_acc"], seeds=seeds),
+                _fmt(r["avg_norm"], seeds=seeds),
+                _fmt(r["merge_s"], pct=False, seeds=1),
+            ]
+        )
+    return header, body
+
+
+def to_markdown(results: dict[str, Any]) -> str:
+    cfg, meta = results["config"], results["meta"]
+    header, body = _table(results)
+    lines = [
+        "# splice bench results",
+        "",
+        f"Tasks: {', '.join(results['tasks'])}. Fine-tuning: {cfg['train']['finetune']} "
+        f"(r={cfg['train']['r']}), {cfg['train']['steps']} steps, batch "
+        f"{cfg['train']['batch_size']}; seeds {list(cfg['seeds'])}; "
+        f"caps train/val/test {list(cfg['caps'])}. Wall time {meta['wall_s']:.0f} s "
+        f"({meta['threads']} threads, {meta['device']}).",
+        "",
+        "Accuracy (%) on each task's test split, each task with its own head. "
+        "avg norm. = mean over tasks of merged / individual accuracy (%). "
+        "λ is tuned on the validation splits only.",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|",
+        *("| " + " | ".join(row) + " |" for row in body),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def print_table(results: dict[str, Any], console: Any) -> None:
+    from rich.table import Table
+
+    header, body = _table(results)
+    table = Table(title=f"splice bench ({results['meta']['wall_s']:.0f} s)")
+    for i, h in enumerate(header):
+        table.add_column(h, justify="left" if i == 0 else "right")
+    kinds = [r["kind"] for r in summarize(results)]
+    for row, kind in zip(body, kinds, strict=True):
+        table.add_row(*row, style="dim" if kind == "reference" else None)
+    console.print(table)
+
+
+def _plot(results: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    summary = summarize(results)
+    tasks = list(results["tasks"])
+    cols = [*tasks, "avg"]
+    grid = np.array([[r["acc"][t][0] for t in tasks] + [r["avg_acc"][0]] for r in summary])
+    labels = [r["label"] for r in summary]
+    fig, (ax, bx) = plt.subplots(
+        1,
+        2,
+        figsize=(4 + 1.1 * len(cols) + 4, 1.2 + 0.45 * len(labels)),
+        gridspec_kw={"width_ratios": [len(cols), 3]},
+    )
+    im = ax.imshow(grid * 100, cmap="viridis", aspect="auto")
+    ax.set_xticks(range(len(cols)), cols, rotation=30, ha="right")
+    ax.set_yticks(range(len(labels)), labels)
+    for i in range(grid.shape[0]):
+        for j in range(grid.shape[1]):
+            color = "k" if grid[i, j] > grid.min() + 0.6 * np.ptp(grid) else "w"
+            ax.text(j, i, f"{grid[i, j] * 100:.1f}", ha="center", va="center", color=color, size=8)
+    ax.set_title("test accuracy (%)")
+    fig.colorbar(im, ax=ax, fraction=0.03)
+    norm = [r["avg_norm"] for r in summary]
+    bx.barh(
+        range(len(labels)),
+        [m * 100 for m, _ in norm],
+        xerr=[s * 100 for _, s in norm],
+        color=["grey" if r["kind"] == "reference" else "tab:blue" for r in summary],
+    )
+    bx.axvline(100, color="k", lw=0.8)
+    bx.set_yticks(range(len(labels)), [])
+    bx.invert_yaxis()
+    bx.set_title("avg normalized accuracy (%)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_report(results: dict[str, Any], out: Path) -> list[Path]:
+    """Write results.json, results.md and results.png into ``out``; returns the paths."""
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / "results.json", out / "results.md", out / "results.png"]
+    data = {**results, "summary": summarize(results)}
+    paths[0].write_text(json.dumps(data, indent=2))
+    paths[1].write_text(to_markdown(results))
+    _plot(results, paths[2])
+    return paths

@@ -1,0 +1,350 @@
+"""The benchmark run: fine-tune each task, then evaluate zero-shot, individual and merged models.
+
+Per seed and per backbone (text tasks share MiniLM, image tasks EfficientNet-Lite0):
+1. fine-tune every task (cached), giving its deltas and its linear head;
+2. evaluate on each task's test split, always with that task's own head:
+   - zero-shot: the pretrained backbone (the head trained in the task's run, ΔW removed);
+   - individual: the backbone plus the task's own ΔW;
+   - every merge setting (:func:`splice.bench.merging.merge_specs`) over all tasks' weights,
+     with λ, where tuned, chosen on the validation splits by average normalized accuracy.
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import Tensor
+
+from splice.bench.data import Caps, TaskData, load_task
+from splice.bench.local import resolve_task
+from splice.bench.merging import MergeSpec, merge_specs, merge_state, scale_field
+from splice.bench.models import Encoder, Prepared, load_encoder
+from splice.bench.train import Head, TaskRun, TrainConfig, apply_deltas, finetune_cached
+from splice.merge.base import methods
+
+__all__ = ["PROFILES", "BenchConfig", "Row", "configure", "run_bench"]
+
+TEXT_TASKS = (
+    "rt_sentiment",
+    "subjectivity",
+    "tweet_sentiment",
+    "fortune_topic",
+    "wordnet_supersense",
+    "convention_party",
+)
+VISION_TASKS = ("fashion_mnist", "mnist_5k", "animal_mnist", "sk_digits")
+
+
+class BenchConfig(BaseModel):
+    """Everything that defines a benchmark run (written into results.json)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    tasks: tuple[str, ...] = Field(description="task names, or paths to CSV/JSONL/image folders")
+    methods: tuple[str, ...] | None = Field(None, description="merge methods; None = all")
+    train: TrainConfig = TrainConfig()
+    seeds: tuple[int, ...] = (0,)
+    caps: tuple[int, int, int] = Field((2000, 200, 500), description="train/val/test caps")
+    split_seed: int = 0
+    max_len: int = Field(32, description="text: tokens per example")
+    image_size: int = Field(32, description="vision: input side in pixels")
+    text_model: str = Field("minilm", description="'minilm' or a local BERT-style model dir")
+    lambda_grid: tuple[float, ...] = Field((0.25, 0.5, 0.75, 1.0), description="λ tried on val")
+    unit_scale: bool = Field(True, description="also report each λ-method at λ=1")
+    eval_batch_size: int = 128
+    device: str = "cpu"
+
+
+PROFILES: dict[str, BenchConfig] = {
+    "quick": BenchConfig(
+        tasks=("rt_sentiment", "tweet_sentiment", "fortune_topic", "wordnet_supersense"),
+        train=TrainConfig(steps=120),
+    ),
+    "full": BenchConfig(
+        tasks=TEXT_TASKS + VISION_TASKS,
+        train=TrainConfig(steps=250),
+        seeds=(0, 1, 2),
+        caps=(5000, 200, 600),
+        max_len=48,
+        image_size=64,
+        lambda_grid=(0.1, 0.3, 0.5, 0.7, 1.0),
+    ),
+}
+
+
+@dataclass
+class Row:
+    """One line of the report: accuracies per task, one entry per seed."""
+
+    key: str
+    label: str
+    kind: str  # "reference" (zero-shot, individual) or "merge"
+    acc: dict[str, list[float]] = field(default_factory=dict)
+    merge_s: list[float] = field(default_factory=list)
+    params: list[dict[str, Any]] = field(default_factory=list)
+
+
+class _Progress:
+    """Rich progress bars, or nothing when no console is given."""
+
+    def __init__(self, console: Any | None) -> None:
+        self.bar = None
+        if console is not None:
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+            )
+
+            self.bar = Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                console=console,
+            )
+
+    def __enter__(self) -> _Progress:
+        if self.bar:
+            self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar:
+            self.bar.__exit__(*exc)
+
+    @contextmanager
+    def stage(self, description: str, total: int) -> Iterator[Any]:
+        """Yields ``advance(n=1, description=None)``."""
+        if self.bar is None:
+            yield lambda *a, **k: None
+            return
+        tid = self.bar.add_task(description, total=total)
+
+        def advance(n: int = 1, description: str | None = None) -> None:
+            self.bar.update(tid, advance=n, description=description or None)
+
+        yield advance
+        self.bar.update(tid, completed=total)
+
+
+@torch.no_grad()
+def _features(
+    encoder: Encoder, data: Prepared, weights: Mapping[str, Tensor] | None, batch_size: int
+) -> Tensor:
+    device = next(encoder.module.parameters()).device
+    order = data.eval_order()
+    out = torch.empty(len(data), encoder.dim)
+    for i in range(0, len(order), batch_size):
+        idx = order[i : i + batch_size]
+        out[torch.as_tensor(idx)] = encoder.features(data.batch(idx, device), weights).float().cpu()
+    return out
+
+
+def _accuracy(head: Head, feats: Tensor, labels: np.ndarray) -> float:
+    pred = head(feats).argmax(-1).numpy()
+    return float((pred == labels).mean())
+
+
+@dataclass
+class _Suite:
+    """One backbone's tasks for one seed: data, prepared inputs, runs, base tensors."""
+
+    encoder: Encoder
+    data: dict[str, TaskData]
+    val: dict[str, Prepared]
+    test: dict[str, Prepared]
+    runs: dict[str, TaskRun] = field(default_factory=dict)
+    batch_size: int = 128
+
+    def acc(
+        self,
+        weights: Mapping[str, Tensor] | None,
+        split: str = "test",
+        tasks: Sequence[str] | None = None,
+    ) -> dict[str, float]:
+        """Accuracy of one backbone weight set on ``tasks`` (all), each with its own head."""
+        sets = self.test if split == "test" else self.val
+        return {
+            t: _accuracy(
+                self.runs[t].head,
+                _features(self.encoder, sets[t], weights, self.batch_size),
+                getattr(self.data[t], split).y,
+            )
+            for t in (tasks or self.data)
+        }
+
+
+def _evaluate(
+    suite: _Suite,
+    specs: Sequence[MergeSpec],
+    rows: dict[str, Row],
+    seed: int,
+    progress: _Progress,
+) -> None:
+    tasks = list(suite.data)
+    names = sorted({n for r in suite.runs.values() for n in r.deltas})
+    state = suite.encoder.module.state_dict()
+    base = {n: state[n] for n in names}
+    own = {t: {**base, **apply_deltas(base, suite.runs[t].deltas)} for t in tasks}
+    n_tune = sum(len(s.tune) for s in specs)
+    total = 2 + len(specs) + n_tune + (1 if n_tune else 0)
+    with progress.stage(f"evaluate (seed {seed})", total) as advance:
+        advance(0, f"evaluate zero-shot (seed {seed})")
+        _add(rows, "zero_shot", "zero-shot", "reference", suite.acc(None))
+        advance()
+        individual = {t: suite.acc(own[t], tasks=[t])[t] for t in tasks}  # own task only
+        _add(rows, "individual", "individual", "reference", individual)
+        advance()
+        val_own = {t: suite.acc(own[t], "val", [t])[t] for t in tasks} if n_tune else {}
+        advance(1 if n_tune else 0)
+        for spec in specs:
+            params = dict(spec.params)
+            if spec.tune:
+                fld = scale_field(methods.get(spec.method))
+                best = -1.0
+                for lam in spec.tune:
+                    advance(0, f"tune {spec.method} λ={lam} on val")
+                    merged, _ = merge_state(spec.method, base, list(own.values()), {fld: lam}, seed)
+                    val = suite.acc(merged, "val")
+                    score = float(np.mean([val[t] / max(val_own[t], 1e-9) for t in tasks]))
+                    if score > best:
+                        best, params = score, {fld: lam}
+                    advance()
+            advance(0, f"evaluate {spec.label}")
+            merged, secs = merge_state(spec.method, base, list(own.values()), params, seed)
+            key = (
+                spec.method
+                + ("@tuned" if spec.tune else "")
+                + "".join(f"@{k}={v}" for k, v in spec.params.items())
+            )
+            _add(rows, key, spec.label, "merge", suite.acc(merged), secs, params)
+            advance()
+
+
+def _add(
+    rows: dict[str, Row],
+    key: str,
+    label: str,
+    kind: str,
+    acc: Mapping[str, float],
+    merge_s: float | None = None,
+    params: Mapping[str, Any] | None = None,
+) -> None:
+    row = rows.setdefault(key, Row(key, label, kind))
+    for t, a in acc.items():
+        row.acc.setdefault(t, []).append(a)
+    if merge_s is not None:
+        row.merge_s.append(merge_s)
+    if params is not None:
+        row.params.append(dict(params))
+
+
+def _specs(cfg: BenchConfig) -> list[MergeSpec]:
+    specs = merge_specs(cfg.methods, cfg.lambda_grid)
+    if cfg.unit_scale:
+        for spec in list(specs):
+            fld = None if spec.tune or spec.params else scale_field(methods.get(spec.method))
+            if fld and methods.get(spec.method).Params.model_fields[fld].default != 1.0:
+                specs.insert(specs.index(spec) + 1, MergeSpec(spec.method, {fld: 1.0}))
+    return specs
+
+
+def run_bench(cfg: BenchConfig, console: Any | None = None) -> dict[str, Any]:
+    """Run the benchmark; returns the results (see :mod:`splice.bench.report`)."""
+    start = time.perf_counter()
+    caps = Caps(*cfg.caps)
+    task_objs = [resolve_task(t) for t in cfg.tasks]
+    specs = _specs(cfg)
+    rows: dict[str, Row] = {}
+    runs_meta: list[dict[str, Any]] = []
+    modalities = sorted({t.modality for t in task_objs}, reverse=True)  # text first
+    with _Progress(console) as progress:
+        for modality in modalities:
+            group = [t for t in task_objs if t.modality == modality]
+            data = {t.name: load_task(t, caps, cfg.split_seed) for t in group}
+            encoder = load_encoder(
+                modality,
+                text_model=cfg.text_model,
+                max_len=cfg.max_len,
+                image_size=cfg.image_size,
+                device=cfg.device,
+            )
+            val = {n: encoder.prepare(d.val.x) for n, d in data.items()}
+            test = {n: encoder.prepare(d.test.x) for n, d in data.items()}
+            for seed in cfg.seeds:
+                suite = _Suite(encoder, data, val, test, batch_size=cfg.eval_batch_size)
+                for name, d in data.items():
+                    with progress.stage(f"train {name} (seed {seed})", cfg.train.steps) as adv:
+                        run, cached = finetune_cached(
+                            encoder, d, cfg.train, seed, lambda s, loss, adv=adv: adv()
+                        )
+                    suite.runs[name] = run
+                    runs_meta.append({"task": name, "seed": seed, "cached": cached, **run.meta})
+                _evaluate(suite, specs, rows, seed, progress)
+    return {
+        "config": cfg.model_dump(mode="json"),
+        "tasks": {t.name: {"modality": t.modality, "about": t.description} for t in task_objs},
+        "rows": [r.__dict__ for r in rows.values()],
+        "runs": runs_meta,
+        "meta": {
+            "wall_s": round(time.perf_counter() - start, 1),
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "threads": torch.get_num_threads(),
+            "device": cfg.device,
+        },
+    }
+
+
+def configure(
+    profile: str = "quick",
+    *,
+    suite: str | None = None,
+    tasks: Sequence[str] | None = None,
+    methods: Sequence[str] | None = None,
+    finetune: str | None = None,
+    steps: int | None = None,
+    seed: int | None = None,
+    device: str | None = None,
+) -> BenchConfig:
+    """A profile's config with command-line overrides applied.
+
+    ``suite`` picks the profile's text or vision tasks (quick runs text by default);
+    ``seed`` shifts the profile's seeds to start at it.
+    """
+    from splice.errors import UsageError
+
+    if profile not in PROFILES:
+        raise UsageError(f"unknown profile {profile!r}", fix=f"choose from {sorted(PROFILES)}")
+    cfg = PROFILES[profile]
+    update: dict[str, Any] = {}
+    if tasks:
+        update["tasks"] = tuple(tasks)
+    elif suite is not None:
+        suites = {"text": TEXT_TASKS, "vision": VISION_TASKS, "all": TEXT_TASKS + VISION_TASKS}
+        if suite not in suites:
+            raise UsageError(f"unknown suite {suite!r}", fix="use text, vision or all")
+        chosen = suites[suite]
+        in_profile = tuple(t for t in cfg.tasks if t in chosen)
+        update["tasks"] = in_profile or chosen
+    if methods is not None:
+        update["methods"] = tuple(methods)
+    train = {k: v for k, v in {"finetune": finetune, "steps": steps}.items() if v is not None}
+    if train:
+        update["train"] = cfg.train.model_copy(update=train)
+    if seed is not None:
+        update["seeds"] = tuple(seed + i for i in range(len(cfg.seeds)))
+    if device is not None:
+        update["device"] = device
+    return cfg.model_copy(update=update)

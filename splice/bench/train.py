@@ -1,0 +1,186 @@
+"""Fine-tune one task: an adapter (LoRA by default) or all weights, plus a linear head.
+
+The result is the task's deltas (keyed by the base model's tensor names) and its head. Runs
+are cached under ``<cache>/bench/runs`` keyed by a hash of (model, task splits, fine-tuning
+config, seed) and written atomically, so re-runs skip training and Ctrl-C never leaves a
+partial entry.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from splice.bench._cache import atomic_dir, cache_root, stable_hash
+from splice.bench.data import TaskData
+from splice.bench.models import Encoder
+from splice.deltas import Delta, Dense, load_deltas, save_deltas
+
+__all__ = ["Head", "TaskRun", "TrainConfig", "apply_deltas", "finetune", "finetune_cached"]
+
+
+class TrainConfig(BaseModel):
+    """How each task is fine-tuned. Part of the cache key."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    finetune: str = Field("lora", description="'full', or a registered adapter name (e.g. lora)")
+    r: int = Field(8, description="adapter rank")
+    alpha: float = Field(16.0, description="adapter scaling numerator (scale = alpha / r)")
+    targets: tuple[str, ...] | None = Field(None, description="adapter targets; None = encoder's")
+    steps: int = Field(120, description="optimizer steps per task")
+    batch_size: int = 32
+    lr: float | None = Field(
+        None, description="AdamW learning rate of the tuned weights; None: 1e-3, full FT 5e-5"
+    )
+    head_lr: float = Field(1e-2, description="AdamW learning rate of the linear head")
+
+    @property
+    def effective_lr(self) -> float:
+        if self.lr is not None:
+            return self.lr
+        return 5e-5 if self.finetune == "full" else 1e-3
+
+
+@dataclass(frozen=True)
+class Head:
+    """A task's linear classifier on pooled features."""
+
+    weight: Tensor  # (classes, dim)
+    bias: Tensor  # (classes,)
+
+    def __call__(self, features: Tensor) -> Tensor:
+        return features @ self.weight.T.to(features.device) + self.bias.to(features.device)
+
+
+@dataclass(frozen=True)
+class TaskRun:
+    task: str
+    deltas: dict[str, Delta]
+    head: Head
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def _trainable(model: nn.Module, cfg: TrainConfig, targets: tuple[str, ...]) -> list[nn.Parameter]:
+    if cfg.finetune == "full":
+        model.requires_grad_(True)
+        return [p for p in model.parameters() if p.is_floating_point()]
+    from splice import adapters
+
+    adapters.inject(model, cfg.finetune, targets=list(targets), r=cfg.r, alpha=cfg.alpha)
+    return list(adapters.trainable_parameters(model))
+
+
+def _deltas(model: nn.Module, base: nn.Module, cfg: TrainConfig) -> dict[str, Delta]:
+    if cfg.finetune == "full":
+        ref = base.state_dict()
+        return {
+            n: Dense((p.detach() - ref[n]).cpu())
+            for n, p in model.named_parameters()
+            if p.is_floating_point()
+        }
+    from splice import adapters
+
+    return dict(adapters.adapter_deltas(model))
+
+
+def finetune(
+    encoder: Encoder,
+    data: TaskData,
+    cfg: TrainConfig,
+    seed: int,
+    on_step: Callable[[int, float], None] | None = None,
+) -> TaskRun:
+    """Train ``cfg.steps`` AdamW steps on shuffled train batches; the backbone stays in eval
+    mode (no dropout, frozen BatchNorm statistics)."""
+    device = next(encoder.module.parameters()).device
+    torch.manual_seed(seed)
+    model = copy.deepcopy(encoder.module)
+    model.requires_grad_(False)
+    params = _trainable(model, cfg, cfg.targets or encoder.default_targets)
+    model.eval()
+    head = nn.Linear(encoder.dim, len(data.classes)).to(device)
+    opt = torch.optim.AdamW(
+        [
+            {"params": params, "lr": cfg.effective_lr},
+            {"params": head.parameters(), "lr": cfg.head_lr},
+        ],
+        weight_decay=0.0,
+    )
+    prepared = encoder.prepare(data.train.x)
+    labels = torch.as_tensor(data.train.y, device=device)
+    rng = np.random.default_rng(seed)
+    order = np.empty(0, dtype=np.int64)
+    start, loss_v = time.perf_counter(), float("nan")
+    for step in range(cfg.steps):
+        if len(order) < cfg.batch_size:
+            order = np.concatenate([order, rng.permutation(len(prepared))])
+        idx, order = order[: cfg.batch_size], order[cfg.batch_size :]
+        logits = head(encoder.features(prepared.batch(idx, device), module=model))
+        loss = nn.functional.cross_entropy(logits, labels[torch.as_tensor(idx, device=device)])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        loss_v = float(loss.detach())
+        if on_step:
+            on_step(step + 1, loss_v)
+    meta = {"train_s": round(time.perf_counter() - start, 2), "final_loss": loss_v}
+    h = Head(head.weight.detach().cpu().clone(), head.bias.detach().cpu().clone())
+    return TaskRun(data.name, _deltas(model, encoder.module, cfg), h, meta)
+
+
+def run_key(encoder: Encoder, data: TaskData, cfg: TrainConfig, seed: int) -> str:
+    """Cache key: (model, task splits, fine-tuning config, seed)."""
+    return stable_hash(
+        {"model": encoder.key, "data": data.key, "cfg": cfg.model_dump(), "seed": seed}
+    )
+
+
+def _entry(encoder: Encoder, data: TaskData, cfg: TrainConfig, seed: int) -> Path:
+    return cache_root() / "bench" / "runs" / f"{data.name}-{run_key(encoder, data, cfg, seed)}"
+
+
+def _load(path: Path, task: str) -> TaskRun:
+    head = load_file(str(path / "head.safetensors"))
+    meta = json.loads((path / "meta.json").read_text())
+    deltas = load_deltas(path / "deltas.safetensors")
+    return TaskRun(task, dict(deltas), Head(head["weight"], head["bias"]), meta)
+
+
+def finetune_cached(
+    encoder: Encoder,
+    data: TaskData,
+    cfg: TrainConfig,
+    seed: int,
+    on_step: Callable[[int, float], None] | None = None,
+) -> tuple[TaskRun, bool]:
+    """Load the task's run from the cache, or train and store it. Returns (run, was_cached)."""
+    path = _entry(encoder, data, cfg, seed)
+    if (path / "meta.json").is_file():
+        return _load(path, data.name), True
+    run = finetune(encoder, data, cfg, seed, on_step)
+    with atomic_dir(path) as tmp:
+        save_deltas(run.deltas, tmp / "deltas.safetensors")
+        save_file(
+            {"weight": run.head.weight.contiguous(), "bias": run.head.bias.contiguous()},
+            str(tmp / "head.safetensors"),
+        )
+        meta = {**run.meta, "task": data.name, "seed": seed, "cfg": cfg.model_dump()}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+    return run, False
+
+
+def apply_deltas(base: Mapping[str, Tensor], deltas: Mapping[str, Delta]) -> dict[str, Tensor]:
+    """``base[name] + ΔW`` for every delta name: the fine-tuned tensors of one task."""
+    return {n: base[n] + d.materialize(base[n].dtype).to(base[n].device) for n, d in deltas.items()}
