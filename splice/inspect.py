@@ -4,10 +4,33 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from splice.io import human_bytes, human_count, open_checkpoint
+
+__all__ = ["diff_report", "layer_of", "print_diff", "print_summary", "summarize"]
+
+
+class _Applied(Mapping[str, torch.Tensor]):
+    """``base + ΔW`` for the names an adapter touches, the base tensor elsewhere (lazy)."""
+
+    def __init__(self, base: Mapping[str, torch.Tensor], deltas: Mapping[str, Any]) -> None:
+        self.base, self.deltas = base, deltas
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        t = self.base[name]
+        return t + self.deltas[name].materialize(t.dtype) if name in self.deltas else t
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.base)
+
+    def __len__(self) -> int:
+        return len(self.base)
+
 
 __all__ = ["diff_report", "layer_of", "print_diff", "print_summary", "summarize"]
 
@@ -33,9 +56,20 @@ def summarize(path: str | Path, *, allow_pickle: bool = False) -> dict[str, Any]
             layers.add(layer)
     cfg = ckpt.config or {}
     keys = ("model_type", "architectures", "hidden_size", "num_hidden_layers", "vocab_size")
+    extra: dict[str, Any] = {}
     if ckpt.format == "peft":
+        from splice.io.peft import peft_lowrank_deltas
+
         keys = ("peft_type", "r", "lora_alpha", "target_modules", "base_model_name_or_path")
+        lora = peft_lowrank_deltas(ckpt)
+        extra["lora"] = {
+            "modules": len(lora),
+            "ranks": sorted({d.rank for d in lora.values()}),
+            "scales": sorted({d.scale for d in lora.values()}),
+            "targets": sorted(lora)[:5],
+        }
     return {
+        **extra,
         "path": str(ckpt.path),
         "format": ckpt.format,
         "files": [str(f.name) for f in ckpt.files],
@@ -55,17 +89,20 @@ def diff_report(a: str | Path, b: str | Path, *, allow_pickle: bool = False) -> 
     Reads one pair of tensors at a time; names or shapes present in one side only are listed.
     """
     ca = open_checkpoint(a, allow_pickle=allow_pickle)
-    cb = open_checkpoint(b, allow_pickle=allow_pickle)
+    cb: Mapping[str, torch.Tensor] = open_checkpoint(b, allow_pickle=allow_pickle)
+    if cb.format == "peft":  # an adapter: compare the base with base + ΔW
+        from splice.deltas import load_deltas
+
+        cb = _Applied(ca, load_deltas(b, base=ca))
     rows, shape_mismatch = [], []
     per_layer: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
     for name in ca:
         if name not in cb:
             continue
-        ia, ib = ca.info(name), cb.info(name)
-        if ia.shape != ib.shape:
-            shape_mismatch.append({"name": name, "a": list(ia.shape), "b": list(ib.shape)})
-            continue
         ta, tb = ca[name].double(), cb[name].double()
+        if ta.shape != tb.shape:
+            shape_mismatch.append({"name": name, "a": list(ta.shape), "b": list(tb.shape)})
+            continue
         diff_sq = float((tb - ta).pow(2).sum())
         base_sq = float(ta.pow(2).sum())
         max_abs = float((tb - ta).abs().max()) if ta.numel() else 0.0
@@ -81,7 +118,7 @@ def diff_report(a: str | Path, b: str | Path, *, allow_pickle: bool = False) -> 
 
     return {
         "a": str(ca.path),
-        "b": str(cb.path),
+        "b": str(b),
         "compared": len(rows),
         "differing": sum(not r["equal"] for r in rows),
         "only_in_a": [n for n in ca if n not in cb],

@@ -87,3 +87,31 @@ def test_cli_user_error_is_one_line_exit_1(tmp_path: Path, make, message: str) -
 def test_cli_usage_error_exit_2() -> None:
     out = _splice("inspect")
     assert out.returncode == 2 and "Missing argument" in out.stderr
+
+
+def _adapter(dest: Path) -> Path:
+    import json
+
+    from safetensors.torch import save_file
+
+    dest.mkdir()
+    (dest / "adapter_config.json").write_text(json.dumps({"r": 2, "lora_alpha": 4}))
+    save_file(
+        {
+            "base_model.model.model.layers.2.mlp.lora_A.weight": torch.ones(2, 8),
+            "base_model.model.model.layers.2.mlp.lora_B.weight": torch.full((8, 2), 0.1),
+        },
+        dest / "adapter_model.safetensors",
+    )
+    return dest
+
+
+def test_adapter_summary_and_diff_against_base(tmp_path: Path) -> None:
+    base, ad = _model(tmp_path / "base"), _adapter(tmp_path / "ad")
+    s = summarize(ad)
+    assert s["format"] == "peft"
+    assert s["lora"]["modules"] == 1 and s["lora"]["ranks"] == [2] and s["lora"]["scales"] == [2.0]
+    r = diff_report(base, ad)
+    changed = [t for t in r["tensors"] if not t["equal"]]
+    assert [t["name"] for t in changed] == ["model.layers.2.mlp.weight"]
+    assert changed[0]["max_abs"] == pytest.approx(2.0 * 0.1 * 2, rel=1e-3)  # scale·(B@A) = 2·0.2
