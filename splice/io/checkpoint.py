@@ -9,6 +9,7 @@ shards + ``model.safetensors.index.json``); a PEFT adapter dir (``adapter_config
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -252,11 +253,11 @@ def _load_pickle(path: Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for corrupt/hostile pickles
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise SpliceError(
-            f"refused or unreadable pickle ({first[:160]})",
+            f"refused or unreadable pickle ({_pickle_reason(e)})",
             where=str(path),
-            fix="only plain tensor state dicts load with weights_only=True",
+            fix="only plain tensor state dicts load with weights_only=True; "
+            "convert trusted files to .safetensors",
         ) from None
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
@@ -267,6 +268,20 @@ def _load_pickle(path: Path) -> dict[str, torch.Tensor]:
     for name in obj:
         check_tensor_name(name, str(path))
     return obj
+
+
+def _pickle_reason(e: Exception) -> str:
+    """Turn torch's long weights-only messages into the one fact that matters."""
+    text = str(e)
+    m = re.search(r"unsupported (?:global: )?GLOBAL ([\w.]+)", text, re.IGNORECASE)
+    if m:
+        return f"it calls {m.group(1)}, which weights-only loading forbids"
+    if m := re.search(r"Unsupported operand (\S+)", text):
+        return f"not a tensor pickle: unsupported opcode {m.group(1)}"
+    if "zip archive" in text or "hasRecord" in text:
+        return "not a complete torch archive (truncated or corrupt)"
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    return (lines[0].split(". ")[0] if lines else type(e).__name__)[:160]
 
 
 def _info_of(name: str, t: torch.Tensor, path: Path) -> TensorInfo:
