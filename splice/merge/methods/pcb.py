@@ -1,0 +1,231 @@
+"""PCB-Merging: parameter competition balancing (spec merging.md §4).
+
+Every entry of every task vector gets its own coefficient from its importance inside its task
+(intra-balancing) and its agreement with the other tasks (inter-balancing); the lowest-scoring
+entries are dropped and the rest combined as a score-weighted average. As in the authors' code
+(``duguodong7/pcb-merging``), the magnitude clip and the drop threshold are quantiles over the
+*whole* model per task; splice computes them exactly in streaming passes (radix selection on
+fp32 values, never a sort of the model), so PCB runs in fp32.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable
+from typing import ClassVar, Literal
+
+import torch
+from pydantic import Field
+from torch import Tensor
+
+from splice.deltas import is_mergeable
+from splice.errors import SpliceError
+from splice.merge.base import GlobalStat, HyperParams, MergeContext, MergeMethod, methods
+
+__all__ = ["PCB", "PCBThresholds", "pcb_balance", "pcb_merge", "pcb_scores"]
+
+InterMode = Literal["pairwise", "normalized", "raw"]
+
+_BINS = 1 << 16
+
+
+def _radix_keys(x: Tensor) -> Tensor:
+    """fp32 → int64 keys in [0, 2³²) with the same order as the floats."""
+    b = x.float().contiguous().view(torch.int32).to(torch.int64)
+    return torch.where(b >= 0, b + (1 << 31), (1 << 31) - 1 - (b & 0x7FFFFFFF))
+
+
+def _key_to_float(key: int) -> float:
+    bits = key - (1 << 31) if key >= 1 << 31 else ((1 << 31) - 1 - key) | (1 << 31)
+    return struct.unpack("<f", struct.pack("<I", bits))[0]
+
+
+class _RadixSelect:
+    """Exact order statistics of a stream of fp32 values: two 65536-bin histogram passes."""
+
+    def __init__(self, ranks_of: Callable[[int], list[int]]) -> None:
+        self.ranks_of = ranks_of
+        self.high = torch.zeros(_BINS, dtype=torch.int64)
+        self.ranks: list[int] = []
+        self.bins: list[int] = []
+        self.low: list[Tensor] = []
+        self.values: list[float] = []
+
+    def observe(self, x: Tensor) -> None:
+        keys = _radix_keys(x.reshape(-1))
+        if not self.bins:
+            self.high += torch.bincount(keys >> 16, minlength=_BINS).cpu()
+            return
+        for i, b in enumerate(self.bins):
+            sel = keys[(keys >> 16) == b] & 0xFFFF
+            self.low[i] += torch.bincount(sel, minlength=_BINS).cpu()
+
+    def end_pass(self) -> bool:
+        if not self.bins:
+            total = int(self.high.sum())
+            if total == 0:
+                raise SpliceError("PCB saw no floating-point tensors", fix="check the inputs")
+            self.ranks = self.ranks_of(total)
+            cum = self.high.cumsum(0)
+            for r in self.ranks:
+                b = int(torch.searchsorted(cum, r, right=True))
+                self.bins.append(b)
+                self.low.append(torch.zeros(_BINS, dtype=torch.int64))
+            return False
+        cum_high = self.high.cumsum(0)
+        for r, b, low in zip(self.ranks, self.bins, self.low, strict=True):
+            before = int(cum_high[b - 1]) if b > 0 else 0
+            lo = int(torch.searchsorted(low.cumsum(0), r - before, right=True))
+            self.values.append(_key_to_float((b << 16) | lo))
+        return True
+
+
+def _unit_range(a: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
+    """Min–max normalisation with per-row bounds; a zero range gives 0 (spec §4.6)."""
+    span = hi - lo
+    return torch.where(span > 0, (a - lo) / torch.where(span > 0, span, 1.0), 0.0)
+
+
+def pcb_balance(
+    v: Tensor, lo: Tensor, hi: Tensor, inter: InterMode = "pairwise"
+) -> tuple[Tensor, Tensor]:
+    """Spec §4.3 steps 1–4 on rows ``v`` (T, n) of task-vector entries, fp32.
+
+    ``lo``/``hi`` (T,) are each task's global |τ| clip bounds. Returns ``(V̄, β)``: the clipped
+    task vectors and the balancing matrix ``exp(T·Norm(A)²) ⊙ inter``.
+    """
+    num = v.shape[0]
+    lo, hi = lo.unsqueeze(1), hi.unsqueeze(1)
+    a = torch.minimum(torch.maximum(v.abs(), lo), hi)
+    sign = torch.sign(v)
+    norm = _unit_range(a, lo, hi)
+    intra = torch.exp(num * norm**2)
+    if inter == "pairwise":  # pcb_ES.py: Σ_j tanh(Ṽ_t ⊙ Ṽ_j)
+        vt = sign * norm
+        cross = sum(torch.tanh(vt * vt[j]) for j in range(num))
+    elif inter == "normalized":  # vision pcb.py: tanh(V_t ⊙ Σ_j Ṽ_j)
+        cross = torch.tanh(v * (sign * norm).sum(0))
+    else:  # pcb-merging.py / NLP: tanh(V_t ⊙ Σ_j V_j)
+        cross = torch.tanh(v * v.sum(0))
+    return sign * a, intra * cross
+
+
+def pcb_scores(beta: Tensor, q: Tensor, top: Tensor) -> Tensor:
+    """Spec §4.3 step 5: ``Norm(Clip(β))`` with per-task drop threshold ``q`` and max ``top``."""
+    q, top = q.unsqueeze(1), top.unsqueeze(1)
+    return _unit_range(torch.minimum(torch.maximum(beta, q), top), q, top)
+
+
+def pcb_merge(clipped: Tensor, scores: Tensor, weights: Tensor) -> Tensor:
+    """Spec §4.3 step 6: ``Σ_t λ_t V̄_t s_t / max(Σ_t s_t, 1e-12)``."""
+    num = (clipped * weights.unsqueeze(1) * scores).sum(0)
+    return num / scores.sum(0).clamp(min=1e-12)
+
+
+def _rows(base: Tensor, tensors: list[Tensor]) -> Tensor:
+    b = base.float()
+    return torch.stack([(t.float() - b).reshape(-1) for t in tensors])
+
+
+class PCBThresholds:
+    """Per-task global quantiles for PCB (spec §4.3): |τ| clip bounds at sorted indices
+    ⌊P·c⌋ and ⌊P(1−c)⌋−1, then β's drop threshold at ⌊P(1−r)⌋ and its maximum. Four passes."""
+
+    key = "pcb"
+
+    def __init__(self, num_models: int, clip: float, ratio: float, inter: InterMode) -> None:
+        self.ratio, self.inter = ratio, inter
+        self.clip = [
+            _RadixSelect(lambda p: [int(p * clip), int(p * (1 - clip) - 1)])
+            for _ in range(num_models)
+        ]
+        self.drop = [
+            _RadixSelect(lambda p: [int(p * (1 - ratio)), p - 1]) for _ in range(num_models)
+        ]
+        self.bounds: tuple[Tensor, Tensor] | None = None
+
+    def observe(
+        self, name: str, base: Tensor | None, tensors: list[Tensor], ctx: MergeContext
+    ) -> None:
+        assert base is not None
+        if not is_mergeable(base):
+            return
+        v = _rows(base, tensors)
+        if self.bounds is None:
+            for sel, row in zip(self.clip, v, strict=True):
+                sel.observe(row.abs())
+            return
+        _, beta = pcb_balance(v, *(b.to(v.device) for b in self.bounds), self.inter)
+        for sel, row in zip(self.drop, beta, strict=True):
+            sel.observe(row)
+
+    def end_pass(self) -> bool:
+        if self.bounds is None:
+            if all([sel.end_pass() for sel in self.clip]):
+                lo, hi = zip(*(sel.values for sel in self.clip), strict=True)
+                self.bounds = torch.tensor(lo), torch.tensor(hi)
+            return False
+        return all([sel.end_pass() for sel in self.drop])
+
+    def result(self) -> dict[str, Tensor]:
+        assert self.bounds is not None
+        q, top = zip(*(sel.values for sel in self.drop), strict=True)
+        return {
+            "lo": self.bounds[0],
+            "hi": self.bounds[1],
+            "q": torch.tensor(q),
+            "top": torch.tensor(top),
+        }
+
+
+class Params(HyperParams):
+    ratio: float = Field(
+        0.05, gt=0.0, le=1.0, description="r: fraction of entries kept per task (0.05 for ViT)"
+    )
+    clip: float = Field(
+        0.01, ge=0.0, lt=0.5, description="c: magnitude outlier clip quantile on each side"
+    )
+    inter: InterMode = Field(
+        "pairwise",
+        description="inter-balancing: pairwise (pcb_ES.py), normalized (pcb.py), raw (NLP code)",
+    )
+    lambda_: float = Field(1.0, alias="lambda", description="λ: coefficient of the merged delta")
+
+
+class ModelParams(HyperParams):
+    weight: float = Field(1.0, description="λ_t: per-task coefficient (the ES search's output)")
+
+
+@methods.register("pcb")
+class PCB(MergeMethod):
+    """PCB-Merging (Du et al., NeurIPS 2024), spec merging.md §4.
+
+    θ = θ₀ + λ·Σ_t λ_t V̄_t s_t / Σ_t s_t with global (whole-model, per task) clip and drop
+    quantiles from :class:`PCBThresholds`.
+    """
+
+    name: ClassVar[str] = "pcb"
+    pretty_name: ClassVar[str] = "PCB-Merging"
+    reference: ClassVar[str] = "https://arxiv.org/abs/2410.02396 (spec merging.md §4)"
+    Params: ClassVar[type[HyperParams]] = Params
+    ModelParams: ClassVar[type[HyperParams]] = ModelParams
+
+    def global_stats(self, params: Params, model_params: list[HyperParams]) -> list[GlobalStat]:
+        return [PCBThresholds(len(model_params), params.clip, params.ratio, params.inter)]
+
+    def merge(
+        self,
+        base: Tensor | None,
+        tensors: list[Tensor],
+        params: Params,
+        model_params: list[ModelParams],
+        ctx: MergeContext,
+    ) -> Tensor:
+        assert base is not None
+        st = {k: t.to(base.device) for k, t in ctx.stats[PCBThresholds.key].items()}
+        v = _rows(base, tensors)
+        clipped, beta = pcb_balance(v, st["lo"], st["hi"], params.inter)
+        scores = pcb_scores(beta, st["q"], st["top"])
+        weights = torch.tensor([mp.weight for mp in model_params], device=v.device)
+        delta = pcb_merge(clipped, scores, weights).reshape(base.shape)
+        return (base.float() + params.lambda_ * delta).to(base.dtype)
