@@ -9,6 +9,7 @@ or complete.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -38,14 +39,42 @@ AUX_FILES = (
     "chat_template.jinja",
 )
 _TMP_MARK = ".splice-tmp-"
+_OLD_MARK = ".splice-old-"
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths with ``renameat2(RENAME_EXCHANGE)``; False if unsupported."""
+    import ctypes
+
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):
+        return False
+    if fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EXDEV):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
 
 
 def clean_stale_temps(dest: Path) -> None:
-    """Remove temp dirs left beside ``dest`` by writers whose process is gone."""
-    for tmp in dest.parent.glob(f".{dest.name}{_TMP_MARK}*"):
-        pid = tmp.name.rsplit("-", 2)[-2]
-        if pid.isdigit() and not _alive(int(pid)):
-            shutil.rmtree(tmp, ignore_errors=True)
+    """Tidy what writers killed mid-way left beside ``dest``.
+
+    Temp dirs of dead processes are removed. A previous version set aside by the two-rename
+    fallback of :func:`_swap` is put back if ``dest`` is missing, removed otherwise.
+    """
+    for mark in (_OLD_MARK, _TMP_MARK):
+        for tmp in sorted(dest.parent.glob(f".{dest.name}{mark}*")):
+            pid = tmp.name.rsplit("-", 2)[-2]
+            if not pid.isdigit() or _alive(int(pid)):
+                continue
+            if mark == _OLD_MARK and not dest.exists():
+                tmp.rename(dest)
+            else:
+                shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _alive(pid: int) -> bool:
@@ -133,12 +162,13 @@ class CheckpointWriter:
         self._files: dict[str, bytes] = {}
 
     def __enter__(self) -> CheckpointWriter:
-        self.dest.parent.mkdir(parents=True, exist_ok=True)
-        clean_stale_temps(self.dest)
         tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        self._tmp = self.dest.parent / f".{self.dest.name}{_TMP_MARK}{tag}"
+        tmp = self.dest.parent / f".{self.dest.name}{_TMP_MARK}{tag}"
         try:
-            self._tmp.mkdir()
+            self.dest.parent.mkdir(parents=True, exist_ok=True)
+            clean_stale_temps(self.dest)
+            tmp.mkdir()
+            self._tmp = tmp
         except OSError as e:
             raise SpliceError(
                 f"cannot create output: {e.strerror}", where=str(self.dest.parent)
@@ -211,20 +241,30 @@ class CheckpointWriter:
         self._swap_in()
 
     def _swap_in(self) -> None:
+        """Put the finished temp dir in place of ``dest``, atomically where the OS allows.
+
+        An existing ``dest`` is exchanged with the temp dir in one ``renameat2`` call, then the
+        old version (now under the temp name) is deleted: a kill at any point leaves either
+        version whole at ``dest``. Without ``renameat2`` the old version is first renamed aside
+        under a name :func:`clean_stale_temps` restores if the process dies before the second
+        rename.
+        """
         assert self._tmp is not None
-        old = None
-        if self.dest.exists():
-            old = self.dest.parent / f".{self.dest.name}.old-{uuid.uuid4().hex[:8]}"
+        tmp = self._tmp
+        if not self.dest.exists():
+            tmp.rename(self.dest)
+        elif _exchange(tmp, self.dest):
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            old = self.dest.parent / f".{self.dest.name}{_OLD_MARK}{tmp.name.split(_TMP_MARK)[1]}"
             self.dest.rename(old)
-        try:
-            self._tmp.rename(self.dest)
-        except OSError:
-            if old is not None:
+            try:
+                tmp.rename(self.dest)
+            except OSError:
                 old.rename(self.dest)
-            raise
-        self._tmp = None
-        if old is not None:
+                raise
             shutil.rmtree(old, ignore_errors=True)
+        self._tmp = None
 
     def _abort(self) -> None:
         if self._current is not None:
