@@ -18,17 +18,19 @@ from torch import Tensor
 
 from splice.merge.base import MergeContext, MergeMethod, methods
 
-__all__ = ["MergeSpec", "merge_specs", "merge_state", "scale_field"]
+__all__ = ["MergeSpec", "merge_specs", "merge_state", "scale_param", "unsupported"]
 
 # Hyperparameter names that mean "scale of the merged task vector" (λ in the papers).
-_SCALE_FIELDS = ("lambda_", "lam", "scaling_factor", "scaling_coef", "scale")
+_SCALE_FIELDS = ("lambda", "lambda_", "lam", "scaling_factor", "scaling_coef", "scale")
 _LAYER = re.compile(r"\.(\d+)\.")
 
 
-def scale_field(method: type[MergeMethod]) -> str | None:
-    """The Params field that scales the merged task vector, if the method has one."""
-    fields = method.Params.model_fields
-    return next((f for f in _SCALE_FIELDS if f in fields), None)
+def scale_param(method: type[MergeMethod]) -> tuple[str, Any] | None:
+    """(keyword, default) of the Params field that scales the merged task vector, if any."""
+    for name, f in method.Params.model_fields.items():
+        if name in _SCALE_FIELDS or f.alias in _SCALE_FIELDS:
+            return f.alias or name, f.default
+    return None
 
 
 @dataclass(frozen=True)
@@ -54,7 +56,7 @@ def merge_specs(names: Sequence[str] | None, grid: Sequence[float]) -> list[Merg
     out: list[MergeSpec] = []
     for name in names if names is not None else methods.names():
         out.append(MergeSpec(name))
-        if grid and scale_field(methods.get(name)):
+        if grid and scale_param(methods.get(name)):
             out.append(MergeSpec(name, tune=tuple(grid)))
     return out
 
@@ -77,7 +79,7 @@ def merge_state(
     stats: dict[str, Any] = {}
 
     def ctx(name: str) -> MergeContext:
-        return MergeContext(name, seed, layers[name], num_layers, stats)
+        return MergeContext(name, seed, layers[name], num_layers, stats, hp, mps)
 
     start = time.perf_counter()
     for stat in method.global_stats(hp, mps):
@@ -87,5 +89,15 @@ def merge_state(
                 stat.observe(n, base[n], [f[n] for f in finetuned], ctx(n))
             done = stat.end_pass()
         stats[stat.key] = stat.result()
-    merged = {n: method.merge(base[n], [f[n] for f in finetuned], hp, mps, ctx(n)) for n in names}
+    merged = {  # methods may overwrite their input buffers: hand them copies
+        n: method.merge(base[n], [f[n].clone() for f in finetuned], hp, mps, ctx(n)) for n in names
+    }
     return merged, time.perf_counter() - start
+
+
+def unsupported(method_name: str, num_models: int) -> str | None:
+    """Why the method cannot merge ``num_models`` inputs, or None if it can."""
+    low, high = getattr(methods.get(method_name), "num_models", (1, None))
+    if num_models < low or (high is not None and num_models > high):
+        return f"takes {low}–{high or '∞'} models, not {num_models}"
+    return None

@@ -18,7 +18,7 @@ __all__ = ["print_table", "summarize", "to_markdown", "write_report"]
 
 def _ms(values: list[float]) -> tuple[float, float]:
     a = np.asarray(values, dtype=float)
-    return float(a.mean()), float(a.std()) if len(a) > 1 else 0.0
+    return float(a.mean()), float(a.std(ddof=1)) if len(a) > 1 else 0.0
 
 
 def summarize(results: dict[str, Any]) -> list[dict[str, Any]]:
@@ -99,6 +99,7 @@ def to_markdown(results: dict[str, Any]) -> str:
         "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|",
         *("| " + " | ".join(row) + " |" for row in body),
         "",
+        *(f"Not run: {label} — {why}." for label, why in results.get("skipped", {}).items()),
     ]
     return "\n".join(lines)
 
@@ -114,6 +115,8 @@ def print_table(results: dict[str, Any], console: Any) -> None:
     for row, kind in zip(body, kinds, strict=True):
         table.add_row(*row, style="dim" if kind == "reference" else None)
     console.print(table)
+    for label, why in results.get("skipped", {}).items():
+        console.print(f"[dim]not run: {label} — {why}[/]")
 
 
 def _plot(results: dict[str, Any], path: Path) -> None:

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from splice.bench.data import Caps, TaskData, load_task
 from splice.bench.local import resolve_task
-from splice.bench.merging import MergeSpec, merge_specs, merge_state, scale_field
+from splice.bench.merging import MergeSpec, merge_specs, merge_state, scale_param, unsupported
 from splice.bench.models import Encoder, Prepared, load_encoder
 from splice.bench.train import Head, TaskRun, TrainConfig, apply_deltas, finetune_cached
 from splice.merge.base import methods
@@ -189,6 +189,7 @@ def _evaluate(
     suite: _Suite,
     specs: Sequence[MergeSpec],
     rows: dict[str, Row],
+    skipped: dict[str, str],
     seed: int,
     progress: _Progress,
 ) -> None:
@@ -210,8 +211,13 @@ def _evaluate(
         advance(1 if n_tune else 0)
         for spec in specs:
             params = dict(spec.params)
+            reason = unsupported(spec.method, len(tasks))
+            if reason:
+                skipped[spec.label] = reason
+                advance(1 + len(spec.tune))
+                continue
             if spec.tune:
-                fld = scale_field(methods.get(spec.method))
+                fld, _ = scale_param(methods.get(spec.method)) or ("", None)
                 best = -1.0
                 for lam in spec.tune:
                     advance(0, f"tune {spec.method} λ={lam} on val")
@@ -254,9 +260,9 @@ def _specs(cfg: BenchConfig) -> list[MergeSpec]:
     specs = merge_specs(cfg.methods, cfg.lambda_grid)
     if cfg.unit_scale:
         for spec in list(specs):
-            fld = None if spec.tune or spec.params else scale_field(methods.get(spec.method))
-            if fld and methods.get(spec.method).Params.model_fields[fld].default != 1.0:
-                specs.insert(specs.index(spec) + 1, MergeSpec(spec.method, {fld: 1.0}))
+            scale = None if spec.tune or spec.params else scale_param(methods.get(spec.method))
+            if scale and scale[1] != 1.0:
+                specs.insert(specs.index(spec) + 1, MergeSpec(spec.method, {scale[0]: 1.0}))
     return specs
 
 
@@ -267,6 +273,7 @@ def run_bench(cfg: BenchConfig, console: Any | None = None) -> dict[str, Any]:
     task_objs = [resolve_task(t) for t in cfg.tasks]
     specs = _specs(cfg)
     rows: dict[str, Row] = {}
+    skipped: dict[str, str] = {}
     runs_meta: list[dict[str, Any]] = []
     modalities = sorted({t.modality for t in task_objs}, reverse=True)  # text first
     with _Progress(console) as progress:
@@ -291,11 +298,12 @@ def run_bench(cfg: BenchConfig, console: Any | None = None) -> dict[str, Any]:
                         )
                     suite.runs[name] = run
                     runs_meta.append({"task": name, "seed": seed, "cached": cached, **run.meta})
-                _evaluate(suite, specs, rows, seed, progress)
+                _evaluate(suite, specs, rows, skipped, seed, progress)
     return {
         "config": cfg.model_dump(mode="json"),
         "tasks": {t.name: {"modality": t.modality, "about": t.description} for t in task_objs},
         "rows": [r.__dict__ for r in rows.values()],
+        "skipped": skipped,
         "runs": runs_meta,
         "meta": {
             "wall_s": round(time.perf_counter() - start, 1),

@@ -78,8 +78,16 @@ def _trainable(model: nn.Module, cfg: TrainConfig, targets: tuple[str, ...]) -> 
         return [p for p in model.parameters() if p.is_floating_point()]
     from splice import adapters
 
-    adapters.inject(model, cfg.finetune, targets=list(targets), r=cfg.r, alpha=cfg.alpha)
-    return list(adapters.trainable_parameters(model))
+    fields = adapters.METHODS.get(cfg.finetune).Config.model_fields
+    options = {k: v for k, v in (("r", cfg.r), ("alpha", cfg.alpha)) if k in fields}
+    adapters.inject(model, cfg.finetune, targets=list(targets), **options)
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def _aux_loss(model: nn.Module) -> Tensor | None:
+    from splice import adapters
+
+    return adapters.aux_loss(model)
 
 
 def _deltas(model: nn.Module, base: nn.Module, cfg: TrainConfig) -> dict[str, Delta]:
@@ -129,6 +137,8 @@ def finetune(
         idx, order = order[: cfg.batch_size], order[cfg.batch_size :]
         logits = head(encoder.features(prepared.batch(idx, device), module=model))
         loss = nn.functional.cross_entropy(logits, labels[torch.as_tensor(idx, device=device)])
+        if cfg.finetune != "full" and (aux := _aux_loss(model)) is not None:
+            loss = loss + aux
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -1,0 +1,203 @@
+"""End-to-end benchmark runs on a tiny BERT built in the test (and a short vision run)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from splice.bench import train
+from splice.bench.data import Caps, load_task
+from splice.bench.local import local_task
+from splice.bench.models import load_encoder
+from splice.bench.report import summarize, write_report
+from splice.bench.runner import BenchConfig, run_bench
+from splice.bench.train import TrainConfig, finetune_cached
+
+FILLER = ["the", "a", "it", "was", "this", "that", "day", "film", "food", "very", "quite"]
+TOPICS = {
+    "mood": {"pos": ["good", "great", "fine", "happy"], "neg": ["bad", "awful", "sad", "poor"]},
+    "topic": {
+        "animal": ["cat", "dog", "bird", "fish"],
+        "vehicle": ["car", "bus", "train", "boat"],
+        "meal": ["bread", "rice", "soup", "cake"],
+    },
+}
+
+
+def _write_task(path, classes, rng, n=150):
+    lines = ["text,label"]
+    names = sorted(classes)
+    for i in range(n):
+        label = names[i % len(names)]
+        words = list(rng.choice(FILLER, 7))
+        for w in rng.choice(classes[label], 2):
+            words.insert(int(rng.integers(len(words) + 1)), str(w))
+        lines.append(f"{' '.join(words)},{label}")
+    path.write_text("\n".join(lines) + "\n")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A random 2-layer BERT with a word-level vocab, and two CSV tasks."""
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    root = tmp_path_factory.mktemp("tiny")
+    words = sorted({*FILLER, *(w for t in TOPICS.values() for ws in t.values() for w in ws)})
+    vocab = root / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
+    model_dir = root / "model"
+    BertTokenizerFast(vocab=str(vocab)).save_pretrained(str(model_dir))
+    cfg = BertConfig(
+        vocab_size=5 + len(words),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=32,
+    )
+    BertModel(cfg).save_pretrained(str(model_dir))
+    rng = np.random.default_rng(0)
+    paths = []
+    for name, classes in TOPICS.items():
+        _write_task(root / f"{name}.csv", classes, rng)
+        paths.append(str(root / f"{name}.csv"))
+    return model_dir, paths
+
+
+def _config(tiny, **kw) -> BenchConfig:
+    model_dir, paths = tiny
+    base = {
+        "tasks": tuple(paths),
+        "methods": ("task_arithmetic", "linear", "ties"),
+        "train": TrainConfig(steps=40, batch_size=16),
+        "caps": (90, 20, 40),
+        "text_model": str(model_dir),
+        "lambda_grid": (0.5, 1.0),
+    }
+    return BenchConfig(**(base | kw))
+
+
+def _acc(results, key):
+    return next(r for r in results["rows"] if r["key"] == key)["acc"]
+
+
+def test_end_to_end_files_cache_and_single_task_merge(tiny, tmp_path, monkeypatch):
+    monkeypatch.setenv("SPLICE_CACHE", str(tmp_path / "cache"))
+    first = run_bench(_config(tiny))
+    assert [r["cached"] for r in first["runs"]] == [False, False]
+    keys = [r["key"] for r in first["rows"]]
+    assert keys[:2] == ["zero_shot", "individual"]
+    assert {"task_arithmetic", "task_arithmetic@tuned", "linear", "ties", "ties@tuned"} <= set(keys)
+    for row in first["rows"]:
+        assert set(row["acc"]) == {"mood", "topic"}
+        assert all(0.0 <= a[0] <= 1.0 for a in row["acc"].values())
+    tuned = next(r for r in first["rows"] if r["key"] == "task_arithmetic@tuned")
+    assert tuned["params"][0]["lambda"] in (0.5, 1.0) and tuned["merge_s"][0] >= 0
+
+    out = tmp_path / "out"
+    paths = write_report(first, out)
+    assert [p.name for p in paths] == ["results.json", "results.md", "results.png"]
+    assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    data = json.loads((out / "results.json").read_text())
+    norm = {s["key"]: s["avg_norm"][0] for s in data["summary"]}
+    assert norm["individual"] == pytest.approx(1.0)
+    ind, ta = _acc(first, "individual"), _acc(first, "task_arithmetic")
+    expect = np.mean([ta[t][0] / ind[t][0] for t in ("mood", "topic")])
+    assert norm["task_arithmetic"] == pytest.approx(expect)
+    md = (out / "results.md").read_text()
+    assert "| zero-shot |" in md and "mood" in md and "task_arithmetic" in md
+
+    again = run_bench(_config(tiny))  # same key: no retraining, same numbers
+    assert [r["cached"] for r in again["runs"]] == [True, True]
+    assert [r["acc"] for r in again["rows"]] == [r["acc"] for r in first["rows"]]
+
+    # One task merged with nothing else is that task's fine-tuned model.
+    single = run_bench(_config(tiny, tasks=(tiny[1][1],), methods=("task_arithmetic", "linear")))
+    assert [r["cached"] for r in single["runs"]] == [True]
+    individual = _acc(single, "individual")["topic"]
+    assert individual == _acc(first, "individual")["topic"]
+    assert _acc(single, "task_arithmetic")["topic"] == individual
+    assert _acc(single, "linear")["topic"] == individual
+
+
+def test_interrupted_training_leaves_no_cache_entry(tiny, tmp_path, monkeypatch):
+    monkeypatch.setenv("SPLICE_CACHE", str(tmp_path / "cache"))
+    model_dir, paths = tiny
+    data = load_task(local_task(Path(paths[0])), Caps(90, 20, 40))
+    encoder = load_encoder("text", text_model=model_dir)
+    cfg = TrainConfig(steps=10, batch_size=16)
+
+    def interrupt(step, loss):
+        if step == 3:
+            raise KeyboardInterrupt
+
+    runs = tmp_path / "cache" / "bench" / "runs"
+    with pytest.raises(KeyboardInterrupt):
+        finetune_cached(encoder, data, cfg, 0, interrupt)
+    assert not runs.exists() or list(runs.iterdir()) == []
+
+    def interrupt_write(*args, **kwargs):  # Ctrl-C after the deltas, before the head
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "save_file", interrupt_write)
+    with pytest.raises(KeyboardInterrupt):
+        finetune_cached(encoder, data, cfg, 0)
+    assert list(runs.iterdir()) == []  # neither the entry nor its temp dir
+    monkeypatch.undo()
+    monkeypatch.setenv("SPLICE_CACHE", str(tmp_path / "cache"))
+    run, cached = finetune_cached(encoder, data, cfg, 0)
+    entries = list(runs.iterdir())
+    assert not cached and len(entries) == 1 and entries[0].name.startswith("mood-")
+    assert sorted(p.name for p in entries[0].iterdir()) == [
+        "deltas.safetensors",
+        "head.safetensors",
+        "meta.json",
+    ]
+    assert set(run.deltas) == {
+        f"encoder.layer.{i}.attention.self.{m}.weight" for i in (0, 1) for m in ("query", "value")
+    }
+    again, cached = finetune_cached(encoder, data, cfg, 0)
+    assert cached
+    for name, d in run.deltas.items():
+        assert np.array_equal(d.materialize().numpy(), again.deltas[name].materialize().numpy())
+
+
+def test_summary_means_and_stds_over_seeds():
+    results = {
+        "tasks": {"a": {}, "b": {}},
+        "rows": [
+            {"key": "individual", "label": "individual", "kind": "reference",
+             "acc": {"a": [0.8, 0.6], "b": [0.5, 0.5]}, "merge_s": [], "params": []},
+            {"key": "m", "label": "m", "kind": "merge",
+             "acc": {"a": [0.4, 0.6], "b": [0.5, 0.25]}, "merge_s": [0.1, 0.3], "params": []},
+        ],
+    }  # fmt: skip
+    m = {s["key"]: s for s in summarize(results)}["m"]
+    sd = 2**-0.5  # sample std (ddof=1) of two values is |x - y| / sqrt(2)
+    assert m["acc"]["a"] == pytest.approx((0.5, 0.2 * sd))
+    assert m["avg_acc"] == pytest.approx((0.4375, 0.025 * sd))  # seeds: 0.45, 0.425
+    assert m["avg_norm"] == pytest.approx((0.75, 0.0))  # seeds: (0.5+1)/2, (1+0.5)/2
+    assert m["merge_s"] == pytest.approx((0.2, 0.2 * sd))
+
+
+def test_vision_run_adapts_the_1x1_convs(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPLICE_CACHE", str(tmp_path / "cache"))
+    cfg = BenchConfig(
+        tasks=("sk_digits", "mnist_5k"),
+        methods=("task_arithmetic",),
+        train=TrainConfig(steps=4, batch_size=16),
+        caps=(64, 20, 40),
+        lambda_grid=(),
+    )
+    results = run_bench(cfg)
+    assert [r["key"] for r in results["rows"]] == ["zero_shot", "individual", "task_arithmetic"]
+    assert {t["modality"] for t in results["tasks"].values()} == {"image"}
+    run = tmp_path / "cache" / "bench" / "runs"
+    entry = next(p for p in run.iterdir() if p.name.startswith("sk_digits-"))
+    names = set(train.load_deltas(entry / "deltas.safetensors"))
+    assert "_conv_head.weight" in names and "_blocks.15._project_conv.weight" in names
+    assert all(n.endswith(("_expand_conv.weight", "_project_conv.weight", "_conv_head.weight"))
+               for n in names)  # fmt: skip
