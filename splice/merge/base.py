@@ -69,6 +69,10 @@ class MergeContext:
     layer: int | None = None
     num_layers: int | None = None
     stats: Mapping[str, Any] = field(default_factory=dict)
+    params: HyperParams | None = None
+    """This tensor's resolved method parameters (also set while statistics observe it)."""
+    model_params: list[HyperParams] | None = None
+    """This tensor's resolved per-input parameters, in input order."""
 
     @property
     def depth(self) -> float:
@@ -95,7 +99,7 @@ class GlobalStat(Protocol):
     def observe(
         self, name: str, base: Tensor | None, tensors: list[Tensor], ctx: MergeContext
     ) -> None:
-        """See one tensor name (all inputs) during the current pass."""
+        """See one tensor name (all inputs) during the current pass; never modify inputs."""
 
     def end_pass(self) -> bool:
         """Close the current pass; return True when the statistic is final."""
@@ -113,6 +117,8 @@ class MergeMethod:
     Params: ClassVar[type[HyperParams]] = NoParams
     ModelParams: ClassVar[type[HyperParams]] = NoParams
     requires_base: ClassVar[bool] = True
+    num_models: ClassVar[tuple[int, int | None]] = (1, None)
+    """Allowed number of inputs besides the base: (min, max or None)."""
 
     def global_stats(
         self, params: HyperParams, model_params: list[HyperParams]
@@ -128,7 +134,11 @@ class MergeMethod:
         model_params: list[HyperParams],
         ctx: MergeContext,
     ) -> Tensor:
-        """Return the merged tensor for one name (same shape as the inputs)."""
+        """Return the merged tensor for one name (same shape as the inputs).
+
+        ``tensors`` are fresh buffers the method may overwrite (and return); ``base`` is
+        shared with the engine and must not be modified.
+        """
         raise NotImplementedError
 
 

@@ -1,0 +1,58 @@
+"""Linear merge: a weighted average of the inputs' weights (model soups).
+
+θ = Σ_i w_i θ_i / Σ_i w_i, or the plain weighted sum with ``normalize: false`` (mergekit's
+``linear``; Wortsman et al., ICML 2022).
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from pydantic import Field
+from torch import Tensor
+
+from splice.errors import SpliceError
+from splice.merge.base import HyperParams, MergeContext, MergeMethod, methods
+
+__all__ = ["Linear"]
+
+
+class Params(HyperParams):
+    normalize: bool = Field(True, description="divide by the sum of the weights")
+
+
+class ModelParams(HyperParams):
+    weight: float = Field(1.0, description="this model's weight")
+
+
+@methods.register("linear")
+class Linear(MergeMethod):
+    """Weighted average of full weights; a base, if given, is not an input."""
+
+    name: ClassVar[str] = "linear"
+    pretty_name: ClassVar[str] = "Linear (model soup)"
+    reference: ClassVar[str] = "https://arxiv.org/abs/2203.05482 (mergekit-notes.md §1)"
+    Params: ClassVar[type[HyperParams]] = Params
+    ModelParams: ClassVar[type[HyperParams]] = ModelParams
+    requires_base: ClassVar[bool] = False
+
+    def merge(
+        self,
+        base: Tensor | None,
+        tensors: list[Tensor],
+        params: Params,
+        model_params: list[ModelParams],
+        ctx: MergeContext,
+    ) -> Tensor:
+        weights = [mp.weight for mp in model_params]
+        out = tensors[0].mul_(weights[0])
+        for t, w in zip(tensors[1:], weights[1:], strict=True):
+            out.add_(t, alpha=w)
+        if params.normalize:
+            total = sum(weights)
+            if total == 0:
+                raise SpliceError(
+                    "linear weights sum to 0", where=ctx.name, fix="use normalize: false"
+                )
+            out.div_(total)
+        return out

@@ -1,0 +1,60 @@
+"""Task Arithmetic: add the scaled sum of task vectors to the base (merging.md §1).
+
+θ = θ₀ + λ·Σ_t w_t (θ_t − θ₀); with ``normalize`` the sum is divided by Σ_t w_t (mergekit).
+The paper's "sum" form with λ≈0.3 and the "mean" form (λ_mean = T·λ_sum) are the same family.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from pydantic import Field
+from torch import Tensor
+
+from splice.merge.base import HyperParams, MergeContext, MergeMethod, methods
+
+__all__ = ["TaskArithmetic", "weighted_deltas_"]
+
+
+class Params(HyperParams):
+    lambda_: float = Field(1.0, alias="lambda", description="λ: scale of the summed task vector")
+    normalize: bool = Field(False, description="divide the sum by the sum of the weights")
+
+
+class ModelParams(HyperParams):
+    weight: float = Field(1.0, description="w_t: this task vector's weight")
+
+
+def weighted_deltas_(base: Tensor, tensors: list[Tensor], weights: list[float]) -> list[Tensor]:
+    """``w_t·(θ_t − θ₀)`` in place in each ``tensors[t]``."""
+    return [t.sub_(base).mul_(w) for t, w in zip(tensors, weights, strict=True)]
+
+
+@methods.register("task_arithmetic")
+class TaskArithmetic(MergeMethod):
+    """θ₀ + λ·Σ w_t τ_t (Ilharco et al., ICLR 2023)."""
+
+    name: ClassVar[str] = "task_arithmetic"
+    pretty_name: ClassVar[str] = "Task Arithmetic"
+    reference: ClassVar[str] = "https://arxiv.org/abs/2212.04089 (merging.md §1)"
+    Params: ClassVar[type[HyperParams]] = Params
+    ModelParams: ClassVar[type[HyperParams]] = ModelParams
+
+    def merge(
+        self,
+        base: Tensor | None,
+        tensors: list[Tensor],
+        params: Params,
+        model_params: list[ModelParams],
+        ctx: MergeContext,
+    ) -> Tensor:
+        assert base is not None
+        weights = [mp.weight for mp in model_params]
+        deltas = weighted_deltas_(base, tensors, weights)
+        out = deltas[0]
+        for d in deltas[1:]:
+            out.add_(d)
+        total = sum(weights)
+        if params.normalize and abs(total) >= 1e-8:
+            out.div_(total)
+        return out.mul_(params.lambda_).add_(base)

@@ -1,0 +1,188 @@
+"""TIES-Merging: trim, elect sign, disjoint merge (Yadav et al., NeurIPS 2023; merging.md §2).
+
+For task vectors τ_t = θ_t − θ₀: keep the ``density`` fraction of largest |τ_t| (trim),
+elect a sign per entry from Σ_t w_t τ̂_t, average the entries that agree with it (disjoint
+mean; ``sum``/``max`` are the code's other aggregations), then θ = θ₀ + λ·τ_m.
+
+``scope: global`` (the paper, and the default of native recipes) trims each task vector
+against one threshold over the whole model, computed exactly by streaming radix selection
+before the merge pass; ``scope: tensor`` trims every tensor separately (mergekit's ``ties``).
+``zero_sign: majority`` gives entries whose elected sum is exactly 0 the model-wide majority
+sign (official code); ``positive`` gives them + (mergekit). Trim keeps exactly
+⌊density·n⌋ entries (ties at the threshold kept); the official code keeps one more.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import ClassVar, Literal, NamedTuple
+
+import torch
+from pydantic import Field
+from torch import Tensor
+
+from splice.errors import SpliceError
+from splice.merge.base import GlobalStat, HyperParams, MergeContext, MergeMethod, methods
+from splice.merge.methods._sparsify import (
+    Aggregate,
+    disjoint_merge,
+    elect_sign,
+    keep_count,
+    magnitude_threshold,
+    trim_,
+)
+from splice.merge.stats import RadixSelect
+
+__all__ = ["MagnitudeThresholds", "MajoritySign", "Ties"]
+
+THRESHOLDS = "ties.thresholds"
+MAJORITY = "ties.majority_sign"
+
+
+class Params(HyperParams):
+    lambda_: float = Field(1.0, alias="lambda", description="λ: scale of the merged task vector")
+    scope: Literal["global", "tensor"] = Field(
+        "global", description="trim threshold over the whole model (paper) or per tensor"
+    )
+    aggregate: Aggregate = Field(
+        "mean", description="disjoint mean (paper), sum, or max of the agreeing entries"
+    )
+    zero_sign: Literal["majority", "positive"] = Field(
+        "majority", description="sign where the elected sum is 0: model-wide majority or +"
+    )
+
+
+class ModelParams(HyperParams):
+    density: float = Field(0.2, ge=0, le=1, description="k: fraction of |τ| kept by the trim")
+    weight: float = Field(1.0, description="w_t: this task vector's weight")
+
+
+class Thresholds(NamedTuple):
+    values: list[float]
+    densities: list[float]
+
+
+class MagnitudeThresholds:
+    """Per-model global trim threshold: the ⌊d_t·P⌋-th largest |τ_t| over all P entries."""
+
+    key = THRESHOLDS
+
+    def __init__(self, densities: list[float]) -> None:
+        self.densities = densities
+        self._selects: list[RadixSelect | None] | None = None
+
+    def observe(
+        self, name: str, base: Tensor | None, tensors: list[Tensor], ctx: MergeContext
+    ) -> None:
+        assert base is not None
+        if self._selects is None:
+            self._selects = [
+                RadixSelect(lambda n, d=d: n - keep_count(d, n) + 1, base.dtype, magnitude=True)
+                if 0 < d < 1
+                else None
+                for d in self.densities
+            ]
+        for t, sel in zip(tensors, self._selects, strict=True):
+            if sel is not None:
+                sel.observe(t - base)
+
+    def end_pass(self) -> bool:
+        if self._selects is None:
+            return True
+        return all([s.end_pass() for s in self._selects if s is not None])
+
+    def result(self) -> Thresholds:
+        selects = self._selects or [None] * len(self.densities)
+        values = [
+            sel.value if sel is not None else (0.0 if d >= 1 else float("inf"))
+            for d, sel in zip(self.densities, selects, strict=True)
+        ]
+        return Thresholds(values, self.densities)
+
+
+class MajoritySign:
+    """sign(Σ_j γ_j) over the whole model, γ the elected signs (the code's zero-sign rule).
+
+    ``prepare(base, tensors, ctx)`` returns the weighted, sparsified deltas of one tensor
+    name (it gets copies of the inputs). A zero total counts as + [lib].
+    """
+
+    key = MAJORITY
+
+    def __init__(self, prepare: Callable[..., list[Tensor]]) -> None:
+        self.prepare = prepare
+        self.total = 0
+
+    def observe(
+        self, name: str, base: Tensor | None, tensors: list[Tensor], ctx: MergeContext
+    ) -> None:
+        deltas = self.prepare(base, [t.clone() for t in tensors], ctx)
+        self.total += int(elect_sign(deltas, zero_sign=0).sum(dtype=torch.int64))
+
+    def end_pass(self) -> bool:
+        return True
+
+    def result(self) -> float:
+        return 1.0 if self.total >= 0 else -1.0
+
+
+def zero_sign_of(params: Params, ctx: MergeContext) -> float:
+    return ctx.stats[MAJORITY] if params.zero_sign == "majority" else 1.0
+
+
+@methods.register("ties")
+class Ties(MergeMethod):
+    """TIES-Merging: trim × elect × disjoint mean × λ (see module docstring)."""
+
+    name: ClassVar[str] = "ties"
+    pretty_name: ClassVar[str] = "TIES-Merging"
+    reference: ClassVar[str] = "https://arxiv.org/abs/2306.01708 (merging.md §2)"
+    Params: ClassVar[type[HyperParams]] = Params
+    ModelParams: ClassVar[type[HyperParams]] = ModelParams
+
+    def global_stats(self, params: Params, model_params: list[ModelParams]) -> list[GlobalStat]:
+        stats: list[GlobalStat] = []
+        if params.scope == "global":
+            stats.append(MagnitudeThresholds([mp.density for mp in model_params]))
+        if params.zero_sign == "majority":
+            stats.append(MajoritySign(self._trimmed))
+        return stats
+
+    def _trimmed(self, base: Tensor, tensors: list[Tensor], ctx: MergeContext) -> list[Tensor]:
+        """w_t·trim(τ_t), in place in ``tensors``."""
+        params, model_params = ctx.params, ctx.model_params
+        assert isinstance(params, Params) and model_params is not None
+        deltas = [t.sub_(base) for t in tensors]
+        if params.scope == "global":
+            thresholds, densities = ctx.stats[THRESHOLDS]
+            for mp, d in zip(model_params, densities, strict=True):
+                if mp.density != d:
+                    raise SpliceError(
+                        f"density {mp.density} here differs from the model-wide {d}",
+                        where=ctx.name,
+                        fix="with scope: global, density is one value per model; "
+                        "use scope: tensor for per-layer densities",
+                    )
+        else:
+            thresholds = [
+                magnitude_threshold(d, mp.density)
+                for d, mp in zip(deltas, model_params, strict=True)
+            ]
+        for d, thr, mp in zip(deltas, thresholds, model_params, strict=True):
+            trim_(d, thr).mul_(mp.weight)
+        return deltas
+
+    def merge(
+        self,
+        base: Tensor | None,
+        tensors: list[Tensor],
+        params: Params,
+        model_params: list[ModelParams],
+        ctx: MergeContext,
+    ) -> Tensor:
+        assert base is not None
+        deltas = self._trimmed(base, tensors, ctx)
+        sign = elect_sign(deltas, zero_sign_of(params, ctx))
+        weights = [mp.weight for mp in model_params]
+        out = disjoint_merge(deltas, sign, weights, params.aggregate, out=deltas[0])
+        return out.mul_(params.lambda_).add_(base)
