@@ -105,6 +105,182 @@ def bench(
     )
 
 
+@app.command()
+def train(
+    model: Annotated[Path, typer.Argument(help="Local Hugging Face model dir.")],
+    data: Annotated[
+        str, typer.Argument(help="CSV/JSONL file with text,label columns, or a bench task.")
+    ],
+    out: Annotated[Path, typer.Option(help="Output dir: adapter/ (or model/), metrics.json.")],
+    method: Annotated[
+        str, typer.Option(help="Adapter method (lora, nola, mos, mola, ept) or 'full'.")
+    ] = "lora",
+    targets: Annotated[
+        str | None, typer.Option(help="Comma-separated module suffixes (default: per model type).")
+    ] = None,
+    layers: Annotated[
+        str | None, typer.Option(help="Comma-separated layer indices to adapt.")
+    ] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Method option key=value (JSON values), repeatable."),
+    ] = None,
+    objective: Annotated[str, typer.Option(help="auto, classification or causal-lm.")] = "auto",
+    eval_data: Annotated[
+        str | None, typer.Option(help="Eval file (default: hold out --eval-fraction).")
+    ] = None,
+    eval_fraction: Annotated[
+        float, typer.Option(help="Share of the data held out for eval.")
+    ] = 0.1,
+    steps: Annotated[int | None, typer.Option(help="Optimizer steps (default: --epochs).")] = None,
+    epochs: Annotated[float, typer.Option(help="Passes over the training data.")] = 1.0,
+    batch_size: Annotated[int, typer.Option(help="Examples per micro-batch.")] = 16,
+    grad_accum: Annotated[int, typer.Option(help="Micro-batches per optimizer step.")] = 1,
+    lr: Annotated[
+        float | None, typer.Option(help="Peak learning rate (5e-4 adapters, 5e-5 full).")
+    ] = None,
+    warmup: Annotated[float, typer.Option(help="Linear warmup, fraction of steps.")] = 0.06,
+    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay on matrices.")] = 0.0,
+    grad_clip: Annotated[float, typer.Option(help="Max gradient norm; 0 disables.")] = 1.0,
+    max_length: Annotated[int, typer.Option(help="Tokens per example.")] = 128,
+    precision: Annotated[str, typer.Option(help="fp32 or bf16 (autocast).")] = "fp32",
+    checkpoint_every: Annotated[int, typer.Option(help="Steps between checkpoints (0: none).")] = 0,
+    resume: Annotated[bool, typer.Option(help="Continue from OUT/checkpoint.")] = False,
+    seed: Annotated[int, typer.Option(help="Seed of init, data order and dropout.")] = 0,
+    device: Annotated[str, typer.Option(help="Torch device, e.g. cpu or cuda.")] = "cpu",
+    format: Annotated[str, typer.Option(help="Adapter format: splice or peft.")] = "splice",
+    as_json: Annotated[bool, typer.Option("--json", help="Print metrics as JSON.")] = False,
+) -> None:
+    """Fine-tune a model with an adapter (or in full) on a text file or bench task."""
+    import json
+
+    import pydantic
+
+    from splice.errors import UsageError
+    from splice.train import TrainConfig
+    from splice.train import train as run
+
+    options = {}
+    for item in set_ or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise UsageError(f"--set {item!r} is not key=value", fix="e.g. --set r=16")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+    split = lambda s: [x.strip() for x in s.split(",") if x.strip()]  # noqa: E731
+    try:
+        cfg = TrainConfig(
+            model=model, data=data, out=out, method=method, adapter=options,
+            targets=split(targets) if targets else None,
+            layers=[int(i) for i in split(layers)] if layers else None,
+            objective=objective, eval_data=eval_data, eval_fraction=eval_fraction, steps=steps,
+            epochs=epochs, batch_size=batch_size, grad_accum=grad_accum, lr=lr, warmup=warmup,
+            weight_decay=weight_decay, grad_clip=grad_clip, max_length=max_length,
+            precision=precision, checkpoint_every=checkpoint_every, resume=resume, seed=seed,
+            device=device, format=format, progress=not as_json,
+        )  # fmt: skip
+    except pydantic.ValidationError as e:
+        err = e.errors()[0]
+        option = "--" + str(err["loc"][0]).replace("_", "-")
+        raise UsageError(f"{option}: {err['msg']}") from None
+    try:
+        metrics = run(cfg)
+    except KeyboardInterrupt:
+        if checkpoint_every:
+            typer.secho(
+                f"the last checkpoint is in {out / 'checkpoint'}; rerun with --resume", err=True
+            )
+        raise
+    if as_json:
+        _print_json(metrics)
+    else:
+        ev = metrics["eval"]
+        shown = ", ".join(f"{k} {v:.4g}" for k, v in ev.items() if isinstance(v, float))
+        typer.echo(f"eval: {shown}; wrote {out}")
+
+
+@app.command()
+def merge(
+    recipe: Annotated[
+        Path | None, typer.Argument(help="Recipe YAML (splice's or mergekit's format).")
+    ] = None,
+    out: Annotated[Path | None, typer.Argument(help="Output model dir.")] = None,
+    list_: Annotated[
+        bool, typer.Option("--list", help="List merge methods and their parameters.")
+    ] = False,
+    force: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
+    max_shard_size: Annotated[str, typer.Option(help="Bytes per output shard.")] = "5GB",
+    device: Annotated[str, typer.Option(help="Where the math runs: cpu or cuda.")] = "cpu",
+    dtype: Annotated[
+        str | None, typer.Option(help="Compute dtype (default float32; overrides the recipe).")
+    ] = None,
+    out_dtype: Annotated[
+        str | None, typer.Option(help="Output dtype (default: the base's; overrides the recipe).")
+    ] = None,
+    seed: Annotated[
+        int | None, typer.Option(help="Seed of stochastic methods (overrides the recipe).")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Merge models and adapters from a recipe, streaming one tensor at a time."""
+    from splice.errors import UsageError
+
+    if list_:
+        from splice.merge.recipe import method_table
+
+        table = method_table()
+        if as_json:
+            _print_json(table)
+        else:
+            _print_methods(table)
+        return
+    if recipe is None or out is None:
+        raise UsageError("give a RECIPE and an OUT dir (or --list)")
+    import time
+
+    from splice.merge import merge as run
+
+    start = time.perf_counter()
+    path = run(
+        recipe,
+        out,
+        force=force,
+        max_shard_size=max_shard_size,
+        device=device,
+        dtype=dtype,
+        out_dtype=out_dtype,
+        seed=seed,
+        progress=not as_json and sys.stderr.isatty(),
+    )
+    seconds = time.perf_counter() - start
+    if as_json:
+        _print_json({"out": str(path), "seconds": round(seconds, 3)})
+    else:
+        typer.echo(f"wrote {path} in {seconds:.1f} s")
+
+
+def _print_methods(table: list[dict]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    for row in table:
+        t = Table(
+            title=f"[bold]{row['name']}[/] ({row['kind']}) — {row['pretty_name']}",
+            caption=row["reference"],
+            title_justify="left",
+            caption_justify="left",
+        )
+        for col in ("parameter", "scope", "default", "description"):
+            t.add_column(col)
+        for p in row["params"]:
+            default = "required" if p["required"] else repr(p["default"])
+            t.add_row(p["name"], p["scope"], default, p["description"])
+        console.print(t)
+
+
 def _print_json(obj: object) -> None:
     import json
 
