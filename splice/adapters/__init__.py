@@ -1,0 +1,46 @@
+"""Trainable adapters injected around the layers of any ``nn.Module`` (spec peft.md §22).
+
+    from splice.adapters import inject, merge_adapters, save_adapter
+    inject(model, "lora", targets=["query", "value"], r=8, alpha=16)
+
+Methods live one per file in this package (``lora``, ``nola``, ``mos``, ``mola``, ``ept``)
+and register themselves in :data:`METHODS`.
+"""
+
+from __future__ import annotations
+
+from .base import (
+    METHODS,
+    AdaptedLayer,
+    Adapter,
+    Method,
+    ParamCount,
+    adapter_deltas,
+    adapter_layers,
+    aux_loss,
+    inject,
+    load_adapter,
+    merge_adapters,
+    remove_adapters,
+    save_adapter,
+    trainable_parameters,
+    unmerge_adapters,
+)
+
+__all__ = [
+    "METHODS",
+    "AdaptedLayer",
+    "Adapter",
+    "Method",
+    "ParamCount",
+    "adapter_deltas",
+    "adapter_layers",
+    "aux_loss",
+    "inject",
+    "load_adapter",
+    "merge_adapters",
+    "remove_adapters",
+    "save_adapter",
+    "trainable_parameters",
+    "unmerge_adapters",
+]

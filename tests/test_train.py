@@ -1,0 +1,229 @@
+"""``splice train`` end to end on tiny random HF models and a tiny CSV/JSONL."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from splice.errors import SpliceError
+from splice.train import TrainConfig, train
+
+transformers = pytest.importorskip("transformers")
+
+WORDS = [
+    *("good", "great", "fine", "fun"),
+    *("bad", "awful", "poor", "dull"),
+    *("movie", "film", "the", "a", "was", "very"),
+]
+POS, NEG = WORDS[:4], WORDS[4:8]
+
+
+def write_tokenizer(path):
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
+    (path / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    transformers.BertTokenizerFast(vocab_file=str(path / "vocab.txt")).save_pretrained(path)
+    return len(vocab)
+
+
+@pytest.fixture(scope="module")
+def bert_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("bert")
+    vocab = write_tokenizer(path)
+    cfg = transformers.BertConfig(
+        vocab_size=vocab,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=32,
+    )
+    torch.manual_seed(0)
+    transformers.BertModel(cfg).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def gpt2_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("gpt2")
+    vocab = write_tokenizer(path)
+    cfg = transformers.GPT2Config(
+        vocab_size=vocab,
+        n_embd=16,
+        n_layer=2,
+        n_head=2,
+        n_positions=32,
+        bos_token_id=2,
+        eos_token_id=3,
+    )
+    torch.manual_seed(0)
+    transformers.GPT2LMHeadModel(cfg).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def csv_file(tmp_path_factory):
+    g = torch.Generator().manual_seed(0)
+    lines = ["text,label"]
+    for i in range(48):
+        words = POS if i % 2 else NEG
+        pick = [words[j] for j in torch.randint(0, 4, (3,), generator=g).tolist()]
+        lines.append(f"the movie was {' '.join(pick)},{'pos' if i % 2 else 'neg'}")
+    path = tmp_path_factory.mktemp("data") / "sentiment.csv"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def run(model_dir, data, out, **kw):
+    options = dict(steps=8, batch_size=8, lr=5e-3, progress=False, seed=0) | kw
+    return train(TrainConfig(model=model_dir, data=str(data), out=out, **options))
+
+
+def stable(metrics):
+    return {k: metrics[k] for k in ("train_loss", "loss_history", "eval", "trainable_parameters")}
+
+
+def test_lora_classification_end_to_end(bert_dir, csv_file, tmp_path):
+    metrics = run(bert_dir, csv_file, tmp_path / "out", checkpoint_every=3)
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["eval"] == metrics["eval"]
+    assert metrics["objective"] == "classification" and metrics["labels"] == ["neg", "pos"]
+    assert metrics["eval"]["examples"] == 5 and 0 <= metrics["eval"]["accuracy"] <= 1
+    assert metrics["loss_history"][-1] < metrics["loss_history"][0]
+    assert not (tmp_path / "out" / "checkpoint").exists()  # removed once the run is complete
+    # the adapter dir alone rebuilds the model: base dir, class and head size are recorded
+    from splice.adapters import adapter_layers, load_adapter
+
+    model = load_adapter(None, tmp_path / "out" / "adapter")
+    assert sorted(adapter_layers(model)) == [
+        f"bert.encoder.layer.{i}.attention.self.{m}" for i in (0, 1) for m in ("query", "value")
+    ]
+    assert model.classifier.weight.requires_grad
+
+
+def test_same_seed_same_metrics_other_seed_differs(bert_dir, csv_file, tmp_path):
+    a = run(bert_dir, csv_file, tmp_path / "a")
+    b = run(bert_dir, csv_file, tmp_path / "b")
+    c = run(bert_dir, csv_file, tmp_path / "c", seed=1)
+    assert stable(a) == stable(b)
+    assert a["loss_history"] != c["loss_history"]
+
+
+def test_interrupted_run_resumes_to_the_same_result(bert_dir, csv_file, tmp_path):
+    kw = dict(checkpoint_every=3, method="nola", adapter={"k": 32, "l": 32, "dropout": 0.1})
+    full = run(bert_dir, csv_file, tmp_path / "full", **kw)
+
+    def interrupt(step, loss):
+        if step == 5:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(
+            TrainConfig(
+                model=bert_dir,
+                data=str(csv_file),
+                out=tmp_path / "cut",
+                steps=8,
+                batch_size=8,
+                lr=5e-3,
+                progress=False,
+                **kw,
+            ),
+            on_step=interrupt,
+        )
+    assert json.loads((tmp_path / "cut" / "checkpoint" / "state.json").read_text())["step"] == 3
+    assert not (tmp_path / "cut" / "metrics.json").exists()
+    resumed = run(bert_dir, csv_file, tmp_path / "cut", resume=True, **kw)
+    assert resumed["resumed_from_step"] == 3
+    assert stable(resumed) == stable(full)
+
+
+def test_resume_refuses_a_checkpoint_with_other_settings(bert_dir, csv_file, tmp_path):
+    def interrupt(step, loss):
+        if step == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(
+            TrainConfig(
+                model=bert_dir,
+                data=str(csv_file),
+                out=tmp_path,
+                steps=8,
+                batch_size=8,
+                checkpoint_every=1,
+                progress=False,
+            ),
+            on_step=interrupt,
+        )
+    with pytest.raises(SpliceError, match=r"different settings: \['lr'\]"):
+        run(bert_dir, csv_file, tmp_path, steps=8, checkpoint_every=1, lr=1e-3, resume=True)
+
+
+def test_causal_lm_with_mos_bf16_and_grad_accum(gpt2_dir, tmp_path):
+    data = tmp_path / "lm.jsonl"
+    data.write_text(
+        "".join(json.dumps({"text": "the movie was very good fun"}) + "\n" for _ in range(20))
+    )
+    metrics = run(
+        gpt2_dir,
+        data,
+        tmp_path / "out",
+        method="mos",
+        adapter={"r": 2, "e": 1, "l": 4},
+        precision="bf16",
+        grad_accum=2,
+        batch_size=4,
+    )
+    assert metrics["objective"] == "causal-lm"
+    assert metrics["eval"]["perplexity"] > 1
+    assert metrics["loss_history"][-1] < metrics["loss_history"][0]
+    assert (tmp_path / "out" / "adapter" / "splice_adapter.safetensors").is_file()
+
+
+def test_full_finetuning_writes_a_loadable_model(bert_dir, csv_file, tmp_path):
+    metrics = run(bert_dir, csv_file, tmp_path / "out", method="full", steps=3)
+    assert metrics["trainable_parameters"] == metrics["total_parameters"]
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(
+        tmp_path / "out" / "model"
+    )
+    assert model.config.id2label == {0: "neg", 1: "pos"}
+
+
+def test_classification_without_labels_is_an_error(bert_dir, tmp_path):
+    data = tmp_path / "x.csv"
+    data.write_text("text\n" + "the movie\n" * 10)
+    with pytest.raises(SpliceError, match="needs a 'label' column"):
+        run(bert_dir, data, tmp_path / "out", objective="classification")
+
+
+def test_cli_train_json(bert_dir, csv_file, tmp_path):
+    from typer.testing import CliRunner
+
+    from splice.cli import app
+
+    out = tmp_path / "out"
+    args = [
+        "train",
+        str(bert_dir),
+        str(csv_file),
+        "--out",
+        str(out),
+        "--steps",
+        "2",
+        "--method",
+        "lora",
+        "--set",
+        "r=2",
+        "--targets",
+        "query",
+        "--format",
+        "peft",
+        "--json",
+    ]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["trainable_parameters"] == 2 * 2 * (16 + 16) + 2 * 16 + 2
+    assert (out / "adapter" / "adapter_config.json").is_file()
+    bad = CliRunner().invoke(app, [*args[:6], "--precision", "fp8"])
+    assert bad.exit_code == 2
