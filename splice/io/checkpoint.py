@@ -44,6 +44,7 @@ class Checkpoint(Mapping[str, torch.Tensor]):
         self.metadata = metadata
         self.dir = directory
         self._loaded = loaded
+        self._stamps = {f: _stamp(f) for f in self.files}
 
     def __getitem__(self, name: str) -> torch.Tensor:
         info = self._infos.get(name)
@@ -79,6 +80,20 @@ class Checkpoint(Mapping[str, torch.Tensor]):
 
     def infos(self) -> list[TensorInfo]:
         return list(self._infos.values())
+
+    def check_unchanged(self) -> None:
+        """Raise if any file of this checkpoint changed on disk since it was opened.
+
+        Long jobs call this before committing their output, so a checkpoint rewritten
+        mid-run never yields a silently mixed result.
+        """
+        for f, stamp in self._stamps.items():
+            if _stamp(f) != stamp:
+                raise SpliceError(
+                    "input file changed while splice was reading it",
+                    where=str(f),
+                    fix="do not modify inputs during a run; run again once the file is final",
+                )
 
     @property
     def files(self) -> list[Path]:
@@ -286,6 +301,14 @@ def _pickle_reason(e: Exception) -> str:
 
 def _info_of(name: str, t: torch.Tensor, path: Path) -> TensorInfo:
     return TensorInfo(name, tuple(t.shape), t.dtype, t.numel() * t.element_size(), path)
+
+
+def _stamp(path: Path) -> tuple[int, int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return (st.st_size, st.st_mtime_ns, st.st_ino)
 
 
 def _read_json(path: Path) -> Any:

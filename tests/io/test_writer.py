@@ -204,3 +204,16 @@ def test_valid_index_reads_lazily(tmp_path: Path) -> None:
     ckpt = open_checkpoint(d)
     assert sorted(ckpt) == ["a", "b"] and len(ckpt.files) == 2
     assert torch.equal(ckpt["b"], torch.ones(3))
+
+
+def test_check_unchanged_detects_rewritten_input(tmp_path: Path) -> None:
+    import os
+
+    d = _sharded(tmp_path)
+    _index(d, {"a": "s1.safetensors", "b": "s2.safetensors"})
+    ckpt = open_checkpoint(d)
+    ckpt.check_unchanged()
+    save_file({"b": torch.zeros(3)}, d / "s2.safetensors")
+    os.utime(d / "s2.safetensors", ns=(1, 1))
+    with pytest.raises(SpliceError, match="changed while splice was reading"):
+        ckpt.check_unchanged()
