@@ -7,7 +7,6 @@ dir becomes splice LoRA state, so ``load_adapter`` injects and fills it.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -19,12 +18,6 @@ from splice.errors import SpliceError
 from .base import _matcher, _Record, adapter_layers
 
 PREFIX = "base_model.model."
-_FACTORS = {  # peft key suffix → splice LoRA parameter
-    ".lora_A.weight": "lora_A",
-    ".lora_B.weight": "lora_B",
-    ".lora_embedding_A": "lora_A",
-    ".lora_embedding_B": "lora_B",
-}
 
 
 def peft_files(
@@ -85,67 +78,46 @@ def peft_files(
 
 
 def read_peft(path: Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
-    """A PEFT LoRA dir as (splice adapter record, splice adapter state).
+    """A PEFT LoRA dir as (splice adapter record, splice adapter state), via :mod:`splice.io`.
 
     Raises:
-        SpliceError: not a LoRA, a variant splice does not load (DoRA, rank/alpha patterns,
-            trained biases), or pickle weights.
+        SpliceError: not a LoRA (or DoRA, pickle weights: from the reader), per-module ranks or
+            scales (``rank_pattern``/``alpha_pattern``), or trained biases.
     """
-    from safetensors.torch import load_file
+    from splice.deltas import lora_scale
+    from splice.io import open_checkpoint
+    from splice.io.peft import peft_full_tensors, peft_lowrank_deltas
 
-    config = json.loads((path / "adapter_config.json").read_text())
-    unsupported = [
-        key
-        for key, ok in [
-            ("peft_type", config.get("peft_type") == "LORA"),
-            ("use_dora", not config.get("use_dora")),
-            ("rank_pattern", not config.get("rank_pattern")),
-            ("alpha_pattern", not config.get("alpha_pattern")),
-            ("bias", config.get("bias", "none") == "none" and not config.get("lora_bias")),
-        ]
-        if not ok
-    ]
-    if unsupported:
+    ckpt = open_checkpoint(path)
+    config = ckpt.config or {}
+    deltas = peft_lowrank_deltas(ckpt)
+    r, alpha, rslora = config["r"], config["lora_alpha"], bool(config.get("use_rslora"))
+    uniform = {(d.rank, d.scale) for d in deltas.values()} == {(r, lora_scale(alpha, r, rslora))}
+    if not uniform or config.get("bias", "none") != "none" or config.get("lora_bias"):
         raise SpliceError(
-            f"PEFT adapter uses {unsupported}, which splice's LoRA does not load",
+            "PEFT adapter has per-module ranks/alphas or trained biases, which splice's LoRA "
+            "does not load",
             where=str(path),
-            fix="re-save it as a plain LoRA (one rank and alpha, no DoRA, bias='none')",
+            fix="re-save it as a plain LoRA (one r and lora_alpha, bias='none')",
         )
-    weights = path / "adapter_model.safetensors"
-    if not weights.is_file():
-        raise SpliceError(
-            "no adapter_model.safetensors (pickle .bin adapters are not read)",
-            where=str(path),
-            fix="re-save with peft's save_pretrained(safe_serialization=True)",
-        )
-    state: dict[str, Tensor] = {}
-    sites: set[str] = set()
-    for key, t in load_file(str(weights)).items():
-        key = key.removeprefix(PREFIX)
-        for suffix, param in _FACTORS.items():
-            if key.endswith(suffix):
-                name = key.removesuffix(suffix)
-                sites.add(name)
-                state[f"{name}.adapter.{param}"] = t.reshape(t.shape[0], -1)
-                break
-        else:
-            state[key] = t
+    state = peft_full_tensors(ckpt)  # modules_to_save, keyed like splice's own
+    sites = sorted(name.removesuffix(".weight") for name in deltas)
+    for site, d in zip(sites, (deltas[f"{s}.weight"] for s in sites), strict=True):
+        state[f"{site}.adapter.lora_A"] = d.A.reshape(d.rank, -1)
+        state[f"{site}.adapter.lora_B"] = d.B.reshape(-1, d.rank)
+    saved = config.get("modules_to_save") or []  # peft lists heads it may not have saved
     info = {
         "method": "lora",
         "config": {
-            "r": config["r"],
-            "alpha": config["lora_alpha"],
-            "use_rslora": bool(config.get("use_rslora")),
+            "r": r,
+            "alpha": alpha,
+            "use_rslora": rslora,
             "dropout": config.get("lora_dropout", 0.0),
         },
-        "targets": sorted(sites),
+        "targets": sites,
         "layers": None,
-        "modules_to_save": [  # peft lists heads it may not have saved ("classifier", "score")
-            m
-            for m in config.get("modules_to_save") or []
-            if any(f".{m}." in f".{k}" for k in state)
-        ],
-        "sites": sorted(sites),
+        "modules_to_save": [m for m in saved if any(f".{m}." in f".{k}" for k in state)],
+        "sites": sites,
         "base_model": config.get("base_model_name_or_path"),
         "model_class": (config.get("auto_mapping") or {}).get("base_model_class"),
     }

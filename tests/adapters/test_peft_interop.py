@@ -75,10 +75,14 @@ def test_peft_lora_loads_in_splice(name, tmp_path):
     assert torch.allclose(logits(model), expected, atol=1e-5)
 
 
-def test_peft_variants_splice_cannot_load_are_refused(tmp_path):
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [(dict(use_dora=True), "DoRA"), (dict(rank_pattern={"value": 2}), "per-module ranks")],
+)
+def test_peft_variants_splice_cannot_load_are_refused(options, message, tmp_path):
     from splice.errors import SpliceError
 
-    config = peft.LoraConfig(r=4, target_modules=["query"], use_dora=True)
+    config = peft.LoraConfig(r=4, target_modules=["query", "value"], **options)
     peft.get_peft_model(tiny_bert(), config).save_pretrained(tmp_path / "d")
-    with pytest.raises(SpliceError, match="use_dora"):
+    with pytest.raises(SpliceError, match=message):
         load_adapter(tiny_bert(), tmp_path / "d")
