@@ -387,23 +387,19 @@ class Recipe:
     full_range_slices: list[int] = field(default_factory=list)
 
 
-def _schema_error(e: ValidationError, what: str) -> SpliceError:
+def _schema_error(
+    e: ValidationError, what: str, top: type[BaseModel], *nested: type
+) -> SpliceError:
     err = e.errors()[0]
     loc = ".".join(str(x) for x in err["loc"])
     if err["type"] == "extra_forbidden":
         key = str(err["loc"][-1])
-        return SpliceError(f"unknown key {key!r}", where=f"{what}: {loc}", fix=_key_hint(key, e))
-    return SpliceError(f"{err['msg']}", where=f"{what}: {loc or 'recipe'}", fix=None)
-
-
-def _key_hint(key: str, e: ValidationError) -> str:
-    known = sorted(
-        set(SpliceRecipe.model_fields)
-        | set(MergekitRecipe.model_fields)
-        | {"path", "params", "model", "parameters", "layer_range", "sources"}
-    )
-    close = difflib.get_close_matches(key, known, n=1)
-    return f"did you mean {close[0]!r}?" if close else "remove it (see docs/merging.md)"
+        scope = [top] if len(err["loc"]) == 1 else nested
+        known = sorted({f for cls in scope for f in cls.model_fields})
+        close = difflib.get_close_matches(key, known, n=1)
+        hint = f"did you mean {close[0]!r}?" if close else f"known keys: {', '.join(known)}"
+        return SpliceError(f"unknown key {key!r}", where=f"{what}: {loc}", fix=hint)
+    return SpliceError(f"{err['msg']}", where=f"{what}: {loc or 'recipe'}")
 
 
 def load_recipe(source: str | Path | Mapping[str, Any]) -> Recipe:
@@ -435,7 +431,7 @@ def load_recipe(source: str | Path | Mapping[str, Any]) -> Recipe:
     try:
         r = SpliceRecipe.model_validate(raw)
     except ValidationError as e:
-        raise _schema_error(e, what) from None
+        raise _schema_error(e, what, SpliceRecipe, ModelEntry) from None
     models = []
     for i, m in enumerate(r.models):
         entry = ModelEntry(path=m) if isinstance(m, str) else m
@@ -475,7 +471,7 @@ def _from_mergekit(raw: dict[str, Any], what: str) -> Recipe:
     try:
         mk = MergekitRecipe.model_validate(raw)
     except ValidationError as e:
-        raise _schema_error(e, what) from None
+        raise _schema_error(e, what, MergekitRecipe, _MkModel, _MkSlice, _MkSource) from None
     unsupported = {
         "modules": "modular (multi-module) configs",
         "tokenizer": "tokenizer surgery",

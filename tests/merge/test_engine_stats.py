@@ -1,0 +1,104 @@
+"""Exact streaming order statistics (radix selection over float bits) vs torch.kthvalue."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import splice.merge.stats as stats
+from splice.merge.methods.ties import MagnitudeThresholds
+from splice.merge.stats import RadixSelect, kth_largest, kth_smallest
+
+
+def _cases(dtype: torch.dtype):
+    g = torch.Generator().manual_seed(0)
+    yield torch.randn(1, generator=g).to(dtype)
+    yield torch.randn(3001, generator=g).to(dtype)
+    yield (torch.randn(2000, generator=g) * 2).round().to(dtype)  # heavy ties, zeros
+    x = torch.randn(1500, generator=g)
+    x[:300], x[300:500] = 0.0, -0.0
+    yield x.to(dtype)
+    yield -torch.rand(999, generator=g).to(dtype)  # all negative
+    yield torch.full((64,), 3.5).to(dtype)  # one value
+    yield (torch.randn(777, generator=g) * 1e-30).to(dtype)  # denormals in float32
+
+
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    monkeypatch.setattr(stats, "CHUNK", 257)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_kth_smallest_equals_kthvalue(dtype, small_chunks):
+    for x in _cases(dtype):
+        ref_x = x.double()
+        for k in {1, x.numel(), (x.numel() + 1) // 2, max(1, x.numel() // 7)}:
+            want = torch.kthvalue(ref_x, k).values.item()
+            assert kth_smallest(x, k).item() == want
+            assert (
+                kth_smallest(x, k, magnitude=True).item() == torch.kthvalue(ref_x.abs(), k).values
+            )
+            assert kth_largest(x, k).item() == torch.kthvalue(ref_x, x.numel() - k + 1).values
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("magnitude", [False, True])
+def test_streaming_select_equals_kthvalue_of_the_concatenation(dtype, magnitude, small_chunks):
+    parts = list(_cases(dtype))
+    whole = torch.cat([p.double() for p in parts])
+    whole = whole.abs() if magnitude else whole
+    n = whole.numel()
+    for k in (1, 2, n // 3, n // 2, n - 1, n):
+        sel = RadixSelect(k, dtype, magnitude=magnitude)
+        passes = 0
+        while True:
+            passes += 1
+            for p in reversed(parts) if passes % 2 else parts:  # any order, every pass
+                sel.observe(p)
+            if sel.end_pass():
+                break
+        assert passes == {torch.float64: 4, torch.float32: 2}.get(dtype, 1)
+        assert sel.value == torch.kthvalue(whole, k).values.item()
+
+
+def test_rank_may_depend_on_the_stream_length():
+    x = torch.randn(1000)
+    sel = RadixSelect(lambda n: n - 100 + 1, magnitude=True)  # the 100th largest |x|
+    while True:
+        sel.observe(x[:400])
+        sel.observe(x[400:])
+        if sel.end_pass():
+            break
+    assert sel.count == 1000
+    assert sel.value == torch.topk(x.abs(), 100).values[-1].item()
+
+
+def test_out_of_range_rank_is_an_error():
+    with pytest.raises(ValueError):
+        kth_smallest(torch.zeros(3), 4)
+    sel = RadixSelect(5)
+    sel.observe(torch.zeros(3))
+    with pytest.raises(ValueError):
+        sel.end_pass()
+
+
+def test_ties_global_thresholds_cover_the_whole_model():
+    g = torch.Generator().manual_seed(1)
+    base = {
+        n: torch.randn(s, generator=g) for n, s in [("a", (30, 7)), ("b", (11,)), ("c", (5, 5))]
+    }
+    models = [{n: t + torch.randn(t.shape, generator=g) for n, t in base.items()} for _ in range(2)]
+    stat = MagnitudeThresholds([0.2, 1.0])
+    while True:
+        for n in base:
+            stat.observe(n, base[n], [m[n] for m in models], None)
+        if stat.end_pass():
+            break
+    values, _ = stat.result()
+    tau = torch.cat([(models[0][n] - base[n]).flatten() for n in base]).abs()
+    keep = int(0.2 * tau.numel())
+    assert values[0] == torch.topk(tau, keep).values[-1].item()
+    assert values[1] == 0.0
