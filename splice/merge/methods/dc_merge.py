@@ -19,6 +19,7 @@ from torch import Tensor
 from splice.errors import SpliceError
 from splice.merge.base import HyperParams, MergeContext, MergeMethod, NoParams, methods
 from splice.merge.methods._lowrank_utils import polar, stack_deltas
+from splice.merge.methods._sparsify import disjoint_merge, elect_sign, magnitude_threshold, trim_
 
 __all__ = ["DCMerge", "dc_merge_matrix", "smooth_singular_values"]
 
@@ -45,21 +46,7 @@ def smooth_singular_values(s: Tensor, mode: Smoothing, rho: float = 5.0) -> Tens
 
 def _keep_top(x: Tensor, fraction: float) -> Tensor:
     """Keep entries with |x| ≥ the k-th largest |x|, k = max(1, ⌊fraction·n⌋) (ties kept)."""
-    flat = x.abs().reshape(-1)
-    k = max(1, int(fraction * flat.numel()))
-    if k >= flat.numel():
-        return x
-    threshold = torch.topk(flat, k).values[-1]
-    return torch.where(x.abs() >= threshold, x, torch.zeros_like(x))
-
-
-def _sign_agree_mean(cores: Tensor) -> Tensor:
-    """Spec §8.3 step 6: mean over tasks whose sign equals sign(Σ_t M_t); 0 where Σ_t M_t = 0."""
-    sign = torch.sign(cores.sum(0))
-    agree = torch.sign(cores) == sign
-    count = agree.sum(0).clamp(min=1)
-    out = torch.where(agree, cores, torch.zeros_like(cores)).sum(0) / count
-    return torch.where(sign == 0, torch.zeros_like(out), out)
+    return trim_(x.clone(), magnitude_threshold(x, fraction))
 
 
 def dc_merge_matrix(
@@ -105,7 +92,8 @@ def dc_merge_matrix(
     cores = torch.stack(
         [_keep_top((u_c.T @ u) * s @ (vh @ vh_c.T), keep) for u, s, vh in truncated]
     )
-    agg = _sign_agree_mean(cores)
+    # spec §8.3 step 6: mean over tasks agreeing with sign(Σ_t M_t); 0 where Σ_t M_t = 0
+    agg = disjoint_merge(cores, elect_sign(cores, zero_sign=0.0), [1.0] * num)
     d = width // num
     mask = torch.zeros_like(agg)
     for t in range(num):

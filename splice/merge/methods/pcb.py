@@ -10,7 +10,6 @@ fp32 values, never a sort of the model), so PCB runs in fp32.
 
 from __future__ import annotations
 
-import struct
 from collections.abc import Callable
 from typing import ClassVar, Literal
 
@@ -19,65 +18,12 @@ from pydantic import Field
 from torch import Tensor
 
 from splice.deltas import is_mergeable
-from splice.errors import SpliceError
 from splice.merge.base import GlobalStat, HyperParams, MergeContext, MergeMethod, methods
+from splice.merge.stats import RadixSelect
 
 __all__ = ["PCB", "PCBThresholds", "pcb_balance", "pcb_merge", "pcb_scores"]
 
 InterMode = Literal["pairwise", "normalized", "raw"]
-
-_BINS = 1 << 16
-
-
-def _radix_keys(x: Tensor) -> Tensor:
-    """fp32 → int64 keys in [0, 2³²) with the same order as the floats."""
-    b = x.float().contiguous().view(torch.int32).to(torch.int64)
-    return torch.where(b >= 0, b + (1 << 31), (1 << 31) - 1 - (b & 0x7FFFFFFF))
-
-
-def _key_to_float(key: int) -> float:
-    bits = key - (1 << 31) if key >= 1 << 31 else ((1 << 31) - 1 - key) | (1 << 31)
-    return struct.unpack("<f", struct.pack("<I", bits))[0]
-
-
-class _RadixSelect:
-    """Exact order statistics of a stream of fp32 values: two 65536-bin histogram passes."""
-
-    def __init__(self, ranks_of: Callable[[int], list[int]]) -> None:
-        self.ranks_of = ranks_of
-        self.high = torch.zeros(_BINS, dtype=torch.int64)
-        self.ranks: list[int] = []
-        self.bins: list[int] = []
-        self.low: list[Tensor] = []
-        self.values: list[float] = []
-
-    def observe(self, x: Tensor) -> None:
-        keys = _radix_keys(x.reshape(-1))
-        if not self.bins:
-            self.high += torch.bincount(keys >> 16, minlength=_BINS).cpu()
-            return
-        for i, b in enumerate(self.bins):
-            sel = keys[(keys >> 16) == b] & 0xFFFF
-            self.low[i] += torch.bincount(sel, minlength=_BINS).cpu()
-
-    def end_pass(self) -> bool:
-        if not self.bins:
-            total = int(self.high.sum())
-            if total == 0:
-                raise SpliceError("PCB saw no floating-point tensors", fix="check the inputs")
-            self.ranks = self.ranks_of(total)
-            cum = self.high.cumsum(0)
-            for r in self.ranks:
-                b = int(torch.searchsorted(cum, r, right=True))
-                self.bins.append(b)
-                self.low.append(torch.zeros(_BINS, dtype=torch.int64))
-            return False
-        cum_high = self.high.cumsum(0)
-        for r, b, low in zip(self.ranks, self.bins, self.low, strict=True):
-            before = int(cum_high[b - 1]) if b > 0 else 0
-            lo = int(torch.searchsorted(low.cumsum(0), r - before, right=True))
-            self.values.append(_key_to_float((b << 16) | lo))
-        return True
 
 
 def _unit_range(a: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
@@ -134,13 +80,22 @@ class PCBThresholds:
     key = "pcb"
 
     def __init__(self, num_models: int, clip: float, ratio: float, inter: InterMode) -> None:
-        self.ratio, self.inter = ratio, inter
+        self.inter = inter
+
+        def select(index: Callable[[int], int], magnitude: bool = False) -> RadixSelect:
+            """Selects the element at 0-based ``index(P)`` of the sorted stream of P values."""
+            return RadixSelect(lambda p: index(p) + 1, magnitude=magnitude)
+
         self.clip = [
-            _RadixSelect(lambda p: [int(p * clip), int(p * (1 - clip) - 1)])
+            (
+                select(lambda p: int(p * clip), magnitude=True),
+                select(lambda p: int(p * (1 - clip) - 1), magnitude=True),
+            )
             for _ in range(num_models)
         ]
         self.drop = [
-            _RadixSelect(lambda p: [int(p * (1 - ratio)), p - 1]) for _ in range(num_models)
+            (select(lambda p: int(p * (1 - ratio))), select(lambda p: p - 1))
+            for _ in range(num_models)
         ]
         self.bounds: tuple[Tensor, Tensor] | None = None
 
@@ -150,32 +105,31 @@ class PCBThresholds:
         assert base is not None
         if not is_mergeable(base):
             return
-        v = _rows(base, tensors)
-        if self.bounds is None:
-            for sel, row in zip(self.clip, v, strict=True):
-                sel.observe(row.abs())
-            return
-        _, beta = pcb_balance(v, *(b.to(v.device) for b in self.bounds), self.inter)
-        for sel, row in zip(self.drop, beta, strict=True):
-            sel.observe(row)
+        rows = _rows(base, tensors)
+        pairs = self.clip
+        if self.bounds is not None:
+            pairs = self.drop
+            _, rows = pcb_balance(rows, *(b.to(rows.device) for b in self.bounds), self.inter)
+        for pair, row in zip(pairs, rows, strict=True):
+            for sel in pair:
+                sel.observe(row)
 
     def end_pass(self) -> bool:
-        if self.bounds is None:
-            if all([sel.end_pass() for sel in self.clip]):
-                lo, hi = zip(*(sel.values for sel in self.clip), strict=True)
-                self.bounds = torch.tensor(lo), torch.tensor(hi)
+        pairs = self.clip if self.bounds is None else self.drop
+        done = all([sel.end_pass() for pair in pairs for sel in pair])
+        if done and self.bounds is None:
+            self.bounds = _values(self.clip)
             return False
-        return all([sel.end_pass() for sel in self.drop])
+        return done
 
     def result(self) -> dict[str, Tensor]:
         assert self.bounds is not None
-        q, top = zip(*(sel.values for sel in self.drop), strict=True)
-        return {
-            "lo": self.bounds[0],
-            "hi": self.bounds[1],
-            "q": torch.tensor(q),
-            "top": torch.tensor(top),
-        }
+        q, top = _values(self.drop)
+        return {"lo": self.bounds[0], "hi": self.bounds[1], "q": q, "top": top}
+
+
+def _values(pairs: list[tuple[RadixSelect, RadixSelect]]) -> tuple[Tensor, Tensor]:
+    return torch.tensor([a.value for a, _ in pairs]), torch.tensor([b.value for _, b in pairs])
 
 
 class Params(HyperParams):

@@ -23,6 +23,7 @@ from torch import Tensor
 from splice.deltas import Delta, is_mergeable, task_vector
 from splice.errors import SpliceError
 from splice.merge.base import HyperParams, MergeContext, MergeMethod, methods
+from splice.merge.methods._sparsify import magnitude_threshold
 
 __all__ = [
     "Switch",
@@ -57,9 +58,7 @@ def switch_parts(tau: Tensor, density: float) -> tuple[Tensor, Tensor]:
     """``(M, κ)`` for one task vector (spec §12.3): M keeps |τ| ≥ the k-th largest |τ| with
     k = max(1, ⌊density·P⌋) (ties kept, zeros never), κ = mean |τ| over M (fp32 scalar)."""
     mag = tau.abs().float()
-    k = max(1, int(density * mag.numel()))
-    threshold = torch.topk(mag.reshape(-1), min(k, mag.numel())).values[-1]
-    keep = (mag >= threshold) & (mag > 0)
+    keep = (mag >= magnitude_threshold(mag, density)) & (mag > 0)
     kept = mag[keep]
     scale = kept.double().mean().float() if kept.numel() else mag.new_zeros(())
     return keep, scale
