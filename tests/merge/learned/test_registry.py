@@ -1,0 +1,43 @@
+"""Every learned method: one file, one registered name, a schema that matches its function."""
+
+from __future__ import annotations
+
+import pkgutil
+
+import pytest
+
+import splice.merge.learned as pkg
+from splice.errors import SpliceError
+from splice.merge.learned import learned
+
+FILES = sorted(m.name for m in pkgutil.iter_modules(pkg.__path__) if not m.name.startswith("_"))
+
+
+def test_each_file_registers_one_method_named_after_it():
+    assert learned.names() == FILES
+    assert {"adamerging", "atlas", "concrete", "lot", "opcm"} <= set(FILES)
+    for name in FILES:
+        m = learned.get(name)
+        assert m.name == name and m.pretty_name and "arxiv.org" in m.reference
+        assert m.fn.__module__ == f"splice.merge.learned.{name}"
+
+
+@pytest.mark.parametrize("name", FILES)
+def test_params_schema_mirrors_the_function_defaults(name):
+    m = learned.get(name)
+    assert m.defaults() == m.Params().model_dump()
+
+
+def test_unknown_or_invalid_params_fail_with_the_valid_keys():
+    with pytest.raises(SpliceError, match="valid keys"):
+        learned.get("adamerging").params({"stpes": 3})
+    with pytest.raises(SpliceError, match="steps"):
+        learned.get("adamerging").params({"steps": -1})
+    with pytest.raises(SpliceError, match="did you mean 'adamerging'"):
+        learned.get("adamergin")
+
+
+def test_continual_methods_are_data_free_generators():
+    for name in FILES:
+        m = learned.get(name)
+        assert m.continual == (m.data == "none")
