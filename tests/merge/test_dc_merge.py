@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from splice.errors import SpliceError
-from splice.merge.base import MergeContext, methods
+from splice.merge.base import MergeContext, NoParams, methods
 from splice.merge.methods.dc_merge import DCMerge, dc_merge_matrix, smooth_singular_values
+from tests.merge._engine_run import direct_merge, engine_merge
 
 
 def _reference(deltas, rank=None, smoothing="none", rho=5.0, percent=1e-3):
@@ -149,3 +150,12 @@ def test_rank_too_large_is_an_actionable_error_and_params_validate():
         DCMerge.Params(smoothing="cubic")
     with pytest.raises(pydantic.ValidationError):
         DCMerge.Params(rank=0)
+
+
+def test_engine_on_disk_equals_direct_per_tensor_calls(tmp_path):
+    params = {"lambda": 0.7, "keep": 0.2}
+    base, fts, got = engine_merge(tmp_path, "dc_merge", params)
+    ref = direct_merge(DCMerge(), base, fts, DCMerge.Params(**params), [NoParams()] * 2)
+    assert list(got) == list(base)
+    for n in base:
+        assert torch.equal(got[n], ref[n]), n

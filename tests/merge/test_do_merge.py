@@ -6,7 +6,7 @@ import pydantic
 import pytest
 import torch
 
-from splice.merge.base import MergeContext, methods
+from splice.merge.base import MergeContext, NoParams, methods
 from splice.merge.methods.do_merge import (
     DOMerge,
     balanced_factors,
@@ -14,6 +14,7 @@ from splice.merge.methods.do_merge import (
     orthogonalize,
     overlap,
 )
+from tests.merge._engine_run import direct_merge, engine_merge
 
 
 def _lora(num, m, n, r, seed=0):
@@ -131,3 +132,12 @@ def test_registered_with_validated_params():
         DOMerge.Params(steps=-1)
     with pytest.raises(pydantic.ValidationError):
         DOMerge.Params(lr=0.1)
+
+
+def test_engine_on_disk_equals_direct_per_tensor_calls(tmp_path):
+    params = {"lambda": 0.9, "steps": 20, "rank": 3}
+    base, fts, got = engine_merge(tmp_path, "do_merge", params)
+    ref = direct_merge(DOMerge(), base, fts, DOMerge.Params(**params), [NoParams()] * 2)
+    assert list(got) == list(base)
+    for n in base:
+        assert torch.equal(got[n], ref[n]), n

@@ -7,7 +7,9 @@ import pytest
 import torch
 
 from splice.merge.base import MergeContext, transforms
+from splice.merge.engine import layer_indices
 from splice.merge.methods.lines import LiNeS, LinesAlpha, lines_scale
+from tests.merge._engine_run import engine_merge
 
 NUM_LAYERS = 4
 
@@ -108,3 +110,21 @@ def test_registered_as_a_transform_with_validated_params():
         LiNeS.Params(alpha=0.5)  # β is required
     with pytest.raises(pydantic.ValidationError):
         LiNeS.Params(beta=0.5, gamma=0.3)
+
+
+def test_engine_lines_on_task_arithmetic(tmp_path):
+    """Through the engine: automatic α = 1/T, depth from the tensor names; a flat schedule
+    returns the inner method's output unchanged."""
+    base, fts, got = engine_merge(tmp_path, "task_arithmetic", {}, lines={"beta": 0.6})
+    layers = layer_indices(list(base))
+    for n, b in base.items():
+        if not b.is_floating_point():
+            assert torch.equal(got[n], b)
+            continue
+        layer, num = layers.get(n, (None, None))
+        tau = (fts[0][n] - b) + (fts[1][n] - b)
+        expect = b + lines_scale(layer, num, 0.5, 0.6) * tau
+        torch.testing.assert_close(got[n], expect, rtol=1e-5, atol=1e-6)
+    ta = engine_merge(tmp_path / "ta", "task_arithmetic", {})[2]
+    flat = engine_merge(tmp_path / "flat", "task_arithmetic", {}, lines={"alpha": 1, "beta": 0})[2]
+    assert all(torch.equal(flat[n], ta[n]) for n in ta)

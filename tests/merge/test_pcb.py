@@ -8,6 +8,7 @@ import torch
 
 from splice.merge.base import MergeContext, methods
 from splice.merge.methods.pcb import PCB, pcb_balance, pcb_scores
+from tests.merge._engine_run import engine_merge
 
 SHAPES = {"a.weight": (7, 5), "a.bias": (11,), "b.conv": (3, 4, 2), "c.weight": (9, 6)}
 
@@ -193,3 +194,15 @@ def test_registered_with_validated_params():
         PCB.Params(ratoi=0.1)
     with pytest.raises(pydantic.ValidationError):
         PCB.Params(inter="softmax")
+
+
+def test_engine_on_disk_equals_dense_reference(tmp_path):
+    """Through the engine (stat passes over sharded files, then the merge pass)."""
+    params = {"ratio": 0.2, "clip": 0.02, "lambda": 1.1}
+    base, fts, got = engine_merge(tmp_path, "pcb", params, weights=[0.9, 1.2])
+    floats = {k: v for k, v in base.items() if v.is_floating_point()}
+    ref = _reference(floats, fts, 0.2, 0.02, "pairwise", [0.9, 1.2], 1.1)
+    assert list(got) == list(base)
+    assert torch.equal(got["model.steps"], base["model.steps"])
+    for n in floats:
+        torch.testing.assert_close(got[n], ref[n], rtol=1e-5, atol=1e-6)

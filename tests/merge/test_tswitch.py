@@ -19,6 +19,7 @@ from splice.merge.methods.tswitch import (
     tswitch_compose,
     tswitch_compress,
 )
+from tests.merge._engine_run import direct_merge, engine_merge
 
 
 def _reference(tau, density):
@@ -153,3 +154,13 @@ def test_registered_with_validated_params():
         TSwitch.Params(density=0.0)
     with pytest.raises(pydantic.ValidationError):
         TSwitch.ModelParams(wieght=1.0)
+
+
+def test_engine_on_disk_equals_direct_per_tensor_calls(tmp_path):
+    params = {"lambda": 0.8, "density": 0.3}
+    base, fts, got = engine_merge(tmp_path, "tswitch", params, weights=[0.5, 1.5])
+    mps = [TSwitch.ModelParams(weight=0.5), TSwitch.ModelParams(weight=1.5)]
+    ref = direct_merge(TSwitch(), base, fts, TSwitch.Params(**params), mps)
+    assert list(got) == list(base)
+    for n in base:
+        assert torch.equal(got[n], ref[n]), n

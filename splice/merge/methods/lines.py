@@ -98,6 +98,8 @@ class LiNeS(MergeTransform):
         assert base is not None
         alpha = params.alpha if params.alpha is not None else ctx.stats[LinesAlpha.key]
         scale = lines_scale(ctx.layer, ctx.num_layers, alpha, params.beta)
+        if scale == 1.0:  # exact identity, no round trip through θ₀
+            return merged
         dt = torch.promote_types(merged.dtype, torch.float32)
         b = base.to(dt)
         return (b + scale * (merged.to(dt) - b)).to(merged.dtype)
