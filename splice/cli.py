@@ -240,6 +240,18 @@ def merge(
         raise UsageError("give a RECIPE and an OUT dir (or --list)")
     import time
 
+    from splice.merge.learned._recipe import is_learned_recipe
+
+    if is_learned_recipe(recipe):  # a `data:` section: a data-driven merge (docs/merging-learned.md)
+        from splice.merge.learned import run_recipe
+
+        progress = not as_json and sys.stderr.isatty()
+        summary = run_recipe(recipe, out, device=device, force=force, progress=progress)
+        if as_json:
+            _print_json(summary)
+        else:
+            typer.echo(f"wrote {out} in {summary['seconds']:.1f} s")
+        return
     from splice.merge import merge as run
 
     start = time.perf_counter()
