@@ -242,7 +242,7 @@ def merge(
 
     from splice.merge.learned._recipe import is_learned_recipe
 
-    if is_learned_recipe(recipe):  # a `data:` section: a data-driven merge (docs/merging-learned.md)
+    if is_learned_recipe(recipe):  # a `data:` section: docs/merging-learned.md
         from splice.merge.learned import run_recipe
 
         progress = not as_json and sys.stderr.isatty()
