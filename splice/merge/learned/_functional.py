@@ -34,8 +34,10 @@ __all__ = [
 Forward = Callable[[nn.Module, Any], Tensor]
 """``forward(module, batch) -> features or logits``; default ``module(batch)`` (``**batch``
 for a mapping)."""
-Head = Callable[[Tensor], Tensor]
-"""A task's classifier on the forward's output (frozen; the bench gives each task its own)."""
+Head = Callable[[Tensor], Tensor] | Mapping[str, Tensor]
+"""A task's classifier: a callable on the forward's output (the bench's linear heads), or a
+mapping of task-specific tensors swapped into the module for that task (e.g. the
+``classifier.*`` tensors of an HF sequence-classification fine-tune). Heads stay frozen."""
 
 
 def resolve_device(module: nn.Module, device: str | torch.device | None) -> torch.device:
@@ -186,8 +188,8 @@ class Network:
     """Task logits of the base module run with replacement tensors.
 
     ``logits(weights, task, batch) = heads[task](forward(module, batch))`` with ``weights``
-    swapped in for the module's tensors of the same names during the call (``heads=None``:
-    the forward's output are the logits of every task).
+    swapped in for the module's tensors of the same names during the call; a mapping head is
+    swapped in too (``heads=None``: the forward's output are the logits of every task).
     """
 
     def __init__(
@@ -215,8 +217,11 @@ class Network:
         return functional_call(self.bound, swapped, (batch,))
 
     def logits(self, weights: Mapping[str, Tensor], task: str, batch: Any) -> Tensor:
+        head = None if self.heads is None else self.heads[task]
+        if isinstance(head, Mapping):
+            return self.features({**weights, **head}, batch)
         out = self.features(weights, batch)
-        return out if self.heads is None else self.heads[task](out)
+        return out if head is None else head(out)
 
 
 @contextmanager

@@ -181,3 +181,14 @@ def test_streams_are_seeded_and_cover_every_example_per_pass():
         assert torch.equal(ba, bb)
         seen += ia.tolist()
     assert sorted(seen[:10]) == list(range(10)) and sorted(seen[10:]) == list(range(10))
+
+
+def test_a_mapping_head_swaps_task_tensors_into_the_module():
+    module = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    other = {"2.weight": torch.randn(5, 4), "2.bias": torch.randn(5)}  # 5 classes for task b
+    net = Network(module, heads={"a": {}, "b": other}, tasks=["a", "b"])
+    x = torch.randn(6, 3)
+    w = {"0.weight": torch.randn(4, 3)}
+    assert net.logits(w, "a", x).shape == (6, 2)
+    ref = torch.tanh(x @ w["0.weight"].T + module[0].bias) @ other["2.weight"].T + other["2.bias"]
+    torch.testing.assert_close(net.logits(w, "b", x), ref)

@@ -1,0 +1,126 @@
+"""Learned-merge recipes end to end on a tiny BERT and two local CSV tasks."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from splice.errors import SpliceError
+from splice.merge.learned import run_recipe
+from splice.merge.learned._recipe import is_learned_recipe, load_learned_recipe
+
+WORDS = {
+    "mood": {"pos": ["good", "great", "happy"], "neg": ["bad", "awful", "sad"]},
+    "topic": {"animal": ["cat", "dog", "bird"], "meal": ["bread", "rice", "soup"]},
+}
+FILLER = ["the", "a", "it", "was", "this", "day"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A random 1-layer BERT with a word vocab, and two CSV tasks."""
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    root = tmp_path_factory.mktemp("tiny")
+    words = sorted({*FILLER, *(w for t in WORDS.values() for ws in t.values() for w in ws)})
+    (root / "vocab.txt").write_text(
+        "\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words])
+    )
+    model = root / "model"
+    BertTokenizerFast(vocab=str(root / "vocab.txt")).save_pretrained(str(model))
+    cfg = BertConfig(
+        vocab_size=5 + len(words), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=32, max_position_embeddings=16,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    BertModel(cfg).save_pretrained(str(model))
+    rng = np.random.default_rng(0)
+    tasks = []
+    for name, classes in WORDS.items():
+        rows = ["text,label"]
+        for i in range(80):
+            label = sorted(classes)[i % 2]
+            rows.append(
+                " ".join([*rng.choice(FILLER, 3), *rng.choice(classes[label], 2)]) + f",{label}"
+            )
+        (root / f"{name}.csv").write_text("\n".join(rows) + "\n")
+        tasks.append(str(root / f"{name}.csv"))
+    return str(model), tasks
+
+
+def _recipe(tiny, method, **params):
+    model, tasks = tiny
+    return {
+        "method": method,
+        "models": tasks,
+        "params": params,
+        "data": {"split": "val", "samples": 8, "text_model": model, "max_len": 12},
+        "finetune": {"steps": 15, "batch_size": 8},
+    }
+
+
+def test_adamerging_recipe_writes_a_loadable_model_heads_and_record(tiny, tmp_path, monkeypatch):
+    monkeypatch.setenv("SPLICE_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "merged"
+    summary = run_recipe(_recipe(tiny, "adamerging", steps=3, batch_size=4), out)
+    assert summary["tasks"] == ["mood", "topic"] and set(summary["val_accuracy"]) == {
+        "mood",
+        "topic",
+    }
+    assert (out / "config.json").is_file() and (out / "tokenizer.json").is_file()
+    record = json.loads((out / "splice-learned.json").read_text())
+    assert len(record["history"]) == 3 and record["recipe"]["method"] == "adamerging"
+    coef = torch.tensor(record["coefficients"])
+    assert coef.shape == (len(record["info"]["names"]), 2)
+    heads = load_file(str(out / "heads.safetensors"))
+    assert heads["mood.weight"].shape == (2, 16)
+    from transformers import AutoModel
+
+    merged = AutoModel.from_pretrained(str(out))
+    base = AutoModel.from_pretrained(tiny[0])
+    name = record["info"]["names"][0]
+    assert not torch.equal(merged.state_dict()[name], base.state_dict()[name])
+    untouched = "embeddings.word_embeddings.weight"
+    assert torch.equal(merged.state_dict()[untouched], base.state_dict()[untouched])
+
+
+@pytest.mark.parametrize(("method", "params"), [("lot", {}), ("opcm", {}), ("atlas", {"steps": 2})])
+def test_other_methods_run_from_a_recipe(tiny, tmp_path, monkeypatch, method, params):
+    monkeypatch.setenv("SPLICE_CACHE", str(tmp_path / "cache"))
+    summary = run_recipe(_recipe(tiny, method, **params))
+    assert all(0 <= a <= 1 for a in summary["val_accuracy"].values())
+
+
+def test_recipe_errors_are_one_line_and_early(tiny, tmp_path):
+    assert is_learned_recipe(_recipe(tiny, "adamerging"))
+    assert not is_learned_recipe({"method": "ties", "models": ["a"]})
+    with pytest.raises(SpliceError, match="valid keys"):
+        load_learned_recipe(_recipe(tiny, "adamerging", stpes=3))
+    bad = _recipe(tiny, "adamerging")
+    bad["data"] = {**bad["data"], "split": "test"}
+    with pytest.raises(SpliceError, match=r"data\.split"):
+        load_learned_recipe(bad)
+    with pytest.raises(SpliceError, match="did you mean 'adamerging'"):
+        load_learned_recipe(_recipe(tiny, "adamergin"))
+    (tmp_path / "exists").mkdir()
+    with pytest.raises(SpliceError, match="output exists"):
+        run_recipe(_recipe(tiny, "lot"), tmp_path / "exists")
+
+
+def test_splice_merge_cli_runs_a_recipe_with_a_data_section(tiny, tmp_path, monkeypatch):
+    import yaml
+    from typer.testing import CliRunner
+
+    from splice.cli import app
+
+    monkeypatch.setenv("SPLICE_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "recipe.yml"
+    path.write_text(yaml.safe_dump(_recipe(tiny, "concrete", steps=2)))
+    res = CliRunner().invoke(app, ["merge", str(path), str(tmp_path / "out"), "--json"])
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.stdout)
+    assert summary["method"] == "concrete" and (tmp_path / "out" / "heads.safetensors").is_file()
