@@ -193,6 +193,8 @@ def train(
                 f"the last checkpoint is in {out / 'checkpoint'}; rerun with --resume", err=True
             )
         raise
+    if not metrics:  # a non-zero rank under torchrun: rank 0 reports
+        return
     if as_json:
         _print_json(metrics)
     else:

@@ -102,6 +102,7 @@ class Method:
     reference_url: ClassVar[str]
     Config: ClassVar[type[MethodConfig]] = MethodConfig
     kinds: ClassVar[frozenset[str]] = frozenset({"linear", "conv1d_gpt2", "embedding", "conv"})
+    uses_all_parameters: ClassVar[bool] = True  # False if a forward may skip some (DDP needs it)
 
     def build(self, sites: list[Site], cfg: Any) -> list[Adapter]:
         raise NotImplementedError

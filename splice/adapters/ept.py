@@ -115,6 +115,7 @@ class EPT(Method):
     reference_url = "https://arxiv.org/abs/2603.12577"
     Config = EPTConfig
     kinds = frozenset({"linear", "conv1d_gpt2"})
+    uses_all_parameters = False  # experts outside the task's top-K get no gradient
 
     def build(self, sites: list[Site], cfg: EPTConfig) -> list[Adapter]:
         if cfg.top_k > len(cfg.kernels):

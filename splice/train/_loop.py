@@ -311,7 +311,10 @@ def train(
 
     core = model
     if world > 1:
-        model = nn.parallel.DistributedDataParallel(model, find_unused_parameters=not full)
+        from splice.adapters import METHODS
+
+        sparse = not full and not METHODS.get(cfg.method).uses_all_parameters
+        model = nn.parallel.DistributedDataParallel(model, find_unused_parameters=sparse)
     autocast = lambda: torch.autocast(device.type, torch.bfloat16, enabled=cfg.precision == "bf16")  # noqa: E731
     show = cfg.progress and rank == 0
     start, seen = time.perf_counter(), 0
@@ -331,6 +334,10 @@ def train(
                 seen += len(batch["input_ids"]) * world
             if cfg.grad_clip > 0:
                 nn.utils.clip_grad_norm_(named.values(), cfg.grad_clip)
+            if world > 1:  # log the mean over ranks, not rank 0's slice
+                mean = torch.tensor(step_loss, device=device)
+                torch.distributed.all_reduce(mean)
+                step_loss = mean.item() / world
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)

