@@ -1,14 +1,17 @@
 """Merge in memory for the benchmark: every registered merge method over the tasks' weights.
 
 The benchmark merges only the tensors the fine-tunes changed (for LoRA, the adapted weights),
-so each merge is small enough to run on whole state dicts. Methods follow the protocol of
-:mod:`splice.merge.base`; the bench decides which settings to evaluate: the method's defaults,
-and, for methods whose paper tunes a scaling coefficient λ, a small grid on validation data.
+so each merge is small enough to run on whole state dicts. Methods and transforms follow the
+protocol of :mod:`splice.merge.base`; the bench decides which settings to evaluate: each
+method's defaults; for methods whose paper tunes the scale λ of the merged task vector, λ from a
+small grid chosen on validation data; and each transform (LiNeS) on top of task arithmetic at
+λ=1, its required scalar (β) tuned the same way (spec merging.md §6.3).
 """
 
 from __future__ import annotations
 
-import re
+import dataclasses
+import inspect
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -16,13 +19,17 @@ from typing import Any
 
 from torch import Tensor
 
-from splice.merge.base import MergeContext, MergeMethod, methods
+from splice.merge.base import MergeMethod, methods, transforms
 
 __all__ = ["MergeSpec", "merge_specs", "merge_state", "scale_param", "unsupported"]
 
 # Hyperparameter names that mean "scale of the merged task vector" (λ in the papers).
 _SCALE_FIELDS = ("lambda", "lambda_", "lam", "scaling_factor", "scaling_coef", "scale")
-_LAYER = re.compile(r"\.(\d+)\.")
+TRANSFORM_BASE = "task_arithmetic"  # the base method transforms are evaluated on
+# Values for hyperparameters a method leaves required (no default), from the spec's presets.
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    "dare": {"model_params": {"p": 0.5}},  # FusionBench preset, merging.md §3.4
+}
 
 
 def scale_param(method: type[MergeMethod]) -> tuple[str, Any] | None:
@@ -35,69 +42,156 @@ def scale_param(method: type[MergeMethod]) -> tuple[str, Any] | None:
 
 @dataclass(frozen=True)
 class MergeSpec:
-    """One setting to evaluate: a registered method with parameter overrides."""
+    """One setting to evaluate: a method (plus an optional transform) with overrides.
+
+    ``tune`` lists values to try on validation for ``tune_key`` (of the transform's params
+    when a transform is set, else of the method's).
+    """
 
     method: str
     params: Mapping[str, Any] = field(default_factory=dict)
-    tune: tuple[float, ...] = ()  # λ values to try on validation data (empty: no tuning)
+    model_params: Mapping[str, Any] = field(default_factory=dict)  # the same for every input
+    transform: str | None = None
+    transform_params: Mapping[str, Any] = field(default_factory=dict)
+    tune: tuple[float, ...] = ()
+    tune_key: str | None = None
+    learned: bool = False  # a data-driven method of splice.merge.learned
+
+    @property
+    def key(self) -> str:
+        parts = [self.method, *(f"{k}={v}" for k, v in self.chosen_fixed.items())]
+        if self.transform:
+            parts.append(f"+{self.transform}")
+        return "@".join(parts) + ("@tuned" if self.tune else "")
 
     @property
     def label(self) -> str:
-        if self.tune:
-            return f"{self.method} (λ tuned on val)"
-        if not self.params:
-            return self.method
-        args = ", ".join(f"{k.rstrip('_')}={v}" for k, v in self.params.items())
-        return f"{self.method} ({args})"
+        args = ", ".join(f"{k.rstrip('_')}={v}" for k, v in self.chosen_fixed.items())
+        label = f"{self.method} ({args})" if args else self.method
+        if self.transform:
+            label += f" + {self.transform}"
+        return label + (f" ({self.tune_key} tuned on val)" if self.tune else "")
+
+    def with_value(self, value: float) -> MergeSpec:
+        """This spec with the tuned parameter fixed to ``value``."""
+        if self.transform:
+            tp = {**self.transform_params, self.tune_key: value}
+            return dataclasses.replace(self, transform_params=tp, tune=())
+        return dataclasses.replace(self, params={**self.params, self.tune_key: value}, tune=())
+
+    @property
+    def chosen_fixed(self) -> dict[str, Any]:
+        """The method's parameter overrides (per-input ones included), before tuning."""
+        return {**self.model_params, **self.params}
+
+    @property
+    def chosen(self) -> dict[str, Any]:
+        """Every override, the tuned value included."""
+        return {**self.model_params, **self.params, **self.transform_params}
 
 
-def merge_specs(names: Sequence[str] | None, grid: Sequence[float]) -> list[MergeSpec]:
-    """Defaults for every method (or ``names``); plus a λ-tuned setting where one exists."""
+def merge_specs(
+    names: Sequence[str] | None, grid: Sequence[float], learned_steps: int | None = None
+) -> list[MergeSpec]:
+    """Settings for every registered method, transform and learned method (or ``names``).
+
+    A method runs at its defaults, plus λ-tuned where it has a λ; a transform runs on task
+    arithmetic at λ=1 with its one required scalar tuned on ``grid``; a learned method runs
+    at its defaults with its optimisation steps capped at ``learned_steps``.
+    """
+    from splice.merge.learned import learned
+
+    if names is None:
+        names = [*methods.names(), *_transform_names(), *learned.names()]
     out: list[MergeSpec] = []
-    for name in names if names is not None else methods.names():
-        out.append(MergeSpec(name))
-        if grid and scale_param(methods.get(name)):
-            out.append(MergeSpec(name, tune=tuple(grid)))
+    for name in names:
+        if name in transforms.names():
+            out += _transform_specs(name, grid)
+            continue
+        if name in learned.names():
+            out.append(MergeSpec(name, _capped_steps(name, learned_steps), learned=True))
+            continue
+        spec = MergeSpec(name, **PRESETS.get(name, {}))
+        out.append(spec)
+        scale = scale_param(methods.get(name))
+        if grid and scale:
+            out.append(dataclasses.replace(spec, tune=tuple(grid), tune_key=scale[0]))
     return out
 
 
+def _capped_steps(name: str, cap: int | None) -> dict[str, int]:
+    """Overrides that cap every ``steps``/``*_steps`` hyperparameter of a learned method."""
+    from splice.merge.learned import learned
+
+    fields = learned.get(name).Params.model_fields.items()
+    return {
+        k: cap
+        for k, f in fields
+        if cap is not None and (k == "steps" or k.endswith("_steps")) and f.default > cap
+    }
+
+
+def _transform_names() -> list[str]:
+    """Transforms the in-memory engine applies (each is a keyword of ``merge_state_dicts``)."""
+    from splice.merge import merge_state_dicts
+
+    accepted = inspect.signature(merge_state_dicts).parameters
+    return [n for n in transforms.names() if n in accepted]
+
+
+def _transform_specs(name: str, grid: Sequence[float]) -> list[MergeSpec]:
+    if name not in _transform_names():
+        return []
+    fields = transforms.get(name).Params.model_fields
+    required = [f.alias or n for n, f in fields.items() if f.is_required()]
+    if len(required) > 1 or (required and not grid):
+        return []  # nothing sensible to run without values for its parameters
+    lam = scale_param(methods.get(TRANSFORM_BASE))
+    spec = MergeSpec(TRANSFORM_BASE, {lam[0]: 1.0} if lam else {}, transform=name)
+    if required:
+        spec = dataclasses.replace(spec, tune=tuple(grid), tune_key=required[0])
+    return [spec]
+
+
 def merge_state(
-    method_name: str,
+    spec: MergeSpec,
     base: Mapping[str, Tensor],
     finetuned: Sequence[Mapping[str, Tensor]],
-    params: Mapping[str, Any],
     seed: int = 0,
 ) -> tuple[dict[str, Tensor], float]:
-    """Merge ``finetuned`` state dicts (same names as ``base``); returns (merged, seconds)."""
-    cls = methods.get(method_name)
-    method = cls()
-    hp = cls.Params(**params)
-    mps = [cls.ModelParams() for _ in finetuned]
-    names = list(base)
-    layers = {n: int(m.group(1)) if (m := _LAYER.search(n)) else None for n in names}
-    num_layers = max((v for v in layers.values() if v is not None), default=-1) + 1 or None
-    stats: dict[str, Any] = {}
+    """Merge ``finetuned`` state dicts (same names as ``base``) with the streaming engine;
+    returns (merged, seconds)."""
+    from splice.merge import merge_state_dicts
 
-    def ctx(name: str) -> MergeContext:
-        return MergeContext(name, seed, layers[name], num_layers, stats, hp, mps)
-
+    transform = {spec.transform: dict(spec.transform_params)} if spec.transform else {}
     start = time.perf_counter()
-    for stat in method.global_stats(hp, mps):
-        done = False
-        while not done:
-            for n in names:
-                stat.observe(n, base[n], [f[n] for f in finetuned], ctx(n))
-            done = stat.end_pass()
-        stats[stat.key] = stat.result()
-    merged = {  # methods may overwrite their input buffers: hand them copies
-        n: method.merge(base[n], [f[n].clone() for f in finetuned], hp, mps, ctx(n)) for n in names
-    }
+    merged = merge_state_dicts(
+        spec.method,
+        list(finetuned),
+        base=base,
+        params=dict(spec.params),
+        model_params=[dict(spec.model_params) for _ in finetuned],
+        seed=seed,
+        **transform,
+    )
     return merged, time.perf_counter() - start
 
 
-def unsupported(method_name: str, num_models: int) -> str | None:
+def unsupported(spec: MergeSpec, num_models: int) -> str | None:
     """Why the method cannot merge ``num_models`` inputs, or None if it can."""
-    low, high = getattr(methods.get(method_name), "num_models", (1, None))
+    if spec.learned:
+        return None
+    cls = methods.get(spec.method)
+    given = {**spec.params, **spec.model_params}
+    missing = [
+        f.alias or n
+        for schema in (cls.Params, cls.ModelParams)
+        for n, f in schema.model_fields.items()
+        if f.is_required() and (f.alias or n) not in given and n not in given
+    ]
+    if missing:
+        return f"needs values for {', '.join(missing)} (no defaults)"
+    low, high = getattr(cls, "num_models", (1, None))
     if num_models < low or (high is not None and num_models > high):
         return f"takes {low}–{high or '∞'} models, not {num_models}"
     return None

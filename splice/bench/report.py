@@ -42,6 +42,7 @@ def summarize(results: dict[str, Any]) -> list[dict[str, Any]]:
                 "avg_norm": _ms(norm),
                 "merge_s": _ms(r["merge_s"]) if r["merge_s"] else None,
                 "params": r["params"],
+                "tuned": r.get("tuned"),
             }
         )
     return out
@@ -63,10 +64,9 @@ def _table(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     body = []
     for r in summarize(results):
         label = r["label"]
-        if r["params"] and any(r["params"]):
-            chosen = sorted({json.dumps(p, sort_keys=True) for p in r["params"]})
-            if "tuned" in label:
-                label += " → " + "; ".join(c.strip("{}").replace('"', "") for c in chosen)
+        if r.get("tuned"):
+            values = ", ".join(str(p[r["tuned"]]) for p in r["params"])
+            label += f" → {r['tuned']}={values}"
         body.append(
             [
                 label,

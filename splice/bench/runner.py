@@ -59,6 +59,9 @@ class BenchConfig(BaseModel):
     text_model: str = Field("minilm", description="'minilm' or a local BERT-style model dir")
     lambda_grid: tuple[float, ...] = Field((0.25, 0.5, 0.75, 1.0), description="λ tried on val")
     unit_scale: bool = Field(True, description="also report each λ-method at λ=1")
+    learned_steps: int | None = Field(
+        None, description="cap on the optimisation steps of learned (data-driven) merges"
+    )
     eval_batch_size: int = 128
     device: str = "cpu"
 
@@ -66,7 +69,10 @@ class BenchConfig(BaseModel):
 PROFILES: dict[str, BenchConfig] = {
     "quick": BenchConfig(
         tasks=("rt_sentiment", "tweet_sentiment", "fortune_topic", "wordnet_supersense"),
-        train=TrainConfig(steps=120),
+        train=TrainConfig(steps=100),
+        caps=(2000, 150, 400),
+        lambda_grid=(0.25, 0.5, 1.0),
+        learned_steps=20,
     ),
     "full": BenchConfig(
         tasks=TEXT_TASKS + VISION_TASKS,
@@ -76,6 +82,7 @@ PROFILES: dict[str, BenchConfig] = {
         max_len=48,
         image_size=64,
         lambda_grid=(0.1, 0.3, 0.5, 0.7, 1.0),
+        learned_steps=100,
     ),
 }
 
@@ -90,6 +97,7 @@ class Row:
     acc: dict[str, list[float]] = field(default_factory=dict)
     merge_s: list[float] = field(default_factory=list)
     params: list[dict[str, Any]] = field(default_factory=list)
+    tuned: str | None = None  # the parameter chosen on validation data, if any
 
 
 class _Progress:
@@ -209,33 +217,56 @@ def _evaluate(
         advance()
         val_own = {t: suite.acc(own[t], "val", [t])[t] for t in tasks} if n_tune else {}
         advance(1 if n_tune else 0)
+        models = list(own.values())
         for spec in specs:
-            params = dict(spec.params)
-            reason = unsupported(spec.method, len(tasks))
+            reason = unsupported(spec, len(tasks))
             if reason:
                 skipped[spec.label] = reason
                 advance(1 + len(spec.tune))
                 continue
-            if spec.tune:
-                fld, _ = scale_param(methods.get(spec.method)) or ("", None)
-                best = -1.0
-                for lam in spec.tune:
-                    advance(0, f"tune {spec.method} λ={lam} on val")
-                    merged, _ = merge_state(spec.method, base, list(own.values()), {fld: lam}, seed)
-                    val = suite.acc(merged, "val")
-                    score = float(np.mean([val[t] / max(val_own[t], 1e-9) for t in tasks]))
-                    if score > best:
-                        best, params = score, {fld: lam}
-                    advance()
+            if spec.learned:
+                advance(0, f"learn {spec.label} on val inputs")
+                merged, secs = _learn(suite, spec, seed)
+                _add(rows, spec.key, spec.label, "merge", suite.acc(merged), secs, spec.params)
+                advance()
+                continue
+            chosen, best = spec, -1.0
+            for value in spec.tune:
+                advance(0, f"tune {spec.label}: {spec.tune_key}={value}")
+                merged, _ = merge_state(spec.with_value(value), base, models, seed)
+                val = suite.acc(merged, "val")
+                score = float(np.mean([val[t] / max(val_own[t], 1e-9) for t in tasks]))
+                if score > best:
+                    chosen, best = spec.with_value(value), score
+                advance()
             advance(0, f"evaluate {spec.label}")
-            merged, secs = merge_state(spec.method, base, list(own.values()), params, seed)
-            key = (
-                spec.method
-                + ("@tuned" if spec.tune else "")
-                + "".join(f"@{k}={v}" for k, v in spec.params.items())
-            )
-            _add(rows, key, spec.label, "merge", suite.acc(merged), secs, params)
+            merged, secs = merge_state(chosen, base, models, seed)
+            _add(rows, spec.key, spec.label, "merge", suite.acc(merged), secs, chosen.chosen)
+            rows[spec.key].tuned = spec.tune_key if spec.tune else None
             advance()
+
+
+def _learn(suite: _Suite, spec: MergeSpec, seed: int) -> tuple[dict[str, Tensor], float]:
+    """Run a learned merge on the validation splits (labels only if it needs them)."""
+    from splice.merge.learned import learned
+
+    method = learned.get(spec.method)
+    labeled = method.needs_labels(method.params(spec.params))
+    data = {t: (suite.val[t], suite.data[t].val.y) if labeled else suite.val[t] for t in suite.data}
+    encoder = suite.encoder
+    start = time.perf_counter()
+    out = method.run(
+        encoder.module,
+        {t: run.deltas for t, run in suite.runs.items()},
+        data,
+        params=spec.params,
+        heads={t: run.head for t, run in suite.runs.items()},
+        forward=lambda module, batch: encoder.features(batch, module=module),
+        seed=seed,
+    )
+    if method.continual:
+        *_, out = out  # the model after the last task of the sequence
+    return out.weights, time.perf_counter() - start
 
 
 def _add(
@@ -257,10 +288,11 @@ def _add(
 
 
 def _specs(cfg: BenchConfig) -> list[MergeSpec]:
-    specs = merge_specs(cfg.methods, cfg.lambda_grid)
+    specs = merge_specs(cfg.methods, cfg.lambda_grid, cfg.learned_steps)
     if cfg.unit_scale:
         for spec in list(specs):
-            scale = None if spec.tune or spec.params else scale_param(methods.get(spec.method))
+            plain = not (spec.tune or spec.params or spec.transform or spec.learned)
+            scale = scale_param(methods.get(spec.method)) if plain else None
             if scale and scale[1] != 1.0:
                 specs.insert(specs.index(spec) + 1, MergeSpec(spec.method, {scale[0]: 1.0}))
     return specs
