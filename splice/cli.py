@@ -183,8 +183,8 @@ def train(
         )  # fmt: skip
     except pydantic.ValidationError as e:
         err = e.errors()[0]
-        option = "--" + str(err["loc"][0]).replace("_", "-")
-        raise UsageError(f"{option}: {err['msg']}") from None
+        option = f"--{str(err['loc'][0]).replace('_', '-')}: " if err["loc"] else ""
+        raise UsageError(option + err["msg"].removeprefix("Value error, ")) from None
     try:
         metrics = run(cfg)
     except KeyboardInterrupt:

@@ -190,6 +190,13 @@ def test_full_finetuning_writes_a_loadable_model(bert_dir, csv_file, tmp_path):
     assert model.config.id2label == {0: "neg", 1: "pos"}
 
 
+def test_full_finetuning_refuses_adapter_options(bert_dir, csv_file, tmp_path):
+    with pytest.raises(ValueError, match="full fine-tuning takes no adapter options"):
+        TrainConfig(
+            model=bert_dir, data=str(csv_file), out=tmp_path, method="full", adapter={"r": 2}
+        )
+
+
 def test_classification_without_labels_is_an_error(bert_dir, tmp_path):
     data = tmp_path / "x.csv"
     data.write_text("text\n" + "the movie\n" * 10)

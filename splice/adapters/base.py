@@ -68,8 +68,6 @@ class MethodConfig(pydantic.BaseModel):
 class Adapter(nn.Module):
     """One site's trainable change ΔW = scale·B@A. Subclasses implement :meth:`factors`."""
 
-    mergeable: ClassVar[bool] = True
-
     def __init__(self, site: Site, scale: float, dropout: float = 0.0) -> None:
         super().__init__()
         self.site = site

@@ -33,8 +33,6 @@ class MoLAConfig(MethodConfig):
 
 
 class MoLAAdapter(Adapter):
-    mergeable = False
-
     def __init__(self, site: Site, cfg: MoLAConfig, n_experts: int) -> None:
         super().__init__(site, scaling(cfg.alpha, cfg.r), cfg.dropout)
         self.r, self.top_k, self.n_experts = cfg.r, cfg.top_k, n_experts

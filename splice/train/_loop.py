@@ -76,6 +76,12 @@ class TrainConfig(pydantic.BaseModel):
     format: Literal["splice", "peft"] = pydantic.Field("splice", description="adapter format")
     progress: bool = True
 
+    @pydantic.model_validator(mode="after")
+    def _full_takes_no_adapter_options(self) -> TrainConfig:
+        if self.method == "full" and (self.adapter or self.targets or self.layers):
+            raise ValueError("full fine-tuning takes no adapter options, targets or layers")
+        return self
+
     def fingerprint(self) -> dict[str, Any]:
         """The settings a checkpoint must share to be resumed."""
         return self.model_dump(mode="json", exclude={"resume", "progress", "device"})
@@ -279,6 +285,11 @@ def train(
         return ids, ys
 
     train_ids, train_ys = encode(train_rows)
+    if world > 1 and len(train_ids) < cfg.batch_size * world:
+        raise SpliceError(
+            f"{len(train_ids)} training examples fill no global batch of {world}×{cfg.batch_size}",
+            fix="lower --batch-size",
+        )
     batches = _Batches(train_ids, train_ys, cfg, tokenizer.pad_token_id, rank, world)
     total = cfg.steps or max(1, math.ceil(cfg.epochs * batches.per_epoch / cfg.grad_accum))
 
