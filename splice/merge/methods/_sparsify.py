@@ -1,9 +1,11 @@
 """Shared primitives of the task-arithmetic family: trim, sign election, disjoint merge, DARE.
 
 TIES = trim × elect × disjoint merge (merging.md §2.3); DARE = drop-and-rescale before any
-combination (§3.3). Each primitive is elementwise over chunks of the flattened tensors, so
-scratch memory stays a few chunks whatever the tensor size. Inputs are lists of same-shaped
-tensors (a stacked ``(T, ...)`` tensor works too: it iterates as its rows).
+combination (§3.3). ``trim``, ``elect_sign`` and ``disjoint_merge`` are pure elementwise
+functions: methods call them on cache-sized chunks of the flattened tensors
+(:func:`chunk_slices`), so a whole merge step runs while the chunk is in cache and scratch
+memory stays a few chunks whatever the tensor size. Lists of same-shaped tensors may also be
+a stacked ``(T, ...)`` tensor (it iterates as its rows).
 """
 
 from __future__ import annotations
@@ -14,29 +16,32 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from splice.merge.stats import CHUNK, kth_largest
+from splice.merge.stats import kth_largest
 
 __all__ = [
+    "CHUNK",
     "Aggregate",
     "Rescale",
-    "dare_drop",
+    "chunk_slices",
+    "dare_drop_",
     "disjoint_merge",
     "elect_sign",
     "keep_count",
     "magnitude_threshold",
+    "trim",
     "trim_",
 ]
 
 Aggregate = Literal["mean", "sum", "max"]
 Rescale = Literal["paper", "l1", "off"]
 
+CHUNK = 1 << 16
+"""Elements per chunk of fused elementwise loops: small enough to stay in cache."""
 
-def _slices(n: int) -> list[slice]:
-    return [slice(s, min(s + CHUNK, n)) for s in range(0, n, CHUNK)]
 
-
-def _flat(ts: Sequence[Tensor]) -> list[Tensor]:
-    return [t.reshape(-1) for t in ts]
+def chunk_slices(n: int, size: int = CHUNK) -> list[slice]:
+    """Consecutive slices covering ``range(n)``."""
+    return [slice(s, min(s + size, n)) for s in range(0, n, size)]
 
 
 def keep_count(density: float, n: int) -> int:
@@ -66,14 +71,20 @@ def magnitude_threshold(delta: Tensor, density: float) -> float:
     return float(kth_largest(delta, k, magnitude=True))
 
 
-def trim_(delta: Tensor, threshold: float) -> Tensor:
-    """Zero, in place, the entries with ``|δ| < threshold`` (TIES trim, §2.3 step 1)."""
+def trim(delta: Tensor, threshold: float) -> Tensor:
+    """TIES trim (§2.3 step 1): zero the entries with ``|δ| < threshold``."""
     if threshold <= 0:
         return delta
-    flat = delta.reshape(-1)
-    for s in _slices(flat.numel()):
-        c = flat[s]
-        c.masked_fill_(c.abs() < threshold, 0)
+    return torch.where(delta.abs() >= threshold, delta, 0)
+
+
+def trim_(delta: Tensor, threshold: float) -> Tensor:
+    """In-place :func:`trim` of a whole tensor, chunk by chunk."""
+    if threshold > 0:
+        flat = delta.reshape(-1)
+        for s in chunk_slices(flat.numel()):
+            c = flat[s]
+            c.masked_fill_(c.abs() < threshold, 0)
     return delta
 
 
@@ -81,18 +92,15 @@ def elect_sign(weighted: Sequence[Tensor], zero_sign: float = 1.0) -> Tensor:
     """TIES sign election (§2.3 step 2): ``sign(Σ_t δ_t)``, ``zero_sign`` where the sum is 0.
 
     ``zero_sign`` = 1 is mergekit's rule (sum ≥ 0 → +); the paper code uses the model-wide
-    majority sign there. Returns an int8 tensor of ±1 (0 only if ``zero_sign`` is 0).
+    majority sign there (0 leaves such entries at 0).
     """
-    flat = _flat(weighted)
-    out = torch.empty(flat[0].numel(), dtype=torch.int8, device=flat[0].device)
-    for s in _slices(out.numel()):
-        total = flat[0][s].clone()
-        for d in flat[1:]:
-            total += d[s]
-        sign = total.sign()
+    total = weighted[0].clone()
+    for d in weighted[1:]:
+        total += d
+    sign = total.sign()
+    if zero_sign != 0:
         sign[total == 0] = zero_sign
-        out[s] = sign.to(torch.int8)
-    return out.reshape(weighted[0].shape)
+    return sign
 
 
 def disjoint_merge(
@@ -100,67 +108,54 @@ def disjoint_merge(
     sign: Tensor,
     weights: Sequence[float],
     aggregate: Aggregate = "mean",
-    out: Tensor | None = None,
 ) -> Tensor:
     """TIES disjoint merge (§2.3 step 3) of weighted deltas ``w_t·δ_t`` that agree with ``sign``.
 
     ``mean``: ``Σ_t w_t δ_t [agree] / Σ_t w_t [agree]`` (the paper's dis-mean when all
     ``w_t = 1``; a divisor of 0 counts as 1); ``sum``: the numerator alone; ``max``: the
-    largest agreeing ``|w_t δ_t|`` with the elected sign. Zeros never agree. ``out`` may be
-    one of the ``weighted`` tensors: each chunk is written after it is read.
+    largest agreeing ``|w_t δ_t|`` with the elected sign. Zeros never agree.
     """
-    flat = _flat(weighted)
-    n = flat[0].numel()
-    result = (out if out is not None else torch.empty_like(weighted[0])).reshape(-1)
-    flat_sign = sign.reshape(-1)
-    for s in _slices(n):
-        sg = flat_sign[s].to(flat[0].dtype)
-        acc = torch.zeros_like(flat[0][s])
-        den = torch.zeros_like(acc) if aggregate == "mean" else None
-        for d, w in zip(flat, weights, strict=True):
-            c = d[s]
-            agree = c.sign() == sg
-            if aggregate == "max":
-                torch.maximum(acc, torch.where(agree, c.abs(), 0), out=acc)
-            else:
-                acc += torch.where(agree, c, 0)
-                if den is not None:
-                    den += agree * w
+    acc = torch.zeros_like(weighted[0])
+    den = torch.zeros_like(acc) if aggregate == "mean" else None
+    for d, w in zip(weighted, weights, strict=True):
+        agree = d.sign() == sign
         if aggregate == "max":
-            acc *= sg
-        elif den is not None:
-            den[den == 0] = 1
-            acc /= den
-        result[s] = acc
-    return result.reshape(weighted[0].shape)
+            torch.maximum(acc, torch.where(agree, d.abs(), 0), out=acc)
+            continue
+        acc += torch.where(agree, d, 0)
+        if den is not None:
+            den += agree * w
+    if aggregate == "max":
+        return acc.mul_(sign)
+    if den is not None:
+        den[den == 0] = 1
+        acc /= den
+    return acc
 
 
-def dare_drop(
+def dare_drop_(
     delta: Tensor, p: float, generator: torch.Generator, rescale: Rescale = "paper"
 ) -> Tensor:
     """DARE (§3.3), in place: drop each entry with probability ``p``, then rescale.
 
     ``paper``: survivors × 1/(1−p) (unbiased); ``l1``: survivors scaled so ``‖δ‖₁`` is kept
     (mergekit's dare_*, no change when either norm is below 1e-7); ``off``: no rescale
-    (DropOnly). The mask is drawn on CPU from ``generator`` chunk by chunk, so it does not
-    depend on the device. ``p >= 1`` drops everything, without rescale.
+    (DropOnly). The mask is drawn on CPU from ``generator``, chunk by chunk in order, so it
+    does not depend on the device. ``p >= 1`` drops everything, without rescale.
     """
     if p <= 0:
         return delta
     flat = delta.reshape(-1)
     before = after = 0.0
-    for s in _slices(flat.numel()):
+    scale = 1.0 / (1.0 - p) if rescale == "paper" and p < 1 else 1.0
+    for s in chunk_slices(flat.numel(), 1 << 20):
         c = flat[s]
         if rescale == "l1":
-            before += float(c.abs().sum())
-        drop = torch.rand(c.numel(), generator=generator) < p
-        c.masked_fill_(drop.to(c.device), 0)
+            before += float(c.abs().sum(dtype=torch.float64))
+        keep = torch.rand(c.numel(), generator=generator) >= p
+        c.mul_(keep.to(c.device)).mul_(scale)
         if rescale == "l1":
-            after += float(c.abs().sum())
-    if p >= 1 or rescale == "off":
-        return delta
-    if rescale == "paper":
-        return delta.mul_(1.0 / (1.0 - p))
-    if before < 1e-7 or after < 1e-7:
-        return delta
-    return delta.mul_(before / after)
+            after += float(c.abs().sum(dtype=torch.float64))
+    if rescale == "l1" and p < 1 and before >= 1e-7 and after >= 1e-7:
+        delta.mul_(before / after)
+    return delta

@@ -10,17 +10,24 @@ scaled to keep ‖τ_t‖₁), ``off`` is the paper's DropOnly ablation.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import ClassVar, Literal
 
 from pydantic import Field, model_validator
 from torch import Tensor
 
 from splice.merge.base import GlobalStat, HyperParams, MergeContext, MergeMethod, methods
-from splice.merge.methods._sparsify import Aggregate, Rescale, dare_drop, disjoint_merge, elect_sign
-from splice.merge.methods.task_arithmetic import weighted_deltas_
+from splice.merge.methods._sparsify import (
+    Aggregate,
+    Rescale,
+    chunk_slices,
+    dare_drop_,
+    disjoint_merge,
+    elect_sign,
+)
 from splice.merge.methods.ties import MAJORITY, MajoritySign
 
-__all__ = ["Dare"]
+__all__ = ["Dare", "dropped_chunks"]
 
 
 class Params(HyperParams):
@@ -56,15 +63,23 @@ class ModelParams(HyperParams):
     weight: float = Field(1.0, description="w_t: this task vector's weight")
 
 
-def _dropped(base: Tensor, tensors: list[Tensor], ctx: MergeContext) -> list[Tensor]:
-    """w_t·DARE(τ_t), in place in ``tensors``; one generator per tensor name, models in order."""
+def dropped_chunks(
+    base: Tensor, tensors: list[Tensor], ctx: MergeContext, inplace: bool = True
+) -> Iterator[tuple[slice, list[Tensor]]]:
+    """``(slice, [w_t·DARE(τ_t)])`` chunk by chunk; ``inplace`` turns ``tensors`` into τ̃_t.
+
+    One generator per tensor name draws the masks model after model, so the stat pass and
+    the merge pass see the same drops.
+    """
     params, model_params = ctx.params, ctx.model_params
     assert isinstance(params, Params) and model_params is not None
     gen = ctx.generator()
-    deltas = weighted_deltas_(base, tensors, [1.0] * len(tensors))
-    for d, mp in zip(deltas, model_params, strict=True):
-        dare_drop(d, mp.p, gen, params.rescale).mul_(mp.weight)
-    return deltas
+    deltas = []
+    for t, mp in zip(tensors, model_params, strict=True):
+        d = t.sub_(base) if inplace else t - base
+        deltas.append(dare_drop_(d, mp.p, gen, params.rescale).mul_(mp.weight).reshape(-1))
+    for s in chunk_slices(deltas[0].numel()):
+        yield s, [d[s] for d in deltas]
 
 
 @methods.register("dare")
@@ -79,7 +94,7 @@ class Dare(MergeMethod):
 
     def global_stats(self, params: Params, model_params: list[ModelParams]) -> list[GlobalStat]:
         if params.consensus == "ties" and params.zero_sign == "majority":
-            return [MajoritySign(_dropped)]
+            return [MajoritySign(dropped_chunks)]
         return []
 
     def merge(
@@ -91,17 +106,20 @@ class Dare(MergeMethod):
         ctx: MergeContext,
     ) -> Tensor:
         assert base is not None
-        deltas = _dropped(base, tensors, ctx)
         weights = [mp.weight for mp in model_params]
-        if params.consensus == "ties":
-            zero = ctx.stats[MAJORITY] if params.zero_sign == "majority" else 1.0
-            sign = elect_sign(deltas, zero)
-            out = disjoint_merge(deltas, sign, weights, params.combine, out=deltas[0])
-        else:
-            out = deltas[0]
-            for d in deltas[1:]:
-                out.add_(d)
-            total = sum(weights)
-            if params.combine == "mean" and abs(total) >= 1e-8:
-                out.div_(total)
-        return out.mul_(params.lambda_).add_(base)
+        total = sum(weights)
+        divide = params.consensus is None and params.combine == "mean" and abs(total) >= 1e-8
+        ties = params.consensus == "ties"
+        zero = ctx.stats[MAJORITY] if ties and params.zero_sign == "majority" else 1.0
+        out, b = tensors[0].reshape(-1), base.reshape(-1)
+        for s, wd in dropped_chunks(base, tensors, ctx):
+            if ties:
+                mixed = disjoint_merge(wd, elect_sign(wd, zero), weights, params.combine)
+            else:
+                mixed = wd[0].clone()
+                for d in wd[1:]:
+                    mixed += d
+                if divide:
+                    mixed /= total
+            out[s] = mixed.mul_(params.lambda_).add_(b[s])
+        return tensors[0]

@@ -13,6 +13,7 @@ from torch import Tensor
 
 from splice.errors import SpliceError
 from splice.merge.base import HyperParams, MergeContext, MergeMethod, methods
+from splice.merge.methods._sparsify import chunk_slices
 
 __all__ = ["Linear"]
 
@@ -45,14 +46,13 @@ class Linear(MergeMethod):
         ctx: MergeContext,
     ) -> Tensor:
         weights = [mp.weight for mp in model_params]
-        out = tensors[0].mul_(weights[0])
-        for t, w in zip(tensors[1:], weights[1:], strict=True):
-            out.add_(t, alpha=w)
-        if params.normalize:
-            total = sum(weights)
-            if total == 0:
-                raise SpliceError(
-                    "linear weights sum to 0", where=ctx.name, fix="use normalize: false"
-                )
-            out.div_(total)
-        return out
+        total = sum(weights) if params.normalize else 1.0
+        if total == 0:
+            raise SpliceError("linear weights sum to 0", where=ctx.name, fix="use normalize: false")
+        flat = [t.reshape(-1) for t in tensors]
+        for s in chunk_slices(flat[0].numel()):
+            acc = flat[0][s] * weights[0]
+            for t, w in zip(flat[1:], weights[1:], strict=True):
+                acc.add_(t[s], alpha=w)
+            flat[0][s] = acc.div_(total) if params.normalize else acc
+        return tensors[0]

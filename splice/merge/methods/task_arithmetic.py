@@ -12,8 +12,9 @@ from pydantic import Field
 from torch import Tensor
 
 from splice.merge.base import HyperParams, MergeContext, MergeMethod, methods
+from splice.merge.methods._sparsify import chunk_slices
 
-__all__ = ["TaskArithmetic", "weighted_deltas_"]
+__all__ = ["TaskArithmetic"]
 
 
 class Params(HyperParams):
@@ -23,11 +24,6 @@ class Params(HyperParams):
 
 class ModelParams(HyperParams):
     weight: float = Field(1.0, description="w_t: this task vector's weight")
-
-
-def weighted_deltas_(base: Tensor, tensors: list[Tensor], weights: list[float]) -> list[Tensor]:
-    """``w_t·(θ_t − θ₀)`` in place in each ``tensors[t]``."""
-    return [t.sub_(base).mul_(w) for t, w in zip(tensors, weights, strict=True)]
 
 
 @methods.register("task_arithmetic")
@@ -50,11 +46,16 @@ class TaskArithmetic(MergeMethod):
     ) -> Tensor:
         assert base is not None
         weights = [mp.weight for mp in model_params]
-        deltas = weighted_deltas_(base, tensors, weights)
-        out = deltas[0]
-        for d in deltas[1:]:
-            out.add_(d)
         total = sum(weights)
-        if params.normalize and abs(total) >= 1e-8:
-            out.div_(total)
-        return out.mul_(params.lambda_).add_(base)
+        scale = params.lambda_ / total if params.normalize and abs(total) >= 1e-8 else None
+        flat, b = [t.reshape(-1) for t in tensors], base.reshape(-1)
+        for s in chunk_slices(b.numel()):
+            acc = (flat[0][s] - b[s]).mul_(weights[0])
+            for t, w in zip(flat[1:], weights[1:], strict=True):
+                acc.add_(t[s] - b[s], alpha=w)
+            if scale is None:
+                acc.mul_(params.lambda_)
+            else:
+                acc.mul_(scale)
+            flat[0][s] = acc.add_(b[s])
+        return tensors[0]

@@ -14,7 +14,7 @@ sign (official code); ``positive`` gives them + (mergekit). Trim keeps exactly
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import ClassVar, Literal, NamedTuple
 
 import torch
@@ -25,15 +25,16 @@ from splice.errors import SpliceError
 from splice.merge.base import GlobalStat, HyperParams, MergeContext, MergeMethod, methods
 from splice.merge.methods._sparsify import (
     Aggregate,
+    chunk_slices,
     disjoint_merge,
     elect_sign,
     keep_count,
     magnitude_threshold,
-    trim_,
+    trim,
 )
 from splice.merge.stats import RadixSelect
 
-__all__ = ["MagnitudeThresholds", "MajoritySign", "Ties"]
+__all__ = ["MagnitudeThresholds", "MajoritySign", "Ties", "trimmed_chunks"]
 
 THRESHOLDS = "ties.thresholds"
 MAJORITY = "ties.majority_sign"
@@ -103,21 +104,21 @@ class MagnitudeThresholds:
 class MajoritySign:
     """sign(Σ_j γ_j) over the whole model, γ the elected signs (the code's zero-sign rule).
 
-    ``prepare(base, tensors, ctx)`` returns the weighted, sparsified deltas of one tensor
-    name (it gets copies of the inputs). A zero total counts as + [lib].
+    ``weighted(base, tensors, ctx, inplace=False)`` yields ``(slice, [w_t·δ_t chunk])`` for
+    one tensor name without modifying its inputs. A zero total counts as + [lib].
     """
 
     key = MAJORITY
 
-    def __init__(self, prepare: Callable[..., list[Tensor]]) -> None:
-        self.prepare = prepare
+    def __init__(self, weighted: Callable[..., Iterator[tuple[slice, list[Tensor]]]]) -> None:
+        self.weighted = weighted
         self.total = 0
 
     def observe(
         self, name: str, base: Tensor | None, tensors: list[Tensor], ctx: MergeContext
     ) -> None:
-        deltas = self.prepare(base, [t.clone() for t in tensors], ctx)
-        self.total += int(elect_sign(deltas, zero_sign=0).sum(dtype=torch.int64))
+        for _, wd in self.weighted(base, tensors, ctx, inplace=False):
+            self.total += int(elect_sign(wd, zero_sign=0).sum(dtype=torch.float64))
 
     def end_pass(self) -> bool:
         return True
@@ -126,8 +127,52 @@ class MajoritySign:
         return 1.0 if self.total >= 0 else -1.0
 
 
-def zero_sign_of(params: Params, ctx: MergeContext) -> float:
-    return ctx.stats[MAJORITY] if params.zero_sign == "majority" else 1.0
+def _zero_sign(params: HyperParams, ctx: MergeContext) -> float:
+    return ctx.stats[MAJORITY] if getattr(params, "zero_sign", None) == "majority" else 1.0
+
+
+def _thresholds(deltas: list[Tensor], params: Params, ctx: MergeContext) -> list[float]:
+    model_params = ctx.model_params
+    assert model_params is not None
+    if params.scope == "tensor":
+        return [
+            magnitude_threshold(d, mp.density) for d, mp in zip(deltas, model_params, strict=True)
+        ]
+    thresholds, densities = ctx.stats[THRESHOLDS]
+    for mp, d in zip(model_params, densities, strict=True):
+        if mp.density != d:
+            raise SpliceError(
+                f"density {mp.density} here differs from the model-wide {d}",
+                where=ctx.name,
+                fix="with scope: global, density is one value per model; "
+                "use scope: tensor for per-layer densities",
+            )
+    return thresholds
+
+
+def trimmed_chunks(
+    base: Tensor, tensors: list[Tensor], ctx: MergeContext, inplace: bool = True
+) -> Iterator[tuple[slice, list[Tensor]]]:
+    """``(slice, [w_t·trim(τ_t)])`` chunk by chunk; ``inplace`` turns ``tensors`` into τ_t."""
+    params, model_params = ctx.params, ctx.model_params
+    assert isinstance(params, Params) and model_params is not None
+    if inplace:
+        deltas = [t.sub_(base).reshape(-1) for t in tensors]
+    elif params.scope == "tensor":
+        deltas = [(t - base).reshape(-1) for t in tensors]
+    else:
+        deltas = [t.reshape(-1) for t in tensors]
+    thresholds = _thresholds(deltas, params, ctx)
+    raw = not inplace and params.scope == "global"
+    b = base.reshape(-1)
+    for s in chunk_slices(b.numel()):
+        yield (
+            s,
+            [
+                trim(d[s] - b[s] if raw else d[s], thr).mul_(mp.weight)
+                for d, thr, mp in zip(deltas, thresholds, model_params, strict=True)
+            ],
+        )
 
 
 @methods.register("ties")
@@ -145,32 +190,8 @@ class Ties(MergeMethod):
         if params.scope == "global":
             stats.append(MagnitudeThresholds([mp.density for mp in model_params]))
         if params.zero_sign == "majority":
-            stats.append(MajoritySign(self._trimmed))
+            stats.append(MajoritySign(trimmed_chunks))
         return stats
-
-    def _trimmed(self, base: Tensor, tensors: list[Tensor], ctx: MergeContext) -> list[Tensor]:
-        """w_t·trim(τ_t), in place in ``tensors``."""
-        params, model_params = ctx.params, ctx.model_params
-        assert isinstance(params, Params) and model_params is not None
-        deltas = [t.sub_(base) for t in tensors]
-        if params.scope == "global":
-            thresholds, densities = ctx.stats[THRESHOLDS]
-            for mp, d in zip(model_params, densities, strict=True):
-                if mp.density != d:
-                    raise SpliceError(
-                        f"density {mp.density} here differs from the model-wide {d}",
-                        where=ctx.name,
-                        fix="with scope: global, density is one value per model; "
-                        "use scope: tensor for per-layer densities",
-                    )
-        else:
-            thresholds = [
-                magnitude_threshold(d, mp.density)
-                for d, mp in zip(deltas, model_params, strict=True)
-            ]
-        for d, thr, mp in zip(deltas, thresholds, model_params, strict=True):
-            trim_(d, thr).mul_(mp.weight)
-        return deltas
 
     def merge(
         self,
@@ -181,8 +202,9 @@ class Ties(MergeMethod):
         ctx: MergeContext,
     ) -> Tensor:
         assert base is not None
-        deltas = self._trimmed(base, tensors, ctx)
-        sign = elect_sign(deltas, zero_sign_of(params, ctx))
-        weights = [mp.weight for mp in model_params]
-        out = disjoint_merge(deltas, sign, weights, params.aggregate, out=deltas[0])
-        return out.mul_(params.lambda_).add_(base)
+        zero, weights = _zero_sign(params, ctx), [mp.weight for mp in model_params]
+        out, b = tensors[0].reshape(-1), base.reshape(-1)
+        for s, wd in trimmed_chunks(base, tensors, ctx):
+            mixed = disjoint_merge(wd, elect_sign(wd, zero), weights, params.aggregate)
+            out[s] = mixed.mul_(params.lambda_).add_(b[s])
+        return tensors[0]

@@ -1,0 +1,233 @@
+"""Wall time, peak RSS and output agreement of splice vs mergekit on a 168M-param Llama merge.
+
+Run by hand (heavy: ~3 GB of fixtures, a few minutes)::
+
+    .venv/bin/python benchmarks/merge_vs_mergekit.py [--methods linear,ties] [--keep]
+
+Installs mergekit into ``.bench-venv`` (``torch==2.13.0`` first, then ``mergekit``) if it is
+missing; builds a random base and three fine-tunes (hidden 1024, 8 layers, vocab 32000,
+intermediate 2816, fp32, 3 shards each; fine-tune = base + N(0, 0.01²)) under
+``bench-out/merge_vs_mergekit``; runs the same mergekit YAML through ``mergekit-yaml`` and
+``splice merge`` in fresh child processes (page cache warmed first) and prints per method the
+wall time and peak RSS (``wait4`` rusage of the child), their ratios, and max |Δ| between the
+two outputs. DARE draws different random masks in each tool, so for dare_ties it compares
+statistics instead: the fraction of entries changed from the base and the mean |θ − θ₀|.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+VENV = ROOT / ".bench-venv"
+WORK = ROOT / "bench-out" / "merge_vs_mergekit"
+SPLICE = ROOT / ".venv" / "bin" / "splice"
+CONFIG = {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "hidden_size": 1024,
+    "intermediate_size": 2816,
+    "num_hidden_layers": 8,
+    "num_attention_heads": 16,
+    "num_key_value_heads": 16,
+    "vocab_size": 32000,
+    "max_position_embeddings": 2048,
+    "rms_norm_eps": 1e-6,
+    "tie_word_embeddings": False,
+    "torch_dtype": "float32",
+    "hidden_act": "silu",
+}
+RECIPES = {
+    "linear": """merge_method: linear
+models:
+  - {{model: {ft0}, parameters: {{weight: 0.5}}}}
+  - {{model: {ft1}, parameters: {{weight: 0.3}}}}
+  - {{model: {ft2}, parameters: {{weight: 0.2}}}}
+dtype: float32
+""",
+    "task_arithmetic": """merge_method: task_arithmetic
+base_model: {base}
+models:
+  - {{model: {ft0}, parameters: {{weight: 1.0}}}}
+  - {{model: {ft1}, parameters: {{weight: 0.5}}}}
+  - {{model: {ft2}, parameters: {{weight: 0.5}}}}
+parameters: {{lambda: 0.5}}
+dtype: float32
+""",
+    "ties": """merge_method: ties
+base_model: {base}
+models:
+  - {{model: {ft0}, parameters: {{density: 0.5, weight: 0.5}}}}
+  - {{model: {ft1}, parameters: {{density: 0.5, weight: 0.3}}}}
+  - {{model: {ft2}, parameters: {{density: 0.5, weight: 0.2}}}}
+parameters: {{normalize: true}}
+dtype: float32
+""",
+    "dare_ties": """merge_method: dare_ties
+base_model: {base}
+models:
+  - {{model: {ft0}, parameters: {{density: 0.5, weight: 0.5}}}}
+  - {{model: {ft1}, parameters: {{density: 0.5, weight: 0.3}}}}
+  - {{model: {ft2}, parameters: {{density: 0.5, weight: 0.2}}}}
+dtype: float32
+""",
+}
+
+
+def ensure_mergekit() -> Path:
+    exe = VENV / "bin" / "mergekit-yaml"
+    if exe.exists():
+        return exe
+    print(f"installing mergekit into {VENV} ...", flush=True)
+    subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
+    pip = [str(VENV / "bin" / "python"), "-m", "pip", "install", "-q"]
+    subprocess.run([*pip, "torch==2.13.0"], check=True)
+    subprocess.run([*pip, "mergekit"], check=True)
+    return exe
+
+
+def build_fixtures() -> dict[str, Path]:
+    from splice.io import CheckpointWriter
+
+    paths = {name: WORK / name for name in ("base", "ft0", "ft1", "ft2")}
+    if all((p / "config.json").is_file() for p in paths.values()):
+        return paths
+    print("building 4 × 168M-param fp32 checkpoints ...", flush=True)
+    h, inter, layers, vocab = 1024, 2816, 8, 32000
+    shapes = {"model.embed_tokens.weight": (vocab, h)}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        for m in ("q", "k", "v", "o"):
+            shapes[f"{p}self_attn.{m}_proj.weight"] = (h, h)
+        shapes[f"{p}mlp.gate_proj.weight"] = (inter, h)
+        shapes[f"{p}mlp.up_proj.weight"] = (inter, h)
+        shapes[f"{p}mlp.down_proj.weight"] = (h, inter)
+        shapes[f"{p}input_layernorm.weight"] = (h,)
+        shapes[f"{p}post_attention_layernorm.weight"] = (h,)
+    shapes["model.norm.weight"] = (h,)
+    shapes["lm_head.weight"] = (vocab, h)
+    aux = WORK / "aux"
+    aux.mkdir(parents=True, exist_ok=True)
+    (aux / "config.json").write_text(json.dumps(CONFIG, indent=2))
+    for idx, (name, path) in enumerate(paths.items()):
+        g = torch.Generator().manual_seed(idx)
+        # 250 MB shards: embeddings + 2 layers | 4 layers | 2 layers + head = 3 shards
+        with CheckpointWriter(
+            path, max_shard_size=250_000_000, force=True, copy_files_from=aux
+        ) as w:
+            for tname, shape in shapes.items():
+                gb = torch.Generator().manual_seed(zlib.crc32(tname.encode()))
+                base = (
+                    torch.ones(shape)
+                    if tname.endswith("norm.weight")
+                    else torch.randn(shape, generator=gb) * 0.02
+                )
+                if name != "base":
+                    base += torch.randn(shape, generator=g) * 0.01
+                w.write(tname, base)
+    print(f"  {sum(math.prod(s) for s in shapes.values()) / 1e6:.1f}M params each", flush=True)
+    return paths
+
+
+def warm(paths: dict[str, Path]) -> None:
+    for p in paths.values():
+        for f in p.glob("*.safetensors"):
+            with open(f, "rb") as fh:
+                while fh.read(64 << 20):
+                    pass
+
+
+def run_child(cmd: list[str]) -> tuple[float, float]:
+    """Wall seconds and peak RSS (GB) of one child process."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - start
+    out = proc.stdout.read().decode(errors="replace") if proc.stdout else ""
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"failed: {' '.join(cmd)}\n{out[-3000:]}")
+    return wall, usage.ru_maxrss / 1024**2
+
+
+def compare(a: Path, b: Path, base: Path | None, stochastic: bool) -> str:
+    from splice.io import open_checkpoint
+
+    ca, cb = open_checkpoint(a), open_checkpoint(b)
+    cbase = open_checkpoint(base) if base else None
+    if set(ca) != set(cb):
+        return f"tensor sets differ: {sorted(set(ca) ^ set(cb))[:3]}"
+    if not stochastic:
+        diff = max(float((ca[n].double() - cb[n].double()).abs().max()) for n in ca)
+        return f"{diff:.1e}"
+    assert cbase is not None
+    changed, mag = [0.0, 0.0], [0.0, 0.0]
+    count = 0
+    for n in ca:
+        b0 = cbase[n]
+        for i, c in enumerate((ca, cb)):
+            d = c[n] - b0
+            changed[i] += float((d != 0).sum())
+            mag[i] += float(d.abs().sum())
+        count += b0.numel()
+    return (
+        f"changed {changed[0] / count:.3f} vs {changed[1] / count:.3f}; "
+        f"mean|Δθ| {mag[0] / count:.2e} vs {mag[1] / count:.2e}"
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--methods", default=",".join(RECIPES))
+    ap.add_argument("--keep", action="store_true", help="keep the merged outputs")
+    args = ap.parse_args()
+    mergekit = ensure_mergekit()
+    paths = build_fixtures()
+    rows = []
+    for method in args.methods.split(","):
+        recipe = WORK / f"{method}.yml"
+        recipe.write_text(RECIPES[method].format(**{k: str(v) for k, v in paths.items()}))
+        outs = {tool: WORK / f"out-{method}-{tool}" for tool in ("mergekit", "splice")}
+        for out in outs.values():
+            shutil.rmtree(out, ignore_errors=True)
+        warm(paths)
+        mk_cmd = [str(mergekit), str(recipe), str(outs["mergekit"]), "--random-seed", "0"]
+        mk = run_child([*mk_cmd, "--no-copy-tokenizer", "--no-write-model-card", "--quiet"])
+        warm(paths)
+        sp = run_child([str(SPLICE), "merge", str(recipe), str(outs["splice"]), "--seed", "0"])
+        delta = compare(
+            outs["mergekit"], outs["splice"], paths["base"], stochastic=method.startswith("dare")
+        )
+        rows.append((method, mk, sp, delta))
+        print(
+            f"{method:16s} mergekit {mk[0]:6.1f} s {mk[1]:5.2f} GB | "
+            f"splice {sp[0]:6.1f} s {sp[1]:5.2f} GB | {delta}",
+            flush=True,
+        )
+        if not args.keep:
+            for out in outs.values():
+                shutil.rmtree(out, ignore_errors=True)
+    print()
+    print("| method | mergekit time | splice time | time ratio | mergekit peak RSS "
+          "| splice peak RSS | RSS ratio | max abs diff |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|")
+    for method, (mt, mr), (st, sr), delta in rows:
+        print(
+            f"| {method} | {mt:.1f} s | {st:.1f} s | {st / mt:.2f}× | {mr:.2f} GB "
+            f"| {sr:.2f} GB | {sr / mr:.2f}× | {delta} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
