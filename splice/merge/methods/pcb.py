@@ -19,7 +19,7 @@ from torch import Tensor
 
 from splice.deltas import is_mergeable
 from splice.merge.base import GlobalStat, HyperParams, MergeContext, MergeMethod, methods
-from splice.merge.stats import RadixSelect
+from splice.merge.stats import CHUNK, RadixSelect
 
 __all__ = ["PCB", "PCBThresholds", "pcb_balance", "pcb_merge", "pcb_scores"]
 
@@ -68,6 +68,14 @@ def pcb_merge(clipped: Tensor, scores: Tensor, weights: Tensor) -> Tensor:
     return num / scores.sum(0).clamp(min=1e-12)
 
 
+def _column_chunks(rows: Tensor) -> list[slice]:
+    """Column slices of a (T, n) row stack, each T·width ≤ CHUNK/8 elements, so PCB's ~8
+    temporaries stay within one engine chunk; the stat passes and the merge use the same."""
+    width = max(1, CHUNK // (8 * rows.shape[0]))
+    n = rows.shape[1]
+    return [slice(s, min(s + width, n)) for s in range(0, n, width)]
+
+
 def _rows(base: Tensor, tensors: list[Tensor]) -> Tensor:
     b = base.float()
     return torch.stack([(t.float() - b).reshape(-1) for t in tensors])
@@ -106,13 +114,17 @@ class PCBThresholds:
         if not is_mergeable(base):
             return
         rows = _rows(base, tensors)
-        pairs = self.clip
-        if self.bounds is not None:
-            pairs = self.drop
-            _, rows = pcb_balance(rows, *(b.to(rows.device) for b in self.bounds), self.inter)
-        for pair, row in zip(pairs, rows, strict=True):
-            for sel in pair:
-                sel.observe(row)
+        if self.bounds is None:
+            for pair, row in zip(self.clip, rows, strict=True):
+                for sel in pair:
+                    sel.observe(row)
+            return
+        lo, hi = (b.to(rows.device) for b in self.bounds)
+        for cols in _column_chunks(rows):
+            _, beta = pcb_balance(rows[:, cols], lo, hi, self.inter)
+            for pair, row in zip(self.drop, beta, strict=True):
+                for sel in pair:
+                    sel.observe(row)
 
     def end_pass(self) -> bool:
         pairs = self.clip if self.bounds is None else self.drop
@@ -178,8 +190,9 @@ class PCB(MergeMethod):
         assert base is not None
         st = {k: t.to(base.device) for k, t in ctx.stats[PCBThresholds.key].items()}
         v = _rows(base, tensors)
-        clipped, beta = pcb_balance(v, st["lo"], st["hi"], params.inter)
-        scores = pcb_scores(beta, st["q"], st["top"])
         weights = torch.tensor([mp.weight for mp in model_params], device=v.device)
-        delta = pcb_merge(clipped, scores, weights).reshape(base.shape)
+        for cols in _column_chunks(v):  # scratch O(T·chunk); row 0 takes the result
+            clipped, beta = pcb_balance(v[:, cols], st["lo"], st["hi"], params.inter)
+            v[0, cols] = pcb_merge(clipped, pcb_scores(beta, st["q"], st["top"]), weights)
+        delta = v[0].reshape(base.shape)
         return (base.float() + params.lambda_ * delta).to(base.dtype)
