@@ -93,7 +93,10 @@ def test_automatic_alpha_is_one_over_t_for_task_arithmetic():
         torch.testing.assert_close(got[n], sum(t[n] for t in tuned) / 3)
 
 
-def test_automatic_alpha_is_the_l1_norm_ratio():
+@pytest.mark.parametrize("chunk", [None, 4])
+def test_automatic_alpha_is_the_l1_norm_ratio(monkeypatch, chunk):
+    if chunk is not None:  # tensors are streamed in chunks of this many elements
+        monkeypatch.setattr("splice.merge.methods.lines.CHUNK", chunk)
     base, layers = _model(8)
     tuned = [_model(9 + t)[0] for t in range(2)]
     merged = {n: base[n] + 0.4 * (tuned[0][n] - base[n]) for n in base}

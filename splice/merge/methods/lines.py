@@ -16,6 +16,7 @@ from pydantic import Field
 from torch import Tensor
 
 from splice.merge.base import HyperParams, MergeContext, MergedStat, MergeTransform, transforms
+from splice.merge.stats import CHUNK
 
 __all__ = ["LiNeS", "LinesAlpha", "lines_scale"]
 
@@ -45,10 +46,14 @@ class LinesAlpha:
         ctx: MergeContext,
     ) -> None:
         assert base is not None
-        b = base.double()
         self.num_models = len(tensors)
-        self.l1_sum += float(sum(t.double() - b for t in tensors).abs().sum())
-        self.l1_merged += float((merged.double() - b).abs().sum())
+        flat = [t.reshape(-1) for t in tensors]
+        b, m = base.reshape(-1), merged.reshape(-1)
+        for s in range(0, b.numel(), CHUNK):  # scratch: a few chunks, sums in fp64
+            c = slice(s, s + CHUNK)
+            tau_sum = sum(t[c] - b[c] for t in flat)
+            self.l1_sum += float(tau_sum.abs().sum(dtype=torch.float64))
+            self.l1_merged += float((m[c] - b[c]).abs().sum(dtype=torch.float64))
 
     def end_pass(self) -> bool:
         return True
