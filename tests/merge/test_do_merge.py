@@ -6,6 +6,7 @@ import pydantic
 import pytest
 import torch
 
+from splice.errors import SpliceError
 from splice.merge.base import MergeContext, NoParams, methods
 from splice.merge.methods.do_merge import (
     DOMerge,
@@ -141,3 +142,12 @@ def test_engine_on_disk_equals_direct_per_tensor_calls(tmp_path):
     assert list(got) == list(base)
     for n in base:
         assert torch.equal(got[n], ref[n]), n
+
+
+def test_full_rank_deltas_need_an_explicit_rank(monkeypatch):
+    monkeypatch.setattr("splice.merge.methods.do_merge.MAX_FACTOR_ROWS", 12)
+    deltas = torch.randn(2, 10, 8, generator=torch.Generator().manual_seed(8))  # rank 8 each
+    with pytest.raises(SpliceError, match="set `rank`"):
+        do_merge_matrix(deltas)
+    assert do_merge_matrix(deltas, rank=4, steps=5).shape == (10, 8)
+    assert do_merge_matrix(deltas, steps=0).shape == (10, 8)

@@ -22,10 +22,21 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
+from splice.errors import SpliceError
 from splice.merge.base import HyperParams, MergeContext, MergeMethod, NoParams, methods
 from splice.merge.methods._lowrank_utils import safe_unit_rows, stack_deltas
 
-__all__ = ["DOMerge", "balanced_factors", "do_merge_matrix", "orthogonalize", "overlap"]
+__all__ = [
+    "MAX_FACTOR_ROWS",
+    "DOMerge",
+    "balanced_factors",
+    "do_merge_matrix",
+    "orthogonalize",
+    "overlap",
+]
+
+MAX_FACTOR_ROWS = 1024
+"""Largest Σ_t rank_t the descent accepts: its Gram matrix is (Σ_t rank_t)² per step."""
 
 
 def balanced_factors(delta: Tensor, rank: int | None = None) -> tuple[Tensor, Tensor]:
@@ -87,8 +98,21 @@ def orthogonalize(factors: list[Tensor], *, steps: int = 200, gamma: float = 1.0
 def do_merge_matrix(
     deltas: Tensor, *, rank: int | None = None, steps: int = 200, gamma: float = 1.0
 ) -> Tensor:
-    """Merge stacked ``(T, m, n)`` task vectors of one matrix (spec §7.3 steps 1–4, no λ)."""
+    """Merge stacked ``(T, m, n)`` task vectors of one matrix (spec §7.3 steps 1–4, no λ).
+
+    Raises:
+        SpliceError: with ``steps > 0``, the factors have more than ``MAX_FACTOR_ROWS`` rows
+            in all (full-rank deltas of full fine-tunes: set ``rank``).
+    """
     factors = [balanced_factors(d, rank) for d in deltas]
+    total = sum(a.shape[0] for _, a in factors)
+    if steps and total > MAX_FACTOR_ROWS:
+        raise SpliceError(
+            f"do_merge: the {deltas.shape[1]}×{deltas.shape[2]} deltas have rank "
+            f"{total // len(factors)} on average, too high to orthogonalize",
+            fix="DO-Merging targets low-rank (LoRA) deltas: set `rank` (e.g. 16) to factor "
+            "full fine-tunes at that rank, or `steps: 0`",
+        )
     b_hat = orthogonalize([b.T for b, _ in factors], steps=steps, gamma=gamma)
     a_hat = orthogonalize([a for _, a in factors], steps=steps, gamma=gamma)
     directions = []
