@@ -59,7 +59,9 @@ class LearnedMethod:
     ``data``: ``unlabeled`` (inputs only), ``labeled`` (inputs and labels, e.g. aTLAS with
     ``objective="ce"``; see :meth:`needs_labels`) or ``none`` (data-free, e.g. OPCM).
     ``continual``: the function yields :class:`ContinualStep` per task instead of returning
-    one :class:`LearnedMerge`.
+    one :class:`LearnedMerge`. ``short``: overrides for a short schedule (quick benchmark
+    runs): fewer steps with a proportionally larger learning rate, so the coefficients can
+    travel as far as under the paper's schedule.
     """
 
     name: str
@@ -70,6 +72,7 @@ class LearnedMethod:
     data: Data = "unlabeled"
     continual: bool = False
     needs_labels: Callable[[HyperParams], bool] = field(default=lambda p: False)
+    short: Mapping[str, Any] = field(default_factory=dict)
 
     def params(self, overrides: Mapping[str, Any] | None = None) -> HyperParams:
         """Validated hyperparameters: the defaults with ``overrides`` (unknown keys raise)."""

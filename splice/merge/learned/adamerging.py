@@ -183,5 +183,6 @@ learned.register("adamerging")(
         fn=adamerging,
         Params=Params,
         data="unlabeled",
+        short={"steps": 100, "lr": 5e-3, "batches_per_step": 1},
     )
 )

@@ -268,5 +268,6 @@ learned.register("atlas")(
         Params=Params,
         data="labeled",
         needs_labels=lambda p: getattr(p, "objective", "ce") == "ce",
+        short={"steps": 100, "lr": 5e-3, "eval_every": 25},
     )
 )

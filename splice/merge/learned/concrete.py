@@ -194,5 +194,6 @@ learned.register("concrete")(
         fn=concrete,
         Params=Params,
         data="unlabeled",
+        short={"steps": 100, "mask_lr": 2e-2, "adamerging_steps": 100, "adamerging_lr": 1e-2},
     )
 )

@@ -41,3 +41,15 @@ def test_continual_methods_are_data_free_generators():
     for name in FILES:
         m = learned.get(name)
         assert m.continual == (m.data == "none")
+
+
+@pytest.mark.parametrize("name", FILES)
+def test_short_schedules_are_valid_and_keep_the_step_budget(name):
+    m = learned.get(name)
+    short = m.params(m.short)
+    full = m.Params()
+    for steps, lr in (("steps", "lr"), ("steps", "mask_lr"), ("adamerging_steps", "adamerging_lr")):
+        if steps in m.short and lr in m.short:
+            budget = getattr(full, steps) * getattr(full, lr)
+            assert getattr(short, steps) < getattr(full, steps)
+            assert getattr(short, steps) * getattr(short, lr) >= 0.5 * budget
