@@ -169,4 +169,8 @@ def write_report(results: dict[str, Any], out: Path) -> list[Path]:
     paths[0].write_text(json.dumps(data, indent=2))
     paths[1].write_text(to_markdown(results))
     _plot(results, paths[2])
+    if results.get("continual"):
+        from splice.bench.continual import write_continual
+
+        paths += write_continual(results["continual"], out)
     return paths

@@ -23,6 +23,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
+from splice.bench.continual import continual_methods, run_continual
 from splice.bench.data import Caps, TaskData, load_task
 from splice.bench.local import resolve_task
 from splice.bench.merging import MergeSpec, merge_specs, merge_state, scale_param, unsupported
@@ -62,6 +63,9 @@ class BenchConfig(BaseModel):
     learned_steps: int | None = Field(
         None, description="cap on the optimisation steps of learned (data-driven) merges"
     )
+    continual_orders: int = Field(
+        0, ge=0, description="task orders of the continual view (OPCM vs continual TA); 0: off"
+    )
     eval_batch_size: int = 128
     device: str = "cpu"
 
@@ -73,6 +77,7 @@ PROFILES: dict[str, BenchConfig] = {
         caps=(2000, 150, 400),
         lambda_grid=(0.25, 0.5, 1.0),
         learned_steps=20,
+        continual_orders=3,
     ),
     "full": BenchConfig(
         tasks=TEXT_TASKS + VISION_TASKS,
@@ -83,6 +88,7 @@ PROFILES: dict[str, BenchConfig] = {
         image_size=64,
         lambda_grid=(0.1, 0.3, 0.5, 0.7, 1.0),
         learned_steps=100,
+        continual_orders=3,
     ),
 }
 
@@ -259,9 +265,10 @@ def _learn(suite: _Suite, spec: MergeSpec, seed: int) -> tuple[dict[str, Tensor]
         encoder.module,
         {t: run.deltas for t, run in suite.runs.items()},
         data,
-        params=spec.params,
+        params={**method.short, **spec.params},  # the method's short schedule, then the cap
         heads={t: run.head for t, run in suite.runs.items()},
         forward=lambda module, batch: encoder.features(batch, module=module),
+        rows=(lambda b: b["attention_mask"]) if encoder.modality == "text" else None,
         seed=seed,
     )
     if method.continual:
@@ -306,6 +313,7 @@ def run_bench(cfg: BenchConfig, console: Any | None = None) -> dict[str, Any]:
     specs = _specs(cfg)
     rows: dict[str, Row] = {}
     skipped: dict[str, str] = {}
+    continual: list[dict[str, Any]] = []
     runs_meta: list[dict[str, Any]] = []
     modalities = sorted({t.modality for t in task_objs}, reverse=True)  # text first
     with _Progress(console) as progress:
@@ -331,11 +339,19 @@ def run_bench(cfg: BenchConfig, console: Any | None = None) -> dict[str, Any]:
                     suite.runs[name] = run
                     runs_meta.append({"task": name, "seed": seed, "cached": cached, **run.meta})
                 _evaluate(suite, specs, rows, skipped, seed, progress)
+                if cfg.continual_orders and continual_methods(specs):
+                    ind = {t: rows["individual"].acc[t][-1] for t in data}
+                    with progress.stage(f"continual view (seed {seed})", 1) as adv:
+                        continual += run_continual(
+                            suite, continual_methods(specs), cfg.continual_orders, seed, ind
+                        )
+                        adv()
     return {
         "config": cfg.model_dump(mode="json"),
         "tasks": {t.name: {"modality": t.modality, "about": t.description} for t in task_objs},
         "rows": [r.__dict__ for r in rows.values()],
         "skipped": skipped,
+        "continual": continual,
         "runs": runs_meta,
         "meta": {
             "wall_s": round(time.perf_counter() - start, 1),
