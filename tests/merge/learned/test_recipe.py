@@ -67,7 +67,7 @@ def test_adamerging_recipe_writes_a_loadable_model_heads_and_record(tiny, tmp_pa
     monkeypatch.setenv("SPLICE_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "merged"
     summary = run_recipe(_recipe(tiny, "adamerging", steps=3, batch_size=4), out)
-    assert summary["tasks"] == ["mood", "topic"] and set(summary["val_accuracy"]) == {
+    assert summary["tasks"] == ["mood", "topic"] and set(summary["accuracy"]) == {
         "mood",
         "topic",
     }
@@ -77,7 +77,7 @@ def test_adamerging_recipe_writes_a_loadable_model_heads_and_record(tiny, tmp_pa
     coef = torch.tensor(record["coefficients"])
     assert coef.shape == (len(record["info"]["names"]), 2)
     heads = load_file(str(out / "heads.safetensors"))
-    assert heads["mood.weight"].shape == (2, 16)
+    assert heads["mood/weight"].shape == (2, 16)
     from transformers import AutoModel
 
     merged = AutoModel.from_pretrained(str(out))
@@ -92,7 +92,7 @@ def test_adamerging_recipe_writes_a_loadable_model_heads_and_record(tiny, tmp_pa
 def test_other_methods_run_from_a_recipe(tiny, tmp_path, monkeypatch, method, params):
     monkeypatch.setenv("SPLICE_CACHE", str(tmp_path / "cache"))
     summary = run_recipe(_recipe(tiny, method, **params))
-    assert all(0 <= a <= 1 for a in summary["val_accuracy"].values())
+    assert all(0 <= a <= 1 for a in summary["accuracy"].values())
 
 
 def test_recipe_errors_are_one_line_and_early(tiny, tmp_path):
@@ -124,3 +124,71 @@ def test_splice_merge_cli_runs_a_recipe_with_a_data_section(tiny, tmp_path, monk
     assert res.exit_code == 0, res.output
     summary = json.loads(res.stdout)
     assert summary["method"] == "concrete" and (tmp_path / "out" / "heads.safetensors").is_file()
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tiny, tmp_path_factory):
+    """A base BertModel and two sequence-classification fine-tunes (2 and 3 labels) of it."""
+    from transformers import BertForSequenceClassification, BertModel, BertTokenizerFast
+
+    root = tmp_path_factory.mktemp("hf")
+    base = BertModel.from_pretrained(tiny[0])
+    base.save_pretrained(str(root / "base"))
+    tok = BertTokenizerFast.from_pretrained(tiny[0])
+    tok.save_pretrained(str(root / "base"))
+    g = torch.Generator().manual_seed(0)
+    for name, labels in (("ft_mood", ["neg", "pos"]), ("ft_three", ["x", "y", "z"])):
+        cfg = base.config.to_dict() | {
+            "id2label": dict(enumerate(labels)),
+            "label2id": {lab: i for i, lab in enumerate(labels)},
+        }
+        ft = BertForSequenceClassification(base.config.__class__(**cfg))
+        ft.bert.load_state_dict(base.state_dict())
+        with torch.no_grad():
+            for n, p in ft.bert.named_parameters():
+                if "encoder" in n:
+                    p.add_(0.05 * torch.randn(p.shape, generator=g))
+        ft.save_pretrained(str(root / name))
+        tok.save_pretrained(str(root / name))
+        rows = ["text,label"] + [f"the good day {i},{labels[i % len(labels)]}" for i in range(12)]
+        (root / f"{name}.csv").write_text("\n".join(rows) + "\n")
+    return root
+
+
+def test_checkpoint_recipe_merges_backbones_and_keeps_each_classifier(checkpoints, tmp_path):
+    from transformers import AutoModel
+
+    root = checkpoints
+    recipe = {
+        "method": "adamerging",
+        "base": str(root / "base"),
+        "models": [
+            {"path": str(root / n), "data": str(root / f"{n}.csv")} for n in ("ft_mood", "ft_three")
+        ],
+        "params": {"steps": 2, "batch_size": 4},
+        "data": {"samples": 8, "max_len": 8},
+    }
+    out = tmp_path / "merged"
+    summary = run_recipe(recipe, out)
+    assert summary["tasks"] == ["ft_mood", "ft_three"] and set(summary["accuracy"]) == {
+        "ft_mood", "ft_three"
+    }  # fmt: skip
+    heads = load_file(str(out / "heads.safetensors"))
+    assert heads["ft_mood/classifier.weight"].shape == (2, 16)
+    assert heads["ft_three/classifier.weight"].shape == (3, 16)
+    merged = AutoModel.from_pretrained(str(out)).state_dict()
+    base = AutoModel.from_pretrained(str(root / "base")).state_dict()
+    record = json.loads((out / "splice-learned.json").read_text())
+    names = record["info"]["names"]
+    assert all("encoder" in n for n in names)  # only changed tensors are merged
+    coef = torch.tensor(record["coefficients"])
+    from splice.io import open_checkpoint
+
+    fts = [open_checkpoint(root / n) for n in ("ft_mood", "ft_three")]
+    for b, n in enumerate(names):
+        short = n.removeprefix("bert.")
+        ref = base[short] + sum(coef[b, i] * (fts[i][n] - base[short]) for i in range(2))
+        torch.testing.assert_close(merged[short], ref)
+    assert torch.equal(
+        merged["embeddings.word_embeddings.weight"], base["embeddings.word_embeddings.weight"]
+    )
