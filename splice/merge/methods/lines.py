@@ -16,6 +16,7 @@ from pydantic import Field
 from torch import Tensor
 
 from splice.merge.base import HyperParams, MergeContext, MergedStat, MergeTransform, transforms
+from splice.merge.methods._sparsify import chunk_slices
 from splice.merge.stats import CHUNK
 
 __all__ = ["LiNeS", "LinesAlpha", "lines_scale"]
@@ -49,8 +50,7 @@ class LinesAlpha:
         self.num_models = len(tensors)
         flat = [t.reshape(-1) for t in tensors]
         b, m = base.reshape(-1), merged.reshape(-1)
-        for s in range(0, b.numel(), CHUNK):  # scratch: a few chunks, sums in fp64
-            c = slice(s, s + CHUNK)
+        for c in chunk_slices(b.numel(), CHUNK):  # scratch: a few chunks, sums in fp64
             tau_sum = sum(t[c] - b[c] for t in flat)
             self.l1_sum += float(tau_sum.abs().sum(dtype=torch.float64))
             self.l1_merged += float((m[c] - b[c]).abs().sum(dtype=torch.float64))

@@ -19,6 +19,7 @@ from torch import Tensor
 
 from splice.deltas import is_mergeable
 from splice.merge.base import GlobalStat, HyperParams, MergeContext, MergeMethod, methods
+from splice.merge.methods._sparsify import chunk_slices
 from splice.merge.stats import CHUNK, RadixSelect
 
 __all__ = ["PCB", "PCBThresholds", "pcb_balance", "pcb_merge", "pcb_scores"]
@@ -71,9 +72,7 @@ def pcb_merge(clipped: Tensor, scores: Tensor, weights: Tensor) -> Tensor:
 def _column_chunks(rows: Tensor) -> list[slice]:
     """Column slices of a (T, n) row stack, each T·width ≤ CHUNK/8 elements, so PCB's ~8
     temporaries stay within one engine chunk; the stat passes and the merge use the same."""
-    width = max(1, CHUNK // (8 * rows.shape[0]))
-    n = rows.shape[1]
-    return [slice(s, min(s + width, n)) for s in range(0, n, width)]
+    return chunk_slices(rows.shape[1], max(1, CHUNK // (8 * rows.shape[0])))
 
 
 def _rows(base: Tensor, tensors: list[Tensor]) -> Tensor:
