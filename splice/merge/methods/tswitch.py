@@ -203,7 +203,7 @@ def auto_switch_weights(
 
 class Params(HyperParams):
     density: float = Field(
-        0.1, gt=0.0, le=1.0, description="fraction q of each task vector kept per tensor [lib]"
+        0.1, gt=0.0, le=1.0, description="fraction q of each task vector kept per tensor"
     )
     lambda_: float = Field(1.0, alias="lambda", description="λ: coefficient of the sum")
 
