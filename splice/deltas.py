@@ -330,12 +330,23 @@ def _load_splice_deltas(ckpt: Any, path: Path) -> dict[str, Delta]:
     deltas: dict[str, Delta] = {}
     for name, info in index.items():
         info = dict(info)
-        cls = Delta._kinds.get(info.pop("kind"))
-        if cls is None:
-            raise SpliceError(f"unknown delta kind for {name!r}", where=str(path))
+        cls = _delta_kind(info.pop("kind"), name, path)
         parts = {key.split("::", 1)[1]: ckpt[key] for key in ckpt.names_with_prefix(f"{name}::")}
         deltas[name] = cls.from_parts(parts, info)
     return deltas
+
+
+def _delta_kind(kind: str, name: str, path: Path) -> type[Delta]:
+    """The Delta class for ``kind``; kinds defined beside their method (T-Switch's ``switch``)
+    register when the merge methods are imported, so import them once before giving up."""
+    if kind not in Delta._kinds:
+        from splice.merge.base import methods
+
+        methods.discover()
+    cls = Delta._kinds.get(kind)
+    if cls is None:
+        raise SpliceError(f"unknown delta kind {kind!r} for {name!r}", where=str(path))
+    return cls
 
 
 def _check_targets(deltas: Mapping[str, Delta], base: Mapping[str, Tensor], path: Path) -> None:

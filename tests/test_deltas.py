@@ -108,3 +108,25 @@ def test_task_vector_skips_integer_buffers_and_checks_shapes() -> None:
     with pytest.raises(SpliceError, match="missing"):
         dict(task_vector(base, {"ids": torch.arange(3)}))
     assert dict(task_vector(base, {"ids": torch.arange(3)}, strict=False)) == {}
+
+
+def test_load_deltas_finds_kinds_defined_beside_their_method(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from splice.merge.methods.tswitch import tswitch_compress
+
+    base = {"w": torch.zeros(6, 5)}
+    deltas = tswitch_compress(base, {"w": torch.randn(6, 5, generator=_g())}, density=0.5)
+    save_deltas(deltas, tmp_path / "s.safetensors")
+    code = (
+        "import sys, torch; from splice.deltas import load_deltas\n"
+        "assert 'splice.merge.methods.tswitch' not in sys.modules\n"
+        f"d = load_deltas({str(tmp_path / 's.safetensors')!r})['w']\n"
+        "print(type(d).__name__, float(d.materialize().abs().sum()))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    kind, total = out.stdout.split()
+    assert kind == "Switch"
+    assert float(total) == pytest.approx(float(deltas["w"].materialize().abs().sum()), rel=1e-6)
