@@ -87,6 +87,18 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _check_overlap(dest: Path, protect: list[str | Path] | tuple[str | Path, ...]) -> None:
+    out = dest.resolve()
+    for p in protect:
+        inp = Path(p).resolve()
+        if out == inp or out.is_relative_to(inp) or inp.is_relative_to(out):
+            raise SpliceError(
+                f"output overlaps the input {p}",
+                where=str(dest),
+                fix="write the output to a new directory; inputs are never modified",
+            )
+
+
 class _Shard:
     def __init__(self, data_path: Path) -> None:
         self.data_path = data_path
@@ -128,9 +140,12 @@ class CheckpointWriter:
         force: replace an existing ``dest``; without it an existing ``dest`` is an error.
         copy_files_from: dir whose config/tokenizer/generation files are copied into ``dest``.
         metadata: string metadata stored in every shard's header (recipe, seed, version).
+        protect: input paths the output must not overwrite: ``dest`` may not be one of them,
+            lie inside one, or contain one.
 
     Raises:
-        SpliceError: ``dest`` exists without ``force``, a name repeats, a dtype is unsupported.
+        SpliceError: ``dest`` exists without ``force``, ``dest`` overlaps a protected input,
+            a name repeats, a dtype is unsupported.
     """
 
     def __init__(
@@ -141,8 +156,10 @@ class CheckpointWriter:
         force: bool = False,
         copy_files_from: str | Path | None = None,
         metadata: dict[str, str] | None = None,
+        protect: list[str | Path] | tuple[str | Path, ...] = (),
     ) -> None:
         self.dest = Path(dest)
+        _check_overlap(self.dest, protect)
         self.max_shard_size = parse_size(max_shard_size)
         self.force = force
         self.copy_files_from = Path(copy_files_from) if copy_files_from else None

@@ -217,3 +217,14 @@ def test_check_unchanged_detects_rewritten_input(tmp_path: Path) -> None:
     os.utime(d / "s2.safetensors", ns=(1, 1))
     with pytest.raises(SpliceError, match="changed while splice was reading"):
         ckpt.check_unchanged()
+
+
+@pytest.mark.parametrize("dest", ["in", "in/sub", ".", "in/../in"])
+def test_output_may_not_overlap_an_input(tmp_path: Path, dest: str) -> None:
+    inp = tmp_path / "in"
+    _write(inp, {"a": torch.ones(2)})
+    before = (inp / "model.safetensors").read_bytes()
+    with pytest.raises(SpliceError, match="overlaps the input"):
+        CheckpointWriter(tmp_path / dest, force=True, protect=[inp])
+    assert (inp / "model.safetensors").read_bytes() == before
+    CheckpointWriter(tmp_path / "elsewhere", protect=[inp])
