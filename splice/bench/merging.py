@@ -21,7 +21,7 @@ from torch import Tensor
 
 from splice.merge.base import MergeMethod, methods, transforms
 
-__all__ = ["MergeSpec", "merge_specs", "merge_state", "scale_param", "unsupported"]
+__all__ = ["MergeSpec", "merge_specs", "merge_state", "scale_param", "symbol", "unsupported"]
 
 # Hyperparameter names that mean "scale of the merged task vector" (λ in the papers).
 _SCALE_FIELDS = ("lambda", "lambda_", "lam", "scaling_factor", "scaling_coef", "scale")
@@ -30,6 +30,11 @@ TRANSFORM_BASE = "task_arithmetic"  # the base method transforms are evaluated o
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "dare": {"model_params": {"p": 0.5}},  # FusionBench preset, merging.md §3.4
 }
+
+
+def symbol(key: str) -> str:
+    """Greek letters for the usual scalars in labels (``lambda`` → λ)."""
+    return {"lambda": "λ", "lambda_": "λ", "beta": "β", "alpha": "α"}.get(key, key)
 
 
 def scale_param(method: type[MergeMethod]) -> tuple[str, Any] | None:
@@ -66,11 +71,12 @@ class MergeSpec:
 
     @property
     def label(self) -> str:
-        args = ", ".join(f"{k.rstrip('_')}={v}" for k, v in self.chosen_fixed.items())
-        label = f"{self.method} ({args})" if args else self.method
+        """E.g. ``dare p=0.5 · λ val``: overrides, transform, the parameter tuned on val."""
+        args = " ".join(f"{symbol(k)}={v}" for k, v in self.chosen_fixed.items())
+        label = f"{self.method} {args}".strip()
         if self.transform:
             label += f" + {self.transform}"
-        return label + (f" ({self.tune_key} tuned on val)" if self.tune else "")
+        return label + (f" · {symbol(self.tune_key or '')} val" if self.tune else "")
 
     def with_value(self, value: float) -> MergeSpec:
         """This spec with the tuned parameter fixed to ``value``."""

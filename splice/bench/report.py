@@ -65,8 +65,7 @@ def _table(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     for r in summarize(results):
         label = r["label"]
         if r.get("tuned"):
-            values = ", ".join(str(p[r["tuned"]]) for p in r["params"])
-            label += f" → {r['tuned']}={values}"
+            label += "→" + ",".join(str(p[r["tuned"]]) for p in r["params"])
         body.append(
             [
                 label,
@@ -89,11 +88,15 @@ def to_markdown(results: dict[str, Any]) -> str:
         f"(r={cfg['train']['r']}), {cfg['train']['steps']} steps, batch "
         f"{cfg['train']['batch_size']}; seeds {list(cfg['seeds'])}; "
         f"caps train/val/test {list(cfg['caps'])}. Wall time {meta['wall_s']:.0f} s "
-        f"({meta['threads']} threads, {meta['device']}).",
+        f"({meta['threads']} threads, {meta['device']}; "
+        + ", ".join(
+            f"{k[:-2]} {v:.0f} s" for k, v in meta.items() if k.endswith("_s") and k != "wall_s"
+        )
+        + ").",
         "",
         "Accuracy (%) on each task's test split, each task with its own head. "
         "avg norm. = mean over tasks of merged / individual accuracy (%). "
-        "λ is tuned on the validation splits only.",
+        '"· λ val→0.5": λ chosen on the validation splits (never test), per seed.',
         "",
         "| " + " | ".join(header) + " |",
         "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|",
@@ -110,7 +113,7 @@ def print_table(results: dict[str, Any], console: Any) -> None:
     header, body = _table(results)
     table = Table(title=f"splice bench ({results['meta']['wall_s']:.0f} s)")
     for i, h in enumerate(header):
-        table.add_column(h, justify="left" if i == 0 else "right")
+        table.add_column(h, justify="left" if i == 0 else "right", no_wrap=i == 0)
     kinds = [r["kind"] for r in summarize(results)]
     for row, kind in zip(body, kinds, strict=True):
         table.add_row(*row, style="dim" if kind == "reference" else None)

@@ -305,6 +305,15 @@ def _specs(cfg: BenchConfig) -> list[MergeSpec]:
     return specs
 
 
+@contextmanager
+def _timed(phases: dict[str, float], key: str) -> Iterator[None]:
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        phases[key] = phases.get(key, 0.0) + time.perf_counter() - start
+
+
 def run_bench(cfg: BenchConfig, console: Any | None = None) -> dict[str, Any]:
     """Run the benchmark; returns the results (see :mod:`splice.bench.report`)."""
     start = time.perf_counter()
@@ -315,33 +324,38 @@ def run_bench(cfg: BenchConfig, console: Any | None = None) -> dict[str, Any]:
     skipped: dict[str, str] = {}
     continual: list[dict[str, Any]] = []
     runs_meta: list[dict[str, Any]] = []
+    phases: dict[str, float] = {}
     modalities = sorted({t.modality for t in task_objs}, reverse=True)  # text first
     with _Progress(console) as progress:
         for modality in modalities:
             group = [t for t in task_objs if t.modality == modality]
-            data = {t.name: load_task(t, caps, cfg.split_seed) for t in group}
-            encoder = load_encoder(
-                modality,
-                text_model=cfg.text_model,
-                max_len=cfg.max_len,
-                image_size=cfg.image_size,
-                device=cfg.device,
-            )
-            val = {n: encoder.prepare(d.val.x) for n, d in data.items()}
-            test = {n: encoder.prepare(d.test.x) for n, d in data.items()}
+            with _timed(phases, "load_s"):
+                data = {t.name: load_task(t, caps, cfg.split_seed) for t in group}
+                encoder = load_encoder(
+                    modality,
+                    text_model=cfg.text_model,
+                    max_len=cfg.max_len,
+                    image_size=cfg.image_size,
+                    device=cfg.device,
+                )
+                val = {n: encoder.prepare(d.val.x) for n, d in data.items()}
+                test = {n: encoder.prepare(d.test.x) for n, d in data.items()}
             for seed in cfg.seeds:
                 suite = _Suite(encoder, data, val, test, batch_size=cfg.eval_batch_size)
                 for name, d in data.items():
-                    with progress.stage(f"train {name} (seed {seed})", cfg.train.steps) as adv:
+                    stage = progress.stage(f"train {name} (seed {seed})", cfg.train.steps)
+                    with _timed(phases, "train_s"), stage as adv:
                         run, cached = finetune_cached(
                             encoder, d, cfg.train, seed, lambda s, loss, adv=adv: adv()
                         )
                     suite.runs[name] = run
                     runs_meta.append({"task": name, "seed": seed, "cached": cached, **run.meta})
-                _evaluate(suite, specs, rows, skipped, seed, progress)
+                with _timed(phases, "evaluate_s"):
+                    _evaluate(suite, specs, rows, skipped, seed, progress)
                 if cfg.continual_orders and continual_methods(specs):
                     ind = {t: rows["individual"].acc[t][-1] for t in data}
-                    with progress.stage(f"continual view (seed {seed})", 1) as adv:
+                    stage = progress.stage(f"continual view (seed {seed})", 1)
+                    with _timed(phases, "continual_s"), stage as adv:
                         continual += run_continual(
                             suite, continual_methods(specs), cfg.continual_orders, seed, ind
                         )
@@ -355,6 +369,7 @@ def run_bench(cfg: BenchConfig, console: Any | None = None) -> dict[str, Any]:
         "runs": runs_meta,
         "meta": {
             "wall_s": round(time.perf_counter() - start, 1),
+            **{k: round(v, 1) for k, v in phases.items()},
             "torch": torch.__version__,
             "python": platform.python_version(),
             "threads": torch.get_num_threads(),
