@@ -11,9 +11,13 @@ with the number of tensors. Integer/bool buffers are copied from the base.
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import math
 import re
+import sys
 from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -276,7 +280,13 @@ class _Reader:
         return t
 
     def _finite(self, t: Tensor, label: str, name: str) -> Tensor:
-        if self.check_finite and not bool(torch.isfinite(t).all()):
+        # Any NaN/Inf makes the sum non-finite; a finite input's sum may overflow, so only
+        # then is the exact (slower) check needed.
+        if (
+            self.check_finite
+            and not math.isfinite(float(t.sum()))
+            and not bool(torch.isfinite(t).all())
+        ):
             raise SpliceError(
                 "NaN or Inf in input tensor",
                 where=f"{label}: {name}",
@@ -304,6 +314,21 @@ class _Reader:
                 t += delta.materialize(dt).to(self.device)
             tensors.append(self._finite(t, src.label, name))
         return base, tensors
+
+    def stream(
+        self, tasks: list[TensorTask]
+    ) -> Iterator[tuple[TensorTask, Tensor | None, list[Tensor]]]:
+        """Read tasks in order, the next one in a background thread while this one is used."""
+        if not tasks:
+            return
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="splice-read") as pool:
+            future = pool.submit(self.read, tasks[0])
+            for i, task in enumerate(tasks):
+                base, tensors = future.result()
+                if i + 1 < len(tasks):
+                    future = pool.submit(self.read, tasks[i + 1])
+                yield task, base, tensors
+                del base, tensors
 
 
 class _Progress:
@@ -347,6 +372,34 @@ def execute(
     """
     if job.device.startswith("cuda") and not torch.cuda.is_available():
         raise SpliceError("--device cuda but no CUDA device is available", fix="use --device cpu")
+    _return_freed_memory()
+    threads = torch.get_num_threads()
+    # The work is memory-bound and chunked to stay in cache; one thread avoids intra-op
+    # barriers that stall badly on a busy machine.
+    torch.set_num_threads(1)
+    try:
+        return _execute(job, tasks, sink, progress)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@functools.cache
+def _return_freed_memory() -> None:
+    """On glibc, serve allocations ≥ 1 MB by mmap so a freed input returns to the OS at once.
+
+    glibc otherwise raises its mmap threshold after the first large free and keeps freed
+    tensors of up to 32 MB in the heap, so peak RSS drifts far above the live working set.
+    """
+    if sys.platform != "linux":
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        return
+
+
+def _execute(job: MergeJob, tasks: list[TensorTask], sink: Sink, progress: bool) -> dict[str, Any]:
     reader = _Reader(job)
     bars = _Progress(progress)
     merge_tasks = [t for t in tasks if t.merge]
@@ -360,10 +413,10 @@ def execute(
         while not done:
             n += 1
             with bars.bar(f"{label} pass {n}", total) as advance:
-                for task in merge_tasks:
-                    base, tensors = reader.read(task)
+                for task, base, tensors in reader.stream(merge_tasks):
                     observe(task, base, tensors)
                     advance(task.nbytes)
+                    del base, tensors
             reader.check_finite = False
             done = stat.end_pass()
         if stat.key in stats:
@@ -389,12 +442,13 @@ def execute(
 
     ref = job.base or job.models[0]
     assert ref.weights is not None
+    inputs = reader.stream(merge_tasks)
     with bars.bar("merge", total) as advance:
         for task in tasks:
             if not task.merge:
                 sink.write(task.name, ref.weights[task.name])
                 continue
-            base, tensors = reader.read(task)
+            _, base, tensors = next(inputs)
             ctx = task.context(job.seed, stats)
             merged = _merge_one(job, task, base, tensors, ctx)
             if tuple(merged.shape) != task.shape:
@@ -403,6 +457,7 @@ def execute(
             sink.write(task.name, merged.to("cpu", out_dtype))
             del base, tensors, merged
             advance(task.nbytes)
+    inputs.close()
     return stats
 
 

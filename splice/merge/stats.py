@@ -19,8 +19,8 @@ from torch import Tensor
 
 __all__ = ["CHUNK", "RadixSelect", "kth_largest", "kth_smallest"]
 
-CHUNK = 1 << 22
-"""Elements per chunk in streaming loops: bounds scratch memory to a few 16 MB buffers."""
+CHUNK = 1 << 18
+"""Elements per chunk in streaming loops: bounds scratch memory to a few 1 MB buffers."""
 
 _BINS = 1 << 16
 _HALF = _BINS // 2
@@ -56,6 +56,11 @@ def _histogram(digits: Tensor, hist: Tensor, scratch: Tensor, clear_sign: bool =
 
 
 def _top_matches(c: Tensor, d: int, magnitude: bool) -> Tensor:
+    """Mask of the elements whose top digit (of ``|x|`` if ``magnitude``) is ``d``."""
+    if c.dtype == torch.float32:  # one int32 mask-and-compare: the fast common case
+        mask = 0x7FFF0000 if magnitude else -0x10000
+        want = d << 16 if d < _HALF else (d << 16) - (1 << 32)
+        return (c.view(torch.int32) & mask) == want
     top = _digit(c, 0)
     return (top & (_HALF - 1)) == d if magnitude else top == d
 

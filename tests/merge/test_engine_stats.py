@@ -28,7 +28,7 @@ DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 
 @pytest.fixture
 def small_chunks(monkeypatch):
-    monkeypatch.setattr(stats, "CHUNK", 257)
+    monkeypatch.setattr(stats, "CHUNK", 1000)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -37,6 +37,7 @@ Rescale = Literal["paper", "l1", "off"]
 
 CHUNK = 1 << 16
 """Elements per chunk of fused elementwise loops: small enough to stay in cache."""
+_ONE = torch.ones(())
 
 
 def chunk_slices(n: int, size: int = CHUNK) -> list[slice]:
@@ -75,16 +76,19 @@ def trim(delta: Tensor, threshold: float) -> Tensor:
     """TIES trim (§2.3 step 1): zero the entries with ``|δ| < threshold``."""
     if threshold <= 0:
         return delta
-    return torch.where(delta.abs() >= threshold, delta, 0)
+    if threshold == float("inf"):
+        return torch.zeros_like(delta)
+    # hardshrink keeps |δ| > λ; λ = the float just below the threshold keeps |δ| ≥ threshold
+    t = torch.tensor(threshold, dtype=delta.dtype)
+    below = float(torch.nextafter(t, torch.zeros_like(t)))
+    return torch.nn.functional.hardshrink(delta, below)
 
 
 def trim_(delta: Tensor, threshold: float) -> Tensor:
     """In-place :func:`trim` of a whole tensor, chunk by chunk."""
-    if threshold > 0:
-        flat = delta.reshape(-1)
-        for s in chunk_slices(flat.numel()):
-            c = flat[s]
-            c.masked_fill_(c.abs() < threshold, 0)
+    flat = delta.reshape(-1)
+    for s in chunk_slices(flat.numel()):
+        flat[s] = trim(flat[s], threshold)
     return delta
 
 
@@ -92,14 +96,14 @@ def elect_sign(weighted: Sequence[Tensor], zero_sign: float = 1.0) -> Tensor:
     """TIES sign election (§2.3 step 2): ``sign(Σ_t δ_t)``, ``zero_sign`` where the sum is 0.
 
     ``zero_sign`` = 1 is mergekit's rule (sum ≥ 0 → +); the paper code uses the model-wide
-    majority sign there (0 leaves such entries at 0).
+    majority sign there (0 leaves such entries at 0). Float ±1/0, same dtype as the input.
     """
     total = weighted[0].clone()
     for d in weighted[1:]:
         total += d
-    sign = total.sign()
+    sign = total.sign_()
     if zero_sign != 0:
-        sign[total == 0] = zero_sign
+        sign += (1 - sign.abs()) * zero_sign
     return sign
 
 
@@ -115,20 +119,20 @@ def disjoint_merge(
     ``w_t = 1``; a divisor of 0 counts as 1); ``sum``: the numerator alone; ``max``: the
     largest agreeing ``|w_t δ_t|`` with the elected sign. Zeros never agree.
     """
+    # relu(δ·s) is |δ| where δ agrees with s, else 0: float ops only (bool ops are slow on CPU)
     acc = torch.zeros_like(weighted[0])
     den = torch.zeros_like(acc) if aggregate == "mean" else None
     for d, w in zip(weighted, weights, strict=True):
-        agree = d.sign() == sign
+        agreeing = (d * sign).clamp_min_(0)
         if aggregate == "max":
-            torch.maximum(acc, torch.where(agree, d.abs(), 0), out=acc)
+            torch.maximum(acc, agreeing, out=acc)
             continue
-        acc += torch.where(agree, d, 0)
+        acc += agreeing
         if den is not None:
-            den += agree * w
-    if aggregate == "max":
-        return acc.mul_(sign)
+            den.add_(agreeing.sign_(), alpha=w)
+    acc *= sign
     if den is not None:
-        den[den == 0] = 1
+        den += 1 - den.abs().sign()
         acc /= den
     return acc
 
@@ -152,8 +156,8 @@ def dare_drop_(
         c = flat[s]
         if rescale == "l1":
             before += float(c.abs().sum(dtype=torch.float64))
-        keep = torch.rand(c.numel(), generator=generator) >= p
-        c.mul_(keep.to(c.device)).mul_(scale)
+        keep = torch.heaviside(torch.rand(c.numel(), generator=generator) - p, _ONE)
+        c.mul_(keep.to(c.device, c.dtype)).mul_(scale)
         if rescale == "l1":
             after += float(c.abs().sum(dtype=torch.float64))
     if rescale == "l1" and p < 1 and before >= 1e-7 and after >= 1e-7:

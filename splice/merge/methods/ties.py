@@ -169,7 +169,7 @@ def trimmed_chunks(
         yield (
             s,
             [
-                trim(d[s] - b[s] if raw else d[s], thr).mul_(mp.weight)
+                trim(d[s] - b[s] if raw else d[s], thr) * mp.weight
                 for d, thr, mp in zip(deltas, thresholds, model_params, strict=True)
             ],
         )
