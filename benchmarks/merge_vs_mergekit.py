@@ -12,6 +12,8 @@ intermediate 2816, fp32, 3 shards each; fine-tune = base + N(0, 0.01²)) under
 wall time and peak RSS (``wait4`` rusage of the child), their ratios, and max |Δ| between the
 two outputs. DARE draws different random masks in each tool, so for dare_ties it compares
 statistics instead: the fraction of entries changed from the base and the mean |θ − θ₀|.
+For ties, entries whose |τ| equals a model's k-th largest are reported apart: there mergekit's
+unstable ``argsort`` keeps an arbitrary subset of the tied entries, splice keeps them all.
 """
 
 from __future__ import annotations
@@ -161,30 +163,51 @@ def run_child(cmd: list[str]) -> tuple[float, float]:
     return wall, usage.ru_maxrss / 1024**2
 
 
-def compare(a: Path, b: Path, base: Path | None, stochastic: bool) -> str:
+def _at_threshold(paths: dict[str, Path], name: str, pos: torch.Tensor, density: float) -> bool:
+    """Whether every entry at ``pos`` ties with the top-k threshold of some model's |τ|."""
+    from splice.io import open_checkpoint
+
+    base = open_checkpoint(paths["base"])[name].reshape(-1)
+    tied = torch.zeros(pos.numel(), dtype=torch.bool)
+    for m in ("ft0", "ft1", "ft2"):
+        tau = (open_checkpoint(paths[m])[name].reshape(-1) - base).abs()
+        k = int(density * tau.numel())
+        thr = torch.kthvalue(tau, tau.numel() - k + 1).values
+        tied |= tau[pos] == thr
+    return bool(tied.all())
+
+
+def compare(a: Path, b: Path, paths: dict[str, Path], method: str) -> str:
     from splice.io import open_checkpoint
 
     ca, cb = open_checkpoint(a), open_checkpoint(b)
-    cbase = open_checkpoint(base) if base else None
     if set(ca) != set(cb):
         return f"tensor sets differ: {sorted(set(ca) ^ set(cb))[:3]}"
-    if not stochastic:
-        diff = max(float((ca[n].double() - cb[n].double()).abs().max()) for n in ca)
-        return f"{diff:.1e}"
-    assert cbase is not None
-    changed, mag = [0.0, 0.0], [0.0, 0.0]
-    count = 0
+    if method.startswith("dare"):
+        cbase = open_checkpoint(paths["base"])
+        changed, mag, count = [0.0, 0.0], [0.0, 0.0], 0
+        for n in ca:
+            b0 = cbase[n]
+            for i, c in enumerate((ca, cb)):
+                d = c[n] - b0
+                changed[i] += float((d != 0).sum())
+                mag[i] += float(d.abs().sum())
+            count += b0.numel()
+        return (
+            f"changed {changed[0] / count:.3f} vs {changed[1] / count:.3f}; "
+            f"mean|Δθ| {mag[0] / count:.2e} vs {mag[1] / count:.2e}"
+        )
+    worst, ties, tie_max = 0.0, 0, 0.0
     for n in ca:
-        b0 = cbase[n]
-        for i, c in enumerate((ca, cb)):
-            d = c[n] - b0
-            changed[i] += float((d != 0).sum())
-            mag[i] += float(d.abs().sum())
-        count += b0.numel()
-    return (
-        f"changed {changed[0] / count:.3f} vs {changed[1] / count:.3f}; "
-        f"mean|Δθ| {mag[0] / count:.2e} vs {mag[1] / count:.2e}"
-    )
+        diff = (ca[n].double() - cb[n].double()).abs().reshape(-1)
+        pos = torch.nonzero(diff > 1e-6).reshape(-1)
+        if method == "ties" and pos.numel() and _at_threshold(paths, n, pos, 0.5):
+            ties += pos.numel()
+            tie_max = max(tie_max, float(diff[pos].max()))
+            diff[pos] = 0
+        worst = max(worst, float(diff.max()))
+    note = f" (+{ties} top-k ties, up to {tie_max:.1e})" if ties else ""
+    return f"{worst:.1e}{note}"
 
 
 def main() -> None:
@@ -206,9 +229,7 @@ def main() -> None:
         mk = run_child([*mk_cmd, "--no-copy-tokenizer", "--no-write-model-card", "--quiet"])
         warm(paths)
         sp = run_child([str(SPLICE), "merge", str(recipe), str(outs["splice"]), "--seed", "0"])
-        delta = compare(
-            outs["mergekit"], outs["splice"], paths["base"], stochastic=method.startswith("dare")
-        )
+        delta = compare(outs["mergekit"], outs["splice"], paths, method)
         rows.append((method, mk, sp, delta))
         print(
             f"{method:16s} mergekit {mk[0]:6.1f} s {mk[1]:5.2f} GB | "

@@ -189,7 +189,11 @@ class MergeTransform:
         params: HyperParams,
         ctx: MergeContext,
     ) -> Tensor:
-        """Return the rewritten tensor (same shape as ``merged``)."""
+        """Return the rewritten tensor (same shape as ``merged``).
+
+        ``tensors`` are the inputs as read (the method worked on copies); none of the
+        arguments may be modified except ``merged``.
+        """
         raise NotImplementedError
 
 

@@ -222,3 +222,39 @@ def test_layer_indices_per_stack():
         "encoder.block.1.x": (1, 2),
         "h.3.attn": (3, 4),
     }
+
+
+def test_lines_transform_runs_after_any_method_with_unmodified_inputs(disk, tmp_path):
+    root, base, fts = disk
+    plain = merge_state_dicts("ties", fts, base=base, params={"density": 0.5})
+    flat = merge_state_dicts(
+        "ties", fts, base=base, params={"density": 0.5}, lines={"alpha": 1.0, "beta": 0.0}
+    )
+    assert all(torch.equal(plain[n], flat[n]) for n in base)
+    # TA with λ = 1: τ_MTL = τ_sum, so the automatic α is 1/T (merging.md §6.3)
+    out = merge(_recipe(root, "task_arithmetic", {}, lines={"beta": 0.5}), tmp_path / "out")
+    got = _load(out)
+    for i, depth in enumerate([0.0, 0.5, 1.0]):
+        n = f"model.layers.{i}.mlp.down_proj.weight"
+        tau = sum(ft[n] - base[n] for ft in fts)
+        ref = base[n] + (1 / 3 + 0.5 * depth) * tau
+        torch.testing.assert_close(got[n], ref, atol=1e-6, rtol=0)
+
+
+def test_splice_delta_files_are_inputs(disk, tmp_path):
+    from splice.deltas import Dense, save_deltas
+
+    root, base, fts = disk
+    names = ["model.layers.1.mlp.up_proj.weight", "lm_head.weight"]
+    save_deltas({n: Dense(fts[0][n] - base[n]) for n in names}, tmp_path / "d.safetensors")
+    partial = {n: fts[0][n] if n in names else t for n, t in base.items()}
+    out = merge(
+        {
+            "method": "task_arithmetic",
+            "base": str(root / "base"),
+            "models": [str(tmp_path / "d.safetensors")],
+        },
+        tmp_path / "out",
+    )
+    got = _load(out)
+    assert all(torch.equal(got[n], partial[n]) for n in base)

@@ -332,3 +332,20 @@ def test_cli_merge_list_and_errors(disk, tmp_path, monkeypatch, capsys):
     assert {p["name"] for p in table["ties"]["params"]} >= {"density", "lambda", "scope"}
     code, out, _ = _cli(monkeypatch, capsys, "merge", "--list")
     assert code == 0 and "density" in out and "arxiv.org/abs/2306.01708" in out
+
+
+def test_mergekit_model_plus_lora_reference(disk, tmp_path):
+    from tests.merge._ckpt import lora_adapter
+
+    paths, base, _ = disk
+    target = "model.layers.1.self_attn.v_proj.weight"
+    delta = lora_adapter(tmp_path / "lora", base, [target])[target]
+    text = f"""
+merge_method: task_arithmetic
+base_model: {paths["base"]}
+models:
+  - model: {paths["base"]}+{tmp_path / "lora"}
+"""
+    out = _load(merge(_write(tmp_path, text), tmp_path / "out"))
+    torch.testing.assert_close(out[target], base[target] + delta, atol=1e-6, rtol=0)
+    assert torch.equal(out["lm_head.weight"], base["lm_head.weight"])
