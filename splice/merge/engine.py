@@ -28,6 +28,7 @@ from torch import Tensor
 from splice.deltas import Delta
 from splice.errors import SpliceError
 from splice.merge.base import HyperParams, MergeContext, MergeMethod, MergeTransform
+from splice.merge.stats import one_thread
 
 __all__ = [
     "MergeJob",
@@ -373,14 +374,10 @@ def execute(
     if job.device.startswith("cuda") and not torch.cuda.is_available():
         raise SpliceError("--device cuda but no CUDA device is available", fix="use --device cpu")
     _return_freed_memory()
-    threads = torch.get_num_threads()
     # The work is memory-bound and chunked to stay in cache; one thread avoids intra-op
     # barriers that stall badly on a busy machine.
-    torch.set_num_threads(1)
-    try:
+    with one_thread():
         return _execute(job, tasks, sink, progress)
-    finally:
-        torch.set_num_threads(threads)
 
 
 @functools.cache

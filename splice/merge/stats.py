@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor
 
-__all__ = ["CHUNK", "RadixSelect", "kth_largest", "kth_smallest"]
+__all__ = ["CHUNK", "RadixSelect", "kth_largest", "kth_smallest", "one_thread"]
 
 CHUNK = 1 << 18
 """Elements per chunk in streaming loops: bounds scratch memory to a few 1 MB buffers."""
@@ -26,6 +27,21 @@ _BINS = 1 << 16
 _HALF = _BINS // 2
 _WORDS = {torch.float64: 4, torch.float32: 2, torch.float16: 1, torch.bfloat16: 1}
 assert sys.byteorder == "little", "radix selection reads float digits in little-endian order"
+
+
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """Run torch ops on one thread: this work is memory-bound, and on a busy machine the
+    intra-op barriers of 65536-bin histograms stall for milliseconds each."""
+    threads = torch.get_num_threads()
+    if threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _words(dtype: torch.dtype) -> int:
@@ -99,6 +115,12 @@ def kth_smallest(x: Tensor, k: int, *, magnitude: bool = False) -> Tensor:
     n = x.numel()
     if not 1 <= k <= n:
         raise ValueError(f"k={k} out of range for {n} elements")
+    with one_thread():
+        return _kth_smallest(x, k, magnitude)
+
+
+def _kth_smallest(x: Tensor, k: int, magnitude: bool) -> Tensor:
+    n = x.numel()
     hist = torch.zeros(_BINS, dtype=torch.int64, device=x.device)
     scratch = torch.empty(min(n, CHUNK), dtype=torch.int32, device=x.device)
     for c in _chunks(x):
@@ -149,6 +171,10 @@ class RadixSelect:
         """Add one tensor of the stream to the current pass."""
         if self.done:
             raise RuntimeError("RadixSelect already finished")
+        with one_thread():
+            self._observe(x)
+
+    def _observe(self, x: Tensor) -> None:
         if self._hist is None or self._hist.device != x.device:
             self._hist = torch.zeros(_BINS, dtype=torch.int64, device=x.device)
             self._scratch = torch.empty(CHUNK, dtype=torch.int32, device=x.device)
@@ -172,7 +198,8 @@ class RadixSelect:
                 raise ValueError(f"k={k} out of range for a stream of {self.count} elements")
             self._k = k
         hist = self._hist.cpu() if self._hist is not None else torch.zeros(_BINS, dtype=torch.int64)
-        d, self._k = _pick(hist, self._k, self._negative())
+        with one_thread():
+            d, self._k = _pick(hist, self._k, self._negative())
         self._digits.append(d)
         self._hist = None
         self._scratch = None
