@@ -154,6 +154,16 @@ def _check_configs(sources: list[Source]) -> None:
                 )
 
 
+def _same_names(odd: list[str], what: str, src: Source) -> None:
+    if odd:
+        more = f" (and {len(odd) - 1} more)" if len(odd) > 1 else ""
+        raise SpliceError(
+            f"tensor {odd[0]!r} {what}{more}",
+            where=src.label,
+            fix="merge checkpoints of one architecture",
+        )
+
+
 def plan(job: MergeJob) -> list[TensorTask]:
     """Check the job from headers alone and list the output tensors in base order.
 
@@ -195,22 +205,12 @@ def plan(job: MergeJob) -> list[TensorTask]:
         if src is ref:
             continue
         if src.weights is not None:
-            extra = [n for n in src.weights if n not in name_set]
-            if extra:
-                raise SpliceError(
-                    f"tensor {extra[0]!r} is not in {ref.label}"
-                    + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""),
-                    where=src.label,
-                    fix="merge checkpoints of one architecture",
-                )
-            missing = [n for n in names if n not in src.weights]
-            if missing:
-                raise SpliceError(
-                    f"tensor {missing[0]!r} of {ref.label} is missing"
-                    + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""),
-                    where=src.label,
-                    fix="merge checkpoints of one architecture",
-                )
+            _same_names(
+                [n for n in src.weights if n not in name_set], f"is not in {ref.label}", src
+            )
+            _same_names(
+                [n for n in names if n not in src.weights], f"of {ref.label} is missing", src
+            )
         for n in (*src.deltas, *src.overrides):
             if n not in name_set:
                 raise SpliceError(
