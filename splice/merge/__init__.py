@@ -154,8 +154,15 @@ def merge(
     if progress is None:
         progress = sys.stderr.isatty()
     out = Path(out)
+    inputs = [p for p in (recipe.base, *(m.path for m in recipe.models)) if p]
+    inputs += [m.adapter for m in recipe.models if m.adapter]
     with CheckpointWriter(
-        out, max_shard_size=max_shard_size, force=force, copy_files_from=ref_dir, metadata=meta
+        out,
+        max_shard_size=max_shard_size,
+        force=force,
+        copy_files_from=ref_dir,
+        metadata=meta,
+        protect=inputs,
     ) as writer:
         execute(job, tasks, writer, progress=progress)
         if job.out_dtype is not None and ref.config is not None:

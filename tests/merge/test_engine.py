@@ -258,3 +258,10 @@ def test_splice_delta_files_are_inputs(disk, tmp_path):
     )
     got = _load(out)
     assert all(torch.equal(got[n], partial[n]) for n in base)
+
+
+def test_output_may_not_overwrite_an_input(disk):
+    root, _, _ = disk
+    with pytest.raises(SpliceError):
+        merge(_recipe(root, "linear", {}), root / "ft1", force=True)
+    assert (root / "ft1" / "config.json").is_file()
