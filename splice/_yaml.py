@@ -74,7 +74,12 @@ def load_yaml(source: str | Path) -> Any:
         loader = _StrictLoader(text)
         return loader.get_single_data()
     except yaml.YAMLError as e:
-        detail = " ".join(str(e).split())
+        mark = getattr(e, "problem_mark", None)
+        if where is not None and mark is not None:
+            where = f"{where}:{mark.line + 1}"
+        problem = getattr(e, "problem", None) or str(e)
+        context = getattr(e, "context", None)
+        detail = " ".join(f"{context + ': ' if context else ''}{problem}".split())
         raise SpliceError(
             f"not valid YAML: {detail[:200]}",
             where=where,

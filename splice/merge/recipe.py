@@ -412,16 +412,11 @@ def load_recipe(source: str | Path | Mapping[str, Any]) -> Recipe:
     if isinstance(source, str | Path):
         path = Path(source)
         what = str(path)
-        try:
-            import yaml
+        if not path.is_file():
+            raise SpliceError("recipe file not found", where=str(path))
+        from splice._yaml import load_yaml
 
-            raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise SpliceError("recipe file not found", where=str(path)) from None
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            at = f"{path}:{mark.line + 1}" if mark else str(path)
-            raise SpliceError(f"invalid YAML ({getattr(e, 'problem', e)})", where=at) from None
+        raw = load_yaml(path)
     else:
         raw = dict(source)
     if not isinstance(raw, dict):

@@ -335,6 +335,112 @@ def _pickle_cases(root: Path, canary: Path) -> list[tuple[str, Path, str]]:
     return out
 
 
+def _models(root: Path) -> dict[str, Path]:
+    """Small checkpoints for recipe cases: base, two fine-tunes, and broken variants."""
+    g = torch.Generator().manual_seed(0)
+
+    def sd(**over: torch.Tensor) -> dict[str, torch.Tensor]:
+        out = {"model.layers.0.w": torch.randn(4, 4, generator=g), "ids": torch.arange(3)}
+        out.update(over)
+        return out
+
+    specs = {
+        "base": sd(),
+        "a": sd(),
+        "b": sd(),
+        "wide": sd(**{"model.layers.0.w": torch.randn(4, 5, generator=g)}),
+        "extra": sd(**{"model.layers.0.extra": torch.ones(2)}),
+        "nan": sd(**{"model.layers.0.w": torch.full((4, 4), float("nan"))}),
+        "inf": sd(**{"model.layers.0.w": torch.full((4, 4), float("inf"))}),
+    }
+    out = {}
+    for name, tensors in specs.items():
+        d = root / "models" / name
+        d.mkdir(parents=True)
+        save_file(tensors, d / "model.safetensors")
+        out[name] = d
+    return out
+
+
+def _bomb(key: str) -> str:
+    lines = ["a: &a [x, x, x, x, x, x, x, x, x]"]
+    lines += [
+        f"{c}: &{c} [{', '.join([f'*{p}'] * 9)}]"
+        for p, c in zip("abcdefgh", "bcdefghi", strict=True)
+    ]
+    return "\n".join(lines) + f"\n{key}: *i\n"
+
+
+def _recipe_cases(root: Path) -> list[tuple[str, str, str]]:
+    m = _models(root)
+    head = f"base: {m['base']}\n"
+    two = f"models: [{m['a']}, {m['b']}]\n"
+    return [
+        ("unknown_method", "method: tie\n" + head + two, "did you mean 'ties'"),
+        ("misspelled_top", "method: ties\nmodles: []\n" + head + two, "modles"),
+        ("misspelled_param", "method: ties\nparams: {densty: 0.2}\n" + head + two, "densty"),
+        (
+            "misspelled_model_param",
+            f"method: ties\n{head}models:\n  - path: {m['a']}\n    params: {{wieght: 1}}\n",
+            "wieght",
+        ),
+        ("density_above_1", "method: ties\nparams: {density: 1.5}\n" + head + two, "density"),
+        ("density_negative", "method: ties\nparams: {density: -0.1}\n" + head + two, "density"),
+        ("dare_p_above_1", "method: dare\nparams: {p: 1.5}\n" + head + two, "p"),
+        ("weight_string", "method: linear\nparams: {weight: heavy}\n" + head + two, "weight"),
+        (
+            "lambda_list_of_str",
+            "method: task_arithmetic\nparams: {lambda: [a, b]}\n" + head + two,
+            "lambda",
+        ),
+        ("no_models", "method: ties\n" + head, "models"),
+        ("no_method", head + two, "method"),
+        (
+            "missing_model_path",
+            "method: ties\n" + head + "models: [./does/not/exist]\n",
+            "does not exist",
+        ),
+        (
+            "hub_id_is_not_fetched",
+            "method: ties\n" + head + "models: [meta-llama/Llama-3-8B]\n",
+            "does not exist",
+        ),
+        ("shape_mismatch", f"method: ties\n{head}models: [{m['a']}, {m['wide']}]\n", "shape"),
+        (
+            "extra_tensor",
+            f"method: ties\n{head}models: [{m['a']}, {m['extra']}]\n",
+            "model.layers.0.extra",
+        ),
+        ("nan_input", f"method: ties\n{head}models: [{m['a']}, {m['nan']}]\n", "NaN|finite"),
+        ("inf_input", f"method: ties\n{head}models: [{m['a']}, {m['inf']}]\n", "Inf|finite"),
+        ("yaml_bomb", "method: ties\n" + head + two + _bomb("junk"), "aliases"),
+        (
+            "yaml_bomb_in_params",
+            _bomb("x").replace("\nx: *i", "\nparams: {density: *i}")
+            + "method: ties\n"
+            + head
+            + two,
+            "aliases",
+        ),
+        (
+            "python_object_tag",
+            f"method: !!python/object/apply:os.system [touch {root / CANARY}]\n" + head + two,
+            "constructor",
+        ),
+        ("python_name_tag", "method: !!python/name:os.system\n" + head + two, "constructor"),
+        ("duplicate_key", "method: ties\nmethod: dare\n" + head + two, "duplicate key"),
+        ("not_a_mapping", "- ties\n- dare\n", "mapping|object|dict"),
+        ("empty_file", "", "empty|mapping|object|dict|method"),
+        ("bad_yaml_syntax", "method: [ties\n", "not valid YAML"),
+        (
+            "mergekit_unknown_key",
+            f"merge_method: ties\nbase_model: {m['base']}\nmodels:\n"
+            f"  - model: {m['a']}\n    parameters: {{densty: 0.5}}\n",
+            "densty",
+        ),
+    ]
+
+
 def build_corpus(root: Path) -> list[Case]:
     """Write every malformed input under ``root``; return the cases (≥ 100)."""
     root.mkdir(parents=True, exist_ok=True)
@@ -350,6 +456,24 @@ def build_corpus(root: Path) -> list[Case]:
         cases.append(Case(name, ("inspect", str(path)), expect))
     for name, path, expect in _pickle_cases(root, canary):
         cases.append(Case(name, ("inspect", str(path), "--allow-pickle"), expect))
+    recipes = root / "recipes"
+    recipes.mkdir()
+    for name, text, expect in _recipe_cases(root):
+        r = recipes / f"{name}.yaml"
+        r.write_text(text)
+        cases.append(Case(f"recipe_{name}", ("merge", str(r), str(root / "out" / name)), expect))
+    out_is_input = recipes / "output_is_input.yaml"
+    out_is_input.write_text(
+        (recipes / "misspelled_top.yaml").read_text().replace("modles: []\n", "")
+    )
+    a = root / "models" / "a"
+    cases.append(
+        Case(
+            "recipe_output_is_input",
+            ("merge", str(out_is_input), str(a), "--force"),
+            "overlaps the input",
+        )
+    )
     pt = root / "pickle_refused_by_default.pt"
     torch.save({"w": torch.ones(1)}, pt)
     cases.append(Case("pickle_refused_by_default", ("inspect", str(pt)), "--allow-pickle"))

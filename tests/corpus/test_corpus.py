@@ -44,3 +44,7 @@ def test_whole_corpus_is_refused_cleanly(tmp_path: Path) -> None:
     assert not failures, failures
     assert not (tmp_path / "corpus" / CANARY).exists(), "a pickle payload executed"
     assert report["peak_rss_mib"] < 1500
+    out = tmp_path / "corpus" / "out"
+    assert not out.exists() or list(out.iterdir()) == [], "a refused merge left output behind"
+    a = tmp_path / "corpus" / "models" / "a" / "model.safetensors"
+    assert a.stat().st_size > 0 and sorted(p.name for p in a.parent.iterdir()) == [a.name]
