@@ -20,10 +20,12 @@ _LAZY = {
     "task_vector": "splice.deltas",
 }
 
-__all__ = ["__version__", *_LAZY]
+__all__ = ["__version__", "merge", *_LAZY]
 
 
 def __getattr__(name: str) -> Any:
+    if name == "merge":  # the module is callable: splice.merge(recipe, out)
+        return importlib.import_module("splice.merge")
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'splice' has no attribute {name!r}")

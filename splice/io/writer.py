@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import shutil
 import uuid
@@ -99,6 +100,68 @@ def _check_overlap(dest: Path, protect: list[str | Path] | tuple[str | Path, ...
             )
 
 
+def _header_bytes(entries: dict[str, dict[str, object]], metadata: dict[str, str]) -> bytes:
+    raw = json.dumps({"__metadata__": metadata, **entries}, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return len(raw).to_bytes(8, "little") + raw
+
+
+def _tensor_bytes(t: torch.Tensor) -> memoryview:
+    return t.reshape(-1).view(torch.uint8).numpy().data
+
+
+class _PlannedShard:
+    """A shard whose tensors are known up front: header first, data written in place."""
+
+    def __init__(
+        self, path: Path, layout: list[tuple[str, tuple[int, ...], torch.dtype]], meta: dict
+    ) -> None:
+        self.path = path
+        self.entries: dict[str, dict[str, object]] = {}
+        self.size = 0
+        for name, shape, dtype in layout:
+            n = math.prod(shape) * dtype.itemsize
+            self.entries[name] = {
+                "dtype": DTYPE_NAMES[dtype],
+                "shape": list(shape),
+                "data_offsets": [self.size, self.size + n],
+            }
+            self.size += n
+        header = _header_bytes(self.entries, meta)
+        self.start = len(header)
+        self.pending = set(self.entries)
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.pwrite(self.fd, header, 0)
+        os.ftruncate(self.fd, self.start + self.size)
+
+    def add(self, name: str, t: torch.Tensor) -> None:
+        entry = self.entries[name]
+        if list(t.shape) != entry["shape"] or DTYPE_NAMES[t.dtype] != entry["dtype"]:
+            raise SpliceError(
+                f"tensor {name!r} is {tuple(t.shape)} {t.dtype}, planned as "
+                f"{tuple(entry['shape'])} {entry['dtype']}"
+            )
+        view, pos = _tensor_bytes(t), self.start + entry["data_offsets"][0]
+        while view:
+            n = os.pwrite(self.fd, view, pos)
+            view, pos = view[n:], pos + n
+        self.pending.discard(name)
+
+    def finish(self) -> None:
+        if self.pending:
+            raise SpliceError(
+                f"{len(self.pending)} planned tensor(s) never written, e.g. "
+                f"{sorted(self.pending)[0]!r}"
+            )
+        os.fsync(self.fd)
+        self.close()
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
 class _Shard:
     def __init__(self, data_path: Path) -> None:
         self.data_path = data_path
@@ -109,7 +172,7 @@ class _Shard:
     def add(self, name: str, t: torch.Tensor) -> None:
         n = t.numel() * t.element_size()
         if n:
-            self.fh.write(t.reshape(-1).view(torch.uint8).numpy().data)
+            self.fh.write(_tensor_bytes(t))
         self.entries[name] = {
             "dtype": DTYPE_NAMES[t.dtype],
             "shape": list(t.shape),
@@ -119,16 +182,15 @@ class _Shard:
 
     def finish(self, final: Path, metadata: dict[str, str]) -> None:
         self.fh.close()
-        header = {"__metadata__": metadata, **self.entries}
-        raw = json.dumps(header, separators=(",", ":")).encode()
-        raw += b" " * (-len(raw) % 8)
         with open(final, "wb") as out, open(self.data_path, "rb") as data:
-            out.write(len(raw).to_bytes(8, "little"))
-            out.write(raw)
+            out.write(_header_bytes(self.entries, metadata))
             shutil.copyfileobj(data, out, 16 * 1024 * 1024)
             out.flush()
             os.fsync(out.fileno())
         self.data_path.unlink()
+
+    def close(self) -> None:
+        self.fh.close()
 
 
 class CheckpointWriter:
@@ -142,6 +204,9 @@ class CheckpointWriter:
         metadata: string metadata stored in every shard's header (recipe, seed, version).
         protect: input paths the output must not overwrite: ``dest`` may not be one of them,
             lie inside one, or contain one.
+        layout: every ``(name, shape, dtype)`` to be written, in order, when known up front
+            (the merge engine knows it from headers). Shards and headers are then laid out
+            first and each tensor is written in place: no spill file, no second copy.
 
     Raises:
         SpliceError: ``dest`` exists without ``force``, ``dest`` overlaps a protected input,
@@ -157,6 +222,7 @@ class CheckpointWriter:
         copy_files_from: str | Path | None = None,
         metadata: dict[str, str] | None = None,
         protect: list[str | Path] | tuple[str | Path, ...] = (),
+        layout: list[tuple[str, tuple[int, ...], torch.dtype]] | None = None,
     ) -> None:
         self.dest = Path(dest)
         _check_overlap(self.dest, protect)
@@ -172,6 +238,8 @@ class CheckpointWriter:
             )
         if self.dest.exists() and not self.dest.is_dir():
             raise SpliceError("destination exists and is not a directory", where=str(self.dest))
+        self._layout = layout
+        self._planned: dict[str, _PlannedShard] = {}
         self._tmp: Path | None = None
         self._shards: list[tuple[Path, dict[str, dict[str, object]], int]] = []
         self._current: _Shard | None = None
@@ -186,11 +254,32 @@ class CheckpointWriter:
             clean_stale_temps(self.dest)
             tmp.mkdir()
             self._tmp = tmp
+            if self._layout is not None:
+                self._plan_shards(self._layout)
         except OSError as e:
             raise SpliceError(
                 f"cannot create output: {e.strerror}", where=str(self.dest.parent)
             ) from e
         return self
+
+    def _plan_shards(self, layout: list[tuple[str, tuple[int, ...], torch.dtype]]) -> None:
+        assert self._tmp is not None
+        groups: list[list[tuple[str, tuple[int, ...], torch.dtype]]] = [[]]
+        size = 0
+        for name, shape, dtype in layout:
+            check_tensor_name(name, str(self.dest))
+            n = math.prod(shape) * dtype.itemsize
+            if groups[-1] and size + n > self.max_shard_size:
+                groups.append([])
+                size = 0
+            groups[-1].append((name, tuple(shape), dtype))
+            size += n
+        for i, group in enumerate(groups):
+            shard = _PlannedShard(self._tmp / f"part-{i:05d}.safetensors", group, self.metadata)
+            for name, _, _ in group:
+                if name in self._planned:
+                    raise SpliceError(f"tensor {name!r} planned twice", where=str(self.dest))
+                self._planned[name] = shard
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         """Append one tensor (moved to CPU, made contiguous) to the current shard."""
@@ -203,6 +292,14 @@ class CheckpointWriter:
             raise SpliceError(f"dtype {tensor.dtype} cannot be saved", where=name)
         self._names.add(name)
         t = tensor.detach().to("cpu").contiguous()
+        if self._layout is not None:
+            if name not in self._planned:
+                raise SpliceError(f"tensor {name!r} is not in the planned layout")
+            try:
+                self._planned[name].add(name, t)
+            except OSError as e:
+                raise SpliceError(f"cannot write: {e.strerror}", where=str(self.dest)) from e
+            return
         n = t.numel() * t.element_size()
         if self._current is not None and self._current.size + n > self.max_shard_size:
             self._close_shard()
@@ -230,6 +327,9 @@ class CheckpointWriter:
         assert self._tmp is not None
         if self._current is not None:
             self._close_shard()
+        for shard in dict.fromkeys(self._planned.values()):
+            shard.finish()
+            self._shards.append((shard.path, shard.entries, shard.size))
         if not self._shards:
             raise SpliceError("nothing was written", where=str(self.dest))
         total = len(self._shards)
@@ -285,8 +385,10 @@ class CheckpointWriter:
 
     def _abort(self) -> None:
         if self._current is not None:
-            self._current.fh.close()
+            self._current.close()
             self._current = None
+        for shard in self._planned.values():
+            shard.close()
         if self._tmp is not None:
             shutil.rmtree(self._tmp, ignore_errors=True)
             self._tmp = None

@@ -163,6 +163,9 @@ def merge(
         copy_files_from=ref_dir,
         metadata=meta,
         protect=inputs,
+        layout=[
+            (t.name, t.shape, (job.out_dtype or t.dtype) if t.merge else t.dtype) for t in tasks
+        ],
     ) as writer:
         execute(job, tasks, writer, progress=progress)
         if job.out_dtype is not None and ref.config is not None:

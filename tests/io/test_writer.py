@@ -228,3 +228,39 @@ def test_output_may_not_overlap_an_input(tmp_path: Path, dest: str) -> None:
         CheckpointWriter(tmp_path / dest, force=True, protect=[inp])
     assert (inp / "model.safetensors").read_bytes() == before
     CheckpointWriter(tmp_path / "elsewhere", protect=[inp])
+
+
+def _layout(sd: dict[str, torch.Tensor]) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+    return [(k, tuple(v.shape), v.dtype) for k, v in sd.items()]
+
+
+def test_planned_layout_writes_the_same_bytes_in_any_order(tmp_path: Path) -> None:
+    sd = _state()
+    _write(tmp_path / "spill", sd, max_shard_size="5KB")
+    with CheckpointWriter(tmp_path / "planned", max_shard_size="5KB", layout=_layout(sd)) as w:
+        for k in reversed(list(sd)):
+            w.write(k, sd[k])
+    spill, planned = tmp_path / "spill", tmp_path / "planned"
+    names = sorted(p.name for p in spill.iterdir())
+    assert names == sorted(p.name for p in planned.iterdir()) and len(names) > 2
+    for n in names:
+        assert (spill / n).read_bytes() == (planned / n).read_bytes(), n
+
+
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [("missing", "never written"), ("shape", "planned as"), ("unplanned", "not in the planned")],
+)
+def test_planned_layout_mismatches_are_errors(tmp_path: Path, bad: str, message: str) -> None:
+    sd = _state()
+    with (
+        pytest.raises(SpliceError, match=message),
+        CheckpointWriter(tmp_path / "o", layout=_layout(sd)) as w,
+    ):
+        for k, v in sd.items():
+            if bad == "missing" and k == "half":
+                continue
+            w.write(k, v[:1] if bad == "shape" and k == "half" else v)
+        if bad == "unplanned":
+            w.write("extra", torch.ones(1))
+    assert list(tmp_path.iterdir()) == []
