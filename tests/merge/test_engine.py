@@ -200,8 +200,11 @@ def _peak_alive(layers: int) -> int:
 
 
 def test_inputs_are_streamed_one_name_at_a_time():
-    # the base and three inputs of this name, and of the next one (read ahead)
-    assert 0 < _peak_alive(2) == _peak_alive(8) <= 2 * 4 + 1
+    # at most the base and three inputs of this name and of the next one (read ahead), plus
+    # one in flight, however many tensors the model has (exact counts depend on thread timing)
+    bound = 2 * 4 + 1
+    assert 0 < _peak_alive(2) <= bound
+    assert 0 < _peak_alive(8) <= bound
 
 
 def test_layer_indices_per_stack():
