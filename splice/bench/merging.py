@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import json
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -77,6 +78,19 @@ class MergeSpec:
         if self.transform:
             label += f" + {self.transform}"
         return label + (f" · {symbol(self.tune_key or '')} val" if self.tune else "")
+
+    def resolved_key(self) -> str:
+        """Identifies the merge itself: every parameter resolved to its value, defaults too."""
+        cls = methods.get(self.method)
+        parts: dict[str, Any] = {
+            "method": self.method,
+            "params": cls.Params(**self.params).model_dump(),
+            "model_params": cls.ModelParams(**self.model_params).model_dump(),
+        }
+        if self.transform:
+            tp = transforms.get(self.transform).Params(**self.transform_params)
+            parts["transform"] = [self.transform, tp.model_dump()]
+        return json.dumps(parts, sort_keys=True, default=str)
 
     def with_value(self, value: float) -> MergeSpec:
         """This spec with the tuned parameter fixed to ``value``."""

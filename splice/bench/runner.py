@@ -75,9 +75,9 @@ PROFILES: dict[str, BenchConfig] = {
         tasks=("rt_sentiment", "tweet_sentiment", "fortune_topic", "wordnet_supersense"),
         train=TrainConfig(steps=100),
         caps=(2000, 150, 400),
-        lambda_grid=(0.25, 0.5, 1.0),
+        lambda_grid=(0.3, 0.6, 1.0, 1.5),
         learned_steps=20,
-        continual_orders=3,
+        continual_orders=1,
     ),
     "full": BenchConfig(
         tasks=TEXT_TASKS + VISION_TASKS,
@@ -224,6 +224,7 @@ def _evaluate(
         val_own = {t: suite.acc(own[t], "val", [t])[t] for t in tasks} if n_tune else {}
         advance(1 if n_tune else 0)
         models = list(own.values())
+        tested: dict[str, tuple[dict[str, float], float]] = {}  # one test run per setting
         for spec in specs:
             reason = unsupported(spec, len(tasks))
             if reason:
@@ -246,8 +247,12 @@ def _evaluate(
                     chosen, best = spec.with_value(value), score
                 advance()
             advance(0, f"evaluate {spec.label}")
-            merged, secs = merge_state(chosen, base, models, seed)
-            _add(rows, spec.key, spec.label, "merge", suite.acc(merged), secs, chosen.chosen)
+            key = chosen.resolved_key()
+            if key not in tested:
+                merged, secs = merge_state(chosen, base, models, seed)
+                tested[key] = suite.acc(merged), secs
+            acc, secs = tested[key]
+            _add(rows, spec.key, spec.label, "merge", acc, secs, chosen.chosen)
             rows[spec.key].tuned = spec.tune_key if spec.tune else None
             advance()
 

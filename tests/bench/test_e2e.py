@@ -213,3 +213,20 @@ def test_vision_run_adapts_the_1x1_convs(tmp_path, monkeypatch):
     assert "_conv_head.weight" in names and "_blocks.15._project_conv.weight" in names
     assert all(n.endswith(("_expand_conv.weight", "_project_conv.weight", "_conv_head.weight"))
                for n in names)  # fmt: skip
+
+
+def test_several_seeds_report_mean_and_std(tiny, tmp_path, monkeypatch):
+    monkeypatch.setenv("SPLICE_CACHE", str(tmp_path / "cache"))
+    results = run_bench(_config(tiny, methods=("task_arithmetic",), seeds=(0, 1)))
+    assert [(r["task"], r["seed"]) for r in results["runs"]] == [
+        ("mood", 0),
+        ("topic", 0),
+        ("mood", 1),
+        ("topic", 1),
+    ]
+    for row in results["rows"]:
+        assert all(len(v) == 2 for v in row["acc"].values())
+    tuned = next(r for r in results["rows"] if r["key"] == "task_arithmetic@tuned")
+    assert len(tuned["params"]) == 2 and len(tuned["merge_s"]) == 2
+    md = (write_report(results, tmp_path / "out")[1]).read_text()
+    assert md.count(" ± ") >= 3 * 4  # every cell of every row: mean ± std
