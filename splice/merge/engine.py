@@ -20,27 +20,32 @@ from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import torch
 from torch import Tensor
 
 from splice.deltas import Delta
 from splice.errors import SpliceError
+from splice.merge.arch import Architecture, infer_architecture, tie_pairs
 from splice.merge.base import HyperParams, MergeContext, MergeMethod, MergeTransform
 from splice.merge.stats import one_thread
 
 __all__ = [
+    "Checked",
+    "Dropped",
     "MergeJob",
     "Resolver",
     "Sink",
     "Source",
     "TensorTask",
+    "check",
     "execute",
     "layer_indices",
     "plan",
 ]
 
+VocabPolicy = Literal["base", "union", "intersect"]
 Resolver = Callable[[str | None, float], tuple[HyperParams, list[HyperParams]]]
 """``(tensor name or None for model level, depth) -> (params, per-input params)``."""
 
@@ -67,7 +72,14 @@ class Source:
 
 @dataclass
 class MergeJob:
-    """Everything :func:`execute` needs; built by :mod:`splice.merge.recipe` or by hand."""
+    """Everything :func:`execute` needs; built by :mod:`splice.merge.recipe` or by hand.
+
+    ``allow_missing``: a tensor some inputs lack is merged with the base's value in their place
+    (a zero task vector; copied from the reference without a base), one only some inputs have
+    is dropped; both are errors otherwise. ``vocab``: how embedding/head rows that differ
+    between inputs are reconciled (:mod:`splice.merge.vocab`). ``read_ahead``: read the next
+    tensor while this one is merged (faster; one more set of inputs in memory).
+    """
 
     method: MergeMethod
     models: list[Source]
@@ -78,11 +90,18 @@ class MergeJob:
     dtype: torch.dtype | None = None
     out_dtype: torch.dtype | None = None
     device: str = "cpu"
+    allow_missing: bool = False
+    vocab: VocabPolicy | None = None
+    read_ahead: bool = True
+
+    def sources(self) -> list[Source]:
+        """The base (if any), then the models: what :attr:`TensorTask.copy_from` indexes."""
+        return [s for s in (self.base, *self.models) if s is not None]
 
 
 @dataclass(frozen=True)
 class TensorTask:
-    """One output tensor: merged (with its resolved parameters) or copied from the base."""
+    """One output tensor: merged (with its resolved parameters) or copied from one input."""
 
     name: str
     merge: bool
@@ -93,6 +112,16 @@ class TensorTask:
     num_layers: int | None = None
     params: HyperParams | None = None
     model_params: list[HyperParams] | None = None
+    block: str = "other"
+    reads: tuple[str | None, ...] | None = None
+    """Per model, the name read for this task: a tied head reads its embedding, None means
+    the model lacks it (``allow_missing``: the base's value is used). None: ``name``."""
+    base_read: str | None = None
+    """The name read from the base, when it differs from ``name`` (a tied head)."""
+    copy_from: int = 0
+    """For a copied task, the index into :meth:`MergeJob.sources` it is copied from."""
+    vocab: bool = False
+    """Rows differ between inputs: each is fitted to ``shape[0]`` rows when read."""
 
     def context(self, seed: int, stats: Mapping[str, Any]) -> MergeContext:
         return MergeContext(
@@ -106,6 +135,34 @@ class TensorTask:
         )
 
 
+@dataclass(frozen=True)
+class Dropped:
+    """An input tensor that is not in the output, and why (recorded in the ledger)."""
+
+    source: str
+    name: str
+    reason: str
+
+
+@dataclass
+class Checked:
+    """What :func:`check` found: the output tensors, and everything the ledger must tell."""
+
+    tasks: list[TensorTask]
+    arch: Architecture
+    dropped: list[Dropped] = field(default_factory=list)
+    vocab: dict[str, Any] | None = None
+    """Vocab report (:func:`splice.merge.vocab.report`) when rows differ between inputs."""
+    untied: list[str] = field(default_factory=list)
+    """Heads the reference ties to its embedding but the output stores (another input
+    has its own head)."""
+    notes: dict[str, list[str]] = field(default_factory=dict)
+    """Per output tensor, how inputs were read when not plainly (tied, missing)."""
+
+    def note(self, name: str, text: str) -> None:
+        self.notes.setdefault(name, []).append(text)
+
+
 _INDEX = re.compile(r"(?:^|\.)(\d+)(?=\.|$)")
 
 
@@ -114,7 +171,8 @@ def layer_indices(names: list[str]) -> dict[str, tuple[int, int]]:
 
     The block index is the first numeric path component (``model.layers.3.mlp…`` → 3); the
     text before it names the stack, and each stack (e.g. T5's encoder and decoder) is
-    counted separately [lib, merging.md §6.7].
+    counted separately [lib, merging.md §6.7]. :func:`splice.merge.arch.infer_architecture`
+    refines this with known stack names and the config.
     """
     found: dict[str, tuple[str, int]] = {}
     for name in names:
@@ -138,6 +196,14 @@ def _shape_dtype(mapping: Mapping[str, Tensor], name: str) -> tuple[tuple[int, .
 
 def _check_configs(sources: list[Source]) -> None:
     keys = ("model_type", "architectures", "num_hidden_layers", "hidden_size")
+    for s in sources:
+        if s.config and s.config.get("quantization_config"):
+            method = (s.config["quantization_config"] or {}).get("quant_method", "quantized")
+            raise SpliceError(
+                f"the checkpoint is {method}-quantized; its integer weights cannot be merged",
+                where=s.label,
+                fix="merge the fp16/bf16/fp32 checkpoints, then quantize the result",
+            )
     first = next((s for s in sources if s.config), None)
     if first is None:
         return
@@ -154,22 +220,37 @@ def _check_configs(sources: list[Source]) -> None:
                 )
 
 
-def _same_names(odd: list[str], what: str, src: Source) -> None:
+def _odd_names(odd: list[str], what: str, src: Source, fix: str) -> None:
     if odd:
         more = f" (and {len(odd) - 1} more)" if len(odd) > 1 else ""
-        raise SpliceError(
-            f"tensor {odd[0]!r} {what}{more}",
-            where=src.label,
-            fix="merge checkpoints of one architecture",
-        )
+        raise SpliceError(f"tensor {odd[0]!r} {what}{more}", where=src.label, fix=fix)
+
+
+_MISSING_FIX = (
+    "merge checkpoints of one architecture, or pass --allow-missing (allow_missing=True) "
+    "to merge what the inputs share (the ledger records what was dropped)"
+)
 
 
 def plan(job: MergeJob) -> list[TensorTask]:
     """Check the job from headers alone and list the output tensors in base order.
 
     Raises:
-        SpliceError: missing or extra tensors, shape or dtype mismatch, incompatible configs,
-            an adapter without a base, a wrong number of inputs, invalid parameters.
+        SpliceError: see :func:`check`.
+    """
+    return check(job).tasks
+
+
+def check(job: MergeJob) -> Checked:
+    """Preflight: check the whole job from headers and configs before any tensor is read.
+
+    Input counts, configs (architecture, size, quantization), layer counts against
+    ``config.json``, tensor names (tied heads read their embedding; missing or extra names
+    fail unless ``allow_missing``), shapes (embedding rows may differ under a ``vocab``
+    policy), dtypes, and every tensor's resolved parameters.
+
+    Raises:
+        SpliceError: naming the input, the tensor and the fix.
     """
     method = job.method
     lo, hi = method.num_models
@@ -198,65 +279,223 @@ def plan(job: MergeJob) -> list[TensorTask]:
                 where=src.label,
                 fix="add `base:` with the checkpoint the adapter was trained on",
             )
-    _check_configs([s for s in (job.base, *job.models) if s is not None])
-    names = list(ref.weights)
-    name_set = set(names)
-    for src in job.models:
-        if src is ref:
-            continue
-        if src.weights is not None:
-            _same_names(
-                [n for n in src.weights if n not in name_set], f"is not in {ref.label}", src
-            )
-            _same_names(
-                [n for n in names if n not in src.weights], f"of {ref.label} is missing", src
-            )
-        for n in (*src.deltas, *src.overrides):
-            if n not in name_set:
-                raise SpliceError(
-                    f"adapter targets {n!r}, which is not in the base {ref.label}",
-                    where=src.label,
-                    fix="use the base model the adapter was trained on",
+    _check_configs(job.sources())
+    need_layers = bool(job.transforms) or bool(getattr(job.resolve, "uses_depth", False))
+    for src in job.sources():
+        if src is not ref and src.weights is not None and src.config:
+            infer_architecture(src.weights, src.config, where=src.label)
+    arch = infer_architecture(ref.weights, ref.config, where=ref.label, need_layers=need_layers)
+    return _Checker(job, ref, arch).run()
+
+
+class _Checker:
+    """The name, shape and parameter checks of :func:`check`, one reference at a time."""
+
+    def __init__(self, job: MergeJob, ref: Source, arch: Architecture) -> None:
+        self.job, self.ref, self.arch = job, ref, arch
+        assert ref.weights is not None
+        self.ref_weights = ref.weights
+        self.out = Checked([], arch)
+        self.names = list(ref.weights)
+        self.base_alias: dict[str, str] = {}
+
+    def run(self) -> Checked:
+        self._tied_heads()
+        reads = self._reads()
+        self._adapters()
+        tasks = self.out.tasks
+        resized: dict[str, tuple[int, list[tuple[str, int]]]] = {}
+        for name in self.names:
+            task = self._task(name, reads, resized)
+            if task is not None:
+                tasks.append(task)
+        if resized:
+            from splice.merge.vocab import report
+
+            self.out.vocab = report(self.job, resized)
+        return self.out
+
+    def _tied_heads(self) -> None:
+        """A head the reference ties (absent) but another input stores joins the output."""
+        for head, emb in tie_pairs(self.ref.config):
+            if head in self.ref_weights or emb not in self.ref_weights:
+                continue
+            stored = [
+                s.label for s in self.job.models if s.weights is not None and head in s.weights
+            ]
+            if stored:
+                self.names.append(head)
+                self.base_alias[head] = emb
+                self.out.untied.append(head)
+                self.out.note(
+                    head,
+                    f"{self.ref.label} ties it to {emb} (read in its place); "
+                    f"stored by {', '.join(stored)}",
                 )
-    layers = layer_indices(names)
-    tasks = []
-    for name in names:
-        shape, dtype = _shape_dtype(ref.weights, name)
-        mergeable = dtype.is_floating_point
+
+    def _reads(self) -> list[dict[str, str | None]]:
+        """Per model, ``name -> name read`` for every output name it does not store as is."""
+        job, name_set = self.job, set(self.names)
+        out: list[dict[str, str | None]] = []
         for src in job.models:
-            if src is ref:
+            alias: dict[str, str | None] = {}
+            out.append(alias)
+            if src is self.ref or src.weights is None:
+                if src is self.ref:
+                    alias.update(self.base_alias)
+                continue
+            extra = [n for n in src.weights if n not in name_set]
+            if extra and not job.allow_missing:
+                _odd_names(extra, f"is not in {self.ref.label}", src, _MISSING_FIX)
+            for n in extra:
+                self.out.dropped.append(
+                    Dropped(src.label, n, f"not in {self.ref.label} (--allow-missing)")
+                )
+            tied = {h: e for h, e in tie_pairs(src.config) if e in src.weights}
+            missing = []
+            for n in self.names:
+                if n in src.weights:
+                    continue
+                if n in tied:
+                    alias[n] = tied[n]
+                    self.out.note(n, f"{src.label} ties it to {tied[n]} (read in its place)")
+                else:
+                    missing.append(n)
+                    alias[n] = None
+            if missing and not job.allow_missing:
+                _odd_names(missing, f"of {self.ref.label} is missing", src, _MISSING_FIX)
+        return out
+
+    def _adapters(self) -> None:
+        name_set = set(self.names)
+        for src in self.job.models:
+            for n in (*src.deltas, *src.overrides):
+                if n not in name_set:
+                    raise SpliceError(
+                        f"adapter targets {n!r}, which is not in the base {self.ref.label}",
+                        where=src.label,
+                        fix="use the base model the adapter was trained on",
+                    )
+
+    def _task(
+        self,
+        name: str,
+        reads: list[dict[str, str | None]],
+        resized: dict[str, tuple[int, list[tuple[str, int]]]],
+    ) -> TensorTask | None:
+        job, ref = self.job, self.ref
+        base_read = self.base_alias.get(name)
+        shape, dtype = _shape_dtype(self.ref_weights, base_read or name)
+        mergeable = dtype.is_floating_point
+        per_model: list[str | None] = []
+        shapes: list[tuple[str, tuple[int, ...]]] = [(ref.label, shape)]
+        for src, alias in zip(job.models, reads, strict=True):
+            read = alias.get(name, name)
+            per_model.append(read)
+            if src is ref or read is None:
                 continue
             got = []
             if src.weights is not None:
-                got.append(_shape_dtype(src.weights, name))
+                got.append(_shape_dtype(src.weights, read))
             if name in src.overrides:
                 got.append(_shape_dtype(src.overrides, name))
             if name in src.deltas:
                 got.append((tuple(src.deltas[name].shape), dtype))
             for s, d in got:
-                if s != shape:
-                    raise SpliceError(
-                        f"shape {s} differs from {shape} in {ref.label}",
-                        where=f"{src.label}: {name}",
-                        fix="merge checkpoints of one architecture and size",
-                    )
+                shapes.append((src.label, s))
                 if d.is_floating_point != mergeable:
                     raise SpliceError(
                         f"dtype {d} here but {dtype} in {ref.label}",
                         where=f"{src.label}: {name}",
                         fix="float weights cannot be merged with integer buffers",
                     )
+        vocab = any(s != shape for _, s in shapes)
+        if vocab:
+            shape = self._vocab_rows(name, shapes, resized)
+        role = self.arch.role(base_read or name)
         nbytes = math.prod(shape) * dtype.itemsize
+        missing = [m.label for m, r in zip(job.models, per_model, strict=True) if r is None]
+        if missing and job.base is None:
+            self.out.note(
+                name,
+                f"missing in {', '.join(missing)} (--allow-missing): copied from {ref.label}, "
+                "not merged",
+            )
+            return TensorTask(name, False, shape, dtype, nbytes, block=role.block)
+        if missing:
+            self.out.note(
+                name,
+                f"missing in {', '.join(missing)} (--allow-missing): the base's value used "
+                "in their place (a zero task vector)",
+            )
+        plain = all(r == name for r in per_model) and base_read is None
+        reads_t = None if plain else tuple(per_model)
         if not mergeable:
-            tasks.append(TensorTask(name, False, shape, dtype, nbytes))
-            continue
-        layer, num_layers = layers.get(name, (None, None))
-        ctx = MergeContext(name, layer=layer, num_layers=num_layers)
+            return TensorTask(name, False, shape, dtype, nbytes, block=role.block)
+        ctx = MergeContext(name, layer=role.layer, num_layers=role.num_layers)
         params, model_params = job.resolve(name, ctx.depth)
-        tasks.append(
-            TensorTask(name, True, shape, dtype, nbytes, layer, num_layers, params, model_params)
+        return TensorTask(
+            name,
+            True,
+            shape,
+            dtype,
+            nbytes,
+            role.layer,
+            role.num_layers,
+            params,
+            model_params,
+            block=role.block,
+            reads=reads_t,
+            base_read=base_read,
+            vocab=vocab,
         )
-    return tasks
+
+    def _vocab_rows(
+        self,
+        name: str,
+        shapes: list[tuple[str, tuple[int, ...]]],
+        resized: dict[str, tuple[int, list[tuple[str, int]]]],
+    ) -> tuple[int, ...]:
+        ref_label, shape = shapes[0]
+        for label, s in shapes[1:]:
+            if len(s) != len(shape) or s[1:] != shape[1:] or not s:
+                raise SpliceError(
+                    f"shape {s} differs from {shape} in {ref_label}",
+                    where=f"{label}: {name}",
+                    fix="merge checkpoints of one architecture and size",
+                )
+        rows = [s[0] for _, s in shapes]
+        policy = self.job.vocab
+        if policy is None:
+            label, s = next((lab, s) for lab, s in shapes if s != shape)
+            raise SpliceError(
+                f"{s[0]} rows here but {shape[0]} in {ref_label} (vocab sizes differ)",
+                where=f"{label}: {name}",
+                fix="add `vocab: base`, `vocab: union` or `vocab: intersect` to the recipe "
+                "(rows are matched by index: see docs/merging.md, Vocab policies)",
+            )
+        if self.arch.role(name).block not in ("embed", "head") and not _is_vocab_size(
+            self.job, rows
+        ):
+            raise SpliceError(
+                f"rows differ ({sorted(set(rows))}) in a tensor that is not an embedding or head",
+                where=name,
+                fix="merge checkpoints of one architecture and size",
+            )
+        if any(name in s.deltas or name in s.overrides for s in self.job.models):
+            raise SpliceError(
+                "an adapter changes a tensor whose rows differ between inputs",
+                where=name,
+                fix="merge the adapter into its base first, or use inputs of one vocab size",
+            )
+        out_rows = {"base": rows[0], "union": max(rows), "intersect": min(rows)}[policy]
+        resized[name] = (out_rows, [(label, s[0]) for label, s in shapes])
+        return (out_rows, *shape[1:])
+
+
+def _is_vocab_size(job: MergeJob, rows: list[int]) -> bool:
+    sizes = {s.config.get("vocab_size") for s in job.sources() if s.config}
+    return bool(sizes & set(rows))
 
 
 class _Reader:
@@ -300,27 +539,40 @@ class _Reader:
         base = None
         if job.base is not None:
             assert job.base.weights is not None
-            base = self._finite(self._fetch(job.base.weights, name, dt), job.base.label, name)
+            raw = self._fetch(job.base.weights, task.base_read or name, dt)
+            base = self._finite(raw, job.base.label, name)
         tensors = []
-        for src in job.models:
+        for i, src in enumerate(job.models):
+            read = name if task.reads is None else task.reads[i]
             if name in src.overrides:
                 t = self._fetch(src.overrides, name, dt)
-            elif src.weights is not None:
-                t = self._fetch(src.weights, name, dt)
-            else:
+            elif src.weights is not None and read is not None:
+                t = self._fetch(src.weights, read, dt)
+            else:  # an adapter on the base, or a tensor this model lacks (allow_missing)
                 assert base is not None
                 t = base.clone()
             delta = src.deltas.get(name)
             if delta is not None:
                 t += delta.materialize(dt).to(self.device)
             tensors.append(self._finite(t, src.label, name))
+        if task.vocab:
+            from splice.merge.vocab import fit_rows
+
+            base, tensors = fit_rows(base, tensors, task.shape[0])
         return base, tensors
 
     def stream(
         self, tasks: list[TensorTask]
     ) -> Iterator[tuple[TensorTask, Tensor | None, list[Tensor]]]:
-        """Read tasks in order, the next one in a background thread while this one is used."""
+        """Read tasks in order; with ``read_ahead``, the next one in a background thread
+        while this one is used."""
         if not tasks:
+            return
+        if not self.job.read_ahead:
+            for task in tasks:
+                base, tensors = self.read(task)
+                yield task, base, tensors
+                del base, tensors
             return
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="splice-read") as pool:
             future = pool.submit(self.read, tasks[0])
@@ -363,13 +615,25 @@ class _Progress:
             yield lambda n: p.advance(task, n)
 
 
+Observer = Callable[[TensorTask, Tensor | None, Tensor], None]
+"""``(task, base or None, output tensor)``, called on every tensor before it is written."""
+
+
 def execute(
-    job: MergeJob, tasks: list[TensorTask], sink: Sink, *, progress: bool = False
+    job: MergeJob,
+    tasks: list[TensorTask],
+    sink: Sink,
+    *,
+    progress: bool = False,
+    on_output: Observer | None = None,
 ) -> dict[str, Any]:
     """Run the statistics passes, then merge every task into ``sink``; return the stats.
 
+    ``on_output`` sees every output tensor before it is written (the fidelity check).
+
     Raises:
-        SpliceError: NaN/Inf in an input, or a method's own check fails.
+        SpliceError: NaN/Inf in an input, an integer buffer that differs between inputs
+            (unless ``allow_missing``), or a method's own check fails.
     """
     if job.device.startswith("cuda") and not torch.cuda.is_available():
         raise SpliceError("--device cuda but no CUDA device is available", fix="use --device cpu")
@@ -377,7 +641,7 @@ def execute(
     # The work is memory-bound and chunked to stay in cache; one thread avoids intra-op
     # barriers that stall badly on a busy machine.
     with one_thread():
-        return _execute(job, tasks, sink, progress)
+        return _execute(job, tasks, sink, progress, on_output)
 
 
 @functools.cache
@@ -396,7 +660,9 @@ def _return_freed_memory() -> None:
         return
 
 
-def _execute(job: MergeJob, tasks: list[TensorTask], sink: Sink, progress: bool) -> dict[str, Any]:
+def _execute(
+    job: MergeJob, tasks: list[TensorTask], sink: Sink, progress: bool, on_output: Observer | None
+) -> dict[str, Any]:
     reader = _Reader(job)
     bars = _Progress(progress)
     merge_tasks = [t for t in tasks if t.merge]
@@ -437,25 +703,59 @@ def _execute(job: MergeJob, tasks: list[TensorTask], sink: Sink, progress: bool)
 
             passes(tstat, tstat.key, observe_merged)
 
-    ref = job.base or job.models[0]
-    assert ref.weights is not None
     inputs = reader.stream(merge_tasks)
     with bars.bar("merge", total) as advance:
         for task in tasks:
             if not task.merge:
-                sink.write(task.name, ref.weights[task.name])
+                copied = _copy(job, task, stats)
+                if on_output is not None:
+                    on_output(task, None, copied)
+                sink.write(task.name, copied)
                 continue
             _, base, tensors = next(inputs)
             ctx = task.context(job.seed, stats)
             merged = _merge_one(job, task, base, tensors, ctx)
             if tuple(merged.shape) != task.shape:
                 raise RuntimeError(f"{method.name} returned shape {tuple(merged.shape)}")
+            if on_output is not None:
+                on_output(task, base, merged)
             out_dtype = job.out_dtype or task.dtype
             sink.write(task.name, merged.to("cpu", out_dtype))
             del base, tensors, merged
             advance(task.nbytes)
     inputs.close()
     return stats
+
+
+COPIED_DIFFER = "engine.copied_differ"
+"""Key of the stats entry ``{name: [labels]}``: integer buffers that differ from the copied
+input's (only with ``allow_missing``; an error otherwise)."""
+
+
+def _copy(job: MergeJob, task: TensorTask, stats: dict[str, Any]) -> Tensor:
+    """A copied tensor, checked equal in every input that stores it (integer buffers)."""
+    sources = job.sources()
+    src = sources[task.copy_from]
+    assert src.weights is not None
+    value = src.weights[task.name]
+    if task.dtype.is_floating_point:  # a float tensor some inputs lack (allow_missing)
+        return value
+    for other in sources:
+        if other is src or other.weights is None or task.name not in other.weights:
+            continue
+        theirs = other.weights[task.name]
+        if theirs.dtype == value.dtype and torch.equal(theirs, value):
+            continue
+        if job.allow_missing:
+            stats.setdefault(COPIED_DIFFER, {}).setdefault(task.name, []).append(other.label)
+        else:
+            raise SpliceError(
+                f"integer tensor differs from {src.label}'s; no method merges integer buffers",
+                where=f"{other.label}: {task.name}",
+                fix="check that the inputs are fine-tunes of one model, or pass --allow-missing "
+                f"to copy {src.label}'s (the ledger records it)",
+            )
+    return value
 
 
 def _merge_one(
