@@ -45,7 +45,10 @@ VISION_TASKS = ("fashion_mnist", "mnist_5k", "animal_mnist", "sk_digits")
 
 
 class BenchConfig(BaseModel):
-    """Everything that defines a benchmark run (written into results.json)."""
+    """Everything that defines a benchmark run (written into results.json).
+
+    The defaults are the quick profile's settings.
+    """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -53,18 +56,18 @@ class BenchConfig(BaseModel):
     methods: tuple[str, ...] | None = Field(None, description="merge methods; None = all")
     train: TrainConfig = TrainConfig()
     seeds: tuple[int, ...] = (0,)
-    caps: tuple[int, int, int] = Field((2000, 200, 500), description="train/val/test caps")
+    caps: tuple[int, int, int] = Field((2000, 150, 400), description="train/val/test caps")
     split_seed: int = 0
     max_len: int = Field(32, description="text: tokens per example")
     image_size: int = Field(32, description="vision: input side in pixels")
     text_model: str = Field("minilm", description="'minilm' or a local BERT-style model dir")
-    lambda_grid: tuple[float, ...] = Field((0.25, 0.5, 0.75, 1.0), description="λ tried on val")
+    lambda_grid: tuple[float, ...] = Field((0.3, 0.6, 1.0, 1.5), description="λ tried on val")
     unit_scale: bool = Field(True, description="also report each λ-method at λ=1")
     learned_steps: int | None = Field(
-        None, description="cap on the optimisation steps of learned (data-driven) merges"
+        20, description="cap on the optimisation steps of learned merges; None: no cap"
     )
     continual_orders: int = Field(
-        0, ge=0, description="task orders of the continual view (OPCM vs continual TA); 0: off"
+        1, ge=0, description="task orders of the continual view (OPCM vs continual TA); 0: off"
     )
     eval_batch_size: int = 128
     device: str = "cpu"
@@ -72,12 +75,7 @@ class BenchConfig(BaseModel):
 
 PROFILES: dict[str, BenchConfig] = {
     "quick": BenchConfig(
-        tasks=("rt_sentiment", "tweet_sentiment", "fortune_topic", "wordnet_supersense"),
-        train=TrainConfig(steps=100),
-        caps=(2000, 150, 400),
-        lambda_grid=(0.3, 0.6, 1.0, 1.5),
-        learned_steps=20,
-        continual_orders=1,
+        tasks=("rt_sentiment", "tweet_sentiment", "fortune_topic", "wordnet_supersense")
     ),
     "full": BenchConfig(
         tasks=TEXT_TASKS + VISION_TASKS,
@@ -86,7 +84,7 @@ PROFILES: dict[str, BenchConfig] = {
         caps=(5000, 200, 600),
         max_len=48,
         image_size=64,
-        lambda_grid=(0.1, 0.3, 0.5, 0.7, 1.0),
+        lambda_grid=(0.1, 0.3, 0.5, 0.7, 1.0, 1.5),
         learned_steps=100,
         continual_orders=3,
     ),

@@ -39,7 +39,7 @@ class TrainConfig(BaseModel):
     r: int = Field(8, description="adapter rank")
     alpha: float = Field(16.0, description="adapter scaling numerator (scale = alpha / r)")
     targets: tuple[str, ...] | None = Field(None, description="adapter targets; None = encoder's")
-    steps: int = Field(120, description="optimizer steps per task")
+    steps: int = Field(100, description="optimizer steps per task")
     batch_size: int = 32
     lr: float | None = Field(
         None, description="AdamW learning rate of the tuned weights; None: 1e-3, full FT 5e-5"

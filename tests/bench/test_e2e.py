@@ -73,6 +73,7 @@ def _config(tiny, **kw) -> BenchConfig:
         "tasks": tuple(paths),
         "methods": ("task_arithmetic", "linear", "ties", "dare", "lines", "opcm", "adamerging"),
         "learned_steps": 2,
+        "continual_orders": 0,
         "train": TrainConfig(steps=40, batch_size=16),
         "caps": (90, 20, 40),
         "text_model": str(model_dir),
