@@ -98,8 +98,8 @@ def write_continual(records: Sequence[Mapping[str, Any]], out: Path) -> list[Pat
             x = np.arange(1, c.shape[1] + 1)
             mean, std = 100 * c.mean(0), 100 * c.std(0)
             style = {"color": "grey", "ls": "--"} if m == "individual" else {}
-            ax.plot(x, mean, marker="o", label=m, **style)
-            ax.fill_between(x, mean - std, mean + std, alpha=0.15, color=style.get("color"))
+            (line,) = ax.plot(x, mean, marker="o", label=m, **style)
+            ax.fill_between(x, mean - std, mean + std, alpha=0.15, color=line.get_color())
             ax.set_xticks(x)
         ax.set_title(f"{kind} tasks".strip())
         ax.set_xlabel("tasks merged so far")
