@@ -56,25 +56,52 @@ def peft_files(
         if mod_name and _matcher(record.modules_to_save)(mod_name):
             for key, t in module.state_dict().items():
                 tensors[f"{PREFIX}{mod_name}.{key}"] = t
-    config = {
+    config = lora_config(
+        r=r,
+        alpha=alpha,
+        targets=list(adapter_layers(model)),
+        use_rslora=rslora,
+        dropout=cfg.dropout,
+        fan_in_fan_out=fan_in_fan_out,
+        modules_to_save=record.modules_to_save or None,
+        base_model=base["base_model"],
+        model_class=base["model_class"],
+    )
+    return config, {k: v.detach() for k, v in tensors.items()}
+
+
+def lora_config(
+    *,
+    r: int,
+    alpha: float,
+    targets: list[str],
+    use_rslora: bool = False,
+    dropout: float = 0.0,
+    fan_in_fan_out: bool = False,
+    modules_to_save: list[str] | None = None,
+    base_model: str | None = None,
+    model_class: str | None = None,
+) -> dict[str, Any]:
+    """A PEFT ``adapter_config.json`` for a plain LoRA (one rank and alpha for every site)."""
+    config: dict[str, Any] = {
         "peft_type": "LORA",
         "task_type": None,
-        "base_model_name_or_path": base["base_model"],
+        "base_model_name_or_path": base_model,
         "r": r,
         "lora_alpha": alpha,
-        "use_rslora": rslora,
-        "lora_dropout": cfg.dropout,
-        "target_modules": list(adapter_layers(model)),
+        "use_rslora": use_rslora,
+        "lora_dropout": dropout,
+        "target_modules": targets,
         "fan_in_fan_out": fan_in_fan_out,
         "bias": "none",
-        "modules_to_save": record.modules_to_save or None,
+        "modules_to_save": modules_to_save,
         "init_lora_weights": True,
         "rank_pattern": {},
         "alpha_pattern": {},
     }
-    if base["model_class"]:
-        config["auto_mapping"] = {"base_model_class": base["model_class"]}
-    return config, {k: v.detach() for k, v in tensors.items()}
+    if model_class:
+        config["auto_mapping"] = {"base_model_class": model_class}
+    return config
 
 
 def read_peft(path: Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
