@@ -224,6 +224,32 @@ def merge(
     seed: Annotated[
         int | None, typer.Option(help="Seed of stochastic methods (overrides the recipe).")
     ] = None,
+    plan: Annotated[
+        bool,
+        typer.Option(
+            "--plan",
+            help="Check the recipe and print the memory plan from headers only; write nothing.",
+        ),
+    ] = False,
+    max_memory: Annotated[
+        str | None,
+        typer.Option(help="Refuse up front if the plan needs more RAM than this, e.g. 4GB."),
+    ] = None,
+    allow_missing: Annotated[
+        bool,
+        typer.Option(
+            "--allow-missing",
+            help="Merge what the inputs share: tensors some inputs lack are merged without "
+            "them, extra ones dropped (the ledger records it).",
+        ),
+    ] = False,
+    output: Annotated[
+        str | None,
+        typer.Option(help="'model' (default) or 'adapter': LoRA dirs in, one LoRA dir out."),
+    ] = None,
+    rank: Annotated[
+        str | None, typer.Option(help="With --output adapter: LoRA rank N, or 'exact'.")
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
     """Merge models and adapters from a recipe, streaming one tensor at a time."""
@@ -238,8 +264,8 @@ def merge(
         else:
             _print_methods(table)
         return
-    if recipe is None or out is None:
-        raise UsageError("give a RECIPE and an OUT dir (or --list)")
+    if recipe is None or (out is None and not plan):
+        raise UsageError("give a RECIPE and an OUT dir (or --list, or RECIPE --plan)")
     import time
 
     from splice.merge.learned._recipe import is_learned_recipe
@@ -254,25 +280,38 @@ def merge(
         else:
             typer.echo(f"wrote {out} in {summary['seconds']:.1f} s")
         return
+    options = {
+        "max_shard_size": max_shard_size,
+        "device": device,
+        "dtype": dtype,
+        "out_dtype": out_dtype,
+        "seed": seed,
+        "allow_missing": allow_missing,
+        "max_memory": max_memory,
+        "output": output,
+        "rank": rank,
+    }
+    if plan:
+        from splice.merge import plan_merge
+        from splice.merge.report import print_plan
+
+        report = plan_merge(recipe, **options)
+        if as_json:
+            _print_json(report)
+        else:
+            print_plan(report)
+        return
     from splice.merge import merge as run
+    from splice.merge.report import print_outcome, read_ledger
 
     start = time.perf_counter()
-    path = run(
-        recipe,
-        out,
-        force=force,
-        max_shard_size=max_shard_size,
-        device=device,
-        dtype=dtype,
-        out_dtype=out_dtype,
-        seed=seed,
-        progress=not as_json and sys.stderr.isatty(),
-    )
+    path = run(recipe, out, force=force, progress=not as_json and sys.stderr.isatty(), **options)
     seconds = time.perf_counter() - start
+    ledger = read_ledger(path)
     if as_json:
-        _print_json({"out": str(path), "seconds": round(seconds, 3)})
+        _print_json({"out": str(path), "seconds": round(seconds, 3), "ledger": ledger})
     else:
-        typer.echo(f"wrote {path} in {seconds:.1f} s")
+        print_outcome(path, seconds, ledger)
 
 
 def _print_methods(table: list[dict]) -> None:

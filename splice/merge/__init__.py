@@ -20,7 +20,8 @@ from torch import Tensor
 from splice.errors import SpliceError
 from splice.merge import base as _base
 from splice.merge.base import HyperParams, MergeTransform
-from splice.merge.engine import MergeJob, Source, execute, layer_indices, plan
+from splice.merge.engine import Checked, MergeJob, Source, check, execute, layer_indices, plan
+from splice.merge.ledger import build_ledger
 from splice.merge.recipe import (
     ParamResolver,
     Recipe,
@@ -30,13 +31,14 @@ from splice.merge.recipe import (
     recipe_json,
 )
 
-__all__ = ["load_recipe", "merge", "merge_state_dicts"]
+__all__ = ["load_recipe", "merge", "merge_state_dicts", "plan_merge"]
 
 
 def _open_source(path: str, adapter: str | None, label: str) -> Source:
     from splice.deltas import DELTA_FORMAT, load_deltas
     from splice.io import open_checkpoint
     from splice.io.peft import peft_full_tensors, peft_lowrank_deltas
+    from splice.merge.ledger import raw_names
 
     p = Path(path)
     if not p.exists():
@@ -49,13 +51,21 @@ def _open_source(path: str, adapter: str | None, label: str) -> Source:
     if ckpt.format == "peft":
         if adapter is not None:
             raise SpliceError("an adapter cannot be applied to an adapter", where=path)
-        return Source(path, None, peft_lowrank_deltas(ckpt), peft_full_tensors(ckpt))
+        return Source(
+            path,
+            None,
+            peft_lowrank_deltas(ckpt),
+            peft_full_tensors(ckpt),
+            raw=raw_names(ckpt),
+            checkpoints=[ckpt],
+        )
     if ckpt.metadata.get("format") == DELTA_FORMAT:
-        return Source(path, None, load_deltas(p))
-    src = Source(path, ckpt, config=ckpt.config)
+        return Source(path, None, load_deltas(p), raw=raw_names(ckpt), checkpoints=[ckpt])
+    src = Source(path, ckpt, config=ckpt.config, checkpoints=[ckpt])
     if adapter is not None:
         extra = _open_source(adapter, None, f"{label} adapter")
         src.deltas, src.overrides, src.label = extra.deltas, extra.overrides, f"{path}+{adapter}"
+        src.raw, src.checkpoints = extra.raw, [ckpt, *extra.checkpoints]
     return src
 
 
@@ -81,6 +91,7 @@ def build_job(
     dtype: str | None = None,
     out_dtype: str | None = None,
     seed: int | None = None,
+    allow_missing: bool = False,
 ) -> MergeJob:
     """Open every input (headers only) and assemble the engine's job for ``recipe``."""
     method_cls = _base.methods.get(recipe.method)
@@ -111,7 +122,104 @@ def build_job(
         dtype=parse_dtype(dtype, "--dtype") or recipe.dtype,
         out_dtype=parse_dtype(out_dtype, "--out-dtype") or recipe.out_dtype,
         device=device,
+        allow_missing=allow_missing,
+        vocab=recipe.vocab,
     )
+
+
+def _prepare(
+    recipe: str | Path | Mapping[str, Any] | Recipe,
+    *,
+    output: str | None,
+    rank: int | str | None,
+) -> Recipe:
+    if not isinstance(recipe, Recipe):
+        recipe = load_recipe(recipe)
+    if output is not None:
+        if output not in ("model", "adapter"):
+            raise SpliceError(f"--output {output!r}", fix="use --output model or --output adapter")
+        recipe.output = output  # type: ignore[assignment]
+    if rank is not None:
+        recipe.rank = "exact" if rank == "exact" else int(rank)
+    return recipe
+
+
+def plan_merge(
+    recipe: str | Path | Mapping[str, Any] | Recipe,
+    *,
+    max_shard_size: int | str = "5GB",
+    device: str = "cpu",
+    dtype: str | None = None,
+    out_dtype: str | None = None,
+    seed: int | None = None,
+    allow_missing: bool = False,
+    max_memory: int | str | None = None,
+    output: str | None = None,
+    rank: int | str | None = None,
+) -> dict[str, Any]:
+    """Preflight and memory plan of a merge from headers and configs; reads no tensor.
+
+    Returns a JSON-ready report: the plan (:class:`~splice.merge.memory.MemoryPlan`), tensor
+    counts, the architecture found, the vocab report and the seconds the checks took.
+
+    Raises:
+        SpliceError: whatever the merge itself would refuse before computing, and a plan
+            above ``max_memory``.
+    """
+    import time
+
+    from splice.merge.memory import estimate
+
+    start = time.perf_counter()
+    recipe = _prepare(recipe, output=output, rank=rank)
+    if recipe.output == "adapter":
+        from splice.merge.adapter_out import plan_adapter
+
+        report = plan_adapter(recipe, device=device, dtype=dtype, seed=seed)
+    else:
+        job = build_job(
+            recipe,
+            device=device,
+            dtype=dtype,
+            out_dtype=out_dtype,
+            seed=seed,
+            allow_missing=allow_missing,
+        )
+        checked = check(job)
+        mem = estimate(job, checked.tasks, max_shard_size=max_shard_size)
+        report = {
+            "output": "model",
+            "method": recipe.method,
+            "plan": mem.to_json(),
+            "tensors": {
+                "merged": sum(t.merge for t in checked.tasks),
+                "copied": sum(not t.merge for t in checked.tasks),
+                "dropped": len(checked.dropped),
+            },
+            "architecture": checked.arch.summary(),
+            "vocab": checked.vocab,
+            "untied": checked.untied,
+        }
+    _check_budget(report["plan"], max_memory)
+    report["preflight_seconds"] = round(time.perf_counter() - start, 3)
+    return report
+
+
+def _check_budget(plan: Mapping[str, Any], max_memory: int | str | None) -> None:
+    if max_memory is None:
+        return
+    from splice.io import human_bytes, parse_size
+
+    limit = parse_size(max_memory)
+    if plan["total_ram"] > limit:
+        raise SpliceError(
+            f"the merge needs {human_bytes(plan['total_ram'])} of RAM "
+            f"({human_bytes(plan['peak_ram'])} for {plan['largest']!r} on top of "
+            f"{human_bytes(plan['baseline_ram'])} for the process), "
+            f"above --max-memory {human_bytes(limit)}",
+            fix="raise --max-memory, merge fewer models at once, or use a float16/bfloat16 "
+            "--dtype (halves the working set)",
+        )
 
 
 def merge(
@@ -125,24 +233,73 @@ def merge(
     out_dtype: str | None = None,
     seed: int | None = None,
     progress: bool | None = None,
+    allow_missing: bool = False,
+    max_memory: int | str | None = None,
+    output: str | None = None,
+    rank: int | str | None = None,
 ) -> Path:
     """Run a merge recipe and write the merged model to ``out`` (an HF model dir).
 
-    Everything that headers can tell is checked before any tensor is read; the output is
-    written to a temp dir beside ``out`` and renamed into place only on success.
-    ``dtype``/``out_dtype``/``seed`` override the recipe's.
+    Everything that headers can tell is checked before any tensor is read (the preflight,
+    :func:`splice.merge.engine.check`); with ``max_memory`` the memory plan is checked too.
+    The output is written to a temp dir beside ``out`` and renamed into place only on
+    success, with ``splice-ledger.json`` (every input tensor merged, copied or dropped; input
+    and output SHA-256; fidelity check). ``dtype``/``out_dtype``/``seed`` override the
+    recipe's; ``output="adapter"`` (or the recipe's ``output: adapter``) merges LoRA adapter
+    dirs into one LoRA adapter dir at ``rank`` (:mod:`splice.merge.adapter_out`).
 
     Raises:
-        SpliceError: a bad recipe, missing/incompatible inputs, NaN/Inf in an input,
-            ``out`` exists without ``force``.
+        SpliceError: a bad recipe, missing/incompatible inputs, NaN/Inf in an input or the
+            output, a plan above ``max_memory``, ``out`` exists without ``force``.
     """
+    recipe = _prepare(recipe, output=output, rank=rank)
+    if progress is None:
+        progress = sys.stderr.isatty()
+    if recipe.output == "adapter":
+        from splice.merge.adapter_out import merge_adapters
+
+        return merge_adapters(
+            recipe,
+            out,
+            force=force,
+            device=device,
+            dtype=dtype,
+            seed=seed,
+            progress=progress,
+            max_memory=max_memory,
+        )
+    job = build_job(
+        recipe,
+        device=device,
+        dtype=dtype,
+        out_dtype=out_dtype,
+        seed=seed,
+        allow_missing=allow_missing,
+    )
+    checked = check(job)
+    if max_memory is not None:
+        from splice.merge.memory import estimate
+
+        mem = estimate(job, checked.tasks, max_shard_size=max_shard_size)
+        _check_budget(mem.to_json(), max_memory)
+    return _write_model(recipe, job, checked, Path(out), force, max_shard_size, progress)
+
+
+def _write_model(
+    recipe: Recipe,
+    job: MergeJob,
+    checked: Checked,
+    out: Path,
+    force: bool,
+    max_shard_size: int | str,
+    progress: bool,
+) -> Path:
     from splice import __version__
     from splice.io import CheckpointWriter
+    from splice.merge.fidelity import OutputCheck
+    from splice.merge.ledger import LEDGER_NAME, hash_in_background, input_files
 
-    if not isinstance(recipe, Recipe):
-        recipe = load_recipe(recipe)
-    job = build_job(recipe, device=device, dtype=dtype, out_dtype=out_dtype, seed=seed)
-    tasks = plan(job)
+    tasks = checked.tasks
     meta = {
         "splice.version": __version__,
         "splice.method": recipe.method,
@@ -151,28 +308,114 @@ def merge(
     }
     ref = job.base or job.models[0]
     ref_dir = getattr(ref.weights, "dir", None)
-    if progress is None:
-        progress = sys.stderr.isatty()
-    out = Path(out)
+    files_from = _tokenizer_dir(job, checked) or ref_dir
     inputs = [p for p in (recipe.base, *(m.path for m in recipe.models)) if p]
     inputs += [m.adapter for m in recipe.models if m.adapter]
+    hashing = {s.label: hash_in_background(input_files(s)) for s in job.sources()}
+    check_output = OutputCheck()
     with CheckpointWriter(
         out,
         max_shard_size=max_shard_size,
         force=force,
-        copy_files_from=ref_dir,
+        copy_files_from=files_from,
         metadata=meta,
         protect=inputs,
         layout=[
             (t.name, t.shape, (job.out_dtype or t.dtype) if t.merge else t.dtype) for t in tasks
         ],
     ) as writer:
-        execute(job, tasks, writer, progress=progress)
-        if job.out_dtype is not None and ref.config is not None:
-            config = dict(ref.config)
-            config["torch_dtype"] = str(job.out_dtype).removeprefix("torch.")
-            writer.add_file("config.json", json.dumps(config, indent=2) + "\n")
+        stats = execute(job, tasks, writer, progress=progress, on_output=check_output)
+        added: dict[str, bytes] = {}
+        config = _output_config(job, checked, ref)
+        if config is not None:
+            added["config.json"] = (json.dumps(config, indent=2) + "\n").encode()
+        if files_from is not None and ref_dir is not None and files_from != ref_dir:
+            gen = Path(ref_dir) / "generation_config.json"
+            if gen.is_file():
+                added["generation_config.json"] = gen.read_bytes()
+        for name, content in added.items():
+            writer.add_file(name, content)
+        for src in job.sources():
+            for ckpt in src.checkpoints:
+                ckpt.check_unchanged()
+        outputs = _output_hashes(writer, files_from, added)
+        ledger = build_ledger(
+            job=job,
+            checked=checked,
+            recipe=recipe.source,
+            method=recipe.method,
+            stats=stats,
+            inputs=[
+                {
+                    "label": s.label,
+                    "role": "base" if s is job.base else "model",
+                    "path": s.label,
+                    "files": {
+                        Path(k).name: v for k, v in sorted(hashing[s.label].result().items())
+                    },
+                }
+                for s in job.sources()
+            ],
+            outputs=outputs,
+            fidelity=check_output.summary(),
+        )
+        writer.add_file(LEDGER_NAME, json.dumps(ledger, indent=1) + "\n")
     return out
+
+
+def _tokenizer_dir(job: MergeJob, checked: Checked) -> Path | None:
+    """Under a vocab policy, the dir of the input whose rows were kept (its tokenizer)."""
+    if checked.vocab is None:
+        return None
+    label = checked.vocab["tokenizer_from"]
+    src = next(s for s in job.sources() if s.label == label)
+    return getattr(src.weights, "dir", None)
+
+
+def _output_config(job: MergeJob, checked: Checked, ref: Source) -> dict[str, Any] | None:
+    """The reference's config.json with what the merge changed: dtype, vocab size, ties."""
+    if ref.config is None:
+        return None
+    config = dict(ref.config)
+    if job.out_dtype is not None:
+        config["torch_dtype"] = str(job.out_dtype).removeprefix("torch.")
+    if checked.vocab is not None:
+        config["vocab_size"] = checked.vocab["vocab_size"]
+    if checked.untied:
+        config["tie_word_embeddings"] = False
+    return config if config != ref.config or checked.vocab is not None else None
+
+
+def _output_hashes(
+    writer: Any, files_from: Path | None, added: Mapping[str, bytes]
+) -> dict[str, str]:
+    """SHA-256 of every output file but the ledger, from the temp dir before it is renamed.
+
+    Shards are read back from the page cache (the writer names them ``part-<i>``; they become
+    ``model.safetensors`` or ``model-<i>-of-<n>.safetensors``); copied and added files are
+    hashed from their sources. The index is derived from the shards and is not hashed.
+    """
+    import hashlib
+
+    from splice.io.writer import AUX_FILES
+    from splice.merge.ledger import hash_files
+
+    parts = sorted(Path(writer._tmp).glob("part-*.safetensors"))
+    n = len(parts)
+    finals = (
+        ["model.safetensors"]
+        if n == 1
+        else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    )
+    digests = hash_files(parts)
+    out = {final: digests[str(p)] for final, p in zip(finals, parts, strict=True)}
+    if files_from is not None:
+        copied = [Path(files_from) / a for a in AUX_FILES if a not in added]
+        for p, h in hash_files([p for p in copied if p.is_file()]).items():
+            out[Path(p).name] = h
+    for name, content in added.items():
+        out[name] = hashlib.sha256(content).hexdigest()
+    return dict(sorted(out.items()))
 
 
 class _Collect(dict):

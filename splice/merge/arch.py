@@ -231,9 +231,9 @@ def infer_architecture(
         else:
             roles[n] = TensorRole(block_of(n), s[0], s[1], stacks[s[0]])
     model_type = (config or {}).get("model_type")
-    return Architecture(
-        roles, stacks, model_type if isinstance(model_type, str) else None, tie_pairs(config)
-    )
+    present = set(names)
+    tied = [(h, e) for h, e in tie_pairs(config) if e in present]
+    return Architecture(roles, stacks, model_type if isinstance(model_type, str) else None, tied)
 
 
 def tie_pairs(config: Mapping[str, Any] | None) -> list[tuple[str, str]]:

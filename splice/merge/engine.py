@@ -68,6 +68,10 @@ class Source:
     deltas: Mapping[str, Delta] = field(default_factory=dict)
     overrides: Mapping[str, Tensor] = field(default_factory=dict)
     config: dict[str, Any] | None = None
+    raw: Mapping[str, list[str]] | None = None
+    """For adapters and delta files: base tensor name -> the names stored in the file."""
+    checkpoints: list[Any] = field(default_factory=list)
+    """The opened files behind this input (hashed for the ledger, checked unchanged)."""
 
 
 @dataclass
@@ -564,22 +568,16 @@ class _Reader:
     def stream(
         self, tasks: list[TensorTask]
     ) -> Iterator[tuple[TensorTask, Tensor | None, list[Tensor]]]:
-        """Read tasks in order; with ``read_ahead``, the next one in a background thread
-        while this one is used."""
-        if not tasks:
-            return
-        if not self.job.read_ahead:
-            for task in tasks:
-                base, tensors = self.read(task)
-                yield task, base, tensors
-                del base, tensors
-            return
+        """Read tasks in order; where :func:`~splice.merge.memory.read_ahead_schedule` allows,
+        the next one in a background thread while this one is used."""
+        from splice.merge.memory import read_ahead_schedule
+
+        ahead = read_ahead_schedule(self.job, tasks)
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="splice-read") as pool:
-            future = pool.submit(self.read, tasks[0])
+            future = None
             for i, task in enumerate(tasks):
-                base, tensors = future.result()
-                if i + 1 < len(tasks):
-                    future = pool.submit(self.read, tasks[i + 1])
+                base, tensors = self.read(task) if future is None else future.result()
+                future = pool.submit(self.read, tasks[i + 1]) if ahead[i] else None
                 yield task, base, tensors
                 del base, tensors
 
@@ -717,11 +715,11 @@ def _execute(
             merged = _merge_one(job, task, base, tensors, ctx)
             if tuple(merged.shape) != task.shape:
                 raise RuntimeError(f"{method.name} returned shape {tuple(merged.shape)}")
+            final = merged.to(job.out_dtype or task.dtype)
             if on_output is not None:
-                on_output(task, base, merged)
-            out_dtype = job.out_dtype or task.dtype
-            sink.write(task.name, merged.to("cpu", out_dtype))
-            del base, tensors, merged
+                on_output(task, base, final)
+            sink.write(task.name, final.to("cpu"))
+            del base, tensors, merged, final
             advance(task.nbytes)
     inputs.close()
     return stats

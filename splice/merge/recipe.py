@@ -11,11 +11,16 @@ A splice recipe::
     seed: 0
     dtype: float32                              # compute dtype; out_dtype: storage dtype
     lines: {beta: 0.5}                          # optional post-merge transform
+    vocab: union                                # when embedding rows differ: base|union|intersect
+    output: adapter                             # LoRA dirs in, one LoRA dir out (rank: 16|exact)
 
 A value may vary with depth, ``{gradient: [0, 0.5, 1]}`` (interpolated over the layer stack),
 or with the tensor name, ``[{filter: self_attn, value: 0.3}, {value: 0.7}]`` (first substring
-match wins). A mergekit recipe (``merge_method:``) keeps mergekit's syntax (a bare list is a
-gradient) and semantics (TIES/DARE per tensor, mergekit's defaults). Unknown keys, methods and
+match wins), or with the block type found from the name by :mod:`splice.merge.arch`,
+``[{block: attn, value: 0.3}, {value: 0.7}]`` (embed, attn, mlp, norm, head, other — the
+same recipe for Llama's ``self_attn``, GPT-2's ``attn`` and T5's ``SelfAttention``).
+A mergekit recipe (``merge_method:``) keeps mergekit's syntax (a bare list is a gradient) and
+semantics (TIES/DARE per tensor, mergekit's defaults). Unknown keys, methods and
 parameters are errors, with a suggestion. Paths are local; a relative path is resolved from
 the working directory and is never a hub id.
 """
@@ -28,12 +33,13 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from splice.errors import SpliceError
+from splice.merge.arch import BLOCKS, block_of
 from splice.merge.base import HyperParams, MergeMethod, methods, transforms
 
 __all__ = [
@@ -89,10 +95,17 @@ class Gradient:
 
 @dataclass(frozen=True)
 class Rule:
-    """``value`` for tensors whose name contains ``filter`` (None or "*" matches all)."""
+    """``value`` for tensors whose name contains ``filter`` (None or "*" matches all) and,
+    if ``block`` is given, whose block type (:func:`splice.merge.arch.block_of`) is it."""
 
     filter: str | None
     value: Scalar | Gradient
+    block: str | None = None
+
+    def matches(self, name: str | None) -> bool:
+        if self.block is not None and (name is None or block_of(name) != self.block):
+            return False
+        return self.filter in (None, "*") or bool(name and self.filter in name)
 
 
 Setting = Scalar | Gradient | tuple[Rule, ...]
@@ -105,7 +118,7 @@ def evaluate(setting: Setting, name: str | None, depth: float) -> Any:
         return setting.at(depth)
     if isinstance(setting, tuple):
         for rule in setting:
-            if rule.filter in (None, "*") or (name and rule.filter in name):
+            if rule.matches(name):
                 return evaluate(rule.value, name, depth)
         return _NO_MATCH
     return setting
@@ -135,21 +148,31 @@ def parse_setting(raw: Any, where: str, *, mergekit: bool) -> Setting:
     rules = [raw] if isinstance(raw, Mapping) else raw
     if isinstance(rules, list) and rules and all(isinstance(r, Mapping) for r in rules):
         out = []
+        keys = {"filter", "value"} if mergekit else {"filter", "block", "value"}
         for r in rules:
-            unknown = set(r) - {"filter", "value"}
+            unknown = set(r) - keys
             if unknown or "value" not in r:
                 raise SpliceError(
                     f"a filter rule has keys {sorted(r)}",
                     where=where,
-                    fix="write {filter: <substring>, value: <value>} (filter optional)",
+                    fix="write {filter: <substring>, value: <value>} (filter optional)"
+                    + ("" if mergekit else "; or {block: attn, value: <value>}"),
                 )
             value = parse_setting(r["value"], where, mergekit=mergekit)
             if isinstance(value, tuple):
                 raise SpliceError("filter rules cannot nest", where=where)
-            filt = r.get("filter")
-            out.append(Rule(None if filt is None else str(filt), value))
+            filt, block = r.get("filter"), r.get("block")
+            if block is not None and block not in BLOCKS:
+                raise _unknown(str(block), list(BLOCKS), "block type", where)
+            out.append(Rule(None if filt is None else str(filt), value, block))
         return tuple(out)
     raise SpliceError(f"cannot read parameter value {raw!r}", where=where)
+
+
+def _has_gradient(setting: Setting) -> bool:
+    if isinstance(setting, tuple):
+        return any(_has_gradient(r.value) for r in setting)
+    return isinstance(setting, Gradient)
 
 
 def _fields(model: type[HyperParams]) -> list[str]:
@@ -204,6 +227,9 @@ class ParamResolver:
         self.model_settings = [dict(m) for m in model_settings]
         self.labels = model_labels
         self._cache: dict[tuple[Any, ...], HyperParams] = {}
+        every = [*self.settings.values(), *(v for m in self.model_settings for v in m.values())]
+        self.uses_depth = any(_has_gradient(v) for v in every)
+        """Some value varies with depth, so the model's layer stack must be found."""
 
     def _build(self, cls: type[HyperParams], values: dict[str, Any], where: str) -> HyperParams:
         key = (cls, *sorted(values.items()))
@@ -258,6 +284,16 @@ class SpliceRecipe(_Strict):
     dtype: str | None = Field(None, description="compute dtype (default float32)")
     out_dtype: str | None = Field(None, description="output dtype (default: the base's)")
     lines: dict[str, Any] | None = Field(None, description="LiNeS depth scaling after the merge")
+    vocab: Literal["base", "union", "intersect"] | None = Field(
+        None, description="embedding/head rows that differ between inputs: whose rows to keep"
+    )
+    output: Literal["model", "adapter"] = Field(
+        "model", description="a merged model dir, or (LoRA inputs only) one LoRA adapter dir"
+    )
+    rank: Annotated[int, Field(ge=1)] | Literal["exact"] | None = Field(
+        None,
+        description="output: adapter — LoRA rank of the truncated SVD, or 'exact' (linear methods)",
+    )
 
 
 class _MkModel(_Strict):
@@ -382,6 +418,9 @@ class Recipe:
     dtype: torch.dtype | None = None
     out_dtype: torch.dtype | None = None
     lines: dict[str, Any] | None = None
+    vocab: Literal["base", "union", "intersect"] | None = None
+    output: Literal["model", "adapter"] = "model"
+    rank: int | Literal["exact"] | None = None
     dialect: Literal["splice", "mergekit"] = "splice"
     source: dict[str, Any] = field(default_factory=dict)
     full_range_slices: list[int] = field(default_factory=list)
@@ -445,6 +484,9 @@ def load_recipe(source: str | Path | Mapping[str, Any]) -> Recipe:
         dtype=parse_dtype(r.dtype),
         out_dtype=parse_dtype(r.out_dtype, "out_dtype"),
         lines=r.lines,
+        vocab=r.vocab,
+        output=r.output,
+        rank=r.rank,
         dialect="splice",
         source=raw,
     )
@@ -483,7 +525,8 @@ def _from_mergekit(raw: dict[str, Any], what: str) -> Recipe:
         raise SpliceError(
             f"tokenizer_source: {mk.tokenizer_source} is not supported yet",
             where=what,
-            fix="use tokenizer_source: base (the base's tokenizer files are copied)",
+            fix="use tokenizer_source: base, or a splice recipe with `vocab: union` "
+            "(embedding rows matched by index; see docs/merging.md)",
         )
     alias = _MERGEKIT.get(mk.merge_method)
     if alias is None:
@@ -539,6 +582,7 @@ def _from_mergekit(raw: dict[str, Any], what: str) -> Recipe:
         settings=globals_,
         dtype=parse_dtype(mk.dtype),
         out_dtype=parse_dtype(mk.out_dtype, "out_dtype") or parse_dtype(mk.dtype),
+        vocab="base" if mk.tokenizer_source == "base" else None,
         dialect="mergekit",
         source=raw,
         full_range_slices=ranges,

@@ -1,0 +1,226 @@
+"""The tensor ledger, ``splice-ledger.json`` in every merge output (DESIGN.md "What users keep
+asking the peers for" §3; mergekit's silent tensor losses, USERS.md Part A row 4).
+
+For every input tensor: *merged* (method, resolved parameters, block, layer), *copied* (from
+which input, why) or *dropped* (why); plus the recipe, seed, splice version, options, the
+architecture found, vocab and fidelity reports, and SHA-256 of every input and output file.
+``coverage`` counts, per input, how many of its stored tensors the ledger accounts for: it is
+100 % or the merge failed. The ledger is deterministic (no times, no host names), so the same
+recipe and inputs give the same bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from splice.errors import SpliceError
+
+if TYPE_CHECKING:
+    from splice.merge.engine import Checked, MergeJob, Source, TensorTask
+
+__all__ = ["FORMAT", "LEDGER_NAME", "build_ledger", "hash_files", "hash_in_background", "raw_names"]
+
+LEDGER_NAME = "splice-ledger.json"
+FORMAT = "splice.ledger/1"
+_BLOCK = 8 << 20
+
+
+def hash_files(paths: Iterable[Path]) -> dict[str, str]:
+    """SHA-256 of each file (8 MB reads; hashlib releases the GIL, so a thread overlaps)."""
+    out = {}
+    buf = bytearray(_BLOCK)
+    view = memoryview(buf)
+    for p in paths:
+        h = hashlib.sha256()
+        with open(p, "rb") as f:
+            while n := f.readinto(buf):
+                h.update(view[:n])
+        out[str(p)] = h.hexdigest()
+    return out
+
+
+def hash_in_background(paths: list[Path]) -> Future[dict[str, str]]:
+    """Hash ``paths`` in a thread while the merge runs (the inputs are read anyway)."""
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="splice-hash")
+    future = pool.submit(hash_files, paths)
+    pool.shutdown(wait=False)
+    return future
+
+
+def input_files(src: Source) -> list[Path]:
+    """The files an input is read from: weights, and its config or adapter config."""
+    files: set[Path] = set()
+    for ckpt in src.checkpoints:
+        files.update(ckpt.files)
+        if ckpt.dir is not None:
+            for name in ("config.json", "adapter_config.json"):
+                if (ckpt.dir / name).is_file():
+                    files.add(ckpt.dir / name)
+    return sorted(files)
+
+
+def raw_names(ckpt: Any) -> dict[str, list[str]]:
+    """``tensor name in the base -> names stored in the file`` for adapters and delta files.
+
+    A PEFT LoRA's ``…q_proj.lora_A.weight`` and ``…lora_B.weight`` both map to
+    ``…q_proj.weight``; a splice delta file's ``name::B`` and ``name::A`` to ``name``.
+    """
+    from splice.io.peft import _LORA, _PREFIX, _strip
+
+    out: dict[str, list[str]] = {}
+    for name in ckpt.names():
+        if ckpt.format == "peft":
+            m = _LORA.match(_strip(name))
+            target = (
+                f"{m['mod']}.weight"
+                if m
+                else name.removeprefix(_PREFIX).replace(".modules_to_save.default.", ".")
+            )
+        else:
+            target = name.split("::", 1)[0]
+        out.setdefault(target, []).append(name)
+    return out
+
+
+def _dump(params: Any) -> dict[str, Any]:
+    return params.model_dump(by_alias=True, mode="json") if params is not None else {}
+
+
+def _inputs_of(job: MergeJob, task: TensorTask) -> dict[str, Any]:
+    """Per input label: the stored name(s) read for this output tensor, or None (base value)."""
+    out: dict[str, Any] = {}
+    if job.base is not None:
+        out[job.base.label] = task.base_read or task.name
+    for i, src in enumerate(job.models):
+        read = task.name if task.reads is None else task.reads[i]
+        names = [read] if read is not None and read in (src.weights or {}) else []
+        names += (src.raw or {}).get(task.name, [])  # an adapter's or a delta file's names
+        out[src.label] = names[0] if len(names) == 1 else (names or None)
+    return out
+
+
+def build_ledger(
+    *,
+    job: MergeJob,
+    checked: Checked,
+    recipe: Mapping[str, Any],
+    method: str,
+    stats: Mapping[str, Any],
+    inputs: list[dict[str, Any]],
+    outputs: dict[str, str],
+    fidelity: dict[str, Any] | None,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The ledger as a JSON-ready dict (module docstring).
+
+    ``inputs``: per input ``{"label", "path", "role", "files": {name: sha256}}``;
+    ``outputs``: ``{file name: sha256}``.
+
+    Raises:
+        SpliceError: an input tensor the ledger cannot account for (an engine bug: nothing
+            may be lost silently).
+    """
+    from splice import __version__
+    from splice.merge.engine import COPIED_DIFFER
+
+    sources = job.sources()
+    differ: dict[str, list[str]] = dict(stats.get(COPIED_DIFFER, {}))
+    param_sets: list[dict[str, Any]] = []
+    index: dict[str, int] = {}
+    tensors = []
+    for task in checked.tasks:
+        entry: dict[str, Any] = {"name": task.name, "block": task.block}
+        if task.layer is not None:
+            entry["layer"] = task.layer
+        read = _inputs_of(job, task)
+        if task.merge:
+            ps = {
+                "params": _dump(task.params),
+                "model_params": [_dump(p) for p in task.model_params or []],
+            }
+            key = repr(ps)
+            if key not in index:
+                index[key] = len(param_sets)
+                param_sets.append(ps)
+            entry.update(action="merged", param_set=index[key])
+        else:
+            src = sources[task.copy_from]
+            why = "integer buffer, equal in every input that stores it"
+            if task.dtype.is_floating_point:
+                why = "missing in some inputs (--allow-missing)"
+            elif task.name in differ:
+                why = f"integer buffer; differs in {', '.join(differ[task.name])} (--allow-missing)"
+            entry.update(action="copied", **{"from": src.label}, reason=why)
+        entry["inputs"] = read
+        if task.name in checked.notes:
+            entry["notes"] = checked.notes[task.name]
+        tensors.append(entry)
+    dropped = [{"input": d.source, "name": d.name, "reason": d.reason} for d in checked.dropped]
+    ledger: dict[str, Any] = {
+        "format": FORMAT,
+        "splice_version": __version__,
+        "method": method,
+        "seed": job.seed,
+        "recipe": dict(recipe),
+        "options": {
+            "allow_missing": job.allow_missing,
+            "vocab": job.vocab,
+            "dtype": str(job.dtype).removeprefix("torch.") if job.dtype else None,
+            "out_dtype": str(job.out_dtype).removeprefix("torch.") if job.out_dtype else None,
+            "transforms": [{"name": t.name, **_dump(p)} for t, p in job.transforms],
+        },
+        "inputs": inputs,
+        "architecture": checked.arch.summary(),
+        "param_sets": param_sets,
+        "tensors": tensors,
+        "dropped": dropped,
+        "coverage": coverage(job, tensors, dropped),
+        "vocab": checked.vocab,
+        "fidelity": fidelity,
+        "outputs": outputs,
+    }
+    if extra:
+        ledger.update(extra)
+    return ledger
+
+
+def coverage(
+    job: MergeJob, tensors: list[dict[str, Any]], dropped: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """Per input: stored tensors, and how many the ledger says were merged/copied/dropped.
+
+    Raises:
+        SpliceError: some stored tensor is accounted for nowhere.
+    """
+    out: dict[str, Any] = {}
+    for src in job.sources():
+        stored = set(_stored_names(src))
+        seen: dict[str, str] = {}
+        for entry in tensors:
+            names = entry["inputs"].get(src.label)
+            for n in [names] if isinstance(names, str) else names or []:
+                seen.setdefault(n, entry["action"])
+        for d in dropped:
+            if d["input"] == src.label:
+                seen.setdefault(d["name"], "dropped")
+        lost = sorted(stored - set(seen))
+        if lost:
+            raise SpliceError(
+                f"{len(lost)} input tensor(s) are in no output and not recorded as dropped, "
+                f"e.g. {lost[0]!r}",
+                where=src.label,
+                fix="this is a splice bug; please report it with the recipe",
+            )
+        counts = {
+            a: sum(1 for n in stored if seen[n] == a) for a in ("merged", "copied", "dropped")
+        }
+        out[src.label] = {"tensors": len(stored), **counts}
+    return out
+
+
+def _stored_names(src: Source) -> list[str]:
+    return [*(src.weights or []), *(n for names in (src.raw or {}).values() for n in names)]

@@ -1,0 +1,280 @@
+"""The memory plan: peak RAM (and VRAM), output size, shards, passes and time, from headers.
+
+The engine holds, for the tensor name being merged, every input of that name in the compute
+dtype (``R``), the method's scratch (``S``: a multiple of one such tensor, per method, below)
+and the output cast (``O``, when ``out_dtype`` differs). Reading converts dtypes or
+materializes ``B·A`` one input at a time (``X``: transient). Reading the next name ahead
+(``R'``) overlaps I/O with compute, but only where ``R + S + O + R' + X'`` stays within the
+largest single name's working set: so the peak is ``max(R + S + O + X)`` over names,
+whatever the timing, and the plan can state it exactly (``--max-memory`` is checked against
+it before anything is read). Statistics passes use the same bound with their own scratch.
+
+Scratch multiples were measured with ``VmHWM`` on fixtures (tests/merge/test_plan.py keeps
+them within 25 %). Methods not in the table get a conservative ``T + 2``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from splice.io import human_bytes, parse_size
+
+if TYPE_CHECKING:
+    from splice.merge.engine import MergeJob, Source, TensorTask
+
+__all__ = ["MemoryPlan", "estimate", "read_ahead_schedule"]
+
+FIXED_BYTES = 4 << 20
+"""Chunk scratch, histograms and allocator slack (measured ≈ 2–5 MB)."""
+
+# Scratch of each method's merge, in tensors of the compute size, for T inputs.
+_METHOD_SCRATCH: dict[str, Callable[[int], float]] = {
+    "linear": lambda t: 0,
+    "task_arithmetic": lambda t: 0,
+    "ties": lambda t: 0.3,
+    "dare": lambda t: 0.6,
+    "slerp": lambda t: 3,
+    "pcb": lambda t: 2 * t + 0.5,
+    "dc_merge": lambda t: 3 * t + 3,
+    "do_merge": lambda t: 2 * t + 3.3,
+    "tswitch": lambda t: 4.75,
+}
+# Scratch of statistics passes, by (method, stat key), for T inputs and the model-level params.
+_STAT_SCRATCH: dict[tuple[str, str], Callable[[int, Any], float]] = {
+    ("ties", "ties.thresholds"): lambda t, p: 1,
+    ("ties", "ties.majority_sign"): lambda t, p: t if p.scope == "tensor" else 0.3,
+    ("dare", "ties.majority_sign"): lambda t, p: t + 0.6,
+    ("pcb", "pcb"): lambda t, p: t + 1,
+}
+_STAT_PASSES: dict[str, Callable[[int], int]] = {
+    "ties.thresholds": lambda words: words,
+    "pcb": lambda words: 2 * words,
+}
+_WORDS = {torch.float64: 4, torch.float32: 2, torch.float16: 1, torch.bfloat16: 1}
+# Bytes of input per second per pass on one CPU core (measured: 168M×3 fp32 merges, 2 cores).
+_THROUGHPUT = {"linear": 180e6, "task_arithmetic": 160e6, "ties": 90e6, "dare": 60e6}
+_CLASSES = ((10, "seconds"), (60, "under a minute"), (600, "minutes"), (3600, "under an hour"))
+
+
+@dataclass
+class MemoryPlan:
+    """What a merge will need, before it runs (all sizes in bytes)."""
+
+    peak_ram: int
+    """Working set above the process's own footprint (the imported libraries)."""
+    baseline_ram: int
+    """This process's resident memory now: Python, torch and splice imported."""
+    output_bytes: int
+    shards: int
+    passes: int
+    read_bytes: int
+    seconds: float
+    time_class: str
+    largest: str
+    """The tensor name whose working set is the peak."""
+    device: str = "cpu"
+    peak_vram: int | None = None
+    """With a CUDA device: tensors on the GPU (the CUDA context, ~0.5 GB, comes on top)."""
+    read_ahead: str = ""
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def total_ram(self) -> int:
+        return self.baseline_ram + self.peak_ram
+
+    def to_json(self) -> dict[str, Any]:
+        return {**asdict(self), "total_ram": self.total_ram}
+
+    def lines(self) -> list[tuple[str, str]]:
+        """``(label, value)`` rows for the CLI."""
+        rows = [
+            (
+                "peak RAM",
+                f"{human_bytes(self.total_ram)} ({human_bytes(self.baseline_ram)} process + "
+                f"{human_bytes(self.peak_ram)} working set, at {self.largest})",
+            )
+        ]
+        if self.peak_vram is not None:
+            rows.append(("peak VRAM", f"{human_bytes(self.peak_vram)} + CUDA context"))
+        rows += [
+            ("output", f"{human_bytes(self.output_bytes)} in {self.shards} shard(s)"),
+            ("passes", f"{self.passes} over {human_bytes(self.read_bytes)} of inputs"),
+            ("time", f"{self.time_class} (≈ {self.seconds:.0f} s on one CPU core)"),
+        ]
+        if self.read_ahead:
+            rows.append(("read-ahead", self.read_ahead))
+        return rows
+
+
+def process_rss() -> int:
+    """Resident memory of this process (Linux ``/proc``; 0 where unavailable)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def _compute_dtype(job: MergeJob, task: TensorTask) -> torch.dtype:
+    if job.dtype is not None:
+        return job.dtype
+    return torch.float64 if task.dtype == torch.float64 else torch.float32
+
+
+def _stored(src: Source, name: str) -> tuple[int, torch.dtype] | None:
+    mapping = src.weights
+    if mapping is None or name not in mapping:
+        return None
+    info = getattr(mapping, "info", None)
+    if info is not None:
+        i = info(name)
+        return math.prod(i.shape), i.dtype
+    t = mapping[name]
+    return t.numel(), t.dtype
+
+
+@dataclass(frozen=True)
+class _Cost:
+    read: int  # R: inputs of this name, resident while it is merged
+    transient: int  # X: extra while reading the last input (dtype cast, B·A)
+    work: int  # S + O: method scratch and output cast
+
+    @property
+    def peak(self) -> int:
+        """Reading ends before merging starts: ``R + max(X, S + O)``."""
+        return self.read + max(self.transient, self.work)
+
+
+def _costs(job: MergeJob, task: TensorTask, scratch: float) -> _Cost:
+    if not task.merge:
+        return _Cost(task.nbytes, 0, 0)
+    dt = _compute_dtype(job, task)
+    numel = math.prod(task.shape)
+    c = numel * dt.itemsize
+    read = 0
+    transient = 0
+    pairs: list[tuple[Source, str | None]] = []
+    if job.base is not None:
+        pairs.append((job.base, task.base_read or task.name))
+    for i, src in enumerate(job.models):
+        pairs.append((src, task.name if task.reads is None else task.reads[i]))
+    for src, name in pairs:
+        read += c
+        stored = _stored(src, name) if name is not None and task.name not in src.overrides else None
+        if stored is not None and stored[1] != dt:
+            transient = max(transient, stored[0] * stored[1].itemsize)
+        if task.name in src.deltas:
+            transient = max(transient, 2 * c)
+    if task.vocab:
+        read += c  # rows fitted by concatenation
+    out = numel * (job.out_dtype or task.dtype).itemsize
+    cast = out if (job.out_dtype or task.dtype) != dt else 0
+    # a transform gets the inputs as read, so the method works on clones; LiNeS' rescale
+    # θ₀ + λ·(θ − θ₀) holds two temporaries
+    clones = (len(job.models) + 2) * c if job.transforms else 0
+    return _Cost(read, transient, int(scratch * c) + cast + clones)
+
+
+def _scratch(job: MergeJob) -> float:
+    """The largest per-name scratch over the merge pass and every statistics pass."""
+    t = len(job.models)
+    method = _METHOD_SCRATCH.get(job.method.name, lambda n: n + 2)(t)
+    params0, model_params0 = job.resolve(None, 0.0)
+    worst = method
+    for stat in job.method.global_stats(params0, model_params0):
+        fn = _STAT_SCRATCH.get((job.method.name, stat.key), lambda n, p: n + 1)
+        worst = max(worst, fn(t, params0))
+    return worst
+
+
+def _passes(job: MergeJob, tasks: list[TensorTask]) -> int:
+    words = max((_WORDS.get(_compute_dtype(job, t), 2) for t in tasks if t.merge), default=2)
+    params0, model_params0 = job.resolve(None, 0.0)
+    stats = [s.key for s in job.method.global_stats(params0, model_params0)]
+    for transform, tparams in job.transforms:
+        stats += [s.key for s in transform.global_stats(tparams, len(job.models))]
+    return 1 + sum(_STAT_PASSES.get(k, lambda w: 1)(words) for k in stats)
+
+
+def read_ahead_schedule(job: MergeJob, tasks: list[TensorTask]) -> list[bool]:
+    """For each merged task, whether the next one may be read while it is merged.
+
+    Only where that keeps within the largest single task's working set, so read-ahead never
+    raises the peak (and the plan's peak holds whatever the timing).
+    """
+    if not job.read_ahead:
+        return [False] * len(tasks)
+    scratch = _scratch(job)
+    costs = [_costs(job, t, scratch) for t in tasks]
+    peak = max((c.peak for c in costs), default=0)
+    return [
+        i + 1 < len(costs) and c.read + c.work + costs[i + 1].read + costs[i + 1].transient <= peak
+        for i, c in enumerate(costs)
+    ]
+
+
+def _shards(tasks: list[TensorTask], sizes: list[int], max_shard: int) -> int:
+    shards, size = 1, 0
+    for n in sizes:
+        if size and size + n > max_shard:
+            shards, size = shards + 1, 0
+        size += n
+    return shards if tasks else 0
+
+
+def estimate(
+    job: MergeJob,
+    tasks: list[TensorTask],
+    *,
+    max_shard_size: int | str = "5GB",
+    output_bytes: int | None = None,
+) -> MemoryPlan:
+    """The memory and time plan of ``job`` (see the module docstring); reads no tensor.
+
+    ``output_bytes`` overrides the written size (an adapter output is not the model's size).
+    """
+    scratch = _scratch(job)
+    merged = [t for t in tasks if t.merge]
+    costs = {t.name: _costs(job, t, scratch) for t in tasks}
+    peak_name, peak = "", 0
+    for t in tasks:
+        c = costs[t.name]
+        if c.peak > peak:
+            peak_name, peak = t.name, c.peak
+    out_sizes = [
+        math.prod(t.shape) * ((job.out_dtype or t.dtype) if t.merge else t.dtype).itemsize
+        for t in tasks
+    ]
+    passes = _passes(job, tasks)
+    one_pass = sum(costs[t.name].read for t in merged)
+    copied = sum(costs[t.name].read for t in tasks if not t.merge)
+    read_bytes = one_pass * passes + copied
+    speed = _THROUGHPUT.get(job.method.name, 40e6)
+    seconds = read_bytes / speed
+    klass = next((label for limit, label in _CLASSES if seconds < limit), "hours")
+    schedule = read_ahead_schedule(job, merged)
+    ahead = sum(schedule)
+    on_gpu = job.device.startswith("cuda")
+    largest_raw = max((c.read // max(1, len(job.sources())) for c in costs.values()), default=0)
+    return MemoryPlan(
+        peak_ram=(2 * largest_raw if on_gpu else peak) + FIXED_BYTES,
+        baseline_ram=process_rss(),
+        output_bytes=output_bytes if output_bytes is not None else sum(out_sizes),
+        shards=_shards(tasks, out_sizes, parse_size(max_shard_size)),
+        passes=passes,
+        read_bytes=read_bytes,
+        seconds=seconds,
+        time_class=klass,
+        largest=peak_name,
+        device=job.device,
+        peak_vram=peak if on_gpu else None,
+        read_ahead=f"{ahead} of {len(merged)} tensors read while the previous one merges"
+        if job.read_ahead
+        else "off",
+    )
