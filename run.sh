@@ -32,6 +32,10 @@ apt_install() {
   DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq --no-install-recommends "${missing[@]}"
 }
 
+# pip warns once per package about index locations some machines configure but lack; drop that
+# noise and keep everything else.
+pip_quiet() { "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2); }
+
 install() {
   if [ ! -x "$VENV/bin/python" ]; then
     log "creating $VENV with $($PY --version)"
@@ -43,7 +47,7 @@ install() {
   local want
   want=$(cat pyproject.toml requirements/*.txt 2>/dev/null | sha256sum | cut -d' ' -f1)
   if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$want" ]; then
-    local pip=("$VENV/bin/python" -m pip install -q --disable-pip-version-check)
+    local pip=(pip_quiet "$VENV/bin/python" -m pip install -q --disable-pip-version-check)
     # torch first, pinned: an unpinned torch would pull a multi-GB CUDA build.
     "$VENV/bin/python" -c "import torch" 2>/dev/null || { log "installing torch==2.13.0"; "${pip[@]}" torch==2.13.0; }
     log "installing splice and its dependencies"
