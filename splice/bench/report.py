@@ -132,7 +132,7 @@ def _plot(results: dict[str, Any], path: Path) -> None:
     tasks = list(results["tasks"])
     cols = [*tasks, "avg"]
     grid = np.array([[r["acc"][t][0] for t in tasks] + [r["avg_acc"][0]] for r in summary])
-    labels = [r["label"] for r in summary]
+    labels = [row[0] for row in _table(results)[1]]  # with the values chosen on val
     fig, (ax, bx) = plt.subplots(
         1,
         2,
@@ -157,7 +157,11 @@ def _plot(results: dict[str, Any], path: Path) -> None:
     )
     bx.axvline(100, color="k", lw=0.8)
     bx.set_yticks(range(len(labels)), [])
-    bx.invert_yaxis()
+    bx.set_ylim(len(labels) - 0.5, -0.5)  # rows line up with the heatmap's
+    low = min(m for m, _ in norm) * 100
+    bx.set_xlim(max(0.0, low - 10), max(102.0, max(m for m, _ in norm) * 100 + 2))
+    for i, (m, _) in enumerate(norm):
+        bx.text(m * 100, i, f" {m * 100:.1f}", va="center", size=8)
     bx.set_title("avg normalized accuracy (%)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
