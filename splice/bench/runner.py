@@ -81,12 +81,12 @@ PROFILES: dict[str, BenchConfig] = {
         tasks=TEXT_TASKS + VISION_TASKS,
         train=TrainConfig(steps=250),
         seeds=(0, 1, 2),
-        caps=(5000, 200, 600),
-        max_len=48,
+        caps=(5000, 150, 500),
+        max_len=40,
         image_size=64,
-        lambda_grid=(0.1, 0.3, 0.5, 0.7, 1.0, 1.5),
-        learned_steps=100,
-        continual_orders=3,
+        lambda_grid=(0.1, 0.3, 0.6, 1.0, 1.5),
+        learned_steps=50,
+        continual_orders=1,
     ),
 }
 
