@@ -311,7 +311,7 @@ def _write_model(
     files_from = _tokenizer_dir(job, checked) or ref_dir
     inputs = [p for p in (recipe.base, *(m.path for m in recipe.models)) if p]
     inputs += [m.adapter for m in recipe.models if m.adapter]
-    hashing = {s.label: hash_in_background(input_files(s)) for s in job.sources()}
+    hashing = hash_in_background({s.label: input_files(s) for s in job.sources()})
     check_output = OutputCheck()
     with CheckpointWriter(
         out,
@@ -339,6 +339,7 @@ def _write_model(
             for ckpt in src.checkpoints:
                 ckpt.check_unchanged()
         outputs = _output_hashes(writer, files_from, added)
+        digests = hashing.result()
         ledger = build_ledger(
             job=job,
             checked=checked,
@@ -350,9 +351,7 @@ def _write_model(
                     "label": s.label,
                     "role": "base" if s is job.base else "model",
                     "path": s.label,
-                    "files": {
-                        Path(k).name: v for k, v in sorted(hashing[s.label].result().items())
-                    },
+                    "files": digests[s.label],
                 }
                 for s in job.sources()
             ],

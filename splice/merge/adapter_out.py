@@ -407,7 +407,7 @@ def merge_adapters(
     def on_output(task: TensorTask, base: Tensor | None, merged: Tensor) -> None:
         output_check(task, None if zero else base, merged)
 
-    hashing = {s.label: hash_in_background(input_files(s)) for s in job.sources() if s.checkpoints}
+    hashing = hash_in_background({s.label: input_files(s) for s in job.sources() if s.checkpoints})
     stats = execute(job, checked.tasks, sink, progress=progress, on_output=on_output)
     config, tensors = sink.files(recipe, _adapter_dtype(job))
     fidelity = output_check.summary()
@@ -428,6 +428,7 @@ def merge_adapters(
     for src in job.sources():
         for ckpt in src.checkpoints:
             ckpt.check_unchanged()
+    digests = hashing.result()
     with atomic_dir(out) as tmp:
         save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
         (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
@@ -445,9 +446,7 @@ def merge_adapters(
                     "label": s.label,
                     "role": "base" if s is job.base else "adapter",
                     "path": s.label,
-                    "files": {
-                        Path(k).name: v for k, v in sorted(hashing[s.label].result().items())
-                    },
+                    "files": digests[s.label],
                 }
                 for s in job.sources()
                 if s.checkpoints

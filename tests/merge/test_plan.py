@@ -1,0 +1,243 @@
+"""The memory plan (--plan, --max-memory): predicted peak vs measured peak RSS, shards, passes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+import splice.merge.engine as engine
+from splice.errors import SpliceError
+from splice.io import CheckpointWriter, open_checkpoint
+from splice.merge import merge, plan_merge
+from tests.merge._ckpt import lora_adapter
+
+V, H, FF = 6000, 512, 1024  # the largest tensors (embedding, head) are 11.7 MiB in fp32
+
+
+def _model(seed: int, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    sd = {
+        "lm_head.weight": torch.randn(V, H, generator=g),
+        "model.embed_tokens.weight": torch.randn(V, H, generator=g),
+    }
+    p = "model.layers.0."
+    for m in "qkvo":
+        sd[f"{p}self_attn.{m}_proj.weight"] = torch.randn(H, H, generator=g)
+    sd[f"{p}mlp.up_proj.weight"] = torch.randn(FF, H, generator=g)
+    sd[f"{p}mlp.down_proj.weight"] = torch.randn(H, FF, generator=g)
+    sd[f"{p}input_layernorm.weight"] = torch.ones(H)
+    sd["model.norm.weight"] = torch.ones(H)
+    return {k: v.to(dtype) for k, v in sd.items()}
+
+
+@pytest.fixture(scope="module")
+def fixture(tmp_path_factory):
+    root = tmp_path_factory.mktemp("plan")
+    for name, seed in (("base", 0), ("a", 1), ("b", 2), ("c", 3)):
+        with CheckpointWriter(root / name, max_shard_size="30MB") as w:
+            for k, v in _model(seed).items():
+                w.write(k, v)
+    return root
+
+
+CHILD = """
+import json, sys
+from splice.merge import merge, plan_merge
+
+def status(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+
+recipe, out = json.loads(sys.argv[1]), sys.argv[2]
+plan = plan_merge(recipe)["plan"]
+rss = status("VmRSS")
+merge(recipe, out, progress=False)
+print(json.dumps({"plan": plan["peak_ram"], "measured": status("VmHWM") - rss}))
+"""
+
+
+def _measure(recipe: dict, out: Path) -> tuple[int, int]:
+    """Plan and measured working set of one merge in a fresh process: peak RSS minus the
+    resident set after imports (and after the plan, which reads only headers).
+
+    The peak is ``VmHWM``, the kernel's high-water mark of this process image. It is what
+    ``ru_maxrss`` reports, except that Linux carries ``ru_maxrss`` across ``fork``+``exec``
+    from the parent (here the pytest process, larger than the merge), so it would measure
+    the parent instead.
+    """
+    proc = subprocess.run(
+        [sys.executable, "-c", CHILD, json.dumps(recipe), str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=Path(__file__).resolve().parents[2],
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    return r["plan"], r["measured"]
+
+
+def _recipes(root: Path) -> dict[str, dict]:
+    fts = [str(root / m) for m in "abc"]
+    base = str(root / "base")
+    return {
+        "task_arithmetic": {"method": "task_arithmetic", "base": base, "models": fts},
+        "ties_tensor": {
+            "method": "ties",
+            "base": base,
+            "models": fts,
+            "params": {"density": 0.5, "scope": "tensor"},
+        },
+        "linear_bf16_out": {"method": "linear", "models": fts, "out_dtype": "bfloat16"},
+        "ties_global": {"method": "ties", "base": base, "models": fts, "params": {"density": 0.3}},
+        "dare_ties": {
+            "method": "dare",
+            "base": base,
+            "models": fts,
+            "params": {"p": 0.5, "consensus": "ties"},
+        },
+        "slerp": {"method": "slerp", "base": base, "models": fts[:1]},
+        "pcb": {"method": "pcb", "base": base, "models": fts, "params": {"ratio": 0.2}},
+        "tswitch": {"method": "tswitch", "base": base, "models": fts},
+        "lines_auto": {
+            "method": "task_arithmetic",
+            "base": base,
+            "models": fts,
+            "lines": {"beta": 0.5},
+        },
+        "dc_merge": {"method": "dc_merge", "base": base, "models": fts},
+        "do_merge": {"method": "do_merge", "base": base, "models": fts, "params": {"rank": 16}},
+    }
+
+
+def _within(fixture: Path, tmp_path: Path, name: str, recipe: dict) -> None:
+    plan, measured = _measure(recipe, tmp_path / name)
+    assert 0.75 <= plan / measured <= 1.25, (name, plan / 2**20, measured / 2**20)
+
+
+@pytest.mark.parametrize("name", ["task_arithmetic", "ties_tensor"])
+def test_plan_peak_within_25_percent_of_measured_rss(fixture, tmp_path, name):
+    _within(fixture, tmp_path, name, _recipes(fixture)[name])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "name",
+    [
+        "linear_bf16_out",
+        "ties_global",
+        "dare_ties",
+        "slerp",
+        "pcb",
+        "tswitch",
+        "lines_auto",
+        "dc_merge",
+        "do_merge",
+    ],
+)
+def test_plan_peak_within_25_percent_for_every_method(fixture, tmp_path, name):
+    _within(fixture, tmp_path, name, _recipes(fixture)[name])
+
+
+@pytest.mark.slow
+def test_plan_peak_for_adapters_and_bfloat16_inputs(fixture, tmp_path):
+    base = {k: v for k, v in _model(0).items()}
+    targets = ["lm_head.weight", "model.layers.0.mlp.up_proj.weight"]
+    for i in range(2):
+        lora_adapter(tmp_path / f"lora{i}", base, targets, r=8, seed=i)
+    lora = {
+        "method": "ties",
+        "base": str(fixture / "base"),
+        "models": [str(tmp_path / f"lora{i}") for i in range(2)],
+        "params": {"density": 0.3},
+    }
+    _within(fixture, tmp_path, "lora", lora)
+    for name, seed in (("bf_base", 0), ("bf_a", 1)):
+        with CheckpointWriter(tmp_path / name) as w:
+            for k, v in _model(seed, torch.bfloat16).items():
+                w.write(k, v)
+    bf = {"method": "ties", "base": str(tmp_path / "bf_base"), "models": [str(tmp_path / "bf_a")]}
+    _within(fixture, tmp_path, "bf16", {**bf, "params": {"scope": "tensor"}})
+
+
+def test_plan_predicts_output_size_shards_and_passes(fixture, tmp_path, monkeypatch):
+    labels = []
+    original = engine._Progress.bar
+
+    def bar(self, description, total):
+        labels.append(description)
+        return original(self, description, total)
+
+    monkeypatch.setattr(engine._Progress, "bar", bar)
+    recipe = _recipes(fixture)["ties_global"]
+    report = plan_merge(recipe, max_shard_size="20MB")
+    plan = report["plan"]
+    out = merge(recipe, tmp_path / "out", max_shard_size="20MB")
+    shards = sorted(out.glob("*.safetensors"))
+    assert plan["shards"] == len(shards) > 1
+    assert plan["output_bytes"] == open_checkpoint(out).total_bytes
+    # global TIES: two radix passes (float32 = two 16-bit digits), the majority sign, the merge
+    assert plan["passes"] == len(labels) == 4
+    assert report["tensors"] == {"merged": 10, "copied": 0, "dropped": 0}
+    assert plan["largest"] in ("lm_head.weight", "model.embed_tokens.weight")
+    assert plan["time_class"] == "seconds" and plan["total_ram"] > plan["peak_ram"] > 0
+
+
+def test_device_cuda_plan_puts_the_working_set_on_the_gpu(fixture):
+    recipe = _recipes(fixture)["task_arithmetic"]
+    cpu = plan_merge(recipe)["plan"]
+    gpu = plan_merge(recipe, device="cuda")["plan"]
+    assert cpu["peak_vram"] is None
+    assert gpu["peak_vram"] + (4 << 20) == cpu["peak_ram"]
+    assert gpu["peak_ram"] < cpu["peak_ram"]
+
+
+def test_max_memory_refuses_up_front(fixture, tmp_path, monkeypatch):
+    recipe = _recipes(fixture)["task_arithmetic"]
+    total = plan_merge(recipe)["plan"]["total_ram"]
+
+    def refuse(*a, **k):
+        raise AssertionError("the merge started")
+
+    monkeypatch.setattr(engine, "execute", refuse)
+    import splice.merge as sm
+
+    monkeypatch.setattr(sm, "execute", refuse)
+    with pytest.raises(SpliceError, match=r"needs .* of RAM .* above --max-memory") as e:
+        merge(recipe, tmp_path / "out", max_memory=total - (8 << 20))
+    assert "lm_head.weight" in str(e.value) or "embed_tokens" in str(e.value)
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(SpliceError, match="above --max-memory"):
+        plan_merge(recipe, max_memory="100MB")
+    monkeypatch.undo()
+    merge(recipe, tmp_path / "ok", max_memory=total + (64 << 20))
+    assert (tmp_path / "ok" / "splice-ledger.json").is_file()
+
+
+def test_cli_plan_writes_nothing(fixture, tmp_path, monkeypatch, capsys):
+    from splice.cli import main
+
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(_recipes(fixture)["ties_tensor"]))
+
+    def run(*args: str) -> tuple[int, str, str]:
+        monkeypatch.setattr(sys, "argv", ["splice", "merge", *args])
+        with pytest.raises(SystemExit) as e:
+            main()
+        out, err = capsys.readouterr()
+        return e.value.code or 0, out, err
+
+    code, out, _ = run(str(path), "--plan")
+    assert code == 0 and "peak RAM" in out and "shard" in out and "preflight passed" in out
+    code, out, _ = run(str(path), str(tmp_path / "out"), "--plan", "--json")
+    assert code == 0 and json.loads(out)["plan"]["passes"] == 2  # majority sign, merge
+    assert not (tmp_path / "out").exists()
+    code, _, err = run(str(path), "--plan", "--max-memory", "10MB")
+    assert code == 1 and "above --max-memory" in err and "Traceback" not in err
