@@ -250,6 +250,10 @@ def merge(
     rank: Annotated[
         str | None, typer.Option(help="With --output adapter: LoRA rank N, or 'exact'.")
     ] = None,
+    checksums: Annotated[
+        bool,
+        typer.Option(help="SHA-256 of every input and output file in the ledger (~1 s/GB)."),
+    ] = True,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
     """Merge models and adapters from a recipe, streaming one tensor at a time."""
@@ -305,7 +309,8 @@ def merge(
     from splice.merge.report import print_outcome, read_ledger
 
     start = time.perf_counter()
-    path = run(recipe, out, force=force, progress=not as_json and sys.stderr.isatty(), **options)
+    progress = not as_json and sys.stderr.isatty()
+    path = run(recipe, out, force=force, progress=progress, checksums=checksums, **options)
     seconds = time.perf_counter() - start
     ledger = read_ledger(path)
     if as_json:

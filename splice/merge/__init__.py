@@ -97,6 +97,11 @@ def build_job(
     method_cls = _base.methods.get(recipe.method)
     base = _open_source(recipe.base, None, "base") if recipe.base else None
     models = [_open_source(m.path, m.adapter, f"models[{i}]") for i, m in enumerate(recipe.models)]
+    seen = {base.label} if base else set()
+    for i, src in enumerate(models):  # the ledger keys inputs by label: keep them distinct
+        if src.label in seen:
+            src.label = f"{src.label} (models[{i}])"
+        seen.add(src.label)
     if recipe.full_range_slices and (base or models[0]).weights is not None:
         ref = base or models[0]
         stacks = {n for _, n in layer_indices(list(ref.weights or {})).values()}
@@ -237,6 +242,7 @@ def merge(
     max_memory: int | str | None = None,
     output: str | None = None,
     rank: int | str | None = None,
+    checksums: bool = True,
 ) -> Path:
     """Run a merge recipe and write the merged model to ``out`` (an HF model dir).
 
@@ -247,6 +253,8 @@ def merge(
     and output SHA-256; fidelity check). ``dtype``/``out_dtype``/``seed`` override the
     recipe's; ``output="adapter"`` (or the recipe's ``output: adapter``) merges LoRA adapter
     dirs into one LoRA adapter dir at ``rank`` (:mod:`splice.merge.adapter_out`).
+    ``checksums=False`` leaves the SHA-256 of inputs and outputs out of the ledger (they cost
+    about 1 s per GB on one core).
 
     Raises:
         SpliceError: a bad recipe, missing/incompatible inputs, NaN/Inf in an input or the
@@ -267,6 +275,7 @@ def merge(
             seed=seed,
             progress=progress,
             max_memory=max_memory,
+            checksums=checksums,
         )
     job = build_job(
         recipe,
@@ -282,7 +291,7 @@ def merge(
 
         mem = estimate(job, checked.tasks, max_shard_size=max_shard_size)
         _check_budget(mem.to_json(), max_memory)
-    return _write_model(recipe, job, checked, Path(out), force, max_shard_size, progress)
+    return _write_model(recipe, job, checked, Path(out), force, max_shard_size, progress, checksums)
 
 
 def _write_model(
@@ -293,11 +302,12 @@ def _write_model(
     force: bool,
     max_shard_size: int | str,
     progress: bool,
+    checksums: bool,
 ) -> Path:
     from splice import __version__
     from splice.io import CheckpointWriter
     from splice.merge.fidelity import OutputCheck
-    from splice.merge.ledger import LEDGER_NAME, hash_in_background, input_files
+    from splice.merge.ledger import LEDGER_NAME, StreamHasher, input_files
 
     tasks = checked.tasks
     meta = {
@@ -311,7 +321,8 @@ def _write_model(
     files_from = _tokenizer_dir(job, checked) or ref_dir
     inputs = [p for p in (recipe.base, *(m.path for m in recipe.models)) if p]
     inputs += [m.adapter for m in recipe.models if m.adapter]
-    hashing = hash_in_background({s.label: input_files(s) for s in job.sources()})
+    hasher = StreamHasher(job.sources() if checksums else [])
+    job.on_read = hasher.feed if checksums else None
     check_output = OutputCheck()
     with CheckpointWriter(
         out,
@@ -338,8 +349,11 @@ def _write_model(
         for src in job.sources():
             for ckpt in src.checkpoints:
                 ckpt.check_unchanged()
-        outputs = _output_hashes(writer, files_from, added)
-        digests = hashing.result()
+        outputs = _output_hashes(writer, files_from, added, checksums)
+        digests = {
+            s.label: hasher.digests(input_files(s)) if checksums else _unhashed(input_files(s))
+            for s in job.sources()
+        }
         ledger = build_ledger(
             job=job,
             checked=checked,
@@ -385,9 +399,13 @@ def _output_config(job: MergeJob, checked: Checked, ref: Source) -> dict[str, An
     return config if config != ref.config or checked.vocab is not None else None
 
 
+def _unhashed(paths: list[Path]) -> dict[str, str | None]:
+    return {p.name: None for p in paths}
+
+
 def _output_hashes(
-    writer: Any, files_from: Path | None, added: Mapping[str, bytes]
-) -> dict[str, str]:
+    writer: Any, files_from: Path | None, added: Mapping[str, bytes], checksums: bool = True
+) -> dict[str, str | None]:
     """SHA-256 of every output file but the ledger, from the temp dir before it is renamed.
 
     Shards are read back from the page cache (the writer names them ``part-<i>``; they become
@@ -406,12 +424,16 @@ def _output_hashes(
         if n == 1
         else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
     )
+    copied = [Path(files_from) / a for a in AUX_FILES if a not in added] if files_from else []
+    copied = [p for p in copied if p.is_file()]
+    if not checksums:
+        return dict.fromkeys(sorted([*finals, *(p.name for p in copied), *added]))
     digests = hash_files(parts)
-    out = {final: digests[str(p)] for final, p in zip(finals, parts, strict=True)}
-    if files_from is not None:
-        copied = [Path(files_from) / a for a in AUX_FILES if a not in added]
-        for p, h in hash_files([p for p in copied if p.is_file()]).items():
-            out[Path(p).name] = h
+    out: dict[str, str | None] = {
+        final: digests[str(p)] for final, p in zip(finals, parts, strict=True)
+    }
+    for p, h in hash_files(copied).items():
+        out[Path(p).name] = h
     for name, content in added.items():
         out[name] = hashlib.sha256(content).hexdigest()
     return dict(sorted(out.items()))

@@ -366,6 +366,7 @@ def merge_adapters(
     seed: int | None = None,
     progress: bool = False,
     max_memory: int | str | None = None,
+    checksums: bool = True,
 ) -> Path:
     """Merge the recipe's LoRA adapter dirs into one LoRA adapter dir at ``out`` (module doc).
 
@@ -407,7 +408,9 @@ def merge_adapters(
     def on_output(task: TensorTask, base: Tensor | None, merged: Tensor) -> None:
         output_check(task, None if zero else base, merged)
 
-    hashing = hash_in_background({s.label: input_files(s) for s in job.sources() if s.checkpoints})
+    hashing = hash_in_background(
+        {s.label: input_files(s) for s in job.sources() if s.checkpoints and checksums}
+    )
     stats = execute(job, checked.tasks, sink, progress=progress, on_output=on_output)
     config, tensors = sink.files(recipe, _adapter_dtype(job))
     fidelity = output_check.summary()
@@ -433,7 +436,8 @@ def merge_adapters(
         save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
         (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
         outputs = {
-            p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(tmp.iterdir())
+            p.name: hashlib.sha256(p.read_bytes()).hexdigest() if checksums else None
+            for p in sorted(tmp.iterdir())
         }
         ledger = build_ledger(
             job=job,
@@ -446,7 +450,7 @@ def merge_adapters(
                     "label": s.label,
                     "role": "base" if s is job.base else "adapter",
                     "path": s.label,
-                    "files": digests[s.label],
+                    "files": digests.get(s.label) or dict.fromkeys(p.name for p in input_files(s)),
                 }
                 for s in job.sources()
                 if s.checkpoints

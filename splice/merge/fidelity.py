@@ -28,19 +28,25 @@ if TYPE_CHECKING:
 __all__ = ["OutputCheck", "logit_gap"]
 
 
-def _sums(out: Tensor, base: Tensor | None) -> tuple[float, float, float]:
-    o_flat = out.reshape(-1)
-    b_flat = base.reshape(-1) if base is not None else None
-    sq_out = sq_diff = sq_base = 0.0
-    for start in range(0, o_flat.numel(), CHUNK):
-        o = o_flat[start : start + CHUNK].float()
-        sq_out += float(torch.dot(o, o))
-        if b_flat is not None:
-            b = b_flat[start : start + CHUNK].float()
-            d = o - b
-            sq_diff += float(torch.dot(d, d))
-            sq_base += float(torch.dot(b, b))
-    return sq_out, sq_diff, sq_base
+def _sums(out: Tensor, base: Tensor | None) -> tuple[bool, float, float]:
+    """(finite, ‖out − base‖², ‖base‖²), the difference chunk by chunk into one scratch."""
+    o = out.reshape(-1)
+    if o.dtype != torch.float32 and o.dtype != torch.float64:
+        o = o.float()
+    if base is None:
+        return math.isfinite(float(o.sum())), 0.0, 0.0
+    b = base.reshape(-1).to(o.dtype)
+    sq_base = float(torch.dot(b, b))
+    scratch = torch.empty(min(CHUNK, o.numel()), dtype=o.dtype, device=o.device)
+    sq_diff = 0.0
+    for start in range(0, o.numel(), CHUNK):
+        d = torch.sub(
+            o[start : start + CHUNK],
+            b[start : start + CHUNK],
+            out=scratch[: min(CHUNK, o.numel() - start)],
+        )
+        sq_diff += float(torch.dot(d, d))
+    return math.isfinite(sq_diff), sq_diff, sq_base
 
 
 class OutputCheck:
@@ -55,8 +61,8 @@ class OutputCheck:
     def __call__(self, task: TensorTask, base: Tensor | None, out: Tensor) -> None:
         if not out.dtype.is_floating_point:
             return
-        sq_out, sq_diff, sq_base = _sums(out, base)
-        if not math.isfinite(sq_out) and not bool(torch.isfinite(out).all()):
+        finite, sq_diff, sq_base = _sums(out, base)
+        if not finite and not bool(torch.isfinite(out).all()):
             raise SpliceError(
                 "the merged tensor has NaN or Inf values (the inputs were finite)",
                 where=task.name,

@@ -12,17 +12,29 @@ recipe and inputs give the same bytes.
 from __future__ import annotations
 
 import hashlib
+import os
+import threading
 from collections.abc import Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+import torch
 
 from splice.errors import SpliceError
 
 if TYPE_CHECKING:
     from splice.merge.engine import Checked, MergeJob, Source, TensorTask
 
-__all__ = ["FORMAT", "LEDGER_NAME", "build_ledger", "hash_files", "hash_in_background", "raw_names"]
+__all__ = [
+    "FORMAT",
+    "LEDGER_NAME",
+    "StreamHasher",
+    "build_ledger",
+    "hash_files",
+    "hash_in_background",
+    "raw_names",
+]
 
 LEDGER_NAME = "splice-ledger.json"
 FORMAT = "splice.ledger/1"
@@ -60,6 +72,70 @@ def hash_in_background(groups: Mapping[str, list[Path]]) -> Future[dict[str, dic
     future = pool.submit(run)
     pool.shutdown(wait=False)
     return future
+
+
+class StreamHasher:
+    """SHA-256 of input checkpoint files from the bytes the merge reads anyway.
+
+    Each safetensors file's header is hashed up front; then every tensor the engine reads
+    (``feed``, the engine's ``on_read``) extends its file's hash when it is the next one in
+    file order — the common case, as fine-tunes of one model share a layout and the engine
+    reads in the reference's file order. A file read out of order, or not completely, is
+    hashed from disk at the end: the digest is the same either way, but a large merge does not
+    read its inputs twice.
+    """
+
+    def __init__(self, sources: Iterable[Source]) -> None:
+        self._lock = threading.Lock()
+        workers = max(1, min(4, (os.cpu_count() or 2) - 1))
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="splice-sha")
+        self._files: dict[Path, list[Any]] = {}  # file -> [sha, next offset, end, in order]
+        for src in sources:
+            infos = getattr(src.weights, "infos", None)
+            if infos is None or not any(src.weights is c for c in src.checkpoints):
+                continue
+            by_file: dict[Path, list[Any]] = {}
+            for info in infos():
+                by_file.setdefault(info.file, []).append(info)
+            for path, group in by_file.items():
+                start = min(i.offset for i in group)
+                with open(path, "rb") as f:
+                    sha = hashlib.sha256(f.read(start))
+                self._files[path] = [sha, start, start + sum(i.nbytes for i in group), True]
+
+    def feed(self, info: Any, raw: Any) -> Future[None] | None:
+        """One tensor as read from disk (raw bytes, before any dtype conversion).
+
+        Hashes in a worker thread (different files in parallel) and returns its future: the
+        caller must wait for it before the tensor may be modified.
+        """
+        state = self._files.get(info.file)
+        if state is None or info.nbytes == 0:
+            return None
+        return self._pool.submit(self._update, state, info, raw)
+
+    def _update(self, state: list[Any], info: Any, raw: Any) -> None:
+        with self._lock:
+            if not state[3] or info.offset < state[1]:  # out of order, or a re-read
+                return
+            if info.offset > state[1]:
+                state[3] = False
+                return
+            sha, state[1] = state[0], state[1] + info.nbytes
+        sha.update(raw.reshape(-1).view(torch.uint8).numpy())  # one file at a time: ordered
+
+    def digests(self, paths: Iterable[Path]) -> dict[str, str]:
+        """``{file name: sha256}`` for ``paths``, from the stream where it covered the file."""
+        self._pool.shutdown(wait=True)
+        out, rest = {}, []
+        for p in paths:
+            state = self._files.get(p)
+            if state is not None and state[3] and state[1] == state[2] == p.stat().st_size:
+                out[p.name] = state[0].hexdigest()
+            else:
+                rest.append(p)
+        out.update({Path(k).name: v for k, v in hash_files(rest).items()})
+        return dict(sorted(out.items()))
 
 
 def input_files(src: Source) -> list[Path]:
@@ -122,14 +198,14 @@ def build_ledger(
     method: str,
     stats: Mapping[str, Any],
     inputs: list[dict[str, Any]],
-    outputs: dict[str, str],
+    outputs: Mapping[str, str | None],
     fidelity: dict[str, Any] | None,
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The ledger as a JSON-ready dict (module docstring).
 
     ``inputs``: per input ``{"label", "path", "role", "files": {name: sha256}}``;
-    ``outputs``: ``{file name: sha256}``.
+    ``outputs``: ``{file name: sha256}`` (None everywhere when checksums were turned off).
 
     Raises:
         SpliceError: an input tensor the ledger cannot account for (an engine bug: nothing
@@ -192,7 +268,8 @@ def build_ledger(
         "coverage": coverage(job, tensors, dropped),
         "vocab": checked.vocab,
         "fidelity": fidelity,
-        "outputs": outputs,
+        "outputs": dict(outputs),
+        "checksums": "sha256" if any(outputs.values()) else None,
     }
     if extra:
         ledger.update(extra)

@@ -165,3 +165,38 @@ def test_missing_and_extra_tensors_fail_unless_allow_missing(disk, tmp_path):
     ft1 = open_checkpoint(root / "ft1")
     got = open_checkpoint(out)[gone]
     torch.testing.assert_close(got, ft1[gone])  # base + τ_ft1 + 0 (the missing one's τ)
+
+
+def test_inputs_are_hashed_from_the_merge_reads_not_read_twice(tmp_path, monkeypatch):
+    import splice.merge.ledger as ledger_module
+
+    base = {k: v for k, v in tiny_llama(0).items() if k != "model.steps"}
+    save(base, tmp_path / "base", shard=2000)
+    save(finetune(base, 1), tmp_path / "ft", shard=2000)
+    from_disk: list[Path] = []
+    original = ledger_module.hash_files
+
+    def spy(paths):
+        paths = list(paths)
+        from_disk.extend(paths)
+        return original(paths)
+
+    monkeypatch.setattr(ledger_module, "hash_files", spy)
+    recipe = {"method": "ties", "base": str(tmp_path / "base"), "models": [str(tmp_path / "ft")]}
+    out = merge(recipe, tmp_path / "out")
+    inputs = [p for p in from_disk if p.parent.name in ("base", "ft")]
+    assert inputs and all(p.suffix == ".json" for p in inputs)  # configs only
+    for entry in json.loads((out / "splice-ledger.json").read_text())["inputs"]:
+        folder = Path(entry["path"])
+        assert len(entry["files"]) > 3
+        assert all(_hash(folder / f) == h for f, h in entry["files"].items())
+
+
+def test_checksums_can_be_turned_off(disk, tmp_path):
+    root, _ = disk
+    out, inputs = _run(root, tmp_path, ["ft1", "lora0"], checksums=False)
+    ledger = assert_full_coverage(out, inputs)
+    assert ledger["checksums"] is None
+    assert set(ledger["outputs"]) >= {"model.safetensors", "config.json"}
+    assert not any(ledger["outputs"].values())
+    assert not any(v for i in ledger["inputs"] for v in i["files"].values())
