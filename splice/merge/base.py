@@ -126,6 +126,11 @@ class MergeMethod:
         """Statistics needed before merging; none by default."""
         return []
 
+    def scratch_tensors(self, num_models: int) -> float | None:
+        """Extra memory ``merge`` allocates, in tensors of the compute size, for the memory
+        plan (:mod:`splice.merge.memory`); None: not declared."""
+        return None
+
     def merge(
         self,
         base: Tensor | None,

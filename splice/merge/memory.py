@@ -10,7 +10,8 @@ whatever the timing, and the plan can state it exactly (``--max-memory`` is chec
 it before anything is read). Statistics passes use the same bound with their own scratch.
 
 Scratch multiples were measured with ``VmHWM`` on fixtures (tests/merge/test_plan.py keeps
-them within 25 %). Methods not in the table get a conservative ``T + 2``.
+them within 25 %). A method may declare its own (:meth:`MergeMethod.scratch_tensors`); the
+built-in ones are in the table below; others get a conservative ``T + 2``.
 """
 
 from __future__ import annotations
@@ -184,7 +185,8 @@ def _costs(job: MergeJob, task: TensorTask, scratch: float) -> _Cost:
 def _scratch(job: MergeJob) -> float:
     """The largest per-name scratch over the merge pass and every statistics pass."""
     t = len(job.models)
-    method = _METHOD_SCRATCH.get(job.method.name, lambda n: n + 2)(t)
+    own = job.method.scratch_tensors(t)
+    method = own if own is not None else _METHOD_SCRATCH.get(job.method.name, lambda n: n + 2)(t)
     params0, model_params0 = job.resolve(None, 0.0)
     worst = method
     for stat in job.method.global_stats(params0, model_params0):
