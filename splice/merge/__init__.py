@@ -132,6 +132,26 @@ def build_job(
     )
 
 
+def _checked(
+    recipe: Recipe,
+    device: str,
+    dtype: str | None,
+    out_dtype: str | None,
+    seed: int | None,
+    allow_missing: bool,
+) -> tuple[MergeJob, Checked]:
+    """The job of ``recipe`` and its preflight (:func:`~splice.merge.engine.check`)."""
+    job = build_job(
+        recipe,
+        device=device,
+        dtype=dtype,
+        out_dtype=out_dtype,
+        seed=seed,
+        allow_missing=allow_missing,
+    )
+    return job, check(job)
+
+
 def _prepare(
     recipe: str | Path | Mapping[str, Any] | Recipe,
     *,
@@ -182,15 +202,7 @@ def plan_merge(
 
         report = plan_adapter(recipe, device=device, dtype=dtype, seed=seed)
     else:
-        job = build_job(
-            recipe,
-            device=device,
-            dtype=dtype,
-            out_dtype=out_dtype,
-            seed=seed,
-            allow_missing=allow_missing,
-        )
-        checked = check(job)
+        job, checked = _checked(recipe, device, dtype, out_dtype, seed, allow_missing)
         mem = estimate(job, checked.tasks, max_shard_size=max_shard_size)
         report = {
             "output": "model",
@@ -277,15 +289,7 @@ def merge(
             max_memory=max_memory,
             checksums=checksums,
         )
-    job = build_job(
-        recipe,
-        device=device,
-        dtype=dtype,
-        out_dtype=out_dtype,
-        seed=seed,
-        allow_missing=allow_missing,
-    )
-    checked = check(job)
+    job, checked = _checked(recipe, device, dtype, out_dtype, seed, allow_missing)
     if max_memory is not None:
         from splice.merge.memory import estimate
 
@@ -360,15 +364,7 @@ def _write_model(
             recipe=recipe.source,
             method=recipe.method,
             stats=stats,
-            inputs=[
-                {
-                    "label": s.label,
-                    "role": "base" if s is job.base else "model",
-                    "path": s.label,
-                    "files": digests[s.label],
-                }
-                for s in job.sources()
-            ],
+            digests=digests,
             outputs=outputs,
             fidelity=check_output.summary(),
         )

@@ -445,16 +445,11 @@ def merge_adapters(
             recipe=recipe.source,
             method=recipe.method,
             stats=stats,
-            inputs=[
-                {
-                    "label": s.label,
-                    "role": "base" if s is job.base else "adapter",
-                    "path": s.label,
-                    "files": digests.get(s.label) or dict.fromkeys(p.name for p in input_files(s)),
-                }
+            digests={
+                s.label: digests.get(s.label) or dict.fromkeys(p.name for p in input_files(s))
                 for s in job.sources()
                 if s.checkpoints
-            ],
+            },
             outputs=outputs,
             fidelity=fidelity,
             extra={"output": "adapter", "adapter": report},

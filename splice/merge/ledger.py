@@ -197,15 +197,16 @@ def build_ledger(
     recipe: Mapping[str, Any],
     method: str,
     stats: Mapping[str, Any],
-    inputs: list[dict[str, Any]],
+    digests: Mapping[str, Mapping[str, str | None]],
     outputs: Mapping[str, str | None],
     fidelity: dict[str, Any] | None,
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The ledger as a JSON-ready dict (module docstring).
 
-    ``inputs``: per input ``{"label", "path", "role", "files": {name: sha256}}``;
-    ``outputs``: ``{file name: sha256}`` (None everywhere when checksums were turned off).
+    ``digests``: per input label, ``{file name: sha256}`` of its files (inputs without files,
+    such as the zero base of an adapter merge, are left out); ``outputs``: ``{file name:
+    sha256}``. Digests are None everywhere when checksums were turned off.
 
     Raises:
         SpliceError: an input tensor the ledger cannot account for (an engine bug: nothing
@@ -260,7 +261,16 @@ def build_ledger(
             "out_dtype": str(job.out_dtype).removeprefix("torch.") if job.out_dtype else None,
             "transforms": [{"name": t.name, **_dump(p)} for t, p in job.transforms],
         },
-        "inputs": inputs,
+        "inputs": [
+            {
+                "label": s.label,
+                "role": "base" if s is job.base else "adapter" if s.weights is None else "model",
+                "path": s.label,
+                "files": dict(digests[s.label]),
+            }
+            for s in sources
+            if s.label in digests
+        ],
         "architecture": checked.arch.summary(),
         "param_sets": param_sets,
         "tensors": tensors,
