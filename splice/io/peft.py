@@ -115,5 +115,6 @@ def peft_full_tensors(ckpt: Checkpoint) -> dict[str, torch.Tensor]:
     for name in ckpt.names():
         if _LORA.match(_strip(name)) is None:
             base = name.removeprefix(_PREFIX).replace(".modules_to_save.default.", ".")
+            base = base.replace(".base_layer.", ".")  # saved with save_embedding_layers
             out[base] = ckpt[name]
     return out

@@ -160,3 +160,17 @@ def test_invalid_adapter_config_json(tmp_path: Path) -> None:
     (d / "adapter_config.json").write_text("{nope")
     with pytest.raises(SpliceError, match="invalid JSON"):
         load_deltas(d)
+
+
+def test_saved_base_layer_maps_to_the_base_tensor_name(tmp_path: Path) -> None:
+    d = _adapter(
+        tmp_path,
+        {"r": 2, "lora_alpha": 2},
+        {
+            _A: torch.ones(2, 4),
+            _B: torch.ones(3, 2),
+            "base_model.model.emb.base_layer.weight": torch.full((5, 3), 2.0),
+        },
+    )
+    deltas = load_deltas(d, base={"lin.weight": torch.zeros(3, 4), "emb.weight": torch.ones(5, 3)})
+    assert torch.equal(deltas["emb.weight"].materialize(), torch.ones(5, 3))
