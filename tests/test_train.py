@@ -20,46 +20,41 @@ WORDS = [
 POS, NEG = WORDS[:4], WORDS[4:8]
 
 
-def write_tokenizer(path):
+def tiny_model_dir(tmp_path_factory, name, build):
+    """A random HF model dir with a word-level tokenizer; ``build(vocab_size)`` makes the model."""
+    path = tmp_path_factory.mktemp(name)
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
     (path / "vocab.txt").write_text("\n".join(vocab) + "\n")
     transformers.BertTokenizerFast(vocab_file=str(path / "vocab.txt")).save_pretrained(path)
-    return len(vocab)
+    torch.manual_seed(0)
+    build(len(vocab)).save_pretrained(path)
+    return path
 
 
 @pytest.fixture(scope="module")
 def bert_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("bert")
-    vocab = write_tokenizer(path)
-    cfg = transformers.BertConfig(
-        vocab_size=vocab,
-        hidden_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=32,
-        max_position_embeddings=32,
-    )
-    torch.manual_seed(0)
-    transformers.BertModel(cfg).save_pretrained(path)
-    return path
+    def build(vocab):
+        return transformers.BertModel(
+            transformers.BertConfig(
+                vocab_size=vocab, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                intermediate_size=32, max_position_embeddings=32,
+            )
+        )  # fmt: skip
+
+    return tiny_model_dir(tmp_path_factory, "bert", build)
 
 
 @pytest.fixture(scope="module")
 def gpt2_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("gpt2")
-    vocab = write_tokenizer(path)
-    cfg = transformers.GPT2Config(
-        vocab_size=vocab,
-        n_embd=16,
-        n_layer=2,
-        n_head=2,
-        n_positions=32,
-        bos_token_id=2,
-        eos_token_id=3,
-    )
-    torch.manual_seed(0)
-    transformers.GPT2LMHeadModel(cfg).save_pretrained(path)
-    return path
+    def build(vocab):
+        return transformers.GPT2LMHeadModel(
+            transformers.GPT2Config(
+                vocab_size=vocab, n_embd=16, n_layer=2, n_head=2, n_positions=32,
+                bos_token_id=2, eos_token_id=3,
+            )
+        )  # fmt: skip
+
+    return tiny_model_dir(tmp_path_factory, "gpt2", build)
 
 
 @pytest.fixture(scope="module")
