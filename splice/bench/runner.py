@@ -79,7 +79,7 @@ PROFILES: dict[str, BenchConfig] = {
     ),
     "full": BenchConfig(
         tasks=TEXT_TASKS + VISION_TASKS,
-        train=TrainConfig(steps=250),
+        train=TrainConfig(steps=200),
         seeds=(0, 1, 2),
         caps=(5000, 150, 500),
         max_len=40,
@@ -253,6 +253,7 @@ def _evaluate(
             _add(rows, spec.key, spec.label, "merge", acc, secs, chosen.chosen)
             rows[spec.key].tuned = spec.tune_key if spec.tune else None
             advance()
+        advance(0, f"evaluated {len(specs) + 2} settings (seed {seed})")
 
 
 def _learn(suite: _Suite, spec: MergeSpec, seed: int) -> tuple[dict[str, Tensor], float]:
