@@ -192,6 +192,16 @@ def _model_dir_key(model_dir: Path) -> str:
     return stable_hash({p.name: file_sha256(p) for p in files})
 
 
+def _device(name: str | torch.device) -> torch.device:
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise SpliceError(f"unknown device {str(name)!r}", fix="use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SpliceError("--device cuda but no CUDA device is available", fix="use --device cpu")
+    return device
+
+
 def load_encoder(
     modality: str,
     *,
@@ -202,7 +212,7 @@ def load_encoder(
 ) -> Encoder:
     """The packaged MiniLM (``text_model="minilm"``) or a local BERT-style model dir; or
     EfficientNet-Lite0 for images."""
-    device = torch.device(device)
+    device = _device(device)
     if modality == "image":
         return ImageEncoder(image_size, device)
     if str(text_model) == "minilm":

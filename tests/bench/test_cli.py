@@ -43,3 +43,6 @@ def test_bench_cli_usage_errors_are_one_line(tmp_path):
     assert res.stderr.strip().count("\n") == 0 and "use text, vision or all" in res.stderr
     res = _run(["--tasks", "rt_sentimnt"], tmp_path)
     assert res.returncode == 1 and "did you mean 'rt_sentiment'" in res.stderr
+    res = _run(["--tasks", "sk_digits", "--device", "tpu9"], tmp_path)
+    assert res.returncode == 1 and "unknown device 'tpu9'" in res.stderr
+    assert "Traceback" not in res.stderr
