@@ -195,8 +195,15 @@ def _open_index(path: Path) -> Checkpoint:
     if not isinstance(weight_map, dict) or not weight_map:
         raise SpliceError("index has no weight_map", where=str(index_path), fix="re-save the model")
     shards: dict[str, Path] = {}
+    bad = next((v for v in weight_map.values() if not isinstance(v, str)), None)
+    if bad is not None:
+        raise SpliceError(
+            f"index names shard {bad!r}, which is not a plain file name in the model dir",
+            where=str(index_path),
+            fix="weight_map values must be shard file names",
+        )
     for shard in sorted(set(weight_map.values())):
-        if not isinstance(shard, str) or Path(shard).name != shard or shard in ("", ".", ".."):
+        if Path(shard).name != shard or shard in ("", ".", ".."):
             raise SpliceError(
                 f"index names shard {shard!r}, which is not a plain file name in the model dir",
                 where=str(index_path),

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 from splice.errors import SpliceError
@@ -264,3 +266,37 @@ def test_planned_layout_mismatches_are_errors(tmp_path: Path, bad: str, message:
         if bad == "unplanned":
             w.write("extra", torch.ones(1))
     assert list(tmp_path.iterdir()) == []
+
+
+@settings(
+    max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    weight_map=st.dictionaries(
+        st.sampled_from(["a", "b", "c", "", "../x", "a/b"]),
+        st.sampled_from(
+            [
+                "s1.safetensors",
+                "s2.safetensors",
+                "s3.safetensors",
+                "../s1.safetensors",
+                "/etc/passwd",
+                "",
+                ".",
+                "s1.safetensors/",
+            ]
+        ),
+        max_size=4,
+    ),
+    raw=st.one_of(st.none(), st.text(max_size=40)),
+)
+def test_fuzzed_index_raises_only_splice_error(
+    tmp_path_factory: pytest.TempPathFactory, weight_map: dict[str, str], raw: str | None
+) -> None:
+    d = _sharded(tmp_path_factory.mktemp("fz"))
+    _index(d, raw if raw is not None else {"weight_map": weight_map})
+    try:
+        ckpt = open_checkpoint(d)
+        assert set(ckpt) <= {"a", "b"} and all(ckpt[n].numel() for n in ckpt)
+    except SpliceError as e:
+        assert "\n" not in str(e)
