@@ -173,32 +173,63 @@ def stratified_split(
     return train, val, test
 
 
+def _pack_texts(texts: Sequence[str]) -> dict[str, np.ndarray]:
+    """UTF-8 bytes plus end offsets: compact, unlike fixed-width unicode arrays."""
+    encoded = [t.encode() for t in texts]
+    data = np.frombuffer(b"".join(encoded), dtype=np.uint8)
+    return {"bytes": data, "ends": np.cumsum([len(e) for e in encoded], dtype=np.int64)}
+
+
+def _unpack_texts(data: np.ndarray, ends: np.ndarray) -> list[str]:
+    raw = data.tobytes()
+    starts = np.concatenate([[0], ends[:-1]])
+    return [raw[a:b].decode() for a, b in zip(starts, ends, strict=True)]
+
+
+def _save(path: Path, classes: Sequence[str], splits: dict[str, Split], text: bool) -> None:
+    arrays: dict[str, np.ndarray] = {"classes": np.asarray(classes, dtype=np.str_)}
+    for name, sp in splits.items():
+        arrays[f"{name}_y"] = sp.y
+        if text:
+            arrays |= {f"{name}_x{k}": v for k, v in _pack_texts(sp.x).items()}
+        else:
+            arrays[f"{name}_x"] = sp.x
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.npz")
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)
+
+
+def _load(path: Path, text: bool) -> tuple[tuple[str, ...], dict[str, Split]]:
+    with np.load(path, allow_pickle=False) as z:
+        classes = tuple(str(c) for c in z["classes"])
+        splits = {
+            s: Split(
+                _unpack_texts(z[f"{s}_xbytes"], z[f"{s}_xends"]) if text else z[f"{s}_x"],
+                z[f"{s}_y"],
+            )
+            for s in ("train", "val", "test")
+        }
+    return classes, splits
+
+
 def load_task(task: Task, caps: Caps = Caps(), seed: int = 0) -> TaskData:
     """Read (or load from cache) the task's stratified train/val/test splits."""
     key = stable_hash({"task": task.name, "data": task.key, "caps": asdict(caps), "seed": seed})
     path = cache_root() / "bench" / "data" / f"{task.name}-{key}.npz"
+    text = task.modality == "text"
     if path.is_file():
-        with np.load(path, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
-        classes = tuple(str(c) for c in arrays.pop("classes"))
+        classes, splits = _load(path, text)
     else:
         x, y, class_names = task.read()
         y = np.asarray(y, dtype=np.int64)
         if len(x) != len(y) or len(y) == 0:
             raise SpliceError(f"task {task.name}: no examples or inputs/labels differ in length")
-        x = np.asarray(x) if task.modality == "image" else np.asarray(list(x), dtype=np.str_)
         classes = tuple(class_names)
         idx = dict(zip(("train", "val", "test"), stratified_split(y, caps, seed), strict=True))
-        arrays = {f"{s}_{k}": v[i] for s, i in idx.items() for k, v in (("x", x), ("y", y))}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.npz")
-        np.savez(tmp, classes=np.asarray(classes, dtype=np.str_), **arrays)
-        os.replace(tmp, path)
-
-    def split(s: str) -> Split:
-        x = arrays[f"{s}_x"]
-        return Split(x if task.modality == "image" else [str(t) for t in x], arrays[f"{s}_y"])
-
-    return TaskData(
-        task.name, task.modality, classes, split("train"), split("val"), split("test"), key
-    )
+        if text:
+            splits = {s: Split([x[j] for j in i], y[i]) for s, i in idx.items()}
+        else:
+            splits = {s: Split(np.asarray(x)[i], y[i]) for s, i in idx.items()}
+        _save(path, classes, splits, text)
+    return TaskData(task.name, task.modality, classes, **splits, key=key)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import json
 import pickle
 
 import numpy as np
@@ -158,3 +159,17 @@ def test_local_text_and_image_tasks(tmp_path):
     assert x[:3].max() < 30 and x[3:].min() > 220
     with pytest.raises(SpliceError, match="unknown bench task"):
         resolve_task("no_such_task")
+
+
+def test_text_splits_round_trip_through_the_cache(tmp_path):
+    texts = [f'naïve café {"😀" * (i % 3)} n°{i}, "quoted"' for i in range(40)] + [""] * 2
+    f = tmp_path / "uni.jsonl"
+    lines = [json.dumps({"text": t, "label": i % 2}) for i, t in enumerate(texts)]
+    f.write_text("\n".join(lines) + "\n")
+    first = load_task(local_task(f), Caps(30, 4, 8))
+    again = load_task(local_task(f), Caps(30, 4, 8))  # from the .npz
+    for split in ("train", "val", "test"):
+        assert getattr(again, split).x == getattr(first, split).x
+        np.testing.assert_array_equal(getattr(again, split).y, getattr(first, split).y)
+    seen = first.train.x + first.val.x + first.test.x
+    assert sorted(seen) == sorted(texts)
