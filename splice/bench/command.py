@@ -50,5 +50,6 @@ def bench_command(
     if as_json:
         sys.stdout.write(json.dumps(results, indent=2) + "\n")
     else:
-        print_table(results, Console())
+        # Piped output (CI logs) gets a wide table rather than rich's 80 columns.
+        print_table(results, Console() if sys.stdout.isatty() else Console(width=200))
     err.print("wrote " + ", ".join(str(p) for p in paths))

@@ -104,7 +104,7 @@ def to_markdown(results: dict[str, Any]) -> str:
         "",
         *(f"Not run: {label} — {why}." for label, why in results.get("skipped", {}).items()),
     ]
-    return "\n".join(lines)
+    return "\n".join(lines) + "\n"
 
 
 def print_table(results: dict[str, Any], console: Any) -> None:
@@ -113,7 +113,12 @@ def print_table(results: dict[str, Any], console: Any) -> None:
     header, body = _table(results)
     table = Table(title=f"splice bench ({results['meta']['wall_s']:.0f} s)")
     for i, h in enumerate(header):
-        table.add_column(h, justify="left" if i == 0 else "right", no_wrap=i == 0)
+        # Numbers never wrap; long task names break at "_"; labels wrap in narrow terminals.
+        if i == 0:
+            table.add_column(h, min_width=16, overflow="fold")
+        else:
+            name = h.replace("_", "_\n").replace(" ", "\n")
+            table.add_column(name, justify="right", no_wrap=True)
     kinds = [r["kind"] for r in summarize(results)]
     for row, kind in zip(body, kinds, strict=True):
         table.add_row(*row, style="dim" if kind == "reference" else None)
