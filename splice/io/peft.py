@@ -18,7 +18,7 @@ from splice.deltas import LowRank, lora_scale
 from splice.errors import SpliceError
 from splice.io.checkpoint import Checkpoint
 
-__all__ = ["peft_full_tensors", "peft_lowrank_deltas"]
+__all__ = ["peft_full_tensors", "peft_lowrank_deltas", "peft_target_name"]
 
 _PREFIX = "base_model.model."
 _LORA = re.compile(r"^(?P<mod>.+)\.lora_(?P<emb>embedding_)?(?P<ab>[AB])(?:\.(?P<adapter>[^.]+))?$")
@@ -109,12 +109,24 @@ def peft_lowrank_deltas(ckpt: Checkpoint) -> dict[str, LowRank]:
     return out
 
 
+def peft_target_name(name: str) -> tuple[str, bool]:
+    """The base tensor a stored adapter tensor belongs to, and whether it is a LoRA factor.
+
+    ``…q_proj.lora_A.weight`` → (``…q_proj.weight``, True); a ``modules_to_save`` tensor or a
+    saved ``base_layer`` (``save_embedding_layers``) → (its base name, False).
+    """
+    m = _LORA.match(_strip(name))
+    if m:
+        return f"{m['mod']}.weight", True
+    base = name.removeprefix(_PREFIX).replace(".modules_to_save.default.", ".")
+    return base.replace(".base_layer.", "."), False
+
+
 def peft_full_tensors(ckpt: Checkpoint) -> dict[str, torch.Tensor]:
     """Non-LoRA tensors of an adapter (``modules_to_save``), keyed by base tensor name."""
     out = {}
     for name in ckpt.names():
-        if _LORA.match(_strip(name)) is None:
-            base = name.removeprefix(_PREFIX).replace(".modules_to_save.default.", ".")
-            base = base.replace(".base_layer.", ".")  # saved with save_embedding_layers
-            out[base] = ckpt[name]
+        target, is_lora = peft_target_name(name)
+        if not is_lora:
+            out[target] = ckpt[name]
     return out

@@ -24,7 +24,7 @@ from splice.errors import SpliceError
 from splice.io._safetensors import DTYPE_NAMES, check_tensor_name
 from splice.io._units import parse_size
 
-__all__ = ["AUX_FILES", "CheckpointWriter", "clean_stale_temps"]
+__all__ = ["AUX_FILES", "CheckpointWriter", "check_no_overlap", "clean_stale_temps"]
 
 AUX_FILES = (
     "config.json",
@@ -88,7 +88,8 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _check_overlap(dest: Path, protect: list[str | Path] | tuple[str | Path, ...]) -> None:
+def check_no_overlap(dest: Path, protect: list[str | Path] | tuple[str | Path, ...]) -> None:
+    """Refuse an output that is, contains, or lies inside one of the ``protect`` paths."""
     out = dest.resolve()
     for p in protect:
         inp = Path(p).resolve()
@@ -225,7 +226,7 @@ class CheckpointWriter:
         layout: list[tuple[str, tuple[int, ...], torch.dtype]] | None = None,
     ) -> None:
         self.dest = Path(dest)
-        _check_overlap(self.dest, protect)
+        check_no_overlap(self.dest, protect)
         self.max_shard_size = parse_size(max_shard_size)
         self.force = force
         self.copy_files_from = Path(copy_files_from) if copy_files_from else None

@@ -380,7 +380,7 @@ def merge_adapters(
     from safetensors.torch import save_file
 
     from splice.adapters.base import atomic_dir
-    from splice.io.writer import _check_overlap
+    from splice.io.writer import check_no_overlap
     from splice.merge import _check_budget
     from splice.merge.fidelity import OutputCheck, logit_gap
     from splice.merge.ledger import LEDGER_NAME, build_ledger, hash_in_background, input_files
@@ -391,7 +391,7 @@ def merge_adapters(
             plan_adapter(recipe, device=device, dtype=dtype, seed=seed)["plan"], max_memory
         )
     job, checked, zero = _prepare(recipe, device, dtype, seed)
-    _check_overlap(out, [p for p in (recipe.base, *(m.path for m in recipe.models)) if p])
+    check_no_overlap(out, [p for p in (recipe.base, *(m.path for m in recipe.models)) if p])
     if out.exists() and not force:
         raise SpliceError(
             "destination already exists",

@@ -156,19 +156,12 @@ def raw_names(ckpt: Any) -> dict[str, list[str]]:
     A PEFT LoRA's ``…q_proj.lora_A.weight`` and ``…lora_B.weight`` both map to
     ``…q_proj.weight``; a splice delta file's ``name::B`` and ``name::A`` to ``name``.
     """
-    from splice.io.peft import _LORA, _PREFIX, _strip
+    from splice.io.peft import peft_target_name
 
     out: dict[str, list[str]] = {}
     for name in ckpt.names():
-        if ckpt.format == "peft":
-            m = _LORA.match(_strip(name))
-            target = (
-                f"{m['mod']}.weight"
-                if m
-                else name.removeprefix(_PREFIX).replace(".modules_to_save.default.", ".")
-            )
-        else:
-            target = name.split("::", 1)[0]
+        peft = ckpt.format == "peft"
+        target = peft_target_name(name)[0] if peft else name.split("::", 1)[0]
         out.setdefault(target, []).append(name)
     return out
 
