@@ -210,7 +210,11 @@ def merge(
     ] = None,
     out: Annotated[Path | None, typer.Argument(help="Output model dir.")] = None,
     list_: Annotated[
-        bool, typer.Option("--list", help="List merge methods and their parameters.")
+        bool,
+        typer.Option(
+            "--list",
+            help="List merge methods (data-free, learned, continual) and their parameters.",
+        ),
     ] = False,
     force: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
     max_shard_size: Annotated[str, typer.Option(help="Bytes per output shard.")] = "5GB",
@@ -325,8 +329,9 @@ def _print_methods(table: list[dict]) -> None:
 
     console = Console()
     for row in table:
+        kind = row["kind"] + (f", {row['data']} data" if row.get("data", "none") != "none" else "")
         t = Table(
-            title=f"[bold]{row['name']}[/] ({row['kind']}) — {row['pretty_name']}",
+            title=f"[bold]{row['name']}[/] ({kind}) — {row['pretty_name']}",
             caption=row["reference"],
             title_justify="left",
             caption_justify="left",

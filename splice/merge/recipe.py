@@ -590,7 +590,9 @@ def _from_mergekit(raw: dict[str, Any], what: str) -> Recipe:
 
 
 def method_table() -> list[dict[str, Any]]:
-    """Every registered method and transform with its parameters, for ``--list`` and docs."""
+    """Every registered method, transform and learned (data-driven or continual) method with its
+    parameters, for ``--list`` and docs. Learned rows carry ``data``: what a recipe's ``data:``
+    section must give them (``unlabeled``, ``labeled`` or ``none``)."""
 
     def params(model: type[HyperParams], scope: str) -> list[dict[str, Any]]:
         out = []
@@ -628,6 +630,20 @@ def method_table() -> list[dict[str, Any]]:
                 "reference": tcls.reference,
                 "requires_base": tcls.requires_base,
                 "params": params(tcls.Params, "global"),
+            }
+        )
+    from splice.merge.learned import learned
+
+    for name, lm in learned.items():
+        rows.append(
+            {
+                "name": name,
+                "kind": "continual" if lm.continual else "learned",
+                "pretty_name": lm.pretty_name,
+                "reference": lm.reference,
+                "requires_base": True,
+                "data": lm.data,
+                "params": params(lm.Params, "global"),
             }
         )
     return rows

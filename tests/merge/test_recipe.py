@@ -330,8 +330,15 @@ def test_cli_merge_list_and_errors(disk, tmp_path, monkeypatch, capsys):
     table = {row["name"]: row for row in json.loads(out)}
     assert {"linear", "slerp", "task_arithmetic", "ties", "dare"} <= set(table)
     assert {p["name"] for p in table["ties"]["params"]} >= {"density", "lambda", "scope"}
+    from splice.merge.learned import learned
+
+    for name, lm in learned.items():  # data-driven and continual methods are listed too
+        assert table[name]["data"] == lm.data
+        assert {p["name"] for p in table[name]["params"]} == set(lm.Params.model_fields)
+    assert table["opcm"]["kind"] == "continual" and table["lot"]["kind"] == "learned"
     code, out, _ = _cli(monkeypatch, capsys, "merge", "--list")
     assert code == 0 and "density" in out and "arxiv.org/abs/2306.01708" in out
+    assert "adamerging (learned, unlabeled data)" in out
 
 
 def test_mergekit_model_plus_lora_reference(disk, tmp_path):
