@@ -6,12 +6,18 @@ each method through ``splice.merge`` in a fresh child process and prints wall ti
 child's peak RSS. For PCB it also runs the authors' formulation in RAM (flatten the whole
 model, sort each task row for the quantiles — ``pcb_ES.py``) and reports the largest
 difference between the two outputs, so the streaming statistics are checked at scale.
+
+``--scaling``: instead, builds the model twice — ``--layers`` and 10× as many, same tensor
+shapes, so the largest tensor is the same and only the tensor count grows — and prints each
+method's peak RSS on both and the ratio (issue #4's target: < 1.10, memory must not grow with
+the number of tensors).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -101,12 +107,48 @@ def child(code: str, *args: str) -> tuple[float, float]:
     return float(wall), float(rss)
 
 
+def _recipe(root: Path, method: str, params: dict) -> str:
+    models = [str(root / f"ft{i}") for i in range(3)]
+    return json.dumps({"method": method, "base": str(root / "base"), "models": models, **params})
+
+
+def scaling(hidden: int, layers: int, vocab: int) -> None:
+    """Peak RSS of the same merges on ``layers`` and ``10 * layers`` layers."""
+    recipes = {
+        "task_arithmetic": {},
+        "ties (global top-k)": {"params": {"density": 0.2, "scope": "global"}},
+        "ties (per tensor)": {"params": {"density": 0.2, "scope": "tensor"}},
+        "dare (ties)": {"params": {"consensus": "ties", "p": 0.5}},
+    }
+    rss: dict[str, list[float]] = {k: [] for k in recipes}
+    sizes = []
+    for n_layers in (layers, 10 * layers):
+        with tempfile.TemporaryDirectory() as tmp:
+            root = Path(tmp)
+            params = build(root, hidden, n_layers, vocab)
+            sizes.append((n_layers, params))
+            for label, extra in recipes.items():
+                method = label.split()[0]
+                _, peak = child(RUN, _recipe(root, method, extra), str(root / "out"))
+                rss[label].append(peak)
+                shutil.rmtree(root / "out")
+    (l1, p1), (l2, p2) = sizes
+    print(f"{l1} vs {l2} layers: {p1 / 1e6:.1f}M vs {p2 / 1e6:.1f}M params per model, x4 models")
+    print(f"| method | peak RSS MiB, {l1} layers | {l2} layers | ratio |\n|---|---|---|---|")
+    for label, (a, b) in rss.items():
+        print(f"| {label} | {a:.0f} | {b:.0f} | {b / a:.3f} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--hidden", type=int, default=512)
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--vocab", type=int, default=8000)
+    ap.add_argument("--scaling", action="store_true", help="peak RSS vs 10x more tensors")
     args = ap.parse_args()
+    if args.scaling:
+        scaling(args.hidden, args.layers, args.vocab)
+        return
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         params = build(root, args.hidden, args.layers, args.vocab)

@@ -12,10 +12,7 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
-import tempfile
-from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal, NamedTuple
@@ -27,6 +24,7 @@ from torch import Tensor, nn
 from splice._registry import Registry
 from splice.deltas import Delta
 from splice.errors import SpliceError
+from splice.io.atomic import atomic_dir
 
 from ._sites import Site, make_site
 
@@ -469,24 +467,6 @@ def save_adapter(
         save_file(tensors, str(tmp / weights_file), metadata={"format": FORMAT})
         (tmp / config_file).write_text(json.dumps(config, indent=2) + "\n")
     return path
-
-
-@contextmanager
-def atomic_dir(dest: Path) -> Iterator[Path]:
-    """Yield a temp dir beside ``dest``; on success it replaces ``dest`` by renames, so an
-    interruption leaves the old ``dest`` or the new one, never a mix."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
-    old = dest.with_name(f".{dest.name}.old")
-    try:
-        yield tmp
-        shutil.rmtree(old, ignore_errors=True)
-        if dest.exists():
-            dest.rename(old)
-        tmp.rename(dest)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def load_adapter(model: nn.Module | None, path: str | Path) -> nn.Module:

@@ -22,10 +22,11 @@ from pydantic import BaseModel, ConfigDict, Field
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from splice.bench._cache import atomic_dir, cache_root, stable_hash
+from splice.bench._cache import cache_root, stable_hash
 from splice.bench.data import TaskData
 from splice.bench.models import Encoder
 from splice.deltas import Delta, Dense, load_deltas, save_deltas
+from splice.io.atomic import atomic_dir
 
 __all__ = ["Head", "TaskRun", "TrainConfig", "apply_deltas", "finetune", "finetune_cached"]
 

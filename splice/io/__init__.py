@@ -2,6 +2,7 @@
 
 from splice.io._safetensors import TensorInfo
 from splice.io._units import human_bytes, human_count, parse_size
+from splice.io.atomic import atomic_dir
 from splice.io.checkpoint import Checkpoint, open_checkpoint
 from splice.io.writer import CheckpointWriter
 
@@ -9,6 +10,7 @@ __all__ = [
     "Checkpoint",
     "CheckpointWriter",
     "TensorInfo",
+    "atomic_dir",
     "human_bytes",
     "human_count",
     "open_checkpoint",

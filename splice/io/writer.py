@@ -9,12 +9,10 @@ or complete.
 
 from __future__ import annotations
 
-import errno
 import json
 import math
 import os
 import shutil
-import uuid
 from pathlib import Path
 from types import TracebackType
 
@@ -23,8 +21,9 @@ import torch
 from splice.errors import SpliceError
 from splice.io._safetensors import DTYPE_NAMES, check_tensor_name
 from splice.io._units import parse_size
+from splice.io.atomic import new_temp_dir, swap_in
 
-__all__ = ["AUX_FILES", "CheckpointWriter", "check_no_overlap", "clean_stale_temps"]
+__all__ = ["AUX_FILES", "CheckpointWriter", "check_no_overlap"]
 
 AUX_FILES = (
     "config.json",
@@ -39,53 +38,6 @@ AUX_FILES = (
     "merges.txt",
     "chat_template.jinja",
 )
-_TMP_MARK = ".splice-tmp-"
-_OLD_MARK = ".splice-old-"
-_AT_FDCWD = -100
-_RENAME_EXCHANGE = 2
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Atomically swap two paths with ``renameat2(RENAME_EXCHANGE)``; False if unsupported."""
-    import ctypes
-
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).renameat2
-    except (AttributeError, OSError):
-        return False
-    if fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EXDEV):
-        return False
-    raise OSError(err, os.strerror(err), str(b))
-
-
-def clean_stale_temps(dest: Path) -> None:
-    """Tidy what writers killed mid-way left beside ``dest``.
-
-    Temp dirs of dead processes are removed. A previous version set aside by the two-rename
-    fallback of :func:`_swap` is put back if ``dest`` is missing, removed otherwise.
-    """
-    for mark in (_OLD_MARK, _TMP_MARK):
-        for tmp in sorted(dest.parent.glob(f".{dest.name}{mark}*")):
-            pid = tmp.name.rsplit("-", 2)[-2]
-            if not pid.isdigit() or _alive(int(pid)):
-                continue
-            if mark == _OLD_MARK and not dest.exists():
-                tmp.rename(dest)
-            else:
-                shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def check_no_overlap(dest: Path, protect: list[str | Path] | tuple[str | Path, ...]) -> None:
@@ -99,6 +51,11 @@ def check_no_overlap(dest: Path, protect: list[str | Path] | tuple[str | Path, .
                 where=str(dest),
                 fix="write the output to a new directory; inputs are never modified",
             )
+
+
+def _shard_name(i: int, total: int) -> str:
+    """The file name of shard ``i`` of ``total`` (HF's convention)."""
+    return "model.safetensors" if total == 1 else f"model-{i + 1:05d}-of-{total:05d}.safetensors"
 
 
 def _header_bytes(entries: dict[str, dict[str, object]], metadata: dict[str, str]) -> bytes:
@@ -248,13 +205,8 @@ class CheckpointWriter:
         self._files: dict[str, bytes] = {}
 
     def __enter__(self) -> CheckpointWriter:
-        tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        tmp = self.dest.parent / f".{self.dest.name}{_TMP_MARK}{tag}"
         try:
-            self.dest.parent.mkdir(parents=True, exist_ok=True)
-            clean_stale_temps(self.dest)
-            tmp.mkdir()
-            self._tmp = tmp
+            self._tmp = new_temp_dir(self.dest)
             if self._layout is not None:
                 self._plan_shards(self._layout)
         except OSError as e:
@@ -317,6 +269,19 @@ class CheckpointWriter:
             raise SpliceError(f"file name {name!r} must not contain directories")
         self._files[name] = content.encode() if isinstance(content, str) else content
 
+    def shard_files(self) -> list[tuple[Path, str]]:
+        """After the last :meth:`write`: each shard's file in the staging dir, in order, with the
+        name it will have in ``dest`` — to hash the output before it is published. In spill
+        mode the open shard is closed first (a later write starts a new shard)."""
+        if self._tmp is None:
+            raise RuntimeError("use CheckpointWriter as a context manager")
+        if self._current is not None:
+            self._close_shard()
+        paths = [p for p, _, _ in self._shards] + [
+            s.path for s in dict.fromkeys(self._planned.values())
+        ]
+        return [(p, _shard_name(i, len(paths))) for i, p in enumerate(paths)]
+
     def _close_shard(self) -> None:
         assert self._current is not None and self._tmp is not None
         part = self._tmp / f"part-{len(self._shards):05d}.safetensors"
@@ -336,11 +301,7 @@ class CheckpointWriter:
         total = len(self._shards)
         weight_map: dict[str, str] = {}
         for i, (part, entries, _) in enumerate(self._shards):
-            final = (
-                "model.safetensors"
-                if total == 1
-                else f"model-{i + 1:05d}-of-{total:05d}.safetensors"
-            )
+            final = _shard_name(i, total)
             part.rename(self._tmp / final)
             weight_map.update(dict.fromkeys(entries, final))
         if total > 1:
@@ -359,29 +320,8 @@ class CheckpointWriter:
         self._swap_in()
 
     def _swap_in(self) -> None:
-        """Put the finished temp dir in place of ``dest``, atomically where the OS allows.
-
-        An existing ``dest`` is exchanged with the temp dir in one ``renameat2`` call, then the
-        old version (now under the temp name) is deleted: a kill at any point leaves either
-        version whole at ``dest``. Without ``renameat2`` the old version is first renamed aside
-        under a name :func:`clean_stale_temps` restores if the process dies before the second
-        rename.
-        """
         assert self._tmp is not None
-        tmp = self._tmp
-        if not self.dest.exists():
-            tmp.rename(self.dest)
-        elif _exchange(tmp, self.dest):
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            old = self.dest.parent / f".{self.dest.name}{_OLD_MARK}{tmp.name.split(_TMP_MARK)[1]}"
-            self.dest.rename(old)
-            try:
-                tmp.rename(self.dest)
-            except OSError:
-                old.rename(self.dest)
-                raise
-            shutil.rmtree(old, ignore_errors=True)
+        swap_in(self._tmp, self.dest)
         self._tmp = None
 
     def _abort(self) -> None:

@@ -404,30 +404,23 @@ def _output_hashes(
 ) -> dict[str, str | None]:
     """SHA-256 of every output file but the ledger, from the temp dir before it is renamed.
 
-    Shards are read back from the page cache (the writer names them ``part-<i>``; they become
-    ``model.safetensors`` or ``model-<i>-of-<n>.safetensors``); copied and added files are
-    hashed from their sources. The index is derived from the shards and is not hashed.
+    Shards are read back from the page cache under their final names
+    (:meth:`CheckpointWriter.shard_files`); copied and added files are hashed from their
+    sources. The index is derived from the shards and is not hashed.
     """
     import hashlib
 
     from splice.io.writer import AUX_FILES
     from splice.merge.ledger import hash_files
 
-    parts = sorted(Path(writer._tmp).glob("part-*.safetensors"))
-    n = len(parts)
-    finals = (
-        ["model.safetensors"]
-        if n == 1
-        else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-    )
+    shards = writer.shard_files()
+    finals = [final for _, final in shards]
     copied = [Path(files_from) / a for a in AUX_FILES if a not in added] if files_from else []
     copied = [p for p in copied if p.is_file()]
     if not checksums:
         return dict.fromkeys(sorted([*finals, *(p.name for p in copied), *added]))
-    digests = hash_files(parts)
-    out: dict[str, str | None] = {
-        final: digests[str(p)] for final, p in zip(finals, parts, strict=True)
-    }
+    digests = hash_files([p for p, _ in shards])
+    out: dict[str, str | None] = {final: digests[str(p)] for p, final in shards}
     for p, h in hash_files(copied).items():
         out[Path(p).name] = h
     for name, content in added.items():

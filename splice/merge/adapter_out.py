@@ -379,7 +379,7 @@ def merge_adapters(
 
     from safetensors.torch import save_file
 
-    from splice.adapters.base import atomic_dir
+    from splice.io.atomic import atomic_dir
     from splice.io.writer import check_no_overlap
     from splice.merge import _check_budget
     from splice.merge.fidelity import OutputCheck, logit_gap

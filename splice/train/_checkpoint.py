@@ -10,8 +10,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from splice.adapters.base import atomic_dir
 from splice.errors import SpliceError
+from splice.io.atomic import atomic_dir
 
 __all__ = ["load_checkpoint", "save_checkpoint"]
 

@@ -409,7 +409,7 @@ def train(
 
 
 def _write_outputs(cfg, model, tokenizer, full, labels, metrics, save_adapter) -> None:
-    from splice.adapters.base import atomic_dir
+    from splice.io.atomic import atomic_dir
 
     if full:
         with atomic_dir(cfg.out / "model") as tmp:

@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 from splice.errors import SpliceError
-from splice.io import CheckpointWriter, open_checkpoint, parse_size
-from splice.io.writer import clean_stale_temps
+from splice.io import CheckpointWriter, atomic_dir, open_checkpoint, parse_size
+from splice.io.atomic import clean_stale_temps
 
 
 def _state(seed: int = 0) -> dict[str, torch.Tensor]:
@@ -127,6 +127,38 @@ def test_stale_temp_dirs_of_dead_processes_are_cleaned(tmp_path: Path) -> None:
     live.mkdir()
     clean_stale_temps(tmp_path / "out")
     assert not stale.exists() and live.exists()
+
+
+def test_atomic_dir_replaces_whole_or_not_at_all(tmp_path: Path) -> None:
+    dest = tmp_path / "d"
+    with atomic_dir(dest) as tmp:
+        (tmp / "a").write_text("1")
+    assert sorted(p.name for p in dest.iterdir()) == ["a"]
+    with pytest.raises(KeyboardInterrupt), atomic_dir(dest) as tmp:
+        (tmp / "b").write_text("2")
+        raise KeyboardInterrupt
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]  # no temp left behind
+    assert sorted(p.name for p in dest.iterdir()) == ["a"]
+    with atomic_dir(dest) as tmp:
+        (tmp / "b").write_text("2")
+    assert sorted(p.name for p in dest.iterdir()) == ["b"]  # replaced, not merged
+
+
+@pytest.mark.parametrize("layout", [False, True])
+def test_shard_files_name_and_hash_the_published_shards(tmp_path: Path, layout: bool) -> None:
+    import hashlib
+
+    sd = {k: v for k, v in _state().items() if v.numel()}
+    plan = [(k, tuple(v.shape), v.dtype) for k, v in sd.items()] if layout else None
+    with CheckpointWriter(tmp_path / "o", max_shard_size="2KB", layout=plan) as w:
+        for k, v in sd.items():
+            w.write(k, v)
+        staged = {final: hashlib.sha256(p.read_bytes()).hexdigest() for p, final in w.shard_files()}
+    published = {
+        p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in (tmp_path / "o").glob("*.safetensors")
+    }
+    assert len(staged) > 1 and staged == published
 
 
 def test_added_files_and_names_are_checked(tmp_path: Path) -> None:

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from splice.io import open_checkpoint
-from splice.io.writer import clean_stale_temps
+from splice.io.atomic import clean_stale_temps
 from tests.reliability.writer_child import expected
 
 CHILD = Path(__file__).with_name("writer_child.py")

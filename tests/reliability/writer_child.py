@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from splice.io import CheckpointWriter, writer
+from splice.io import CheckpointWriter, atomic, writer
 
 N_TENSORS = 12
 
@@ -55,9 +55,9 @@ def install_fault(fault: str) -> None:
 
         Path.write_text = write_text
     elif fault == "kill_at_swap":
-        writer._exchange = _die
+        atomic._exchange = _die
     elif fault == "kill_at_rename_fallback":
-        writer._exchange = lambda a, b: False
+        atomic._exchange = lambda a, b: False
         real_rename = Path.rename
 
         def rename(self, target):
