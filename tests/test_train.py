@@ -239,7 +239,10 @@ def test_cli_train_json(bert_dir, csv_file, tmp_path):
     ]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
-    assert json.loads(result.stdout)["trainable_parameters"] == 2 * 2 * (16 + 16) + 2 * 16 + 2
+    metrics = json.loads(result.stdout)
+    lora = 2 * 2 * (16 + 16)  # 2 layers x r=2 x (d_in + d_out); the head is 2 x 16 + 2
+    assert metrics["trainable_parameters"] == lora + 2 * 16 + 2
+    assert metrics["adapter_parameters"] == lora
     assert (out / "adapter" / "adapter_config.json").is_file()
     bad = CliRunner().invoke(app, [*args[:6], "--precision", "fp8"])
     assert bad.exit_code == 2

@@ -186,6 +186,9 @@ def _unpack_texts(data: np.ndarray, ends: np.ndarray) -> list[str]:
     return [raw[a:b].decode() for a, b in zip(starts, ends, strict=True)]
 
 
+CACHE_LAYOUT = 2  # version of the .npz layout below; part of the cache key
+
+
 def _save(path: Path, classes: Sequence[str], splits: dict[str, Split], text: bool) -> None:
     arrays: dict[str, np.ndarray] = {"classes": np.asarray(classes, dtype=np.str_)}
     for name, sp in splits.items():
@@ -213,13 +216,33 @@ def _load(path: Path, text: bool) -> tuple[tuple[str, ...], dict[str, Split]]:
     return classes, splits
 
 
+def _cached(path: Path, text: bool) -> tuple[tuple[str, ...], dict[str, Split]] | None:
+    """The splits stored at ``path``; None (and the file removed) if absent or unreadable —
+    a damaged or older-layout cache file is rebuilt, never an error."""
+    if not path.is_file():
+        return None
+    try:
+        return _load(path, text)
+    except Exception:  # any damage means: rebuild from the source
+        path.unlink(missing_ok=True)
+        return None
+
+
 def load_task(task: Task, caps: Caps = Caps(), seed: int = 0) -> TaskData:
     """Read (or load from cache) the task's stratified train/val/test splits."""
-    key = stable_hash({"task": task.name, "data": task.key, "caps": asdict(caps), "seed": seed})
+    key = stable_hash(
+        {
+            "task": task.name,
+            "data": task.key,
+            "caps": asdict(caps),
+            "seed": seed,
+            "layout": CACHE_LAYOUT,
+        }
+    )
     path = cache_root() / "bench" / "data" / f"{task.name}-{key}.npz"
     text = task.modality == "text"
-    if path.is_file():
-        classes, splits = _load(path, text)
+    if (hit := _cached(path, text)) is not None:
+        classes, splits = hit
     else:
         x, y, class_names = task.read()
         y = np.asarray(y, dtype=np.int64)

@@ -179,7 +179,10 @@ def finetune_cached(
     """Load the task's run from the cache, or train and store it. Returns (run, was_cached)."""
     path = _entry(encoder, data, cfg, seed)
     if (path / "meta.json").is_file():
-        return _load(path, data.name), True
+        try:
+            return _load(path, data.name), True
+        except Exception:  # a damaged entry is retrained and replaced
+            pass
     run = finetune(encoder, data, cfg, seed, on_step)
     with atomic_dir(path) as tmp:
         save_deltas(run.deltas, tmp / "deltas.safetensors")

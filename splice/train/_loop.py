@@ -383,6 +383,11 @@ def train(
             for c in chunks
         ]
         counts = trainable_parameters(core)
+        head = sum(
+            p.numel()
+            for n, p in core.named_parameters()
+            if p.requires_grad and n.rsplit(".", 1)[0] in new_modules
+        )
         metrics = {
             "objective": objective,
             "method": cfg.method,
@@ -394,6 +399,7 @@ def train(
             "loss_history": history,
             "eval": evaluate(core, eval_batches, objective, autocast),
             "trainable_parameters": counts.trainable,
+            "adapter_parameters": None if full else counts.trainable - head,  # head excluded
             "total_parameters": counts.total,
             "samples_per_second": seen / wall if wall > 0 else None,
             "wall_seconds": wall,

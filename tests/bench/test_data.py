@@ -101,6 +101,21 @@ def test_load_task_caches_splits(monkeypatch):
     assert other.key != first.key and not np.array_equal(other.test.y, first.test.y)
 
 
+@pytest.mark.parametrize("damage", ["truncated", "old_layout"])
+def test_damaged_or_stale_split_cache_is_rebuilt(tmp_path, damage):
+    f = tmp_path / "t.jsonl"
+    f.write_text("".join(json.dumps({"text": f"t{i}", "label": i % 2}) + "\n" for i in range(40)))
+    first = load_task(local_task(f), Caps(30, 4, 8))
+    (path,) = (tmp_path / "cache" / "bench" / "data").glob("*.npz")
+    if damage == "truncated":
+        path.write_bytes(path.read_bytes()[:100])
+    else:  # an earlier release stored texts as one string array
+        np.savez(path, classes=np.asarray(["0", "1"]), train_x=np.asarray(first.train.x))
+    again = load_task(local_task(f), Caps(30, 4, 8))
+    assert again.train.x == first.train.x and again.test.x == first.test.x
+    assert load_task(local_task(f), Caps(30, 4, 8)).val.x == first.val.x  # rewritten whole
+
+
 def test_hash_mismatch_is_a_one_line_error(tmp_path):
     f = tmp_path / "data.csv"
     f.write_text("text,label\n")

@@ -176,6 +176,10 @@ def test_interrupted_training_leaves_no_cache_entry(tiny, tmp_path, monkeypatch)
     assert cached
     for name, d in run.deltas.items():
         assert np.array_equal(d.materialize().numpy(), again.deltas[name].materialize().numpy())
+    (entries[0] / "deltas.safetensors").write_bytes(b"\x00" * 12)  # damaged: retrained
+    fresh, cached = finetune_cached(encoder, data, cfg, 0)
+    assert not cached and set(fresh.deltas) == set(run.deltas)
+    assert finetune_cached(encoder, data, cfg, 0)[1]  # and stored again
 
 
 def test_summary_means_and_stds_over_seeds():
