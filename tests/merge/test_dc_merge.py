@@ -140,6 +140,24 @@ def test_method_scales_matrices_and_averages_other_tensors():
     torch.testing.assert_close(b, base_b + 0.5 * (tuned_b[0] + tuned_b[1] - 2 * base_b) / 2)
 
 
+def test_pointwise_convolutions_are_merged_as_matrices():
+    # A 1×1 conv weight (out, in, 1, 1) is a matrix (spec §8.3: every LoRA-adapted matrix,
+    # and LoRA adapts 1×1 convs); a k×k kernel is not, and is averaged like a bias.
+    g = torch.Generator().manual_seed(4)
+    method, params = DCMerge(), DCMerge.Params(**{"lambda": 0.7, "keep": 0.5})
+    base = torch.randn(8, 6, 1, 1, generator=g)
+    tuned = [base + 0.1 * torch.randn(8, 6, 1, 1, generator=g) for _ in range(3)]
+    merged = method.merge(base, tuned, params, [], MergeContext("conv"))
+    flat = torch.stack([(t - base).reshape(8, 6) for t in tuned])
+    expect = base + 0.7 * dc_merge_matrix(flat, keep=0.5).reshape(8, 6, 1, 1)
+    torch.testing.assert_close(merged, expect)
+    assert not torch.allclose(merged, base + 0.7 * torch.stack(tuned).sub(base).mean(0))
+    base3 = torch.randn(4, 2, 3, 3, generator=g)
+    tuned3 = [base3 + 0.1 * torch.randn(4, 2, 3, 3, generator=g) for _ in range(2)]
+    merged3 = method.merge(base3, tuned3, params, [], MergeContext("k3"))
+    torch.testing.assert_close(merged3, base3 + 0.7 * torch.stack(tuned3).sub(base3).mean(0))
+
+
 def test_rank_too_large_is_an_actionable_error_and_params_validate():
     with pytest.raises(SpliceError, match="lower `rank`"):
         dc_merge_matrix(_deltas(3, 6, 5), rank=2)

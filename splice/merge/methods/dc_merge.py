@@ -1,11 +1,11 @@
 """DC-Merge: directional-consistent merging in a shared orthogonal subspace (spec merging.md §8).
 
-Per 2-D weight: truncate every task vector to its top-``k`` singular triplets (optionally
-flattening their spectrum), build one orthonormal basis from all tasks' singular vectors (polar
-factor of the stacked bases), project each task into it, keep the largest core entries,
-aggregate the cores TIES-style, keep only the task-diagonal blocks and project back. All other
-tensors are averaged. Follows the authors' code (``Tobeginwith/DC-Merge``: FFT ``DC_utils.py``,
-LoRA ``merging_functions.py``).
+Per 2-D weight (and 1×1 convolution): truncate every task vector to its top-``k`` singular
+triplets (optionally flattening their spectrum), build one orthonormal basis from all tasks'
+singular vectors (polar factor of the stacked bases), project each task into it, keep the
+largest core entries, aggregate the cores TIES-style, keep only the task-diagonal blocks and
+project back. All other tensors are averaged. Follows the authors' code
+(``Tobeginwith/DC-Merge``: FFT ``DC_utils.py``, LoRA ``merging_functions.py``).
 """
 
 from __future__ import annotations
@@ -124,9 +124,11 @@ class Params(HyperParams):
 class DCMerge(MergeMethod):
     """DC-Merge (Zhang et al., CVPR 2026), spec merging.md §8.
 
-    θ = θ₀ + α·Δ, Δ from :func:`dc_merge_matrix` for 2-D tensors and the task-vector mean for
-    the rest. For LoRA inputs set ``rank`` to the adapter rank and ``smoothing: avg`` (the
-    paper's LoRA setting); LoRA scaling α/r is already in the materialized ΔW (spec §8.6).
+    θ = θ₀ + α·Δ, Δ from :func:`dc_merge_matrix` for 2-D tensors and 1×1 convolutions (a
+    pointwise conv is a matrix, and the paper's LoRA setting merges every LoRA-adapted matrix)
+    and the task-vector mean for the rest (biases, norms, k×k kernels).
+    For LoRA inputs set ``rank`` to the adapter rank and ``smoothing: avg`` (the paper's LoRA
+    setting); LoRA scaling α/r is already in the materialized ΔW (spec §8.6).
     """
 
     name: ClassVar[str] = "dc_merge"
@@ -145,14 +147,14 @@ class DCMerge(MergeMethod):
     ) -> Tensor:
         assert base is not None
         deltas = stack_deltas(base, tensors)
-        if base.ndim == 2:
+        if base.ndim == 2 or (base.ndim == 4 and base.shape[2:] == (1, 1)):
             delta = dc_merge_matrix(
-                deltas,
+                deltas.flatten(2),
                 rank=params.rank,
                 smoothing=params.smoothing,
                 rho=params.rho,
                 keep=params.keep,
-            )
+            ).reshape(base.shape)
         else:
             delta = deltas.mean(0)
         return (base.to(delta.dtype) + params.lambda_ * delta).to(base.dtype)
