@@ -213,5 +213,9 @@ def unsupported(spec: MergeSpec, num_models: int) -> str | None:
         return f"needs values for {', '.join(missing)} (no defaults)"
     low, high = getattr(cls, "num_models", (1, None))
     if num_models < low or (high is not None and num_models > high):
-        return f"takes {low}–{high or '∞'} models, not {num_models}"
+        if high == low:
+            count = f"exactly {low} model{'s' if low > 1 else ''} besides the base"
+        else:
+            count = f"{low}–{high or '∞'} models besides the base"
+        return f"merges {count}, not {num_models}"
     return None

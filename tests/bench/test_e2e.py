@@ -235,3 +235,12 @@ def test_several_seeds_report_mean_and_std(tiny, tmp_path, monkeypatch):
     assert len(tuned["params"]) == 2 and len(tuned["merge_s"]) == 2
     md = (write_report(results, tmp_path / "out")[1]).read_text()
     assert md.count(" ± ") >= 3 * 4  # every cell of every row: mean ± std
+
+
+def test_methods_that_cannot_take_the_task_count_say_why():
+    from splice.bench.merging import MergeSpec, unsupported
+
+    assert unsupported(MergeSpec("slerp"), 1) is None
+    assert unsupported(MergeSpec("slerp"), 4) == "merges exactly 1 model besides the base, not 4"
+    assert unsupported(MergeSpec("ties"), 4) is None
+    assert unsupported(MergeSpec("dare"), 4) == "needs values for p (no defaults)"
