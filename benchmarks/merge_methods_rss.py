@@ -26,15 +26,16 @@ from pathlib import Path
 import torch
 
 RUN = """
-import resource, time, json, sys
+import time, json, sys
 from splice.merge import merge
 t0 = time.perf_counter()
 merge(json.loads(sys.argv[1]), sys.argv[2])
-print(time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+hwm = [x for x in open('/proc/self/status') if x.startswith('VmHWM')][0]
+print(time.perf_counter() - t0, int(hwm.split()[1]) / 1024)  # VmHWM: not carried over exec
 """
 
 DENSE_PCB = """
-import resource, time, sys, torch
+import time, sys, torch
 from splice.io import open_checkpoint, CheckpointWriter
 root, ratio, clip = sys.argv[1], float(sys.argv[2]), float(sys.argv[3])
 t0 = time.perf_counter()
@@ -67,7 +68,8 @@ with CheckpointWriter(root + "/dense_pcb") as w:
             start += b.numel()
         else:
             w.write(name, b)
-print(time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+hwm = [x for x in open('/proc/self/status') if x.startswith('VmHWM')][0]
+print(time.perf_counter() - t0, int(hwm.split()[1]) / 1024)  # VmHWM: not carried over exec
 """
 
 

@@ -8,10 +8,12 @@ Installs mergekit into ``.bench-venv`` (``torch==2.13.0`` first, then ``mergekit
 missing; builds a random base and three fine-tunes (hidden 1024, 8 layers, vocab 32000,
 intermediate 2816, fp32, 3 shards each; fine-tune = base + N(0, 0.01²)) under
 ``bench-out/merge_vs_mergekit``; runs the same mergekit YAML through ``mergekit-yaml`` and
-``splice merge`` in fresh child processes (page cache warmed first) and prints per method the
-wall time and peak RSS (``wait4`` rusage of the child), their ratios, and max |Δ| between the
-two outputs. DARE draws different random masks in each tool, so for dare_ties it compares
-statistics instead: the fraction of entries changed from the base and the mean |θ − θ₀|.
+``splice merge`` (with and without ``--no-checksums``: mergekit hashes nothing, splice's
+ledger hashes every file by default) in fresh child processes (page cache warmed first) and
+prints per method the wall time and peak RSS (``wait4`` rusage of the child, forked by a small
+wrapper so that this process's own RSS is not carried into it), their ratios, and max |Δ|
+between the two outputs. DARE draws different random masks in each tool, so for dare_ties it
+compares statistics instead: the fraction of entries changed from the base and the mean |θ − θ₀|.
 For ties, entries whose |τ| equals a model's k-th largest are reported apart: there mergekit's
 unstable ``argsort`` keeps an arbitrary subset of the tied entries, splice keeps them all.
 """
@@ -25,7 +27,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 import zlib
 from pathlib import Path
 
@@ -150,17 +151,35 @@ def warm(paths: dict[str, Path]) -> None:
                     pass
 
 
+# Linux carries a process's peak RSS across fork + exec, so a child forked from this process
+# (torch loaded, fixtures compared) would report at least this process's RSS. A small wrapper
+# process forks the tool instead and reports the tool's own wall time and peak RSS.
+WRAPPER = """
+import os, subprocess, sys, time
+start = time.perf_counter()
+proc = subprocess.Popen(sys.argv[1:])
+_, status, usage = os.wait4(proc.pid, 0)
+wall = time.perf_counter() - start
+print(f"@@ {os.waitstatus_to_exitcode(status)} {wall} {usage.ru_maxrss}", flush=True)
+"""
+
+
 def run_child(cmd: list[str]) -> tuple[float, float]:
-    """Wall seconds and peak RSS (GB) of one child process."""
+    """Wall seconds and peak RSS (GB) of one child process (see WRAPPER)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - start
-    out = proc.stdout.read().decode(errors="replace") if proc.stdout else ""
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"failed: {' '.join(cmd)}\n{out[-3000:]}")
-    return wall, usage.ru_maxrss / 1024**2
+    done = subprocess.run(
+        [sys.executable, "-c", WRAPPER, *cmd],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        errors="replace",
+    )
+    line = [x for x in done.stdout.splitlines() if x.startswith("@@ ")][-1]
+    code, wall, rss_kb = line.split()[1:]
+    if int(code) != 0:
+        raise SystemExit(f"failed: {' '.join(cmd)}\n{done.stdout[-3000:]}")
+    return float(wall), int(rss_kb) / 1024**2
 
 
 def _at_threshold(paths: dict[str, Path], name: str, pos: torch.Tensor, density: float) -> bool:
@@ -227,26 +246,32 @@ def main() -> None:
         warm(paths)
         mk_cmd = [str(mergekit), str(recipe), str(outs["mergekit"]), "--random-seed", "0"]
         mk = run_child([*mk_cmd, "--no-copy-tokenizer", "--no-write-model-card", "--quiet"])
+        splice_cmd = [str(SPLICE), "merge", str(recipe), str(outs["splice"]), "--seed", "0"]
         warm(paths)
-        sp = run_child([str(SPLICE), "merge", str(recipe), str(outs["splice"]), "--seed", "0"])
+        sp = run_child(splice_cmd)
         delta = compare(outs["mergekit"], outs["splice"], paths, method)
-        rows.append((method, mk, sp, delta))
+        # mergekit writes no checksums; splice's ledger hashes every input and output file by
+        # default. The same work as mergekit: --no-checksums.
+        shutil.rmtree(outs["splice"], ignore_errors=True)
+        warm(paths)
+        bare = run_child([*splice_cmd, "--no-checksums"])
+        rows.append((method, mk, sp, bare, delta))
         print(
             f"{method:16s} mergekit {mk[0]:6.1f} s {mk[1]:5.2f} GB | "
-            f"splice {sp[0]:6.1f} s {sp[1]:5.2f} GB | {delta}",
+            f"splice {sp[0]:6.1f} s {sp[1]:5.2f} GB | no checksums {bare[0]:6.1f} s | {delta}",
             flush=True,
         )
         if not args.keep:
             for out in outs.values():
                 shutil.rmtree(out, ignore_errors=True)
     print()
-    print("| method | mergekit time | splice time | time ratio | mergekit peak RSS "
-          "| splice peak RSS | RSS ratio | max abs diff |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|")
-    for method, (mt, mr), (st, sr), delta in rows:
+    print("| method | mergekit time | splice time (ratio) | splice --no-checksums (ratio) "
+          "| mergekit peak RSS | splice peak RSS (ratio) | max abs diff |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|")
+    for method, (mt, mr), (st, sr), (bt, _), delta in rows:
         print(
-            f"| {method} | {mt:.1f} s | {st:.1f} s | {st / mt:.2f}× | {mr:.2f} GB "
-            f"| {sr:.2f} GB | {sr / mr:.2f}× | {delta} |"
+            f"| {method} | {mt:.1f} s | {st:.1f} s ({st / mt:.2f}×) | {bt:.1f} s ({bt / mt:.2f}×) "
+            f"| {mr:.2f} GB | {sr:.2f} GB ({sr / mr:.2f}×) | {delta} |"
         )
 
 

@@ -11,14 +11,16 @@ merging.md §2.3, §2.5) stream over a checkpoint exactly.
 
 from __future__ import annotations
 
+import os
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
 import torch
 from torch import Tensor
 
-__all__ = ["CHUNK", "RadixSelect", "kth_largest", "kth_smallest", "one_thread"]
+__all__ = ["CHUNK", "RadixSelect", "kth_largest", "kth_largest_each", "kth_smallest", "one_thread"]
 
 CHUNK = 1 << 18
 """Elements per chunk in streaming loops: bounds scratch memory to a few 1 MB buffers."""
@@ -134,6 +136,27 @@ def _kth_smallest(x: Tensor, k: int, magnitude: bool) -> Tensor:
 def kth_largest(x: Tensor, k: int, *, magnitude: bool = False) -> Tensor:
     """Exact k-th largest (1-based) element of a float tensor (of ``|x|`` if ``magnitude``)."""
     return kth_smallest(x, x.numel() - k + 1, magnitude=magnitude)
+
+
+_POOL: ThreadPoolExecutor | None = None
+
+
+def kth_largest_each(
+    xs: Sequence[Tensor], ks: Sequence[int], *, magnitude: bool = False
+) -> list[Tensor]:
+    """:func:`kth_largest` of each ``xs[i]`` for ``ks[i]``, the tensors spread over the CPU
+    cores (each selection is single-threaded and memory-bound; torch releases the GIL)."""
+    global _POOL
+    for x, k in zip(xs, ks, strict=True):
+        if not 1 <= k <= x.numel():
+            raise ValueError(f"k={k} out of range for {x.numel()} elements")
+    jobs = [(x, x.numel() - k + 1) for x, k in zip(xs, ks, strict=True)]
+    with one_thread():
+        if len(jobs) < 2 or (os.cpu_count() or 1) < 2 or xs[0].device.type != "cpu":
+            return [_kth_smallest(x, k, magnitude) for x, k in jobs]
+        if _POOL is None:
+            _POOL = ThreadPoolExecutor(os.cpu_count(), thread_name_prefix="splice-select")
+        return list(_POOL.map(lambda job: _kth_smallest(job[0], job[1], magnitude), jobs))
 
 
 class RadixSelect:

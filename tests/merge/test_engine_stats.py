@@ -7,7 +7,7 @@ import torch
 
 import splice.merge.stats as stats
 from splice.merge.methods.ties import MagnitudeThresholds
-from splice.merge.stats import RadixSelect, kth_largest, kth_smallest
+from splice.merge.stats import RadixSelect, kth_largest, kth_largest_each, kth_smallest
 
 
 def _cases(dtype: torch.dtype):
@@ -42,6 +42,31 @@ def test_kth_smallest_equals_kthvalue(dtype, small_chunks):
                 kth_smallest(x, k, magnitude=True).item() == torch.kthvalue(ref_x.abs(), k).values
             )
             assert kth_largest(x, k).item() == torch.kthvalue(ref_x, x.numel() - k + 1).values
+
+
+@pytest.mark.parametrize("magnitude", [False, True])
+def test_parallel_selection_equals_one_at_a_time(magnitude, small_chunks):
+    threads = torch.get_num_threads()
+    xs = list(_cases(torch.float32))
+    ks = [max(1, x.numel() // 3) for x in xs]
+    got = kth_largest_each(xs, ks, magnitude=magnitude)
+    assert [g.item() for g in got] == [
+        kth_largest(x, k, magnitude=magnitude).item() for x, k in zip(xs, ks, strict=True)
+    ]
+    assert torch.get_num_threads() == threads
+    with pytest.raises(ValueError, match="out of range"):
+        kth_largest_each(xs[:2], [1, 10**6])
+
+
+def test_parallel_thresholds_match_the_serial_ones():
+    from splice.merge.methods._sparsify import magnitude_threshold, magnitude_thresholds
+
+    g = torch.Generator().manual_seed(1)
+    deltas = [torch.randn(5000, generator=g) for _ in range(4)]
+    densities = [0.0, 0.2, 1.0, 0.5]
+    assert magnitude_thresholds(deltas, densities) == [
+        magnitude_threshold(d, p) for d, p in zip(deltas, densities, strict=True)
+    ]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -16,7 +16,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from splice.merge.stats import kth_largest
+from splice.merge.stats import kth_largest, kth_largest_each
 
 __all__ = [
     "CHUNK",
@@ -28,6 +28,7 @@ __all__ = [
     "elect_sign",
     "keep_count",
     "magnitude_threshold",
+    "magnitude_thresholds",
     "trim",
     "trim_",
 ]
@@ -70,6 +71,21 @@ def magnitude_threshold(delta: Tensor, density: float) -> float:
     if k == delta.numel():
         return 0.0
     return float(kth_largest(delta, k, magnitude=True))
+
+
+def magnitude_thresholds(deltas: Sequence[Tensor], densities: Sequence[float]) -> list[float]:
+    """:func:`magnitude_threshold` of each delta with its density, computed in parallel."""
+    out: list[float] = []
+    todo: list[tuple[int, int]] = []
+    for i, (d, density) in enumerate(zip(deltas, densities, strict=True)):
+        k = keep_count(density, d.numel())
+        out.append(float("inf") if k == 0 else 0.0)
+        if 0 < k < d.numel():
+            todo.append((i, k))
+    values = kth_largest_each([deltas[i] for i, _ in todo], [k for _, k in todo], magnitude=True)
+    for (i, _), v in zip(todo, values, strict=True):
+        out[i] = float(v)
+    return out
 
 
 def trim(delta: Tensor, threshold: float) -> Tensor:

@@ -29,7 +29,7 @@ from splice.merge.methods._sparsify import (
     disjoint_merge,
     elect_sign,
     keep_count,
-    magnitude_threshold,
+    magnitude_thresholds,
     trim,
 )
 from splice.merge.stats import RadixSelect
@@ -135,9 +135,7 @@ def _thresholds(deltas: list[Tensor], params: Params, ctx: MergeContext) -> list
     model_params = ctx.model_params
     assert model_params is not None
     if params.scope == "tensor":
-        return [
-            magnitude_threshold(d, mp.density) for d, mp in zip(deltas, model_params, strict=True)
-        ]
+        return magnitude_thresholds(deltas, [mp.density for mp in model_params])
     thresholds, densities = ctx.stats[THRESHOLDS]
     for mp, d in zip(model_params, densities, strict=True):
         if mp.density != d:
