@@ -311,7 +311,7 @@ def _write_model(
     from splice import __version__
     from splice.io import CheckpointWriter
     from splice.merge.fidelity import OutputCheck
-    from splice.merge.ledger import LEDGER_NAME, StreamHasher, input_files
+    from splice.merge.ledger import LEDGER_NAME, StreamHasher, input_files, unhashed
 
     tasks = checked.tasks
     meta = {
@@ -350,12 +350,10 @@ def _write_model(
                 added["generation_config.json"] = gen.read_bytes()
         for name, content in added.items():
             writer.add_file(name, content)
-        for src in job.sources():
-            for ckpt in src.checkpoints:
-                ckpt.check_unchanged()
+        job.check_unchanged()
         outputs = _output_hashes(writer, files_from, added, checksums)
         digests = {
-            s.label: hasher.digests(input_files(s)) if checksums else _unhashed(input_files(s))
+            s.label: hasher.digests(input_files(s)) if checksums else unhashed(input_files(s))
             for s in job.sources()
         }
         ledger = build_ledger(
@@ -393,10 +391,6 @@ def _output_config(job: MergeJob, checked: Checked, ref: Source) -> dict[str, An
     if checked.untied:
         config["tie_word_embeddings"] = False
     return config if config != ref.config or checked.vocab is not None else None
-
-
-def _unhashed(paths: list[Path]) -> dict[str, str | None]:
-    return {p.name: None for p in paths}
 
 
 def _output_hashes(

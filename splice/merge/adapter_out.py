@@ -383,7 +383,13 @@ def merge_adapters(
     from splice.io.writer import check_no_overlap
     from splice.merge import _check_budget
     from splice.merge.fidelity import OutputCheck, logit_gap
-    from splice.merge.ledger import LEDGER_NAME, build_ledger, hash_in_background, input_files
+    from splice.merge.ledger import (
+        LEDGER_NAME,
+        build_ledger,
+        hash_in_background,
+        input_files,
+        unhashed,
+    )
 
     out = Path(out)
     if max_memory is not None:
@@ -428,9 +434,7 @@ def merge_adapters(
             "skipped": "no base model given" if zero else "base above 1 GiB or without config"
         }
     report = sink.report()
-    for src in job.sources():
-        for ckpt in src.checkpoints:
-            ckpt.check_unchanged()
+    job.check_unchanged()
     digests = hashing.result()
     with atomic_dir(out) as tmp:
         save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
@@ -446,7 +450,7 @@ def merge_adapters(
             method=recipe.method,
             stats=stats,
             digests={
-                s.label: digests.get(s.label) or dict.fromkeys(p.name for p in input_files(s))
+                s.label: digests.get(s.label) or unhashed(input_files(s))
                 for s in job.sources()
                 if s.checkpoints
             },

@@ -106,6 +106,12 @@ class MergeJob:
         """The base (if any), then the models: what :attr:`TensorTask.copy_from` indexes."""
         return [s for s in (self.base, *self.models) if s is not None]
 
+    def check_unchanged(self) -> None:
+        """Refuse to publish if any input checkpoint changed on disk since it was opened."""
+        for src in self.sources():
+            for ckpt in src.checkpoints:
+                ckpt.check_unchanged()
+
 
 @dataclass(frozen=True)
 class TensorTask:

@@ -34,6 +34,7 @@ __all__ = [
     "hash_files",
     "hash_in_background",
     "raw_names",
+    "unhashed",
 ]
 
 LEDGER_NAME = "splice-ledger.json"
@@ -53,6 +54,11 @@ def hash_files(paths: Iterable[Path]) -> dict[str, str]:
                 h.update(view[:n])
         out[str(p)] = h.hexdigest()
     return out
+
+
+def unhashed(paths: Iterable[Path]) -> dict[str, str | None]:
+    """The ledger entry of files listed without checksums (``--no-checksums``)."""
+    return dict.fromkeys(p.name for p in paths)
 
 
 def hash_in_background(groups: Mapping[str, list[Path]]) -> Future[dict[str, dict[str, str]]]:

@@ -114,11 +114,14 @@ def kth_smallest(x: Tensor, k: int, *, magnitude: bool = False) -> Tensor:
     times faster on large tensors, with chunk-sized scratch (``|x|`` is never materialized).
     Returns a 0-d tensor.
     """
-    n = x.numel()
-    if not 1 <= k <= n:
-        raise ValueError(f"k={k} out of range for {n} elements")
+    _check_rank(x, k)
     with one_thread():
         return _kth_smallest(x, k, magnitude)
+
+
+def _check_rank(x: Tensor, k: int) -> None:
+    if not 1 <= k <= x.numel():
+        raise ValueError(f"k={k} out of range for {x.numel()} elements")
 
 
 def _kth_smallest(x: Tensor, k: int, magnitude: bool) -> Tensor:
@@ -148,8 +151,7 @@ def kth_largest_each(
     cores (each selection is single-threaded and memory-bound; torch releases the GIL)."""
     global _POOL
     for x, k in zip(xs, ks, strict=True):
-        if not 1 <= k <= x.numel():
-            raise ValueError(f"k={k} out of range for {x.numel()} elements")
+        _check_rank(x, k)
     jobs = [(x, x.numel() - k + 1) for x, k in zip(xs, ks, strict=True)]
     with one_thread():
         if len(jobs) < 2 or (os.cpu_count() or 1) < 2 or xs[0].device.type != "cpu":

@@ -16,7 +16,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from splice.merge.stats import kth_largest, kth_largest_each
+from splice.merge.stats import kth_largest_each
 
 __all__ = [
     "CHUNK",
@@ -65,12 +65,7 @@ def magnitude_threshold(delta: Tensor, density: float) -> float:
     Exact, by radix selection over the float bits (no sort); ``|δ| >= threshold`` keeps
     them, plus any entries tied with the threshold.
     """
-    k = keep_count(density, delta.numel())
-    if k == 0:
-        return float("inf")
-    if k == delta.numel():
-        return 0.0
-    return float(kth_largest(delta, k, magnitude=True))
+    return magnitude_thresholds([delta], [density])[0]
 
 
 def magnitude_thresholds(deltas: Sequence[Tensor], densities: Sequence[float]) -> list[float]:
