@@ -22,6 +22,8 @@ import subprocess
 import sys
 import time
 
+from _rss import peak_rss_mib
+
 BATCH, LENGTH, CLASSES = 32, 64, 4
 TARGETS = ["query", "value"]
 SIDES = {  # name → (library, method, options)
@@ -32,13 +34,6 @@ SIDES = {  # name → (library, method, options)
     "splice-mola": ("splice", "mola", {"r": 8, "experts": 4, "top_k": 2, "dropout": 0.0}),
     "splice-ept": ("splice", "ept", {"r": 8, "dropout": 0.0}),
 }
-
-
-def _peak_rss_mib() -> float:
-    """This process's peak RSS (VmHWM). Not ``ru_maxrss``: Linux carries that across
-    fork + exec, so a child would report at least its parent's RSS."""
-    with open("/proc/self/status") as f:
-        return int(next(x for x in f if x.startswith("VmHWM")).split()[1]) / 1024
 
 
 def build(side: str):
@@ -97,7 +92,7 @@ def child(sides: list[str], steps: int, warmup: int) -> list[dict]:
             step()
             if i >= warmup:
                 times[side].append(time.perf_counter() - t0)
-    rss = _peak_rss_mib()  # of all sides together
+    rss = peak_rss_mib()  # of all sides together
     return [
         {"side": side, "median_s": statistics.median(ts), "min_s": min(ts), "steps": steps,
          "peak_rss_mb": rss, "trainable": built[side][1], "threads": torch.get_num_threads()}

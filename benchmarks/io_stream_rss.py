@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from _rss import IMPORT
 
 READERS = {
     "splice": (
@@ -48,11 +49,8 @@ def build(dest: Path, gb: float) -> int:
     return sum(p.stat().st_size for p in dest.glob("*.safetensors"))
 
 
-_PRE = "import time, torch, splice.io, safetensors\nt0 = time.perf_counter()\n"
-_POST = (  # VmHWM, not ru_maxrss: Linux carries ru_maxrss over fork + exec from this process
-    "\nhwm = [x for x in open('/proc/self/status') if x.startswith('VmHWM')][0]"
-    "\nprint(time.perf_counter() - t0, int(hwm.split()[1]) / 1024)"
-)
+_PRE = IMPORT + "import time, torch, splice.io, safetensors\nt0 = time.perf_counter()\n"
+_POST = "\nprint(time.perf_counter() - t0, peak_rss_mib())"
 
 
 def measure(code: str, path: Path) -> tuple[float, float]:

@@ -19,6 +19,8 @@ import sys
 import time
 from pathlib import Path
 
+from _rss import peak_rss_mib
+
 DEFAULT = (
     "task_arithmetic,ties,adamerging,adamerging:task,adamerging:ties,atlas,concrete,"
     "concrete:adamerging,lot,opcm,continual_task_arithmetic"
@@ -28,13 +30,6 @@ VARIANTS = {  # name:variant -> (method, params)
     "adamerging:ties": ("adamerging", {"ties_density": 0.2}),
     "concrete:adamerging": ("concrete", {"inner": "adamerging"}),
 }
-
-
-def _peak_rss_mib() -> float:
-    """This process's peak RSS (VmHWM). Not ``ru_maxrss``: Linux carries that across
-    fork + exec, so a child would report at least its parent's RSS."""
-    with open("/proc/self/status") as f:
-        return int(next(x for x in f if x.startswith("VmHWM")).split()[1]) / 1024
 
 
 def child(spec: str, profile: str, steps: int | None, threads: int, out: Path) -> None:
@@ -59,7 +54,7 @@ def child(spec: str, profile: str, steps: int | None, threads: int, out: Path) -
     results["child"] = {
         "spec": spec,
         "wall_s": round(time.perf_counter() - start, 1),
-        "peak_rss_mb": round(_peak_rss_mib(), 1),
+        "peak_rss_mb": round(peak_rss_mib(), 1),
     }
     out.write_text(json.dumps(results, indent=1))
 

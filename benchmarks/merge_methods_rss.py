@@ -24,17 +24,22 @@ import tempfile
 from pathlib import Path
 
 import torch
+from _rss import IMPORT
 
-RUN = """
+RUN = (
+    IMPORT
+    + """
 import time, json, sys
 from splice.merge import merge
 t0 = time.perf_counter()
 merge(json.loads(sys.argv[1]), sys.argv[2])
-hwm = [x for x in open('/proc/self/status') if x.startswith('VmHWM')][0]
-print(time.perf_counter() - t0, int(hwm.split()[1]) / 1024)  # VmHWM: not carried over exec
+print(time.perf_counter() - t0, peak_rss_mib())
 """
+)
 
-DENSE_PCB = """
+DENSE_PCB = (
+    IMPORT
+    + """
 import time, sys, torch
 from splice.io import open_checkpoint, CheckpointWriter
 root, ratio, clip = sys.argv[1], float(sys.argv[2]), float(sys.argv[3])
@@ -68,9 +73,9 @@ with CheckpointWriter(root + "/dense_pcb") as w:
             start += b.numel()
         else:
             w.write(name, b)
-hwm = [x for x in open('/proc/self/status') if x.startswith('VmHWM')][0]
-print(time.perf_counter() - t0, int(hwm.split()[1]) / 1024)  # VmHWM: not carried over exec
+print(time.perf_counter() - t0, peak_rss_mib())
 """
+)
 
 
 def build(root: Path, hidden: int, layers: int, vocab: int) -> int:
