@@ -132,12 +132,19 @@ def train(
     eval_fraction: Annotated[
         float, typer.Option(help="Share of the data held out for eval.")
     ] = 0.1,
+    eval_split: Annotated[
+        str,
+        typer.Option(help="Bench task split to evaluate on: test, or val to choose settings."),
+    ] = "test",
     steps: Annotated[int | None, typer.Option(help="Optimizer steps (default: --epochs).")] = None,
     epochs: Annotated[float, typer.Option(help="Passes over the training data.")] = 1.0,
     batch_size: Annotated[int, typer.Option(help="Examples per micro-batch.")] = 16,
     grad_accum: Annotated[int, typer.Option(help="Micro-batches per optimizer step.")] = 1,
     lr: Annotated[
         float | None, typer.Option(help="Peak learning rate (5e-4 adapters, 5e-5 full).")
+    ] = None,
+    head_lr: Annotated[
+        float | None, typer.Option(help="Peak learning rate of the new head (default: --lr).")
     ] = None,
     warmup: Annotated[float, typer.Option(help="Linear warmup, fraction of steps.")] = 0.06,
     weight_decay: Annotated[float, typer.Option(help="AdamW weight decay on matrices.")] = 0.0,
@@ -175,8 +182,9 @@ def train(
             model=model, data=data, out=out, method=method, adapter=options,
             targets=split(targets) if targets else None,
             layers=[int(i) for i in split(layers)] if layers else None,
-            objective=objective, eval_data=eval_data, eval_fraction=eval_fraction, steps=steps,
-            epochs=epochs, batch_size=batch_size, grad_accum=grad_accum, lr=lr, warmup=warmup,
+            objective=objective, eval_data=eval_data, eval_fraction=eval_fraction,
+            eval_split=eval_split, steps=steps, epochs=epochs, batch_size=batch_size,
+            grad_accum=grad_accum, lr=lr, head_lr=head_lr, warmup=warmup,
             weight_decay=weight_decay, grad_clip=grad_clip, max_length=max_length,
             precision=precision, checkpoint_every=checkpoint_every, resume=resume, seed=seed,
             device=device, format=format, progress=not as_json,

@@ -197,6 +197,28 @@ def test_a_bench_task_name_is_data(bert_dir, tmp_path, monkeypatch):
     metrics = run(bert_dir, "toy", tmp_path / "out", steps=2)
     assert metrics["labels"] == ["neg", "pos"]
     assert metrics["eval_examples"] == 8  # the task's stratified 20 % test split
+    val = run(bert_dir, "toy", tmp_path / "val", steps=2, eval_split="val")
+    assert val["eval_examples"] == 4  # its 10 % validation split, for choosing settings
+    assert val["loss_history"] == metrics["loss_history"]  # same training rows
+
+
+def test_eval_split_needs_a_bench_task(bert_dir, csv_file, tmp_path):
+    with pytest.raises(SpliceError, match="--eval-split val needs a bench task"):
+        run(bert_dir, csv_file, tmp_path / "out", eval_split="val")
+
+
+def test_head_lr_drives_the_new_head_and_lr_the_adapter(bert_dir, csv_file, tmp_path):
+    from splice.adapters import load_adapter
+
+    frozen = run(bert_dir, csv_file, tmp_path / "frozen", lr=1e-12)
+    head = run(bert_dir, csv_file, tmp_path / "head", lr=1e-12, head_lr=5e-2)
+    assert head["loss_history"][0] == frozen["loss_history"][0]  # same init, same batch
+    assert head["loss_history"][-1] != frozen["loss_history"][-1]
+    before, after = (load_adapter(None, tmp_path / d / "adapter") for d in ("frozen", "head"))
+    moved = (after.classifier.weight - before.classifier.weight).abs().max().item()
+    assert moved > 1e-2  # the head learnt at head_lr (frozen's moved ≤ 8·1e-12)
+    b = [p for n, p in after.named_parameters() if n.endswith("lora_B")]
+    assert b and max(p.abs().max().item() for p in b) < 1e-9  # B starts at 0, moved ≤ 8·lr
 
 
 def test_full_finetuning_refuses_adapter_options(bert_dir, csv_file, tmp_path):

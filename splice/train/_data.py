@@ -73,8 +73,9 @@ def read_file(path: Path) -> Rows:
     return Rows.from_records(records, str(path))
 
 
-def _bench_task(name: str, seed: int) -> tuple[Rows, Rows]:
-    """Train and test rows of a text task of ``splice bench`` (its seeded stratified splits)."""
+def _bench_task(name: str, seed: int, split: str = "test") -> tuple[Rows, Rows]:
+    """Train and ``split`` (test or val) rows of a text task of ``splice bench`` (its seeded
+    stratified splits, disjoint)."""
     from splice.bench.data import load_task, tasks
 
     task = tasks.get(name)
@@ -87,16 +88,21 @@ def _bench_task(name: str, seed: int) -> tuple[Rows, Rows]:
     def rows(split) -> Rows:
         return Rows([str(t) for t in split.x], [data.classes[int(y)] for y in split.y])
 
-    return rows(data.train), rows(data.test)
+    return rows(data.train), rows(getattr(data, split))
 
 
 def load_splits(
-    data: str, eval_data: str | None, eval_fraction: float, seed: int
+    data: str, eval_data: str | None, eval_fraction: float, seed: int, eval_split: str = "test"
 ) -> tuple[Rows, Rows]:
     """(train, eval) rows of a file or bench task; a file without ``eval_data`` gives up a
-    seeded ``eval_fraction`` for evaluation."""
+    seeded ``eval_fraction`` for evaluation, a bench task evaluates on its ``eval_split``."""
     path = Path(data)
     if path.suffix.lower() in (".csv", ".jsonl", ".json") or path.exists():
+        if eval_split != "test":
+            raise SpliceError(
+                f"--eval-split {eval_split} needs a bench task", where=data,
+                fix="for a file, pass --eval-data or --eval-fraction",
+            )  # fmt: skip
         rows = read_file(path)
         if eval_data is not None:
             return rows, read_file(Path(eval_data))
@@ -105,5 +111,5 @@ def load_splits(
             raise SpliceError(f"{len(rows)} rows leave nothing to train on", where=data)
         perm = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed)).tolist()
         return rows.subset(sorted(perm[n_eval:])), rows.subset(sorted(perm[:n_eval]))
-    train, test = _bench_task(data, seed)
-    return train, read_file(Path(eval_data)) if eval_data else test
+    train, held_out = _bench_task(data, seed, eval_split)
+    return train, read_file(Path(eval_data)) if eval_data else held_out

@@ -59,12 +59,18 @@ class TrainConfig(pydantic.BaseModel):
     objective: Literal["auto", "classification", "causal-lm"] = "auto"
     eval_data: str | None = pydantic.Field(None, description="separate eval file")
     eval_fraction: float = pydantic.Field(0.1, gt=0, lt=1, description="held out if no eval file")
+    eval_split: Literal["test", "val"] = pydantic.Field(
+        "test", description="bench task split to evaluate on (val: for choosing settings)"
+    )
     max_length: int = pydantic.Field(128, gt=0, description="tokens per example")
     batch_size: int = pydantic.Field(16, gt=0, description="examples per micro-batch")
     grad_accum: int = pydantic.Field(1, gt=0, description="micro-batches per optimizer step")
     steps: int | None = pydantic.Field(None, gt=0, description="optimizer steps (else epochs)")
     epochs: float = pydantic.Field(1.0, gt=0, description="passes over the data if no steps")
     lr: float | None = pydantic.Field(None, gt=0, description="peak LR (5e-4 adapter, 5e-5 full)")
+    head_lr: float | None = pydantic.Field(
+        None, gt=0, description="peak LR of new modules, e.g. the head (default: lr)"
+    )
     warmup: float = pydantic.Field(0.06, ge=0, lt=1, description="warmup fraction of steps")
     weight_decay: float = pydantic.Field(0.0, ge=0, description="AdamW decay on matrices")
     grad_clip: float = pydantic.Field(1.0, ge=0, description="max grad norm (0: off)")
@@ -237,6 +243,26 @@ def evaluate(
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": count}
 
 
+def _param_groups(
+    cfg: TrainConfig, named: dict[str, nn.Parameter], new_modules: list[str], full: bool
+) -> list[dict[str, Any]]:
+    """AdamW groups: matrices decay, vectors do not; new modules (the head) train at
+    ``head_lr``. Empty groups are dropped, so the layout depends only on the settings."""
+    lr = cfg.lr or (5e-5 if full else 5e-4)
+    new = set(new_modules)
+    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+    for name, p in named.items():
+        groups.setdefault((name.rsplit(".", 1)[0] in new, p.ndim >= 2), []).append(p)
+    return [
+        {
+            "params": params,
+            "lr": (cfg.head_lr or lr) if head else lr,
+            "weight_decay": cfg.weight_decay if matrix else 0.0,
+        }
+        for (head, matrix), params in sorted(groups.items())
+    ]
+
+
 # The loop --------------------------------------------------------------------------------------
 
 
@@ -266,7 +292,9 @@ def train(
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     torch.manual_seed(cfg.seed)
 
-    train_rows, eval_rows = load_splits(cfg.data, cfg.eval_data, cfg.eval_fraction, cfg.seed)
+    train_rows, eval_rows = load_splits(
+        cfg.data, cfg.eval_data, cfg.eval_fraction, cfg.seed, cfg.eval_split
+    )
     import transformers
 
     objective = _objective(
@@ -294,15 +322,7 @@ def train(
     total = cfg.steps or max(1, math.ceil(cfg.epochs * batches.per_epoch / cfg.grad_accum))
 
     named = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    decay = [p for p in named.values() if p.ndim >= 2]
-    no_decay = [p for p in named.values() if p.ndim < 2]
-    optimizer = torch.optim.AdamW(
-        [
-            {"params": decay, "weight_decay": cfg.weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ],
-        lr=cfg.lr or (5e-5 if full else 5e-4),
-    )
+    optimizer = torch.optim.AdamW(_param_groups(cfg, named, new_modules, full))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, _schedule(total, round(cfg.warmup * total))
     )
