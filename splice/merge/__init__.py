@@ -338,6 +338,7 @@ def _write_model(
         layout=[
             (t.name, t.shape, (job.out_dtype or t.dtype) if t.merge else t.dtype) for t in tasks
         ],
+        checksums=checksums,
     ) as writer:
         stats = execute(job, tasks, writer, progress=progress, on_output=check_output)
         added: dict[str, bytes] = {}
@@ -396,25 +397,23 @@ def _output_config(job: MergeJob, checked: Checked, ref: Source) -> dict[str, An
 def _output_hashes(
     writer: Any, files_from: Path | None, added: Mapping[str, bytes], checksums: bool = True
 ) -> dict[str, str | None]:
-    """SHA-256 of every output file but the ledger, from the temp dir before it is renamed.
+    """SHA-256 of every output file but the ledger, before the temp dir is renamed.
 
-    Shards are read back from the page cache under their final names
-    (:meth:`CheckpointWriter.shard_files`); copied and added files are hashed from their
-    sources. The index is derived from the shards and is not hashed.
+    Shards were hashed as they were written (:meth:`CheckpointWriter.shard_digests`); copied
+    and added files are hashed from their sources. The index is derived from the shards and
+    is not hashed.
     """
     import hashlib
 
+    from splice.io._hash import hash_files
     from splice.io.writer import AUX_FILES
-    from splice.merge.ledger import hash_files
 
-    shards = writer.shard_files()
-    finals = [final for _, final in shards]
     copied = [Path(files_from) / a for a in AUX_FILES if a not in added] if files_from else []
     copied = [p for p in copied if p.is_file()]
     if not checksums:
+        finals = [final for _, final in writer.shard_files()]
         return dict.fromkeys(sorted([*finals, *(p.name for p in copied), *added]))
-    digests = hash_files([p for p, _ in shards])
-    out: dict[str, str | None] = {final: digests[str(p)] for p, final in shards}
+    out: dict[str, str | None] = dict(writer.shard_digests())
     for p, h in hash_files(copied).items():
         out[Path(p).name] = h
     for name, content in added.items():

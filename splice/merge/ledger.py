@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from splice.errors import SpliceError
+from splice.io._hash import hash_files
 
 if TYPE_CHECKING:
     from splice.merge.engine import Checked, MergeJob, Source, TensorTask
@@ -39,21 +40,6 @@ __all__ = [
 
 LEDGER_NAME = "splice-ledger.json"
 FORMAT = "splice.ledger/1"
-_BLOCK = 1 << 20
-
-
-def hash_files(paths: Iterable[Path]) -> dict[str, str]:
-    """SHA-256 of each file (1 MB reads; hashlib releases the GIL, so a thread overlaps)."""
-    out = {}
-    buf = bytearray(_BLOCK)
-    view = memoryview(buf)
-    for p in paths:
-        h = hashlib.sha256()
-        with open(p, "rb") as f:
-            while n := f.readinto(buf):
-                h.update(view[:n])
-        out[str(p)] = h.hexdigest()
-    return out
 
 
 def unhashed(paths: Iterable[Path]) -> dict[str, str | None]:

@@ -161,6 +161,48 @@ def test_shard_files_name_and_hash_the_published_shards(tmp_path: Path, layout: 
     assert len(staged) > 1 and staged == published
 
 
+@pytest.mark.parametrize(
+    ("layout", "checksums", "reverse", "streamed"),
+    [
+        (True, True, False, True),  # hashed from the written bytes, never read back
+        (True, True, True, False),  # out of file order: read back
+        (True, False, False, False),
+        (False, True, False, False),  # spill mode: read back
+    ],
+)
+def test_shard_digests_equal_the_published_files(
+    tmp_path: Path, monkeypatch, layout: bool, checksums: bool, reverse: bool, streamed: bool
+) -> None:
+    import hashlib
+
+    import splice.io.writer as writer_module
+
+    read_back: list[Path] = []
+    original = writer_module.hash_files
+
+    def spy(paths):
+        paths = list(paths)
+        read_back.extend(paths)
+        return original(paths)
+
+    monkeypatch.setattr(writer_module, "hash_files", spy)
+    sd = _state()
+    plan = [(k, tuple(v.shape), v.dtype) for k, v in sd.items()] if layout else None
+    items = list(sd.items())[::-1] if reverse else list(sd.items())
+    with CheckpointWriter(
+        tmp_path / "o", max_shard_size="2KB", layout=plan, checksums=checksums
+    ) as w:
+        for k, v in items:
+            w.write(k, v)
+        digests = w.shard_digests()
+    published = {
+        p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in (tmp_path / "o").glob("*.safetensors")
+    }
+    assert len(published) > 1 and digests == published
+    assert (not read_back) == streamed
+
+
 def test_added_files_and_names_are_checked(tmp_path: Path) -> None:
     with CheckpointWriter(tmp_path / "o") as w:
         w.write("a", torch.ones(1))
