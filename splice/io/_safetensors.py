@@ -3,7 +3,7 @@
 The header is validated completely before any data is touched: length within the file,
 UTF-8 JSON object, no duplicate keys, known dtypes, shapes that match byte counts, offsets
 that tile the data section exactly (sorted, no gap, no overlap), sane tensor names.
-Tensors are read with ``readinto`` into fresh buffers, not memory-mapped: a file truncated
+Tensors are read with ``preadv`` into fresh buffers, not memory-mapped: a file truncated
 while we read gives a clean error instead of a bus error, and peak memory stays one tensor.
 """
 
@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from splice.errors import SpliceError
+from splice.io._buffers import empty_bytes
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 
@@ -187,11 +188,11 @@ def _shift(info: TensorInfo, start: int) -> TensorInfo:
 
 def read_tensor(info: TensorInfo) -> torch.Tensor:
     """Read one tensor with a positioned read into a fresh buffer (no mmap, no SIGBUS)."""
-    buf = bytearray(info.nbytes)
+    buf = empty_bytes(info.nbytes)
     try:
         fd = os.open(info.file, os.O_RDONLY)
         try:
-            view, got = memoryview(buf), 0
+            view, got = buf.numpy().data, 0
             while got < info.nbytes:
                 n = os.preadv(fd, [view[got:]], info.offset + got)
                 if n == 0:
@@ -209,6 +210,4 @@ def read_tensor(info: TensorInfo) -> torch.Tensor:
             where=f"{info.file}:{info.name}",
             fix="the file was truncated (possibly while reading); re-download or re-save it",
         )
-    if info.nbytes == 0:
-        return torch.empty(info.shape, dtype=info.dtype)
-    return torch.frombuffer(buf, dtype=info.dtype).reshape(info.shape)
+    return buf.view(info.dtype).reshape(info.shape)

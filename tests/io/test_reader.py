@@ -211,3 +211,15 @@ def test_fuzzed_bytes_raise_only_splice_error(tmp_path: Path, data: st.DataObjec
             assert tuple(t.shape) == ckpt.info(name).shape
     except SpliceError as e:
         assert "\n" not in str(e)
+
+
+@pytest.mark.parametrize("shape", [(0, 3), (), (3,), (2_500_000,)])  # the last: 10 MB, huge pages
+def test_large_and_empty_tensors_read_exactly(tmp_path: Path, shape: tuple[int, ...]) -> None:
+    t = torch.arange(max(1, torch.Size(shape).numel()), dtype=torch.float32)[
+        : torch.Size(shape).numel()
+    ]
+    save_file({"t": t.reshape(shape)}, tmp_path / "m.safetensors")
+    got = open_checkpoint(tmp_path / "m.safetensors")["t"]
+    assert got.shape == torch.Size(shape) and torch.equal(got, t.reshape(shape))
+    got += 1  # a private, writable buffer
+    assert torch.equal(open_checkpoint(tmp_path / "m.safetensors")["t"], t.reshape(shape))
