@@ -2,7 +2,7 @@
 
 Run by hand (heavy: ~3 GB of fixtures, a few minutes)::
 
-    .venv/bin/python benchmarks/merge_vs_mergekit.py [--methods linear,ties] [--keep]
+    .venv/bin/python benchmarks/merge_vs_mergekit.py [--methods linear,ties] [--repeat 3]
 
 Installs mergekit into ``.bench-venv`` (``torch==2.13.0`` first, then ``mergekit``) if it is
 missing; builds a random base and three fine-tunes (hidden 1024, 8 layers, vocab 32000,
@@ -10,10 +10,14 @@ intermediate 2816, fp32, 3 shards each; fine-tune = base + N(0, 0.01²)) under
 ``bench-out/merge_vs_mergekit``; runs the same mergekit YAML through ``mergekit-yaml`` and
 ``splice merge`` (with and without ``--no-checksums``: mergekit hashes nothing, splice's
 ledger hashes every file by default) in fresh child processes (page cache warmed first) and
-prints per method the wall time and peak RSS (``wait4`` rusage of the child, forked by a small
-wrapper so that this process's own RSS is not carried into it), their ratios, and max |Δ|
-between the two outputs. DARE draws different random masks in each tool, so for dare_ties it
-compares statistics instead: the fraction of entries changed from the base and the mean |θ − θ₀|.
+prints per method the median wall time and peak RSS of ``--repeat`` runs per tool (``wait4``
+rusage of the child, forked by a small wrapper so that this process's own RSS is not carried
+into it), their ratios, and max |Δ| between the two outputs. The tools take turns, and every
+timed run starts right after the previous run's output was deleted: on a VM, memory the guest
+freed long ago is slow to touch again (writing 0.67 GB measured 0.4 GB/s into such pages, 3
+GB/s into just-freed ones), so each run must find the same conditions. DARE draws different
+random masks in each tool, so for dare_ties it compares statistics instead: the fraction of
+entries changed from the base and the mean |θ − θ₀|.
 For ties, entries whose |τ| equals a model's k-th largest are reported apart: there mergekit's
 unstable ``argsort`` keeps an arbitrary subset of the tied entries, splice keeps them all.
 """
@@ -182,6 +186,18 @@ def run_child(cmd: list[str]) -> tuple[float, float]:
     return float(wall), int(rss_kb) / 1024**2
 
 
+def _with_out(cmd: list[str], out: Path) -> list[str]:
+    """``cmd`` with the output dir after the recipe (both tools take RECIPE OUT)."""
+    i = next(i for i, a in enumerate(cmd) if a.endswith(".yml"))
+    return [*cmd[: i + 1], str(out), *cmd[i + 1 :]]
+
+
+def _median(runs: list[tuple[float, float]]) -> tuple[float, float]:
+    """Median wall time and median peak RSS over repeated runs."""
+    walls, rss = sorted(w for w, _ in runs), sorted(r for _, r in runs)
+    return walls[len(walls) // 2], rss[len(rss) // 2]
+
+
 def _at_threshold(paths: dict[str, Path], name: str, pos: torch.Tensor, density: float) -> bool:
     """Whether every entry at ``pos`` ties with the top-k threshold of some model's |τ|."""
     from splice.io import open_checkpoint
@@ -232,7 +248,7 @@ def compare(a: Path, b: Path, paths: dict[str, Path], method: str) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--methods", default=",".join(RECIPES))
-    ap.add_argument("--keep", action="store_true", help="keep the merged outputs")
+    ap.add_argument("--repeat", type=int, default=3, help="timed runs per tool (median)")
     args = ap.parse_args()
     mergekit = ensure_mergekit()
     paths = build_fixtures()
@@ -241,29 +257,40 @@ def main() -> None:
         recipe = WORK / f"{method}.yml"
         recipe.write_text(RECIPES[method].format(**{k: str(v) for k, v in paths.items()}))
         outs = {tool: WORK / f"out-{method}-{tool}" for tool in ("mergekit", "splice")}
+        splice_cmd = [str(SPLICE), "merge", str(recipe), "--seed", "0"]
+        cmds = {
+            "mergekit": [str(mergekit), str(recipe), "--random-seed", "0", "--no-copy-tokenizer",
+                         "--no-write-model-card", "--quiet"],
+            "splice": splice_cmd,
+            "bare": [*splice_cmd, "--no-checksums"],
+        }  # fmt: skip
+        # The outputs to compare (untimed), then removed: each timed run below starts just
+        # after the previous run's output was deleted, so every run finds the same free memory.
+        for tool, out in outs.items():
+            shutil.rmtree(out, ignore_errors=True)
+            run_child(_with_out(cmds[tool], out))
+        delta = compare(outs["mergekit"], outs["splice"], paths, method)
         for out in outs.values():
             shutil.rmtree(out, ignore_errors=True)
-        warm(paths)
-        mk_cmd = [str(mergekit), str(recipe), str(outs["mergekit"]), "--random-seed", "0"]
-        mk = run_child([*mk_cmd, "--no-copy-tokenizer", "--no-write-model-card", "--quiet"])
-        splice_cmd = [str(SPLICE), "merge", str(recipe), str(outs["splice"]), "--seed", "0"]
-        warm(paths)
-        sp = run_child(splice_cmd)
-        delta = compare(outs["mergekit"], outs["splice"], paths, method)
-        # mergekit writes no checksums; splice's ledger hashes every input and output file by
-        # default. The same work as mergekit: --no-checksums.
-        shutil.rmtree(outs["splice"], ignore_errors=True)
-        warm(paths)
-        bare = run_child([*splice_cmd, "--no-checksums"])
+        runs: dict[str, list[tuple[float, float]]] = {tool: [] for tool in cmds}
+        scratch = WORK / f"out-{method}-timed"
+        for _ in range(args.repeat):
+            for tool, cmd in cmds.items():
+                warm(paths)
+                runs[tool].append(run_child(_with_out(cmd, scratch)))
+                shutil.rmtree(scratch, ignore_errors=True)
+        mk, sp, bare = (_median(runs[t]) for t in cmds)
         rows.append((method, mk, sp, bare, delta))
         print(
             f"{method:16s} mergekit {mk[0]:6.1f} s {mk[1]:5.2f} GB | "
             f"splice {sp[0]:6.1f} s {sp[1]:5.2f} GB | no checksums {bare[0]:6.1f} s | {delta}",
             flush=True,
         )
-        if not args.keep:
-            for out in outs.values():
-                shutil.rmtree(out, ignore_errors=True)
+        print(
+            "  all runs (s): "
+            + "; ".join(f"{t} " + " ".join(f"{w:.1f}" for w, _ in r) for t, r in runs.items()),
+            flush=True,
+        )
     print()
     print("| method | mergekit time | splice time (ratio) | splice --no-checksums (ratio) "
           "| mergekit peak RSS | splice peak RSS (ratio) | max abs diff |")  # fmt: skip
