@@ -26,12 +26,11 @@ READERS = {
         "    s += float(c[n].sum())\n"
     ),
     "safetensors.safe_open": (
-        "import json, pathlib\n"
+        "import pathlib\n"
         "from safetensors import safe_open\n"
-        "idx = json.loads((pathlib.Path(P) / 'model.safetensors.index.json').read_text())\n"
         "s = 0.0\n"
-        "for shard in sorted(set(idx['weight_map'].values())):\n"
-        "    with safe_open(str(pathlib.Path(P) / shard), 'pt') as f:\n"
+        "for shard in sorted(pathlib.Path(P).glob('*.safetensors')):\n"
+        "    with safe_open(str(shard), 'pt') as f:\n"
         "        for n in f.keys():\n"
         "            s += float(f.get_tensor(n).sum())\n"
     ),
