@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from splice.errors import SpliceError
-from splice.io._buffers import empty_bytes
+from splice.io._hints import empty_bytes
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 

@@ -23,6 +23,7 @@ import torch
 
 from splice.errors import SpliceError
 from splice.io._hash import hash_files
+from splice.io._hints import start_writeback
 from splice.io._safetensors import DTYPE_NAMES, check_tensor_name
 from splice.io._units import parse_size
 from splice.io.atomic import new_temp_dir, swap_in
@@ -145,6 +146,7 @@ class _PlannedShard:
             while view:
                 n = os.pwrite(self.fd, view, pos)
                 view, pos = view[n:], pos + n
+            start_writeback(self.fd, self.start + offset, pos - self.start - offset)
         finally:
             if hashing is not None:
                 hashing.result()
