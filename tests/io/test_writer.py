@@ -176,16 +176,9 @@ def test_shard_digests_equal_the_published_files(
     import hashlib
 
     import splice.io.writer as writer_module
+    from tests.conftest import spy_hashed_files
 
-    read_back: list[Path] = []
-    original = writer_module.hash_files
-
-    def spy(paths):
-        paths = list(paths)
-        read_back.extend(paths)
-        return original(paths)
-
-    monkeypatch.setattr(writer_module, "hash_files", spy)
+    read_back = spy_hashed_files(monkeypatch, writer_module)
     sd = _state()
     plan = [(k, tuple(v.shape), v.dtype) for k, v in sd.items()] if layout else None
     items = list(sd.items())[::-1] if reverse else list(sd.items())

@@ -169,19 +169,12 @@ def test_missing_and_extra_tensors_fail_unless_allow_missing(disk, tmp_path):
 
 def test_inputs_are_hashed_from_the_merge_reads_not_read_twice(tmp_path, monkeypatch):
     import splice.merge.ledger as ledger_module
+    from tests.conftest import spy_hashed_files
 
     base = {k: v for k, v in tiny_llama(0).items() if k != "model.steps"}
     save(base, tmp_path / "base", shard=2000)
     save(finetune(base, 1), tmp_path / "ft", shard=2000)
-    from_disk: list[Path] = []
-    original = ledger_module.hash_files
-
-    def spy(paths):
-        paths = list(paths)
-        from_disk.extend(paths)
-        return original(paths)
-
-    monkeypatch.setattr(ledger_module, "hash_files", spy)
+    from_disk = spy_hashed_files(monkeypatch, ledger_module)
     recipe = {"method": "ties", "base": str(tmp_path / "base"), "models": [str(tmp_path / "ft")]}
     out = merge(recipe, tmp_path / "out")
     inputs = [p for p in from_disk if p.parent.name in ("base", "ft")]
