@@ -12,7 +12,7 @@ the adapter's lr (``--head-lr``), so the adapters are compared, not their heads.
 Structures are fixed before any run: LoRA r=8, α=16; NOLA r=8 with k=l=256 random bases per
 matrix (1/12 of LoRA's parameters); MoS active rank 6 from pools holding a rank-1 LoRA's
 parameters (e=1, p=0, l=4 shards per vector: 1/8). Each method's adapter lr is chosen from the
-same grid (1e-3, 2e-3, 5e-3) by accuracy on the task's validation split (``--eval-split val``;
+same grid (1e-3, 2e-3, 5e-3, 1e-2) by accuracy on the task's validation split (``--eval-split val``;
 ties go to the smaller lr); the chosen run is then repeated and scored on the test split — the
 test split plays no part in any choice.
 
@@ -39,7 +39,7 @@ METHODS = {  # name → adapter options, fixed a priori
     "nola": {"r": 8, "k": 256, "l": 256},
     "mos": {"r": 6, "e": 1, "p": 0, "l": 4},
 }
-LRS = (1e-3, 2e-3, 5e-3)
+LRS = (1e-3, 2e-3, 5e-3, 1e-2)
 HEAD_LR = 1e-3
 
 
