@@ -608,10 +608,11 @@ class _Reader:
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="splice-read") as pool:
             future = None
             for i, task in enumerate(tasks):
-                base, tensors = self.read(task) if future is None else future.result()
+                held = [self.read(task) if future is None else future.result()]
                 future = pool.submit(self.read, tasks[i + 1]) if ahead[i] else None
-                yield task, base, tensors
-                del base, tensors
+                # hand the tensors over without keeping a reference here: the caller frees
+                # them when it is done, not when it next asks (copied tensors come between)
+                yield (task, *held.pop())
 
 
 class _Progress:
