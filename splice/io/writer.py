@@ -140,13 +140,14 @@ class _PlannedShard:
                 f"{tuple(entry['shape'])} {entry['dtype']}"
             )
         offset = entry["data_offsets"][0]
-        view, pos = _tensor_bytes(t), self.start + offset
+        view, begin = _tensor_bytes(t), self.start + offset
         hashing = None if self.stream is None else self.stream.feed(offset, view)
         try:
+            pos = begin
             while view:
                 n = os.pwrite(self.fd, view, pos)
                 view, pos = view[n:], pos + n
-            start_writeback(self.fd, self.start + offset, pos - self.start - offset)
+            start_writeback(self.fd, begin, pos - begin)
         finally:
             if hashing is not None:
                 hashing.result()

@@ -243,16 +243,20 @@ def evaluate(
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": count}
 
 
+def _in_new_module(name: str, new_modules: list[str]) -> bool:
+    """Whether parameter ``name`` belongs to a module the checkpoint lacked (e.g. the head)."""
+    return name.rsplit(".", 1)[0] in new_modules
+
+
 def _param_groups(
     cfg: TrainConfig, named: dict[str, nn.Parameter], new_modules: list[str], full: bool
 ) -> list[dict[str, Any]]:
     """AdamW groups: matrices decay, vectors do not; new modules (the head) train at
     ``head_lr``. Empty groups are dropped, so the layout depends only on the settings."""
     lr = cfg.lr or (5e-5 if full else 5e-4)
-    new = set(new_modules)
     groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
     for name, p in named.items():
-        groups.setdefault((name.rsplit(".", 1)[0] in new, p.ndim >= 2), []).append(p)
+        groups.setdefault((_in_new_module(name, new_modules), p.ndim >= 2), []).append(p)
     return [
         {
             "params": params,
@@ -406,7 +410,7 @@ def train(
         head = sum(
             p.numel()
             for n, p in core.named_parameters()
-            if p.requires_grad and n.rsplit(".", 1)[0] in new_modules
+            if p.requires_grad and _in_new_module(n, new_modules)
         )
         metrics = {
             "objective": objective,
