@@ -232,7 +232,7 @@ def _check_budget(plan: Mapping[str, Any], max_memory: int | str | None) -> None
         raise SpliceError(
             f"the merge needs {human_bytes(plan['total_ram'])} of RAM "
             f"({human_bytes(plan['peak_ram'])} for {plan['largest']!r} on top of "
-            f"{human_bytes(plan['baseline_ram'])} for the process), "
+            f"{human_bytes(plan['baseline_ram'] + plan['first_use_ram'])} for the process), "
             f"above --max-memory {human_bytes(limit)}",
             fix="raise --max-memory, merge fewer models at once, or use a float16/bfloat16 "
             "--dtype (halves the working set)",

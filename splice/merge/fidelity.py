@@ -29,24 +29,27 @@ __all__ = ["OutputCheck", "logit_gap"]
 
 
 def _sums(out: Tensor, base: Tensor | None) -> tuple[bool, float, float]:
-    """(finite, ‖out − base‖², ‖base‖²), the difference chunk by chunk into one scratch."""
+    """(finite, ‖out − base‖², ‖base‖²), chunk by chunk through one float32/64 scratch, so a
+    half-precision output is widened a chunk at a time, never as a whole copy."""
     o = out.reshape(-1)
-    if o.dtype != torch.float32 and o.dtype != torch.float64:
-        o = o.float()
-    if base is None:
-        return math.isfinite(float(o.sum())), 0.0, 0.0
-    b = base.reshape(-1).to(o.dtype)
-    sq_base = float(torch.dot(b, b))
-    scratch = torch.empty(min(CHUNK, o.numel()), dtype=o.dtype, device=o.device)
-    sq_diff = 0.0
-    for start in range(0, o.numel(), CHUNK):
-        d = torch.sub(
-            o[start : start + CHUNK],
-            b[start : start + CHUNK],
-            out=scratch[: min(CHUNK, o.numel() - start)],
-        )
-        sq_diff += float(torch.dot(d, d))
-    return math.isfinite(sq_diff), sq_diff, sq_base
+    wide = o.dtype if o.dtype in (torch.float32, torch.float64) else torch.float32
+    b = None if base is None else base.reshape(-1)
+    n = o.numel()
+    scratch = torch.empty(min(CHUNK, n), dtype=wide, device=o.device)
+    finite, sq_diff, sq_base = True, 0.0, 0.0
+    for start in range(0, n, CHUNK):
+        d = scratch[: min(CHUNK, n - start)]
+        d.copy_(o[start : start + CHUNK])
+        if b is None:
+            probe = float(d.sum())
+        else:
+            bc = b[start : start + CHUNK].to(wide)
+            sq_base += float(torch.dot(bc, bc))
+            probe = float(torch.dot(d.sub_(bc), d))
+            sq_diff += probe
+        # a finite chunk's sum may overflow: only then is the exact (slower) check needed
+        finite = finite and (math.isfinite(probe) or bool(torch.isfinite(d).all()))
+    return finite, sq_diff, sq_base
 
 
 class OutputCheck:

@@ -5,13 +5,16 @@ dtype (``R``), the method's scratch (``S``: a multiple of one such tensor, per m
 and the output cast (``O``, when ``out_dtype`` differs). Reading converts dtypes or
 materializes ``B·A`` one input at a time (``X``: transient). Reading the next name ahead
 (``R'``) overlaps I/O with compute, but only where ``R + S + O + R' + X'`` stays within the
-largest single name's working set: so the peak is ``max(R + S + O + X)`` over names,
+largest single name's working set: so the peak is ``max(R + max(X, S + O))`` over names,
 whatever the timing, and the plan can state it exactly (``--max-memory`` is checked against
-it before anything is read). Statistics passes use the same bound with their own scratch.
+it before anything is read). Statistics passes hold ``R`` and their own scratch (no output
+cast). The first merge in a process also pages in library code once
+(:data:`FIRST_USE_BYTES`, part of the total, not of the working set).
 
 Scratch multiples were measured with ``VmHWM`` on fixtures (tests/merge/test_plan.py keeps
-them within 25 %). A method may declare its own (:meth:`MergeMethod.scratch_tensors`); the
-built-in ones are in the table below; others get a conservative ``T + 2``.
+the working set within 20 %). A method may declare its own
+(:meth:`MergeMethod.scratch_tensors`); the built-in ones are in the table below; others get a
+conservative ``T + 2``.
 """
 
 from __future__ import annotations
@@ -33,6 +36,10 @@ __all__ = ["MemoryPlan", "estimate", "read_ahead_schedule"]
 
 FIXED_BYTES = 4 << 20
 """Chunk scratch, histograms and allocator slack (measured ≈ 2–5 MB)."""
+FIRST_USE_BYTES = 32 << 20
+"""What the first merge in a process adds once, on top of its working set: library code
+paged in for the kernels it uses and modules imported on first use (measured 2–31 MB, most
+for methods that use ``torch.linalg``; tests/merge/test_plan.py keeps it under this)."""
 
 # Scratch of each method's merge, in tensors of the compute size, for T inputs.
 _METHOD_SCRATCH: dict[str, Callable[[int], float]] = {
@@ -84,10 +91,12 @@ class MemoryPlan:
     """With a CUDA device: tensors on the GPU (the CUDA context, ~0.5 GB, comes on top)."""
     read_ahead: str = ""
     notes: list[str] = field(default_factory=list)
+    first_use_ram: int = FIRST_USE_BYTES
+    """Added once by the first merge in a process (:data:`FIRST_USE_BYTES`)."""
 
     @property
     def total_ram(self) -> int:
-        return self.baseline_ram + self.peak_ram
+        return self.baseline_ram + self.first_use_ram + self.peak_ram
 
     def to_json(self) -> dict[str, Any]:
         return {**asdict(self), "total_ram": self.total_ram}
@@ -98,6 +107,7 @@ class MemoryPlan:
             (
                 "peak RAM",
                 f"{human_bytes(self.total_ram)} ({human_bytes(self.baseline_ram)} process + "
+                f"{human_bytes(self.first_use_ram)} first use + "
                 f"{human_bytes(self.peak_ram)} working set, at {self.largest})",
             )
         ]
@@ -144,7 +154,7 @@ def _stored(src: Source, name: str) -> tuple[int, torch.dtype] | None:
 class _Cost:
     read: int  # R: inputs of this name, resident while it is merged
     transient: int  # X: extra while reading the last input (dtype cast, B·A)
-    work: int  # S + O: method scratch and output cast
+    work: int  # S + O: method scratch and output cast (merge pass) or the statistic's scratch
 
     @property
     def peak(self) -> int:
@@ -152,7 +162,7 @@ class _Cost:
         return self.read + max(self.transient, self.work)
 
 
-def _costs(job: MergeJob, task: TensorTask, scratch: float) -> _Cost:
+def _costs(job: MergeJob, task: TensorTask, scratch: tuple[float, float]) -> _Cost:
     if not task.merge:
         return _Cost(task.nbytes, 0, 0)
     dt = _compute_dtype(job, task)
@@ -179,20 +189,21 @@ def _costs(job: MergeJob, task: TensorTask, scratch: float) -> _Cost:
     # a transform gets the inputs as read, so the method works on clones; LiNeS' rescale
     # θ₀ + λ·(θ − θ₀) holds two temporaries
     clones = (len(job.models) + 2) * c if job.transforms else 0
-    return _Cost(read, transient, int(scratch * c) + cast + clones)
+    merge, stats = scratch  # only the merge pass casts its output
+    return _Cost(read, transient, max(int(merge * c) + cast, int(stats * c)) + clones)
 
 
-def _scratch(job: MergeJob) -> float:
-    """The largest per-name scratch over the merge pass and every statistics pass."""
+def _scratch(job: MergeJob) -> tuple[float, float]:
+    """Per-name scratch of the merge pass, and the largest over the statistics passes."""
     t = len(job.models)
     own = job.method.scratch_tensors(t)
     method = own if own is not None else _METHOD_SCRATCH.get(job.method.name, lambda n: n + 2)(t)
     params0, model_params0 = job.resolve(None, 0.0)
-    worst = method
+    worst = 0.0
     for stat in job.method.global_stats(params0, model_params0):
         fn = _STAT_SCRATCH.get((job.method.name, stat.key), lambda n, p: n + 1)
         worst = max(worst, fn(t, params0))
-    return worst
+    return method, worst
 
 
 def _passes(job: MergeJob, tasks: list[TensorTask]) -> int:

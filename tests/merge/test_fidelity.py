@@ -87,3 +87,32 @@ def test_cli_shows_the_summary(disk, tmp_path, monkeypatch, capsys):
     summary = json.loads(capsys.readouterr().out)["ledger"]
     assert summary["fidelity"]["relative_change"] > 0 and summary["dropped"] == 0
     assert torch.equal(open_checkpoint(tmp_path / "o")["model.steps"], torch.arange(5))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_sums_widen_chunk_by_chunk_and_match_float64(dtype, monkeypatch):
+    import splice.merge.fidelity as fidelity
+
+    monkeypatch.setattr(fidelity, "CHUNK", 1000)  # several chunks and a ragged last one
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(37, 101, generator=g)
+    out = (base + 0.1 * torch.randn(37, 101, generator=g)).to(dtype)
+    finite, sq_diff, sq_base = fidelity._sums(out, base)
+    ref_diff = float(((out.double() - base.double()) ** 2).sum())
+    assert finite
+    assert sq_diff == pytest.approx(ref_diff, rel=1e-5)
+    assert sq_base == pytest.approx(float((base.double() ** 2).sum()), rel=1e-5)
+    assert fidelity._sums(out, None)[0]
+
+
+def test_sums_tell_an_overflowing_sum_from_a_non_finite_value(monkeypatch):
+    import splice.merge.fidelity as fidelity
+
+    monkeypatch.setattr(fidelity, "CHUNK", 4)
+    big = torch.full((10,), 3e38)  # finite, but any sum of two overflows float32
+    assert fidelity._sums(big, None)[0]
+    assert fidelity._sums(big, torch.zeros(10))[0]
+    bad = big.clone()
+    bad[7] = float("inf")
+    assert not fidelity._sums(bad, None)[0]
+    assert not fidelity._sums(bad, torch.zeros(10))[0]
