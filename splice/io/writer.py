@@ -9,20 +9,17 @@ or complete.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
 import shutil
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
-from typing import Any
 
 import torch
 
 from splice.errors import SpliceError
-from splice.io._hash import hash_files
+from splice.io._hash import FollowHasher, hash_files
 from splice.io._hints import start_writeback
 from splice.io._safetensors import DTYPE_NAMES, check_tensor_name
 from splice.io._units import parse_size
@@ -73,36 +70,6 @@ def _tensor_bytes(t: torch.Tensor) -> memoryview:
     return t.reshape(-1).view(torch.uint8).numpy().data
 
 
-class _StreamHash:
-    """SHA-256 of a planned shard from the bytes as they are written.
-
-    Tensors written in file order extend the hash (header first), in a worker thread while
-    the main thread copies the same bytes into the file, so the output is never read back
-    and memory does not grow; one written out of order makes the shard fall back to a
-    read-back at the end.
-    """
-
-    def __init__(self, header: bytes, pool: ThreadPoolExecutor) -> None:
-        self.sha: Any = hashlib.sha256(header)
-        self.pool = pool
-        self.at = 0  # data offset hashed up to
-
-    def feed(self, offset: int, view: memoryview) -> Future[None] | None:
-        """Start hashing ``view`` (the tensor's bytes at data ``offset``); the caller waits
-        for the returned future before it lets go of the bytes."""
-        if self.sha is None:
-            return None
-        if offset != self.at:
-            self.sha = None
-            return None
-        self.at += len(view)
-        return self.pool.submit(self.sha.update, view) if len(view) else None
-
-    def digest(self, size: int) -> str | None:
-        """The hex digest when every byte went through the stream, else None."""
-        return self.sha.hexdigest() if self.sha is not None and self.at == size else None
-
-
 class _PlannedShard:
     """A shard whose tensors are known up front: header first, data written in place."""
 
@@ -111,7 +78,7 @@ class _PlannedShard:
         path: Path,
         layout: list[tuple[str, tuple[int, ...], torch.dtype]],
         meta: dict,
-        hash_pool: ThreadPoolExecutor | None = None,
+        hasher: FollowHasher | None = None,
     ) -> None:
         self.path = path
         self.entries: dict[str, dict[str, object]] = {}
@@ -126,11 +93,13 @@ class _PlannedShard:
             self.size += n
         header = _header_bytes(self.entries, meta)
         self.start = len(header)
-        self.stream = None if hash_pool is None else _StreamHash(header, hash_pool)
+        self.hasher = hasher
         self.pending = set(self.entries)
         self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         os.pwrite(self.fd, header, 0)
         os.ftruncate(self.fd, self.start + self.size)
+        if hasher is not None:
+            hasher.track(path, ready=self.start)
 
     def add(self, name: str, t: torch.Tensor) -> None:
         entry = self.entries[name]
@@ -139,18 +108,14 @@ class _PlannedShard:
                 f"tensor {name!r} is {tuple(t.shape)} {t.dtype}, planned as "
                 f"{tuple(entry['shape'])} {entry['dtype']}"
             )
-        offset = entry["data_offsets"][0]
-        view, begin = _tensor_bytes(t), self.start + offset
-        hashing = None if self.stream is None else self.stream.feed(offset, view)
-        try:
-            pos = begin
-            while view:
-                n = os.pwrite(self.fd, view, pos)
-                view, pos = view[n:], pos + n
-            start_writeback(self.fd, begin, pos - begin)
-        finally:
-            if hashing is not None:
-                hashing.result()
+        begin = self.start + entry["data_offsets"][0]
+        view, pos = _tensor_bytes(t), begin
+        while view:
+            n = os.pwrite(self.fd, view, pos)
+            view, pos = view[n:], pos + n
+        start_writeback(self.fd, begin, pos - begin)
+        if self.hasher is not None:
+            self.hasher.advance(self.path, begin, pos - begin)
         self.pending.discard(name)
 
     def finish(self) -> None:
@@ -246,11 +211,7 @@ class CheckpointWriter:
         if self.dest.exists() and not self.dest.is_dir():
             raise SpliceError("destination exists and is not a directory", where=str(self.dest))
         self._layout = layout
-        self._hash_pool = (
-            ThreadPoolExecutor(max_workers=1, thread_name_prefix="splice-out-sha")
-            if checksums and layout is not None
-            else None
-        )
+        self._hasher = FollowHasher() if checksums and layout is not None else None
         self._planned: dict[str, _PlannedShard] = {}
         self._tmp: Path | None = None
         self._shards: list[tuple[Path, dict[str, dict[str, object]], int]] = []
@@ -283,7 +244,7 @@ class CheckpointWriter:
             size += n
         for i, group in enumerate(groups):
             path = self._tmp / f"part-{i:05d}.safetensors"
-            shard = _PlannedShard(path, group, self.metadata, self._hash_pool)
+            shard = _PlannedShard(path, group, self.metadata, self._hasher)
             for name, _, _ in group:
                 if name in self._planned:
                     raise SpliceError(f"tensor {name!r} planned twice", where=str(self.dest))
@@ -338,17 +299,16 @@ class CheckpointWriter:
         return [(p, _shard_name(i, len(paths))) for i, p in enumerate(paths)]
 
     def shard_digests(self) -> dict[str, str]:
-        """After the last :meth:`write`: ``{final shard name: sha256}`` of every shard, from
-        the bytes hashed as they were written (``checksums=True``, in-order writes) or else
-        read back from the staging dir."""
+        """After the last :meth:`write`: ``{final shard name: sha256}`` of every shard, hashed
+        as it was written (``checksums=True``, in-order writes) or else read back."""
         shards = self.shard_files()
         planned = {s.path: s for s in self._planned.values()}
         out: dict[str, str] = {}
         rest: list[tuple[Path, str]] = []
         for path, final in shards:
             shard = planned.get(path)
-            stream = None if shard is None else shard.stream
-            digest = None if stream is None or shard.pending else stream.digest(shard.size)
+            hasher = None if shard is None or shard.pending else shard.hasher
+            digest = None if hasher is None else hasher.digest(path, shard.start + shard.size)
             if digest is None:
                 rest.append((path, final))
             else:
@@ -415,8 +375,8 @@ class CheckpointWriter:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if self._hash_pool is not None:
-            self._hash_pool.shutdown(wait=True)  # every submitted hash was waited for already
+        if self._hasher is not None:
+            self._hasher.close()
         if exc_type is not None:
             self._abort()
             return

@@ -17,7 +17,7 @@ import math
 import re
 import sys
 from collections.abc import Callable, Iterator, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
@@ -97,10 +97,9 @@ class MergeJob:
     allow_missing: bool = False
     vocab: VocabPolicy | None = None
     read_ahead: bool = True
-    on_read: Callable[[Any, Tensor], Future[None] | None] | None = None
+    on_read: Callable[[Any, Tensor], None] | None = None
     """Called with ``(TensorInfo, raw tensor)`` for every tensor read from a checkpoint file
-    (the ledger hashes input files from it); a returned future is waited for before the
-    tensor is used."""
+    (the ledger's hasher follows the reads through the page cache; it never blocks)."""
 
     def sources(self) -> list[Source]:
         """The base (if any), then the models: what :attr:`TensorTask.copy_from` indexes."""
@@ -512,18 +511,11 @@ def _is_vocab_size(job: MergeJob, rows: list[int]) -> bool:
     return bool(sizes & set(rows))
 
 
-def _read(
-    job: MergeJob, mapping: Mapping[str, Tensor], name: str, pending: list[Future[None]] | None
-) -> Tensor:
-    """``mapping[name]``, shown to ``job.on_read``; its future joins ``pending`` (or is waited
-    for here)."""
+def _read(job: MergeJob, mapping: Mapping[str, Tensor], name: str) -> Tensor:
+    """``mapping[name]``, shown to ``job.on_read``."""
     raw = mapping[name]
     if job.on_read is not None and hasattr(mapping, "info"):
-        future = job.on_read(mapping.info(name), raw)
-        if future is not None and pending is not None:
-            pending.append(future)
-        elif future is not None:
-            future.result()
+        job.on_read(mapping.info(name), raw)
     return raw
 
 
@@ -540,12 +532,8 @@ class _Reader:
             return self.job.dtype
         return torch.float64 if task.dtype == torch.float64 else torch.float32
 
-    def _fetch(
-        self, mapping: Mapping[str, Tensor], name: str, dt: torch.dtype, pending: list[Future[None]]
-    ) -> Tensor:
-        raw = _read(self.job, mapping, name, pending)
-        if raw.dtype != dt or self.device.type != "cpu":  # a conversion: hash the raw bytes first
-            wait(pending)
+    def _fetch(self, mapping: Mapping[str, Tensor], name: str, dt: torch.dtype) -> Tensor:
+        raw = _read(self.job, mapping, name)
         t = raw.to(self.device, dt)
         # A lazy checkpoint returns fresh buffers; a caller's dict must never be modified.
         if t is raw and not hasattr(mapping, "info"):
@@ -569,28 +557,25 @@ class _Reader:
 
     def read(self, task: TensorTask) -> tuple[Tensor | None, list[Tensor]]:
         job, name, dt = self.job, task.name, self.dtype_for(task)
-        pending: list[Future[None]] = []  # input hashing: done before any tensor is modified
         base = None
         if job.base is not None:
             assert job.base.weights is not None
-            raw = self._fetch(job.base.weights, task.base_read or name, dt, pending)
+            raw = self._fetch(job.base.weights, task.base_read or name, dt)
             base = self._finite(raw, job.base.label, name)
         tensors = []
         for i, src in enumerate(job.models):
             read = name if task.reads is None else task.reads[i]
             if name in src.overrides:
-                t = self._fetch(src.overrides, name, dt, pending)
+                t = self._fetch(src.overrides, name, dt)
             elif src.weights is not None and read is not None:
-                t = self._fetch(src.weights, read, dt, pending)
+                t = self._fetch(src.weights, read, dt)
             else:  # an adapter on the base, or a tensor this model lacks (allow_missing)
                 assert base is not None
                 t = base.clone()
             delta = src.deltas.get(name)
             if delta is not None:
-                wait(pending)
                 t += delta.materialize(dt).to(self.device)
             tensors.append(self._finite(t, src.label, name))
-        wait(pending)
         if task.vocab:
             from splice.merge.vocab import fit_rows
 
@@ -768,13 +753,13 @@ def _copy(job: MergeJob, task: TensorTask, stats: dict[str, Any]) -> Tensor:
     sources = job.sources()
     src = sources[task.copy_from]
     assert src.weights is not None
-    value = _read(job, src.weights, task.name, None)
+    value = _read(job, src.weights, task.name)
     if task.dtype.is_floating_point:  # a float tensor some inputs lack (allow_missing)
         return value
     for other in sources:
         if other is src or other.weights is None or task.name not in other.weights:
             continue
-        theirs = _read(job, other.weights, task.name, None)
+        theirs = _read(job, other.weights, task.name)
         if theirs.dtype == value.dtype and torch.equal(theirs, value):
             continue
         if job.allow_missing:

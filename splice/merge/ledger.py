@@ -11,18 +11,13 @@ recipe and inputs give the same bytes.
 
 from __future__ import annotations
 
-import hashlib
-import os
-import threading
 from collections.abc import Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
-
 from splice.errors import SpliceError
-from splice.io._hash import hash_files
+from splice.io._hash import FollowHasher, hash_files
 
 if TYPE_CHECKING:
     from splice.merge.engine import Checked, MergeJob, Source, TensorTask
@@ -67,65 +62,42 @@ def hash_in_background(groups: Mapping[str, list[Path]]) -> Future[dict[str, dic
 
 
 class StreamHasher:
-    """SHA-256 of input checkpoint files from the bytes the merge reads anyway.
+    """SHA-256 of input checkpoint files, following the merge's reads.
 
-    Each safetensors file's header is hashed up front; then every tensor the engine reads
-    (``feed``, the engine's ``on_read``) extends its file's hash when it is the next one in
-    file order — the common case, as fine-tunes of one model share a layout and the engine
-    reads in the reference's file order. A file read out of order, or not completely, is
-    hashed from disk at the end: the digest is the same either way, but a large merge does not
-    read its inputs twice.
+    Every tensor the engine reads (``feed``, the engine's ``on_read``) lets a worker thread
+    hash its file up to that point, from the page cache the read just filled
+    (:class:`~splice.io._hash.FollowHasher`): the merge never waits for a hash and does not
+    read its inputs from disk twice. A file read out of order, or not completely, is hashed
+    from disk at the end; the digest is the same either way. ``MergeJob.check_unchanged``
+    confirms afterwards that no input changed during the merge.
     """
 
     def __init__(self, sources: Iterable[Source]) -> None:
-        self._lock = threading.Lock()
-        workers = max(1, min(4, (os.cpu_count() or 2) - 1))
-        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="splice-sha")
-        self._files: dict[Path, list[Any]] = {}  # file -> [sha, next offset, end, in order]
+        self._follow = FollowHasher()
         for src in sources:
             infos = getattr(src.weights, "infos", None)
             if infos is None or not any(src.weights is c for c in src.checkpoints):
                 continue
-            by_file: dict[Path, list[Any]] = {}
+            starts: dict[Path, int] = {}
             for info in infos():
-                by_file.setdefault(info.file, []).append(info)
-            for path, group in by_file.items():
-                start = min(i.offset for i in group)
-                with open(path, "rb") as f:
-                    sha = hashlib.sha256(f.read(start))
-                self._files[path] = [sha, start, start + sum(i.nbytes for i in group), True]
+                starts[info.file] = min(starts.get(info.file, info.offset), info.offset)
+            for path, start in starts.items():
+                self._follow.track(path, ready=start)  # the header: hashed at once
 
-    def feed(self, info: Any, raw: Any) -> Future[None] | None:
-        """One tensor as read from disk (raw bytes, before any dtype conversion).
-
-        Hashes in a worker thread (different files in parallel) and returns its future: the
-        caller must wait for it before the tensor may be modified.
-        """
-        state = self._files.get(info.file)
-        if state is None or info.nbytes == 0:
-            return None
-        return self._pool.submit(self._update, state, info, raw)
-
-    def _update(self, state: list[Any], info: Any, raw: Any) -> None:
-        with self._lock:
-            if not state[3] or info.offset < state[1]:  # out of order, or a re-read
-                return
-            if info.offset > state[1]:
-                state[3] = False
-                return
-            sha, state[1] = state[0], state[1] + info.nbytes
-        sha.update(raw.reshape(-1).view(torch.uint8).numpy())  # one file at a time: ordered
+    def feed(self, info: Any, raw: Any) -> None:
+        """One tensor as read from disk (the bytes at ``info.offset`` of ``info.file``)."""
+        self._follow.advance(info.file, info.offset, info.nbytes)
 
     def digests(self, paths: Iterable[Path]) -> dict[str, str]:
         """``{file name: sha256}`` for ``paths``, from the stream where it covered the file."""
-        self._pool.shutdown(wait=True)
         out, rest = {}, []
         for p in paths:
-            state = self._files.get(p)
-            if state is not None and state[3] and state[1] == state[2] == p.stat().st_size:
-                out[p.name] = state[0].hexdigest()
-            else:
+            digest = self._follow.digest(p, p.stat().st_size)
+            if digest is None:
                 rest.append(p)
+            else:
+                out[p.name] = digest
+        self._follow.close()
         out.update({Path(k).name: v for k, v in hash_files(rest).items()})
         return dict(sorted(out.items()))
 

@@ -34,11 +34,11 @@ if TYPE_CHECKING:
 
 __all__ = ["MemoryPlan", "estimate", "read_ahead_schedule"]
 
-FIXED_BYTES = 4 << 20
-"""Chunk scratch, histograms and allocator slack (measured ≈ 2–5 MB)."""
-FIRST_USE_BYTES = 32 << 20
+FIXED_BYTES = 6 << 20
+"""Chunk scratch, histograms, the checksum hashers' two 1 MB buffers and allocator slack."""
+FIRST_USE_BYTES = 48 << 20
 """What the first merge in a process adds once, on top of its working set: library code
-paged in for the kernels it uses and modules imported on first use (measured 2–31 MB, most
+paged in for the kernels it uses and modules imported on first use (measured 5–32 MB, most
 for methods that use ``torch.linalg``; tests/merge/test_plan.py keeps it under this)."""
 
 # Scratch of each method's merge, in tensors of the compute size, for T inputs.
