@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from splice.errors import SpliceError
-from splice.io._hints import empty_bytes
+from splice.io._pool import buffer
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 
@@ -187,8 +187,9 @@ def _shift(info: TensorInfo, start: int) -> TensorInfo:
 
 
 def read_tensor(info: TensorInfo) -> torch.Tensor:
-    """Read one tensor with a positioned read into a fresh buffer (no mmap, no SIGBUS)."""
-    buf = empty_bytes(info.nbytes)
+    """Read one tensor with a positioned read into a fresh (or, in a merge, a reused) buffer:
+    no mmap, no SIGBUS."""
+    buf = buffer(info.nbytes)
     try:
         fd = os.open(info.file, os.O_RDONLY)
         try:

@@ -27,6 +27,7 @@ from torch import Tensor
 
 from splice.deltas import Delta
 from splice.errors import SpliceError
+from splice.io._pool import pooled_reads
 from splice.merge.arch import Architecture, infer_architecture, tie_pairs
 from splice.merge.base import HyperParams, MergeContext, MergeMethod, MergeTransform
 from splice.merge.stats import one_thread
@@ -656,7 +657,9 @@ def execute(
     _return_freed_memory()
     # The work is memory-bound and chunked to stay in cache; one thread avoids intra-op
     # barriers that stall badly on a busy machine.
-    with one_thread():
+    from splice.merge.memory import pool_budget
+
+    with one_thread(), pooled_reads(pool_budget(job, tasks)):
         return _execute(job, tasks, sink, progress, on_output)
 
 

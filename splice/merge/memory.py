@@ -32,7 +32,7 @@ from splice.io import human_bytes, parse_size
 if TYPE_CHECKING:
     from splice.merge.engine import MergeJob, Source, TensorTask
 
-__all__ = ["MemoryPlan", "estimate", "read_ahead_schedule"]
+__all__ = ["MemoryPlan", "estimate", "pool_budget", "read_ahead_schedule"]
 
 FIXED_BYTES = 6 << 20
 """Chunk scratch, histograms, the checksum hashers' two 1 MB buffers and allocator slack."""
@@ -155,6 +155,7 @@ class _Cost:
     read: int  # R: inputs of this name, resident while it is merged
     transient: int  # X: extra while reading the last input (dtype cast, B·A)
     work: int  # S + O: method scratch and output cast (merge pass) or the statistic's scratch
+    pooled: int = 0  # of R: inputs that stay in their read buffers (reusable, splice.io._pool)
 
     @property
     def peak(self) -> int:
@@ -164,12 +165,11 @@ class _Cost:
 
 def _costs(job: MergeJob, task: TensorTask, scratch: tuple[float, float]) -> _Cost:
     if not task.merge:
-        return _Cost(task.nbytes, 0, 0)
+        return _Cost(task.nbytes, 0, 0, task.nbytes)
     dt = _compute_dtype(job, task)
     numel = math.prod(task.shape)
     c = numel * dt.itemsize
-    read = 0
-    transient = 0
+    read = transient = pooled = 0
     pairs: list[tuple[Source, str | None]] = []
     if job.base is not None:
         pairs.append((job.base, task.base_read or task.name))
@@ -180,17 +180,21 @@ def _costs(job: MergeJob, task: TensorTask, scratch: tuple[float, float]) -> _Co
         stored = _stored(src, name) if name is not None and task.name not in src.overrides else None
         if stored is not None and stored[1] != dt:
             transient = max(transient, stored[0] * stored[1].itemsize)
+        elif stored is not None and job.device == "cpu" and hasattr(src.weights, "info"):
+            pooled += c
         if task.name in src.deltas:
             transient = max(transient, 2 * c)
     if task.vocab:
         read += c  # rows fitted by concatenation
+        pooled = 0
     out = numel * (job.out_dtype or task.dtype).itemsize
     cast = out if (job.out_dtype or task.dtype) != dt else 0
     # a transform gets the inputs as read, so the method works on clones; LiNeS' rescale
     # θ₀ + λ·(θ − θ₀) holds two temporaries
     clones = (len(job.models) + 2) * c if job.transforms else 0
     merge, stats = scratch  # only the merge pass casts its output
-    return _Cost(read, transient, max(int(merge * c) + cast, int(stats * c)) + clones)
+    work = max(int(merge * c) + cast, int(stats * c)) + clones
+    return _Cost(read, transient, work, pooled)
 
 
 def _scratch(job: MergeJob) -> tuple[float, float]:
@@ -230,6 +234,25 @@ def read_ahead_schedule(job: MergeJob, tasks: list[TensorTask]) -> list[bool]:
         i + 1 < len(costs) and c.read + c.work + costs[i + 1].read + costs[i + 1].transient <= peak
         for i, c in enumerate(costs)
     ]
+
+
+def pool_budget(job: MergeJob, tasks: list[TensorTask]) -> int:
+    """Bytes the read-buffer pool (:mod:`splice.io._pool`) may keep: the plan's peak minus the
+    most that memory outside the pool holds at once (a name's working set less its inputs that
+    stay in read buffers; with read-ahead, this name's and the next one's), so pooled buffers
+    never lift the peak."""
+    scratch = _scratch(job)
+    costs = [_costs(job, t, scratch) for t in tasks]
+    if not costs:
+        return 0
+    outside = [c.peak - c.pooled for c in costs]
+    merged = [c for t, c in zip(tasks, costs, strict=True) if t.merge]
+    schedule = read_ahead_schedule(job, [t for t in tasks if t.merge])
+    for i, ahead in enumerate(schedule):
+        if ahead:
+            c, d = merged[i], merged[i + 1]
+            outside.append(c.read - c.pooled + c.work + d.read - d.pooled + d.transient)
+    return max(0, max(c.peak for c in costs) - max(outside))
 
 
 def _shards(tasks: list[TensorTask], sizes: list[int], max_shard: int) -> int:

@@ -253,3 +253,25 @@ def test_cli_plan_writes_nothing(fixture, tmp_path, monkeypatch, capsys):
     assert not (tmp_path / "out").exists()
     code, _, err = run(str(path), "--plan", "--max-memory", "10MB")
     assert code == 1 and "above --max-memory" in err and "Traceback" not in err
+
+
+def test_pool_budget_is_the_peak_less_what_stays_outside_read_buffers(fixture, tmp_path):
+    from splice.merge import _checked, _prepare
+    from splice.merge.memory import pool_budget
+
+    def job_of(r):
+        return _checked(_prepare(r, output=None, rank=None), "cpu", None, None, 0, False)
+
+    recipe = _recipes(fixture)["task_arithmetic"]
+    peak = plan_merge(recipe)["plan"]["peak_ram"] - FIXED_BYTES
+    job, checked = job_of(recipe)
+    # fp32 inputs read as fp32 stay in their buffers and TA needs no scratch: all of it
+    assert pool_budget(job, checked.tasks) == peak
+    job.device = "cuda"  # inputs move to the GPU, the read buffers die at once: nothing
+    assert pool_budget(job, checked.tasks) == 0
+    with CheckpointWriter(tmp_path / "bf") as w:
+        for k, v in _model(4, torch.bfloat16).items():
+            w.write(k, v)
+    bf = {"method": "ties", "base": str(tmp_path / "bf"), "models": [str(tmp_path / "bf")]}
+    job, checked = job_of({**bf, "params": {"scope": "tensor"}})
+    assert pool_budget(job, checked.tasks) == 0  # converted to fp32: no input stays in place
