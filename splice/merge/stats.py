@@ -73,12 +73,14 @@ def _histogram(digits: Tensor, hist: Tensor, scratch: Tensor, clear_sign: bool =
     hist += torch.bincount(buf, minlength=_BINS)
 
 
-def _top_matches(c: Tensor, d: int, magnitude: bool) -> Tensor:
-    """Mask of the elements whose top digit (of ``|x|`` if ``magnitude``) is ``d``."""
+def _top_matches(c: Tensor, d: int, magnitude: bool, scratch: Tensor | None = None) -> Tensor:
+    """Mask of the elements whose top digit (of ``|x|`` if ``magnitude``) is ``d``; an int32
+    ``scratch`` of at least ``c``'s size saves a chunk-sized allocation."""
     if c.dtype == torch.float32:  # one int32 mask-and-compare: the fast common case
         mask = 0x7FFF0000 if magnitude else -0x10000
         want = d << 16 if d < _HALF else (d << 16) - (1 << 32)
-        return (c.view(torch.int32) & mask) == want
+        out = None if scratch is None else scratch[: c.numel()]
+        return torch.bitwise_and(c.view(torch.int32), mask, out=out) == want
     top = _digit(c, 0)
     return (top & (_HALF - 1)) == d if magnitude else top == d
 
@@ -131,7 +133,7 @@ def _kth_smallest(x: Tensor, k: int, magnitude: bool) -> Tensor:
     for c in _chunks(x):
         _histogram(_digit(c, 0), hist, scratch, clear_sign=magnitude)
     d, rank = _pick(hist.cpu(), k, False if magnitude else None)
-    parts = [c[_top_matches(c, d, magnitude)] for c in _chunks(x)]
+    parts = [c[_top_matches(c, d, magnitude, scratch)] for c in _chunks(x)]
     candidates = torch.cat(parts)
     return torch.kthvalue(candidates.abs() if magnitude else candidates, rank).values
 
@@ -208,7 +210,7 @@ class RadixSelect:
             if level == 0:
                 self.count += c.numel()
             else:
-                keep = _top_matches(c, self._digits[0], self.magnitude)
+                keep = _top_matches(c, self._digits[0], self.magnitude, self._scratch)
                 for i in range(1, level):
                     keep &= _digit(c, i) == self._digits[i]
                 c = c[keep]
