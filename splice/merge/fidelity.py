@@ -38,14 +38,15 @@ def _sums(out: Tensor, base: Tensor | None) -> tuple[bool, float, float]:
     scratch = torch.empty(min(CHUNK, n), dtype=wide, device=o.device)
     finite, sq_diff, sq_base = True, 0.0, 0.0
     for start in range(0, n, CHUNK):
-        d = scratch[: min(CHUNK, n - start)]
-        d.copy_(o[start : start + CHUNK])
+        chunk = o[start : start + CHUNK]
+        d = scratch[: chunk.numel()]
         if b is None:
+            d = chunk if chunk.dtype == wide else d.copy_(chunk)  # only half precision widens
             probe = float(d.sum())
         else:
             bc = b[start : start + CHUNK].to(wide)
             sq_base += float(torch.dot(bc, bc))
-            probe = float(torch.dot(d.sub_(bc), d))
+            probe = float(torch.dot(torch.sub(chunk, bc, out=d), d))
             sq_diff += probe
         # a finite chunk's sum may overflow: only then is the exact (slower) check needed
         finite = finite and (math.isfinite(probe) or bool(torch.isfinite(d).all()))

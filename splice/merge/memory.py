@@ -228,7 +228,11 @@ def read_ahead_schedule(job: MergeJob, tasks: list[TensorTask]) -> list[bool]:
     if not job.read_ahead:
         return [False] * len(tasks)
     scratch = _scratch(job)
-    costs = [_costs(job, t, scratch) for t in tasks]
+    return _ahead([_costs(job, t, scratch) for t in tasks])
+
+
+def _ahead(costs: list[_Cost]) -> list[bool]:
+    """:func:`read_ahead_schedule` from the merged tasks' costs."""
     peak = max((c.peak for c in costs), default=0)
     return [
         i + 1 < len(costs) and c.read + c.work + costs[i + 1].read + costs[i + 1].transient <= peak
@@ -247,7 +251,7 @@ def pool_budget(job: MergeJob, tasks: list[TensorTask]) -> int:
         return 0
     outside = [c.peak - c.pooled for c in costs]
     merged = [c for t, c in zip(tasks, costs, strict=True) if t.merge]
-    schedule = read_ahead_schedule(job, [t for t in tasks if t.merge])
+    schedule = _ahead(merged) if job.read_ahead else []
     for i, ahead in enumerate(schedule):
         if ahead:
             c, d = merged[i], merged[i + 1]
