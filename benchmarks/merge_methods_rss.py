@@ -11,6 +11,10 @@ difference between the two outputs, so the streaming statistics are checked at s
 shapes, so the largest tensor is the same and only the tensor count grows — and prints each
 method's peak RSS on both and the ratio (issue #4's target: < 1.10, memory must not grow with
 the number of tensors).
+
+``--devices cpu,cuda``: instead, times task arithmetic, TIES, DARE-TIES, DC-Merge and PCB with
+``device=`` each of the listed devices (each run a fresh child; the GPU's figure includes moving
+every tensor there and back) and prints each device's wall time relative to the first.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ RUN = (
 import time, json, sys
 from splice.merge import merge
 t0 = time.perf_counter()
-merge(json.loads(sys.argv[1]), sys.argv[2])
+merge(json.loads(sys.argv[1]), sys.argv[2], device=sys.argv[3] if len(sys.argv) > 3 else "cpu")
 print(time.perf_counter() - t0, peak_rss_mib())
 """
 )
@@ -146,13 +150,42 @@ def scaling(hidden: int, layers: int, vocab: int) -> None:
         print(f"| {label} | {a:.0f} | {b:.0f} | {b / a:.3f} |")
 
 
+def devices(hidden: int, layers: int, vocab: int, names: list[str]) -> None:
+    """Wall time of the same merges with ``device=`` each of ``names``."""
+    recipes = {
+        "task_arithmetic": {},
+        "ties": {"params": {"density": 0.2}},
+        "dare (ties)": {"params": {"consensus": "ties", "p": 0.5}},
+        "dc_merge": {},
+        "pcb": {"params": {"ratio": 0.05}},
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        params = build(root, hidden, layers, vocab)
+        print(f"3 fine-tunes of a {params / 1e6:.1f}M-param fp32 model, devices {names}")
+        print(f"| method | {' | '.join(f'{d} s' for d in names)} | vs {names[0]} |")
+        print("|---|" + "---|" * (len(names) + 1))
+        for label, extra in recipes.items():
+            walls = []
+            for device in names:
+                recipe = _recipe(root, label.split()[0], extra)
+                walls.append(child(RUN, recipe, str(root / "out"), device)[0])
+                shutil.rmtree(root / "out")
+            ratios = " / ".join(f"{w / walls[0]:.2f}×" for w in walls[1:])
+            print(f"| {label} | {' | '.join(f'{w:.1f}' for w in walls)} | {ratios} |", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--hidden", type=int, default=512)
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--vocab", type=int, default=8000)
     ap.add_argument("--scaling", action="store_true", help="peak RSS vs 10x more tensors")
+    ap.add_argument("--devices", help="comma-separated, e.g. cpu,cuda: wall time on each")
     args = ap.parse_args()
+    if args.devices:
+        devices(args.hidden, args.layers, args.vocab, args.devices.split(","))
+        return
     if args.scaling:
         scaling(args.hidden, args.layers, args.vocab)
         return

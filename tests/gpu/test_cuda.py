@@ -1,0 +1,201 @@
+"""The ``--device cuda`` paths against the CPU ones (marker ``gpu``: ``./run.sh test-gpu``).
+
+Deselected by default (CI has no GPU); run on a machine with a CUDA device, where every test
+must pass — without one they fail, they do not skip. Each compares a CUDA run with the same run
+on the CPU: merges (every registered method, from state dicts and from disk through the CLI,
+with the memory plan's VRAM figure as a bound), adapters (forward, merge/unmerge, a training
+step), ``splice train`` in fp32 and bf16, and a learned merge.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from splice import adapters
+from splice.merge import base as merge_base
+from splice.merge import merge, merge_state_dicts, plan_merge
+from tests.adapters.conftest import METHOD_CASES, make_model, perturb
+from tests.merge._ckpt import finetune, save, tiny_llama
+
+pytestmark = pytest.mark.gpu
+CUDA = "cuda"
+
+
+@pytest.fixture(autouse=True)
+def _needs_cuda():
+    if not torch.cuda.is_available():
+        pytest.fail("the gpu tests need a CUDA device (run them with ./run.sh test-gpu there)")
+
+
+def _models(n: int = 3, hidden: int = 8):
+    base = tiny_llama(0, hidden=hidden)
+    return base, [finetune(base, s, scale=0.1) for s in range(n)]
+
+
+METHOD_PARAMS = {  # non-default settings that make each method do real work
+    "dare": {"p": 0.5},
+    "ties": {"density": 0.4},
+    "pcb": {},
+    "slerp": {"t": 0.3},
+}
+
+
+@pytest.mark.parametrize("method", sorted(merge_base.methods.names()))
+def test_every_merge_method_on_cuda_equals_cpu(method):
+    base, fts = _models(1 if method == "slerp" else 3)
+    params = METHOD_PARAMS.get(method, {})
+    cpu = merge_state_dicts(method, fts, base=base, params=params, seed=3)
+    gpu = merge_state_dicts(method, fts, base=base, params=params, seed=3, device=CUDA)
+    assert cpu.keys() == gpu.keys()
+    for name, want in cpu.items():
+        got = gpu[name]
+        assert got.dtype == want.dtype and got.shape == want.shape, name
+        torch.testing.assert_close(got.cpu(), want.cpu(), rtol=1e-5, atol=1e-6, msg=name)
+    changed = [n for n, t in cpu.items() if t.is_floating_point() and not torch.equal(t, base[n])]
+    assert changed, "the merge changed nothing: the comparison would be empty"
+
+
+def test_disk_merge_on_cuda_matches_cpu_and_stays_inside_its_vram_plan(tmp_path):
+    base, fts = _models(3, hidden=256)
+    save(base, tmp_path / "base", shard=400_000)
+    for i, ft in enumerate(fts):
+        save(ft, tmp_path / f"ft{i}", shard=400_000)
+    recipe = {
+        "method": "ties",
+        "base": str(tmp_path / "base"),
+        "models": [str(tmp_path / f"ft{i}") for i in range(3)],
+        "params": {"density": 0.5},
+    }
+    report = plan_merge(recipe, device=CUDA)
+    vram = report["plan"]["peak_vram"]
+    assert vram and vram > 0
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    merge(recipe, tmp_path / "gpu", device=CUDA, progress=False)
+    used = torch.cuda.max_memory_allocated() - before
+    print(f"ties on cuda: planned VRAM {vram / 2**20:.1f} MiB, used {used / 2**20:.1f} MiB")
+    assert 0 < used <= vram
+    merge(recipe, tmp_path / "cpu", progress=False)
+    from splice.io import open_checkpoint
+
+    gpu, cpu = open_checkpoint(tmp_path / "gpu"), open_checkpoint(tmp_path / "cpu")
+    assert sorted(gpu) == sorted(cpu)
+    for name in cpu:
+        torch.testing.assert_close(gpu[name], cpu[name], rtol=1e-5, atol=1e-6, msg=name)
+    ledger = json.loads((tmp_path / "gpu" / "splice-ledger.json").read_text())
+    assert ledger["outputs"] and ledger["fidelity"]
+
+
+def test_cli_merge_device_cuda(tmp_path):
+    from typer.testing import CliRunner
+
+    from splice.cli import app
+
+    base, fts = _models(2)
+    save(base, tmp_path / "base")
+    for i, ft in enumerate(fts):
+        save(ft, tmp_path / f"ft{i}")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        f"method: task_arithmetic\nbase: {tmp_path / 'base'}\n"
+        f"models: [{tmp_path / 'ft0'}, {tmp_path / 'ft1'}]\nparams: {{lambda: 0.5}}\n"
+    )
+    done = CliRunner().invoke(app, ["merge", str(recipe), str(tmp_path / "out"), "--device", CUDA])
+    assert done.exit_code == 0, done.output
+    from splice.io import open_checkpoint
+
+    out = open_checkpoint(tmp_path / "out")
+    name = "model.layers.0.self_attn.q_proj.weight"
+    want = base[name] + 0.5 * sum(ft[name] - base[name] for ft in fts)
+    torch.testing.assert_close(out[name], want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("case", sorted(METHOD_CASES))
+def test_adapter_on_cuda_equals_cpu_and_merges_exactly(case):
+    method, options = METHOD_CASES[case]
+    options = {k: v for k, v in options.items() if k != "dropout"}
+    model, x = make_model("linear")
+    adapters.inject(model, method, ["proj"], **options)
+    perturb(model)
+    want = model(x)
+    model.to(CUDA)
+    got = model(x.to(CUDA))
+    torch.testing.assert_close(got.cpu(), want, rtol=1e-5, atol=1e-5)
+    if method == "mola":  # routes per token: no single ΔW to merge
+        return
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    adapters.merge_adapters(model)
+    torch.testing.assert_close(model(x.to(CUDA)).cpu(), want, rtol=1e-4, atol=1e-4)
+    adapters.unmerge_adapters(model)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.detach(), before[n], rtol=1e-5, atol=1e-6, msg=n)
+
+
+@pytest.mark.parametrize("case", ["lora", "nola", "mos", "mola", "ept"])
+def test_adapter_training_steps_on_cuda_reduce_the_loss(case):
+    method, options = METHOD_CASES[case]
+    model, x = make_model("linear")
+    adapters.inject(model, method, ["proj"], **options)
+    model.to(CUDA).train()
+    x = x.to(CUDA)
+    target = torch.randn(model(x).shape, generator=torch.Generator().manual_seed(5)).to(CUDA)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=5e-2)
+    losses = []
+    for _ in range(25):
+        loss = torch.nn.functional.mse_loss(model(x), target)
+        if (extra := adapters.aux_loss(model)) is not None:
+            loss = loss + extra
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert all(p.device.type == torch.device(CUDA).type for p in model.parameters())
+    assert losses[-1] < 0.9 * losses[0]
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_splice_train_on_cuda(tmp_path_factory, precision):
+    from splice.train import TrainConfig, train
+    from tests.test_train import WORDS, tiny_model_dir
+
+    transformers = pytest.importorskip("transformers")
+
+    def build(vocab):
+        cfg = transformers.BertConfig(
+            vocab_size=vocab, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+            intermediate_size=32, max_position_embeddings=32,
+        )  # fmt: skip
+        return transformers.BertModel(cfg)
+
+    model_dir = tiny_model_dir(tmp_path_factory, "bert", build)
+    data = tmp_path_factory.mktemp("data") / "d.csv"
+    pos, neg = WORDS[:4], WORDS[4:8]
+    rows = [f"the movie was {pos[i % 4]} {pos[(i + 1) % 4]},pos" for i in range(24)]
+    rows += [f"the movie was {neg[i % 4]} {neg[(i + 1) % 4]},neg" for i in range(24)]
+    data.write_text("text,label\n" + "\n".join(rows) + "\n")
+    out = tmp_path_factory.mktemp("out")
+    options = dict(steps=30, batch_size=8, lr=5e-3, progress=False, seed=0, precision=precision)
+    metrics = train(TrainConfig(model=model_dir, data=str(data), out=out, device=CUDA, **options))
+    history = metrics["loss_history"]
+    assert history[-1] < history[0]
+    assert (out / "metrics.json").is_file()
+
+
+def test_learned_merge_on_cuda_equals_cpu():
+    from splice.merge.learned.adamerging import adamerging
+    from tests.merge.learned._toys import deltas, heads, inputs, mlp
+
+    runs = {}
+    for device in ("cpu", CUDA):
+        module = mlp().to(device)
+        hs = {t: h.to(device) for t, h in heads().items()}
+        x = {t: v.to(device) for t, v in inputs().items()}
+        ds = {t: {n: v.to(device) for n, v in d.items()} for t, d in deltas(module).items()}
+        runs[device] = adamerging(module, ds, x, heads=hs, steps=10, lr=0.05, device=device)
+    torch.testing.assert_close(
+        runs[CUDA].coefficients.cpu(), runs["cpu"].coefficients.cpu(), rtol=1e-6, atol=1e-8
+    )
