@@ -9,6 +9,7 @@ and register themselves in :data:`METHODS`.
 
 from __future__ import annotations
 
+from ._primitives import set_basis_cache
 from .base import (
     METHODS,
     AdaptedLayer,
@@ -41,6 +42,7 @@ __all__ = [
     "merge_adapters",
     "remove_adapters",
     "save_adapter",
+    "set_basis_cache",
     "trainable_parameters",
     "unmerge_adapters",
 ]

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
 from typing import Literal
 
 import torch
@@ -22,6 +24,7 @@ __all__ = [
     "scaling",
     "seeded_combination",
     "seeded_uniform",
+    "set_basis_cache",
     "site_seed",
     "softmax_topk",
     "static_random_index",
@@ -64,22 +67,104 @@ def site_seed(seed: int, *parts: str) -> int:
     return int.from_bytes(digest, "little") >> 1
 
 
-def seeded_uniform(seed: int, shape: tuple[int, ...], bound: float) -> Tensor:
-    """U(±bound) of ``shape`` from a dedicated CPU generator: the global RNG is untouched."""
+class _SeededCache:
+    """Seeded tensors kept on their device, least recently used first out, within a byte budget.
+
+    Regenerating NOLA's bases from the seed every step is the spec's memory trick (§3), and
+    the right one for models whose bases outgrow memory; for the rest it is pure cost — on a
+    GPU the bases are drawn on the CPU (so they are the same on every device) and copied over
+    each step. Tensors are cached only while they fit the budget; what does not fit is
+    regenerated as before, so values, and results, are identical either way.
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.entries: OrderedDict[tuple, Tensor] = OrderedDict()
+        self.bytes = 0
+
+    def get(self, key: tuple, nbytes: int, make: Callable[[], Tensor]) -> Tensor | None:
+        """The cached tensor of ``key``, made now if it fits; None if ``nbytes`` never fits."""
+        hit = self.entries.get(key)
+        if hit is not None:
+            self.entries.move_to_end(key)
+            return hit
+        if nbytes > self.max_bytes:
+            return None
+        while self.entries and self.bytes + nbytes > self.max_bytes:
+            _, old = self.entries.popitem(last=False)
+            self.bytes -= old.numel() * old.element_size()
+        t = make()
+        self.entries[key] = t
+        self.bytes += nbytes
+        return t
+
+    def resize(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        while self.entries and self.bytes > max_bytes:
+            _, old = self.entries.popitem(last=False)
+            self.bytes -= old.numel() * old.element_size()
+
+
+_CACHE = _SeededCache(256 << 20)
+
+
+def set_basis_cache(max_bytes: int) -> None:
+    """Bytes of seeded random bases (NOLA) kept per process, all devices together (default
+    256 MiB).
+
+    0 regenerates every basis in every forward and backward (spec peft.md §3's memory trick);
+    the default keeps a small model's bases (all-MiniLM-L6 with k=l=384 on query/value: 113 MiB)
+    and regenerates a large one's. Values are the same either way.
+    """
+    if max_bytes < 0:
+        raise ValueError("max_bytes must be ≥ 0")
+    _CACHE.resize(max_bytes)
+
+
+def _draw(seed: int, shape: tuple[int, ...], bound: float) -> Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.rand(shape, generator=g).mul_(2 * bound).sub_(bound)
+
+
+def seeded_uniform(
+    seed: int, shape: tuple[int, ...], bound: float, device: torch.device | str = "cpu"
+) -> Tensor:
+    """U(±bound) of ``shape`` on ``device``, drawn by a dedicated CPU generator (the global RNG
+    is untouched; the same values on every device). Do not modify the result: it may be cached.
+    """
+    key = ("uniform", seed, tuple(shape), bound, str(device))
+    made = _CACHE.get(key, 4 * math.prod(shape), lambda: _draw(seed, shape, bound).to(device))
+    return made if made is not None else _draw(seed, shape, bound).to(device)
 
 
 _CHUNK_ELEMENTS = 1 << 22  # bases generated per chunk; fixed so regeneration is identical
 
 
-def _basis_chunks(seed: int, n: int, numel: int, scale: float, device: torch.device):
-    """Yield ``(start, bases)`` with bases (c, numel) ~ U(±1)·scale, regenerated identically."""
+def _drawn_chunks(seed: int, n: int, numel: int, scale: float) -> Iterator[tuple[int, Tensor]]:
     g = torch.Generator().manual_seed(seed)
     per = max(1, _CHUNK_ELEMENTS // numel)
     for start in range(0, n, per):
         c = min(per, n - start)
-        bases = torch.rand((c, numel), generator=g).mul_(2 * scale).sub_(scale)
+        yield start, torch.rand((c, numel), generator=g).mul_(2 * scale).sub_(scale)
+
+
+def _basis_chunks(
+    seed: int, n: int, numel: int, scale: float, device: torch.device | str
+) -> Iterator[tuple[int, Tensor]]:
+    """Yield ``(start, bases)`` with bases (c, numel) ~ U(±1)·scale, regenerated identically
+    (from the cache when they fit it: the same chunks, so the same arithmetic)."""
+    key = ("bases", seed, n, numel, scale, str(device))
+
+    def make() -> Tensor:
+        return torch.cat([b for _, b in _drawn_chunks(seed, n, numel, scale)]).to(device)
+
+    cached = _CACHE.get(key, 4 * n * numel, make)
+    per = max(1, _CHUNK_ELEMENTS // numel)
+    if cached is not None:
+        for start in range(0, n, per):
+            yield start, cached[start : start + per]
+        return
+    for start, bases in _drawn_chunks(seed, n, numel, scale):
         yield start, bases.to(device)
 
 

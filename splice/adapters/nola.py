@@ -39,7 +39,7 @@ class NOLAAdapter(Adapter):
     def factors(self) -> tuple[Tensor, Tensor]:
         s0, sa, sb = self.seeds.tolist()
         d_in, d_out = self.site.d_in, self.site.d_out
-        a0 = seeded_uniform(s0, (self.r, d_in), 1 / math.sqrt(d_in)).to(self.coef_A.device)
+        a0 = seeded_uniform(s0, (self.r, d_in), 1 / math.sqrt(d_in), self.coef_A.device)
         A = a0 + seeded_combination(self.coef_A, sa, (self.r, d_in))
         return seeded_combination(self.coef_B, sb, (d_out, self.r)), A
 

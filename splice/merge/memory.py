@@ -35,7 +35,9 @@ if TYPE_CHECKING:
 __all__ = ["MemoryPlan", "estimate", "pool_budget", "read_ahead_schedule"]
 
 FIXED_BYTES = 6 << 20
-"""Chunk scratch, histograms, the checksum hashers' two 1 MB buffers and allocator slack."""
+"""Chunk scratch, histograms, the checksum hashers' two 1 MB buffers and allocator slack; on a
+GPU the chunk scratch and histograms live in VRAM, so the VRAM peak adds it too (the CUDA
+context and the cuBLAS/cuSOLVER workspaces, allocated once per process, are not counted)."""
 FIRST_USE_BYTES = 48 << 20
 """What the first merge in a process adds once, on top of its working set: library code
 paged in for the kernels it uses and modules imported on first use (measured 5–32 MB, most
@@ -313,7 +315,7 @@ def estimate(
         time_class=klass,
         largest=peak_name,
         device=job.device,
-        peak_vram=peak if on_gpu else None,
+        peak_vram=peak + FIXED_BYTES if on_gpu else None,
         read_ahead=f"{ahead} of {len(merged)} tensors read while the previous one merges"
         if job.read_ahead
         else "off",

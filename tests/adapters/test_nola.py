@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
-from splice.adapters import inject, trainable_parameters
-from splice.adapters._primitives import _basis_chunks, seeded_combination
+from splice.adapters import inject, set_basis_cache, trainable_parameters
+from splice.adapters._primitives import _CACHE, _basis_chunks, seeded_combination
 
 from .conftest import make_model
 
@@ -64,3 +65,56 @@ def test_dead_start_avoided_b_gets_gradient_at_step_zero():
     model(x).sum().backward()
     adapter = model.layers[0]["proj"].adapter
     assert adapter.coef_B.grad.abs().sum() > 0
+
+
+@pytest.fixture
+def cache_budget():
+    """Set the basis cache's budget for one test; restores it (and empties the cache) after."""
+    before = _CACHE.max_bytes
+    yield set_basis_cache
+    set_basis_cache(0)
+    set_basis_cache(before)
+
+
+def _forward_backward(x):
+    model, _ = make_model("linear")
+    inject(model, "nola", ["proj"], r=4, k=40, l=24)
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            g = torch.Generator().manual_seed(len(n))
+            p.data.copy_(torch.randn(p.shape, generator=g))
+    y = model(x)
+    y.square().sum().backward()
+    return y.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_cached_and_regenerated_bases_give_identical_outputs_and_gradients(cache_budget):
+    x = torch.randn(2, 5, 8)
+    cache_budget(0)
+    y0, g0 = _forward_backward(x)
+    assert not _CACHE.entries
+    cache_budget(1 << 20)
+    y1, g1 = _forward_backward(x)
+    assert _CACHE.entries  # the bases and A₀ were kept ...
+    y2, g2 = _forward_backward(x)  # ... and served from the cache
+    assert torch.equal(y0, y1) and torch.equal(y0, y2)
+    for n in g0:
+        assert torch.equal(g0[n], g1[n]) and torch.equal(g0[n], g2[n]), n
+
+
+def test_cache_evicts_least_recently_used_within_its_budget(cache_budget):
+    n, shape = 16, (4, 32)  # one basis set: 16·128·4 B = 8 KiB
+    one = 4 * n * math.prod(shape)
+    cache_budget(2 * one)
+    c = torch.randn(n)
+    first = seeded_combination(c, 1, shape)
+    seeded_combination(c, 2, shape)
+    seeded_combination(c, 1, shape)  # 1 is now the most recent
+    seeded_combination(c, 3, shape)  # evicts 2
+    seeds = sorted(key[1] for key in _CACHE.entries)
+    assert seeds == [1, 3] and _CACHE.bytes == 2 * one <= _CACHE.max_bytes
+    seeded_combination(torch.randn(4 * n), 4, (8, 32))  # larger than the budget: not kept
+    assert sorted(key[1] for key in _CACHE.entries) == [1, 3]
+    assert torch.equal(seeded_combination(c, 1, shape), first)
+    with pytest.raises(ValueError, match="≥ 0"):
+        set_basis_cache(-1)

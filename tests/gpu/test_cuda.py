@@ -43,6 +43,11 @@ METHOD_PARAMS = {  # non-default settings that make each method do real work
 }
 
 
+# SVD-based: fp32 singular vectors from cuSOLVER and LAPACK differ by ~1e-6 relative (the CPU's
+# own fp32 result is 5.6e-6 from a float64 one on this fixture), so a looser bound.
+TOLERANCE = {"dc_merge": dict(rtol=1e-4, atol=2e-5), "do_merge": dict(rtol=1e-4, atol=2e-5)}
+
+
 @pytest.mark.parametrize("method", sorted(merge_base.methods.names()))
 def test_every_merge_method_on_cuda_equals_cpu(method):
     base, fts = _models(1 if method == "slerp" else 3)
@@ -50,41 +55,55 @@ def test_every_merge_method_on_cuda_equals_cpu(method):
     cpu = merge_state_dicts(method, fts, base=base, params=params, seed=3)
     gpu = merge_state_dicts(method, fts, base=base, params=params, seed=3, device=CUDA)
     assert cpu.keys() == gpu.keys()
+    tol = TOLERANCE.get(method, dict(rtol=1e-5, atol=1e-6))
     for name, want in cpu.items():
         got = gpu[name]
         assert got.dtype == want.dtype and got.shape == want.shape, name
-        torch.testing.assert_close(got.cpu(), want.cpu(), rtol=1e-5, atol=1e-6, msg=name)
+        torch.testing.assert_close(got.cpu(), want.cpu(), **tol)
     changed = [n for n, t in cpu.items() if t.is_floating_point() and not torch.equal(t, base[n])]
     assert changed, "the merge changed nothing: the comparison would be empty"
 
 
-def test_disk_merge_on_cuda_matches_cpu_and_stays_inside_its_vram_plan(tmp_path):
-    base, fts = _models(3, hidden=256)
-    save(base, tmp_path / "base", shard=400_000)
+VRAM_RECIPES = {
+    "task_arithmetic": {},
+    "ties": {"density": 0.5},
+    "dare": {"p": 0.5, "consensus": "ties"},
+    "dc_merge": {},
+    "pcb": {"ratio": 0.1},
+}
+
+
+@pytest.mark.parametrize("hidden", [256, 1024])
+@pytest.mark.parametrize("method", sorted(VRAM_RECIPES))
+def test_disk_merge_on_cuda_matches_cpu_and_stays_inside_its_vram_plan(tmp_path, method, hidden):
+    from splice.io import open_checkpoint
+
+    base, fts = _models(3, hidden=hidden)
+    save(base, tmp_path / "base", shard=4 * hidden * hidden + 1)
     for i, ft in enumerate(fts):
-        save(ft, tmp_path / f"ft{i}", shard=400_000)
+        save(ft, tmp_path / f"ft{i}", shard=4 * hidden * hidden + 1)
     recipe = {
-        "method": "ties",
+        "method": method,
         "base": str(tmp_path / "base"),
         "models": [str(tmp_path / f"ft{i}") for i in range(3)],
-        "params": {"density": 0.5},
+        "params": VRAM_RECIPES[method],
     }
-    report = plan_merge(recipe, device=CUDA)
-    vram = report["plan"]["peak_vram"]
-    assert vram and vram > 0
+    vram = plan_merge(recipe, device=CUDA)["plan"]["peak_vram"]
+    merge(recipe, tmp_path / "warm", device=CUDA, progress=False)  # kernels, cuBLAS workspace
+    torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     before = torch.cuda.memory_allocated()
     merge(recipe, tmp_path / "gpu", device=CUDA, progress=False)
     used = torch.cuda.max_memory_allocated() - before
-    print(f"ties on cuda: planned VRAM {vram / 2**20:.1f} MiB, used {used / 2**20:.1f} MiB")
+    print(f"\n{method} hidden {hidden}: planned VRAM {vram / 2**20:.2f} MiB, "
+          f"used {used / 2**20:.2f} MiB ({used / vram:.2f} of the plan)")  # fmt: skip
     assert 0 < used <= vram
     merge(recipe, tmp_path / "cpu", progress=False)
-    from splice.io import open_checkpoint
-
     gpu, cpu = open_checkpoint(tmp_path / "gpu"), open_checkpoint(tmp_path / "cpu")
     assert sorted(gpu) == sorted(cpu)
+    tol = TOLERANCE.get(method, dict(rtol=1e-5, atol=1e-6))
     for name in cpu:
-        torch.testing.assert_close(gpu[name], cpu[name], rtol=1e-5, atol=1e-6, msg=name)
+        torch.testing.assert_close(gpu[name], cpu[name], **tol)
     ledger = json.loads((tmp_path / "gpu" / "splice-ledger.json").read_text())
     assert ledger["outputs"] and ledger["fidelity"]
 

@@ -207,7 +207,7 @@ def test_device_cuda_plan_puts_the_working_set_on_the_gpu(fixture):
     cpu = plan_merge(recipe)["plan"]
     gpu = plan_merge(recipe, device="cuda")["plan"]
     assert cpu["peak_vram"] is None
-    assert gpu["peak_vram"] + FIXED_BYTES == cpu["peak_ram"]
+    assert gpu["peak_vram"] == cpu["peak_ram"]  # the working set plus the chunk scratch
     assert gpu["peak_ram"] < cpu["peak_ram"]
 
 
