@@ -59,6 +59,18 @@ def _digit(c: Tensor, level: int) -> Tensor:
     return c.view(torch.uint16)[w - 1 - level :: w]
 
 
+def _digit_is(c: Tensor, level: int, d: int, magnitude: bool, scratch: Tensor | None) -> Tensor:
+    """Mask of the elements whose ``level``-th digit (sign bit cleared if ``magnitude``) is
+    ``d``, compared in int32: CUDA has no bitwise or comparison kernels for uint16."""
+    if scratch is None:
+        scratch = torch.empty(c.numel(), dtype=torch.int32, device=c.device)
+    buf = scratch[: c.numel()]
+    buf.copy_(_digit(c, level))
+    if magnitude:
+        buf &= _HALF - 1
+    return buf == d
+
+
 def _chunks(x: Tensor) -> Iterator[Tensor]:
     flat = x.reshape(-1)
     for start in range(0, flat.numel(), CHUNK):
@@ -81,8 +93,7 @@ def _top_matches(c: Tensor, d: int, magnitude: bool, scratch: Tensor | None = No
         want = d << 16 if d < _HALF else (d << 16) - (1 << 32)
         out = None if scratch is None else scratch[: c.numel()]
         return torch.bitwise_and(c.view(torch.int32), mask, out=out) == want
-    top = _digit(c, 0)
-    return (top & (_HALF - 1)) == d if magnitude else top == d
+    return _digit_is(c, 0, d, magnitude, scratch)
 
 
 def _pick(hist: Tensor, k: int, negative: bool | None) -> tuple[int, int]:
@@ -212,7 +223,7 @@ class RadixSelect:
             else:
                 keep = _top_matches(c, self._digits[0], self.magnitude, self._scratch)
                 for i in range(1, level):
-                    keep &= _digit(c, i) == self._digits[i]
+                    keep &= _digit_is(c, i, self._digits[i], False, self._scratch)
                 c = c[keep]
             clear = self.magnitude and level == 0
             _histogram(_digit(c, level), self._hist, self._scratch, clear_sign=clear)

@@ -82,6 +82,26 @@ VRAM_RECIPES = {
 }
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+def test_radix_selection_on_cuda_every_float_dtype(dtype):
+    from splice.merge.stats import RadixSelect, kth_smallest
+
+    x = torch.randn(300_001, generator=torch.Generator().manual_seed(0)).to(dtype)
+    for k in (1, 1234, 300_001):
+        want = torch.kthvalue(x.float(), k).values
+        assert kth_smallest(x.to(CUDA), k).cpu().float() == want
+        assert (
+            kth_smallest(x.to(CUDA), k, magnitude=True).cpu().float()
+            == torch.kthvalue(x.float().abs(), k).values
+        )
+        select = RadixSelect(k, dtype)
+        while not select.done:
+            for part in x.to(CUDA).split(100_000):
+                select.observe(part)
+            select.end_pass()
+        assert select.value == float(want)
+
+
 @pytest.mark.parametrize("hidden", [256, 1024])
 @pytest.mark.parametrize("method", sorted(VRAM_RECIPES))
 def test_disk_merge_on_cuda_matches_cpu_and_stays_inside_its_vram_plan(tmp_path, method, hidden):

@@ -127,3 +127,33 @@ def test_ties_global_thresholds_cover_the_whole_model():
     keep = int(0.2 * tau.numel())
     assert values[0] == torch.topk(tau, keep).values[-1].item()
     assert values[1] == 0.0
+
+
+def test_selection_touches_uint16_only_through_views_and_copies():
+    """CUDA has no bitwise or comparison kernels for uint16 (float64 TIES/DC-Merge selection
+    failed on an H200 with ``"bitwise_and_cuda" not implemented for 'UInt16'``): digits are
+    viewed as uint16 and copied to int32 before any arithmetic. Checked on the CPU by watching
+    every torch call that receives a uint16 tensor."""
+    from torch.overrides import TorchFunctionMode
+    from torch.utils._pytree import tree_flatten
+
+    seen: set[str] = set()
+
+    class Watch(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            flat, _ = tree_flatten((args, kwargs or {}))
+            if any(isinstance(a, torch.Tensor) and a.dtype == torch.uint16 for a in flat):
+                seen.add(getattr(func, "__name__", str(func)))
+            return func(*args, **(kwargs or {}))
+
+    x = torch.randn(3001, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    with Watch():
+        for dtype in (torch.float64, torch.float32, torch.float16, torch.bfloat16):
+            y = x.to(dtype)
+            for magnitude in (False, True):
+                kth_smallest(y, 17, magnitude=magnitude)
+                select = RadixSelect(17, dtype, magnitude=magnitude)
+                while not select.done:
+                    select.observe(y)
+                    select.end_pass()
+    assert seen and seen <= {"view", "__getitem__", "copy_", "numel"}, seen
