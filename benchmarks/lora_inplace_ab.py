@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import adapters_vs_peft as bench  # noqa: E402
+import adapters_vs_peft as bench
 
 
 def main() -> None:
@@ -42,7 +42,7 @@ def main() -> None:
         )
         return y
 
-    steps = {"peft": bench.build("peft-lora", args)[0], "splice": bench.build("splice-lora", args)[0]}
+    steps = {side: bench.build(f"{side}-lora", args)[0] for side in ("peft", "splice")}
     times: dict[str, list[float]] = {"peft": [], "splice-inplace": [], "splice-outofplace": []}
     for rnd in range(args.rounds):
         order = list(times) if rnd % 2 else list(times)[::-1]
