@@ -90,9 +90,7 @@ class _SeededCache:
             return hit
         if nbytes > self.max_bytes:
             return None
-        while self.entries and self.bytes + nbytes > self.max_bytes:
-            _, old = self.entries.popitem(last=False)
-            self.bytes -= old.numel() * old.element_size()
+        self._evict_to(self.max_bytes - nbytes)
         t = make()
         self.entries[key] = t
         self.bytes += nbytes
@@ -100,7 +98,10 @@ class _SeededCache:
 
     def resize(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
-        while self.entries and self.bytes > max_bytes:
+        self._evict_to(max_bytes)
+
+    def _evict_to(self, limit: int) -> None:
+        while self.entries and self.bytes > limit:
             _, old = self.entries.popitem(last=False)
             self.bytes -= old.numel() * old.element_size()
 
