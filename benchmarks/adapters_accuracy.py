@@ -12,7 +12,8 @@ the adapter's lr (``--head-lr``), so the adapters are compared, not their heads.
 Structures are fixed before any run of their row: LoRA r=8, α=16; NOLA r=8 with k=l=256 random
 bases per matrix (1/12 of LoRA's parameters) and, added later as its own row, k=l=384 (1/8,
 the issue's whole budget); MoS active rank 6 from pools holding a rank-1 LoRA's parameters (e=1,
-p=0, l=4 shards per vector: 1/8). Each row's adapter lr is chosen from the
+p=0, l=4 shards per vector: 1/8) and, added later as its own row, the same with l=8 (finer
+shards: more differentiation between layers at the same budget). Each row's adapter lr is chosen from the
 same grid (1e-3 … 2e-2) by accuracy on the task's validation split at seed 0 (``--eval-split
 val``; ties go to the smaller lr); the chosen lr is then trained with every seed of ``--seeds``
 (init, data order, dropout) and scored on the test split, and the table reports the mean — the
@@ -43,6 +44,7 @@ METHODS = {  # row label → (method, adapter options), fixed before any run of 
     "nola": ("nola", {"r": 8, "k": 256, "l": 256}),
     "nola-384": ("nola", {"r": 8, "k": 384, "l": 384}),
     "mos": ("mos", {"r": 6, "e": 1, "p": 0, "l": 4}),
+    "mos-l8": ("mos", {"r": 6, "e": 1, "p": 0, "l": 8}),
 }
 LRS = (1e-3, 2e-3, 5e-3, 1e-2, 2e-2)
 HEAD_LR = 1e-3
