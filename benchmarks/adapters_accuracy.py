@@ -13,11 +13,11 @@ Structures are fixed before any run of their row: LoRA r=8, α=16; NOLA r=8 with
 bases per matrix (1/12 of LoRA's parameters) and, added later as its own row, k=l=384 (1/8,
 the issue's whole budget); MoS active rank 6 from pools holding a rank-1 LoRA's parameters (e=1,
 p=0, l=4 shards per vector: 1/8) and, added later as its own row, the same with l=8 (finer
-shards: more differentiation between layers at the same budget). Each row's adapter lr is chosen from the
-same grid (1e-3 … 2e-2) by accuracy on the task's validation split at seed 0 (``--eval-split
-val``; ties go to the smaller lr); the chosen lr is then trained with every seed of ``--seeds``
-(init, data order, dropout) and scored on the test split, and the table reports the mean — the
-test split plays no part in any choice.
+shards: more differentiation between layers at the same budget). Each row's adapter lr is
+chosen from the same grid (1e-3 … 2e-2) by accuracy on the task's validation split at seed 0
+(``--eval-split val``; ties go to the smaller lr); the chosen lr is then trained with every
+seed of ``--seeds`` (init, data order, dropout) and scored on the test split, and the table
+reports the mean — the test split plays no part in any choice.
 
 Runs are kept under ``--work`` (one dir each, with its metrics.json) and are not repeated when
 the script is rerun, so an interrupted sweep continues where it stopped.
