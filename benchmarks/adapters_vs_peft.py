@@ -77,7 +77,8 @@ def build(side: str, args: argparse.Namespace):
         adapters.inject(model, method, TARGETS, **options)
         aux = adapters.aux_loss
     head = torch.nn.Linear(model.config.hidden_size, CLASSES)
-    model.to(args.device), head.to(args.device)
+    model.to(args.device)
+    head.to(args.device)
     params = [p for p in model.parameters() if p.requires_grad] + list(head.parameters())
     opt = torch.optim.AdamW(params, lr=1e-4)
     g = torch.Generator().manual_seed(0)

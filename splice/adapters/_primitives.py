@@ -133,17 +133,26 @@ def seeded_uniform(
     """U(±bound) of ``shape`` on ``device``, drawn by a dedicated CPU generator (the global RNG
     is untouched; the same values on every device). Do not modify the result: it may be cached.
     """
+
+    def make() -> Tensor:
+        return _draw(seed, shape, bound).to(device)
+
     key = ("uniform", seed, tuple(shape), bound, str(device))
-    made = _CACHE.get(key, 4 * math.prod(shape), lambda: _draw(seed, shape, bound).to(device))
-    return made if made is not None else _draw(seed, shape, bound).to(device)
+    made = _CACHE.get(key, 4 * math.prod(shape), make)
+    return made if made is not None else make()
 
 
 _CHUNK_ELEMENTS = 1 << 22  # bases generated per chunk; fixed so regeneration is identical
 
 
+def _chunk_rows(numel: int) -> int:
+    """Bases per chunk: the chunk boundaries, which the cache keeps too (same arithmetic)."""
+    return max(1, _CHUNK_ELEMENTS // numel)
+
+
 def _drawn_chunks(seed: int, n: int, numel: int, scale: float) -> Iterator[tuple[int, Tensor]]:
     g = torch.Generator().manual_seed(seed)
-    per = max(1, _CHUNK_ELEMENTS // numel)
+    per = _chunk_rows(numel)
     for start in range(0, n, per):
         c = min(per, n - start)
         yield start, torch.rand((c, numel), generator=g).mul_(2 * scale).sub_(scale)
@@ -160,7 +169,7 @@ def _basis_chunks(
         return torch.cat([b for _, b in _drawn_chunks(seed, n, numel, scale)]).to(device)
 
     cached = _CACHE.get(key, 4 * n * numel, make)
-    per = max(1, _CHUNK_ELEMENTS // numel)
+    per = _chunk_rows(numel)
     if cached is not None:
         for start in range(0, n, per):
             yield start, cached[start : start + per]

@@ -59,16 +59,22 @@ def _digit(c: Tensor, level: int) -> Tensor:
     return c.view(torch.uint16)[w - 1 - level :: w]
 
 
-def _digit_is(c: Tensor, level: int, d: int, magnitude: bool, scratch: Tensor | None) -> Tensor:
-    """Mask of the elements whose ``level``-th digit (sign bit cleared if ``magnitude``) is
-    ``d``, compared in int32: CUDA has no bitwise or comparison kernels for uint16."""
+def _digits32(c: Tensor, level: int, scratch: Tensor | None, clear_sign: bool) -> Tensor:
+    """The ``level``-th digit of each element copied into int32 (``scratch`` if given), the
+    sign bit cleared if ``clear_sign``. Digits are only viewed and copied as uint16: CUDA has
+    no bitwise or comparison kernels for it."""
     if scratch is None:
         scratch = torch.empty(c.numel(), dtype=torch.int32, device=c.device)
     buf = scratch[: c.numel()]
     buf.copy_(_digit(c, level))
-    if magnitude:
+    if clear_sign:
         buf &= _HALF - 1
-    return buf == d
+    return buf
+
+
+def _digit_is(c: Tensor, level: int, d: int, magnitude: bool, scratch: Tensor | None) -> Tensor:
+    """Mask of the elements whose ``level``-th digit (of ``|x|`` if ``magnitude``) is ``d``."""
+    return _digits32(c, level, scratch, magnitude) == d
 
 
 def _chunks(x: Tensor) -> Iterator[Tensor]:
@@ -77,12 +83,10 @@ def _chunks(x: Tensor) -> Iterator[Tensor]:
         yield flat[start : start + CHUNK]
 
 
-def _histogram(digits: Tensor, hist: Tensor, scratch: Tensor, clear_sign: bool = False) -> None:
-    buf = scratch[: digits.numel()]
-    buf.copy_(digits)
-    if clear_sign:
-        buf &= _HALF - 1
-    hist += torch.bincount(buf, minlength=_BINS)
+def _histogram(
+    c: Tensor, level: int, hist: Tensor, scratch: Tensor, clear_sign: bool = False
+) -> None:
+    hist += torch.bincount(_digits32(c, level, scratch, clear_sign), minlength=_BINS)
 
 
 def _top_matches(c: Tensor, d: int, magnitude: bool, scratch: Tensor | None = None) -> Tensor:
@@ -142,7 +146,7 @@ def _kth_smallest(x: Tensor, k: int, magnitude: bool) -> Tensor:
     hist = torch.zeros(_BINS, dtype=torch.int64, device=x.device)
     scratch = torch.empty(min(n, CHUNK), dtype=torch.int32, device=x.device)
     for c in _chunks(x):
-        _histogram(_digit(c, 0), hist, scratch, clear_sign=magnitude)
+        _histogram(c, 0, hist, scratch, clear_sign=magnitude)
     d, rank = _pick(hist.cpu(), k, False if magnitude else None)
     parts = [c[_top_matches(c, d, magnitude, scratch)] for c in _chunks(x)]
     candidates = torch.cat(parts)
@@ -226,7 +230,7 @@ class RadixSelect:
                     keep &= _digit_is(c, i, self._digits[i], False, self._scratch)
                 c = c[keep]
             clear = self.magnitude and level == 0
-            _histogram(_digit(c, level), self._hist, self._scratch, clear_sign=clear)
+            _histogram(c, level, self._hist, self._scratch, clear_sign=clear)
 
     def end_pass(self) -> bool:
         """Fix the next 16 bits of the answer; True once all bits are known."""

@@ -19,6 +19,7 @@ from splice.merge import base as merge_base
 from splice.merge import merge, merge_state_dicts, plan_merge
 from tests.adapters.conftest import METHOD_CASES, make_model, perturb
 from tests.merge._ckpt import finetune, save, tiny_llama
+from tests.test_train import WORDS, run
 
 pytestmark = pytest.mark.gpu
 CUDA = "cuda"
@@ -210,28 +211,14 @@ def test_adapter_training_steps_on_cuda_reduce_the_loss(case):
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_splice_train_on_cuda(tmp_path_factory, precision):
-    from splice.train import TrainConfig, train
-    from tests.test_train import WORDS, tiny_model_dir
-
-    transformers = pytest.importorskip("transformers")
-
-    def build(vocab):
-        cfg = transformers.BertConfig(
-            vocab_size=vocab, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-            intermediate_size=32, max_position_embeddings=32,
-        )  # fmt: skip
-        return transformers.BertModel(cfg)
-
-    model_dir = tiny_model_dir(tmp_path_factory, "bert", build)
-    data = tmp_path_factory.mktemp("data") / "d.csv"
+def test_splice_train_on_cuda(bert_dir, tmp_path, precision):
     pos, neg = WORDS[:4], WORDS[4:8]
     rows = [f"the movie was {pos[i % 4]} {pos[(i + 1) % 4]},pos" for i in range(24)]
     rows += [f"the movie was {neg[i % 4]} {neg[(i + 1) % 4]},neg" for i in range(24)]
+    data = tmp_path / "d.csv"
     data.write_text("text,label\n" + "\n".join(rows) + "\n")
-    out = tmp_path_factory.mktemp("out")
-    options = dict(steps=30, batch_size=8, lr=5e-3, progress=False, seed=0, precision=precision)
-    metrics = train(TrainConfig(model=model_dir, data=str(data), out=out, device=CUDA, **options))
+    out = tmp_path / "out"
+    metrics = run(bert_dir, data, out, steps=30, device=CUDA, precision=precision)
     history = metrics["loss_history"]
     assert history[-1] < history[0]
     assert (out / "metrics.json").is_file()
