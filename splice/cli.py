@@ -113,7 +113,11 @@ def train(
     ],
     out: Annotated[Path, typer.Option(help="Output dir: adapter/ (or model/), metrics.json.")],
     method: Annotated[
-        str, typer.Option(help="Adapter method (lora, nola, mos, mola, ept) or 'full'.")
+        str,
+        typer.Option(
+            help="Adapter method (lora, nola, mos, mola, ept), 'full', or 'head' (linear probe:"
+            " only the new classification head trains)."
+        ),
     ] = "lora",
     targets: Annotated[
         str | None, typer.Option(help="Comma-separated module suffixes (default: per model type).")

@@ -221,11 +221,34 @@ def test_head_lr_drives_the_new_head_and_lr_the_adapter(bert_dir, csv_file, tmp_
     assert b and max(p.abs().max().item() for p in b) < 1e-9  # B starts at 0, moved ≤ 8·lr
 
 
-def test_full_finetuning_refuses_adapter_options(bert_dir, csv_file, tmp_path):
-    with pytest.raises(ValueError, match="full fine-tuning takes no adapter options"):
+@pytest.mark.parametrize("method", ["full", "head"])
+def test_whole_model_methods_refuse_adapter_options(bert_dir, csv_file, tmp_path, method):
+    with pytest.raises(ValueError, match=f"--method {method} takes no adapter options"):
         TrainConfig(
-            model=bert_dir, data=str(csv_file), out=tmp_path, method="full", adapter={"r": 2}
+            model=bert_dir, data=str(csv_file), out=tmp_path, method=method, adapter={"r": 2}
         )
+
+
+def test_head_is_a_linear_probe_the_backbone_stays_put(bert_dir, csv_file, tmp_path):
+    metrics = run(bert_dir, csv_file, tmp_path / "out", method="head", lr=5e-2, steps=6)
+    base = transformers.AutoModel.from_pretrained(bert_dir)
+    probe = transformers.AutoModelForSequenceClassification.from_pretrained(
+        tmp_path / "out" / "model"
+    )
+    head = ("classifier.weight", "classifier.bias")
+    assert metrics["trainable_parameters"] == sum(probe.get_parameter(n).numel() for n in head)
+    assert metrics["adapter_parameters"] is None
+    backbone = {n.removeprefix("bert."): p for n, p in probe.named_parameters() if n not in head}
+    assert backbone.keys() == dict(base.named_parameters()).keys()
+    assert all(torch.equal(p, base.get_parameter(n)) for n, p in backbone.items())  # bitwise
+    assert metrics["loss_history"][-1] < metrics["loss_history"][0]  # the head learnt
+
+
+def test_head_needs_a_new_classification_head(gpt2_dir, tmp_path):
+    data = tmp_path / "lm.jsonl"
+    data.write_text('{"text": "the movie was good fun"}\n' * 20)
+    with pytest.raises(SpliceError, match="--method head trains only a new classification head"):
+        run(gpt2_dir, data, tmp_path / "out", method="head")
 
 
 def test_classification_without_labels_is_an_error(bert_dir, tmp_path):

@@ -44,6 +44,9 @@ DEFAULT_TARGETS = {
 }
 
 
+WHOLE = ("full", "head")  # methods without an adapter: every weight trains, or only the new head
+
+
 class TrainConfig(pydantic.BaseModel):
     """Everything one training run depends on; written to ``metrics.json``."""
 
@@ -52,7 +55,9 @@ class TrainConfig(pydantic.BaseModel):
     model: Path = pydantic.Field(description="local Hugging Face model dir")
     data: str = pydantic.Field(description="CSV/JSONL file (text,label) or bench task name")
     out: Path = pydantic.Field(description="output dir: adapter or model, metrics.json")
-    method: str = pydantic.Field("lora", description="registered adapter method, or 'full'")
+    method: str = pydantic.Field(
+        "lora", description="registered adapter method, 'full', or 'head' (linear probe)"
+    )
     targets: list[str] | str | None = pydantic.Field(None, description="module suffixes or regex")
     layers: list[int] | None = pydantic.Field(None, description="layer indices to adapt")
     adapter: dict[str, Any] = pydantic.Field({}, description="method hyperparameters")
@@ -83,9 +88,9 @@ class TrainConfig(pydantic.BaseModel):
     progress: bool = True
 
     @pydantic.model_validator(mode="after")
-    def _full_takes_no_adapter_options(self) -> TrainConfig:
-        if self.method == "full" and (self.adapter or self.targets or self.layers):
-            raise ValueError("full fine-tuning takes no adapter options, targets or layers")
+    def _whole_model_methods_take_no_adapter_options(self) -> TrainConfig:
+        if self.method in WHOLE and (self.adapter or self.targets or self.layers):
+            raise ValueError(f"--method {self.method} takes no adapter options, targets or layers")
         return self
 
     def fingerprint(self) -> dict[str, Any]:
@@ -145,6 +150,18 @@ def _load_model(cfg: TrainConfig, objective: str, labels: list[str] | None):
         model.config.pad_token_id = tokenizer.pad_token_id
     new_modules = sorted({k.rsplit(".", 1)[0] for k in info["missing_keys"]})  # e.g. the head
     return tokenizer, model.float(), new_modules
+
+
+def _freeze_all_but_the_head(model: nn.Module, new_modules: list[str], objective: str) -> None:
+    """Linear probe (``--method head``): the pretrained weights stay frozen, the new head trains."""
+    if objective != "classification" or not new_modules:
+        raise SpliceError(
+            "--method head trains only a new classification head, and this run has none"
+            + ("" if objective == "classification" else f" (objective {objective})"),
+            fix="use a base model without a classification head, or an adapter method",
+        )
+    for name, p in model.named_parameters():
+        p.requires_grad_(_in_new_module(name, new_modules))
 
 
 def _adapt(cfg: TrainConfig, model: nn.Module, new_modules: list[str]) -> None:
@@ -306,8 +323,10 @@ def train(
     )
     labels = _label_names(train_rows, eval_rows) if objective == "classification" else None
     tokenizer, model, new_modules = _load_model(cfg, objective, labels)
-    full = cfg.method == "full"
-    if not full:
+    full, adapted = cfg.method == "full", cfg.method not in WHOLE
+    if cfg.method == "head":
+        _freeze_all_but_the_head(model, new_modules, objective)
+    elif adapted:
         _adapt(cfg, model, new_modules if objective == "classification" else [])
     model.to(device)
 
@@ -348,7 +367,7 @@ def train(
     if world > 1:
         from splice.adapters import METHODS
 
-        sparse = not full and not METHODS.get(cfg.method).uses_all_parameters
+        sparse = adapted and not METHODS.get(cfg.method).uses_all_parameters
         model = nn.parallel.DistributedDataParallel(model, find_unused_parameters=sparse)
     autocast = lambda: torch.autocast(device.type, torch.bfloat16, enabled=cfg.precision == "bf16")  # noqa: E731
     show = cfg.progress and rank == 0
@@ -362,7 +381,7 @@ def train(
                 sync = micro == cfg.grad_accum - 1 or world == 1
                 with model.no_sync() if not sync else nullcontext(), autocast():
                     loss = model(**batch).loss
-                    extra = None if full else aux_loss(core)
+                    extra = aux_loss(core) if adapted else None
                     total_loss = loss if extra is None else loss + extra
                     (total_loss / cfg.grad_accum).backward()
                 step_loss += loss.item() / cfg.grad_accum
@@ -423,7 +442,7 @@ def train(
             "loss_history": history,
             "eval": evaluate(core, eval_batches, objective, autocast),
             "trainable_parameters": counts.trainable,
-            "adapter_parameters": None if full else counts.trainable - head,  # head excluded
+            "adapter_parameters": counts.trainable - head if adapted else None,  # head excluded
             "total_parameters": counts.total,
             "samples_per_second": seen / wall if wall > 0 else None,
             "wall_seconds": wall,
@@ -431,17 +450,17 @@ def train(
             "world_size": world,
             "config": cfg.model_dump(mode="json"),
         }
-        _write_outputs(cfg, core, tokenizer, full, labels, metrics, save_adapter)
+        _write_outputs(cfg, core, tokenizer, adapted, labels, metrics, save_adapter)
     if world > 1:
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
     return metrics
 
 
-def _write_outputs(cfg, model, tokenizer, full, labels, metrics, save_adapter) -> None:
+def _write_outputs(cfg, model, tokenizer, adapted, labels, metrics, save_adapter) -> None:
     from splice.io.atomic import atomic_dir
 
-    if full:
+    if not adapted:  # full fine-tune or linear probe: the whole model, its new head included
         with atomic_dir(cfg.out / "model") as tmp:
             model.save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
