@@ -15,7 +15,9 @@ the validation split at seed 0, and every row then trains its head at that lr (`
 so the adapters are compared, not their heads. (Until 2026-11-26 the head lr was fixed at 1e-3
 for every task; on fortune_topic that starved the head — an early NOLA run with its head at
 5e-3 scored 80.0 against 71.4 at 1e-3 — and a 1e-3 head favours the adapter with the most
-capacity to make up for it. Where the probe picks 1e-3 the older runs carry over unchanged.)
+capacity to make up for it. Where the probe picks 1e-3 the older runs carry over unchanged.
+The probe's grid first ended at 5e-2; fortune_topic's pick sat on that edge, so it gained 1e-1
+and 2e-1 before any adapter ran with a probed head.)
 
 Structures are fixed before any run of their row: LoRA r=8, α=16; NOLA r=8 with k=l=256 random
 bases per matrix (1/12 of LoRA's parameters) and, added later as its own row, k=l=384 (1/8,
@@ -59,7 +61,7 @@ METHODS = {  # row label → (method, adapter options), fixed before any run of 
     "mos-l8": ("mos", {"r": 6, "e": 1, "p": 0, "l": 8}),
 }
 LRS = (5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2)
-HEAD_LRS = (1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2)  # the linear probe's grid
+HEAD_LRS = (1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 1e-1, 2e-1)  # the linear probe's grid
 OLD_HEAD_LR = 1e-3  # runs at this head lr keep their old dir names
 
 
