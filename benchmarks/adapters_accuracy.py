@@ -10,22 +10,24 @@ test ≤ 500 examples), batch 32, ≤ 64 tokens, AdamW with 6 % warmup and linea
 adapters on query/value of all 6 layers, and a new linear head per task.
 
 The head's lr is a property of the task, not of the adapter: it is chosen first, per task, by
-a linear probe (``--method head``: backbone frozen, only the head trains) from ``HEAD_LRS`` on
-the validation split at seed 0, and every row then trains its head at that lr (``--head-lr``),
+a linear probe (``--method head``: backbone frozen, only the head trains) on the validation
+split at seed 0 (grid below), and every row then trains its head at that lr (``--head-lr``),
 so the adapters are compared, not their heads. (Until 2026-11-26 the head lr was fixed at 1e-3
 for every task; on fortune_topic that starved the head — an early NOLA run with its head at
 5e-3 scored 80.0 against 71.4 at 1e-3 — and a 1e-3 head favours the adapter with the most
 capacity to make up for it. Where the probe picks 1e-3 the older runs carry over unchanged.
-The probe's grid first ended at 5e-2; fortune_topic's pick sat on that edge, so it gained 1e-1
-and 2e-1 before any adapter ran with a probed head.)
+The probe's pick on fortune_topic sat on its grid's upper edge twice, which gave the rule for
+edges below.)
 
 Structures are fixed before any run of their row: LoRA r=8, α=16; NOLA r=8 with k=l=256 random
 bases per matrix (1/12 of LoRA's parameters) and, added later as its own row, k=l=384 (1/8,
 the issue's whole budget); MoS active rank 6 from pools holding a rank-1 LoRA's parameters (e=1,
 p=0, l=4 shards per vector: 1/8) and, added later as its own row, the same with l=8 (finer
 shards: more differentiation between layers at the same budget). Each row's adapter lr is
-chosen from the same grid (5e-4 … 2e-2) by accuracy on the task's validation split at seed 0
-(``--eval-split val``; ties go to the smaller lr); the chosen lr is then trained with every
+chosen from the same grid (5e-4 … 2e-2; the probe's 1e-3 … 5e-2) by accuracy on the task's
+validation split at seed 0 (``--eval-split val``; ties go to the smaller lr), and a pick on an
+edge of the grid grows the grid by one 1-2-5 step past that edge (1e-3 → 5e-4 → 2e-4 …) until
+the pick is inside it, for every row alike; the chosen lr is then trained with every
 seed of ``--seeds`` (init, data order, dropout) and scored on the test split, and the table
 reports the mean — the test split plays no part in any choice. The grid first started at 1e-3
 and the test mean used seeds 0–2; LoRA's pick on fortune_topic sat on the grid's lower edge and
@@ -45,6 +47,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import statistics
 import subprocess
@@ -60,9 +63,17 @@ METHODS = {  # row label → (method, adapter options), fixed before any run of 
     "mos": ("mos", {"r": 6, "e": 1, "p": 0, "l": 4}),
     "mos-l8": ("mos", {"r": 6, "e": 1, "p": 0, "l": 8}),
 }
-LRS = (5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2)
-HEAD_LRS = (1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 1e-1, 2e-1)  # the linear probe's grid
+LRS = (5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2)  # adapters' starting grid
+HEAD_LRS = (1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2)  # the linear probe's starting grid
 OLD_HEAD_LR = 1e-3  # runs at this head lr keep their old dir names
+
+
+def _step(lr: float, way: int) -> float:
+    """The next lr on the 1-2-5 ladder, down (way -1) or up (+1): 5e-4 ↔ 1e-3 ↔ 2e-3 ↔ 5e-3."""
+    exp = math.floor(math.log10(lr) + 1e-9)
+    ladder = [m * 10.0**e for e in (exp - 1, exp, exp + 1) for m in (1, 2, 5)]
+    i = min(range(len(ladder)), key=lambda j: abs(ladder[j] - lr))
+    return float(f"{ladder[i + way]:.3g}")
 
 
 def run(model: Path, task: str, label: str, lr: float, head_lr: float | None, split: str, args,
@@ -119,37 +130,53 @@ def main() -> None:
         raise SystemExit(f"unknown rows {unknown}; known: {', '.join(METHODS)}")
     seeds = [int(x) for x in args.seeds.split(",")]
     acc = lambda m: 100 * m["eval"]["accuracy"]  # noqa: E731
-    val, best, runs, head = {}, {}, {}, {}
+    val, best, runs, head, tried = {}, {}, {}, {}, {}
+
+    def choose(t: str, m: str, start: tuple[float, ...], head_lr: float | None) -> float:
+        """The lr with the best validation accuracy (ties: the smaller), the grid growing by
+        one 1-2-5 step past whichever edge holds the best until the best is inside it."""
+        lrs = list(start)
+        while True:
+            for lr in lrs:
+                val[t, m, lr] = run(model, t, m, lr, head_lr, "val", args)
+            pick = max(lrs, key=lambda lr: (acc(val[t, m, lr]), -lr))
+            if pick == lrs[0] and pick > 1e-5:
+                lrs.insert(0, _step(pick, -1))
+            elif pick == lrs[-1] and pick < 10:
+                lrs.append(_step(pick, +1))
+            else:
+                tried[t, m] = lrs
+                return pick
+
     for t in tasks:  # the head's lr first, from a linear probe: the same for every row
-        for lr in HEAD_LRS:
-            val[t, "probe", lr] = run(model, t, "probe", lr, None, "val", args)
-        head[t] = max(HEAD_LRS, key=lambda lr: (acc(val[t, "probe", lr]), -lr))
+        head[t] = choose(t, "probe", HEAD_LRS, None)
         runs[t, "probe"] = [run(model, t, "probe", head[t], None, "test", args, s) for s in seeds]
         for m in rows:  # then one row at a time, its test runs right after its grid
-            for lr in LRS:
-                val[t, m, lr] = run(model, t, m, lr, head[t], "val", args)
-            best[t, m] = max(LRS, key=lambda lr: (acc(val[t, m, lr]), -lr))
+            best[t, m] = choose(t, m, LRS, head[t])
             runs[t, m] = [run(model, t, m, best[t, m], head[t], "test", args, s) for s in seeds]
     test = {k: statistics.mean(acc(r) for r in v) for k, v in runs.items()}
     spread = {
         k: statistics.stdev(acc(r) for r in v) if len(v) > 1 else 0.0 for k, v in runs.items()
     }
 
-    def grid(title: str, lrs: tuple[float, ...], chosen: dict, names: list[str]) -> None:
-        print(f"{title} — the chosen lr in bold:\n")
+    def grid(title: str, names: list[str]) -> None:
+        lrs = sorted({lr for (t, m), v in tried.items() if m in names for lr in v})
+        print(f"{title} — the chosen lr in bold, – not tried:\n")
         print(f"| row | task | {' | '.join(f'lr {lr:g}' for lr in lrs)} |")
         print("|---|---|" + "---:|" * len(lrs))
         for m in names:
             for t in tasks:
-                cells = [f"{acc(val[t, m, lr]):.1f}" for lr in lrs]
-                pick = chosen[t] if m == "probe" else chosen[t, m]
+                pick = head[t] if m == "probe" else best[t, m]
+                cells = [
+                    "–" if (t, m, lr) not in val else f"{acc(val[t, m, lr]):.1f}" for lr in lrs
+                ]
                 cells = [f"**{c}**" if lr == pick else c for c, lr in zip(cells, lrs, strict=True)]
                 print(f"| {m} | {t} | {' | '.join(cells)} |")
         print()
 
-    grid("Validation accuracy (%) of the linear probe by head lr", HEAD_LRS, head, ["probe"])
+    grid("Validation accuracy (%) of the linear probe by head lr", ["probe"])
     heads = ", ".join(f"{t} {head[t]:g}" for t in tasks)
-    grid(f"Validation accuracy (%) by adapter lr, head lr {heads}", LRS, best, rows)
+    grid(f"Validation accuracy (%) by adapter lr, head lr {heads}", rows)
     params = {m: runs[tasks[0], m][0]["adapter_parameters"] or 0 for m in ["probe", *rows]}
     lora = params["lora"]
     print(f"Test accuracy (%) at the chosen lrs, mean ± sd over seeds {args.seeds}:\n")
