@@ -102,7 +102,8 @@ def run(model: Path, task: str, label: str, lr: float, head_lr: float | None, sp
     if done.returncode:
         raise SystemExit(f"{label} on {task} failed:\n{done.stderr[-2000:]}")
     metrics = json.loads(done.stdout)
-    shutil.rmtree(out / "model", ignore_errors=True)  # a probe's whole model: only metrics count
+    if label == "probe":  # its whole model (90 MB) is of no further use: only metrics count
+        shutil.rmtree(out / "model", ignore_errors=True)
     print(
         f"{task:>14} {label:>8} lr {lr:g} head {head_lr or lr:g} {split:>4} seed {seed}: "
         f"{100 * metrics['eval']['accuracy']:.1f} % "
@@ -138,7 +139,8 @@ def main() -> None:
         lrs = list(start)
         while True:
             for lr in lrs:
-                val[t, m, lr] = run(model, t, m, lr, head_lr, "val", args)
+                if (t, m, lr) not in val:  # a grown grid runs only its new lr
+                    val[t, m, lr] = run(model, t, m, lr, head_lr, "val", args)
             pick = max(lrs, key=lambda lr: (acc(val[t, m, lr]), -lr))
             if pick == lrs[0] and pick > 1e-5:
                 lrs.insert(0, _step(pick, -1))
@@ -185,9 +187,9 @@ def main() -> None:
     for m in ["probe", *rows]:
         cells = " | ".join(f"{test[t, m]:.1f} ± {spread[t, m]:.1f}" for t in tasks)
         ok = all(test[t, m] >= test[t, "lora"] - 1.0 for t in tasks)
-        share = f"1/{lora / params[m]:.1f}" if params[m] else "0"
+        share = "1" if m == "lora" else f"1/{lora / params[m]:.1f}" if params[m] else "0"
         verdict = "–" if m in ("lora", "probe") else ("yes" if ok else "no")
-        print(f"| {m} | {cells} | {params[m]:,} | {share if m != 'lora' else '1'} | {verdict} |")
+        print(f"| {m} | {cells} | {params[m]:,} | {share} | {verdict} |")
     print("\nPer seed:", file=sys.stderr)
     for (t, m), v in runs.items():
         print(f"  {t} {m}: {', '.join(f'{acc(r):.1f}' for r in v)}", file=sys.stderr)

@@ -19,7 +19,7 @@ from splice.merge import base as merge_base
 from splice.merge import merge, merge_state_dicts, plan_merge
 from tests.adapters.conftest import METHOD_CASES, make_model, perturb
 from tests.merge._ckpt import finetune, save, tiny_llama
-from tests.test_train import WORDS, run
+from tests.test_train import NEG, POS, run
 
 pytestmark = pytest.mark.gpu
 CUDA = "cuda"
@@ -212,9 +212,8 @@ def test_adapter_training_steps_on_cuda_reduce_the_loss(case):
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_splice_train_on_cuda(bert_dir, tmp_path, precision):
-    pos, neg = WORDS[:4], WORDS[4:8]
-    rows = [f"the movie was {pos[i % 4]} {pos[(i + 1) % 4]},pos" for i in range(24)]
-    rows += [f"the movie was {neg[i % 4]} {neg[(i + 1) % 4]},neg" for i in range(24)]
+    rows = [f"the movie was {POS[i % 4]} {POS[(i + 1) % 4]},pos" for i in range(24)]
+    rows += [f"the movie was {NEG[i % 4]} {NEG[(i + 1) % 4]},neg" for i in range(24)]
     data = tmp_path / "d.csv"
     data.write_text("text,label\n" + "\n".join(rows) + "\n")
     out = tmp_path / "out"
