@@ -60,6 +60,7 @@ METHODS = {  # row label → (method, adapter options), fixed before any run of 
     "lora": ("lora", {"r": 8, "alpha": 16}),
     "nola": ("nola", {"r": 8, "k": 256, "l": 256}),
     "nola-384": ("nola", {"r": 8, "k": 384, "l": 384}),
+    "nola-384-r16": ("nola", {"r": 16, "k": 384, "l": 384}),  # added after nola-384 missed rt
     "mos": ("mos", {"r": 6, "e": 1, "p": 0, "l": 4}),
     "mos-l8": ("mos", {"r": 6, "e": 1, "p": 0, "l": 8}),
 }
