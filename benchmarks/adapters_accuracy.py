@@ -42,8 +42,8 @@ its seeds spread 1.7 points, too coarse for a 1-point target, so the grid gained
 default seeds became 0–4 — for every row and task alike, before any of those runs.
 
 ``--head-lr`` (every task) and ``--lr ROW=LR`` (one row) replace a pick by the given lr and
-skip its grid; they are for diagnostics, e.g. the same picks trained at another ``--steps``
-(docs/adapters.md), not for the table's own protocol.
+skip its grid (``--head-lr`` also drops the probe row); they are for diagnostics, e.g. the same
+picks trained at another ``--steps`` (docs/adapters.md), not for the table's own protocol.
 
 Runs are kept under ``--work`` (one dir each, with its metrics.json) and are not repeated when
 the script is rerun, so an interrupted sweep continues where it stopped.
@@ -187,8 +187,13 @@ def main() -> None:
                 return pick
 
     for t in tasks:  # the head's lr first, from a linear probe: the same for every row
-        head[t] = args.head_lr or choose(t, "probe", HEAD_LRS, None)
-        runs[t, "probe"] = [run(model, t, "probe", head[t], None, "test", args, s) for s in seeds]
+        if args.head_lr:  # fixed by hand: no probe row
+            head[t] = args.head_lr
+        else:
+            head[t] = choose(t, "probe", HEAD_LRS, None)
+            runs[t, "probe"] = [
+                run(model, t, "probe", head[t], None, "test", args, s) for s in seeds
+            ]
         for m in rows:  # then one row at a time, its test runs right after its grid
             best[t, m] = fixed.get(m) or choose(t, m, LRS, head[t])
             runs[t, m] = [run(model, t, m, best[t, m], head[t], "test", args, s) for s in seeds]
@@ -217,12 +222,13 @@ def main() -> None:
     grid("Validation accuracy (%) of the linear probe by head lr", ["probe"])
     heads = ", ".join(f"{t} {head[t]:g}" for t in tasks)
     grid(f"Validation accuracy (%) by adapter lr, head lr {heads}", rows)
-    params = {m: runs[tasks[0], m][0]["adapter_parameters"] or 0 for m in ["probe", *rows]}
+    shown = rows if args.head_lr else ["probe", *rows]
+    params = {m: runs[tasks[0], m][0]["adapter_parameters"] or 0 for m in shown}
     lora = params["lora"]
     print(f"Test accuracy (%) at the chosen lrs, mean ± sd over seeds {args.seeds}:\n")
     print(f"| row | {' | '.join(tasks)} | adapted-layer params | vs LoRA | within 1 pt |")
     print("|---|" + "---:|" * len(tasks) + "---:|---:|---|")
-    for m in ["probe", *rows]:
+    for m in shown:
         cells = " | ".join(f"{test[t, m]:.1f} ± {spread[t, m]:.1f}" for t in tasks)
         ok = all(test[t, m] >= test[t, "lora"] - 1.0 for t in tasks)
         share = "1" if m == "lora" else f"1/{lora / params[m]:.1f}" if params[m] else "–"
