@@ -112,7 +112,8 @@ def run(model: Path, task: str, label: str, lr: float, head_lr: float | None, sp
     done_file = out / "metrics.json"
     if done_file.is_file():
         metrics = json.loads(done_file.read_text())
-        if metrics["config"]["adapter"] == options:
+        config, wanted = metrics["config"], [x for x in targets.split(",") if x]
+        if config["adapter"] == options and (config["targets"] or []) == wanted:
             return metrics
         shutil.rmtree(out)  # a run of another structure: superseded
     done = subprocess.run(cmd, capture_output=True, text=True)
