@@ -67,8 +67,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SPLICE = ROOT / ".venv" / "bin" / "splice"
-QV = "query,value"
-ALL_LINEAR = "query,key,value,intermediate.dense,output.dense"  # + attention.output.dense
+QV = ("query", "value")
+# every linear layer of a block: the suffix "output.dense" matches attention.output.dense too
+ALL_LINEAR = ("query", "key", "value", "intermediate.dense", "output.dense")
 METHODS = {  # row label → (method, adapter options, targets), fixed before any run of that row
     "lora": ("lora", {"r": 8, "alpha": 16}, QV),
     "nola": ("nola", {"r": 8, "k": 256, "l": 256}, QV),
@@ -96,7 +97,7 @@ def _step(lr: float, way: int) -> float:
 def run(model: Path, task: str, label: str, lr: float, head_lr: float | None, split: str, args,
         seed: int = 0) -> dict:  # fmt: skip
     """One ``splice train`` child: ``label`` "probe" trains only the head, at ``lr``."""
-    method, options, targets = ("head", {}, "") if label == "probe" else METHODS[label]
+    method, options, targets = ("head", {}, ()) if label == "probe" else METHODS[label]
     out = Path(args.work) / f"{task}-{label}-lr{lr:g}-{split}-{args.steps}"
     if head_lr is not None and head_lr != OLD_HEAD_LR:
         out = out.with_name(f"{out.name}-head{head_lr:g}")
@@ -106,14 +107,14 @@ def run(model: Path, task: str, label: str, lr: float, head_lr: float | None, sp
     cmd += ["--batch-size", "32", "--max-length", "64", "--lr", str(lr), "--seed", str(seed)]
     cmd += ["--eval-split", split, "--out", str(out), "--json"]
     if label != "probe":
-        cmd += ["--head-lr", str(head_lr), "--targets", targets]
+        cmd += ["--head-lr", str(head_lr), "--targets", ",".join(targets)]
     for k, v in options.items():
         cmd += ["--set", f"{k}={json.dumps(v)}"]
     done_file = out / "metrics.json"
     if done_file.is_file():
         metrics = json.loads(done_file.read_text())
-        config, wanted = metrics["config"], [x for x in targets.split(",") if x]
-        if config["adapter"] == options and (config["targets"] or []) == wanted:
+        config = metrics["config"]
+        if config["adapter"] == options and (config["targets"] or []) == list(targets):
             return metrics
         shutil.rmtree(out)  # a run of another structure: superseded
     done = subprocess.run(cmd, capture_output=True, text=True)
@@ -223,7 +224,7 @@ def main() -> None:
     grid("Validation accuracy (%) of the linear probe by head lr", ["probe"])
     heads = ", ".join(f"{t} {head[t]:g}" for t in tasks)
     grid(f"Validation accuracy (%) by adapter lr, head lr {heads}", rows)
-    shown = rows if args.head_lr else ["probe", *rows]
+    shown = [m for m in ["probe", *rows] if (tasks[0], m) in runs]  # no probe if --head-lr
     params = {m: runs[tasks[0], m][0]["adapter_parameters"] or 0 for m in shown}
     lora = params["lora"]
     print(f"Test accuracy (%) at the chosen lrs, mean ± sd over seeds {args.seeds}:\n")
