@@ -41,6 +41,18 @@ and the test mean used seeds 0–2; LoRA's pick on fortune_topic sat on the grid
 its seeds spread 1.7 points, too coarse for a 1-point target, so the grid gained 5e-4 and the
 default seeds became 0–4 — for every row and task alike, before any of those runs.
 
+A third task decides NOLA's layout (fixed 2026-11-26, before any adapter was trained on it):
+the two layouts tie on validation (one rt_sentiment example apart) and the tie-break above was
+chosen after q/v missed, so ``tweet_sentiment`` — the next task in ASSETS.md's suggested list
+after the issue's two, unseen by every row — runs the same protocol (probe, each row's lr on
+its validation split, test mean over seeds 0–4) for lora, nola-384 and nola-all-128:
+
+    python benchmarks/adapters_accuracy.py --tasks tweet_sentiment --rows nola-384,nola-all-128
+
+The layout with the higher test mean there becomes the NOLA row of the issue's table (an exact
+tie keeps q/v, k=l=384), and its rt_sentiment and fortune_topic results, already run, stand
+as they are; no other row, layout or setting is tried on tweet_sentiment for the table.
+
 ``--head-lr`` (every task) and ``--lr ROW=LR`` (one row) replace a pick by the given lr and
 skip its grid (``--head-lr`` also drops the probe row); they are for diagnostics, e.g. the same
 picks trained at another ``--steps`` (docs/adapters.md), not for the table's own protocol.
