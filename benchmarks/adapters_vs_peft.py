@@ -16,6 +16,11 @@ and EPT are reported relative to splice's LoRA, with their trainable counts.
 (``torch.cuda.max_memory_allocated``). ``--model DIR`` takes another MiniLM dir; with
 ``--random-init`` only its config.json is read and the weights are random (seeded) — for timing
 on a machine the 90 MB weights cannot reach; step time does not depend on the weights' values.
+
+``--profile N`` times nothing: it runs each side in this process under ``torch.profiler`` for
+N steps after the warm-up and prints, per step, the device kernels launched and their time and
+the aten ops dispatched, then each op whose count differs from the first side's — where a
+launch-bound GPU step (most of a ~15 ms MiniLM step is the host dispatching ops) spends it.
 """
 
 from __future__ import annotations
@@ -126,6 +131,40 @@ def child(sides: list[str], args: argparse.Namespace) -> list[dict]:
     ]  # fmt: skip
 
 
+def profile(sides: list[str], args: argparse.Namespace) -> None:
+    """Kernels, kernel time and aten ops per step of each side, and the ops that differ."""
+    import torch
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    cuda = args.device.startswith("cuda")
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    counts: dict[str, dict[str, float]] = {}
+    for side in sides:
+        step = build(side, args)[0]
+        for _ in range(args.warmup):
+            step()
+        with torch_profile(activities=activities) as prof:
+            for _ in range(args.profile):
+                step()
+        events = prof.key_averages()
+        counts[side] = {e.key: e.count / args.profile for e in events if e.key.startswith("aten::")}
+        kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+        launched = sum(e.count for e in kernels) / args.profile
+        busy_ms = sum(e.self_device_time_total for e in kernels) / args.profile / 1e3
+        print(f"{side:12s} {launched:5.0f} kernels/step  {busy_ms:6.2f} ms kernel time/step  "
+              f"{sum(counts[side].values()):6.0f} aten ops/step")  # fmt: skip
+    ref = sides[0]
+    for side in sides[1:]:
+        ops = sorted(set(counts[ref]) | set(counts[side]))
+        diff = {op: counts[side].get(op, 0) - counts[ref].get(op, 0) for op in ops}
+        print(f"\naten ops per step, {side} − {ref} (where they differ):")
+        for op, d in sorted(diff.items(), key=lambda kv: -abs(kv[1])):
+            if d:
+                print(f"  {op:32s} {d:+5.0f}  ({counts[ref].get(op, 0):.0f} → "
+                      f"{counts[side].get(op, 0):.0f})")  # fmt: skip
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=20, help="timed steps per side (≥ 20)")
@@ -144,8 +183,14 @@ def main() -> None:
     ap.add_argument(
         "--random-init", action="store_true", help="random weights from --model's config (timing)"
     )
+    ap.add_argument(
+        "--profile", type=int, metavar="N", help="profile N steps per side instead of timing"
+    )
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.profile:
+        profile(args.sides.split(","), args)
+        return
     if args.child:
         print(json.dumps(child(args.child.split(","), args)))
         return
