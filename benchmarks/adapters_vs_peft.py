@@ -18,8 +18,8 @@ and EPT are reported relative to splice's LoRA, with their trainable counts.
 on a machine the 90 MB weights cannot reach; step time does not depend on the weights' values.
 
 ``--profile N`` times nothing: it runs each side in this process under ``torch.profiler`` for
-N steps after the warm-up and prints, per step, the device kernels launched and their time and
-the aten ops dispatched, then each op whose count differs from the first side's — where a
+N steps after the warm-up and prints, per step, the aten ops dispatched and (on a GPU) the
+kernels launched and their time, then each op whose count differs from the first side's — where a
 launch-bound GPU step (most of a ~15 ms MiniLM step is the host dispatching ops) spends it.
 """
 
@@ -149,11 +149,13 @@ def profile(sides: list[str], args: argparse.Namespace) -> None:
                 step()
         events = prof.key_averages()
         counts[side] = {e.key: e.count / args.profile for e in events if e.key.startswith("aten::")}
-        kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
-        launched = sum(e.count for e in kernels) / args.profile
-        busy_ms = sum(e.self_device_time_total for e in kernels) / args.profile / 1e3
-        print(f"{side:12s} {launched:5.0f} kernels/step  {busy_ms:6.2f} ms kernel time/step  "
-              f"{sum(counts[side].values()):6.0f} aten ops/step")  # fmt: skip
+        line = f"{side:12s} {sum(counts[side].values()):6.0f} aten ops/step"
+        if cuda:  # the CPU profile records no kernels of its own: nothing to print there
+            kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+            launched = sum(e.count for e in kernels) / args.profile
+            busy_ms = sum(e.self_device_time_total for e in kernels) / args.profile / 1e3
+            line += f"  {launched:5.0f} kernels/step  {busy_ms:6.2f} ms kernel time/step"
+        print(line)
     ref = sides[0]
     for side in sides[1:]:
         ops = sorted(set(counts[ref]) | set(counts[side]))
