@@ -58,7 +58,7 @@ def summarize(path: str | Path, *, allow_pickle: bool = False) -> dict[str, Any]
     keys = ("model_type", "architectures", "hidden_size", "num_hidden_layers", "vocab_size")
     extra: dict[str, Any] = {}
     if ckpt.format == "peft":
-        from splice.io.peft import peft_lowrank_deltas
+        from splice.deltas import peft_lowrank_deltas
 
         keys = ("peft_type", "r", "lora_alpha", "target_modules", "base_model_name_or_path")
         lora = peft_lowrank_deltas(ckpt)

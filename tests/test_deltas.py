@@ -110,7 +110,7 @@ def test_task_vector_skips_integer_buffers_and_checks_shapes() -> None:
     assert dict(task_vector(base, {"ids": torch.arange(3)}, strict=False)) == {}
 
 
-def test_load_deltas_finds_kinds_defined_beside_their_method(tmp_path: Path) -> None:
+def test_load_deltas_reads_switch_without_the_merge_stage(tmp_path: Path) -> None:
     import subprocess
     import sys
 
@@ -123,6 +123,7 @@ def test_load_deltas_finds_kinds_defined_beside_their_method(tmp_path: Path) -> 
         "import sys, torch; from splice.deltas import load_deltas\n"
         "assert 'splice.merge.methods.tswitch' not in sys.modules\n"
         f"d = load_deltas({str(tmp_path / 's.safetensors')!r})['w']\n"
+        "assert not any(m.startswith('splice.merge') for m in sys.modules)\n"
         "print(type(d).__name__, float(d.materialize().abs().sum()))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

@@ -111,9 +111,9 @@ def read_peft(path: Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
         SpliceError: not a LoRA (or DoRA, pickle weights: from the reader), per-module ranks or
             scales (``rank_pattern``/``alpha_pattern``), or trained biases.
     """
-    from splice.deltas import lora_scale
+    from splice.deltas import lora_scale, peft_lowrank_deltas
     from splice.io import open_checkpoint
-    from splice.io.peft import peft_full_tensors, peft_lowrank_deltas
+    from splice.io.peft import peft_full_tensors
 
     ckpt = open_checkpoint(path)
     config = ckpt.config or {}

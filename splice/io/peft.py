@@ -1,8 +1,9 @@
-"""Read PEFT LoRA adapter dirs as static deltas keyed by the base model's tensor names.
+"""Read PEFT LoRA adapter dirs: raw factors keyed by the base model's tensor names.
 
 ``base_model.model.<module>.lora_A.weight`` + ``lora_B.weight`` become one
-:class:`~splice.deltas.LowRank` on ``<module>.weight`` with PEFT's scale (``alpha/r``, or
-``alpha/sqrt(r)`` with rsLoRA; per-module ``rank_pattern``/``alpha_pattern`` honoured).
+:class:`LoraFactors` on ``<module>.weight`` with PEFT's scale parameters (``lora_alpha``,
+rsLoRA; per-module ``rank_pattern``/``alpha_pattern`` honoured); :mod:`splice.deltas.peft`
+turns them into :class:`~splice.deltas.LowRank` deltas.
 Embedding LoRA (``lora_embedding_A/B``) and GPT-2 ``Conv1D`` (``fan_in_fan_out``) are transposed;
 conv LoRA keeps the kernel shape. ``modules_to_save`` tensors are full weights, returned apart.
 """
@@ -10,22 +11,40 @@ conv LoRA keeps the kernel shape. ``modules_to_save`` tensors are full weights, 
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
-from splice.deltas import LowRank, lora_scale
 from splice.errors import SpliceError
 from splice.io.checkpoint import Checkpoint
 
-__all__ = ["peft_full_tensors", "peft_lowrank_deltas", "peft_target_name"]
+__all__ = [
+    "PEFT_PREFIX",
+    "LoraFactors",
+    "peft_full_tensors",
+    "peft_lora_factors",
+    "peft_target_name",
+]
 
-_PREFIX = "base_model.model."
+PEFT_PREFIX = "base_model.model."
+"""What PEFT puts before the base model's module names in an adapter's tensor names."""
+
+
+class LoraFactors(NamedTuple):
+    """One LoRA pair as stored: ``ΔW = scale(alpha, r, rslora) · B @ A`` (``r = A.shape[0]``),
+    reshaped to ``shape`` (conv kernels; None: 2-D) and transposed if ``transpose``."""
+
+    B: torch.Tensor
+    A: torch.Tensor
+    alpha: float
+    rslora: bool
+    shape: tuple[int, ...] | None
+    transpose: bool
 _LORA = re.compile(r"^(?P<mod>.+)\.lora_(?P<emb>embedding_)?(?P<ab>[AB])(?:\.(?P<adapter>[^.]+))?$")
 
 
 def _strip(name: str) -> str:
-    name = name.removeprefix(_PREFIX)
+    name = name.removeprefix(PEFT_PREFIX)
     return name.removesuffix(".weight") if ".lora_" in name else name
 
 
@@ -61,8 +80,8 @@ def _check_config(cfg: dict[str, Any] | None, where: str) -> dict[str, Any]:
     return cfg
 
 
-def peft_lowrank_deltas(ckpt: Checkpoint) -> dict[str, LowRank]:
-    """LoRA pairs of a PEFT adapter :class:`Checkpoint` as ``{base_tensor_name: LowRank}``.
+def peft_lora_factors(ckpt: Checkpoint) -> dict[str, LoraFactors]:
+    """LoRA pairs of a PEFT adapter :class:`Checkpoint` as ``{base_tensor_name: LoraFactors}``.
 
     Raises:
         SpliceError: not LoRA/DoRA, A without B, rank that disagrees with the config.
@@ -76,7 +95,7 @@ def peft_lowrank_deltas(ckpt: Checkpoint) -> dict[str, LowRank]:
             slot = pairs.setdefault(m["mod"], {})
             slot[m["ab"]] = name
             slot["emb"] = "1" if m["emb"] else ""
-    out: dict[str, LowRank] = {}
+    out: dict[str, LoraFactors] = {}
     for module, slot in pairs.items():
         if "A" not in slot or "B" not in slot:
             raise SpliceError(
@@ -100,10 +119,10 @@ def peft_lowrank_deltas(ckpt: Checkpoint) -> dict[str, LowRank]:
                 fix="the config does not belong to these weights",
             )
         alpha = _pattern_value(cfg.get("alpha_pattern") or {}, module, cfg["lora_alpha"])
-        scale = lora_scale(alpha, r, bool(cfg.get("use_rslora")))
         target_shape = (b.shape[0], *a.shape[1:]) if a.dim() > 2 else None
         transpose = emb or bool(cfg.get("fan_in_fan_out"))
-        out[f"{module}.weight"] = LowRank(b, a, scale, target_shape, transpose)
+        rslora = bool(cfg.get("use_rslora"))
+        out[f"{module}.weight"] = LoraFactors(b, a, alpha, rslora, target_shape, transpose)
     if not out:
         raise SpliceError("adapter holds no LoRA weights", where=where)
     return out
@@ -118,7 +137,7 @@ def peft_target_name(name: str) -> tuple[str, bool]:
     m = _LORA.match(_strip(name))
     if m:
         return f"{m['mod']}.weight", True
-    base = name.removeprefix(_PREFIX).replace(".modules_to_save.default.", ".")
+    base = name.removeprefix(PEFT_PREFIX).replace(".modules_to_save.default.", ".")
     return base.replace(".base_layer.", "."), False
 
 

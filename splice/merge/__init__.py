@@ -35,9 +35,9 @@ __all__ = ["load_recipe", "merge", "merge_state_dicts", "plan_merge"]
 
 
 def _open_source(path: str, adapter: str | None, label: str) -> Source:
-    from splice.deltas import DELTA_FORMAT, load_deltas
+    from splice.deltas import DELTA_FORMAT, load_deltas, peft_lowrank_deltas
     from splice.io import open_checkpoint
-    from splice.io.peft import peft_full_tensors, peft_lowrank_deltas
+    from splice.io.peft import peft_full_tensors
     from splice.merge.ledger import raw_names
 
     p = Path(path)

@@ -8,14 +8,14 @@ import pydantic
 import pytest
 import torch
 
-from splice.deltas import Delta, load_deltas, save_deltas
+from splice.deltas import Delta, Switch, load_deltas, save_deltas
 from splice.errors import SpliceError
 from splice.merge.base import MergeContext, methods
 from splice.merge.methods.tswitch import (
-    Switch,
     TSwitch,
     auto_switch_weights,
     switch_approx,
+    switch_delta,
     tswitch_compose,
     tswitch_compress,
 )
@@ -40,7 +40,7 @@ def test_switch_matches_element_loop_reference(shape, density):
     tau = torch.randn(shape, generator=torch.Generator().manual_seed(len(shape)))
     tau.view(-1)[3] = 0.0
     ref, count, kappa = _reference(tau, density)
-    sw = Switch.from_tensor(tau, density)
+    sw = switch_delta(tau, density)
     assert sw.count == count and sw.shape == tau.shape
     assert sw.scale.item() == pytest.approx(kappa, rel=1e-6)
     torch.testing.assert_close(sw.materialize(), ref)
@@ -51,7 +51,7 @@ def test_scale_is_the_least_squares_optimum_and_error_is_bounded():
     """κ = mean|τ| on M minimises ‖τ − κ M⊙S‖²; the error is exactly ‖τ‖² − |M|κ² ≤ ‖τ‖²."""
     tau = torch.randn(400, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     for density in (0.05, 0.3, 1.0):
-        sw = Switch.from_tensor(tau, density)
+        sw = switch_delta(tau, density)
         approx = sw.materialize(torch.float64)
         err = (tau - approx).square().sum()
         kappa = sw.scale.double().squeeze()
@@ -60,7 +60,7 @@ def test_scale_is_the_least_squares_optimum_and_error_is_bounded():
         unit = approx / kappa
         for factor in (0.9, 1.1):
             assert (tau - factor * kappa * unit).square().sum() > err
-    full = Switch.from_tensor(tau, 1.0)  # q = 100 %: the least-squares 1-bit approximation
+    full = switch_delta(tau, 1.0)  # q = 100 %: the least-squares 1-bit approximation
     assert full.count == 400
     assert full.scale.item() == pytest.approx(tau.abs().mean().item(), rel=1e-6)
 
@@ -68,7 +68,7 @@ def test_scale_is_the_least_squares_optimum_and_error_is_bounded():
 @pytest.mark.parametrize(("density", "encoding"), [(0.5, "bitmap"), (0.01, "indices")])
 def test_storage_accounting_matches_bit_counts(density, encoding):
     tau = torch.randn(64, 50, generator=torch.Generator().manual_seed(2))
-    sw = Switch.from_tensor(tau, density)
+    sw = switch_delta(tau, density)
     numel, count = tau.numel(), sw.count
     assert count == int(density * numel)
     support = math.ceil(numel / 8) if encoding == "bitmap" else 4 * count
@@ -81,9 +81,9 @@ def test_storage_accounting_matches_bit_counts(density, encoding):
 def test_switches_round_trip_through_save_and_load(tmp_path):
     g = torch.Generator().manual_seed(3)
     deltas = {
-        "dense.weight": Switch.from_tensor(torch.randn(32, 16, generator=g), 0.3),
-        "sparse.weight": Switch.from_tensor(torch.randn(200, 40, generator=g), 0.005),
-        "half.bias": Switch.from_tensor(torch.randn(9, generator=g).bfloat16(), 0.5),
+        "dense.weight": switch_delta(torch.randn(32, 16, generator=g), 0.3),
+        "sparse.weight": switch_delta(torch.randn(200, 40, generator=g), 0.005),
+        "half.bias": switch_delta(torch.randn(9, generator=g).bfloat16(), 0.5),
     }
     path = save_deltas(deltas, tmp_path / "task.safetensors")
     loaded = load_deltas(path)

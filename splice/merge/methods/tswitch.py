@@ -4,8 +4,8 @@
 is [unverified]; splice uses the tensor), a task vector τ becomes an *activation switch*
 ``M = [|τ| ≥ δ]`` keeping the top-``density`` fraction of entries, a *polarity switch*
 ``S = sign(τ)`` on the support and a *scaling knob* ``κ = mean(|τ| over M)`` — the least-squares
-optimum for fixed ``M, S`` [derived] — so ``τ̂ = κ·M⊙S``. :class:`Switch` stores it bit-packed
-and round-trips through :func:`splice.deltas.save_deltas`. Auto-Switch composes stored
+optimum for fixed ``M, S`` [derived] — so ``τ̂ = κ·M⊙S``. :class:`splice.deltas.Switch` stores it
+bit-packed and round-trips through :func:`splice.deltas.save_deltas`. Auto-Switch composes stored
 switches per input with weights from a k-nearest-neighbour vote over a feature bank (§12.4).
 """
 
@@ -20,39 +20,20 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from splice.deltas import Delta, is_mergeable, task_vector
+from splice.deltas import Delta, Switch, is_mergeable, task_vector
 from splice.errors import SpliceError
 from splice.merge.base import HyperParams, MergeContext, MergeMethod, methods
 from splice.merge.methods._sparsify import magnitude_threshold
 
 __all__ = [
-    "Switch",
     "TSwitch",
     "auto_switch_weights",
     "switch_approx",
+    "switch_delta",
     "switch_parts",
     "tswitch_compose",
     "tswitch_compress",
 ]
-
-_BIT_WEIGHTS = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
-
-
-def _pack_bits(bits: Tensor) -> Tensor:
-    """Bool vector → uint8, eight bits per byte, little-endian within a byte."""
-    pad = (-bits.numel()) % 8
-    padded = torch.cat([bits.reshape(-1), bits.new_zeros(pad)]).reshape(-1, 8)
-    return (padded.to(torch.uint8) * _BIT_WEIGHTS).sum(1, dtype=torch.uint8)
-
-
-def _unpack_bits(packed: Tensor, count: int) -> Tensor:
-    bits = (packed.unsqueeze(1) >> torch.arange(8, dtype=torch.uint8)) & 1
-    return bits.reshape(-1)[:count].bool()
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
 
 def switch_parts(tau: Tensor, density: float) -> tuple[Tensor, Tensor]:
     """``(M, κ)`` for one task vector (spec §12.3): M keeps |τ| ≥ the k-th largest |τ| with
@@ -70,82 +51,10 @@ def switch_approx(tau: Tensor, density: float) -> Tensor:
     return torch.where(keep, scale * torch.sign(tau.float()), torch.zeros((), device=tau.device))
 
 
-@dataclass(frozen=True, eq=False)
-class Switch(Delta):
-    """ΔW = κ·M⊙S: a 1-bit task vector (spec §12.3), stored bit-packed.
-
-    ``signs`` holds one bit per kept entry in flat order (1 = negative). The support is either
-    a ``bitmap`` (⌈P/8⌉ bytes) or int32 ``indices`` (4 bytes per kept entry) — whichever is
-    smaller (spec §12.5 SASS, one unit = one tensor).
-    """
-
-    kind: ClassVar[str] = "switch"
-    scale: Tensor
-    signs: Tensor
-    size: tuple[int, ...]
-    count: int
-    bitmap: Tensor | None = None
-    indices: Tensor | None = None
-    dtype: str = "float32"
-
-    @classmethod
-    def from_tensor(cls, tau: Tensor, density: float) -> Switch:
-        """Compress one task vector (see :func:`switch_parts`)."""
-        flat = tau.detach().reshape(-1).float().cpu()
-        keep, scale = switch_parts(flat, density)
-        idx = torch.nonzero(keep, as_tuple=True)[0]
-        count = idx.numel()
-        as_indices = 4 * count < math.ceil(flat.numel() / 8) and flat.numel() < 2**31
-        return cls(
-            scale=scale.reshape(1),
-            signs=_pack_bits(flat[idx] < 0),
-            size=tuple(tau.shape),
-            count=count,
-            bitmap=None if as_indices else _pack_bits(keep),
-            indices=idx.to(torch.int32) if as_indices else None,
-            dtype=_dtype_name(tau.dtype),
-        )
-
-    @property
-    def shape(self) -> torch.Size:
-        return torch.Size(self.size)
-
-    def support(self) -> Tensor:
-        """Flat int64 indices of the kept entries, ascending."""
-        if self.indices is not None:
-            return self.indices.long()
-        numel = math.prod(self.size)
-        return torch.nonzero(_unpack_bits(self.bitmap, numel), as_tuple=True)[0]
-
-    def materialize(self, dtype: torch.dtype | None = None) -> Tensor:
-        out = torch.zeros(math.prod(self.size), dtype=torch.float32)
-        negative = _unpack_bits(self.signs, self.count)
-        kappa = self.scale.float()
-        out[self.support()] = torch.where(negative, -kappa, kappa)
-        return out.reshape(self.size).to(dtype or getattr(torch, self.dtype))
-
-    def tensors(self) -> dict[str, Tensor]:
-        stored = {"scale": self.scale, "signs": self.signs}
-        if self.bitmap is not None:
-            stored["bitmap"] = self.bitmap
-        if self.indices is not None:
-            stored["indices"] = self.indices
-        return stored
-
-    def meta(self) -> dict[str, Any]:
-        return {"size": list(self.size), "count": self.count, "dtype": self.dtype}
-
-    @classmethod
-    def from_parts(cls, tensors: dict[str, Tensor], meta: dict[str, Any]) -> Switch:
-        return cls(
-            scale=tensors["scale"],
-            signs=tensors["signs"],
-            size=tuple(meta["size"]),
-            count=int(meta["count"]),
-            bitmap=tensors.get("bitmap"),
-            indices=tensors.get("indices"),
-            dtype=str(meta.get("dtype", "float32")),
-        )
+def switch_delta(tau: Tensor, density: float) -> Switch:
+    """One task vector as a stored :class:`~splice.deltas.Switch` (see :func:`switch_parts`)."""
+    keep, scale = switch_parts(tau.detach().reshape(-1).float().cpu(), density)
+    return Switch.pack(tau, keep, scale)
 
 
 def tswitch_compress(
@@ -154,7 +63,7 @@ def tswitch_compress(
     """One task's switches, streamed tensor by tensor (spec §12.3); save with ``save_deltas``."""
     if not 0.0 < density <= 1.0:
         raise SpliceError(f"density {density} is outside (0, 1]", fix="e.g. density=0.1")
-    return {name: Switch.from_tensor(d.value, density) for name, d in task_vector(base, tuned)}
+    return {name: switch_delta(d.value, density) for name, d in task_vector(base, tuned)}
 
 
 def tswitch_compose(

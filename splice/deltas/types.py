@@ -1,19 +1,18 @@
-"""Static deltas: a change ΔW to one tensor of a base model, in some parametrisation.
+"""The delta value types: a change ΔW to one tensor of a base model, in some parametrisation.
 
 A fine-tuned checkpoint minus its base is a set of :class:`Dense` deltas; a LoRA adapter is a
 set of :class:`LowRank` deltas; sparsified or masked task vectors are :class:`Sparse` /
-:class:`Masked`. Every delta can ``materialize()`` the full ΔW, reports ``nbytes`` of what it
-stores, and round-trips losslessly through :func:`save_deltas` / :func:`load_deltas`.
-All are keyed by the *base model's* tensor name (e.g. ``encoder.layer.0.output.dense.weight``).
+:class:`Masked`; T-Switch's 1-bit task vectors are :class:`Switch`. Every delta can
+``materialize()`` the full ΔW, reports ``nbytes`` of what it stores, and round-trips losslessly
+through :func:`splice.deltas.save_deltas` / :func:`splice.deltas.load_deltas`. All are keyed by
+the *base model's* tensor name (e.g. ``encoder.layer.0.output.dense.weight``).
 """
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -27,14 +26,11 @@ __all__ = [
     "LowRank",
     "Masked",
     "Sparse",
+    "Switch",
     "is_mergeable",
-    "load_deltas",
     "lora_scale",
-    "save_deltas",
     "task_vector",
 ]
-
-DELTA_FORMAT = "splice.deltas/1"
 
 
 def is_mergeable(t: Tensor) -> bool:
@@ -226,6 +222,101 @@ class Sparse(Delta):
         return cls(tensors["indices"], tensors["values"], tuple(meta["size"]))
 
 
+_BIT_WEIGHTS = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
+
+
+def _pack_bits(bits: Tensor) -> Tensor:
+    """Bool vector → uint8, eight bits per byte, little-endian within a byte."""
+    pad = (-bits.numel()) % 8
+    padded = torch.cat([bits.reshape(-1), bits.new_zeros(pad)]).reshape(-1, 8)
+    return (padded.to(torch.uint8) * _BIT_WEIGHTS).sum(1, dtype=torch.uint8)
+
+
+def _unpack_bits(packed: Tensor, count: int) -> Tensor:
+    bits = (packed.unsqueeze(1) >> torch.arange(8, dtype=torch.uint8)) & 1
+    return bits.reshape(-1)[:count].bool()
+
+
+@dataclass(frozen=True, eq=False)
+class Switch(Delta):
+    """ΔW = κ·M⊙S: a 1-bit task vector (T-Switch, spec merging.md §12.3), stored bit-packed.
+
+    ``signs`` holds one bit per kept entry in flat order (1 = negative). The support is either
+    a ``bitmap`` (⌈P/8⌉ bytes) or int32 ``indices`` (4 bytes per kept entry) — whichever is
+    smaller (spec §12.5 SASS, one unit = one tensor). Which entries to keep and the scale are
+    the method's choice (:func:`splice.merge.methods.tswitch.switch_delta`); :meth:`pack`
+    stores them.
+    """
+
+    kind: ClassVar[str] = "switch"
+    scale: Tensor
+    signs: Tensor
+    size: tuple[int, ...]
+    count: int
+    bitmap: Tensor | None = None
+    indices: Tensor | None = None
+    dtype: str = "float32"
+
+    @classmethod
+    def pack(cls, tau: Tensor, keep: Tensor, scale: Tensor) -> Switch:
+        """Store ``scale·keep⊙sign(tau)``: ``keep`` is a bool mask over ``tau``'s flat entries
+        and ``scale`` the fp32 scalar κ."""
+        flat = tau.detach().reshape(-1).float().cpu()
+        idx = torch.nonzero(keep.reshape(-1), as_tuple=True)[0]
+        count = idx.numel()
+        as_indices = 4 * count < math.ceil(flat.numel() / 8) and flat.numel() < 2**31
+        return cls(
+            scale=scale.reshape(1),
+            signs=_pack_bits(flat[idx] < 0),
+            size=tuple(tau.shape),
+            count=count,
+            bitmap=None if as_indices else _pack_bits(keep.reshape(-1)),
+            indices=idx.to(torch.int32) if as_indices else None,
+            dtype=str(tau.dtype).removeprefix("torch."),
+        )
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size(self.size)
+
+    def support(self) -> Tensor:
+        """Flat int64 indices of the kept entries, ascending."""
+        if self.indices is not None:
+            return self.indices.long()
+        numel = math.prod(self.size)
+        return torch.nonzero(_unpack_bits(self.bitmap, numel), as_tuple=True)[0]
+
+    def materialize(self, dtype: torch.dtype | None = None) -> Tensor:
+        out = torch.zeros(math.prod(self.size), dtype=torch.float32)
+        negative = _unpack_bits(self.signs, self.count)
+        kappa = self.scale.float()
+        out[self.support()] = torch.where(negative, -kappa, kappa)
+        return out.reshape(self.size).to(dtype or getattr(torch, self.dtype))
+
+    def tensors(self) -> dict[str, Tensor]:
+        stored = {"scale": self.scale, "signs": self.signs}
+        if self.bitmap is not None:
+            stored["bitmap"] = self.bitmap
+        if self.indices is not None:
+            stored["indices"] = self.indices
+        return stored
+
+    def meta(self) -> dict[str, Any]:
+        return {"size": list(self.size), "count": self.count, "dtype": self.dtype}
+
+    @classmethod
+    def from_parts(cls, tensors: dict[str, Tensor], meta: dict[str, Any]) -> Switch:
+        return cls(
+            scale=tensors["scale"],
+            signs=tensors["signs"],
+            size=tuple(meta["size"]),
+            count=int(meta["count"]),
+            bitmap=tensors.get("bitmap"),
+            indices=tensors.get("indices"),
+            dtype=str(meta.get("dtype", "float32")),
+        )
+
+
 def task_vector(
     base: Mapping[str, Tensor], tuned: Mapping[str, Tensor], *, strict: bool = True
 ) -> Iterator[tuple[str, Dense]]:
@@ -257,110 +348,3 @@ def task_vector(
                 fix="both checkpoints must share one architecture",
             )
         yield name, Dense(t.to(torch.promote_types(t.dtype, b.dtype)) - b)
-
-
-def save_deltas(deltas: Mapping[str, Delta], path: str | Path) -> Path:
-    """Write deltas to one ``.safetensors`` file; kinds and scalars go in its metadata."""
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    flat: dict[str, Tensor] = {}
-    index: dict[str, dict[str, Any]] = {}
-    for name, d in deltas.items():
-        for field_name, t in d.tensors().items():
-            flat[f"{name}::{field_name}"] = t.detach().contiguous().cpu()
-        index[name] = {"kind": d.kind, **d.meta()}
-    meta = {"format": DELTA_FORMAT, "deltas": json.dumps(index)}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(flat, str(tmp), metadata=meta)
-    tmp.replace(path)
-    return path
-
-
-def load_deltas(path: str | Path, *, base: Mapping[str, Tensor] | None = None) -> dict[str, Delta]:
-    """Load deltas from a splice delta file or a PEFT LoRA adapter directory.
-
-    A PEFT dir yields :class:`LowRank` deltas keyed by the base model's tensor names; its
-    ``modules_to_save`` tensors (full weights) become :class:`Dense` deltas against ``base``.
-    With ``base`` given, every target must exist in it with the delta's shape.
-
-    Raises:
-        SpliceError: not a delta file / adapter, full modules without ``base``, target missing
-            from ``base`` or of another shape.
-    """
-    from splice.io import open_checkpoint
-
-    path = Path(path)
-    ckpt = open_checkpoint(path)
-    deltas: dict[str, Delta]
-    if ckpt.format == "peft":
-        from splice.io.peft import peft_full_tensors, peft_lowrank_deltas
-
-        deltas = dict(peft_lowrank_deltas(ckpt))
-        full = peft_full_tensors(ckpt)
-        if full and base is None:
-            raise SpliceError(
-                f"adapter stores {len(full)} full module tensor(s) (modules_to_save), "
-                f"e.g. {next(iter(full))!r}",
-                where=str(path),
-                fix="pass base= (the base checkpoint) to express them as deltas",
-            )
-        for name, value in full.items():
-            if base is not None and name in base:
-                deltas[name] = Dense(value.to(base[name].dtype) - base[name])
-            else:
-                deltas[name] = Dense(value)
-    else:
-        deltas = _load_splice_deltas(ckpt, path)
-    if base is not None:
-        _check_targets(deltas, base, path)
-    return deltas
-
-
-def _load_splice_deltas(ckpt: Any, path: Path) -> dict[str, Delta]:
-    meta = ckpt.metadata
-    if meta.get("format") != DELTA_FORMAT:
-        raise SpliceError(
-            "not a splice delta file or PEFT adapter dir",
-            where=str(path),
-            fix="create one with splice.save_deltas or point at an adapter dir",
-        )
-    index = json.loads(meta["deltas"])
-    deltas: dict[str, Delta] = {}
-    for name, info in index.items():
-        info = dict(info)
-        cls = _delta_kind(info.pop("kind"), name, path)
-        parts = {key.split("::", 1)[1]: ckpt[key] for key in ckpt.names_with_prefix(f"{name}::")}
-        deltas[name] = cls.from_parts(parts, info)
-    return deltas
-
-
-def _delta_kind(kind: str, name: str, path: Path) -> type[Delta]:
-    """The Delta class for ``kind``; kinds defined beside their method (T-Switch's ``switch``)
-    register when the merge methods are imported, so import them once before giving up."""
-    if kind not in Delta._kinds:
-        from splice.merge.base import methods
-
-        methods.discover()
-    cls = Delta._kinds.get(kind)
-    if cls is None:
-        raise SpliceError(f"unknown delta kind {kind!r} for {name!r}", where=str(path))
-    return cls
-
-
-def _check_targets(deltas: Mapping[str, Delta], base: Mapping[str, Tensor], path: Path) -> None:
-    for name, d in deltas.items():
-        if name not in base:
-            raise SpliceError(
-                f"delta target {name!r} is not in the base model",
-                where=str(path),
-                fix="use the base model this adapter was trained on",
-            )
-        shape = base.info(name).shape if hasattr(base, "info") else tuple(base[name].shape)
-        if tuple(d.shape) != tuple(shape):
-            raise SpliceError(
-                f"delta for {name!r} has shape {tuple(d.shape)}, base has {tuple(shape)}",
-                where=str(path),
-                fix="use the base model this adapter was trained on",
-            )
