@@ -11,7 +11,7 @@ Bound. A reuse trades a free buffer for a live one and a tensor dying trades bac
 pool's total changes only when it allocates. Before allocating, it releases free buffers
 until its total plus the new buffer fits ``budget`` (or none is left). So the pool holds at
 most ``max(budget, live buffers)``; the engine sets ``budget`` to the plan's peak minus the
-most that anything else can hold at once (:func:`splice.merge.memory.pool_budget`), and the
+most that anything else can hold at once (:func:`splice.merge.engine.memory.pool_budget`), and the
 plan's peak still holds. With ``budget=0`` every allocation first releases every free buffer.
 """
 

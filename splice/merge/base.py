@@ -25,10 +25,10 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
 import torch
-from pydantic import BaseModel, ConfigDict
 from torch import Tensor
 
 from splice._registry import Registry
+from splice._schema import Strict
 
 __all__ = [
     "GlobalStat",
@@ -44,10 +44,8 @@ __all__ = [
 ]
 
 
-class HyperParams(BaseModel):
+class HyperParams(Strict):
     """Base for method hyperparameters: frozen, and unknown keys are errors."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
 
 
 class NoParams(HyperParams):
@@ -119,6 +117,15 @@ class MergeMethod:
     requires_base: ClassVar[bool] = True
     num_models: ClassVar[tuple[int, int | None]] = (1, None)
     """Allowed number of inputs besides the base: (min, max or None)."""
+    delta_only: ClassVar[bool] = False
+    """The result minus the base depends only on the task vectors θ_i − θ₀ (tested in
+    tests/merge/test_adapter_merge.py): the method merges LoRA adapters in ΔW space, without
+    the base model's weights."""
+    linear: ClassVar[bool] = False
+    """The merged ΔW is Σ c_i ΔW_i (:meth:`coefficients`): an adapter output may concatenate
+    the inputs' factors exactly (``rank: exact``)."""
+    throughput: ClassVar[float] = 40e6
+    """Bytes of input per second per pass on one CPU core, for the plan's time estimate."""
 
     def global_stats(
         self, params: HyperParams, model_params: list[HyperParams]
@@ -126,10 +133,37 @@ class MergeMethod:
         """Statistics needed before merging; none by default."""
         return []
 
-    def scratch_tensors(self, num_models: int) -> float | None:
-        """Extra memory ``merge`` allocates, in tensors of the compute size, for the memory
-        plan (:mod:`splice.merge.memory`); None: not declared."""
-        return None
+    def scratch_tensors(self, num_models: int) -> float:
+        """Extra memory ``merge`` allocates for ``num_models`` inputs, in tensors of the
+        compute size, for the memory plan (:mod:`splice.merge.engine.memory`; measured with
+        ``VmHWM``, tests/merge/test_plan.py keeps it within 20 %). Default: a conservative
+        ``T + 2``."""
+        return num_models + 2
+
+    def gpu_scratch_tensors(self, num_models: int) -> float:
+        """Scratch ``merge`` needs on a GPU on top of :meth:`scratch_tensors` (cuSOLVER's SVD
+        works on copies of its input and outputs); default none."""
+        return 0
+
+    def stat_scratch_tensors(self, key: str, num_models: int, params: HyperParams) -> float:
+        """Scratch of the statistics pass ``key`` (:meth:`global_stats`), in tensors of the
+        compute size, given the model-level ``params``; default ``T + 1``."""
+        return num_models + 1
+
+    def stat_passes(self, key: str, words: int) -> int:
+        """Passes the statistic ``key`` makes over the inputs when values are ``words``
+        16-bit words wide (a radix selection makes one per word); default 1."""
+        return 1
+
+    def coefficients(self, params: HyperParams, model_params: list[HyperParams]) -> list[float]:
+        """For a :attr:`linear` method, ``c_i`` with merged ΔW = Σ c_i ΔW_i for one tensor."""
+        raise NotImplementedError(f"{self.name} is not a linear method")
+
+    def check_adapter_output(
+        self, params: HyperParams, model_params: list[HyperParams], where: str
+    ) -> None:
+        """Refuse (SpliceError) parameters whose merge of base + adapters is not base + one
+        adapter (checked when an adapter output has a base); default: any are fine."""
 
     def merge(
         self,
@@ -203,4 +237,4 @@ class MergeTransform:
 
 
 methods: Registry[type[MergeMethod]] = Registry("merge method", "splice.merge.methods")
-transforms: Registry[type[MergeTransform]] = Registry("merge transform", "splice.merge.methods")
+transforms: Registry[type[MergeTransform]] = Registry("merge transform", "splice.merge.transforms")

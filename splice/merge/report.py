@@ -11,7 +11,7 @@ __all__ = ["print_outcome", "print_plan", "read_ledger"]
 
 def read_ledger(out: str | Path) -> dict[str, Any]:
     """The summary parts of ``out/splice-ledger.json``: coverage, fidelity, vocab, adapter."""
-    from splice.merge.ledger import LEDGER_NAME
+    from splice.merge.output.ledger import LEDGER_NAME
 
     path = Path(out) / LEDGER_NAME
     ledger = json.loads(path.read_text())
@@ -27,7 +27,7 @@ def print_plan(report: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from splice.merge.memory import MemoryPlan
+    from splice.merge.engine.memory import MemoryPlan
 
     plan = dict(report["plan"])
     plan.pop("total_ram")

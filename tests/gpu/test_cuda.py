@@ -85,7 +85,7 @@ VRAM_RECIPES = {
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
 def test_radix_selection_on_cuda_every_float_dtype(dtype):
-    from splice.merge.stats import RadixSelect, kth_smallest
+    from splice.merge.engine.stats import RadixSelect, kth_smallest
 
     x = torch.randn(300_001, generator=torch.Generator().manual_seed(0)).to(dtype)
     for k in (1, 1234, 300_001):

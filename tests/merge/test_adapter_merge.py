@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from splice.errors import SpliceError
 from splice.io import open_checkpoint
 from splice.merge import merge, merge_state_dicts, plan_merge
-from splice.merge.adapter_out import DELTA_ONLY
+from splice.merge.base import methods
 from tests.merge._hf import tiny_hf
 from tests.merge.test_ledger import assert_full_coverage
 
@@ -181,7 +181,7 @@ def test_plan_and_errors(disk, tmp_path):
     assert not (tmp_path / "x").exists()
 
 
-@pytest.mark.parametrize("method", DELTA_ONLY)
+@pytest.mark.parametrize("method", [n for n, cls in methods.items() if cls.delta_only])
 def test_delta_only_methods_do_not_need_the_base(method):
     """merge(θ₀ + τ) − θ₀ == merge(0 + τ): what makes ΔW-space merging exact without base."""
     g = torch.Generator().manual_seed(0)

@@ -10,7 +10,7 @@ import torch
 from splice.errors import SpliceError
 from splice.io import CheckpointWriter, open_checkpoint
 from splice.merge import merge
-from splice.merge.arch import block_of, infer_architecture
+from splice.merge.engine.arch import block_of, infer_architecture
 from tests.merge._hf import LAYERS, tiny_hf
 
 # name -> (block, layer, blocks in its stack); None: outside the layer stacks

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-import splice.merge.stats as stats
+import splice.merge.engine.stats as stats
 from splice.merge.methods.ties import MagnitudeThresholds
-from splice.merge.stats import RadixSelect, kth_largest, kth_largest_each, kth_smallest
+from splice.merge.engine.stats import RadixSelect, kth_largest, kth_largest_each, kth_smallest
 
 
 def _cases(dtype: torch.dtype):

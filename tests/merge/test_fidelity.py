@@ -91,7 +91,7 @@ def test_cli_shows_the_summary(disk, tmp_path, monkeypatch, capsys):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_sums_widen_chunk_by_chunk_and_match_float64(dtype, monkeypatch):
-    import splice.merge.fidelity as fidelity
+    import splice.merge.output.fidelity as fidelity
 
     monkeypatch.setattr(fidelity, "CHUNK", 1000)  # several chunks and a ragged last one
     g = torch.Generator().manual_seed(0)
@@ -106,7 +106,7 @@ def test_sums_widen_chunk_by_chunk_and_match_float64(dtype, monkeypatch):
 
 
 def test_sums_tell_an_overflowing_sum_from_a_non_finite_value(monkeypatch):
-    import splice.merge.fidelity as fidelity
+    import splice.merge.output.fidelity as fidelity
 
     monkeypatch.setattr(fidelity, "CHUNK", 4)
     big = torch.full((10,), 3e38)  # finite, but any sum of two overflows float32

@@ -168,7 +168,7 @@ def test_missing_and_extra_tensors_fail_unless_allow_missing(disk, tmp_path):
 
 
 def test_inputs_are_hashed_from_the_merge_reads_not_read_twice(tmp_path, monkeypatch):
-    import splice.merge.ledger as ledger_module
+    import splice.merge.output.ledger as ledger_module
     from tests.conftest import spy_hashed_files
 
     base = {k: v for k, v in tiny_llama(0).items() if k != "model.steps"}

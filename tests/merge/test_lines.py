@@ -8,7 +8,7 @@ import torch
 
 from splice.merge.base import MergeContext, transforms
 from splice.merge.engine import layer_indices
-from splice.merge.methods.lines import LiNeS, LinesAlpha, lines_scale
+from splice.merge.transforms.lines import LiNeS, LinesAlpha, lines_scale
 from tests.merge._engine_run import engine_merge
 
 NUM_LAYERS = 4
@@ -96,7 +96,7 @@ def test_automatic_alpha_is_one_over_t_for_task_arithmetic():
 @pytest.mark.parametrize("chunk", [None, 4])
 def test_automatic_alpha_is_the_l1_norm_ratio(monkeypatch, chunk):
     if chunk is not None:  # tensors are streamed in chunks of this many elements
-        monkeypatch.setattr("splice.merge.methods.lines.CHUNK", chunk)
+        monkeypatch.setattr("splice.merge.transforms.lines.CHUNK", chunk)
     base, layers = _model(8)
     tuned = [_model(9 + t)[0] for t in range(2)]
     merged = {n: base[n] + 0.4 * (tuned[0][n] - base[n]) for n in base}

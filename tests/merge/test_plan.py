@@ -11,11 +11,11 @@ import pytest
 import torch
 import yaml
 
-import splice.merge.engine as engine
+import splice.merge.engine.executor as engine
 from splice.errors import SpliceError
 from splice.io import CheckpointWriter, open_checkpoint
 from splice.merge import merge, plan_merge
-from splice.merge.memory import DEVICE_FIXED_BYTES, FIRST_USE_BYTES, FIXED_BYTES
+from splice.merge.engine.memory import DEVICE_FIXED_BYTES, FIRST_USE_BYTES, FIXED_BYTES
 from tests.merge._ckpt import lora_adapter
 
 V, H, FF = 6000, 512, 1024  # the largest tensors (embedding, head) are 11.7 MiB in fp32
@@ -218,10 +218,10 @@ def test_max_memory_refuses_up_front(fixture, tmp_path, monkeypatch):
     def refuse(*a, **k):
         raise AssertionError("the merge started")
 
-    monkeypatch.setattr(engine, "execute", refuse)
-    import splice.merge as sm
+    import splice.merge.output.model as model
 
-    monkeypatch.setattr(sm, "execute", refuse)
+    monkeypatch.setattr(engine, "execute", refuse)
+    monkeypatch.setattr(model, "execute", refuse)
     with pytest.raises(SpliceError, match=r"needs .* of RAM .* above --max-memory") as e:
         merge(recipe, tmp_path / "out", max_memory=total - (8 << 20))
     assert "lm_head.weight" in str(e.value) or "embed_tokens" in str(e.value)
@@ -256,11 +256,13 @@ def test_cli_plan_writes_nothing(fixture, tmp_path, monkeypatch, capsys):
 
 
 def test_pool_budget_is_the_peak_less_what_stays_outside_read_buffers(fixture, tmp_path):
-    from splice.merge import _checked, _prepare
-    from splice.merge.memory import pool_budget
+    from splice.merge import MergeOptions, build_job, load_recipe
+    from splice.merge.engine import check
+    from splice.merge.engine.memory import pool_budget
 
     def job_of(r):
-        return _checked(_prepare(r, output=None, rank=None), "cpu", None, None, 0, False)
+        job = build_job(load_recipe(r), MergeOptions(seed=0))
+        return job, check(job)
 
     recipe = _recipes(fixture)["task_arithmetic"]
     peak = plan_merge(recipe)["plan"]["peak_ram"] - FIXED_BYTES

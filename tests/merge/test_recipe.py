@@ -10,7 +10,6 @@ import pytest
 import torch
 import yaml
 
-import splice.merge.engine as engine
 from splice.errors import SpliceError
 from splice.io import open_checkpoint
 from splice.merge import merge, merge_state_dicts
@@ -220,10 +219,11 @@ def no_execute(monkeypatch):
     def refuse(*a, **k):
         raise AssertionError("the merge started before the error was found")
 
-    monkeypatch.setattr(engine, "execute", refuse)
-    import splice.merge as sm
+    import splice.merge.api as api
+    import splice.merge.output.model as model
 
-    monkeypatch.setattr(sm, "execute", refuse)
+    monkeypatch.setattr(model, "execute", refuse)
+    monkeypatch.setattr(api, "execute", refuse)
 
 
 def _native(paths, **kw):

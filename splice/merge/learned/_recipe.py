@@ -101,13 +101,13 @@ def is_learned_recipe(source: str | Path | Mapping[str, Any]) -> bool:
 
 def load_learned_recipe(source: str | Path | Mapping[str, Any]) -> LearnedRecipe:
     """Read and validate a learned-merge recipe (unknown keys and parameters are errors)."""
-    from splice.merge.recipe import _schema_error
+    from splice.merge.recipe.settings import recipe_error
 
     raw, where = _raw(source)
     try:
         recipe = LearnedRecipe.model_validate(raw)
     except ValidationError as e:
-        raise _schema_error(e, where, LearnedRecipe, DataSection, ModelEntry) from None
+        raise recipe_error(e, where, LearnedRecipe, DataSection, ModelEntry) from None
     learned.get(recipe.method).params(recipe.params)
     hf = recipe.base is not None
     if any(isinstance(m, str) == hf for m in recipe.models):

@@ -16,7 +16,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from splice.merge.stats import kth_largest_each
+from splice.merge.engine.stats import kth_largest_each
 
 __all__ = [
     "CHUNK",

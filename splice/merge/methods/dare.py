@@ -91,6 +91,14 @@ class Dare(MergeMethod):
     reference: ClassVar[str] = "https://arxiv.org/abs/2311.03099 (merging.md §3)"
     Params: ClassVar[type[HyperParams]] = Params
     ModelParams: ClassVar[type[HyperParams]] = ModelParams
+    delta_only: ClassVar[bool] = True
+    throughput: ClassVar[float] = 60e6
+
+    def scratch_tensors(self, num_models: int) -> float:
+        return 0.6
+
+    def stat_scratch_tensors(self, key: str, num_models: int, params: Params) -> float:
+        return num_models + 0.6  # MAJORITY (the sign election over dropped task vectors)
 
     def global_stats(self, params: Params, model_params: list[ModelParams]) -> list[GlobalStat]:
         if params.consensus == "ties" and params.zero_sign == "majority":

@@ -36,6 +36,29 @@ class Linear(MergeMethod):
     Params: ClassVar[type[HyperParams]] = Params
     ModelParams: ClassVar[type[HyperParams]] = ModelParams
     requires_base: ClassVar[bool] = False
+    delta_only: ClassVar[bool] = True
+    linear: ClassVar[bool] = True
+    throughput: ClassVar[float] = 180e6
+
+    def scratch_tensors(self, num_models: int) -> float:
+        return 0
+
+    def coefficients(self, params: Params, model_params: list[ModelParams]) -> list[float]:
+        weights = [mp.weight for mp in model_params]
+        total = sum(weights)
+        return [w / total for w in weights] if params.normalize else weights
+
+    def check_adapter_output(
+        self, params: Params, model_params: list[ModelParams], where: str
+    ) -> None:
+        total = sum(mp.weight for mp in model_params)
+        if not params.normalize and abs(total - 1) > 1e-6:
+            raise SpliceError(
+                f"linear with normalize: false and weights summing to {total} scales the "
+                "base too, which no adapter can express",
+                where=where,
+                fix="use normalize: true, weights summing to 1, or task_arithmetic",
+            )
 
     def merge(
         self,

@@ -20,7 +20,7 @@ from torch import Tensor
 from splice.deltas import is_mergeable
 from splice.merge.base import GlobalStat, HyperParams, MergeContext, MergeMethod, methods
 from splice.merge.methods._sparsify import chunk_slices
-from splice.merge.stats import CHUNK, RadixSelect
+from splice.merge.engine.stats import CHUNK, RadixSelect
 
 __all__ = ["PCB", "PCBThresholds", "pcb_balance", "pcb_merge", "pcb_scores"]
 
@@ -174,6 +174,13 @@ class PCB(MergeMethod):
     reference: ClassVar[str] = "https://arxiv.org/abs/2410.02396 (spec merging.md §4)"
     Params: ClassVar[type[HyperParams]] = Params
     ModelParams: ClassVar[type[HyperParams]] = ModelParams
+    delta_only: ClassVar[bool] = True
+
+    def scratch_tensors(self, num_models: int) -> float:
+        return 2 * num_models + 0.5
+
+    def stat_passes(self, key: str, words: int) -> int:
+        return 2 * words  # two radix selections (clip bounds), one pass per word each
 
     def global_stats(self, params: Params, model_params: list[HyperParams]) -> list[GlobalStat]:
         return [PCBThresholds(len(model_params), params.clip, params.ratio, params.inter)]

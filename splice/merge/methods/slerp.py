@@ -52,6 +52,9 @@ class Slerp(MergeMethod):
     Params: ClassVar[type[HyperParams]] = Params
     num_models: ClassVar[tuple[int, int | None]] = (1, 1)
 
+    def scratch_tensors(self, num_models: int) -> float:
+        return 3
+
     def merge(
         self,
         base: Tensor | None,

@@ -35,6 +35,18 @@ class TaskArithmetic(MergeMethod):
     reference: ClassVar[str] = "https://arxiv.org/abs/2212.04089 (merging.md §1)"
     Params: ClassVar[type[HyperParams]] = Params
     ModelParams: ClassVar[type[HyperParams]] = ModelParams
+    delta_only: ClassVar[bool] = True
+    linear: ClassVar[bool] = True
+    throughput: ClassVar[float] = 160e6
+
+    def scratch_tensors(self, num_models: int) -> float:
+        return 0
+
+    def coefficients(self, params: Params, model_params: list[ModelParams]) -> list[float]:
+        weights = [mp.weight for mp in model_params]
+        total = sum(weights)
+        scale = params.lambda_ / total if params.normalize and abs(total) >= 1e-8 else params.lambda_
+        return [scale * w for w in weights]
 
     def merge(
         self,

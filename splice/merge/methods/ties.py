@@ -32,7 +32,7 @@ from splice.merge.methods._sparsify import (
     magnitude_thresholds,
     trim,
 )
-from splice.merge.stats import RadixSelect
+from splice.merge.engine.stats import RadixSelect
 
 __all__ = ["MagnitudeThresholds", "MajoritySign", "Ties", "trimmed_chunks"]
 
@@ -182,6 +182,19 @@ class Ties(MergeMethod):
     reference: ClassVar[str] = "https://arxiv.org/abs/2306.01708 (merging.md §2)"
     Params: ClassVar[type[HyperParams]] = Params
     ModelParams: ClassVar[type[HyperParams]] = ModelParams
+    delta_only: ClassVar[bool] = True
+    throughput: ClassVar[float] = 90e6
+
+    def scratch_tensors(self, num_models: int) -> float:
+        return 0.3
+
+    def stat_scratch_tensors(self, key: str, num_models: int, params: Params) -> float:
+        if key == THRESHOLDS:
+            return 1
+        return num_models if params.scope == "tensor" else 0.3  # MAJORITY
+
+    def stat_passes(self, key: str, words: int) -> int:
+        return words if key == THRESHOLDS else 1  # a radix selection: one pass per word
 
     def global_stats(self, params: Params, model_params: list[ModelParams]) -> list[GlobalStat]:
         stats: list[GlobalStat] = []

@@ -133,6 +133,10 @@ class TSwitch(MergeMethod):
     reference: ClassVar[str] = "https://arxiv.org/abs/2412.00054 (spec merging.md §12)"
     Params: ClassVar[type[HyperParams]] = Params
     ModelParams: ClassVar[type[HyperParams]] = ModelParams
+    delta_only: ClassVar[bool] = True
+
+    def scratch_tensors(self, num_models: int) -> float:
+        return 4.75
 
     def merge(
         self,

@@ -170,7 +170,7 @@ def build_ledger(
             may be lost silently).
     """
     from splice import __version__
-    from splice.merge.engine import COPIED_DIFFER
+    from splice.merge.engine.executor import COPIED_DIFFER
 
     sources = job.sources()
     differ: dict[str, list[str]] = dict(stats.get(COPIED_DIFFER, {}))

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from splice.errors import SpliceError
-from splice.merge.stats import CHUNK
+from splice.merge.engine.stats import CHUNK
 
 if TYPE_CHECKING:
     from splice.merge.engine import TensorTask

@@ -1,7 +1,8 @@
 """The memory plan: peak RAM (and VRAM), output size, shards, passes and time, from headers.
 
 The engine holds, for the tensor name being merged, every input of that name in the compute
-dtype (``R``), the method's scratch (``S``: a multiple of one such tensor, per method, below)
+dtype (``R``), the method's scratch (``S``: a multiple of one such tensor, declared by the
+method)
 and the output cast (``O``, when ``out_dtype`` differs). Reading converts dtypes or
 materializes ``B·A`` one input at a time (``X``: transient). Reading the next name ahead
 (``R'``) overlaps I/O with compute, but only where ``R + S + O + R' + X'`` stays within the
@@ -12,27 +13,32 @@ cast). The first merge in a process also pages in library code once
 (:data:`FIRST_USE_BYTES`, part of the total, not of the working set).
 
 Scratch multiples were measured with ``VmHWM`` on fixtures (tests/merge/test_plan.py keeps
-the working set within 20 %). A method may declare its own
-(:meth:`MergeMethod.scratch_tensors`); the built-in ones are in the table below; others get a
-conservative ``T + 2``.
+the working set within 20 %). Each method declares its own in its file: the merge pass's
+(:meth:`~splice.merge.base.MergeMethod.scratch_tensors`, plus
+:meth:`~splice.merge.base.MergeMethod.gpu_scratch_tensors` on a GPU), its statistics passes'
+(:meth:`~splice.merge.base.MergeMethod.stat_scratch_tensors`,
+:meth:`~splice.merge.base.MergeMethod.stat_passes`) and its speed
+(:attr:`~splice.merge.base.MergeMethod.throughput`); a method that declares nothing gets
+conservative defaults.
 """
 
 from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from splice.errors import SpliceError
 from splice.io import human_bytes, parse_size
 
 if TYPE_CHECKING:
-    from splice.merge.engine import MergeJob, Source, TensorTask
+    from splice.merge.engine.job import MergeJob, Source, TensorTask
 
-__all__ = ["MemoryPlan", "estimate", "pool_budget", "read_ahead_schedule"]
+__all__ = ["MemoryPlan", "check_budget", "estimate", "pool_budget", "read_ahead_schedule"]
 
 FIXED_BYTES = 6 << 20
 """Chunk scratch, histograms, the checksum hashers' two 1 MB buffers and allocator slack."""
@@ -41,41 +47,12 @@ DEVICE_FIXED_BYTES = 12 << 20
 (measured on an H200: PCB on 256×256 tensors used 3.4 MiB above its working set plus
 ``FIXED_BYTES``). The CUDA context and the cuBLAS/cuSOLVER handles' workspaces, created once
 per process, are not counted."""
-# Extra scratch on a GPU, in tensors of the compute size: cuSOLVER's SVD works on copies of its
-# input and its outputs (measured on an H200: DC-Merge on 1024×1024 tensors held 8.5 tensors
-# more than on the CPU).
-_GPU_SCRATCH: dict[str, float] = {"dc_merge": 10, "do_merge": 10}
 FIRST_USE_BYTES = 48 << 20
 """What the first merge in a process adds once, on top of its working set: library code
 paged in for the kernels it uses and modules imported on first use (measured 5–32 MB, most
 for methods that use ``torch.linalg``; tests/merge/test_plan.py keeps it under this)."""
 
-# Scratch of each method's merge, in tensors of the compute size, for T inputs.
-_METHOD_SCRATCH: dict[str, Callable[[int], float]] = {
-    "linear": lambda t: 0,
-    "task_arithmetic": lambda t: 0,
-    "ties": lambda t: 0.3,
-    "dare": lambda t: 0.6,
-    "slerp": lambda t: 3,
-    "pcb": lambda t: 2 * t + 0.5,
-    "dc_merge": lambda t: 3 * t + 3,
-    "do_merge": lambda t: 2 * t + 3.3,
-    "tswitch": lambda t: 4.75,
-}
-# Scratch of statistics passes, by (method, stat key), for T inputs and the model-level params.
-_STAT_SCRATCH: dict[tuple[str, str], Callable[[int, Any], float]] = {
-    ("ties", "ties.thresholds"): lambda t, p: 1,
-    ("ties", "ties.majority_sign"): lambda t, p: t if p.scope == "tensor" else 0.3,
-    ("dare", "ties.majority_sign"): lambda t, p: t + 0.6,
-    ("pcb", "pcb"): lambda t, p: t + 1,
-}
-_STAT_PASSES: dict[str, Callable[[int], int]] = {
-    "ties.thresholds": lambda words: words,
-    "pcb": lambda words: 2 * words,
-}
 _WORDS = {torch.float64: 4, torch.float32: 2, torch.float16: 1, torch.bfloat16: 1}
-# Bytes of input per second per pass on one CPU core (measured: 168M×3 fp32 merges, 2 cores).
-_THROUGHPUT = {"linear": 180e6, "task_arithmetic": 160e6, "ties": 90e6, "dare": 60e6}
 _CLASSES = ((10, "seconds"), (60, "under a minute"), (600, "minutes"), (3600, "under an hour"))
 
 
@@ -208,26 +185,27 @@ def _costs(job: MergeJob, task: TensorTask, scratch: tuple[float, float]) -> _Co
 
 def _scratch(job: MergeJob) -> tuple[float, float]:
     """Per-name scratch of the merge pass, and the largest over the statistics passes."""
-    t = len(job.models)
-    own = job.method.scratch_tensors(t)
-    method = own if own is not None else _METHOD_SCRATCH.get(job.method.name, lambda n: n + 2)(t)
+    t, method = len(job.models), job.method
+    scratch = method.scratch_tensors(t)
     if job.device.startswith("cuda"):
-        method += _GPU_SCRATCH.get(job.method.name, 0)
+        scratch += method.gpu_scratch_tensors(t)
     params0, model_params0 = job.resolve(None, 0.0)
     worst = 0.0
-    for stat in job.method.global_stats(params0, model_params0):
-        fn = _STAT_SCRATCH.get((job.method.name, stat.key), lambda n, p: n + 1)
-        worst = max(worst, fn(t, params0))
-    return method, worst
+    for stat in method.global_stats(params0, model_params0):
+        worst = max(worst, method.stat_scratch_tensors(stat.key, t, params0))
+    return scratch, worst
 
 
 def _passes(job: MergeJob, tasks: list[TensorTask]) -> int:
     words = max((_WORDS.get(_compute_dtype(job, t), 2) for t in tasks if t.merge), default=2)
     params0, model_params0 = job.resolve(None, 0.0)
-    stats = [s.key for s in job.method.global_stats(params0, model_params0)]
+    passes = 1 + sum(
+        job.method.stat_passes(s.key, words)
+        for s in job.method.global_stats(params0, model_params0)
+    )
     for transform, tparams in job.transforms:
-        stats += [s.key for s in transform.global_stats(tparams, len(job.models))]
-    return 1 + sum(_STAT_PASSES.get(k, lambda w: 1)(words) for k in stats)
+        passes += len(transform.global_stats(tparams, len(job.models)))
+    return passes
 
 
 def read_ahead_schedule(job: MergeJob, tasks: list[TensorTask]) -> list[bool]:
@@ -306,7 +284,7 @@ def estimate(
     one_pass = sum(costs[t.name].read for t in merged)
     copied = sum(costs[t.name].read for t in tasks if not t.merge)
     read_bytes = one_pass * passes + copied
-    speed = _THROUGHPUT.get(job.method.name, 40e6)
+    speed = job.method.throughput
     seconds = read_bytes / speed
     klass = next((label for limit, label in _CLASSES if seconds < limit), "hours")
     schedule = read_ahead_schedule(job, merged)
@@ -329,3 +307,19 @@ def estimate(
         if job.read_ahead
         else "off",
     )
+
+
+def check_budget(plan: Mapping[str, Any], max_memory: int | str | None) -> None:
+    """Refuse a plan (:meth:`MemoryPlan.to_json`) whose total RAM is above ``max_memory``."""
+    if max_memory is None:
+        return
+    limit = parse_size(max_memory)
+    if plan["total_ram"] > limit:
+        raise SpliceError(
+            f"the merge needs {human_bytes(plan['total_ram'])} of RAM "
+            f"({human_bytes(plan['peak_ram'])} for {plan['largest']!r} on top of "
+            f"{human_bytes(plan['baseline_ram'] + plan['first_use_ram'])} for the process), "
+            f"above --max-memory {human_bytes(limit)}",
+            fix="raise --max-memory, merge fewer models at once, or use a float16/bfloat16 "
+            "--dtype (halves the working set)",
+        )

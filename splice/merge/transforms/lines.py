@@ -17,7 +17,7 @@ from torch import Tensor
 
 from splice.merge.base import HyperParams, MergeContext, MergedStat, MergeTransform, transforms
 from splice.merge.methods._sparsify import chunk_slices
-from splice.merge.stats import CHUNK
+from splice.merge.engine.stats import CHUNK
 
 __all__ = ["LiNeS", "LinesAlpha", "lines_scale"]
 

@@ -10,14 +10,16 @@ how peft's ``add_weighted_adapter(combination_type="linear")`` ends up 127 % off
   factors, so its SVD comes exactly from two thin QRs and a ``K×K`` SVD (``K = Σ r_i``); other
   methods (TIES, DARE, …) give a dense ΔW, factored by ``torch.linalg.svd`` (randomized
   ``svd_lowrank`` with 6 power iterations when both sides exceed 2048 and ``N`` is small).
-- ``rank: exact`` (the default for ``task_arithmetic``/``linear``) — no approximation: the
-  factors are concatenated, ``B = [c_1 s_1 B_1 … c_k s_k B_k]``, ``A = [A_1; …; A_k]`` with the
-  method's per-tensor coefficients ``c_i``, zero-padded to one rank for every module.
+- ``rank: exact`` (the default for linear methods, :attr:`~splice.merge.base.MergeMethod.linear`:
+  ``task_arithmetic``, ``linear``) — no approximation: the factors are concatenated,
+  ``B = [c_1 s_1 B_1 … c_k s_k B_k]``, ``A = [A_1; …; A_k]`` with the method's per-tensor
+  coefficients ``c_i`` (:meth:`~splice.merge.base.MergeMethod.coefficients`), zero-padded to
+  one rank for every module.
 
 The relative error ``‖ΔW − B·A‖_F / ‖ΔW‖_F`` is computed against the merged ΔW for every
 tensor and in total, and written to the ledger. Without ``base:`` the merge runs in ΔW space
 (a zero base), exact for methods that depend only on the task vectors θ_i − θ₀
-(:data:`DELTA_ONLY`); other methods (slerp) need ``base:``. With a base (≤ 1 GiB) the ledger
+(:attr:`~splice.merge.base.MergeMethod.delta_only`); other methods (slerp) need ``base:``. With a base (≤ 1 GiB) the ledger
 also reports the largest logit difference between base + exact ΔW and base + the written LoRA
 on random inputs.
 """
@@ -26,7 +28,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -35,17 +37,23 @@ from torch import Tensor
 
 from splice.errors import SpliceError
 from splice.io import TensorInfo
-from splice.merge.engine import Checked, Dropped, MergeJob, Source, TensorTask, check, execute
+from splice.io.peft import PEFT_PREFIX
+from splice.merge.base import methods
+from splice.merge.engine import (
+    Checked,
+    Dropped,
+    MergeJob,
+    MergeOptions,
+    Source,
+    TensorTask,
+    check,
+    execute,
+)
+from splice.merge.engine.memory import check_budget, estimate
 from splice.merge.recipe import Recipe
 
-__all__ = ["DELTA_ONLY", "LINEAR", "merge_adapters", "plan_adapter", "refactor"]
+__all__ = ["merge_adapters", "plan_adapter", "refactor"]
 
-LINEAR = ("task_arithmetic", "linear")
-"""Methods whose merged ΔW is Σ c_i ΔW_i: ``rank: exact`` concatenates their factors."""
-DELTA_ONLY = ("task_arithmetic", "linear", "ties", "dare", "pcb", "dc_merge", "do_merge", "tswitch")
-"""Methods whose result minus the base depends only on the task vectors (tested): they merge
-adapters without the base model's weights."""
-_PREFIX = "base_model.model."
 _RANDOMIZED_ABOVE = 2048
 
 
@@ -69,14 +77,9 @@ class _ZeroBase(Mapping[str, Tensor]):
         return TensorInfo(name, shape, self.dtype, math.prod(shape) * self.dtype.itemsize, Path())
 
 
-def _prepare(
-    recipe: Recipe, device: str, dtype: str | None, seed: int | None
-) -> tuple[MergeJob, Checked, bool]:
-    """The engine job over the adapters' targets, its checked tasks, and whether the base is
-    the zero base of ΔW space."""
-    from splice.merge import build_job
-
-    job = build_job(recipe, device=device, dtype=dtype, seed=seed)
+def _prepare(recipe: Recipe, job: MergeJob) -> tuple[MergeJob, Checked, bool]:
+    """The engine job (fresh from :func:`~splice.merge.api.build_job`) restricted to the
+    adapters' targets, its checked tasks, and whether the base is the zero base of ΔW space."""
     for src in job.models:
         fmt = src.checkpoints[0].format if src.checkpoints else None
         if fmt != "peft" or src.weights is not None:
@@ -96,7 +99,7 @@ def _prepare(
     zero = job.base is None
     if zero:
         name = recipe.method
-        if name not in DELTA_ONLY:
+        if not job.method.delta_only:
             raise SpliceError(
                 f"{name} depends on the base weights, not only on the adapters' ΔW",
                 fix="add `base:` (the model the adapters were trained on)",
@@ -122,41 +125,24 @@ def _prepare(
             checked.dropped.append(
                 Dropped(job.base.label, n, "no adapter changes it (an adapter stores ΔW only)")
             )
-    if recipe.rank is None and recipe.method not in LINEAR:
+    linear = job.method.linear
+    if recipe.rank is None and not linear:
         raise SpliceError(
             f"{recipe.method} gives a dense ΔW: the output adapter needs a rank",
             fix="add `rank: 16` (any N) to the recipe, or --rank N",
         )
-    if recipe.rank == "exact" and recipe.method not in LINEAR:
+    if recipe.rank == "exact" and not linear:
+        names = ", ".join(n for n, cls in methods.items() if cls.linear)
         raise SpliceError(
             f"rank: exact concatenates factors, which only linear methods allow ({recipe.method} "
             "is not)",
-            fix=f"use rank: N (truncated SVD), or a linear method: {', '.join(LINEAR)}",
+            fix=f"use rank: N (truncated SVD), or a linear method: {names}",
         )
-    if recipe.method == "linear" and not zero:
+    if not zero:
         for t in checked.tasks:
-            p = t.params
-            total = sum(mp.weight for mp in t.model_params or [])
-            if p is not None and not p.normalize and abs(total - 1) > 1e-6:
-                raise SpliceError(
-                    f"linear with normalize: false and weights summing to {total} scales the "
-                    "base too, which no adapter can express",
-                    where=t.name,
-                    fix="use normalize: true, weights summing to 1, or task_arithmetic",
-                )
+            if t.params is not None:
+                job.method.check_adapter_output(t.params, t.model_params or [], t.name)
     return job, checked, zero
-
-
-def _coefficients(method: str, task: TensorTask) -> list[float]:
-    """``c_i`` with merged ΔW = Σ c_i ΔW_i for the linear methods."""
-    assert task.params is not None and task.model_params is not None
-    weights = [mp.weight for mp in task.model_params]
-    total = sum(weights)
-    p = task.params
-    if method == "linear":
-        return [w / total for w in weights] if p.normalize else weights
-    scale = p.lambda_ / total if p.normalize and abs(total) >= 1e-8 else p.lambda_
-    return [scale * w for w in weights]
 
 
 def _stacked(job: MergeJob, task: TensorTask, coeffs: list[float]) -> tuple[Tensor, Tensor]:
@@ -214,10 +200,8 @@ def _residual(m: Tensor, b: Tensor, a: Tensor) -> float:
 class _AdapterSink:
     """Receives each merged tensor from the engine and turns ΔW into LoRA factors."""
 
-    def __init__(
-        self, job: MergeJob, tasks: list[TensorTask], method: str, rank: int | str | None
-    ) -> None:
-        self.job, self.method = job, method
+    def __init__(self, job: MergeJob, tasks: list[TensorTask], rank: int | str | None) -> None:
+        self.job = job
         self.tasks = {t.name: t for t in tasks}
         self.exact = rank in (None, "exact")
         if self.exact:
@@ -256,7 +240,10 @@ class _AdapterSink:
         m = (delta.T if transpose else delta).reshape(delta.shape[1 if transpose else 0], -1)
         if self.dense is not None:
             self.dense[name] = delta.float()
-        coeffs = _coefficients(self.method, task) if self.method in LINEAR else None
+        coeffs = None
+        if self.job.method.linear:
+            assert task.params is not None and task.model_params is not None
+            coeffs = self.job.method.coefficients(task.params, task.model_params)
         stacked = _stacked(self.job, task, coeffs) if coeffs is not None else None
         if self.exact:
             assert stacked is not None
@@ -296,13 +283,13 @@ class _AdapterSink:
             transpose, embedding = self._layout(name)
             conv1d |= transpose and not embedding
             if embedding:
-                tensors[f"{_PREFIX}{module}.lora_embedding_A"] = a.to(dtype).contiguous()
-                tensors[f"{_PREFIX}{module}.lora_embedding_B"] = b.to(dtype).contiguous()
+                tensors[f"{PEFT_PREFIX}{module}.lora_embedding_A"] = a.to(dtype).contiguous()
+                tensors[f"{PEFT_PREFIX}{module}.lora_embedding_B"] = b.to(dtype).contiguous()
             else:
-                tensors[f"{_PREFIX}{module}.lora_A.weight"] = a.to(dtype).contiguous()
-                tensors[f"{_PREFIX}{module}.lora_B.weight"] = b.to(dtype).contiguous()
+                tensors[f"{PEFT_PREFIX}{module}.lora_A.weight"] = a.to(dtype).contiguous()
+                tensors[f"{PEFT_PREFIX}{module}.lora_B.weight"] = b.to(dtype).contiguous()
         for name, t in self.full.items():
-            tensors[f"{_PREFIX}{name}"] = t.to(dtype).contiguous()
+            tensors[f"{PEFT_PREFIX}{name}"] = t.to(dtype).contiguous()
         first = self.job.models[0].config or {}
         saved = sorted({n.rsplit(".", 1)[0] for n in self.full})
         config = lora_config(
@@ -327,13 +314,10 @@ def _adapter_dtype(job: MergeJob) -> torch.dtype:
     return torch.float32
 
 
-def plan_adapter(
-    recipe: Recipe, *, device: str = "cpu", dtype: str | None = None, seed: int | None = None
-) -> dict[str, Any]:
-    """The preflight and memory plan of an adapter merge (``plan_merge`` for adapters)."""
-    from splice.merge.memory import estimate
-
-    job, checked, zero = _prepare(recipe, device, dtype, seed)
+def plan_adapter(recipe: Recipe, job: MergeJob) -> dict[str, Any]:
+    """The preflight and memory plan of an adapter merge (``plan_merge`` for adapters) of
+    ``job``, fresh from :func:`~splice.merge.api.build_job`."""
+    job, checked, zero = _prepare(recipe, job)
     sink_rank = recipe.rank if recipe.rank not in (None, "exact") else None
     out_bytes = 0
     largest = 0
@@ -357,18 +341,12 @@ def plan_adapter(
 
 
 def merge_adapters(
-    recipe: Recipe,
-    out: str | Path,
-    *,
-    force: bool = False,
-    device: str = "cpu",
-    dtype: str | None = None,
-    seed: int | None = None,
-    progress: bool = False,
-    max_memory: int | str | None = None,
-    checksums: bool = True,
+    recipe: Recipe, out: str | Path, opts: MergeOptions, build: Callable[[], MergeJob]
 ) -> Path:
     """Merge the recipe's LoRA adapter dirs into one LoRA adapter dir at ``out`` (module doc).
+
+    ``build`` makes a fresh job of the recipe (:func:`~splice.merge.api.build_job`); the
+    options that apply are ``force``, ``progress``, ``max_memory`` and ``checksums``.
 
     Raises:
         SpliceError: an input that is not a PEFT LoRA, a method that needs the base without
@@ -381,9 +359,8 @@ def merge_adapters(
 
     from splice.io.atomic import atomic_dir
     from splice.io.writer import check_no_overlap
-    from splice.merge import _check_budget
-    from splice.merge.fidelity import OutputCheck, logit_gap
-    from splice.merge.ledger import (
+    from splice.merge.output.fidelity import OutputCheck, logit_gap
+    from splice.merge.output.ledger import (
         LEDGER_NAME,
         build_ledger,
         hash_in_background,
@@ -391,12 +368,10 @@ def merge_adapters(
         unhashed,
     )
 
-    out = Path(out)
-    if max_memory is not None:
-        _check_budget(
-            plan_adapter(recipe, device=device, dtype=dtype, seed=seed)["plan"], max_memory
-        )
-    job, checked, zero = _prepare(recipe, device, dtype, seed)
+    out, force, checksums = Path(out), opts.force, opts.checksums
+    if opts.max_memory is not None:
+        check_budget(plan_adapter(recipe, build())["plan"], opts.max_memory)
+    job, checked, zero = _prepare(recipe, build())
     check_no_overlap(out, [p for p in (recipe.base, *(m.path for m in recipe.models)) if p])
     if out.exists() and not force:
         raise SpliceError(
@@ -404,7 +379,7 @@ def merge_adapters(
             where=str(out),
             fix="choose another output path or pass --force to replace it",
         )
-    sink = _AdapterSink(job, checked.tasks, recipe.method, recipe.rank)
+    sink = _AdapterSink(job, checked.tasks, recipe.rank)
     base_ckpt = None if zero else job.base.checkpoints[0] if job.base else None  # type: ignore[union-attr]
     small = base_ckpt is not None and base_ckpt.total_bytes <= (1 << 30) and base_ckpt.config
     if small:
@@ -417,7 +392,7 @@ def merge_adapters(
     hashing = hash_in_background(
         {s.label: input_files(s) for s in job.sources() if s.checkpoints and checksums}
     )
-    stats = execute(job, checked.tasks, sink, progress=progress, on_output=on_output)
+    stats = execute(job, checked.tasks, sink, progress=bool(opts.progress), on_output=on_output)
     config, tensors = sink.files(recipe, _adapter_dtype(job))
     fidelity = output_check.summary()
     if small:

@@ -1,0 +1,269 @@
+"""The merge stage's entry points: run a recipe, plan it, or merge state dicts in memory.
+
+:func:`merge` runs a recipe (a YAML path or a dict, splice's or mergekit's format; see
+:mod:`splice.merge.recipe`) and writes an HF model dir (:mod:`splice.merge.output.model`) or,
+with ``output: adapter``, one LoRA dir (:mod:`splice.merge.output.adapter`), atomically.
+:func:`plan_merge` checks and plans it from headers alone. :func:`merge_state_dicts` runs any
+method on in-memory state dicts with the same engine. The keyword options of :func:`merge`
+and :func:`plan_merge` are the fields of :class:`~splice.merge.engine.job.MergeOptions`.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import replace
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from splice._schema import validate
+from splice.deltas import DELTA_FORMAT, load_deltas, peft_lowrank_deltas
+from splice.errors import SpliceError
+from splice.io import open_checkpoint
+from splice.io.peft import peft_full_tensors
+from splice.merge import base as _base
+from splice.merge.base import HyperParams, MergeTransform
+from splice.merge.engine import (
+    MergeJob,
+    MergeOptions,
+    Source,
+    check,
+    execute,
+    layer_indices,
+    plan,
+)
+from splice.merge.engine.memory import check_budget, estimate
+from splice.merge.output.ledger import raw_names
+from splice.merge.recipe import ParamResolver, Recipe, load_recipe, parse_dtype, parse_setting
+
+__all__ = ["MergeOptions", "build_job", "merge", "merge_state_dicts", "plan_merge"]
+
+RecipeLike = str | Path | Mapping[str, Any] | Recipe
+"""A recipe file, a recipe dict (either dialect) or a loaded :class:`Recipe`."""
+
+
+def _open_source(path: str, adapter: str | None, label: str) -> Source:
+    p = Path(path)
+    if not p.exists():
+        raise SpliceError(
+            "model path does not exist",
+            where=f"{label}: {path}",
+            fix="paths are local files or dirs (splice never downloads from a model hub)",
+        )
+    ckpt = open_checkpoint(p)
+    if ckpt.format == "peft":
+        if adapter is not None:
+            raise SpliceError("an adapter cannot be applied to an adapter", where=path)
+        return Source(
+            path,
+            None,
+            peft_lowrank_deltas(ckpt),
+            peft_full_tensors(ckpt),
+            raw=raw_names(ckpt),
+            checkpoints=[ckpt],
+        )
+    if ckpt.metadata.get("format") == DELTA_FORMAT:
+        return Source(path, None, load_deltas(p), raw=raw_names(ckpt), checkpoints=[ckpt])
+    src = Source(path, ckpt, config=ckpt.config, checkpoints=[ckpt])
+    if adapter is not None:
+        extra = _open_source(adapter, None, f"{label} adapter")
+        src.deltas, src.overrides, src.label = extra.deltas, extra.overrides, f"{path}+{adapter}"
+        src.raw, src.checkpoints = extra.raw, [ckpt, *extra.checkpoints]
+    return src
+
+
+def _transforms(spec: Mapping[str, Any] | None) -> list[tuple[MergeTransform, HyperParams]]:
+    if spec is None:
+        return []
+    cls = _base.transforms.get("lines")
+    params = validate(cls.Params, dict(spec), prefix="lines: ", fix="see `splice merge --list`")
+    return [(cls(), params)]
+
+
+def build_job(recipe: Recipe, options: MergeOptions | None = None) -> MergeJob:
+    """Open every input (headers only) and assemble the engine's job for ``recipe``."""
+    opts = options or MergeOptions()
+    method_cls = _base.methods.get(recipe.method)
+    base = _open_source(recipe.base, None, "base") if recipe.base else None
+    models = [_open_source(m.path, m.adapter, f"models[{i}]") for i, m in enumerate(recipe.models)]
+    seen = {base.label} if base else set()
+    for i, src in enumerate(models):  # the ledger keys inputs by label: keep them distinct
+        if src.label in seen:
+            src.label = f"{src.label} (models[{i}])"
+        seen.add(src.label)
+    if recipe.full_range_slices and (base or models[0]).weights is not None:
+        ref = base or models[0]
+        stacks = {n for _, n in layer_indices(list(ref.weights or {})).values()}
+        if stacks and recipe.full_range_slices[0] not in stacks:
+            raise SpliceError(
+                f"slice layer_range ends at {recipe.full_range_slices[0]}, "
+                f"but the model has {max(stacks)} layers",
+                fix="layer slicing is not supported yet; span all layers",
+            )
+    resolver = ParamResolver(
+        method_cls,
+        recipe.settings,
+        [m.settings for m in recipe.models],
+        [m.path for m in recipe.models],
+    )
+    return MergeJob(
+        method=method_cls(),
+        models=models,
+        resolve=resolver,
+        base=base,
+        transforms=_transforms(recipe.lines),
+        seed=recipe.seed if opts.seed is None else opts.seed,
+        dtype=parse_dtype(opts.dtype, "--dtype") or recipe.dtype,
+        out_dtype=parse_dtype(opts.out_dtype, "--out-dtype") or recipe.out_dtype,
+        device=opts.device,
+        allow_missing=opts.allow_missing,
+        vocab=recipe.vocab,
+    )
+
+
+def _prepare(recipe: RecipeLike, opts: MergeOptions) -> Recipe:
+    if not isinstance(recipe, Recipe):
+        recipe = load_recipe(recipe)
+    if opts.output is not None:
+        if opts.output not in ("model", "adapter"):
+            raise SpliceError(
+                f"--output {opts.output!r}", fix="use --output model or --output adapter"
+            )
+        recipe.output = opts.output  # type: ignore[assignment]
+    if opts.rank is not None:
+        recipe.rank = "exact" if opts.rank == "exact" else int(opts.rank)
+    return recipe
+
+
+def plan_merge(recipe: RecipeLike, **options: Any) -> dict[str, Any]:
+    """Preflight and memory plan of a merge from headers and configs; reads no tensor.
+
+    ``options`` are :class:`~splice.merge.engine.job.MergeOptions` fields, as for
+    :func:`merge`. Returns a JSON-ready report: the plan
+    (:class:`~splice.merge.engine.memory.MemoryPlan`), tensor counts, the architecture found,
+    the vocab report and the seconds the checks took.
+
+    Raises:
+        SpliceError: whatever the merge itself would refuse before computing, and a plan
+            above ``max_memory``.
+    """
+    opts = MergeOptions(**options)
+    start = time.perf_counter()
+    recipe = _prepare(recipe, opts)
+    if recipe.output == "adapter":
+        from splice.merge.output.adapter import plan_adapter
+
+        report = plan_adapter(recipe, build_job(recipe, opts))
+    else:
+        job = build_job(recipe, opts)
+        checked = check(job)
+        mem = estimate(job, checked.tasks, max_shard_size=opts.max_shard_size)
+        report = {
+            "output": "model",
+            "method": recipe.method,
+            "plan": mem.to_json(),
+            "tensors": {
+                "merged": sum(t.merge for t in checked.tasks),
+                "copied": sum(not t.merge for t in checked.tasks),
+                "dropped": len(checked.dropped),
+            },
+            "architecture": checked.arch.summary(),
+            "vocab": checked.vocab,
+            "untied": checked.untied,
+        }
+    check_budget(report["plan"], opts.max_memory)
+    report["preflight_seconds"] = round(time.perf_counter() - start, 3)
+    return report
+
+
+def merge(recipe: RecipeLike, out: str | Path, **options: Any) -> Path:
+    """Run a merge recipe and write the merged model to ``out`` (an HF model dir).
+
+    ``options`` are the fields of :class:`~splice.merge.engine.job.MergeOptions`: ``force``,
+    ``max_shard_size``, ``device``, ``dtype``, ``out_dtype``, ``seed``, ``progress``,
+    ``allow_missing``, ``max_memory``, ``output``, ``rank``, ``checksums``.
+    Everything that headers can tell is checked before any tensor is read (the preflight,
+    :func:`splice.merge.engine.preflight.check`); with ``max_memory`` the memory plan is checked
+    too. The output is written to a temp dir beside ``out`` and renamed into place only on
+    success, with ``splice-ledger.json`` (every input tensor merged, copied or dropped; input
+    and output SHA-256; fidelity check). ``dtype``/``out_dtype``/``seed`` override the
+    recipe's; ``output="adapter"`` (or the recipe's ``output: adapter``) merges LoRA adapter
+    dirs into one LoRA adapter dir at ``rank`` (:mod:`splice.merge.output.adapter`).
+    ``checksums=False`` leaves the SHA-256 of inputs and outputs out of the ledger (they cost
+    about 1 s per GB on one core).
+
+    Raises:
+        SpliceError: a bad recipe, missing/incompatible inputs, NaN/Inf in an input or the
+            output, a plan above ``max_memory``, ``out`` exists without ``force``.
+    """
+    opts = MergeOptions(**options)
+    recipe = _prepare(recipe, opts)
+    if opts.progress is None:
+        opts = replace(opts, progress=sys.stderr.isatty())
+    if recipe.output == "adapter":
+        from splice.merge.output.adapter import merge_adapters
+
+        return merge_adapters(recipe, out, opts, lambda: build_job(recipe, opts))
+    from splice.merge.output.model import write_model
+
+    job = build_job(recipe, opts)
+    checked = check(job)
+    if opts.max_memory is not None:
+        mem = estimate(job, checked.tasks, max_shard_size=opts.max_shard_size)
+        check_budget(mem.to_json(), opts.max_memory)
+    return write_model(recipe, job, checked, Path(out), opts)
+
+
+class _Collect(dict):
+    def write(self, name: str, tensor: Tensor) -> None:
+        self[name] = tensor
+
+
+def merge_state_dicts(
+    method: str,
+    models: list[Mapping[str, Tensor]],
+    *,
+    base: Mapping[str, Tensor] | None = None,
+    params: Mapping[str, Any] | None = None,
+    model_params: list[Mapping[str, Any]] | None = None,
+    lines: Mapping[str, Any] | None = None,
+    seed: int = 0,
+    dtype: torch.dtype | None = None,
+    device: str = "cpu",
+) -> dict[str, Tensor]:
+    """Merge in-memory state dicts with the streaming engine; inputs are never modified.
+
+    ``params``/``model_params`` use splice recipe syntax (a value may be ``{gradient: …}``
+    or a filter list). Returns ``{name: tensor}`` in the base's dtype (or the first model's).
+    """
+    method_cls = _base.methods.get(method)
+    labels = [f"models[{i}]" for i in range(len(models))]
+    mps = list(model_params or [{} for _ in models])
+    if len(mps) != len(models):
+        raise SpliceError(f"{len(mps)} model_params for {len(models)} models")
+    resolver = ParamResolver(
+        method_cls,
+        {k: parse_setting(v, f"params.{k}", mergekit=False) for k, v in (params or {}).items()},
+        [
+            {k: parse_setting(v, f"{lab}.{k}", mergekit=False) for k, v in mp.items()}
+            for lab, mp in zip(labels, mps, strict=True)
+        ],
+        labels,
+    )
+    job = MergeJob(
+        method=method_cls(),
+        models=[Source(lab, m) for lab, m in zip(labels, models, strict=True)],
+        resolve=resolver,
+        base=Source("base", base) if base is not None else None,
+        transforms=_transforms(lines),
+        seed=seed,
+        dtype=dtype,
+        device=device,
+    )
+    out = _Collect()
+    execute(job, plan(job), out)
+    return dict(out)
