@@ -31,7 +31,7 @@ def main() -> None:
     import transformers
 
     from splice.merge import merge
-    from tests.merge.test_adapter_merge import reference_deltas
+    from tests.merge.output.test_adapter import reference_deltas
 
     root = Path(tempfile.mkdtemp(prefix="splice-adapter-bench-"))
     cfg = transformers.LlamaConfig(

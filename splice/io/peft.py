@@ -40,6 +40,8 @@ class LoraFactors(NamedTuple):
     rslora: bool
     shape: tuple[int, ...] | None
     transpose: bool
+
+
 _LORA = re.compile(r"^(?P<mod>.+)\.lora_(?P<emb>embedding_)?(?P<ab>[AB])(?:\.(?P<adapter>[^.]+))?$")
 
 

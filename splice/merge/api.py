@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import sys
 import time
-from dataclasses import replace
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 

@@ -119,7 +119,7 @@ class MergeMethod:
     """Allowed number of inputs besides the base: (min, max or None)."""
     delta_only: ClassVar[bool] = False
     """The result minus the base depends only on the task vectors θ_i − θ₀ (tested in
-    tests/merge/test_adapter_merge.py): the method merges LoRA adapters in ΔW space, without
+    tests/merge/output/test_adapter.py): the method merges LoRA adapters in ΔW space, without
     the base model's weights."""
     linear: ClassVar[bool] = False
     """The merged ΔW is Σ c_i ΔW_i (:meth:`coefficients`): an adapter output may concatenate
@@ -136,7 +136,7 @@ class MergeMethod:
     def scratch_tensors(self, num_models: int) -> float:
         """Extra memory ``merge`` allocates for ``num_models`` inputs, in tensors of the
         compute size, for the memory plan (:mod:`splice.merge.engine.memory`; measured with
-        ``VmHWM``, tests/merge/test_plan.py keeps it within 20 %). Default: a conservative
+        ``VmHWM``, tests/merge/engine/test_memory.py keeps it within 20 %). Default: a conservative
         ``T + 2``."""
         return num_models + 2
 

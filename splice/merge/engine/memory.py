@@ -12,7 +12,7 @@ it before anything is read). Statistics passes hold ``R`` and their own scratch 
 cast). The first merge in a process also pages in library code once
 (:data:`FIRST_USE_BYTES`, part of the total, not of the working set).
 
-Scratch multiples were measured with ``VmHWM`` on fixtures (tests/merge/test_plan.py keeps
+Scratch multiples were measured with ``VmHWM`` on fixtures (tests/merge/engine/test_memory.py keeps
 the working set within 20 %). Each method declares its own in its file: the merge pass's
 (:meth:`~splice.merge.base.MergeMethod.scratch_tensors`, plus
 :meth:`~splice.merge.base.MergeMethod.gpu_scratch_tensors` on a GPU), its statistics passes'
@@ -50,7 +50,7 @@ per process, are not counted."""
 FIRST_USE_BYTES = 48 << 20
 """What the first merge in a process adds once, on top of its working set: library code
 paged in for the kernels it uses and modules imported on first use (measured 5–32 MB, most
-for methods that use ``torch.linalg``; tests/merge/test_plan.py keeps it under this)."""
+for methods that use ``torch.linalg``; tests/merge/engine/test_memory.py keeps it under this)."""
 
 _WORDS = {torch.float64: 4, torch.float32: 2, torch.float16: 1, torch.bfloat16: 1}
 _CLASSES = ((10, "seconds"), (60, "under a minute"), (600, "minutes"), (3600, "under an hour"))

@@ -3,6 +3,12 @@
 Each method is one file here and registers itself in :data:`learned`; every one works on a
 base ``nn.Module``, per-task deltas ``{task: {tensor name: ΔW}}`` and, where it needs them,
 per-task examples, through ``torch.func.functional_call`` (docs/merging-learned.md).
+
+Each method's function has its file's name, and this package binds the *function* to that
+name (``from splice.merge.learned import adamerging`` gives the callable): importing a
+submodule sets the package attribute to the module, so the bindings below come after the
+imports and win. The files themselves stay importable by their path
+(``from splice.merge.learned.adamerging import ties_process``).
 """
 
 from __future__ import annotations
@@ -12,22 +18,31 @@ from typing import Any
 
 from splice.merge.learned._base import ContinualStep, LearnedMerge, LearnedMethod, learned
 from splice.merge.learned._data import Samples
+from splice.merge.learned.adamerging import adamerging
+from splice.merge.learned.atlas import atlas
+from splice.merge.learned.concrete import concrete
+from splice.merge.learned.continual_task_arithmetic import continual_task_arithmetic
+from splice.merge.learned.lot import lot
+from splice.merge.learned.opcm import opcm
 
-_LAZY = {
-    "adamerging": "splice.merge.learned.adamerging",
-    "atlas": "splice.merge.learned.atlas",
-    "concrete": "splice.merge.learned.concrete",
-    "lot": "splice.merge.learned.lot",
-    "opcm": "splice.merge.learned.opcm",
-    "continual_task_arithmetic": "splice.merge.learned.continual_task_arithmetic",
-    "run_recipe": "splice.merge.learned._recipe",
-}
-
-__all__ = ["ContinualStep", "LearnedMerge", "LearnedMethod", "Samples", "learned", *_LAZY]
+__all__ = [
+    "ContinualStep",
+    "LearnedMerge",
+    "LearnedMethod",
+    "Samples",
+    "adamerging",
+    "atlas",
+    "concrete",
+    "continual_task_arithmetic",
+    "learned",
+    "lot",
+    "opcm",
+    "run_recipe",
+]
 
 
 def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'splice.merge.learned' has no attribute {name!r}")
-    return getattr(importlib.import_module(module), name)
+    # the bench-driven recipe runner imports splice.bench: loaded on first use only
+    if name == "run_recipe":
+        return importlib.import_module("splice.merge.learned._recipe").run_recipe
+    raise AttributeError(f"module 'splice.merge.learned' has no attribute {name!r}")

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from splice.merge.base import HyperParams
 from splice.merge.learned._base import ContinualStep, LearnedMethod, learned
 from splice.merge.learned._continual import base_state, sequence
+from splice.merge.methods._vectors import add_scaled
 
 __all__ = ["Params", "continual_task_arithmetic"]
 
@@ -39,7 +40,7 @@ def continual_task_arithmetic(
         start = time.perf_counter()
         for n, t in tau.items():
             total[n] = total[n] + t if n in total else t.clone()
-        weights = {n: (base[n] + scale * s).to("cpu", base[n].dtype) for n, s in total.items()}
+        weights = {n: add_scaled(base[n], s, scale).to("cpu") for n, s in total.items()}
         yield ContinualStep(task, index, weights, {"seconds": time.perf_counter() - start})
 
 

@@ -25,6 +25,7 @@ from torch import Tensor
 from splice.errors import SpliceError
 from splice.merge.base import HyperParams, MergeContext, MergeMethod, NoParams, methods
 from splice.merge.methods._lowrank_utils import safe_unit_rows, stack_deltas
+from splice.merge.methods._vectors import add_scaled
 
 __all__ = [
     "MAX_FACTOR_ROWS",
@@ -157,6 +158,7 @@ class DOMerge(MergeMethod):
         # cuSOLVER's SVD works on copies of its input and outputs (measured on an H200:
         # 1024×1024 tensors held 8.5 tensors more than on the CPU)
         return 10
+
     ModelParams: ClassVar[type[HyperParams]] = NoParams
 
     def merge(
@@ -176,4 +178,4 @@ class DOMerge(MergeMethod):
         else:
             delta = do_merge_matrix(deltas.reshape(num, 1, -1), rank=1, steps=0)
         delta = delta.reshape(base.shape)
-        return (base.to(delta.dtype) + params.lambda_ * delta).to(base.dtype)
+        return add_scaled(base, delta, params.lambda_)

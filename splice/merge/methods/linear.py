@@ -14,6 +14,7 @@ from torch import Tensor
 from splice.errors import SpliceError
 from splice.merge.base import HyperParams, MergeContext, MergeMethod, methods
 from splice.merge.methods._sparsify import chunk_slices
+from splice.merge.methods._vectors import weighted_sum
 
 __all__ = ["Linear"]
 
@@ -74,8 +75,6 @@ class Linear(MergeMethod):
             raise SpliceError("linear weights sum to 0", where=ctx.name, fix="use normalize: false")
         flat = [t.reshape(-1) for t in tensors]
         for s in chunk_slices(flat[0].numel()):
-            acc = flat[0][s] * weights[0]
-            for t, w in zip(flat[1:], weights[1:], strict=True):
-                acc.add_(t[s], alpha=w)
+            acc = weighted_sum([flat[0][s].clone(), *(t[s] for t in flat[1:])], weights)
             flat[0][s] = acc.div_(total) if params.normalize else acc
         return tensors[0]

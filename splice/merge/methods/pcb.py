@@ -19,8 +19,9 @@ from torch import Tensor
 
 from splice.deltas import is_mergeable
 from splice.merge.base import GlobalStat, HyperParams, MergeContext, MergeMethod, methods
-from splice.merge.methods._sparsify import chunk_slices
 from splice.merge.engine.stats import CHUNK, RadixSelect
+from splice.merge.methods._sparsify import chunk_slices
+from splice.merge.methods._vectors import add_scaled
 
 __all__ = ["PCB", "PCBThresholds", "pcb_balance", "pcb_merge", "pcb_scores"]
 
@@ -201,4 +202,4 @@ class PCB(MergeMethod):
             clipped, beta = pcb_balance(v[:, cols], st["lo"], st["hi"], params.inter)
             v[0, cols] = pcb_merge(clipped, pcb_scores(beta, st["q"], st["top"]), weights)
         delta = v[0].reshape(base.shape)
-        return (base.float() + params.lambda_ * delta).to(base.dtype)
+        return add_scaled(base, delta, params.lambda_, torch.float32)

@@ -13,6 +13,7 @@ from torch import Tensor
 
 from splice.merge.base import HyperParams, MergeContext, MergeMethod, methods
 from splice.merge.methods._sparsify import chunk_slices
+from splice.merge.methods._vectors import weighted_sum
 
 __all__ = ["TaskArithmetic"]
 
@@ -45,7 +46,9 @@ class TaskArithmetic(MergeMethod):
     def coefficients(self, params: Params, model_params: list[ModelParams]) -> list[float]:
         weights = [mp.weight for mp in model_params]
         total = sum(weights)
-        scale = params.lambda_ / total if params.normalize and abs(total) >= 1e-8 else params.lambda_
+        scale = (
+            params.lambda_ / total if params.normalize and abs(total) >= 1e-8 else params.lambda_
+        )
         return [scale * w for w in weights]
 
     def merge(
@@ -62,9 +65,7 @@ class TaskArithmetic(MergeMethod):
         scale = params.lambda_ / total if params.normalize and abs(total) >= 1e-8 else None
         flat, b = [t.reshape(-1) for t in tensors], base.reshape(-1)
         for s in chunk_slices(b.numel()):
-            acc = (flat[0][s] - b[s]).mul_(weights[0])
-            for t, w in zip(flat[1:], weights[1:], strict=True):
-                acc.add_(t[s] - b[s], alpha=w)
+            acc = weighted_sum((t[s] - b[s] for t in flat), weights)
             if scale is None:
                 acc.mul_(params.lambda_)
             else:

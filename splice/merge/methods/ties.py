@@ -23,6 +23,7 @@ from torch import Tensor
 
 from splice.errors import SpliceError
 from splice.merge.base import GlobalStat, HyperParams, MergeContext, MergeMethod, methods
+from splice.merge.engine.stats import RadixSelect
 from splice.merge.methods._sparsify import (
     Aggregate,
     chunk_slices,
@@ -32,7 +33,6 @@ from splice.merge.methods._sparsify import (
     magnitude_thresholds,
     trim,
 )
-from splice.merge.engine.stats import RadixSelect
 
 __all__ = ["MagnitudeThresholds", "MajoritySign", "Ties", "trimmed_chunks"]
 

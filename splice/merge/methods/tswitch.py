@@ -11,10 +11,8 @@ switches per input with weights from a k-nearest-neighbour vote over a feature b
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 from pydantic import Field
@@ -34,6 +32,7 @@ __all__ = [
     "tswitch_compose",
     "tswitch_compress",
 ]
+
 
 def switch_parts(tau: Tensor, density: float) -> tuple[Tensor, Tensor]:
     """``(M, κ)`` for one task vector (spec §12.3): M keeps |τ| ≥ the k-th largest |τ| with

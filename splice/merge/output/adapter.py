@@ -19,9 +19,9 @@ how peft's ``add_weighted_adapter(combination_type="linear")`` ends up 127 % off
 The relative error ``‖ΔW − B·A‖_F / ‖ΔW‖_F`` is computed against the merged ΔW for every
 tensor and in total, and written to the ledger. Without ``base:`` the merge runs in ΔW space
 (a zero base), exact for methods that depend only on the task vectors θ_i − θ₀
-(:attr:`~splice.merge.base.MergeMethod.delta_only`); other methods (slerp) need ``base:``. With a base (≤ 1 GiB) the ledger
-also reports the largest logit difference between base + exact ΔW and base + the written LoRA
-on random inputs.
+(:attr:`~splice.merge.base.MergeMethod.delta_only`); other methods (slerp) need ``base:``.
+With a base (≤ 1 GiB) the ledger also reports the largest logit difference between
+base + exact ΔW and base + the written LoRA on random inputs.
 """
 
 from __future__ import annotations

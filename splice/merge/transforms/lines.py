@@ -16,8 +16,8 @@ from pydantic import Field
 from torch import Tensor
 
 from splice.merge.base import HyperParams, MergeContext, MergedStat, MergeTransform, transforms
-from splice.merge.methods._sparsify import chunk_slices
 from splice.merge.engine.stats import CHUNK
+from splice.merge.methods._sparsify import chunk_slices
 
 __all__ = ["LiNeS", "LinesAlpha", "lines_scale"]
 

@@ -53,3 +53,37 @@ def test_short_schedules_are_valid_and_keep_the_step_budget(name):
             budget = getattr(full, steps) * getattr(full, lr)
             assert getattr(short, steps) < getattr(full, steps)
             assert getattr(short, steps) * getattr(short, lr) >= 0.5 * budget
+
+
+def test_the_documented_import_gives_the_functions_even_after_discovery():
+    """docs/merging-learned.md: ``from splice.merge.learned import adamerging, ...`` then
+    ``adamerging(base, deltas, data, heads=...)``: the names are the callables, not the modules
+    (also once the registry has imported every file)."""
+    import importlib
+
+    import torch
+
+    from tests.merge.learned._toys import TASKS, deltas, heads, inputs, mlp
+
+    learned.discover()
+    mod = importlib.import_module("splice.merge.learned")
+    adamerging, atlas, concrete, lot, opcm = (
+        getattr(mod, n) for n in ("adamerging", "atlas", "concrete", "lot", "opcm")
+    )
+    from splice.merge.learned import adamerging as direct
+
+    assert direct is adamerging
+    for fn in (adamerging, atlas, concrete, lot, opcm):
+        assert callable(fn) and fn.__name__ in learned.names()
+    base, hs, x = mlp(), heads(), inputs()
+    ds = deltas(base)
+    labeled = {t: (x[t], torch.zeros(len(x[t]), dtype=torch.long)) for t in TASKS}
+    fwd = lambda m, b: m(b)  # noqa: E731
+    out = adamerging(base, ds, x, heads=hs, forward=fwd, mode="layer", steps=1)
+    base.load_state_dict(out.weights, strict=False)
+    assert out.coefficients is not None and len(out.history) == 1
+    assert atlas(base, ds, labeled, heads=hs, objective="ce", steps=1).weights
+    assert concrete(base, ds, x, heads=hs, inner="adamerging", steps=1).weights
+    assert lot(base, ds, x, forward=fwd).weights
+    steps = list(opcm(base, [(t, ds[t]) for t in TASKS]))
+    assert [s.task for s in steps] == list(TASKS)

@@ -15,7 +15,7 @@ from splice.io import open_checkpoint
 from splice.merge import merge, merge_state_dicts
 from splice.merge.recipe import Gradient, Rule, evaluate, load_recipe, parse_setting
 from tests.merge._ckpt import config, finetune, save, tiny_llama
-from tests.merge.test_ties import ties_mergekit
+from tests.merge.methods.test_ties import ties_mergekit
 
 MERGEKIT = {
     "linear": """

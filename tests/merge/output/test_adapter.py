@@ -15,7 +15,7 @@ from splice.io import open_checkpoint
 from splice.merge import merge, merge_state_dicts, plan_merge
 from splice.merge.base import methods
 from tests.merge._hf import tiny_hf
-from tests.merge.test_ledger import assert_full_coverage
+from tests.merge.output.test_ledger import assert_full_coverage
 
 ADAPTERS = {  # name: (rank, alpha, targets, seed)
     "a": (4, 8, ["q_proj", "v_proj", "up_proj", "embed_tokens"], 1),

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import splice.merge.engine.stats as stats
-from splice.merge.methods.ties import MagnitudeThresholds
 from splice.merge.engine.stats import RadixSelect, kth_largest, kth_largest_each, kth_smallest
+from splice.merge.methods.ties import MagnitudeThresholds
 
 
 def _cases(dtype: torch.dtype):

@@ -11,7 +11,7 @@ from splice.errors import SpliceError
 from splice.io import open_checkpoint
 from splice.merge import merge
 from tests.merge._ckpt import config, finetune, save, tiny_llama
-from tests.merge.test_ledger import assert_full_coverage
+from tests.merge.output.test_ledger import assert_full_coverage
 
 VOCAB = ("model.embed_tokens.weight", "lm_head.weight")
 
