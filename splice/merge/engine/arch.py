@@ -18,6 +18,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from splice._names import INDEX
 from splice.errors import SpliceError
 
 __all__ = [
@@ -35,7 +36,6 @@ BLOCKS: tuple[Block, ...] = ("embed", "attn", "mlp", "norm", "head", "other")
 
 _CONTAINERS = ("layers", "layer", "h", "block", "blocks")
 _STACK = re.compile(r"(?:^|\.)(?:" + "|".join(_CONTAINERS) + r")\.(\d+)(?=\.|$)")
-_FIRST_INDEX = re.compile(r"(?:^|\.)(\d+)(?=\.|$)")
 _LAYER_KEYS = (
     "num_hidden_layers",
     "n_layer",
@@ -158,7 +158,7 @@ def config_layer_counts(config: Mapping[str, Any] | None) -> dict[str, int]:
 
 
 def _stack_of(name: str, known: bool) -> tuple[str, int] | None:
-    m = (_STACK if known else _FIRST_INDEX).search(name)
+    m = (_STACK if known else INDEX).search(name)
     if m is None:
         return None
     return name[: m.start(1) - 1], int(m[1])

@@ -44,9 +44,9 @@ FIXED_BYTES = 6 << 20
 """Chunk scratch, histograms, the checksum hashers' two 1 MB buffers and allocator slack."""
 DEVICE_FIXED_BYTES = 12 << 20
 """The same on a GPU, in VRAM: chunk scratch, histograms and the caching allocator's rounding
-(measured on an H200: PCB on 256×256 tensors used 3.4 MiB above its working set plus
-``FIXED_BYTES``). The CUDA context and the cuBLAS/cuSOLVER handles' workspaces, created once
-per process, are not counted."""
+(measured on an H200: the clip-statistics merge on 256×256 tensors used 3.4 MiB above its
+working set plus ``FIXED_BYTES``). The CUDA context and the cuBLAS/cuSOLVER handles'
+workspaces, created once per process, are not counted."""
 FIRST_USE_BYTES = 48 << 20
 """What the first merge in a process adds once, on top of its working set: library code
 paged in for the kernels it uses and modules imported on first use (measured 5–32 MB, most

@@ -17,6 +17,7 @@ from typing import Any, Literal
 from torch import Tensor
 
 from splice._registry import Registry
+from splice._schema import validate
 from splice.merge.base import HyperParams
 
 __all__ = ["ContinualStep", "LearnedMerge", "LearnedMethod", "learned"]
@@ -76,19 +77,12 @@ class LearnedMethod:
 
     def params(self, overrides: Mapping[str, Any] | None = None) -> HyperParams:
         """Validated hyperparameters: the defaults with ``overrides`` (unknown keys raise)."""
-        from pydantic import ValidationError
-
-        from splice.errors import SpliceError
-
-        try:
-            return self.Params(**dict(overrides or {}))
-        except ValidationError as e:
-            err = e.errors()[0]
-            loc = ".".join(str(x) for x in err["loc"])
-            raise SpliceError(
-                f"{self.name}: {loc}: {err['msg']}",
-                fix=f"valid keys: {sorted(self.Params.model_fields)}",
-            ) from None
+        return validate(
+            self.Params,
+            dict(overrides or {}),
+            prefix=f"{self.name}: ",
+            fix=f"valid keys: {sorted(self.Params.model_fields)}",
+        )
 
     def run(
         self,
