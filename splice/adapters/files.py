@@ -1,21 +1,169 @@
-"""PEFT LoRA directories in and out (``adapter_config.json`` + ``adapter_model.safetensors``).
+"""Adapter directories in and out: splice's own format and PEFT's.
 
-Out: any adapter whose ΔW is low-rank (LoRA, and MoS/NOLA/EPT materialised to plain LoRA,
-spec §22.2 P13) becomes a LoRA that ``peft.PeftModel.from_pretrained`` loads. In: a PEFT LoRA
-dir becomes splice LoRA state, so ``load_adapter`` injects and fills it.
+splice: ``splice_adapter.json`` (method, config, targets, sites) and
+``splice_adapter.safetensors`` (trainable tensors, seeds, index maps). PEFT LoRA
+(``adapter_config.json`` + ``adapter_model.safetensors``): out, any adapter whose ΔW is low-rank
+(LoRA, and MoS/NOLA/EPT materialised to plain LoRA, spec §22.2 P13) becomes a LoRA that
+``peft.PeftModel.from_pretrained`` loads; in, a PEFT LoRA dir becomes splice LoRA state, so
+:func:`load_adapter` injects and fills it.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+import torch
 from torch import Tensor, nn
 
 from splice.deltas import LowRank
 from splice.errors import SpliceError
+from splice.io.atomic import atomic_dir
 
-from .base import _matcher, _Record, adapter_layers
+from .inject import _matcher, _record, adapter_layers, adapter_state, inject
+from .layer import _Record
+
+__all__ = ["load_adapter", "lora_config", "read_peft", "save_adapter"]
+
+FORMAT = "splice.adapter/1"
+CONFIG_FILE = "splice_adapter.json"
+WEIGHTS_FILE = "splice_adapter.safetensors"
+
+
+# splice format ---------------------------------------------------------------------------------
+
+
+def save_adapter(
+    model: nn.Module,
+    path: str | Path,
+    format: Literal["splice", "peft"] = "splice",
+    *,
+    base_model: str | Path | None = None,
+    model_kwargs: dict[str, Any] | None = None,
+) -> Path:
+    """Write the adapter to a directory, atomically (temp dir, then rename).
+
+    ``splice``: ``splice_adapter.json`` (method, config, targets, sites) and
+    ``splice_adapter.safetensors`` (trainable tensors, seeds, index maps). ``peft``:
+    ``adapter_config.json`` + ``adapter_model.safetensors`` loadable by
+    ``peft.PeftModel.from_pretrained`` (any method whose ΔW is low-rank is exported as LoRA).
+    ``base_model`` (a local dir) and ``model_kwargs`` let ``load_adapter(None, path)`` rebuild
+    the model.
+    """
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    record, _ = _record(model)
+    base = {
+        "base_model": str(Path(base_model).resolve()) if base_model else None,
+        "model_class": type(model).__name__ if _is_transformers(model) else None,
+        "model_kwargs": model_kwargs or {},
+    }
+    if format == "peft":
+        config, tensors = peft_files(model, record, base)
+    elif format == "splice":
+        config = {"format": FORMAT, **record.to_json(), **base}
+        tensors = adapter_state(model)
+    else:
+        raise SpliceError(f"unknown adapter format {format!r}", fix="use 'splice' or 'peft'")
+    weights_file = "adapter_model.safetensors" if format == "peft" else WEIGHTS_FILE
+    config_file = "adapter_config.json" if format == "peft" else CONFIG_FILE
+    with atomic_dir(path) as tmp:
+        tensors = {k: v.contiguous().cpu() for k, v in tensors.items()}
+        save_file(tensors, str(tmp / weights_file), metadata={"format": FORMAT})
+        (tmp / config_file).write_text(json.dumps(config, indent=2) + "\n")
+    return path
+
+
+def load_adapter(model: nn.Module | None, path: str | Path) -> nn.Module:
+    """Inject and load a saved adapter (splice or PEFT LoRA dir) into ``model``; returns it.
+
+    With ``model=None`` the base model is loaded from the path recorded in the adapter
+    (``base_model``, a local ``transformers`` dir), so the adapter dir alone suffices.
+
+    Raises:
+        SpliceError: not an adapter dir, the model lacks a recorded site, or tensors mismatch.
+    """
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if (path / CONFIG_FILE).is_file():
+        info = json.loads((path / CONFIG_FILE).read_text())
+        if info.get("format") != FORMAT:
+            raise SpliceError(f"unsupported adapter format {info.get('format')!r}", where=str(path))
+        tensors = load_file(str(path / WEIGHTS_FILE))
+    elif (path / "adapter_config.json").is_file():
+        info, tensors = read_peft(path)
+    else:
+        raise SpliceError(
+            "not an adapter directory",
+            where=str(path),
+            fix=f"expected {CONFIG_FILE} or a PEFT adapter_config.json",
+        )
+    if model is None:
+        model = _load_base_model(info, path)
+    inject(
+        model,
+        info["method"],
+        info["targets"],
+        layers=info.get("layers"),
+        modules_to_save=info.get("modules_to_save") or (),
+        **info["config"],
+    )
+    sites = set(adapter_layers(model))
+    if sites != set(info["sites"]):
+        missing = sorted(set(info["sites"]) ^ sites)
+        raise SpliceError(
+            f"the model's matched layers differ from the adapter's (e.g. {missing[:1]})",
+            where=str(path),
+            fix="load the adapter into the base model it was trained on",
+        )
+    _load_state(model, tensors, path)
+    return model
+
+
+def _load_state(model: nn.Module, tensors: dict[str, Tensor], path: Path) -> None:
+    expected = adapter_state(model)
+    missing = sorted(set(expected) - set(tensors))
+    extra = sorted(set(tensors) - set(expected))
+    if missing or extra:
+        raise SpliceError(
+            f"adapter tensors do not fit the model: missing {missing[:2]}, unexpected {extra[:2]}",
+            where=str(path),
+            fix="load the adapter into the base model it was trained on",
+        )
+    with torch.no_grad():
+        for key, t in tensors.items():
+            dst = expected[key]
+            if dst.shape != t.shape:
+                raise SpliceError(
+                    f"shape {tuple(t.shape)} ≠ model's {tuple(dst.shape)}", where=f"{path}:{key}"
+                )
+            dst.copy_(t)
+
+
+def _is_transformers(model: nn.Module) -> bool:
+    return type(model).__module__.startswith("transformers.")
+
+
+def _load_base_model(info: dict[str, Any], path: Path) -> nn.Module:
+    base, cls_name = info.get("base_model"), info.get("model_class")
+    if not base or not cls_name or not Path(base).is_dir():
+        raise SpliceError(
+            "the adapter records no local base model dir",
+            where=str(path),
+            fix="pass the base model: load_adapter(model, path)",
+        )
+    import transformers
+
+    cls = getattr(transformers, cls_name, None)
+    if not isinstance(cls, type) or not hasattr(cls, "from_pretrained"):
+        raise SpliceError(f"unknown transformers model class {cls_name!r}", where=str(path))
+    return cls.from_pretrained(base, local_files_only=True, **info.get("model_kwargs", {}))
+
+
+# PEFT LoRA format ------------------------------------------------------------------------------
 
 PREFIX = "base_model.model."
 
