@@ -39,6 +39,7 @@ __all__ = [
 
 # Target matching -------------------------------------------------------------------------------
 
+
 def _matcher(targets: Sequence[str] | str):
     if isinstance(targets, str):
         try:

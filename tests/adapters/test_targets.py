@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 from splice import adapters
-from splice.adapters import METHODS, adapter_layers, inject
 from splice._names import layer_index
+from splice.adapters import METHODS, adapter_layers, inject
 from splice.errors import SpliceError
 
 from .conftest import make_model
