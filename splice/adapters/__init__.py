@@ -3,8 +3,8 @@
     from splice.adapters import inject, merge_adapters, save_adapter
     inject(model, "lora", targets=["query", "value"], r=8, alpha=16)
 
-Methods live one per file in this package (``lora``, ``nola``, ``mos``, ``mola``, ``ept``)
-and register themselves in :data:`METHODS`; :mod:`.layer` holds the adapted layer and the
+Methods live one per file in this package (``lora.py``, …) and register themselves in
+:data:`METHODS` (``METHODS.names()`` lists them); :mod:`.layer` holds the adapted layer and the
 method protocol, :mod:`.inject` the injection and whole-model operations, :mod:`.files` the
 splice and PEFT adapter formats.
 """

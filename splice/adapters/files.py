@@ -2,10 +2,10 @@
 
 splice: ``splice_adapter.json`` (method, config, targets, sites) and
 ``splice_adapter.safetensors`` (trainable tensors, seeds, index maps). PEFT LoRA
-(``adapter_config.json`` + ``adapter_model.safetensors``): out, any adapter whose ΔW is low-rank
-(LoRA, and MoS/NOLA/EPT materialised to plain LoRA, spec §22.2 P13) becomes a LoRA that
-``peft.PeftModel.from_pretrained`` loads; in, a PEFT LoRA dir becomes splice LoRA state, so
-:func:`load_adapter` injects and fills it.
+(``adapter_config.json`` + ``adapter_model.safetensors``): out, any adapter whose ΔW is
+low-rank (LoRA, and the other methods materialised to plain LoRA, spec §22.2 P13) becomes a
+LoRA that ``peft.PeftModel.from_pretrained`` loads; in, a PEFT LoRA dir becomes splice LoRA
+state, so :func:`load_adapter` injects and fills it.
 """
 
 from __future__ import annotations
