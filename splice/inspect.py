@@ -1,8 +1,8 @@
-"""``splice inspect``: summarise one checkpoint, or report how two differ tensor by tensor."""
+"""Checkpoint summaries and per-tensor diffs behind ``splice inspect`` (printed by
+:mod:`splice.cli.inspect`)."""
 
 from __future__ import annotations
 
-import re
 from collections import defaultdict
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -10,9 +10,10 @@ from typing import Any
 
 import torch
 
-from splice.io import human_bytes, human_count, open_checkpoint
+from splice._names import layer_index
+from splice.io import open_checkpoint
 
-__all__ = ["diff_report", "layer_of", "print_diff", "print_summary", "summarize"]
+__all__ = ["diff_report", "layer_of", "summarize"]
 
 
 class _Applied(Mapping[str, torch.Tensor]):
@@ -32,15 +33,9 @@ class _Applied(Mapping[str, torch.Tensor]):
         return len(self.base)
 
 
-__all__ = ["diff_report", "layer_of", "print_diff", "print_summary", "summarize"]
-
-_LAYER = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
-
-
 def layer_of(name: str) -> int | None:
     """The first numeric path component of a tensor name (``h.3.attn.weight`` → 3)."""
-    m = _LAYER.search(name)
-    return int(m.group(1)) if m else None
+    return layer_index(name)
 
 
 def summarize(path: str | Path, *, allow_pickle: bool = False) -> dict[str, Any]:
@@ -130,54 +125,3 @@ def diff_report(a: str | Path, b: str | Path, *, allow_pickle: bool = False) -> 
         },
         "tensors": rows,
     }
-
-
-def print_summary(s: dict[str, Any]) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    console = Console()
-    console.print(f"[bold]{s['path']}[/]  ({s['format']})")
-    info = Table.grid(padding=(0, 2))
-    info.add_row(
-        "files",
-        f"{len(s['files'])}: " + ", ".join(s["files"][:4]) + (" …" if len(s["files"]) > 4 else ""),
-    )
-    info.add_row("tensors", f"{s['tensors']:,}")
-    info.add_row("parameters", f"{human_count(s['params'])} ({s['params']:,})")
-    info.add_row("size", human_bytes(s["bytes"]))
-    info.add_row("layers", str(s["layers"]))
-    for k, v in s["config"].items():
-        info.add_row(k, str(v))
-    console.print(info)
-    table = Table("dtype", "tensors", "parameters", title="by dtype")
-    for dtype, d in s["dtypes"].items():
-        table.add_row(dtype, f"{d['tensors']:,}", human_count(d["params"]))
-    console.print(table)
-
-
-def print_diff(r: dict[str, Any], top: int = 20) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    console = Console()
-    console.print(f"[bold]{r['a']}[/] → [bold]{r['b']}[/]")
-    console.print(
-        f"{r['compared']} tensors compared, {r['differing']} differ; "
-        f"{len(r['only_in_a'])} only in first, {len(r['only_in_b'])} only in second, "
-        f"{len(r['shape_mismatch'])} shape mismatches"
-    )
-    layers = Table("layer", "‖Δ‖/‖a‖", title="relative change by layer")
-    for k, v in r["by_layer"].items():
-        layers.add_row(k, f"{v:.3e}")
-    console.print(layers)
-    worst = sorted(r["tensors"], key=lambda x: -x["rel_diff"])[:top]
-    table = Table("tensor", "‖Δ‖/‖a‖", "max |Δ|", title=f"largest changes (top {len(worst)})")
-    for row in worst:
-        table.add_row(row["name"], f"{row['rel_diff']:.3e}", f"{row['max_abs']:.3e}")
-    console.print(table)
-    for key, label in (("only_in_a", "only in first"), ("only_in_b", "only in second")):
-        if r[key]:
-            console.print(f"[yellow]{label}:[/] " + ", ".join(r[key][:10]))
-    for m in r["shape_mismatch"][:10]:
-        console.print(f"[red]shape mismatch:[/] {m['name']} {m['a']} vs {m['b']}")

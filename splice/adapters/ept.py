@@ -23,7 +23,8 @@ from splice.errors import SpliceError
 
 from ._primitives import kaiming_uniform, scaling, softmax_topk, uniform_parameter
 from ._sites import Site
-from .base import METHODS, Adapter, Method, MethodConfig, adapter_layers
+from .inject import adapter_layers
+from .layer import METHODS, Adapter, Method, MethodConfig
 
 __all__ = ["set_task"]
 

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from ._primitives import scaling, uniform_parameter
 from ._sites import Site
-from .base import METHODS, Adapter, Method, MethodConfig
+from .layer import METHODS, Adapter, Method, MethodConfig
 
 
 class LoRAConfig(MethodConfig):

@@ -18,7 +18,7 @@ from splice.errors import SpliceError
 
 from ._primitives import load_balance_loss, scaling, softmax_topk, uniform_parameter
 from ._sites import Site
-from .base import METHODS, Adapter, Method, MethodConfig
+from .layer import METHODS, Adapter, Method, MethodConfig
 
 
 class MoLAConfig(MethodConfig):
@@ -84,6 +84,7 @@ class MoLA(Method):
     pretty_name = "MoLA (MoE-LoRA, layer-wise experts)"
     reference_url = "https://arxiv.org/abs/2402.08562"
     Config = MoLAConfig
+    mergeable = False  # routes each token to its own experts
 
     def build(self, sites: list[Site], cfg: MoLAConfig) -> list[Adapter]:
         return [MoLAAdapter(site, cfg, _experts(cfg, site)) for site in sites]

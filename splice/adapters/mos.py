@@ -19,7 +19,7 @@ from splice.errors import SpliceError
 
 from ._primitives import scaling, site_seed, static_random_index, uniform_parameter
 from ._sites import Site
-from .base import METHODS, Adapter, Method, MethodConfig
+from .layer import METHODS, Adapter, Method, MethodConfig
 
 
 class MoSConfig(MethodConfig):

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from ._primitives import scaling, seeded_combination, seeded_uniform, site_seed
 from ._sites import Site
-from .base import METHODS, Adapter, Method, MethodConfig
+from .layer import METHODS, Adapter, Method, MethodConfig
 
 
 class NOLAConfig(MethodConfig):

@@ -2,22 +2,38 @@
 
 from __future__ import annotations
 
-import pytest
+import functools
+import importlib
+from typing import Any
+
 import torch
 from torch import nn
 
+from splice.adapters import METHODS
+
 N_LAYERS = 3
 
-# One line per method configuration; a new method joins the battery here.
-METHOD_CASES = {
-    "lora": ("lora", dict(r=4, alpha=8)),
-    "rslora": ("lora", dict(r=4, alpha=8, use_rslora=True, dropout=0.1)),
-    "nola": ("nola", dict(r=4, k=16, l=16, dropout=0.1)),
-    "mos": ("mos", dict(r=4, e=2, p=1, l=2)),
-    "mos_shared": ("mos", dict(r=4, e=2, p=0, l=1)),
-    "mola": ("mola", dict(r=2, experts=[2, 3, 4], top_k=2)),
-    "ept": ("ept", dict(r=4, kernels=[2, 2, 4], top_k=2, tasks=2)),
-}
+
+@functools.cache
+def _method_cases() -> dict[str, tuple[str, dict[str, Any]]]:
+    """case → (method, options), gathered from ``CONTRACT_CASES`` in each registered method's
+    own test file ``test_<method>.py``: a new method joins the battery from its test file."""
+    cases: dict[str, tuple[str, dict[str, Any]]] = {}
+    for method in METHODS.names():
+        module = importlib.import_module(f"{__package__}.test_{method}")
+        own = getattr(module, "CONTRACT_CASES", None)
+        assert own, f"{module.__file__} must declare CONTRACT_CASES for the contract battery"
+        for case, options in own.items():
+            assert case not in cases, f"contract case {case!r} declared twice"
+            cases[case] = (method, options)
+    return cases
+
+
+def __getattr__(name: str) -> Any:
+    # METHOD_CASES is built on first use: the method test files import this module
+    if name == "METHOD_CASES":
+        return _method_cases()
+    raise AttributeError(name)
 
 
 def _conv1d_gpt2(nx: int, nf: int) -> nn.Module:
@@ -62,8 +78,3 @@ def perturb(model: nn.Module, std: float = 0.2, seed: int = 1) -> None:
         for p in model.parameters():
             if p.requires_grad:
                 p.add_(torch.randn(p.shape, generator=g) * std)
-
-
-@pytest.fixture(params=sorted(METHOD_CASES))
-def case(request):
-    return METHOD_CASES[request.param]

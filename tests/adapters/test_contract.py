@@ -20,7 +20,7 @@ from splice.adapters import (
     trainable_parameters,
     unmerge_adapters,
 )
-from splice.adapters.base import find_sites
+from splice.adapters.inject import find_sites
 from splice.errors import SpliceError
 
 from .conftest import KINDS, METHOD_CASES, SITE_KIND, make_model, perturb
@@ -30,7 +30,7 @@ CASES = [
     for case, kind in itertools.product(sorted(METHOD_CASES), sorted(KINDS))
     if SITE_KIND.get(kind, kind) in METHODS.get(METHOD_CASES[case][0]).kinds
 ]
-MERGEABLE = [(c, k) for c, k in CASES if METHOD_CASES[c][0] != "mola"]
+MERGEABLE = [(c, k) for c, k in CASES if METHODS.get(METHOD_CASES[c][0]).mergeable]
 
 
 def adapted(case: str, kind: str, seed: int = 0):

@@ -10,6 +10,8 @@ from splice.adapters.ept import set_task
 
 from .conftest import make_model, perturb
 
+CONTRACT_CASES = {"ept": dict(r=4, kernels=[2, 2, 4], top_k=2, tasks=2)}  # for test_contract.py
+
 
 def ept_model(**cfg):
     model, x = make_model("linear")

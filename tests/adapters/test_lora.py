@@ -10,6 +10,11 @@ from splice.adapters import adapter_deltas, adapter_layers, inject
 
 from .conftest import make_model, perturb
 
+CONTRACT_CASES = {  # configurations the contract battery (test_contract.py) runs
+    "lora": dict(r=4, alpha=8),
+    "rslora": dict(r=4, alpha=8, use_rslora=True, dropout=0.1),
+}
+
 
 def test_init_a_uniform_b_zero_and_embedding_roles_swapped():
     model, _ = make_model("linear")

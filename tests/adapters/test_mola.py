@@ -11,6 +11,8 @@ from splice.errors import SpliceError
 
 from .conftest import make_model, perturb
 
+CONTRACT_CASES = {"mola": dict(r=2, experts=[2, 3, 4], top_k=2)}  # for test_contract.py
+
 
 def test_topk_weights_renormalised_and_sum_to_one():
     logits = torch.tensor([[2.0, 1.0, 0.0, -1.0], [0.0, 0.0, 3.0, 0.0]])

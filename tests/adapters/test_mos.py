@@ -10,6 +10,11 @@ from splice.errors import SpliceError
 
 from .conftest import N_LAYERS, make_model, perturb
 
+CONTRACT_CASES = {  # configurations the contract battery (test_contract.py) runs
+    "mos": dict(r=4, e=2, p=1, l=2),
+    "mos_shared": dict(r=4, e=2, p=0, l=1),
+}
+
 
 def maps(model):
     return [(a.adapter.index_A, a.adapter.index_B) for a in adapter_layers(model).values()]

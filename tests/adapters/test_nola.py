@@ -12,6 +12,8 @@ from splice.adapters._primitives import _CACHE, _basis_chunks, seeded_combinatio
 
 from .conftest import make_model
 
+CONTRACT_CASES = {"nola": dict(r=4, k=16, l=16, dropout=0.1)}  # for test_contract.py
+
 
 def explicit_bases(seed: int, n: int, shape: tuple[int, ...]) -> torch.Tensor:
     numel = math.prod(shape)

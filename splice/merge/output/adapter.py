@@ -274,7 +274,7 @@ class _AdapterSink:
 
     def files(self, recipe: Recipe, dtype: torch.dtype) -> tuple[dict[str, Any], dict[str, Tensor]]:
         """``adapter_config.json`` and ``adapter_model.safetensors`` of the merged adapter."""
-        from splice.adapters._peft import lora_config
+        from splice.adapters.files import lora_config
 
         tensors: dict[str, Tensor] = {}
         conv1d = False

@@ -1,0 +1,269 @@
+"""Injection, target matching and whole-model operations on adapted layers.
+
+``inject(model, "lora", targets=["query", "value"], r=8)`` wraps every matched layer in an
+:class:`~splice.adapters.layer.AdaptedLayer` that holds the frozen base layer and one method
+adapter; the other functions here find, merge, unmerge, remove, count and collect those layers.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from typing import Any, NamedTuple
+
+import pydantic
+from torch import Tensor, nn
+
+from splice._names import layer_index
+from splice._schema import did_you_mean
+from splice.deltas import Delta
+from splice.errors import SpliceError
+
+from ._sites import Site, make_site
+from .layer import METHODS, AdaptedLayer, Method, MethodConfig, _Record
+
+__all__ = [
+    "ParamCount",
+    "adapter_deltas",
+    "adapter_layers",
+    "adapter_state",
+    "aux_loss",
+    "find_sites",
+    "inject",
+    "merge_adapters",
+    "remove_adapters",
+    "trainable_parameters",
+    "unmerge_adapters",
+]
+
+
+# Target matching -------------------------------------------------------------------------------
+
+
+def _matcher(targets: Sequence[str] | str):
+    if isinstance(targets, str):
+        try:
+            pattern = re.compile(targets)
+        except re.error as e:
+            raise SpliceError(f"bad target regex {targets!r}: {e}", fix="fix the pattern") from e
+        return lambda name: pattern.fullmatch(name) is not None
+    return lambda name: any(name == t or name.endswith("." + t) for t in targets)
+
+
+def find_sites(
+    model: nn.Module, targets: Sequence[str] | str, layers: Iterable[int] | None = None
+) -> list[tuple[str, nn.Module, Site]]:
+    """The adaptable layers matched by ``targets`` (name suffixes or a full-name regex).
+
+    Raises:
+        SpliceError: a target matches nothing, a match is not an adaptable layer type, or
+            ``layers`` leaves nothing to adapt.
+    """
+    if not targets:
+        raise SpliceError("no targets given", fix="pass targets=[...] (module name suffixes)")
+    names = [n for n, _ in model.named_modules() if n]
+    for t in [targets] if isinstance(targets, str) else targets:
+        if not any(map(_matcher(t if isinstance(targets, str) else [t]), names)):
+            import difflib
+
+            leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
+            close = difflib.get_close_matches(t.rsplit(".", 1)[-1], leaves, n=3)
+            raise SpliceError(
+                f"target {t!r} matches no module of {type(model).__name__}",
+                fix=f"did you mean {close}?" if close else "print(model) to see module names",
+            )
+    match = _matcher(targets)
+    keep = None if layers is None else set(layers)
+    found: list[tuple[str, nn.Module, Site]] = []
+    for name, module in model.named_modules():
+        if not name or not match(name):
+            continue
+        idx = layer_index(name)
+        if keep is not None and idx not in keep:
+            continue
+        site = make_site(name, module, idx, name.rsplit(".", 1)[-1])
+        if site is None:
+            raise SpliceError(
+                f"matched module is a {type(module).__name__}, not an adaptable layer",
+                where=name,
+                fix="target Linear, Conv, Embedding or GPT-2 Conv1D modules by a longer suffix",
+            )
+        found.append((name, module, site))
+    if not found:
+        raise SpliceError(
+            f"layers={sorted(keep or [])} leaves no module to adapt",
+            fix="module names carry their layer index (e.g. 'encoder.layer.3.'); check it",
+        )
+    return found
+
+
+# Injection -------------------------------------------------------------------------------------
+
+
+def _config(method: type[Method], name: str, config: dict[str, Any]) -> MethodConfig:
+    try:
+        return method.Config(**config)
+    except pydantic.ValidationError as e:
+        err = e.errors()[0]
+        key = ".".join(str(p) for p in err["loc"])
+        if err["type"] == "extra_forbidden":
+            fix = did_you_mean(key, method.Config.model_fields, "options")
+            raise SpliceError(f"unknown {name} option {key!r}", fix=fix) from None
+        raise SpliceError(
+            f"{name} option {key!r}: {err['msg']}", fix="see the method's docs"
+        ) from None
+
+
+def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, new)
+
+
+def inject(
+    model: nn.Module,
+    method: str,
+    targets: Sequence[str] | str,
+    *,
+    layers: Iterable[int] | None = None,
+    modules_to_save: Sequence[str] = (),
+    **config: Any,
+) -> nn.Module:
+    """Wrap the matched layers of ``model`` (in place) with ``method``'s adapters; returns it.
+
+    Base parameters are frozen; adapter parameters and those of ``modules_to_save`` (e.g. a
+    new classification head, matched like targets) train and are saved with the adapter.
+
+    Args:
+        model: any ``nn.Module`` (a ``transformers`` model needs no special case).
+        method: a registered method name (``splice.adapters.METHODS.names()``).
+        targets: module-name suffixes (``["query", "value"]``) or one regex on full names.
+        layers: keep only modules whose name carries one of these layer indices.
+        modules_to_save: modules trained in full and saved alongside (name suffixes).
+        **config: the method's hyperparameters (its ``Config`` model; unknown keys fail).
+
+    Raises:
+        SpliceError: unknown method/option, a target matching nothing, an unsupported layer,
+            or a model that already has adapters.
+    """
+    if adapter_layers(model):
+        raise SpliceError(
+            "model already has adapters", fix="remove_adapters(model) before injecting again"
+        )
+    cls = METHODS.get(method)
+    cfg = _config(cls, method, config)
+    found = find_sites(model, targets, layers)
+    for name, _, site in found:
+        if site.kind not in cls.kinds:
+            raise SpliceError(
+                f"{method} does not support {site.kind} layers",
+                where=name,
+                fix=f"target {sorted(cls.kinds)} layers only",
+            )
+    save_names = [n for n, _ in model.named_modules() if n and _matcher(modules_to_save)(n)]
+    if modules_to_save and not save_names:
+        raise SpliceError(f"modules_to_save {list(modules_to_save)} match no module")
+    sites = [site for _, _, site in found]
+    adapters = cls().build(sites, cfg)
+    record = _Record(
+        method,
+        cfg,
+        targets if isinstance(targets, str) else list(targets),
+        None if layers is None else sorted(layers),
+        list(modules_to_save),
+        [s.name for s in sites],
+    )
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for (name, module, _), adapter in zip(found, adapters, strict=True):
+        device = module.weight.device
+        layer = AdaptedLayer(module, adapter.to(device), record).train(module.training)
+        _set_module(model, name, layer)
+    for name in save_names:
+        model.get_submodule(name).requires_grad_(True)
+    return model
+
+
+def adapter_layers(model: nn.Module) -> dict[str, AdaptedLayer]:
+    """The adapted layers of ``model`` by module name."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, AdaptedLayer)}
+
+
+def _record(model: nn.Module) -> tuple[_Record, dict[str, AdaptedLayer]]:
+    layers = adapter_layers(model)
+    if not layers:
+        raise SpliceError("model has no adapters", fix="call splice.adapters.inject first")
+    return next(iter(layers.values()))._record, layers
+
+
+class ParamCount(NamedTuple):
+    trainable: int
+    total: int
+
+    @property
+    def fraction(self) -> float:
+        return self.trainable / self.total if self.total else 0.0
+
+
+def trainable_parameters(model: nn.Module) -> ParamCount:
+    """Unique parameter counts (a pool shared by several layers counts once)."""
+    params = list(model.parameters())
+    return ParamCount(
+        sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+    )
+
+
+def adapter_deltas(model: nn.Module) -> dict[str, Delta]:
+    """ΔW of every adapted layer keyed by the base tensor name (``….query.weight``)."""
+    return {f"{name}.weight": layer.delta() for name, layer in adapter_layers(model).items()}
+
+
+def merge_adapters(model: nn.Module) -> nn.Module:
+    """Merge every adapter into its base weight (idempotent); forward then costs nothing extra."""
+    for layer in adapter_layers(model).values():
+        layer.merge()
+    return model
+
+
+def unmerge_adapters(model: nn.Module) -> nn.Module:
+    for layer in adapter_layers(model).values():
+        layer.unmerge()
+    return model
+
+
+def remove_adapters(model: nn.Module, merge: bool = True) -> nn.Module:
+    """Put the base layers back (with ΔW merged in if ``merge``, else as they were)."""
+    for name, layer in adapter_layers(model).items():
+        if merge:
+            layer.merge()
+        else:
+            layer.unmerge()
+        _set_module(model, name, layer.base_layer)
+    return model
+
+
+def aux_loss(model: nn.Module) -> Tensor | None:
+    """The method's auxiliary loss from the last training forward (MoLA balance, EPT task
+    contrast), already weighted by its coefficient; ``None`` when the method has none."""
+    record, layers = _record(model)
+    adapters = [layer.adapter for layer in layers.values()]
+    return METHODS.get(record.method)().aux_loss(adapters, record.config)
+
+
+def adapter_state(model: nn.Module) -> dict[str, Tensor]:
+    """Adapter tensors (shared pools once, seeds and index maps included) + modules_to_save."""
+    record, layers = _record(model)
+    state: dict[str, Tensor] = {}
+    seen: set[int] = set()
+    for name, layer in layers.items():
+        tensors = [*layer.adapter.named_parameters(), *layer.adapter.named_buffers()]
+        persistent = set(layer.adapter.state_dict(keep_vars=True))
+        for key, t in tensors:
+            if id(t) in seen or key not in persistent:
+                continue
+            seen.add(id(t))
+            state[f"{name}.adapter.{key}"] = t.detach()
+    for mod_name, module in model.named_modules():
+        if mod_name and _matcher(record.modules_to_save)(mod_name):
+            for key, t in module.state_dict().items():
+                state[f"{mod_name}.{key}"] = t.detach()
+    return state

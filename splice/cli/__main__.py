@@ -1,0 +1,5 @@
+"""``python -m splice.cli``: the same as the ``splice`` command."""
+
+from splice.cli import main
+
+main()
