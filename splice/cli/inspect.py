@@ -26,7 +26,7 @@ def inspect(
     ] = False,
 ) -> None:
     """Summarise a checkpoint or adapter (format, tensors, dtypes, shards, bytes), or diff two."""
-    from splice.inspect import diff_report, summarize
+    from splice.deltas.summary import diff_report, summarize
 
     if other is None:
         summary = summarize(path, allow_pickle=allow_pickle)

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from splice.inspect import diff_report, layer_of, summarize
+from splice._names import layer_index
+from splice.deltas.summary import diff_report, summarize
 from splice.io import CheckpointWriter
 
 
@@ -32,10 +33,10 @@ def _splice(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_layer_of() -> None:
-    assert layer_of("model.layers.12.mlp.weight") == 12
-    assert layer_of("h.0.attn.c_attn.weight") == 0
-    assert layer_of("embed.weight") is None
+def test_layer_index() -> None:
+    assert layer_index("model.layers.12.mlp.weight") == 12
+    assert layer_index("h.0.attn.c_attn.weight") == 0
+    assert layer_index("embed.weight") is None
 
 
 def test_summary_counts_from_headers(tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""Checkpoint summaries and per-tensor diffs behind ``splice inspect`` (printed by
+"""Checkpoint and adapter summaries and per-tensor diffs behind ``splice inspect`` (printed by
 :mod:`splice.cli.inspect`)."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch
 from splice._names import layer_index
 from splice.io import open_checkpoint
 
-__all__ = ["diff_report", "layer_of", "summarize"]
+__all__ = ["diff_report", "summarize"]
 
 
 class _Applied(Mapping[str, torch.Tensor]):
@@ -33,11 +33,6 @@ class _Applied(Mapping[str, torch.Tensor]):
         return len(self.base)
 
 
-def layer_of(name: str) -> int | None:
-    """The first numeric path component of a tensor name (``h.3.attn.weight`` → 3)."""
-    return layer_index(name)
-
-
 def summarize(path: str | Path, *, allow_pickle: bool = False) -> dict[str, Any]:
     """Format, files, tensor/parameter counts, bytes and dtypes of a checkpoint (headers only)."""
     ckpt = open_checkpoint(path, allow_pickle=allow_pickle)
@@ -47,7 +42,7 @@ def summarize(path: str | Path, *, allow_pickle: bool = False) -> dict[str, Any]
         d = dtypes[str(info.dtype).removeprefix("torch.")]
         d["tensors"] += 1
         d["params"] += info.numel
-        if (layer := layer_of(info.name)) is not None:
+        if (layer := layer_index(info.name)) is not None:
             layers.add(layer)
     cfg = ckpt.config or {}
     keys = ("model_type", "architectures", "hidden_size", "num_hidden_layers", "vocab_size")
@@ -103,7 +98,7 @@ def diff_report(a: str | Path, b: str | Path, *, allow_pickle: bool = False) -> 
         max_abs = float((tb - ta).abs().max()) if ta.numel() else 0.0
         rel = (diff_sq**0.5) / (base_sq**0.5) if base_sq > 0 else (0.0 if diff_sq == 0 else 1.0)
         rows.append({"name": name, "rel_diff": rel, "max_abs": max_abs, "equal": diff_sq == 0})
-        layer = layer_of(name)
+        layer = layer_index(name)
         acc = per_layer["other" if layer is None else str(layer)]
         acc[0] += diff_sq
         acc[1] += base_sq
