@@ -15,11 +15,8 @@ _LAZY = {
     "BenchConfig": "splice.bench.runner",
     "PROFILES": "splice.bench.runner",
     "run_bench": "splice.bench.runner",
-    "TrainConfig": "splice.bench.train",
-    "Task": "splice.bench.data",
-    "tasks": "splice.bench.data",
-    "load_task": "splice.bench.data",
-    "local_task": "splice.bench.local",
+    "FinetuneConfig": "splice.bench.finetune",
+    "run_recipe": "splice.bench.learned_recipe",
     "write_report": "splice.bench.report",
 }
 

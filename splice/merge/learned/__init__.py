@@ -20,7 +20,6 @@ _LAZY = {
     "lot": "splice.merge.learned.lot",
     "opcm": "splice.merge.learned.opcm",
     "continual_task_arithmetic": "splice.merge.learned.continual_task_arithmetic",
-    "run_recipe": "splice.merge.learned._recipe",
 }
 
 __all__ = ["ContinualStep", "LearnedMerge", "LearnedMethod", "Samples", "learned", *_LAZY]

@@ -9,15 +9,23 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from splice.bench.learned_recipe import is_learned_recipe, load_learned_recipe, run_recipe
 from splice.errors import SpliceError
-from splice.merge.learned import run_recipe
-from splice.merge.learned._recipe import is_learned_recipe, load_learned_recipe
 
 WORDS = {
     "mood": {"pos": ["good", "great", "happy"], "neg": ["bad", "awful", "sad"]},
     "topic": {"animal": ["cat", "dog", "bird"], "meal": ["bread", "rice", "soup"]},
 }
 FILLER = ["the", "a", "it", "was", "this", "day"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models: one intra-op thread is faster than two fighting over a shared CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
