@@ -8,8 +8,7 @@ reported as a table, JSON and a plot. See docs/bench.md.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from splice._registry import lazy_attributes
 
 _LAZY = {
     "BenchConfig": "splice.bench.runner",
@@ -22,9 +21,4 @@ _LAZY = {
 
 __all__ = list(_LAZY)
 
-
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'splice.bench' has no attribute {name!r}")
-    return getattr(importlib.import_module(module), name)
+__getattr__ = lazy_attributes(__name__, _LAZY)

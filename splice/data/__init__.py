@@ -8,8 +8,7 @@ inputs into features. Used by ``splice train``, the benchmark and learned-merge 
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from splice._registry import lazy_attributes
 
 _LAZY = {
     "TASKS": "splice.data.registry",
@@ -30,9 +29,4 @@ _LAZY = {
 
 __all__ = list(_LAZY)
 
-
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'splice.data' has no attribute {name!r}")
-    return getattr(importlib.import_module(module), name)
+__getattr__ = lazy_attributes(__name__, _LAZY)

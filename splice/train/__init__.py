@@ -7,8 +7,7 @@ take their optimizer steps through :func:`fit` too.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from splice._registry import lazy_attributes
 
 _LAZY = {
     "TrainConfig": "splice.train.config",
@@ -20,9 +19,4 @@ _LAZY = {
 
 __all__ = list(_LAZY)
 
-
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'splice.train' has no attribute {name!r}")
-    return getattr(importlib.import_module(module), name)
+__getattr__ = lazy_attributes(__name__, _LAZY)

@@ -19,15 +19,6 @@ WORDS = {
 FILLER = ["the", "a", "it", "was", "this", "day"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread is faster than two fighting over a shared CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A random 1-layer BERT with a word vocab, and two CSV tasks."""
