@@ -58,27 +58,30 @@ class TrainStep:
         from splice.adapters import aux_loss
 
         world = 1 if self.ddp is None else torch.distributed.get_world_size()
-        step_loss, seen = 0.0, 0
-        for micro in range(self.grad_accum):
-            sync = self.ddp is None or micro == self.grad_accum - 1
+        accum, losses, seen = self.grad_accum, [], 0
+        for micro in range(accum):
+            sync = self.ddp is None or micro == accum - 1
             with nullcontext() if sync else self.ddp.no_sync(), self.autocast():
-                loss, examples = self.loss(step * self.grad_accum + micro)
+                loss, examples = self.loss(step * accum + micro)
                 extra = None if self.aux is None else aux_loss(self.aux)
                 total = loss if extra is None else loss + extra
-                (total / self.grad_accum).backward()
-            step_loss += loss.item() / self.grad_accum
+                (total / accum if accum > 1 else total).backward()
+            losses.append(loss.detach())
             seen += examples * world
         if self.grad_clip > 0:
             params = self.params or [p for g in self.optimizer.param_groups for p in g["params"]]
             nn.utils.clip_grad_norm_(params, self.grad_clip)
-        if self.ddp is not None:  # log the mean over ranks, not this rank's slice
-            mean = torch.tensor(step_loss, device=self.device)
-            torch.distributed.all_reduce(mean)
-            step_loss = mean.item() / world
         self.optimizer.step()
         if self.scheduler is not None:
             self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        step_loss = 0.0  # read after the step: no device sync in its middle
+        for loss in losses:
+            step_loss += loss.item() / accum
+        if self.ddp is not None:  # log the mean over ranks, not this rank's slice
+            mean = torch.tensor(step_loss, device=self.device)
+            torch.distributed.all_reduce(mean)
+            step_loss = mean.item() / world
         return step_loss, seen
 
 
