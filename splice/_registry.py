@@ -9,8 +9,8 @@ from __future__ import annotations
 import difflib
 import importlib
 import pkgutil
-from collections.abc import Callable, Iterator
-from typing import Generic, TypeVar
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, Generic, TypeVar
 
 from splice.errors import SpliceError
 
@@ -59,3 +59,16 @@ class Registry(Generic[T]):
     def items(self) -> Iterator[tuple[str, T]]:
         self.discover()
         yield from sorted(self._items.items())
+
+
+def lazy_attributes(package: str, names: Mapping[str, str]) -> Callable[[str], Any]:
+    """A package's module ``__getattr__`` (PEP 562): each public name in ``names`` is taken
+    from the module it maps to, imported on first access, so importing the package is cheap."""
+
+    def __getattr__(name: str) -> Any:
+        module = names.get(name)
+        if module is None:
+            raise AttributeError(f"module {package!r} has no attribute {name!r}")
+        return getattr(importlib.import_module(module), name)
+
+    return __getattr__

@@ -8,26 +8,17 @@ reported as a table, JSON and a plot. See docs/bench.md.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from splice._registry import lazy_attributes
 
 _LAZY = {
     "BenchConfig": "splice.bench.runner",
     "PROFILES": "splice.bench.runner",
     "run_bench": "splice.bench.runner",
-    "TrainConfig": "splice.bench.train",
-    "Task": "splice.bench.data",
-    "tasks": "splice.bench.data",
-    "load_task": "splice.bench.data",
-    "local_task": "splice.bench.local",
+    "FinetuneConfig": "splice.bench.finetune",
+    "run_recipe": "splice.bench.learned_recipe",
     "write_report": "splice.bench.report",
 }
 
 __all__ = list(_LAZY)
 
-
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'splice.bench' has no attribute {name!r}")
-    return getattr(importlib.import_module(module), name)
+__getattr__ = lazy_attributes(__name__, _LAZY)

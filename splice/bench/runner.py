@@ -20,15 +20,16 @@ from typing import Any
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 from torch import Tensor
 
+from splice._schema import Strict
 from splice.bench.continual import continual_methods, run_continual
-from splice.bench.data import Caps, TaskData, load_task
-from splice.bench.local import resolve_task
+from splice.bench.finetune import FinetuneConfig, Head, TaskRun, apply_deltas, finetune_cached
 from splice.bench.merging import MergeSpec, merge_specs, merge_state, scale_param, unsupported
-from splice.bench.models import Encoder, Prepared, load_encoder
-from splice.bench.train import Head, TaskRun, TrainConfig, apply_deltas, finetune_cached
+from splice.data.encoders import Encoder, Prepared, load_encoder
+from splice.data.local import resolve_task
+from splice.data.registry import Caps, TaskData, load_task
 from splice.merge.base import methods
 
 __all__ = ["PROFILES", "BenchConfig", "Row", "configure", "run_bench"]
@@ -44,17 +45,15 @@ TEXT_TASKS = (
 VISION_TASKS = ("fashion_mnist", "mnist_5k", "animal_mnist", "sk_digits")
 
 
-class BenchConfig(BaseModel):
+class BenchConfig(Strict):
     """Everything that defines a benchmark run (written into results.json).
 
     The defaults are the quick profile's settings.
     """
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
     tasks: tuple[str, ...] = Field(description="task names, or paths to CSV/JSONL/image folders")
     methods: tuple[str, ...] | None = Field(None, description="merge methods; None = all")
-    train: TrainConfig = TrainConfig()
+    train: FinetuneConfig = FinetuneConfig()
     seeds: tuple[int, ...] = (0,)
     caps: tuple[int, int, int] = Field((2000, 150, 400), description="train/val/test caps")
     split_seed: int = 0
@@ -79,7 +78,7 @@ PROFILES: dict[str, BenchConfig] = {
     ),
     "full": BenchConfig(
         tasks=TEXT_TASKS + VISION_TASKS,
-        train=TrainConfig(steps=200),
+        train=FinetuneConfig(steps=200),
         seeds=(0, 1, 2),
         caps=(5000, 150, 500),
         max_len=40,

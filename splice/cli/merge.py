@@ -86,11 +86,9 @@ def merge(
         raise UsageError("give a RECIPE and an OUT dir (or --list, or RECIPE --plan)")
     import time
 
-    from splice.merge.learned._recipe import is_learned_recipe
+    from splice.bench.learned_recipe import is_learned_recipe, run_recipe
 
     if is_learned_recipe(recipe):  # a `data:` section: docs/merging-learned.md
-        from splice.merge.learned import run_recipe
-
         progress = not as_json and sys.stderr.isatty()
         summary = run_recipe(recipe, out, device=device, force=force, progress=progress)
         if as_json:

@@ -8,13 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from splice.bench import train
-from splice.bench.data import Caps, load_task
-from splice.bench.local import local_task
-from splice.bench.models import load_encoder
+from splice.bench import finetune
+from splice.bench.finetune import FinetuneConfig, finetune_cached
 from splice.bench.report import summarize, write_report
 from splice.bench.runner import BenchConfig, run_bench
-from splice.bench.train import TrainConfig, finetune_cached
+from splice.data.encoders import load_encoder
+from splice.data.local import local_task
+from splice.data.registry import Caps, load_task
 
 FILLER = ["the", "a", "it", "was", "this", "that", "day", "film", "food", "very", "quite"]
 TOPICS = {
@@ -74,7 +74,7 @@ def _config(tiny, **kw) -> BenchConfig:
         "methods": ("task_arithmetic", "linear", "ties", "dare", "lines", "opcm", "adamerging"),
         "learned_steps": 2,
         "continual_orders": 0,
-        "train": TrainConfig(steps=40, batch_size=16),
+        "train": FinetuneConfig(steps=40, batch_size=16),
         "caps": (90, 20, 40),
         "text_model": str(model_dir),
         "lambda_grid": (0.5, 1.0),
@@ -141,7 +141,7 @@ def test_interrupted_training_leaves_no_cache_entry(tiny, tmp_path, monkeypatch)
     model_dir, paths = tiny
     data = load_task(local_task(Path(paths[0])), Caps(90, 20, 40))
     encoder = load_encoder("text", text_model=model_dir)
-    cfg = TrainConfig(steps=10, batch_size=16)
+    cfg = FinetuneConfig(steps=10, batch_size=16)
 
     def interrupt(step, loss):
         if step == 3:
@@ -155,7 +155,7 @@ def test_interrupted_training_leaves_no_cache_entry(tiny, tmp_path, monkeypatch)
     def interrupt_write(*args, **kwargs):  # Ctrl-C after the deltas, before the head
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(train, "save_file", interrupt_write)
+    monkeypatch.setattr(finetune, "save_file", interrupt_write)
     with pytest.raises(KeyboardInterrupt):
         finetune_cached(encoder, data, cfg, 0)
     assert list(runs.iterdir()) == []  # neither the entry nor its temp dir
@@ -205,7 +205,7 @@ def test_vision_run_adapts_the_1x1_convs(tmp_path, monkeypatch):
     cfg = BenchConfig(
         tasks=("sk_digits", "mnist_5k"),
         methods=("task_arithmetic",),
-        train=TrainConfig(steps=4, batch_size=16),
+        train=FinetuneConfig(steps=4, batch_size=16),
         caps=(64, 20, 40),
         lambda_grid=(),
     )
@@ -214,7 +214,7 @@ def test_vision_run_adapts_the_1x1_convs(tmp_path, monkeypatch):
     assert {t["modality"] for t in results["tasks"].values()} == {"image"}
     run = tmp_path / "cache" / "bench" / "runs"
     entry = next(p for p in run.iterdir() if p.name.startswith("sk_digits-"))
-    names = set(train.load_deltas(entry / "deltas.safetensors"))
+    names = set(finetune.load_deltas(entry / "deltas.safetensors"))
     assert "_conv_head.weight" in names and "_blocks.15._project_conv.weight" in names
     assert all(n.endswith(("_expand_conv.weight", "_project_conv.weight", "_conv_head.weight"))
                for n in names)  # fmt: skip

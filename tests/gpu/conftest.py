@@ -1,3 +1,3 @@
-"""The tiny HF model of tests/test_train.py, as a fixture for the CUDA training test."""
+"""The tiny HF model of tests/train/test_train.py, as a fixture for the CUDA training test."""
 
-from tests.test_train import bert_dir  # noqa: F401
+from tests.train.test_train import bert_dir  # noqa: F401

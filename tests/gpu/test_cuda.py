@@ -19,7 +19,7 @@ from splice.merge import base as merge_base
 from splice.merge import merge, merge_state_dicts, plan_merge
 from tests.adapters.conftest import METHOD_CASES, make_model, perturb
 from tests.merge._ckpt import finetune, save, tiny_llama
-from tests.test_train import NEG, POS, run
+from tests.train.test_train import NEG, POS, run
 
 pytestmark = pytest.mark.gpu
 CUDA = "cuda"

@@ -13,9 +13,6 @@ imports and win. The files themselves stay importable by their path
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
 from splice.merge.learned._base import ContinualStep, LearnedMerge, LearnedMethod, learned
 from splice.merge.learned._data import Samples
 from splice.merge.learned.adamerging import adamerging
@@ -37,12 +34,5 @@ __all__ = [
     "learned",
     "lot",
     "opcm",
-    "run_recipe",
 ]
 
-
-def __getattr__(name: str) -> Any:
-    # the bench-driven recipe runner imports splice.bench: loaded on first use only
-    if name == "run_recipe":
-        return importlib.import_module("splice.merge.learned._recipe").run_recipe
-    raise AttributeError(f"module 'splice.merge.learned' has no attribute {name!r}")

@@ -186,14 +186,14 @@ def test_full_finetuning_writes_a_loadable_model(bert_dir, csv_file, tmp_path):
 
 
 def test_a_bench_task_name_is_data(bert_dir, tmp_path, monkeypatch):
-    import splice.bench.data as bench_data
+    import splice.data.registry as registry
 
     texts = [f"the movie was {'good fun' if i % 2 else 'awful dull'}" for i in range(40)]
-    task = bench_data.Task(
+    task = registry.Task(
         "toy", "text", lambda: (texts, [i % 2 for i in range(40)], ["neg", "pos"]), key="toy-1"
     )
     monkeypatch.setenv("SPLICE_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(bench_data, "tasks", {"toy": task})
+    monkeypatch.setattr(registry, "TASKS", {"toy": task})
     metrics = run(bert_dir, "toy", tmp_path / "out", steps=2)
     assert metrics["labels"] == ["neg", "pos"]
     assert metrics["eval_examples"] == 8  # the task's stratified 20 % test split

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from splice.bench.data import Source
+from splice.data.registry import Source
 from splice.errors import SpliceError
 
 __all__ = ["read_idx", "read_numpy_pickle"]

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from splice.bench.data import Source, Task, tasks
-from splice.bench.tasks._images import read_numpy_pickle
+from splice.data.registry import TASKS, Source, Task
+from splice.data.tasks._images import read_numpy_pickle
 
 _DIR = "data/Animal_MNIST"
 IMAGES = Source(
@@ -47,7 +47,7 @@ def read() -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
     return x, y, CLASSES
 
 
-tasks.register("animal_mnist")(
+TASKS.register("animal_mnist")(
     Task(
         "animal_mnist",
         "image",

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import gzip
+import importlib
 import json
 import pickle
+import pkgutil
 
 import numpy as np
 import pytest
 
-from splice.bench.data import Caps, Source, Task, load_task, stratified_split, tasks
-from splice.bench.local import local_task, resolve_task
-from splice.bench.tasks._images import read_numpy_pickle
+from splice.data.local import local_task, resolve_task
+from splice.data.registry import TASKS, Caps, Source, Task, load_task, stratified_split
+from splice.data.tasks._images import read_numpy_pickle
 from splice.errors import SpliceError
 
 # (examples, classes, largest class) as parsed for ASSETS.md §B/§C.
@@ -35,12 +37,31 @@ def _cache(tmp_path, monkeypatch):
 
 
 def test_registry_has_every_builtin_task():
-    assert set(tasks.names()) == set(EXPECTED)
+    assert set(TASKS.names()) == set(EXPECTED)
+
+
+@pytest.mark.parametrize("package", ["splice.data", "splice.train", "splice.bench"])
+def test_no_lazy_name_is_a_submodule(package):
+    """A lazy name equal to a submodule's would bind the module once that is imported."""
+    pkg = importlib.import_module(package)
+    submodules = {m.name for m in pkgutil.iter_modules(pkg.__path__)}
+    assert not submodules & set(pkg.__all__)
+    for name in submodules:
+        importlib.import_module(f"{package}.{name}")
+    assert not [n for n in pkg.__all__ if isinstance(getattr(pkg, n), type(pkg))]
+
+
+def test_the_data_package_gives_the_registry():
+    import splice.data
+    import splice.data.tasks  # the subpackage of packaged tasks
+
+    assert splice.data.TASKS is TASKS
+    assert splice.data.load_task is load_task
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_packaged_task_counts_and_classes(name):
-    task = tasks.get(name)
+    task = TASKS.get(name)
     x, y, classes = task.read()
     n, k, largest = EXPECTED[name]
     assert len(x) == len(y) == n
@@ -54,11 +75,11 @@ def test_packaged_task_counts_and_classes(name):
 
 
 def test_text_parsing_rules():
-    x, _, classes = tasks.get("wordnet_supersense").read()
+    x, _, classes = TASKS.get("wordnet_supersense").read()
     assert "noun.Tops" not in classes
     assert not any('; "' in t for t in x)  # quoted examples are cut off
     assert min(len(t.split()) for t in x) >= 3
-    fx, _, _ = tasks.get("fortune_topic").read()
+    fx, _, _ = TASKS.get("fortune_topic").read()
     assert not any("\n" in t or t == "%" for t in fx)
 
 
@@ -86,7 +107,7 @@ def test_small_dataset_caps_by_fraction():
 
 
 def test_load_task_caches_splits(monkeypatch):
-    task = tasks.get("sk_digits")
+    task = TASKS.get("sk_digits")
     first = load_task(task, Caps(300, 50, 100), seed=0)
     assert np.bincount(first.test.y).min() >= 9  # every digit in the 100-image test split
 
@@ -133,7 +154,7 @@ def test_pickle_loader_refuses_non_numpy_globals(tmp_path):
 
     f = tmp_path / "evil.gz"
     f.write_bytes(gzip.compress(pickle.dumps(Evil())))
-    from splice.bench._cache import file_sha256
+    from splice.data.cache import file_sha256
 
     source = Source("evil", str(f), file_sha256(f))
     with pytest.raises(SpliceError, match=r"refusing pickle global builtins\.print"):

@@ -10,8 +10,8 @@ import csv
 
 import numpy as np
 
-from splice.bench.data import Task, tasks
-from splice.bench.tasks._text import RT_CORPUS, squash
+from splice.data.registry import TASKS, Task
+from splice.data.tasks._text import RT_CORPUS, squash
 
 CLASSES = ("rotten", "fresh")
 
@@ -27,7 +27,7 @@ def read() -> tuple[list[str], np.ndarray, tuple[str, ...]]:
     return [t for _, t in rows], np.array([CLASSES.index(c) for c, _ in rows]), CLASSES
 
 
-tasks.register("rt_sentiment")(
+TASKS.register("rt_sentiment")(
     Task(
         "rt_sentiment",
         "text",

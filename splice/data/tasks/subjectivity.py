@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from splice.bench.data import Task, tasks
-from splice.bench.tasks._text import RT_CORPUS, sentences, squash
-from splice.bench.tasks.rt_sentiment import read_rt_rows
+from splice.data.registry import TASKS, Task
+from splice.data.tasks._text import RT_CORPUS, sentences, squash
+from splice.data.tasks.rt_sentiment import read_rt_rows
 
 CLASSES = ("objective", "subjective")
 
@@ -29,7 +29,7 @@ def read() -> tuple[list[str], np.ndarray, tuple[str, ...]]:
     return texts, np.array(labels), CLASSES
 
 
-tasks.register("subjectivity")(
+TASKS.register("subjectivity")(
     Task(
         "subjectivity",
         "text",

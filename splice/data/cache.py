@@ -1,4 +1,4 @@
-"""The benchmark's on-disk cache: where it lives, stable keys, atomic writes.
+"""The on-disk cache of task splits and fine-tunes: where it lives, stable keys.
 
 Entries are written into a temporary sibling and renamed into place, so an interrupted run
 (Ctrl-C, a crash) never leaves a half-written entry; the next run simply redoes it.

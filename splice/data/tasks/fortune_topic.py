@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from splice.bench.data import Source, Task, tasks
-from splice.bench.tasks._text import squash
+from splice.data.registry import TASKS, Source, Task
+from splice.data.tasks._text import squash
 
 _HASHES = {
     "art": "600b8197bc994fd4fcbb623aa5e700629540af44f044d4907886bd1031f160ce",
@@ -38,7 +38,7 @@ def read() -> tuple[list[str], np.ndarray, tuple[str, ...]]:
     return texts, np.array(labels), CLASSES
 
 
-tasks.register("fortune_topic")(
+TASKS.register("fortune_topic")(
     Task(
         "fortune_topic",
         "text",

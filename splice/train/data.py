@@ -76,9 +76,9 @@ def read_file(path: Path) -> Rows:
 def _bench_task(name: str, seed: int, split: str = "test") -> tuple[Rows, Rows]:
     """Train and ``split`` (test or val) rows of a text task of ``splice bench`` (its seeded
     stratified splits, disjoint)."""
-    from splice.bench.data import load_task, tasks
+    from splice.data.registry import TASKS, load_task
 
-    task = tasks.get(name)
+    task = TASKS.get(name)
     if task.modality != "text":
         raise SpliceError(
             f"bench task {name!r} is {task.modality}, not text", fix="pick a text task"

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
-from splice.bench._cache import file_sha256, stable_hash
-from splice.bench.data import Task, tasks
+from splice.data.cache import file_sha256, stable_hash
+from splice.data.registry import TASKS, Task
 from splice.errors import SpliceError
 
 __all__ = ["local_task", "resolve_task"]
@@ -24,7 +24,7 @@ def resolve_task(spec: str) -> Task:
     path = Path(spec).expanduser()
     if path.suffix.lower() in (".csv", ".jsonl") or path.is_dir():
         return local_task(path)
-    return tasks.get(spec)
+    return TASKS.get(spec)
 
 
 def _text_rows(path: Path) -> list[tuple[str, str]]:

@@ -18,8 +18,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from splice.bench._cache import file_sha256, stable_hash
-from splice.bench.data import Source
+from splice.data.cache import file_sha256, stable_hash
+from splice.data.registry import Source
 from splice.errors import SpliceError
 
 __all__ = ["Encoder", "ImageEncoder", "Prepared", "TextEncoder", "load_encoder"]

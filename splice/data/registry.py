@@ -1,4 +1,4 @@
-"""Benchmark tasks: packaged data sources, deterministic stratified splits, the split cache.
+"""The task registry: packaged data sources, deterministic stratified splits, the split cache.
 
 A :class:`Task` knows how to read its whole labelled dataset; :func:`load_task` turns it into
 train/val/test splits (stratified, seeded, capped) and caches them as ``.npz`` under
@@ -19,10 +19,11 @@ from typing import Literal
 import numpy as np
 
 from splice._registry import Registry
-from splice.bench._cache import cache_root, file_sha256, stable_hash
+from splice.data.cache import cache_root, file_sha256, stable_hash
 from splice.errors import SpliceError
 
 __all__ = [
+    "TASKS",
     "Caps",
     "Source",
     "Split",
@@ -30,7 +31,6 @@ __all__ = [
     "TaskData",
     "load_task",
     "stratified_split",
-    "tasks",
 ]
 
 Modality = Literal["text", "image"]
@@ -99,7 +99,7 @@ class Task:
     license: str = "unverified"
 
 
-tasks: Registry[Task] = Registry("bench task", "splice.bench.tasks")
+TASKS: Registry[Task] = Registry("bench task", "splice.data.tasks")
 
 
 @dataclass(frozen=True)

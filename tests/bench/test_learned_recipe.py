@@ -9,9 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from splice.bench.learned_recipe import is_learned_recipe, load_learned_recipe, run_recipe
 from splice.errors import SpliceError
-from splice.merge.learned import run_recipe
-from splice.merge.learned._recipe import is_learned_recipe, load_learned_recipe
 
 WORDS = {
     "mood": {"pos": ["good", "great", "happy"], "neg": ["bad", "awful", "sad"]},

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from splice.bench.data import Source, Task, tasks
-from splice.bench.tasks._images import read_idx
+from splice.data.registry import TASKS, Source, Task
+from splice.data.tasks._images import read_idx
 
 _DIR = "/usr/share/datasets/fashion-mnist"
 _HASHES = {
@@ -45,7 +45,7 @@ def read() -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
     return x, y.astype(np.int64), CLASSES
 
 
-tasks.register("fashion_mnist")(
+TASKS.register("fashion_mnist")(
     Task(
         "fashion_mnist",
         "image",

@@ -1,102 +1,33 @@
 """``splice train``: fine-tune a local HF model with an adapter or in full, in plain PyTorch.
 
-AdamW, linear warmup then linear decay, gradient clipping and accumulation, fp32 or bf16
-autocast, periodic atomic checkpoints with exact resume, evaluation at the end. One process
-on CPU by default; under ``torchrun``/``accelerate launch`` (``WORLD_SIZE`` > 1) the model is
-wrapped in DDP, each rank reads its own slice of every global batch, and rank 0 writes.
+This file builds the run — model and tokenizer, adapter or frozen backbone, deterministic
+batches, AdamW groups, linear warmup then linear decay — and evaluates and writes it; the
+steps (accumulation, clipping, bf16 autocast, checkpoints, DDP) are :func:`splice.train.fit`'s.
+One process on CPU by default; under ``torchrun``/``accelerate launch`` (``WORLD_SIZE`` > 1)
+the model is wrapped in DDP, each rank reads its own slice of every global batch, and rank 0
+writes.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
-import time
 from collections.abc import Callable
-from contextlib import contextmanager, nullcontext
-from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-import pydantic
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from splice.errors import SpliceError
+from splice.train.checkpoint import load_checkpoint, save_checkpoint
+from splice.train.config import DEFAULT_TARGETS, WHOLE, TrainConfig
+from splice.train.data import Rows, load_splits
+from splice.train.loop import LoopState, TrainStep, distributed, fit
+from splice.train.schedule import linear_warmup_decay
 
-from ._checkpoint import load_checkpoint, save_checkpoint
-from ._data import Rows, load_splits
-
-__all__ = ["TrainConfig", "train"]
-
-# Attention projections per model family, as peft's defaults (used when --targets is omitted).
-DEFAULT_TARGETS = {
-    "bert": ["query", "value"],
-    "roberta": ["query", "value"],
-    "xlm-roberta": ["query", "value"],
-    "distilbert": ["q_lin", "v_lin"],
-    "gpt2": ["c_attn"],
-    "llama": ["q_proj", "v_proj"],
-    "mistral": ["q_proj", "v_proj"],
-    "qwen2": ["q_proj", "v_proj"],
-    "t5": ["q", "v"],
-}
-
-
-WHOLE = ("full", "head")  # methods without an adapter: every weight trains, or only the new head
-
-
-class TrainConfig(pydantic.BaseModel):
-    """Everything one training run depends on; written to ``metrics.json``."""
-
-    model_config = pydantic.ConfigDict(extra="forbid", frozen=True)
-
-    model: Path = pydantic.Field(description="local Hugging Face model dir")
-    data: str = pydantic.Field(description="CSV/JSONL file (text,label) or bench task name")
-    out: Path = pydantic.Field(description="output dir: adapter or model, metrics.json")
-    method: str = pydantic.Field(
-        "lora", description="registered adapter method, 'full', or 'head' (linear probe)"
-    )
-    targets: list[str] | str | None = pydantic.Field(None, description="module suffixes or regex")
-    layers: list[int] | None = pydantic.Field(None, description="layer indices to adapt")
-    adapter: dict[str, Any] = pydantic.Field({}, description="method hyperparameters")
-    objective: Literal["auto", "classification", "causal-lm"] = "auto"
-    eval_data: str | None = pydantic.Field(None, description="separate eval file")
-    eval_fraction: float = pydantic.Field(0.1, gt=0, lt=1, description="held out if no eval file")
-    eval_split: Literal["test", "val"] = pydantic.Field(
-        "test", description="bench task split to evaluate on (val: for choosing settings)"
-    )
-    max_length: int = pydantic.Field(128, gt=0, description="tokens per example")
-    batch_size: int = pydantic.Field(16, gt=0, description="examples per micro-batch")
-    grad_accum: int = pydantic.Field(1, gt=0, description="micro-batches per optimizer step")
-    steps: int | None = pydantic.Field(None, gt=0, description="optimizer steps (else epochs)")
-    epochs: float = pydantic.Field(1.0, gt=0, description="passes over the data if no steps")
-    lr: float | None = pydantic.Field(None, gt=0, description="peak LR (5e-4 adapter, 5e-5 full)")
-    head_lr: float | None = pydantic.Field(
-        None, gt=0, description="peak LR of new modules, e.g. the head (default: lr)"
-    )
-    warmup: float = pydantic.Field(0.06, ge=0, lt=1, description="warmup fraction of steps")
-    weight_decay: float = pydantic.Field(0.0, ge=0, description="AdamW decay on matrices")
-    grad_clip: float = pydantic.Field(1.0, ge=0, description="max grad norm (0: off)")
-    precision: Literal["fp32", "bf16"] = "fp32"
-    checkpoint_every: int = pydantic.Field(0, ge=0, description="steps between checkpoints")
-    resume: bool = pydantic.Field(False, description="continue from out/checkpoint")
-    seed: int = 0
-    device: str = "cpu"
-    format: Literal["splice", "peft"] = pydantic.Field("splice", description="adapter format")
-    progress: bool = True
-
-    @pydantic.model_validator(mode="after")
-    def _whole_model_methods_take_no_adapter_options(self) -> TrainConfig:
-        if self.method in WHOLE and (self.adapter or self.targets or self.layers):
-            raise ValueError(f"--method {self.method} takes no adapter options, targets or layers")
-        return self
-
-    def fingerprint(self) -> dict[str, Any]:
-        """The settings a checkpoint must share to be resumed."""
-        return self.model_dump(mode="json", exclude={"resume", "progress", "device"})
-
+__all__ = ["collate", "evaluate", "train"]
 
 # Setup -----------------------------------------------------------------------------------------
 
@@ -219,15 +150,6 @@ def collate(idx: list[int], encoded: list[list[int]], labels: list[int] | None, 
     }
 
 
-def _schedule(total: int, warmup: int) -> Callable[[int], float]:
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        return max(0.0, (total - step) / max(1, total - warmup))
-
-    return factor
-
-
 # Evaluation ------------------------------------------------------------------------------------
 
 
@@ -300,19 +222,21 @@ def train(
     Raises:
         SpliceError: unreadable model or data, unknown method/targets, incompatible checkpoint.
     """
-    from splice.adapters import aux_loss, save_adapter, trainable_parameters
+    with distributed(cfg.device) as (rank, world, device):
+        return _run(cfg, rank, world, device, on_step)
 
-    world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
-    device = torch.device(cfg.device)
-    if world > 1:
-        import torch.distributed as dist
 
-        if device.type == "cuda":
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+def _run(
+    cfg: TrainConfig,
+    rank: int,
+    world: int,
+    device: torch.device,
+    on_step: Callable[[int, float], None] | None,
+) -> dict[str, Any]:
+    """The body of :func:`train` in one process (rank 0 evaluates, writes and reports)."""
+    from splice.adapters import trainable_parameters
+
     torch.manual_seed(cfg.seed)
-
     train_rows, eval_rows = load_splits(
         cfg.data, cfg.eval_data, cfg.eval_fraction, cfg.seed, cfg.eval_split
     )
@@ -347,11 +271,11 @@ def train(
     named = {n: p for n, p in model.named_parameters() if p.requires_grad}
     optimizer = torch.optim.AdamW(_param_groups(cfg, named, new_modules, full))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, _schedule(total, round(cfg.warmup * total))
+        optimizer, linear_warmup_decay(total, round(cfg.warmup * total))
     )
 
     ckpt_dir = cfg.out / "checkpoint"
-    step, history, resumed_from = 0, [], None
+    state, resumed_from = LoopState(), None
     if cfg.resume and (ckpt_dir / "state.json").is_file():
         info = load_checkpoint(ckpt_dir, named, optimizer, scheduler)
         if info["config"] != cfg.fingerprint():
@@ -361,7 +285,7 @@ def train(
                 where=str(ckpt_dir),
                 fix="rerun with the original settings, or drop --resume to start over",
             )
-        step, history, resumed_from = info["step"], info["history"], info["step"]
+        state, resumed_from = LoopState(info["step"], info["history"]), info["step"]
 
     core = model
     if world > 1:
@@ -369,95 +293,68 @@ def train(
 
         sparse = adapted and not METHODS.get(cfg.method).uses_all_parameters
         model = nn.parallel.DistributedDataParallel(model, find_unused_parameters=sparse)
-    autocast = lambda: torch.autocast(device.type, torch.bfloat16, enabled=cfg.precision == "bf16")  # noqa: E731
-    show = cfg.progress and rank == 0
-    start, seen = time.perf_counter(), 0
-    with _progress(show, total, step) as advance:
-        while step < total:
-            model.train()
-            step_loss = 0.0
-            for micro in range(cfg.grad_accum):
-                batch = {k: v.to(device) for k, v in batches(step * cfg.grad_accum + micro).items()}
-                sync = micro == cfg.grad_accum - 1 or world == 1
-                with model.no_sync() if not sync else nullcontext(), autocast():
-                    loss = model(**batch).loss
-                    extra = aux_loss(core) if adapted else None
-                    total_loss = loss if extra is None else loss + extra
-                    (total_loss / cfg.grad_accum).backward()
-                step_loss += loss.item() / cfg.grad_accum
-                seen += len(batch["input_ids"]) * world
-            if cfg.grad_clip > 0:
-                nn.utils.clip_grad_norm_(named.values(), cfg.grad_clip)
-            if world > 1:  # log the mean over ranks, not rank 0's slice
-                mean = torch.tensor(step_loss, device=device)
-                torch.distributed.all_reduce(mean)
-                step_loss = mean.item() / world
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            history.append(step_loss)
-            rate = seen / (time.perf_counter() - start)
-            advance(step_loss, rate)
-            if on_step is not None:
-                on_step(step, step_loss)
-            if (
-                rank == 0
-                and cfg.checkpoint_every
-                and step % cfg.checkpoint_every == 0
-                and step < total
-            ):
-                info = {"step": step, "history": history, "config": cfg.fingerprint()}
-                save_checkpoint(ckpt_dir, named, optimizer, scheduler, info)
-    wall = time.perf_counter() - start
 
-    metrics: dict[str, Any] = {}
-    if rank == 0:
-        eval_ids, eval_ys = encode(eval_rows)
-        chunks = [
-            list(range(i, min(i + cfg.batch_size, len(eval_ids))))
-            for i in range(0, len(eval_ids), cfg.batch_size)
-        ]
-        eval_batches = [
-            {
-                k: v.to(device)
-                for k, v in collate(c, eval_ids, eval_ys, tokenizer.pad_token_id).items()
-            }
-            for c in chunks
-        ]
-        counts = trainable_parameters(core)
-        head = sum(
-            p.numel()
-            for n, p in core.named_parameters()
-            if p.requires_grad and _in_new_module(n, new_modules)
-        )
-        metrics = {
-            "objective": objective,
-            "method": cfg.method,
-            "labels": labels,
-            "steps": total,
-            "train_examples": len(train_rows),
-            "eval_examples": len(eval_rows),
-            "train_loss": sum(history[-10:]) / len(history[-10:]),
-            "loss_history": history,
-            "eval": evaluate(core, eval_batches, objective, autocast),
-            "trainable_parameters": counts.trainable,
-            "adapter_parameters": counts.trainable - head if adapted else None,  # head excluded
-            "total_parameters": counts.total,
-            "samples_per_second": seen / wall if wall > 0 else None,
-            "wall_seconds": wall,
-            "resumed_from_step": resumed_from,
-            "world_size": world,
-            "config": cfg.model_dump(mode="json"),
-        }
-        _write_outputs(cfg, core, tokenizer, adapted, labels, metrics, save_adapter)
-    if world > 1:
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    def micro_loss(i: int) -> tuple[torch.Tensor, int]:
+        batch = {k: v.to(device) for k, v in batches(i).items()}
+        return model(**batch).loss, len(batch["input_ids"])
+
+    def save(state: LoopState) -> None:
+        info = {"step": state.step, "history": state.history, "config": cfg.fingerprint()}
+        save_checkpoint(ckpt_dir, named, optimizer, scheduler, info)
+
+    step = TrainStep(
+        micro_loss, optimizer, scheduler, list(named.values()), cfg.grad_accum, cfg.grad_clip,
+        aux=core if adapted else None, precision=cfg.precision, device=device,
+        ddp=model if world > 1 else None,
+    )  # fmt: skip
+    model.train()
+    state = fit(
+        step, total, state=state, on_step=on_step, checkpoint=save if rank == 0 else None,
+        checkpoint_every=cfg.checkpoint_every, progress=cfg.progress and rank == 0,
+    )  # fmt: skip
+    if rank != 0:
+        return {}
+    eval_ids, eval_ys = encode(eval_rows)
+    chunks = [
+        list(range(i, min(i + cfg.batch_size, len(eval_ids))))
+        for i in range(0, len(eval_ids), cfg.batch_size)
+    ]
+    eval_batches = [
+        {k: v.to(device) for k, v in collate(c, eval_ids, eval_ys, tokenizer.pad_token_id).items()}
+        for c in chunks
+    ]
+    counts = trainable_parameters(core)
+    head = sum(
+        p.numel()
+        for n, p in core.named_parameters()
+        if p.requires_grad and _in_new_module(n, new_modules)
+    )
+    history, wall = state.history, state.seconds
+    metrics = {
+        "objective": objective,
+        "method": cfg.method,
+        "labels": labels,
+        "steps": total,
+        "train_examples": len(train_rows),
+        "eval_examples": len(eval_rows),
+        "train_loss": sum(history[-10:]) / len(history[-10:]),
+        "loss_history": history,
+        "eval": evaluate(core, eval_batches, objective, step.autocast),
+        "trainable_parameters": counts.trainable,
+        "adapter_parameters": counts.trainable - head if adapted else None,  # head excluded
+        "total_parameters": counts.total,
+        "samples_per_second": state.seen / wall if wall > 0 else None,
+        "wall_seconds": wall,
+        "resumed_from_step": resumed_from,
+        "world_size": world,
+        "config": cfg.model_dump(mode="json"),
+    }
+    _write_outputs(cfg, core, tokenizer, adapted, labels, metrics)
     return metrics
 
 
-def _write_outputs(cfg, model, tokenizer, adapted, labels, metrics, save_adapter) -> None:
+def _write_outputs(cfg, model, tokenizer, adapted, labels, metrics) -> None:
+    from splice.adapters import save_adapter
     from splice.io.atomic import atomic_dir
 
     if not adapted:  # full fine-tune or linear probe: the whole model, its new head included
@@ -473,30 +370,3 @@ def _write_outputs(cfg, model, tokenizer, adapted, labels, metrics, save_adapter
     tmp_metrics.write_text(json.dumps(metrics, indent=2) + "\n")
     tmp_metrics.replace(cfg.out / "metrics.json")
     shutil.rmtree(cfg.out / "checkpoint", ignore_errors=True)
-
-
-@contextmanager
-def _progress(show: bool, total: int, done: int):
-    """Yield ``advance(loss, samples_per_s)``: a rich bar with loss and throughput when ``show``."""
-    if not show:
-        yield lambda loss, rate: None
-        return
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-    )
-
-    columns = [
-        TextColumn("train"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]:.4f}"),
-        TextColumn("{task.fields[rate]:.1f} samples/s"),
-        TimeRemainingColumn(),
-    ]
-    with Progress(*columns) as progress:
-        task = progress.add_task("train", total=total, completed=done, loss=float("nan"), rate=0.0)
-        yield lambda loss, rate: progress.update(task, advance=1, loss=loss, rate=rate)

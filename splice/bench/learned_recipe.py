@@ -39,20 +39,18 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field, ValidationError
 from torch import Tensor, nn
 
+from splice._schema import Strict, validate
 from splice.errors import SpliceError
 from splice.merge.learned._base import learned
+from splice.merge.recipe.settings import recipe_error
 
 __all__ = ["LearnedRecipe", "is_learned_recipe", "load_learned_recipe", "run_recipe"]
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class DataSection(_Strict):
+class DataSection(Strict):
     samples: int = Field(200, ge=1, description="examples per task")
     split: Literal["train", "val"] = Field("val", description="benchmark tasks: split to use")
     seed: int = Field(0, description="seed of the benchmark split / of the file sample")
@@ -61,18 +59,18 @@ class DataSection(_Strict):
     text_model: str = Field("minilm", description="benchmark text backbone: 'minilm' or a dir")
 
 
-class ModelEntry(_Strict):
+class ModelEntry(Strict):
     path: str = Field(description="fine-tuned HF sequence-classification dir")
     data: str = Field(description="CSV/JSONL of this task's examples (text[, label])")
 
 
-class LearnedRecipe(_Strict):
+class LearnedRecipe(Strict):
     method: str = Field(description="a learned merge method")
     base: str | None = Field(None, description="pretrained HF dir (checkpoint form)")
     models: list[str | ModelEntry] = Field(min_length=1, description="tasks or fine-tunes")
     params: dict[str, Any] = Field(default_factory=dict, description="method hyperparameters")
     data: DataSection = Field(default_factory=DataSection)
-    finetune: dict[str, Any] = Field(default_factory=dict, description="bench TrainConfig")
+    finetune: dict[str, Any] = Field(default_factory=dict, description="bench FinetuneConfig")
     seed: int = Field(0, description="fine-tuning and method seed")
 
 
@@ -101,8 +99,6 @@ def is_learned_recipe(source: str | Path | Mapping[str, Any]) -> bool:
 
 def load_learned_recipe(source: str | Path | Mapping[str, Any]) -> LearnedRecipe:
     """Read and validate a learned-merge recipe (unknown keys and parameters are errors)."""
-    from splice.merge.recipe.settings import recipe_error
-
     raw, where = _raw(source)
     try:
         recipe = LearnedRecipe.model_validate(raw)
@@ -118,13 +114,9 @@ def load_learned_recipe(source: str | Path | Mapping[str, Any]) -> LearnedRecipe
     if hf and recipe.finetune:
         raise SpliceError("finetune applies to benchmark tasks only", where=f"{where}: finetune")
     if not hf:
-        from splice.bench.train import TrainConfig
+        from splice.bench.finetune import FinetuneConfig
 
-        try:
-            TrainConfig(**recipe.finetune)
-        except ValidationError as e:
-            err = e.errors()[0]
-            raise SpliceError(f"finetune.{err['loc'][0]}: {err['msg']}", where=where) from None
+        validate(FinetuneConfig, recipe.finetune, prefix="finetune.", where=where)
     return recipe
 
 
@@ -200,10 +192,10 @@ def run_recipe(
 
 
 def _bench_tasks(recipe: LearnedRecipe, device: str) -> _Setup:
-    from splice.bench.data import Caps, load_task
-    from splice.bench.local import resolve_task
-    from splice.bench.models import load_encoder
-    from splice.bench.train import TrainConfig, finetune_cached
+    from splice.bench.finetune import FinetuneConfig, finetune_cached
+    from splice.data.encoders import load_encoder
+    from splice.data.local import resolve_task
+    from splice.data.registry import Caps, load_task
 
     task_objs = [resolve_task(str(m)) for m in recipe.models]
     if len({t.modality for t in task_objs}) != 1:
@@ -221,7 +213,7 @@ def _bench_tasks(recipe: LearnedRecipe, device: str) -> _Setup:
         image_size=d.image_size,
         device=device,
     )
-    cfg = TrainConfig(**recipe.finetune)
+    cfg = FinetuneConfig(**recipe.finetune)
     runs = {n: finetune_cached(enc, td, cfg, recipe.seed)[0] for n, td in splits.items()}
     parts = {n: getattr(td, d.split) for n, td in splits.items()}
     examples = {n: enc.prepare(p.x[: d.samples]) for n, p in parts.items()}

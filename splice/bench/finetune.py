@@ -1,16 +1,16 @@
 """Fine-tune one task: an adapter (LoRA by default) or all weights, plus a linear head.
 
-The result is the task's deltas (keyed by the base model's tensor names) and its head. Runs
-are cached under ``<cache>/bench/runs`` keyed by a hash of (model, task splits, fine-tuning
-config, seed) and written atomically, so re-runs skip training and Ctrl-C never leaves a
-partial entry.
+The steps are :func:`splice.train.fit`'s; this file builds the run (encoder copy, adapter, head,
+AdamW, seeded batch order) and caches its result: the task's deltas (keyed by the base
+model's tensor names) and its head. Runs are cached under ``<cache>/bench/runs`` keyed by a
+hash of (model, task splits, fine-tuning config, seed) and written atomically, so re-runs skip
+training and Ctrl-C never leaves a partial entry.
 """
 
 from __future__ import annotations
 
 import copy
 import json
-import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,23 +18,23 @@ from typing import Any
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from splice.bench._cache import cache_root, stable_hash
-from splice.bench.data import TaskData
-from splice.bench.models import Encoder
+from splice._schema import Strict
+from splice.data.cache import cache_root, stable_hash
+from splice.data.encoders import Encoder
+from splice.data.registry import TaskData
 from splice.deltas import Delta, Dense, load_deltas, save_deltas
 from splice.io.atomic import atomic_dir
+from splice.train.loop import TrainStep, fit
 
-__all__ = ["Head", "TaskRun", "TrainConfig", "apply_deltas", "finetune", "finetune_cached"]
+__all__ = ["FinetuneConfig", "Head", "TaskRun", "apply_deltas", "finetune", "finetune_cached"]
 
 
-class TrainConfig(BaseModel):
+class FinetuneConfig(Strict):
     """How each task is fine-tuned. Part of the cache key."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
 
     finetune: str = Field("lora", description="'full', or a registered adapter name (e.g. lora)")
     r: int = Field(8, description="adapter rank")
@@ -73,7 +73,9 @@ class TaskRun:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
-def _trainable(model: nn.Module, cfg: TrainConfig, targets: tuple[str, ...]) -> list[nn.Parameter]:
+def _trainable(
+    model: nn.Module, cfg: FinetuneConfig, targets: tuple[str, ...]
+) -> list[nn.Parameter]:
     if cfg.finetune == "full":
         model.requires_grad_(True)
         return [p for p in model.parameters() if p.is_floating_point()]
@@ -91,7 +93,7 @@ def _aux_loss(model: nn.Module) -> Tensor | None:
     return adapters.aux_loss(model)
 
 
-def _deltas(model: nn.Module, base: nn.Module, cfg: TrainConfig) -> dict[str, Delta]:
+def _deltas(model: nn.Module, base: nn.Module, cfg: FinetuneConfig) -> dict[str, Delta]:
     if cfg.finetune == "full":
         ref = base.state_dict()
         return {
@@ -107,7 +109,7 @@ def _deltas(model: nn.Module, base: nn.Module, cfg: TrainConfig) -> dict[str, De
 def finetune(
     encoder: Encoder,
     data: TaskData,
-    cfg: TrainConfig,
+    cfg: FinetuneConfig,
     seed: int,
     on_step: Callable[[int, float], None] | None = None,
 ) -> TaskRun:
@@ -131,34 +133,35 @@ def finetune(
     labels = torch.as_tensor(data.train.y, device=device)
     rng = np.random.default_rng(seed)
     order = np.empty(0, dtype=np.int64)
-    start, loss_v = time.perf_counter(), float("nan")
-    for step in range(cfg.steps):
+
+    def micro_loss(i: int) -> tuple[Tensor, int]:
+        """Batch ``i``: the next ``batch_size`` of a stream of seeded permutations."""
+        nonlocal order
         if len(order) < cfg.batch_size:
             order = np.concatenate([order, rng.permutation(len(prepared))])
         idx, order = order[: cfg.batch_size], order[cfg.batch_size :]
         logits = head(encoder.features(prepared.batch(idx, device), module=model))
         loss = nn.functional.cross_entropy(logits, labels[torch.as_tensor(idx, device=device)])
+        # the logged loss includes the adapter's auxiliary term, as cached runs' final_loss has
         if cfg.finetune != "full" and (aux := _aux_loss(model)) is not None:
             loss = loss + aux
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        loss_v = float(loss.detach())
-        if on_step:
-            on_step(step + 1, loss_v)
-    meta = {"train_s": round(time.perf_counter() - start, 2), "final_loss": loss_v}
+        return loss, len(idx)
+
+    state = fit(TrainStep(micro_loss, opt, device=device), cfg.steps, on_step=on_step)
+    final = state.history[-1] if state.history else float("nan")
+    meta = {"train_s": round(state.seconds, 2), "final_loss": final}
     h = Head(head.weight.detach().cpu().clone(), head.bias.detach().cpu().clone())
     return TaskRun(data.name, _deltas(model, encoder.module, cfg), h, meta)
 
 
-def run_key(encoder: Encoder, data: TaskData, cfg: TrainConfig, seed: int) -> str:
+def run_key(encoder: Encoder, data: TaskData, cfg: FinetuneConfig, seed: int) -> str:
     """Cache key: (model, task splits, fine-tuning config, seed)."""
     return stable_hash(
         {"model": encoder.key, "data": data.key, "cfg": cfg.model_dump(), "seed": seed}
     )
 
 
-def _entry(encoder: Encoder, data: TaskData, cfg: TrainConfig, seed: int) -> Path:
+def _entry(encoder: Encoder, data: TaskData, cfg: FinetuneConfig, seed: int) -> Path:
     return cache_root() / "bench" / "runs" / f"{data.name}-{run_key(encoder, data, cfg, seed)}"
 
 
@@ -172,7 +175,7 @@ def _load(path: Path, task: str) -> TaskRun:
 def finetune_cached(
     encoder: Encoder,
     data: TaskData,
-    cfg: TrainConfig,
+    cfg: FinetuneConfig,
     seed: int,
     on_step: Callable[[int, float], None] | None = None,
 ) -> tuple[TaskRun, bool]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from splice.bench.data import Source, Task, tasks
+from splice.data.registry import TASKS, Source, Task
 
 DIGITS = Source(
     "scikit-learn",
@@ -21,7 +21,7 @@ def read() -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
     return pixels, rows[:, 64], CLASSES
 
 
-tasks.register("sk_digits")(
+TASKS.register("sk_digits")(
     Task(
         "sk_digits",
         "image",
