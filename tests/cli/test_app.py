@@ -29,3 +29,19 @@ def test_the_app_imports_no_heavy_dependency() -> None:
         "assert not heavy, heavy\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_train_help_names_every_adapter_method() -> None:
+    """``--method``'s help lists the adapters by hand (the CLI must not import torch to start);
+    this keeps that list equal to the registry."""
+    import re
+    import typing
+
+    from splice.adapters import METHODS
+    from splice.cli.train import train
+
+    hints = typing.get_type_hints(train, include_extras=True)
+    help_text = hints["method"].__metadata__[0].help
+    listed = re.search(r"Adapter method \(([^)]*)\)", help_text)
+    assert listed, help_text
+    assert sorted(listed.group(1).split(", ")) == sorted(METHODS.names())

@@ -37,13 +37,7 @@ from tests.docs._markdown import (
 # Examples that fail on this branch because of the code, not the docs: {block id: (why,
 # a string their error output contains)}. Each must still fail with that string: once the
 # code is fixed the test fails until its entry is removed, so the list cannot go stale.
-KNOWN_BROKEN = {
-    "docs/merging-learned.md#python-1": (
-        "`from splice.merge.learned import adamerging, ...` binds the submodules: the lazy "
-        "names equal the submodule names (issue #20; fixed by the merge restructure)",
-        "TypeError: 'module' object is not callable",
-    ),
-}
+KNOWN_BROKEN: dict[str, tuple[str, str]] = {}  # block id: (why, expected error text)
 
 BLOCKS = all_blocks()
 RUNS = [b for b in BLOCKS if b.runnable and not b.directives()[0]["skip"]]
