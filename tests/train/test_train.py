@@ -75,6 +75,18 @@ def run(model_dir, data, out, **kw):
     return train(TrainConfig(model=model_dir, data=str(data), out=out, **options))
 
 
+def interrupted(model_dir, data, out, at_step, **kw):
+    """Start ``run`` and stop it with Ctrl-C after step ``at_step``."""
+
+    def interrupt(step, loss):
+        if step == at_step:
+            raise KeyboardInterrupt
+
+    options = dict(steps=8, batch_size=8, lr=5e-3, progress=False, seed=0) | kw
+    with pytest.raises(KeyboardInterrupt):
+        train(TrainConfig(model=model_dir, data=str(data), out=out, **options), on_step=interrupt)
+
+
 def stable(metrics):
     return {k: metrics[k] for k in ("train_loss", "loss_history", "eval", "trainable_parameters")}
 
@@ -108,24 +120,7 @@ def test_interrupted_run_resumes_to_the_same_result(bert_dir, csv_file, tmp_path
     kw = dict(checkpoint_every=3, method="nola", adapter={"k": 32, "l": 32, "dropout": 0.1})
     full = run(bert_dir, csv_file, tmp_path / "full", **kw)
 
-    def interrupt(step, loss):
-        if step == 5:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        train(
-            TrainConfig(
-                model=bert_dir,
-                data=str(csv_file),
-                out=tmp_path / "cut",
-                steps=8,
-                batch_size=8,
-                lr=5e-3,
-                progress=False,
-                **kw,
-            ),
-            on_step=interrupt,
-        )
+    interrupted(bert_dir, csv_file, tmp_path / "cut", at_step=5, **kw)
     assert json.loads((tmp_path / "cut" / "checkpoint" / "state.json").read_text())["step"] == 3
     assert not (tmp_path / "cut" / "metrics.json").exists()
     resumed = run(bert_dir, csv_file, tmp_path / "cut", resume=True, **kw)
@@ -134,23 +129,7 @@ def test_interrupted_run_resumes_to_the_same_result(bert_dir, csv_file, tmp_path
 
 
 def test_resume_refuses_a_checkpoint_with_other_settings(bert_dir, csv_file, tmp_path):
-    def interrupt(step, loss):
-        if step == 2:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        train(
-            TrainConfig(
-                model=bert_dir,
-                data=str(csv_file),
-                out=tmp_path,
-                steps=8,
-                batch_size=8,
-                checkpoint_every=1,
-                progress=False,
-            ),
-            on_step=interrupt,
-        )
+    interrupted(bert_dir, csv_file, tmp_path, at_step=2, checkpoint_every=1)
     with pytest.raises(SpliceError, match=r"different settings: \['lr'\]"):
         run(bert_dir, csv_file, tmp_path, steps=8, checkpoint_every=1, lr=1e-3, resume=True)
 
