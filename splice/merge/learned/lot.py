@@ -9,28 +9,37 @@ forward hooks while expert t runs on task t's examples):
   ``Conv1D``): ``τ* = (Σ_t τ_t G_t)(Σ_t G_t)⁺`` with ``G_t = X_tᵀX_t`` in float64; the bias, when
   it has a delta, is solved jointly through inputs augmented with a column of ones;
   ``ridge > 0`` replaces the pseudo-inverse by ``(G + ridge·mean(diag G)·I)⁻¹``;
+- ``nn.MultiheadAttention`` (OpenCLIP's attention; merging.md Errata §9): its q, k and v
+  projections — the row blocks of the packed ``in_proj_weight``/``in_proj_bias``, or
+  ``q/k/v_proj_weight`` — are linear maps of the query, key and value inputs, and ``out_proj``
+  one of the heads' output before it. A pre-hook on the attention module reads the three
+  inputs and recomputes that output with ``out_proj`` swapped for the identity (the module's
+  forward calls ``F.multi_head_attention_forward``, so ``out_proj``'s own hooks never fire);
+  each block is solved by the linear closed form on its own inputs;
 - normalisation layers (LayerNorm, RMSNorm, BatchNorm with running statistics): per feature
   ``τ*_γ = Σ_t τ_γ,t S_t / Σ_t S_t`` with ``S_t = Σ x̂²`` of the normalised inputs; the shift
   ``τ*_β`` is the mean of ``τ_β,t`` weighted by the number of rows;
-- every other tensor (embeddings, unused layers): the mean of the task vectors.
+- every other tensor: the mean of the task vectors — embeddings, tokens and other parameters
+  that are no weight of such a layer (no closed form), and the tensors of a layer whose
+  forward never ran on the examples (e.g. a module used through functional code). None of
+  them is silent: ``info["averaged"]`` names each with the reason, ``info["solved"]["mean"]``
+  counts them and a ``UserWarning`` says so; ``unsolved="error"`` refuses them instead.
 
+Run the module in eval mode (dropout off): the statistics come from its forward passes.
 ``rows(batch)`` may return a boolean ``(B, L)`` mask of the token rows to count (e.g. the
 attention mask, so padding does not enter the statistics).
 """
 
 from __future__ import annotations
 
-import math
 import time
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
-from dataclasses import dataclass, field
-from typing import Any
+import warnings
+from collections.abc import Callable, Mapping
+from typing import Any, Literal
 
 import torch
 from pydantic import Field
 from torch import Tensor, nn
-from torch.nn import functional as F
 
 from splice.errors import SpliceError
 from splice.merge.base import HyperParams
@@ -43,6 +52,7 @@ from splice.merge.learned._functional import (
     resolve_device,
     to_cpu,
 )
+from splice.merge.learned._lot_layers import Layer, collect, find_layers
 
 __all__ = ["Params", "lot", "lot_solve"]
 
@@ -53,6 +63,9 @@ class Params(HyperParams):
     ridge: float = Field(0.0, ge=0, description="0: pseudo-inverse; >0: relative ridge term")
     rtol: float = Field(1e-10, ge=0, description="pseudo-inverse cut-off relative to ‖G‖")
     post_scale: float = Field(1.0, description="multiply the merged task vector")
+    unsolved: Literal["mean", "error"] = Field(
+        "mean", description="tensors without a closed form: 'mean' (reported) or 'error'"
+    )
 
 
 def lot_solve(numerator: Tensor, gram: Tensor, ridge: float = 0.0, rtol: float = 1e-10) -> Tensor:
@@ -64,129 +77,14 @@ def lot_solve(numerator: Tensor, gram: Tensor, ridge: float = 0.0, rtol: float =
     return numerator @ torch.linalg.pinv(gram, rtol=rtol, hermitian=True)
 
 
-@dataclass
-class _Layer:
-    """Running statistics of one solvable layer."""
-
-    kind: str  # "linear" | "norm" | "shift" (only a bias delta: rows are all it needs)
-    weight: str | None  # tensor names with deltas (None: unchanged by every task)
-    bias: str | None
-    inputs: Callable[[Tensor], Tensor] = field(repr=False)  # layer input -> rows (N, n)
-    transpose: bool = False  # GPT-2 Conv1D stores (in, out)
-    task_stat: Tensor | None = None  # G_t (n, n) or S_t (n,), current task, float64
-    task_rows: int = 0
-    num: Tensor | None = None  # Σ_t τ_t G_t | Σ_t τ_γ,t S_t
-    den: Tensor | None = None  # Σ_t G_t | Σ_t S_t
-    bias_num: Tensor | None = None  # norm: Σ_t N_t τ_β,t
-    rows: int = 0  # Σ_t N_t
-
-    def observe(self, x: Tensor) -> None:
-        r = self.inputs(x.detach()).double()
-        self.task_rows += r.shape[0]
-        if self.kind == "shift":
-            return
-        if self.kind == "linear" and self.bias is not None:
-            r = torch.cat([r, r.new_ones(r.shape[0], 1)], dim=1)
-        stat = r.T @ r if self.kind == "linear" else r.pow(2).sum(0)
-        self.task_stat = stat if self.task_stat is None else self.task_stat + stat
+def _bias(layer: Layer, tv: TaskVectors, t: int) -> Tensor:
+    """Task t's bias delta (the layer's rows of it) as a float64 vector."""
+    assert layer.bias is not None
+    b = tv.stacked[layer.bias][t].double().reshape(-1)
+    return b if layer.b_rows is None else b[layer.b_rows]
 
 
-def _norm_rows(module: nn.Module) -> Callable[[Tensor], Tensor] | None:
-    if isinstance(module, nn.LayerNorm):
-        k, eps = len(module.normalized_shape), module.eps
-        n = math.prod(module.normalized_shape)
-        dims = tuple(range(-k, 0))
-
-        def layer_norm(x: Tensor) -> Tensor:
-            x = x.double()
-            var = x.var(dims, unbiased=False, keepdim=True)
-            return ((x - x.mean(dims, keepdim=True)) / (var + eps).sqrt()).reshape(-1, n)
-
-        return layer_norm
-    if isinstance(module, nn.modules.batchnorm._BatchNorm):
-        if module.training or module.running_mean is None:
-            return None
-        mean, var, eps = module.running_mean, module.running_var, module.eps
-
-        def batch_norm(x: Tensor) -> Tensor:
-            x = x.double().movedim(1, -1)
-            return ((x - mean.double()) / (var.double() + eps).sqrt()).reshape(-1, x.shape[-1])
-
-        return batch_norm
-    if type(module).__name__.endswith("RMSNorm") and getattr(module, "weight", None) is not None:
-        eps = getattr(module, "eps", None) or getattr(module, "variance_epsilon", 1e-6)
-        n = module.weight.numel()
-
-        def rms_norm(x: Tensor) -> Tensor:
-            x = x.double().reshape(-1, n)
-            return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
-
-        return rms_norm
-    return None
-
-
-def _linear_rows(module: nn.Module) -> tuple[Callable[[Tensor], Tensor], bool] | None:
-    if isinstance(module, nn.Linear):
-        return (lambda x: x.reshape(-1, x.shape[-1])), False
-    if type(module).__name__ == "Conv1D" and getattr(module, "weight", None) is not None:
-        return (lambda x: x.reshape(-1, x.shape[-1])), True
-    if isinstance(module, nn.Conv2d) and module.groups == 1 and module.padding_mode == "zeros":
-        if isinstance(module.padding, str):
-            return None
-        kw = {"kernel_size": module.kernel_size, "dilation": module.dilation,
-              "padding": module.padding, "stride": module.stride}  # fmt: skip
-
-        def patches(x: Tensor) -> Tensor:
-            p = F.unfold(x, **kw)  # (B, C·kh·kw, L)
-            return p.transpose(1, 2).reshape(-1, p.shape[1])
-
-        return patches, False
-    return None
-
-
-def _layers(module: nn.Module, names: set[str]) -> dict[str, _Layer]:
-    out: dict[str, _Layer] = {}
-    for mname, sub in module.named_modules():
-        prefix = f"{mname}." if mname else ""
-        w = f"{prefix}weight" if f"{prefix}weight" in names else None
-        b = f"{prefix}bias" if f"{prefix}bias" in names else None
-        if w is None and b is None:
-            continue
-        lin = _linear_rows(sub)
-        if lin is not None:
-            out[mname] = _Layer("linear" if w else "shift", w, b, lin[0], transpose=lin[1])
-            continue
-        norm = _norm_rows(sub)
-        if norm is not None:
-            out[mname] = _Layer("norm", w, b, norm)
-    return out
-
-
-@contextmanager
-def _hooks(
-    module: nn.Module, layers: Mapping[str, _Layer], keep: list[Tensor | None]
-) -> Iterator[None]:
-    def hook(layer: _Layer) -> Callable[..., None]:
-        def pre(mod: nn.Module, args: tuple[Any, ...]) -> None:
-            x = args[0]
-            mask = keep[0]
-            if mask is not None and x.dim() == 3 and x.shape[:2] == mask.shape:
-                x = x[mask]
-            layer.observe(x)
-
-        return pre
-
-    handles = [
-        module.get_submodule(n).register_forward_pre_hook(hook(lay)) for n, lay in layers.items()
-    ]
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
-
-
-def _close_task(layer: _Layer, tv: TaskVectors, t: int) -> None:
+def _close_task(layer: Layer, tv: TaskVectors, t: int) -> None:
     """Fold task t's statistics into the running sums (τ_t G_t, G_t; τ_γ S_t, S_t; N_t τ_β)."""
     n_rows = layer.task_rows
     if n_rows == 0:
@@ -194,7 +92,7 @@ def _close_task(layer: _Layer, tv: TaskVectors, t: int) -> None:
     stat, layer.task_stat, layer.task_rows = layer.task_stat, None, 0
     layer.rows += n_rows
     if layer.kind != "linear" and layer.bias is not None:
-        bt = tv.stacked[layer.bias][t].double().reshape(-1) * n_rows
+        bt = _bias(layer, tv, t) * n_rows
         layer.bias_num = bt if layer.bias_num is None else layer.bias_num + bt
     if stat is None:
         return
@@ -209,41 +107,106 @@ def _close_task(layer: _Layer, tv: TaskVectors, t: int) -> None:
     layer.den = stat if layer.den is None else layer.den + stat
 
 
-def _matrix(layer: _Layer, x: Tensor) -> Tensor:
+def _matrix(layer: Layer, x: Tensor) -> Tensor:
     x = x.double()
-    return x.T if layer.transpose else x.reshape(x.shape[0], -1)
+    x = x.T if layer.transpose else x.reshape(x.shape[0], -1)
+    return x if layer.w_rows is None else x[layer.w_rows]
 
 
-def _augmented(layer: _Layer, tv: TaskVectors, t: int) -> Tensor:
+def _augmented(layer: Layer, tv: TaskVectors, t: int) -> Tensor:
     """``[τ_W, τ_b]`` (or ``τ_W``) of task t as an (out, in[+1]) float64 matrix."""
     assert layer.weight is not None
     w = _matrix(layer, tv.stacked[layer.weight][t])
     if layer.bias is None:
         return w
-    return torch.cat([w, tv.stacked[layer.bias][t].double().reshape(-1, 1)], dim=1)
+    return torch.cat([w, _bias(layer, tv, t)[:, None]], dim=1)
 
 
-def _solve(layer: _Layer, tv: TaskVectors, ridge: float, rtol: float) -> dict[str, Tensor]:
+Piece = tuple[str, slice | None, Tensor]  # tensor name, the output rows solved (None: all), value
+
+
+def _solve(layer: Layer, tv: TaskVectors, ridge: float, rtol: float) -> list[Piece]:
     """Merged task vectors of the layer's tensors (empty if it saw no inputs)."""
-    out: dict[str, Tensor] = {}
     if layer.rows == 0:
-        return out
+        return []
+    out: list[Piece] = []
     if layer.kind == "linear":
         assert layer.weight is not None and layer.num is not None and layer.den is not None
         sol = lot_solve(layer.num, layer.den, ridge, rtol)
         w = sol[:, : sol.shape[1] - (layer.bias is not None)]
-        out[layer.weight] = (w.T if layer.transpose else w).reshape(tv.base[layer.weight].shape)
+        if layer.w_rows is None:
+            w = (w.T if layer.transpose else w).reshape(tv.base[layer.weight].shape)
+        out.append((layer.weight, layer.w_rows, w))
         if layer.bias is not None:
-            out[layer.bias] = sol[:, -1].reshape(tv.base[layer.bias].shape)
+            out.append((layer.bias, layer.b_rows, sol[:, -1]))
         return out
     if layer.kind == "norm" and layer.weight is not None:
         assert layer.num is not None and layer.den is not None
         mean = tv.stacked[layer.weight].double().mean(0).reshape(-1)
         gamma = torch.where(layer.den > 0, layer.num / layer.den.clamp_min(1e-300), mean)
-        out[layer.weight] = gamma.reshape(tv.base[layer.weight].shape)
+        out.append((layer.weight, None, gamma.reshape(tv.base[layer.weight].shape)))
     if layer.bias is not None and layer.bias_num is not None:
-        out[layer.bias] = (layer.bias_num / layer.rows).reshape(tv.base[layer.bias].shape)
+        out.append((layer.bias, layer.b_rows, layer.bias_num / layer.rows))
     return out
+
+
+NO_FORM = "no closed form (not a weight of a linear, attention or normalisation layer)"
+NEVER_RAN = "its layer's forward never ran on the examples (functional use, or off the path)"
+
+
+def _assemble(
+    tv: TaskVectors, layers: Mapping[str, Layer], ridge: float, rtol: float
+) -> tuple[dict[str, Tensor], dict[str, int], dict[str, str]]:
+    """Merged task vectors, tensors per rule, and {averaged tensor: why}."""
+    pieces: dict[str, list[tuple[slice | None, Tensor]]] = {}
+    kinds: dict[str, str] = {}
+    for layer in layers.values():
+        for name, part, value in _solve(layer, tv, ridge, rtol):
+            pieces.setdefault(name, []).append((part, value))
+            kinds[name] = layer.kind
+    in_layers = {n for layer in layers.values() for n in layer.names()}
+    merged: dict[str, Tensor] = {}
+    counts = {"linear": 0, "norm": 0, "shift": 0, "mean": 0}
+    averaged: dict[str, str] = {}
+    for n in tv.names:
+        mean = tv.stacked[n].double().mean(0)
+        parts = pieces.get(n, [])
+        covered = torch.zeros(mean.shape[0] if mean.dim() else 1, dtype=torch.bool)
+        value = mean.clone()
+        for part, v in parts:
+            if part is None:
+                value = v.reshape(mean.shape)
+                covered[:] = True
+            else:
+                value[part] = v.reshape(value[part].shape)
+                covered[part] = True
+        merged[n] = value
+        if parts and bool(covered.all()):
+            counts[kinds[n]] += 1
+        else:
+            merged[n] = mean
+            counts["mean"] += 1
+            averaged[n] = NEVER_RAN if n in in_layers else NO_FORM
+    return merged, counts, averaged
+
+
+def _refuse(averaged: Mapping[str, str]) -> None:
+    listed = "; ".join(f"{n} ({why})" for n, why in sorted(averaged.items()))
+    raise SpliceError(
+        f"{len(averaged)} tensors have no LOT closed form: {listed}",
+        fix="leave them out of the deltas, or pass unsolved='mean' to average them "
+        "(listed in info['averaged'])",
+    )
+
+
+def _report(averaged: Mapping[str, str]) -> None:
+    names = sorted(averaged)
+    shown = ", ".join(names[:8]) + (f", … ({len(names) - 8} more)" if len(names) > 8 else "")
+    warnings.warn(
+        f"LOT: {len(names)} tensors averaged (no closed form, or no inputs seen): {shown}; "
+        "reasons in info['averaged']",
+        stacklevel=3,
+    )
 
 
 def lot(
@@ -258,6 +221,7 @@ def lot(
     ridge: float = 0.0,
     rtol: float = 1e-10,
     post_scale: float = 1.0,
+    unsolved: Literal["mean", "error"] = "mean",
     device: str | torch.device | None = None,
     progress: Progress = False,
 ) -> LearnedMerge:
@@ -265,17 +229,25 @@ def lot(
 
     ``data`` is {task: unlabeled inputs}. No labels, heads or gradients are used; statistics
     accumulate in float64. Returns the merged tensors; ``info["solved"]`` counts the tensors
-    per rule (``linear``, ``norm``, ``mean``).
+    per rule (``linear``, ``norm``, ``shift``, ``mean``) and ``info["averaged"]`` names each
+    averaged tensor with the reason (a ``UserWarning`` lists them too).
+
+    Raises:
+        SpliceError: a task without data, or (``unsolved="error"``) a tensor without a closed
+            form — checked before any forward pass where the module's layout tells.
     """
     start = time.perf_counter()
     dev = resolve_device(module, device)
     tv = TaskVectors.build(module, deltas, dev)
     net = Network(module, forward)
-    layers = _layers(module, set(tv.names))
+    layers = find_layers(module, set(tv.names))
     keep: list[Tensor | None] = [None]
     missing = [t for t in tv.tasks if t not in data]
     if missing:
         raise SpliceError(f"no data for task(s) {missing}", fix="pass data={task: inputs}")
+    in_layers = {n for layer in layers.values() for n in layer.names()}
+    if unsolved == "error" and any(n not in in_layers for n in tv.names):
+        _refuse({n: NO_FORM for n in tv.names if n not in in_layers})
     samples = {t: as_samples(data[t], t) for t in tv.tasks}
     total = sum(min(num_samples, len(s)) for s in samples.values())
     done = 0
@@ -283,7 +255,7 @@ def lot(
         for i, task in enumerate(tv.tasks):
             s = samples[task]
             expert = {n: tv.base[n] + tv.stacked[n][i] for n in tv.names}
-            with _hooks(module, layers, keep):
+            with collect(module, layers, keep):
                 for idx in chunks(min(num_samples, len(s)), batch_size):
                     batch = s.take(idx, dev)[0]
                     keep[0] = rows(batch).bool() if rows is not None else None
@@ -292,20 +264,16 @@ def lot(
                     update(done, 0.0)
             for layer in layers.values():
                 _close_task(layer, tv, i)
-        merged: dict[str, Tensor] = {}
-        counts = {"linear": 0, "norm": 0, "shift": 0, "mean": 0}
-        for layer in layers.values():
-            solved = _solve(layer, tv, ridge, rtol)
-            counts[layer.kind] += len(solved)
-            merged.update(solved)
-        for n in tv.names:
-            if n not in merged:
-                merged[n] = tv.stacked[n].double().mean(0)
-                counts["mean"] += 1
+        merged, counts, averaged = _assemble(tv, layers, ridge, rtol)
+        if averaged and unsolved == "error":
+            _refuse(averaged)
+        if averaged:
+            _report(averaged)
         weights = {n: tv.base[n] + (post_scale * merged[n]).to(tv.base[n].dtype) for n in tv.names}
     info = {
         "tasks": list(tv.tasks),
         "solved": counts,
+        "averaged": averaged,
         "num_samples": num_samples,
         "seconds": time.perf_counter() - start,
     }
