@@ -28,15 +28,34 @@ def base_state(
     return {n: t.detach().to(dev) for n, t in state.items() if t.is_floating_point()}, dev
 
 
+_TABLES = ("wte", "wpe", "shared")  # embedding tables without "embed" in their name
+
+
 def linear_weights(base: nn.Module | Mapping[str, Tensor]) -> set[str]:
-    """``nn.Linear`` weight names of a module; for a plain state dict, every 2-D tensor."""
+    """The names OPCM projects: the ``nn.Linear`` weights (FusionBench).
+
+    With a module the module type decides (an attention's ``out_proj`` is an ``nn.Linear``;
+    its packed ``in_proj_weight``, embeddings, GPT-2 ``Conv1D`` and bare parameters are not).
+    A plain state dict has no types, so a name/shape rule stands in: a 2-D tensor whose name
+    ends in ``weight`` after a dot (``….weight``: not ``in_proj_weight``, ``proj`` or
+    ``positional_embedding``) and none of whose dotted parts contains ``embed`` or is
+    ``wte``, ``wpe`` or ``shared`` (embedding tables). It matches the module rule on the usual
+    layouts, except GPT-2 ``Conv1D`` weights, which it counts as linear.
+    """
     if isinstance(base, nn.Module):
         return {
             f"{n}.weight" if n else "weight"
             for n, m in base.named_modules()
             if isinstance(m, nn.Linear)
         }
-    return {n for n, t in base.items() if t.dim() == 2}
+    return {n for n, t in base.items() if t.dim() == 2 and _linear_name(n)}
+
+
+def _linear_name(name: str) -> bool:
+    *parts, last = name.split(".")
+    if last != "weight" or not parts:
+        return False
+    return not any(p in _TABLES or "embed" in p for p in parts)
 
 
 def sequence(

@@ -6,7 +6,9 @@ kept as is. For every later task vector τ_t:
 1. each linear weight's τ_t is projected away from the current merged update Δ = W − W₀:
    with ``Δ = UΣVᵀ`` (full SVD) and ``r`` the first index where ``cumsum(σ)/Σσ > alpha``,
    ``P = UᵀτV``, then ``P_ii = 0`` for every i and ``P[:r, :r] = 0``, and ``τ̃ = UPVᵀ``
-   (an all-zero Δ leaves τ unprojected, the spec's guard); other tensors add τ_t as is;
+   (an all-zero Δ leaves τ unprojected, the spec's guard); other tensors (biases, norms,
+   embeddings, an attention's packed ``in_proj_weight``) add τ_t as is — FusionBench projects
+   ``nn.Linear`` weights only, also when the base is a plain state dict (merging.md Errata);
 2. the running sum is ``λ_{t−1}Δ + τ̃_t`` and is rescaled to the mean task-vector norm
    ``n̄_t`` (global L2 over all tensors): ``λ_t = ‖sum‖/n̄_t``, ``Δ ← sum/λ_t``.
 
@@ -59,7 +61,9 @@ def opcm(
     """Merge ``deltas`` (in order) continually; yield the merged model after each task.
 
     ``module`` is the base ``nn.Module`` (its ``nn.Linear`` weights are projected) or a state
-    dict (every 2-D tensor is); ``projected`` overrides which names are. Each step's
+    dict (its ``….weight`` 2-D tensors outside embedding tables are: the rule of
+    :func:`~splice.merge.learned._continual.linear_weights`); every other tensor is added
+    unprojected, then rescaled with the rest. ``projected`` overrides which names are. Each step's
     ``weights`` hold base + merged ΔW for every name seen so far (CPU, base dtype);
     ``info["scale"]`` is λ_t and ``info["mean_norm"]`` n̄_t.
     """

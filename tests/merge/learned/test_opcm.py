@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from splice.errors import SpliceError
+from splice.merge.learned._continual import linear_weights
 from splice.merge.learned.continual_task_arithmetic import continual_task_arithmetic
 from splice.merge.learned.opcm import opcm, project
 
@@ -77,7 +78,7 @@ def test_running_scale_is_sqrt_t_for_orthogonal_vectors_and_norm_is_the_mean():
     for step in opcm(base, _orthogonal_sequence(), projected=()):  # scaling alone
         t = step.index + 1
         assert step.info["scale"] == pytest.approx(t**0.5, rel=1e-12)
-    for step in opcm(base, _orthogonal_sequence(grow=True), alpha=0.5):  # with the projection
+    for step in opcm(base, _orthogonal_sequence(grow=True), alpha=0.5, projected={"w"}):
         t = step.index + 1
         delta = torch.cat([step.weights["w"].reshape(-1), step.weights["b"]])
         assert float(delta.norm()) == pytest.approx((t + 1) / 2)  # mean of norms 1..t
@@ -112,3 +113,37 @@ def test_continual_task_arithmetic_is_the_scaled_running_sum():
 def test_bad_sequence_is_refused():
     with pytest.raises(SpliceError, match="not in the base"):
         list(opcm({"w": torch.zeros(2, 2)}, {"a": {"v": torch.zeros(2, 2)}}))
+
+
+class _Tiny(nn.Module):
+    """An embedding, a positional table, an attention and a linear read-out."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.token_embedding = nn.Embedding(12, 4)
+        self.positional_embedding = nn.Parameter(torch.zeros(6, 4))
+        self.attn = nn.MultiheadAttention(4, 2)
+        self.norm = nn.LayerNorm(4)
+        self.fc = nn.Linear(4, 3)
+
+
+def test_plain_state_dict_projects_linear_weights_only_as_the_module_would():
+    module = _Tiny().double()
+    state = module.state_dict()
+    # the documented name/shape rule picks the nn.Linear weights, like the module-type rule
+    want = {"attn.out_proj.weight", "fc.weight"}
+    assert linear_weights(module) == want == linear_weights(state)
+    hf = {n: torch.zeros(3, 3) for n in ("bert.embeddings.word_embeddings.weight", "wte.weight",
+          "shared.weight", "model.embed_tokens.weight", "visual.proj", "lm_head.weight",
+          "layer.0.attention.self.query.weight")}  # fmt: skip
+    assert linear_weights(hf) == {"lm_head.weight", "layer.0.attention.self.query.weight"}
+
+    ds = deltas(module, seed=4)
+    base = {n: t for n, t in state.items() if t.is_floating_point()}
+    last = list(opcm(base, ds))[-1]
+    scale = last.info["scale"]
+    for n in ("token_embedding.weight", "positional_embedding", "attn.in_proj_weight"):
+        plain = sum(ds[t][n] for t in TASKS) / scale  # averaged in: the rescaled running sum
+        torch.testing.assert_close(last.weights[n] - base[n], plain)
+    projected = last.weights["fc.weight"] - base["fc.weight"]
+    assert not torch.allclose(projected, sum(ds[t]["fc.weight"] for t in TASKS) / scale)
