@@ -1,31 +1,51 @@
 """aTLAS: learned anisotropic scaling of task vectors (Zhang et al., NeurIPS 2024).
 
-merging.md §5: ``θ^(b) = θ₀^(b) + Σ_i Λ_{i,b}·τ_i^(b)`` with one coefficient per task vector
-and block (``blockwise``; otherwise one per task vector), optionally per random group of each
-block's entries (aTLAS×K, ``partitions=K``, a fixed seeded assignment; all tensor ranks take
-part, unlike the released code, which updates only 2-D ones). Λ starts at 0 — the pretrained
-model — and is trained with AdamW (weight decay 0.1 pulls it back to 0), gradient-norm clip 1.
+merging.md §5 and its Errata: ``θ^(b) = θ₀^(b) + Σ_i Λ_{i,b}·τ_i^(b)`` with one coefficient per
+task vector and block (``blockwise``; otherwise one per task vector), optionally per random
+group of each block's entries (aTLAS×K, ``partitions=K``, a fixed seeded assignment; all
+tensor ranks take part, unlike the released code, which updates only 2-D ones). Λ starts at
+0 — the pretrained model — and is trained with AdamW (weight decay 0.1 pulls it back to 0).
+
+Gradient clipping (``clip``): the released code clips with ``clip_grad_norm_(·, 1.0)`` while
+the gradients are still multiplied by the fp16 loss scale (``GradScaler``: 2¹⁶, doubling every
+2,000 steps; ``unscale_`` is never called), so the true gradient is clipped at norm
+``1/2¹⁶``: every step's gradient is clipped, and as AdamW is invariant to the gradient's scale
+(up to its ε), each update follows the *unit-norm* gradient direction — steps with small
+gradients weigh as much as steps with large ones. ``clip="scaled"`` (default) does exactly
+that: it clips at ``grad_clip / scale``. ``clip="unscaled"`` clips the true gradient at
+``grad_clip``, so it acts only on gradients above it (the usual meaning; splice's earlier
+default).
+
 Objectives:
 
 - ``"ce"``: cross-entropy summed over tasks on labeled examples (task addition on validation
-  data; few-shot adaptation with ``lr=0.1, schedule="cosine"``), keeping the coefficients with
-  the best average accuracy on those examples every ``eval_every`` steps (the initial model
-  included), as the code does;
-- ``"ufm"``: unsupervised FixMatch (§5.4): the initial model's argmax labels the top
-  ``min(N/(10·C), 100)`` most confident examples per class ("trusted", weight 1); the others
-  take the current prediction on the plain input as target when its confidence exceeds
-  ``threshold``; the loss is the weighted cross-entropy on ``augment(batch)`` (the strong view;
-  no augmentation when None). ``as_coded`` reproduces the released code, where every example
-  is trusted.
+  data; few-shot adaptation with ``lr=0.1, schedule="cosine"``). Model selection as coded:
+  once per epoch (an epoch is ``⌈N_min / batch_size⌉`` steps — the smallest task drives it,
+  as in the code — and once more after the last step if that is no epoch end), the merged
+  model's accuracy on the given examples is divided by each task's fine-tuned model's
+  accuracy on them (``θ₀ + τ_t`` with task t's head; ``info["expert_accuracy"]``) and the
+  coefficients with the best mean *normalized* accuracy are kept, the initial (zero-shot)
+  model included as the first "best" (``eval_every=N``: every N steps instead; ``0``: keep
+  the last coefficients);
+- ``"ufm"``: unsupervised FixMatch (§5.4, ``learn_ufm.py``): the initial model's argmax labels
+  the top ``min(N/(10·C), 100)`` most confident examples per class ("trusted"); each batch
+  takes ¼ of its examples from the trusted set and ¾ from the others (the code's
+  ``TwoStreamBatchSampler``). Targets: the one-hot initial label (weight 1) for a trusted
+  example; for the others the *soft* prediction ``q = softmax`` of the current model on the
+  plain input, weighted by ``[max q > threshold]``; the loss is ``Σ w·CE(strong, q) / Σ w``
+  with the strong view ``augment(batch)`` (no augmentation when None). ``as_coded``
+  reproduces the released code, whose flag vector marks every example trusted.
 """
 
 from __future__ import annotations
 
+import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from functools import partial
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from pydantic import Field
 from torch import Tensor, nn
@@ -34,7 +54,14 @@ from torch.nn import functional as F
 from splice.errors import SpliceError
 from splice.merge.base import HyperParams, tensor_seed
 from splice.merge.learned._base import LearnedMerge, LearnedMethod, learned
-from splice.merge.learned._data import Progress, Samples, chunks, progress_bar, streams
+from splice.merge.learned._data import (
+    Progress,
+    Samples,
+    Stream,
+    chunks,
+    progress_bar,
+    streams,
+)
 from splice.merge.learned._functional import (
     Forward,
     Head,
@@ -45,7 +72,7 @@ from splice.merge.learned._functional import (
     to_cpu,
 )
 
-__all__ = ["Params", "atlas", "num_coefficients"]
+__all__ = ["Params", "atlas", "normalized_mean", "num_coefficients", "ufm_loss"]
 
 
 class Params(HyperParams):
@@ -56,10 +83,13 @@ class Params(HyperParams):
     schedule: Literal["constant", "cosine"] = Field("constant", description="lr schedule")
     weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay on Λ")
     grad_clip: float = Field(1.0, gt=0, description="gradient-norm clip")
+    clip: Literal["scaled", "unscaled"] = Field(
+        "scaled", description="'scaled': on loss-scaled gradients, as coded; or 'unscaled'"
+    )
     steps: int = Field(500, ge=0, description="optimisation steps")
     batch_size: int = Field(16, ge=1, description="examples per task per step")
-    eval_every: int = Field(
-        100, ge=0, description="'ce': select the best Λ every N steps (0: last)"
+    eval_every: int | None = Field(
+        None, ge=0, description="'ce': select the best Λ per epoch (None), every N steps, 0: last"
     )
     threshold: float = Field(0.99, description="'ufm': confidence for untrusted pseudo-labels")
     as_coded: bool = Field(False, description="'ufm': every example trusted (released code)")
@@ -96,6 +126,22 @@ def _ce(
     return F.cross_entropy(net.logits(weights, task, batch), labels)
 
 
+def ufm_loss(
+    strong: Tensor, weak: Tensor, target: Tensor, trusted: Tensor, threshold: float
+) -> Tensor:
+    """The UFM loss of ``learn_ufm.py``: ``Σ w·CE(strong, q) / Σ w`` with soft targets.
+
+    ``q`` is ``softmax(weak)`` (no gradient) for an untrusted example, weighted by
+    ``[max q > threshold]``, and the one-hot ``target`` (the initial model's label), weight 1,
+    for a trusted one.
+    """
+    q = weak.detach().softmax(-1)
+    q = torch.where(trusted[:, None], F.one_hot(target, q.shape[-1]).to(q.dtype), q)
+    w = torch.where(trusted, torch.ones_like(q[:, 0]), (q.max(-1).values > threshold).to(q.dtype))
+    ce = F.cross_entropy(strong, q, reduction="none")
+    return (w * ce).sum() / w.sum().clamp_min(1e-12)
+
+
 def _ufm(
     net: Network,
     task: str,
@@ -108,15 +154,34 @@ def _ufm(
 ) -> Tensor:
     logits = net.logits(weights, task, augment(batch) if augment else batch)
     if augment is None:
-        weak = logits.detach().softmax(-1)
+        weak = logits
     else:
         with torch.no_grad():
-            weak = net.logits(weights, task, batch).softmax(-1)
-    conf, guess = weak.max(-1)
-    target = torch.where(trusted, target, guess)
-    w = torch.where(trusted, torch.ones_like(conf), (conf > threshold).to(conf.dtype))
-    ce = F.cross_entropy(logits, target, reduction="none")
-    return (w * ce).sum() / w.sum().clamp_min(1e-12)
+            weak = net.logits(weights, task, batch)
+    return ufm_loss(logits, weak, target, trusted, threshold)
+
+
+class _TwoStreams:
+    """UFM batches: ``batch_size // 4`` examples from the trusted set, the rest from the others
+    (each an endless seeded shuffle; one set alone fills the batch if the other is empty)."""
+
+    def __init__(self, samples: Samples, trusted: Tensor, batch_size: int, seed: tuple[int, ...]):
+        idx = torch.arange(len(samples))
+        pools = (idx[~trusted], idx[trusted])
+        k = batch_size // 4 if len(pools[0]) else batch_size
+        k = k if len(pools[1]) else 0
+        sizes = (batch_size - k, k)
+        self.samples = samples
+        self.parts = [
+            Stream(Samples(pool), n, (*seed, j))
+            for j, (pool, n) in enumerate(zip(pools, sizes, strict=True))
+            if n > 0 and len(pool)
+        ]
+
+    def next(self, device: torch.device) -> tuple[Any, None, np.ndarray]:
+        cpu = torch.device("cpu")
+        idx = np.concatenate([part.next(cpu)[0].numpy() for part in self.parts])
+        return self.samples.take(idx, device)[0], None, idx
 
 
 @torch.no_grad()
@@ -128,17 +193,27 @@ def _predict(
     )
 
 
-def _trusted(probs: Tensor, as_coded: bool) -> Tensor:
+def _trusted(probs: Tensor) -> Tensor:
     """Per class, the ``min(N // (10·C), 100)`` examples most confidently of that class."""
     n, c = probs.shape
     out = torch.zeros(n, dtype=torch.bool)
-    if as_coded:
-        return out.fill_(True)
     k = min(n // (c * 10), 100)
     if k:
         for j in range(c):
             out[probs[:, j].topk(k).indices] = True
     return out
+
+
+def normalized_mean(accuracy: Mapping[str, float], expert: Mapping[str, float]) -> float:
+    """aTLAS' selection score: ``mean_t accuracy_t / expert_t`` (the fine-tuned model's)."""
+    return sum(a / max(expert[t], 1e-9) for t, a in accuracy.items()) / len(accuracy)
+
+
+def _clip(coef: Tensor, mode: str, max_norm: float, step: int) -> None:
+    """Clip ``coef.grad`` in place: at ``max_norm`` (``"unscaled"``) or, as the released code does
+    on fp16 loss-scaled gradients, at ``max_norm`` over GradScaler's scale at ``step``."""
+    scale = 2.0 ** (16 + step // 2000) if mode == "scaled" else 1.0
+    torch.nn.utils.clip_grad_norm_([coef], max_norm / scale)
 
 
 def atlas(
@@ -155,9 +230,10 @@ def atlas(
     schedule: Literal["constant", "cosine"] = "constant",
     weight_decay: float = 0.1,
     grad_clip: float = 1.0,
+    clip: Literal["scaled", "unscaled"] = "scaled",
     steps: int = 500,
     batch_size: int = 16,
-    eval_every: int = 100,
+    eval_every: int | None = None,
     threshold: float = 0.99,
     as_coded: bool = False,
     augment: Callable[[Any], Any] | None = None,
@@ -169,7 +245,10 @@ def atlas(
     for ``"ufm"``); merge with them.
 
     Returns the merged tensors and Λ: ``(n,)``, ``(n, B)`` or ``(n, B, K)``, blocks in
-    ``info["names"]`` order; ``info["num_coefficients"]`` counts them.
+    ``info["names"]`` order; ``info["num_coefficients"]`` counts them. With selection,
+    ``info["evaluations"]`` lists ``{"step", "accuracy": {task: acc}, "normalized"}`` per
+    evaluation and ``selected_step`` / ``selected_normalized`` / ``selected_accuracy`` the one
+    kept.
 
     Raises:
         SpliceError: ``"ce"`` without labels, or ``partitions > 1`` without ``blockwise``.
@@ -180,7 +259,7 @@ def atlas(
     dev = resolve_device(module, device)
     tv = TaskVectors.build(module, deltas, dev)
     net = Network(module, forward, heads, tv.tasks)
-    feeds = streams(data, tv.tasks, batch_size, seed)
+    feeds: dict[str, Stream | _TwoStreams] = dict(streams(data, tv.tasks, batch_size, seed))
     samples = {t: f.samples for t, f in feeds.items()}
     if objective == "ce" and any(s.labels is None for s in samples.values()):
         raise SpliceError("aTLAS objective 'ce' needs labels", fix="pass {task: (inputs, labels)}")
@@ -204,22 +283,42 @@ def atlas(
     if objective == "ufm":
         with net.frozen(), torch.no_grad():
             w0 = _merge(tv, coef, groups)
-            for t, s in samples.items():
+            for i, (t, s) in enumerate(samples.items()):
                 probs = _predict(net, w0, t, s, batch_size, dev).softmax(-1)
-                pseudo[t] = (probs.argmax(-1), _trusted(probs, as_coded))
+                top = _trusted(probs)
+                pseudo[t] = (probs.argmax(-1), torch.ones_like(top) if as_coded else top)
+                feeds[t] = _TwoStreams(s, top, batch_size, (seed, i))
 
-    def accuracy() -> float:
+    def accuracy(w: Mapping[str, Tensor], tasks: Iterable[str]) -> dict[str, float]:
         with torch.no_grad():
-            w = _merge(tv, coef, groups)
-            accs = []
-            for t, s in samples.items():
+            out = {}
+            for t in tasks:
+                s = samples[t]
                 pred = _predict(net, w, t, s, batch_size, dev).argmax(-1)
                 assert s.labels is not None
-                accs.append(float((pred == s.labels.cpu()).float().mean()))
-            return sum(accs) / len(accs)
+                out[t] = float((pred == s.labels.cpu()).float().mean())
+            return out
 
-    select = objective == "ce" and eval_every > 0
-    best = (accuracy(), coef.detach().clone(), 0) if select else None
+    select = objective == "ce" and eval_every != 0
+    expert: dict[str, float] = {}
+    evaluations: list[dict[str, Any]] = []
+    best: tuple[float, Tensor, int] | None = None
+
+    def evaluate(step: int) -> None:
+        nonlocal best
+        acc = accuracy(_merge(tv, coef, groups), tv.tasks)
+        score = normalized_mean(acc, expert)
+        evaluations.append({"step": step, "accuracy": acc, "normalized": score})
+        if best is None or score > best[0]:
+            best = (score, coef.detach().clone(), step)
+
+    if select:
+        with torch.no_grad():
+            for i, t in enumerate(tv.tasks):
+                own = {n: tv.base[n] + tv.stacked[n][i] for n in tv.names}
+                expert.update(accuracy(own, [t]))
+        every = eval_every or math.ceil(min(len(s) for s in samples.values()) / batch_size)
+        evaluate(0)
     history: list[float] = []
     with net.frozen(), progress_bar(f"aTLAS ({objective})", steps, progress) as update:
         for step in range(steps):
@@ -233,15 +332,13 @@ def atlas(
                     losses.append(partial(_ufm, net, t, batch, target, trusted, threshold, augment))
             opt.zero_grad(set_to_none=True)
             history.append(accumulate_grad(_merge(tv, coef, groups), losses))
-            torch.nn.utils.clip_grad_norm_([coef], grad_clip)
+            _clip(coef, clip, grad_clip, step)
             opt.step()
             if sched is not None:
                 sched.step()
             update(step + 1, history[-1])
-            if best is not None and ((step + 1) % eval_every == 0 or step + 1 == steps):
-                acc = accuracy()
-                if acc > best[0]:
-                    best = (acc, coef.detach().clone(), step + 1)
+            if select and ((step + 1) % every == 0 or step + 1 == steps):
+                evaluate(step + 1)
     final = best[1] if best is not None else coef.detach()
     with torch.no_grad():
         weights = to_cpu(_merge(tv, final, groups), tv.base)
@@ -253,7 +350,14 @@ def atlas(
         "seconds": time.perf_counter() - start,
     }
     if best is not None:
-        info.update(selected_step=best[2], selected_accuracy=best[0])
+        chosen = next(e for e in evaluations if e["step"] == best[2])
+        info.update(
+            expert_accuracy=expert,
+            evaluations=evaluations,
+            selected_step=best[2],
+            selected_normalized=best[0],
+            selected_accuracy=sum(chosen["accuracy"].values()) / len(chosen["accuracy"]),
+        )
     if objective == "ufm":
         info["trusted"] = {t: int(p[1].sum()) for t, p in pseudo.items()}
     return LearnedMerge(weights, final.cpu(), history, info)
@@ -268,6 +372,6 @@ learned.register("atlas")(
         Params=Params,
         data="labeled",
         needs_labels=lambda p: getattr(p, "objective", "ce") == "ce",
-        short={"steps": 100, "lr": 5e-3, "eval_every": 25},
+        short={"steps": 100, "lr": 5e-3},
     )
 )
