@@ -180,8 +180,8 @@ def _assemble(
             else:
                 value[part] = v.reshape(value[part].shape)
                 covered[part] = True
-        merged[n] = value
         if parts and bool(covered.all()):
+            merged[n] = value
             counts[kinds[n]] += 1
         else:
             merged[n] = mean
