@@ -131,7 +131,8 @@ def estimate_line(
     return (
         f"estimate {clock(phases['estimate_s'])} on this machine: "
         f"{len(cfg.tasks)} tasks × {len(cfg.seeds)} seed(s), {len(specs)} merge settings; "
-        f"training {clock(by_kind['train'])}, evaluation {clock(by_kind['evaluate'])}"
+        f"load {clock(phases['load_s'])} (done), training {clock(by_kind['train'])}, "
+        f"evaluation {clock(by_kind['evaluate'])}"
         + (f", continual view {clock(rest)}" if rest else "")
         + f" (forward pass per example: {speed})"
     )

@@ -13,7 +13,14 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["print_table", "summarize", "timing", "to_markdown", "write_report"]
+__all__ = [
+    "markdown_table",
+    "print_table",
+    "summarize",
+    "timing",
+    "to_markdown",
+    "write_report",
+]
 
 
 def _ms(values: list[float]) -> tuple[float, float]:
@@ -78,9 +85,21 @@ def _table(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     return header, body
 
 
+def markdown_table(results: dict[str, Any]) -> list[str]:
+    """The results table as markdown lines, then a line per setting not run."""
+    header, body = _table(results)
+    return [
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|",
+        *("| " + " | ".join(row) + " |" for row in body),
+        "",
+        *(f"Not run: {label} — {why}." for label, why in results.get("skipped", {}).items()),
+    ]
+
+
 def to_markdown(results: dict[str, Any]) -> str:
     cfg, meta = results["config"], results["meta"]
-    header, body = _table(results)
+    tuned = any(r.get("tuned") for r in results["rows"])
     lines = [
         "# splice bench results",
         "",
@@ -90,14 +109,10 @@ def to_markdown(results: dict[str, Any]) -> str:
         f"caps train/val/test {list(cfg['caps'])}. {timing(meta)}",
         "",
         "Accuracy (%) on each task's test split, each task with its own head. "
-        "avg norm. = mean over tasks of merged / individual accuracy (%). "
-        '"· λ val→0.5": λ chosen on the validation splits (never test), per seed.',
+        "avg norm. = mean over tasks of merged / individual accuracy (%)."
+        + (' "· λ val→0.5": λ chosen on the validation splits (never test), per seed.' * tuned),
         "",
-        "| " + " | ".join(header) + " |",
-        "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|",
-        *("| " + " | ".join(row) + " |" for row in body),
-        "",
-        *(f"Not run: {label} — {why}." for label, why in results.get("skipped", {}).items()),
+        *markdown_table(results),
     ]
     return "\n".join(lines) + "\n"
 
