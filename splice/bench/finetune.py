@@ -30,7 +30,15 @@ from splice.deltas import Delta, Dense, load_deltas, save_deltas
 from splice.io.atomic import atomic_dir
 from splice.train.loop import TrainStep, fit
 
-__all__ = ["FinetuneConfig", "Head", "TaskRun", "apply_deltas", "finetune", "finetune_cached"]
+__all__ = [
+    "FinetuneConfig",
+    "Head",
+    "TaskRun",
+    "apply_deltas",
+    "finetune",
+    "finetune_cached",
+    "is_cached",
+]
 
 
 class FinetuneConfig(Strict):
@@ -165,6 +173,11 @@ def _entry(encoder: Encoder, data: TaskData, cfg: FinetuneConfig, seed: int) -> 
     return cache_root() / "bench" / "runs" / f"{data.name}-{run_key(encoder, data, cfg, seed)}"
 
 
+def is_cached(encoder: Encoder, data: TaskData, cfg: FinetuneConfig, seed: int) -> bool:
+    """Whether the cache holds this run (an entry that turns out damaged is retrained)."""
+    return (_entry(encoder, data, cfg, seed) / "meta.json").is_file()
+
+
 def _load(path: Path, task: str) -> TaskRun:
     head = load_file(str(path / "head.safetensors"))
     meta = json.loads((path / "meta.json").read_text())
@@ -181,7 +194,7 @@ def finetune_cached(
 ) -> tuple[TaskRun, bool]:
     """Load the task's run from the cache, or train and store it. Returns (run, was_cached)."""
     path = _entry(encoder, data, cfg, seed)
-    if (path / "meta.json").is_file():
+    if is_cached(encoder, data, cfg, seed):
         try:
             return _load(path, data.name), True
         except Exception:  # a damaged entry is retrained and replaced

@@ -13,7 +13,14 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["print_table", "summarize", "to_markdown", "write_report"]
+__all__ = [
+    "markdown_table",
+    "print_table",
+    "summarize",
+    "timing",
+    "to_markdown",
+    "write_report",
+]
 
 
 def _ms(values: list[float]) -> tuple[float, float]:
@@ -78,33 +85,51 @@ def _table(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     return header, body
 
 
-def to_markdown(results: dict[str, Any]) -> str:
-    cfg, meta = results["config"], results["meta"]
+def markdown_table(results: dict[str, Any]) -> list[str]:
+    """The results table as markdown lines, then a line per setting not run."""
     header, body = _table(results)
-    lines = [
-        "# splice bench results",
-        "",
-        f"Tasks: {', '.join(results['tasks'])}. Fine-tuning: {cfg['train']['finetune']} "
-        f"(r={cfg['train']['r']}), {cfg['train']['steps']} steps, batch "
-        f"{cfg['train']['batch_size']}; seeds {list(cfg['seeds'])}; "
-        f"caps train/val/test {list(cfg['caps'])}. Wall time {meta['wall_s']:.0f} s "
-        f"({meta['threads']} threads, {meta['device']}; "
-        + ", ".join(
-            f"{k[:-2]} {v:.0f} s" for k, v in meta.items() if k.endswith("_s") and k != "wall_s"
-        )
-        + ").",
-        "",
-        "Accuracy (%) on each task's test split, each task with its own head. "
-        "avg norm. = mean over tasks of merged / individual accuracy (%). "
-        '"· λ val→0.5": λ chosen on the validation splits (never test), per seed.',
-        "",
+    return [
         "| " + " | ".join(header) + " |",
         "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|",
         *("| " + " | ".join(row) + " |" for row in body),
         "",
         *(f"Not run: {label} — {why}." for label, why in results.get("skipped", {}).items()),
     ]
+
+
+def to_markdown(results: dict[str, Any]) -> str:
+    cfg, meta = results["config"], results["meta"]
+    tuned = any(r.get("tuned") for r in results["rows"])
+    lines = [
+        "# splice bench results",
+        "",
+        f"Tasks: {', '.join(results['tasks'])}. Fine-tuning: {cfg['train']['finetune']} "
+        f"(r={cfg['train']['r']}), {cfg['train']['steps']} steps, batch "
+        f"{cfg['train']['batch_size']}; seeds {list(cfg['seeds'])}; "
+        f"caps train/val/test {list(cfg['caps'])}. {timing(meta)}",
+        "",
+        "Accuracy (%) on each task's test split, each task with its own head. "
+        "avg norm. = mean over tasks of merged / individual accuracy (%)."
+        + (' "· λ val→0.5": λ chosen on the validation splits (never test), per seed.' * tuned),
+        "",
+        *markdown_table(results),
+    ]
     return "\n".join(lines) + "\n"
+
+
+def timing(meta: dict[str, Any]) -> str:
+    """``Wall time 137 s (estimate 130 s; 2 threads, cpu; load 3 s, train 94 s, …).`` plus the
+    training speed (s per 100 steps per task: the number to compare machines by)."""
+    phases = ("load", "train", "evaluate", "continual")
+    parts = [f"{k} {meta[k + '_s']:.0f} s" for k in phases if meta.get(k + "_s") is not None]
+    estimate = f"estimate {meta['estimate_s']:.0f} s; " if meta.get("estimate_s") else ""
+    text = (
+        f"Wall time {meta['wall_s']:.0f} s ({estimate}{meta['threads']} threads, "
+        f"{meta['device']}; {', '.join(parts)})."
+    )
+    if meta.get("train_s_per_100_steps"):
+        text += f" Training: {meta['train_s_per_100_steps']:.1f} s per 100 steps per task."
+    return text
 
 
 def print_table(results: dict[str, Any], console: Any) -> None:

@@ -25,8 +25,17 @@ from torch import Tensor
 
 from splice._schema import Strict
 from splice.bench.continual import continual_methods, run_continual
-from splice.bench.finetune import FinetuneConfig, Head, TaskRun, apply_deltas, finetune_cached
+from splice.bench.finetune import (
+    FinetuneConfig,
+    TaskRun,
+    apply_deltas,
+    finetune_cached,
+    is_cached,
+)
 from splice.bench.merging import MergeSpec, merge_specs, merge_state, scale_param, unsupported
+from splice.bench.plan import calibrate, estimate_line, plan_run
+from splice.bench.progress import Progress
+from splice.bench.suite import Suite
 from splice.data.encoders import Encoder, Prepared, load_encoder
 from splice.data.local import resolve_task
 from splice.data.registry import Caps, TaskData, load_task
@@ -43,6 +52,11 @@ TEXT_TASKS = (
     "convention_party",
 )
 VISION_TASKS = ("fashion_mnist", "mnist_5k", "animal_mnist", "sk_digits")
+# The quick profile's merge settings, each at its defaults: the sum of task vectors, the
+# classic interference fix, and the best data-driven and the continual merge (issue #21: the
+# quick run fits 10 minutes on a slow 2-core box; each setting costs one pass over the test
+# sets). The full profile runs every registered method, λ grids and the continual view.
+QUICK_METHODS = ("task_arithmetic", "ties", "lot", "opcm")
 
 
 class BenchConfig(Strict):
@@ -52,7 +66,9 @@ class BenchConfig(Strict):
     """
 
     tasks: tuple[str, ...] = Field(description="task names, or paths to CSV/JSONL/image folders")
-    methods: tuple[str, ...] | None = Field(None, description="merge methods; None = all")
+    methods: tuple[str, ...] | None = Field(
+        QUICK_METHODS, description="merge methods (transforms, learned methods); None = all"
+    )
     train: FinetuneConfig = FinetuneConfig()
     seeds: tuple[int, ...] = (0,)
     caps: tuple[int, int, int] = Field((2000, 150, 400), description="train/val/test caps")
@@ -60,13 +76,15 @@ class BenchConfig(Strict):
     max_len: int = Field(32, description="text: tokens per example")
     image_size: int = Field(32, description="vision: input side in pixels")
     text_model: str = Field("minilm", description="'minilm' or a local BERT-style model dir")
-    lambda_grid: tuple[float, ...] = Field((0.3, 0.6, 1.0, 1.5), description="λ tried on val")
+    lambda_grid: tuple[float, ...] = Field(
+        (), description="λ tried on val (an extra row per method with a λ); (): none"
+    )
     unit_scale: bool = Field(True, description="also report each λ-method at λ=1")
     learned_steps: int | None = Field(
         20, description="cap on the optimisation steps of learned merges; None: no cap"
     )
     continual_orders: int = Field(
-        1, ge=0, description="task orders of the continual view (OPCM vs continual TA); 0: off"
+        0, ge=0, description="task orders of the continual view (OPCM vs continual TA); 0: off"
     )
     eval_batch_size: int = 128
     device: str = "cpu"
@@ -78,6 +96,7 @@ PROFILES: dict[str, BenchConfig] = {
     ),
     "full": BenchConfig(
         tasks=TEXT_TASKS + VISION_TASKS,
+        methods=None,
         train=FinetuneConfig(steps=200),
         seeds=(0, 1, 2),
         caps=(5000, 150, 500),
@@ -103,147 +122,53 @@ class Row:
     tuned: str | None = None  # the parameter chosen on validation data, if any
 
 
-class _Progress:
-    """Rich progress bars, or nothing when no console is given."""
-
-    def __init__(self, console: Any | None) -> None:
-        self.bar = None
-        if console is not None:
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                Progress,
-                TextColumn,
-                TimeElapsedColumn,
-            )
-
-            self.bar = Progress(
-                TextColumn("{task.description}"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TimeElapsedColumn(),
-                console=console,
-            )
-
-    def __enter__(self) -> _Progress:
-        if self.bar:
-            self.bar.__enter__()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.bar:
-            self.bar.__exit__(*exc)
-
-    @contextmanager
-    def stage(self, description: str, total: int) -> Iterator[Any]:
-        """Yields ``advance(n=1, description=None)``."""
-        if self.bar is None:
-            yield lambda *a, **k: None
-            return
-        tid = self.bar.add_task(description, total=total)
-
-        def advance(n: int = 1, description: str | None = None) -> None:
-            self.bar.update(tid, advance=n, description=description or None)
-
-        yield advance
-        self.bar.update(tid, completed=total)
-
-
-@torch.no_grad()
-def _features(
-    encoder: Encoder, data: Prepared, weights: Mapping[str, Tensor] | None, batch_size: int
-) -> Tensor:
-    device = next(encoder.module.parameters()).device
-    order = data.eval_order()
-    out = torch.empty(len(data), encoder.dim)
-    for i in range(0, len(order), batch_size):
-        idx = order[i : i + batch_size]
-        out[torch.as_tensor(idx)] = encoder.features(data.batch(idx, device), weights).float().cpu()
-    return out
-
-
-def _accuracy(head: Head, feats: Tensor, labels: np.ndarray) -> float:
-    pred = head(feats).argmax(-1).numpy()
-    return float((pred == labels).mean())
-
-
-@dataclass
-class _Suite:
-    """One backbone's tasks for one seed: data, prepared inputs, runs, base tensors."""
-
-    encoder: Encoder
-    data: dict[str, TaskData]
-    val: dict[str, Prepared]
-    test: dict[str, Prepared]
-    runs: dict[str, TaskRun] = field(default_factory=dict)
-    batch_size: int = 128
-
-    def acc(
-        self,
-        weights: Mapping[str, Tensor] | None,
-        split: str = "test",
-        tasks: Sequence[str] | None = None,
-    ) -> dict[str, float]:
-        """Accuracy of one backbone weight set on ``tasks`` (all), each with its own head."""
-        sets = self.test if split == "test" else self.val
-        return {
-            t: _accuracy(
-                self.runs[t].head,
-                _features(self.encoder, sets[t], weights, self.batch_size),
-                getattr(self.data[t], split).y,
-            )
-            for t in (tasks or self.data)
-        }
-
-
 def _evaluate(
-    suite: _Suite,
+    suite: Suite,
     specs: Sequence[MergeSpec],
     rows: dict[str, Row],
     skipped: dict[str, str],
     seed: int,
-    progress: _Progress,
+    progress: Progress,
 ) -> None:
+    """Evaluate the reference rows and every setting; one progress line each."""
     tasks = list(suite.data)
+    at = f"{suite.encoder.modality}/{seed}"
     names = sorted({n for r in suite.runs.values() for n in r.deltas})
     state = suite.encoder.module.state_dict()
     base = {n: state[n] for n in names}
     own = {t: {**base, **apply_deltas(base, suite.runs[t].deltas)} for t in tasks}
     n_tune = sum(len(s.tune) for s in specs)
-    total = 2 + len(specs) + n_tune + (1 if n_tune else 0)
-    with progress.stage(f"evaluate (seed {seed})", total) as advance:
-        advance(0, f"evaluate zero-shot (seed {seed})")
-        _add(rows, "zero_shot", "zero-shot", "reference", suite.acc(None))
-        advance()
-        individual = {t: suite.acc(own[t], tasks=[t])[t] for t in tasks}  # own task only
-        _add(rows, "individual", "individual", "reference", individual)
-        advance()
-        val_own = {t: suite.acc(own[t], "val", [t])[t] for t in tasks} if n_tune else {}
-        advance(1 if n_tune else 0)
-        models = list(own.values())
-        tested: dict[str, tuple[dict[str, float], float]] = {}  # one test run per setting
-        for spec in specs:
-            reason = unsupported(spec, len(tasks))
-            if reason:
-                skipped[spec.label] = reason
-                advance(1 + len(spec.tune))
-                continue
-            if spec.learned:
-                advance(0, f"learn {spec.label} on val inputs")
-                merged, secs = _learn(suite, spec, seed)
-                _add(rows, spec.key, spec.label, "merge", suite.acc(merged), secs, spec.params)
-                advance()
-                continue
+    start = time.perf_counter()
+    _add(rows, "zero_shot", "zero-shot", "reference", suite.acc(None))
+    individual = {t: suite.acc(own[t], tasks=[t])[t] for t in tasks}  # own task only
+    _add(rows, "individual", "individual", "reference", individual)
+    val_own = {t: suite.acc(own[t], "val", [t])[t] for t in tasks} if n_tune else {}
+    zero = _mean(rows["zero_shot"].acc)
+    progress.done(
+        f"evaluate/{at}/references",
+        f"evaluate zero-shot {zero:.1%}, individual {np.mean(list(individual.values())):.1%}",
+        time.perf_counter() - start,
+    )
+    models = list(own.values())
+    tested: dict[str, tuple[dict[str, float], float]] = {}  # one test run per setting
+    for spec in specs:
+        start = time.perf_counter()
+        reason = unsupported(spec, len(tasks))
+        if reason:
+            skipped[spec.label] = reason
+            progress.done(f"evaluate/{at}/{spec.key}", f"skip {spec.label}: {reason}", 0.0)
+            continue
+        if spec.learned:
+            merged, secs = _learn(suite, spec, seed)
+            _add(rows, spec.key, spec.label, "merge", suite.acc(merged), secs, spec.params)
+        else:
             chosen, best = spec, -1.0
             for value in spec.tune:
-                advance(0, f"tune {spec.label}: {spec.tune_key}={value}")
                 merged, _ = merge_state(spec.with_value(value), base, models, seed)
                 val = suite.acc(merged, "val")
                 score = float(np.mean([val[t] / max(val_own[t], 1e-9) for t in tasks]))
                 if score > best:
                     chosen, best = spec.with_value(value), score
-                advance()
-            advance(0, f"evaluate {spec.label}")
             key = chosen.resolved_key()
             if key not in tested:
                 merged, secs = merge_state(chosen, base, models, seed)
@@ -251,11 +176,22 @@ def _evaluate(
             acc, secs = tested[key]
             _add(rows, spec.key, spec.label, "merge", acc, secs, chosen.chosen)
             rows[spec.key].tuned = spec.tune_key if spec.tune else None
-            advance()
-        advance(0, f"evaluated {len(specs) + 2} settings (seed {seed})")
+        label = rows[spec.key].label
+        if spec.tune:
+            label += f" → {rows[spec.key].params[-1][spec.tune_key]}"
+        progress.done(
+            f"evaluate/{at}/{spec.key}",
+            f"evaluate {label}: avg acc {_mean(rows[spec.key].acc):.1%}",
+            time.perf_counter() - start,
+        )
 
 
-def _learn(suite: _Suite, spec: MergeSpec, seed: int) -> tuple[dict[str, Tensor], float]:
+def _mean(acc: Mapping[str, list[float]]) -> float:
+    """Mean over tasks of the latest seed's accuracy."""
+    return float(np.mean([v[-1] for v in acc.values()]))
+
+
+def _learn(suite: Suite, spec: MergeSpec, seed: int) -> tuple[dict[str, Tensor], float]:
     """Run a learned merge on the validation splits (labels only if it needs them)."""
     from splice.merge.learned import learned
 
@@ -317,10 +253,42 @@ def _timed(phases: dict[str, float], key: str) -> Iterator[None]:
         phases[key] = phases.get(key, 0.0) + time.perf_counter() - start
 
 
+@dataclass
+class _Backbone:
+    """One backbone's tasks, loaded and tokenized once for every seed."""
+
+    encoder: Encoder
+    data: dict[str, TaskData]
+    val: dict[str, Prepared]
+    test: dict[str, Prepared]
+
+
+def _load(cfg: BenchConfig, modality: str, tasks: Sequence[Any]) -> _Backbone:
+    data = {t.name: load_task(t, Caps(*cfg.caps), cfg.split_seed) for t in tasks}
+    encoder = load_encoder(
+        modality,
+        text_model=cfg.text_model,
+        max_len=cfg.max_len,
+        image_size=cfg.image_size,
+        device=cfg.device,
+    )
+    val = {n: encoder.prepare(d.val.x) for n, d in data.items()}
+    test = {n: encoder.prepare(d.test.x) for n, d in data.items()}
+    return _Backbone(encoder, data, val, test)
+
+
+def _train_line(name: str, seed: int, run: TaskRun, cached: bool, steps: int) -> str:
+    per100 = 100 * run.meta.get("train_s", float("nan")) / max(1, steps)
+    if cached:
+        return f"train {name} (seed {seed}): cached (trained in {per100:.1f} s per 100 steps)"
+    loss = run.meta.get("final_loss", float("nan"))
+    return f"train {name} (seed {seed}): {per100:.1f} s per 100 steps, final loss {loss:.3f}"
+
+
 def run_bench(cfg: BenchConfig, console: Any | None = None) -> dict[str, Any]:
-    """Run the benchmark; returns the results (see :mod:`splice.bench.report`)."""
-    start = time.perf_counter()
-    caps = Caps(*cfg.caps)
+    """Run the benchmark; returns the results (see :mod:`splice.bench.report`).
+
+    ``console`` (a rich Console) gets the estimate and a line per phase as it ends."""
     task_objs = [resolve_task(t) for t in cfg.tasks]
     specs = _specs(cfg)
     rows: dict[str, Row] = {}
@@ -329,40 +297,52 @@ def run_bench(cfg: BenchConfig, console: Any | None = None) -> dict[str, Any]:
     runs_meta: list[dict[str, Any]] = []
     phases: dict[str, float] = {}
     modalities = sorted({t.modality for t in task_objs}, reverse=True)  # text first
-    with _Progress(console) as progress:
-        for modality in modalities:
-            group = [t for t in task_objs if t.modality == modality]
-            with _timed(phases, "load_s"):
-                data = {t.name: load_task(t, caps, cfg.split_seed) for t in group}
-                encoder = load_encoder(
-                    modality,
-                    text_model=cfg.text_model,
-                    max_len=cfg.max_len,
-                    image_size=cfg.image_size,
-                    device=cfg.device,
-                )
-                val = {n: encoder.prepare(d.val.x) for n, d in data.items()}
-                test = {n: encoder.prepare(d.test.x) for n, d in data.items()}
+    with Progress(console, time.perf_counter) as progress, _timed(phases, "wall_s"):
+        with _timed(phases, "load_s"):
+            groups = [_load(cfg, m, [t for t in task_objs if t.modality == m]) for m in modalities]
+            rate = {g.encoder.modality: calibrate(g.encoder, g.val) for g in groups}
+            cached = {
+                f"train/{g.encoder.modality}/{seed}/{n}": is_cached(g.encoder, d, cfg.train, seed)
+                for g in groups
+                for seed in cfg.seeds
+                for n, d in g.data.items()
+            }
+        plan = plan_run(cfg, specs, groups, rate, cached)
+        progress.plan(plan)
+        phases["estimate_s"] = phases["load_s"] + sum(p.est for p in plan)
+        progress.say(estimate_line(cfg, specs, plan, phases, rate))
+        for g in groups:
             for seed in cfg.seeds:
-                suite = _Suite(encoder, data, val, test, batch_size=cfg.eval_batch_size)
-                for name, d in data.items():
-                    stage = progress.stage(f"train {name} (seed {seed})", cfg.train.steps)
-                    with _timed(phases, "train_s"), stage as adv:
-                        run, cached = finetune_cached(
-                            encoder, d, cfg.train, seed, lambda s, loss, adv=adv: adv()
+                suite = Suite(g.encoder, g.data, g.val, g.test, batch_size=cfg.eval_batch_size)
+                for name, d in g.data.items():
+                    bar = progress.steps(f"train {name} (seed {seed})", cfg.train.steps)
+                    with _timed(phases, "train_s"), bar as adv:
+                        t0 = time.perf_counter()
+                        run, was = finetune_cached(
+                            g.encoder, d, cfg.train, seed, lambda s, loss, adv=adv: adv()
                         )
                     suite.runs[name] = run
-                    runs_meta.append({"task": name, "seed": seed, "cached": cached, **run.meta})
+                    runs_meta.append({"task": name, "seed": seed, "cached": was, **run.meta})
+                    progress.done(
+                        f"train/{g.encoder.modality}/{seed}/{name}",
+                        _train_line(name, seed, run, was, cfg.train.steps),
+                        time.perf_counter() - t0,
+                    )
                 with _timed(phases, "evaluate_s"):
                     _evaluate(suite, specs, rows, skipped, seed, progress)
                 if cfg.continual_orders and continual_methods(specs):
-                    ind = {t: rows["individual"].acc[t][-1] for t in data}
-                    stage = progress.stage(f"continual view (seed {seed})", 1)
-                    with _timed(phases, "continual_s"), stage as adv:
+                    ind = {t: rows["individual"].acc[t][-1] for t in g.data}
+                    with _timed(phases, "continual_s"):
+                        t0 = time.perf_counter()
                         continual += run_continual(
                             suite, continual_methods(specs), cfg.continual_orders, seed, ind
                         )
-                        adv()
+                    progress.done(
+                        f"continual/{g.encoder.modality}/{seed}",
+                        f"continual view (seed {seed}): {', '.join(continual_methods(specs))}",
+                        time.perf_counter() - t0,
+                    )
+    fresh = [r["train_s"] / cfg.train.steps * 100 for r in runs_meta if not r["cached"]]
     return {
         "config": cfg.model_dump(mode="json"),
         "tasks": {t.name: {"modality": t.modality, "about": t.description} for t in task_objs},
@@ -371,8 +351,8 @@ def run_bench(cfg: BenchConfig, console: Any | None = None) -> dict[str, Any]:
         "continual": continual,
         "runs": runs_meta,
         "meta": {
-            "wall_s": round(time.perf_counter() - start, 1),
             **{k: round(v, 1) for k, v in phases.items()},
+            "train_s_per_100_steps": round(float(np.mean(fresh)), 2) if fresh else None,
             "torch": torch.__version__,
             "python": platform.python_version(),
             "threads": torch.get_num_threads(),
@@ -391,10 +371,12 @@ def configure(
     steps: int | None = None,
     seed: int | None = None,
     device: str | None = None,
+    text_model: str | None = None,
 ) -> BenchConfig:
     """A profile's config with command-line overrides applied.
 
     ``suite`` picks the profile's text or vision tasks (quick runs text by default);
+    ``methods`` replaces the profile's (``["all"]``: every registered method);
     ``seed`` shifts the profile's seeds to start at it.
     """
     from splice.errors import UsageError
@@ -413,12 +395,13 @@ def configure(
         in_profile = tuple(t for t in cfg.tasks if t in chosen)
         update["tasks"] = in_profile or chosen
     if methods is not None:
-        update["methods"] = tuple(methods)
+        update["methods"] = None if list(methods) == ["all"] else tuple(methods)
     train = {k: v for k, v in {"finetune": finetune, "steps": steps}.items() if v is not None}
     if train:
         update["train"] = cfg.train.model_copy(update=train)
     if seed is not None:
         update["seeds"] = tuple(seed + i for i in range(len(cfg.seeds)))
-    if device is not None:
-        update["device"] = device
+    for key, value in (("device", device), ("text_model", text_model)):
+        if value is not None:
+            update[key] = value
     return cfg.model_copy(update=update)

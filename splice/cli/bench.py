@@ -19,8 +19,9 @@ def bench(
         bool,
         typer.Option(
             "--full/--quick",
-            help="Profile: --quick (default; 4 text tasks, ~10 min on 2 cores) or --full "
-            "(6 text + 4 vision tasks, longer training, 3 seeds).",
+            help="Profile: --quick (default; 4 text tasks, 4 merge methods, ~2.5 min on the "
+            "2-core dev box) or --full (6 text + 4 vision tasks, every method with its λ grid, "
+            "longer training, 3 seeds).",
         ),
     ] = False,
     suite: Annotated[
@@ -31,18 +32,26 @@ def bench(
         typer.Option(help="Comma-separated task names or paths (CSV/JSONL/image folder)."),
     ] = None,
     methods: Annotated[
-        str | None, typer.Option(help="Comma-separated merge methods (default: all registered).")
+        str | None,
+        typer.Option(
+            help="Comma-separated merge methods, or 'all' (default: the profile's; --full: all)."
+        ),
     ] = None,
     finetune: Annotated[
         str | None, typer.Option(help="'lora' (default), 'full', or another adapter name.")
     ] = None,
     steps: Annotated[int | None, typer.Option(help="Training steps per task.")] = None,
     device: Annotated[str | None, typer.Option(help="Torch device, e.g. cpu or cuda.")] = None,
+    text_model: Annotated[
+        str | None,
+        typer.Option(help="A local BERT-style model dir for the text tasks (default: MiniLM)."),
+    ] = None,
     out: Annotated[Path, typer.Option(help="Output folder for results.*")] = Path("bench-out"),
     seed: Annotated[int | None, typer.Option(help="First training seed.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print results as JSON.")] = False,
 ) -> None:
-    """Fine-tune tasks from packaged data, merge them every registered way, report a table."""
+    """Fine-tune tasks from packaged data, merge them (--full: every registered way), report a
+    table; an estimate first, then a line per phase with the time left."""
     profile = "full" if full else "quick"
     # Idle OpenMP threads sleep instead of spinning: on a busy machine spinning threads slow
     # EfficientNet's many small ops 10-30x. Only effective before torch is imported.
@@ -61,9 +70,10 @@ def bench(
         steps=steps,
         seed=seed,
         device=device,
+        text_model=text_model,
     )
     err = Console(stderr=True)
-    err.print(f"[bold]splice bench[/] {profile}: {', '.join(cfg.tasks)}")
+    err.print(f"[bold]splice bench[/] {profile}: {', '.join(cfg.tasks)}", soft_wrap=True)
     results = run_bench(cfg, console=err)
     paths = write_report(results, out)
     if as_json:
@@ -71,7 +81,7 @@ def bench(
     else:
         # Piped output (CI logs) gets a wide table rather than rich's 80 columns.
         print_table(results, Console() if sys.stdout.isatty() else Console(width=200))
-    err.print("wrote " + ", ".join(str(p) for p in paths))
+    err.print("wrote " + ", ".join(str(p) for p in paths), soft_wrap=True)
 
 
 def _split(csv: str | None) -> list[str] | None:

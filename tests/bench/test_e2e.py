@@ -16,56 +16,6 @@ from splice.data.encoders import load_encoder
 from splice.data.local import local_task
 from splice.data.registry import Caps, load_task
 
-FILLER = ["the", "a", "it", "was", "this", "that", "day", "film", "food", "very", "quite"]
-TOPICS = {
-    "mood": {"pos": ["good", "great", "fine", "happy"], "neg": ["bad", "awful", "sad", "poor"]},
-    "topic": {
-        "animal": ["cat", "dog", "bird", "fish"],
-        "vehicle": ["car", "bus", "train", "boat"],
-        "meal": ["bread", "rice", "soup", "cake"],
-    },
-}
-
-
-def _write_task(path, classes, rng, n=150):
-    lines = ["text,label"]
-    names = sorted(classes)
-    for i in range(n):
-        label = names[i % len(names)]
-        words = list(rng.choice(FILLER, 7))
-        for w in rng.choice(classes[label], 2):
-            words.insert(int(rng.integers(len(words) + 1)), str(w))
-        lines.append(f"{' '.join(words)},{label}")
-    path.write_text("\n".join(lines) + "\n")
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """A random 2-layer BERT with a word-level vocab, and two CSV tasks."""
-    from transformers import BertConfig, BertModel, BertTokenizerFast
-
-    root = tmp_path_factory.mktemp("tiny")
-    words = sorted({*FILLER, *(w for t in TOPICS.values() for ws in t.values() for w in ws)})
-    vocab = root / "vocab.txt"
-    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
-    model_dir = root / "model"
-    BertTokenizerFast(vocab=str(vocab)).save_pretrained(str(model_dir))
-    cfg = BertConfig(
-        vocab_size=5 + len(words),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=32,
-    )
-    BertModel(cfg).save_pretrained(str(model_dir))
-    rng = np.random.default_rng(0)
-    paths = []
-    for name, classes in TOPICS.items():
-        _write_task(root / f"{name}.csv", classes, rng)
-        paths.append(str(root / f"{name}.csv"))
-    return model_dir, paths
-
 
 def _config(tiny, **kw) -> BenchConfig:
     model_dir, paths = tiny
@@ -244,3 +194,20 @@ def test_methods_that_cannot_take_the_task_count_say_why():
     assert unsupported(MergeSpec("slerp"), 4) == "merges exactly 1 model besides the base, not 4"
     assert unsupported(MergeSpec("ties"), 4) is None
     assert unsupported(MergeSpec("dare"), 4) == "needs values for p (no defaults)"
+
+
+def test_continual_view_reuses_the_merge_rows_evaluation(tiny, tmp_path, monkeypatch):
+    """The last step of each continual method is its merge row's model: evaluated once."""
+    from splice.bench import suite
+
+    monkeypatch.setenv("SPLICE_CACHE", str(tmp_path / "cache"))
+    calls = []
+    real = suite._features
+    monkeypatch.setattr(suite, "_features", lambda *a: calls.append(1) or real(*a))
+    cfg = _config(tiny, methods=("opcm", "continual_task_arithmetic"), continual_orders=1)
+    results = run_bench(cfg)
+    for method in ("opcm", "continual_task_arithmetic"):
+        curve = next(r for r in results["continual"] if r["method"] == method)["avg_seen"]
+        assert curve[-1] == np.mean([a[0] for a in _acc(results, method).values()])
+    # zero-shot 2 + individual 2 + two merge rows × 2 tasks + after the first task 1 per method
+    assert len(calls) <= 2 + 2 + 2 * 2 + 2 * 1  # without the memo: + 2 × 2 for the last steps
