@@ -15,10 +15,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
-
-import torch
-from torch import Tensor
+from typing import TYPE_CHECKING, Any
 
 from splice._schema import validate
 from splice.deltas import DELTA_FORMAT, load_deltas, peft_lowrank_deltas
@@ -39,6 +36,10 @@ from splice.merge.engine import (
 from splice.merge.engine.memory import check_budget, estimate
 from splice.merge.output.ledger import raw_names
 from splice.merge.recipe import ParamResolver, Recipe, load_recipe, parse_dtype, parse_setting
+
+if TYPE_CHECKING:
+    import torch
+    from torch import Tensor
 
 __all__ = ["MergeOptions", "build_job", "merge", "merge_state_dicts", "plan_merge"]
 
