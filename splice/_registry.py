@@ -45,7 +45,13 @@ class Registry(Generic[T]):
             importlib.import_module(f"{self.package}.{name}")
 
     def get(self, name: str) -> T:
-        self.discover()
+        """The object registered as ``name``. A file named after it is imported first, alone
+        (where a method registers its own file name, a lookup imports one method, not all);
+        failing that, the whole package."""
+        if name not in self._items and not self._discovered and name in module_names(self.package):
+            importlib.import_module(f"{self.package}.{name}")
+        if name not in self._items:
+            self.discover()
         if name not in self._items:
             close = difflib.get_close_matches(name, self._items, n=1)
             hint = f"did you mean {close[0]!r}?" if close else f"choose from {self.names()}"

@@ -209,13 +209,13 @@ def merge(recipe: RecipeLike, out: str | Path, **options: Any) -> Path:
         from splice.merge.output.adapter import merge_adapters
 
         return merge_adapters(recipe, out, opts, lambda: build_job(recipe, opts))
-    from splice.merge.output.model import write_model
-
     job = build_job(recipe, opts)
     checked = check(job)
     if opts.max_memory is not None:
         mem = estimate(job, checked.tasks, max_shard_size=opts.max_shard_size)
         check_budget(mem.to_json(), opts.max_memory)
+    from splice.merge.output.model import write_model  # after the checks: it imports torch
+
     return write_model(recipe, job, checked, Path(out), opts)
 
 
