@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import importlib.util
 import pkgutil
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Generic, TypeVar
@@ -39,13 +40,18 @@ class Registry(Generic[T]):
         if self._discovered:
             return
         self._discovered = True
-        pkg = importlib.import_module(self.package)
-        for info in pkgutil.iter_modules(pkg.__path__):
-            if not info.name.startswith("_"):
-                importlib.import_module(f"{self.package}.{info.name}")
+        importlib.import_module(self.package)
+        for name in module_names(self.package):
+            importlib.import_module(f"{self.package}.{name}")
 
     def get(self, name: str) -> T:
-        self.discover()
+        """The object registered as ``name``. A file named after it is imported first, alone
+        (where a method registers its own file name, a lookup imports one method, not all);
+        failing that, the whole package."""
+        if name not in self._items and not self._discovered and name in module_names(self.package):
+            importlib.import_module(f"{self.package}.{name}")
+        if name not in self._items:
+            self.discover()
         if name not in self._items:
             close = difflib.get_close_matches(name, self._items, n=1)
             hint = f"did you mean {close[0]!r}?" if close else f"choose from {self.names()}"
@@ -59,6 +65,15 @@ class Registry(Generic[T]):
     def items(self) -> Iterator[tuple[str, T]]:
         self.discover()
         yield from sorted(self._items.items())
+
+
+def module_names(package: str) -> list[str]:
+    """The public module names of ``package``, found on disk without importing the package or
+    its modules (only its parents): where each file registers its own name, as the learned
+    methods do, this answers "is that one of ours?" without importing their dependencies."""
+    spec = importlib.util.find_spec(package)
+    paths = (spec.submodule_search_locations or []) if spec else []
+    return sorted(i.name for i in pkgutil.iter_modules(paths) if not i.name.startswith("_"))
 
 
 def lazy_attributes(package: str, names: Mapping[str, str]) -> Callable[[str], Any]:

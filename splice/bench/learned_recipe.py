@@ -45,6 +45,7 @@ from torch import Tensor, nn
 from splice._schema import Strict, validate
 from splice.errors import SpliceError
 from splice.merge.learned._base import learned
+from splice.merge.recipe import is_learned_recipe
 from splice.merge.recipe.settings import recipe_error
 
 __all__ = ["LearnedRecipe", "is_learned_recipe", "load_learned_recipe", "run_recipe"]
@@ -89,12 +90,6 @@ def _raw(source: str | Path | Mapping[str, Any]) -> tuple[dict[str, Any], str]:
     if not isinstance(raw, dict):
         raise SpliceError("a recipe is a YAML mapping", where=str(path))
     return raw, str(path)
-
-
-def is_learned_recipe(source: str | Path | Mapping[str, Any]) -> bool:
-    """True when the recipe has a ``data:`` section or names a learned method."""
-    raw, _ = _raw(source)
-    return "data" in raw or raw.get("method") in learned.names()
 
 
 def load_learned_recipe(source: str | Path | Mapping[str, Any]) -> LearnedRecipe:

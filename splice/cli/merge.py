@@ -86,9 +86,11 @@ def merge(
         raise UsageError("give a RECIPE and an OUT dir (or --list, or RECIPE --plan)")
     import time
 
-    from splice.bench.learned_recipe import is_learned_recipe, run_recipe
+    from splice.merge.recipe import is_learned_recipe
 
     if is_learned_recipe(recipe):  # a `data:` section: docs/merging-learned.md
+        from splice.bench.learned_recipe import run_recipe
+
         progress = not as_json and sys.stderr.isatty()
         summary = run_recipe(recipe, out, device=device, force=force, progress=progress)
         if as_json:

@@ -10,14 +10,15 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
-
-from torch import Tensor
+from typing import TYPE_CHECKING, Any
 
 from splice.deltas.peft import peft_lowrank_deltas
 from splice.deltas.types import Delta, Dense
 from splice.errors import SpliceError
 from splice.io.peft import peft_full_tensors
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 __all__ = ["DELTA_FORMAT", "load_deltas", "save_deltas"]
 

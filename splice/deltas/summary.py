@@ -6,17 +6,18 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from splice._names import layer_index
 from splice.io import open_checkpoint
 
+if TYPE_CHECKING:
+    import torch
+
 __all__ = ["diff_report", "summarize"]
 
 
-class _Applied(Mapping[str, torch.Tensor]):
+class _Applied(Mapping[str, "torch.Tensor"]):
     """``base + ΔW`` for the names an adapter touches, the base tensor elsewhere (lazy)."""
 
     def __init__(self, base: Mapping[str, torch.Tensor], deltas: Mapping[str, Any]) -> None:
@@ -39,7 +40,7 @@ def summarize(path: str | Path, *, allow_pickle: bool = False) -> dict[str, Any]
     dtypes: dict[str, dict[str, int]] = defaultdict(lambda: {"tensors": 0, "params": 0})
     layers = set()
     for info in ckpt.infos():
-        d = dtypes[str(info.dtype).removeprefix("torch.")]
+        d = dtypes[info.dtype_name]
         d["tensors"] += 1
         d["params"] += info.numel
         if (layer := layer_index(info.name)) is not None:

@@ -13,12 +13,16 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
-import torch
-from torch import Tensor
-
+from splice._lazy import lazy_import
 from splice.errors import SpliceError
+
+if TYPE_CHECKING:
+    import torch
+    from torch import Tensor
+else:
+    torch = lazy_import("torch", globals())
 
 __all__ = [
     "Delta",
@@ -222,14 +226,12 @@ class Sparse(Delta):
         return cls(tensors["indices"], tensors["values"], tuple(meta["size"]))
 
 
-_BIT_WEIGHTS = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
-
-
 def _pack_bits(bits: Tensor) -> Tensor:
     """Bool vector → uint8, eight bits per byte, little-endian within a byte."""
     pad = (-bits.numel()) % 8
     padded = torch.cat([bits.reshape(-1), bits.new_zeros(pad)]).reshape(-1, 8)
-    return (padded.to(torch.uint8) * _BIT_WEIGHTS).sum(1, dtype=torch.uint8)
+    weights = 1 << torch.arange(8, dtype=torch.uint8)
+    return (padded.to(torch.uint8) * weights).sum(1, dtype=torch.uint8)
 
 
 def _unpack_bits(packed: Tensor, count: int) -> Tensor:

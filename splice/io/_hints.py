@@ -20,8 +20,15 @@ from __future__ import annotations
 import ctypes
 import functools
 import sys
+from typing import TYPE_CHECKING
 
-import torch
+from splice._lazy import lazy_import
+
+if TYPE_CHECKING:
+    import torch
+else:
+    torch = lazy_import("torch", globals())
+
 
 _HUGE = 2 << 20
 _MADV_HUGEPAGE = 14

@@ -20,10 +20,15 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
-import torch
-
+from splice._lazy import lazy_import
 from splice.io._hints import empty_bytes
+
+if TYPE_CHECKING:
+    import torch
+else:
+    torch = lazy_import("torch", globals())
 
 __all__ = ["buffer", "pooled_reads"]
 

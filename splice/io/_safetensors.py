@@ -15,43 +15,31 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from splice.errors import SpliceError
+from splice.io._dtypes import ITEMSIZE, SAFETENSORS, is_floating, itemsize, to_torch
 from splice.io._pool import buffer
 
-MAX_HEADER_BYTES = 100 * 1024 * 1024
+if TYPE_CHECKING:
+    import torch
 
-DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-    "U16": torch.uint16,
-    "U32": torch.uint32,
-    "U64": torch.uint64,
-}
-DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+MAX_HEADER_BYTES = 100 * 1024 * 1024
 
 _BAD_NAME = re.compile(r"[\x00-\x1f\x7f\\]|(^|/)\.\.(/|$)|^/")
 
 
 @dataclass(frozen=True)
 class TensorInfo:
-    """What a header says about one tensor; no data is read to build it."""
+    """What a header says about one tensor; no data is read to build it.
+
+    ``dtype_name`` is torch's name of the dtype (``"float32"``); :attr:`dtype` is the
+    ``torch.dtype`` (importing torch), the other facts need no torch.
+    """
 
     name: str
     shape: tuple[int, ...]
-    dtype: torch.dtype
+    dtype_name: str
     nbytes: int
     file: Path
     offset: int = 0
@@ -59,6 +47,18 @@ class TensorInfo:
     @property
     def numel(self) -> int:
         return math.prod(self.shape)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return to_torch(self.dtype_name)
+
+    @property
+    def itemsize(self) -> int:
+        return itemsize(self.dtype_name)
+
+    @property
+    def is_floating_point(self) -> bool:
+        return is_floating(self.dtype_name)
 
 
 def check_tensor_name(name: str, where: str) -> None:
@@ -134,12 +134,12 @@ def _parse_entry(name: str, entry: object, path: Path) -> TensorInfo:
             where=where,
             fix="file is corrupt or was written by a non-conforming tool",
         )
-    dtype = DTYPES.get(entry["dtype"]) if isinstance(entry["dtype"], str) else None
+    dtype = SAFETENSORS.get(entry["dtype"]) if isinstance(entry["dtype"], str) else None
     if dtype is None:
         raise SpliceError(
             f"unsupported dtype {entry['dtype']!r}",
             where=where,
-            fix=f"supported: {', '.join(DTYPES)}",
+            fix=f"supported: {', '.join(SAFETENSORS)}",
         )
     shape, offsets = entry["shape"], entry["data_offsets"]
     if not (isinstance(shape, list) and all(_is_uint(d) for d in shape)):
@@ -147,7 +147,7 @@ def _parse_entry(name: str, entry: object, path: Path) -> TensorInfo:
     if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(_is_uint, offsets))):
         raise SpliceError(f"bad data_offsets {offsets!r}", where=where, fix="file is corrupt")
     begin, end = offsets
-    nbytes = math.prod(shape) * dtype.itemsize
+    nbytes = math.prod(shape) * ITEMSIZE[dtype]
     if end < begin or end - begin != nbytes:
         raise SpliceError(
             f"shape {shape} of {entry['dtype']} needs {nbytes} bytes, offsets give {end - begin}",
@@ -182,7 +182,7 @@ def _check_offsets(infos: list[TensorInfo], data_len: int, where: str) -> None:
 
 def _shift(info: TensorInfo, start: int) -> TensorInfo:
     return TensorInfo(
-        info.name, info.shape, info.dtype, info.nbytes, info.file, info.offset + start
+        info.name, info.shape, info.dtype_name, info.nbytes, info.file, info.offset + start
     )
 
 

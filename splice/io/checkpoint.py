@@ -12,12 +12,17 @@ import json
 import re
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
+from splice._lazy import lazy_import
 from splice.errors import SpliceError
+from splice.io._dtypes import dtype_name
 from splice.io._safetensors import TensorInfo, check_tensor_name, read_header, read_tensor
+
+if TYPE_CHECKING:
+    import torch
+else:
+    torch = lazy_import("torch", globals())
 
 __all__ = ["PICKLE_SUFFIXES", "Checkpoint", "open_checkpoint"]
 
@@ -26,7 +31,7 @@ INDEX_NAME = "model.safetensors.index.json"
 PEFT_CONFIG = "adapter_config.json"
 
 
-class Checkpoint(Mapping[str, torch.Tensor]):
+class Checkpoint(Mapping[str, "torch.Tensor"]):
     """``name -> Tensor`` read on demand; ``info(name)`` answers from headers alone."""
 
     def __init__(
@@ -307,7 +312,7 @@ def _pickle_reason(e: Exception) -> str:
 
 
 def _info_of(name: str, t: torch.Tensor, path: Path) -> TensorInfo:
-    return TensorInfo(name, tuple(t.shape), t.dtype, t.numel() * t.element_size(), path)
+    return TensorInfo(name, tuple(t.shape), dtype_name(t.dtype), t.numel() * t.element_size(), path)
 
 
 def _stamp(path: Path) -> tuple[int, int, int] | None:

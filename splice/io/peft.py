@@ -11,12 +11,13 @@ conv LoRA keeps the kernel shape. ``modules_to_save`` tensors are full weights, 
 from __future__ import annotations
 
 import re
-from typing import Any, NamedTuple
-
-import torch
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from splice.errors import SpliceError
 from splice.io.checkpoint import Checkpoint
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "PEFT_PREFIX",

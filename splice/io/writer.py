@@ -15,15 +15,21 @@ import os
 import shutil
 from pathlib import Path
 from types import TracebackType
+from typing import TYPE_CHECKING
 
-import torch
-
+from splice._lazy import lazy_import
 from splice.errors import SpliceError
+from splice.io._dtypes import DTypeLike, itemsize, safetensors_code
 from splice.io._hash import FollowHasher, hash_files
 from splice.io._hints import start_writeback
-from splice.io._safetensors import DTYPE_NAMES, check_tensor_name
+from splice.io._safetensors import check_tensor_name
 from splice.io._units import parse_size
 from splice.io.atomic import new_temp_dir, swap_in
+
+if TYPE_CHECKING:
+    import torch
+else:
+    torch = lazy_import("torch", globals())
 
 __all__ = ["AUX_FILES", "CheckpointWriter", "check_no_overlap"]
 
@@ -76,7 +82,7 @@ class _PlannedShard:
     def __init__(
         self,
         path: Path,
-        layout: list[tuple[str, tuple[int, ...], torch.dtype]],
+        layout: list[tuple[str, tuple[int, ...], DTypeLike]],
         meta: dict,
         hasher: FollowHasher | None = None,
     ) -> None:
@@ -84,9 +90,9 @@ class _PlannedShard:
         self.entries: dict[str, dict[str, object]] = {}
         self.size = 0
         for name, shape, dtype in layout:
-            n = math.prod(shape) * dtype.itemsize
+            n = math.prod(shape) * itemsize(dtype)
             self.entries[name] = {
-                "dtype": DTYPE_NAMES[dtype],
+                "dtype": safetensors_code(dtype),
                 "shape": list(shape),
                 "data_offsets": [self.size, self.size + n],
             }
@@ -103,7 +109,7 @@ class _PlannedShard:
 
     def add(self, name: str, t: torch.Tensor) -> None:
         entry = self.entries[name]
-        if list(t.shape) != entry["shape"] or DTYPE_NAMES[t.dtype] != entry["dtype"]:
+        if list(t.shape) != entry["shape"] or safetensors_code(t.dtype) != entry["dtype"]:
             raise SpliceError(
                 f"tensor {name!r} is {tuple(t.shape)} {t.dtype}, planned as "
                 f"{tuple(entry['shape'])} {entry['dtype']}"
@@ -145,7 +151,7 @@ class _Shard:
         if n:
             self.fh.write(_tensor_bytes(t))
         self.entries[name] = {
-            "dtype": DTYPE_NAMES[t.dtype],
+            "dtype": safetensors_code(t.dtype),
             "shape": list(t.shape),
             "data_offsets": [self.size, self.size + n],
         }
@@ -193,7 +199,7 @@ class CheckpointWriter:
         copy_files_from: str | Path | None = None,
         metadata: dict[str, str] | None = None,
         protect: list[str | Path] | tuple[str | Path, ...] = (),
-        layout: list[tuple[str, tuple[int, ...], torch.dtype]] | None = None,
+        layout: list[tuple[str, tuple[int, ...], DTypeLike]] | None = None,
         checksums: bool = False,
     ) -> None:
         self.dest = Path(dest)
@@ -230,13 +236,13 @@ class CheckpointWriter:
             ) from e
         return self
 
-    def _plan_shards(self, layout: list[tuple[str, tuple[int, ...], torch.dtype]]) -> None:
+    def _plan_shards(self, layout: list[tuple[str, tuple[int, ...], DTypeLike]]) -> None:
         assert self._tmp is not None
-        groups: list[list[tuple[str, tuple[int, ...], torch.dtype]]] = [[]]
+        groups: list[list[tuple[str, tuple[int, ...], DTypeLike]]] = [[]]
         size = 0
         for name, shape, dtype in layout:
             check_tensor_name(name, str(self.dest))
-            n = math.prod(shape) * dtype.itemsize
+            n = math.prod(shape) * itemsize(dtype)
             if groups[-1] and size + n > self.max_shard_size:
                 groups.append([])
                 size = 0
@@ -257,7 +263,7 @@ class CheckpointWriter:
         check_tensor_name(name, str(self.dest))
         if name in self._names:
             raise SpliceError(f"tensor {name!r} written twice", where=str(self.dest))
-        if tensor.dtype not in DTYPE_NAMES:
+        if safetensors_code(tensor.dtype) is None:
             raise SpliceError(f"dtype {tensor.dtype} cannot be saved", where=name)
         self._names.add(name)
         t = tensor.detach().to("cpu").contiguous()

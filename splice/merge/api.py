@@ -15,10 +15,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
-
-import torch
-from torch import Tensor
+from typing import TYPE_CHECKING, Any
 
 from splice._schema import validate
 from splice.deltas import DELTA_FORMAT, load_deltas, peft_lowrank_deltas
@@ -39,6 +36,10 @@ from splice.merge.engine import (
 from splice.merge.engine.memory import check_budget, estimate
 from splice.merge.output.ledger import raw_names
 from splice.merge.recipe import ParamResolver, Recipe, load_recipe, parse_dtype, parse_setting
+
+if TYPE_CHECKING:
+    import torch
+    from torch import Tensor
 
 __all__ = ["MergeOptions", "build_job", "merge", "merge_state_dicts", "plan_merge"]
 
@@ -208,13 +209,13 @@ def merge(recipe: RecipeLike, out: str | Path, **options: Any) -> Path:
         from splice.merge.output.adapter import merge_adapters
 
         return merge_adapters(recipe, out, opts, lambda: build_job(recipe, opts))
-    from splice.merge.output.model import write_model
-
     job = build_job(recipe, opts)
     checked = check(job)
     if opts.max_memory is not None:
         mem = estimate(job, checked.tasks, max_shard_size=opts.max_shard_size)
         check_budget(mem.to_json(), opts.max_memory)
+    from splice.merge.output.model import write_model  # after the checks: it imports torch
+
     return write_model(recipe, job, checked, Path(out), opts)
 
 

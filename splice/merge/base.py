@@ -22,13 +22,17 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
-import torch
-from torch import Tensor
-
+from splice._lazy import lazy_import
 from splice._registry import Registry
 from splice._schema import Strict
+
+if TYPE_CHECKING:
+    import torch
+    from torch import Tensor
+else:
+    torch = lazy_import("torch", globals())
 
 __all__ = [
     "GlobalStat",

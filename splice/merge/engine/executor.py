@@ -17,16 +17,21 @@ import sys
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import Tensor
-
+from splice._lazy import lazy_import
 from splice.errors import SpliceError
+from splice.io import to_torch
 from splice.io._pool import pooled_reads
 from splice.merge.base import MergeContext, MergeTransform
 from splice.merge.engine.job import MergeJob, Sink, TensorTask
 from splice.merge.engine.stats import one_thread
+
+if TYPE_CHECKING:
+    import torch
+    from torch import Tensor
+else:
+    torch = lazy_import("torch", globals())
 
 __all__ = ["COPIED_DIFFER", "Observer", "execute"]
 
@@ -49,7 +54,7 @@ class _Reader:
 
     def dtype_for(self, task: TensorTask) -> torch.dtype:
         if self.job.dtype is not None:
-            return self.job.dtype
+            return to_torch(self.job.dtype)
         return torch.float64 if task.dtype == torch.float64 else torch.float32
 
     def _fetch(self, mapping: Mapping[str, Tensor], name: str, dt: torch.dtype) -> Tensor:
@@ -151,7 +156,7 @@ class _Progress:
             yield lambda n: p.advance(task, n)
 
 
-Observer = Callable[[TensorTask, Tensor | None, Tensor], None]
+Observer = Callable[[TensorTask, "Tensor | None", "Tensor"], None]
 """``(task, base or None, output tensor)``, called on every tensor before it is written."""
 
 
@@ -255,7 +260,7 @@ def _execute(
             merged = _merge_one(job, task, base, tensors, ctx)
             if tuple(merged.shape) != task.shape:
                 raise RuntimeError(f"{method.name} returned shape {tuple(merged.shape)}")
-            final = merged.to(job.out_dtype or task.dtype)
+            final = merged.to(to_torch(job.out_dtype or task.dtype_name))
             if on_output is not None:
                 on_output(task, base, final)
             sink.write(task.name, final.to("cpu"))

@@ -11,15 +11,17 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
-
-import torch
-from torch import Tensor
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from splice._names import INDEX
 from splice.deltas import Delta
+from splice.io import DTypeLike, dtype_name, to_torch
 from splice.merge.base import HyperParams, MergeContext, MergeMethod, MergeTransform
 from splice.merge.engine.arch import Architecture
+
+if TYPE_CHECKING:
+    import torch
+    from torch import Tensor
 
 __all__ = [
     "Checked",
@@ -31,6 +33,7 @@ __all__ = [
     "Source",
     "TensorTask",
     "layer_indices",
+    "stored_shape_dtype",
 ]
 
 VocabPolicy = Literal["base", "union", "intersect"]
@@ -104,8 +107,10 @@ class MergeJob:
     base: Source | None = None
     transforms: list[tuple[MergeTransform, HyperParams]] = field(default_factory=list)
     seed: int = 0
-    dtype: torch.dtype | None = None
-    out_dtype: torch.dtype | None = None
+    dtype: DTypeLike | None = None
+    """Compute dtype (None: float32, float64 for float64 inputs); kept by name."""
+    out_dtype: DTypeLike | None = None
+    """Output dtype of merged tensors (None: each tensor's own); kept by name."""
     device: str = "cpu"
     allow_missing: bool = False
     vocab: VocabPolicy | None = None
@@ -113,6 +118,11 @@ class MergeJob:
     on_read: Callable[[Any, Tensor], None] | None = None
     """Called with ``(TensorInfo, raw tensor)`` for every tensor read from a checkpoint file
     (the ledger's hasher follows the reads through the page cache; it never blocks)."""
+
+    def __post_init__(self) -> None:
+        # names, so plans need no torch; the executor makes torch dtypes of them
+        self.dtype = None if self.dtype is None else dtype_name(self.dtype)
+        self.out_dtype = None if self.out_dtype is None else dtype_name(self.out_dtype)
 
     def sources(self) -> list[Source]:
         """The base (if any), then the models: what :attr:`TensorTask.copy_from` indexes."""
@@ -132,7 +142,8 @@ class TensorTask:
     name: str
     merge: bool
     shape: tuple[int, ...]
-    dtype: torch.dtype
+    dtype_name: str
+    """The stored dtype's name (``"float32"``): the header's, so planning needs no torch."""
     nbytes: int
     layer: int | None = None
     num_layers: int | None = None
@@ -148,6 +159,11 @@ class TensorTask:
     """For a copied task, the index into :meth:`MergeJob.sources` it is copied from."""
     vocab: bool = False
     """Rows differ between inputs: each is fitted to ``shape[0]`` rows when read."""
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The stored dtype as a ``torch.dtype`` (imports torch)."""
+        return to_torch(self.dtype_name)
 
     def context(self, seed: int, stats: Mapping[str, Any]) -> MergeContext:
         return MergeContext(
@@ -188,6 +204,15 @@ class Checked:
 
     def note(self, name: str, text: str) -> None:
         self.notes.setdefault(name, []).append(text)
+
+
+def stored_shape_dtype(mapping: Mapping[str, Tensor], name: str) -> tuple[tuple[int, ...], str]:
+    """Shape and dtype name of ``mapping[name]``: from the header where the mapping has one
+    (``info``, a :class:`~splice.io.Checkpoint`), so nothing is read; else from the tensor."""
+    info = getattr(mapping, "info", None)
+    item = info(name) if info is not None else mapping[name]
+    name_of = getattr(item, "dtype_name", None)
+    return tuple(item.shape), name_of if name_of is not None else dtype_name(item.dtype)
 
 
 def layer_indices(names: list[str]) -> dict[str, tuple[int, int]]:

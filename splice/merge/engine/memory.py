@@ -26,14 +26,14 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import torch
-
 from splice.errors import SpliceError
-from splice.io import human_bytes, parse_size
+from splice.io import dtype_name, human_bytes, itemsize, parse_size
+from splice.merge.engine.job import stored_shape_dtype
 
 if TYPE_CHECKING:
     from splice.merge.engine.job import MergeJob, Source, TensorTask
@@ -52,7 +52,13 @@ FIRST_USE_BYTES = 48 << 20
 paged in for the kernels it uses and modules imported on first use (measured 5–32 MB, most
 for methods that use ``torch.linalg``; tests/merge/engine/test_memory.py keeps it under this)."""
 
-_WORDS = {torch.float64: 4, torch.float32: 2, torch.float16: 1, torch.bfloat16: 1}
+TORCH_IMPORT_BYTES = 200 << 20
+"""What ``import torch`` (numpy included) adds to resident memory: measured 195–202 MiB for
+torch 2.13 on CPU, after splice's modules or only the CLI's libraries (CUDA builds not
+measured). :func:`merge_process_rss` adds it to a plan made before torch is imported;
+tests/merge/engine/test_preflight.py keeps it within 0–15 % above what the torch in use adds."""
+
+_WORDS = {"float64": 4, "float32": 2, "float16": 1, "bfloat16": 1}
 _CLASSES = ((10, "seconds"), (60, "under a minute"), (600, "minutes"), (3600, "under an hour"))
 
 
@@ -63,7 +69,8 @@ class MemoryPlan:
     peak_ram: int
     """Working set above the process's own footprint (the imported libraries)."""
     baseline_ram: int
-    """This process's resident memory now: Python, torch and splice imported."""
+    """The merging process's resident memory before it merges: Python, torch and splice
+    imported (:func:`merge_process_rss`)."""
     output_bytes: int
     shards: int
     passes: int
@@ -118,22 +125,26 @@ def process_rss() -> int:
         return 0
 
 
-def _compute_dtype(job: MergeJob, task: TensorTask) -> torch.dtype:
+def merge_process_rss() -> int:
+    """What a merging process holds before its working set: this process's resident memory,
+    plus :data:`TORCH_IMPORT_BYTES` when torch is not imported yet (a plan from headers
+    alone, ``splice merge --plan``, never imports it; the merge will)."""
+    rss = process_rss()
+    return rss + TORCH_IMPORT_BYTES if rss and "torch" not in sys.modules else rss
+
+
+def _compute_dtype(job: MergeJob, task: TensorTask) -> str:
     if job.dtype is not None:
-        return job.dtype
-    return torch.float64 if task.dtype == torch.float64 else torch.float32
+        return dtype_name(job.dtype)
+    return "float64" if task.dtype_name == "float64" else "float32"
 
 
-def _stored(src: Source, name: str) -> tuple[int, torch.dtype] | None:
+def _stored(src: Source, name: str) -> tuple[int, str] | None:
     mapping = src.weights
     if mapping is None or name not in mapping:
         return None
-    info = getattr(mapping, "info", None)
-    if info is not None:
-        i = info(name)
-        return math.prod(i.shape), i.dtype
-    t = mapping[name]
-    return t.numel(), t.dtype
+    shape, dtype = stored_shape_dtype(mapping, name)
+    return math.prod(shape), dtype
 
 
 @dataclass(frozen=True)
@@ -154,7 +165,7 @@ def _costs(job: MergeJob, task: TensorTask, scratch: tuple[float, float]) -> _Co
         return _Cost(task.nbytes, 0, 0, task.nbytes)
     dt = _compute_dtype(job, task)
     numel = math.prod(task.shape)
-    c = numel * dt.itemsize
+    c = numel * itemsize(dt)
     read = transient = pooled = 0
     pairs: list[tuple[Source, str | None]] = []
     if job.base is not None:
@@ -165,7 +176,7 @@ def _costs(job: MergeJob, task: TensorTask, scratch: tuple[float, float]) -> _Co
         read += c
         stored = _stored(src, name) if name is not None and task.name not in src.overrides else None
         if stored is not None and stored[1] != dt:
-            transient = max(transient, stored[0] * stored[1].itemsize)
+            transient = max(transient, stored[0] * itemsize(stored[1]))
         elif stored is not None and job.device == "cpu" and hasattr(src.weights, "info"):
             pooled += c
         if task.name in src.deltas:
@@ -173,8 +184,9 @@ def _costs(job: MergeJob, task: TensorTask, scratch: tuple[float, float]) -> _Co
     if task.vocab:
         read += c  # rows fitted by concatenation
         pooled = 0
-    out = numel * (job.out_dtype or task.dtype).itemsize
-    cast = out if (job.out_dtype or task.dtype) != dt else 0
+    out_dtype = dtype_name(job.out_dtype or task.dtype_name)
+    out = numel * itemsize(out_dtype)
+    cast = out if out_dtype != dt else 0
     # a transform gets the inputs as read, so the method works on clones; LiNeS' rescale
     # θ₀ + λ·(θ − θ₀) holds two temporaries
     clones = (len(job.models) + 2) * c if job.transforms else 0
@@ -277,7 +289,7 @@ def estimate(
         if c.peak > peak:
             peak_name, peak = t.name, c.peak
     out_sizes = [
-        math.prod(t.shape) * ((job.out_dtype or t.dtype) if t.merge else t.dtype).itemsize
+        math.prod(t.shape) * itemsize((job.out_dtype or t.dtype_name) if t.merge else t.dtype_name)
         for t in tasks
     ]
     passes = _passes(job, tasks)
@@ -293,7 +305,7 @@ def estimate(
     largest_raw = max((c.read // max(1, len(job.sources())) for c in costs.values()), default=0)
     return MemoryPlan(
         peak_ram=(2 * largest_raw if on_gpu else peak) + FIXED_BYTES,
-        baseline_ram=process_rss(),
+        baseline_ram=merge_process_rss(),
         output_bytes=output_bytes if output_bytes is not None else sum(out_sizes),
         shards=_shards(tasks, out_sizes, parse_size(max_shard_size)),
         passes=passes,

@@ -8,26 +8,25 @@ lists the output tensors (:class:`~splice.merge.engine.job.TensorTask`) in base 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
-
-import torch
-from torch import Tensor
+from typing import TYPE_CHECKING
 
 from splice.errors import SpliceError
+from splice.io import is_floating, itemsize
 from splice.merge.base import MergeContext
 from splice.merge.engine.arch import Architecture, infer_architecture, tie_pairs
-from splice.merge.engine.job import Checked, Dropped, MergeJob, Source, TensorTask
+from splice.merge.engine.job import (
+    Checked,
+    Dropped,
+    MergeJob,
+    Source,
+    TensorTask,
+    stored_shape_dtype,
+)
+
+if TYPE_CHECKING:
+    pass
 
 __all__ = ["check", "plan"]
-
-
-def _shape_dtype(mapping: Mapping[str, Tensor], name: str) -> tuple[tuple[int, ...], torch.dtype]:
-    info = getattr(mapping, "info", None)
-    if info is not None:
-        i = info(name)
-        return tuple(i.shape), i.dtype
-    t = mapping[name]
-    return tuple(t.shape), t.dtype
 
 
 def _check_configs(sources: list[Source]) -> None:
@@ -221,8 +220,8 @@ class _Checker:
     ) -> TensorTask | None:
         job, ref = self.job, self.ref
         base_read = self.base_alias.get(name)
-        shape, dtype = _shape_dtype(self.ref_weights, base_read or name)
-        mergeable = dtype.is_floating_point
+        shape, dtype = stored_shape_dtype(self.ref_weights, base_read or name)
+        mergeable = is_floating(dtype)
         per_model: list[str | None] = []
         shapes: list[tuple[str, tuple[int, ...]]] = [(ref.label, shape)]
         for src, alias in zip(job.models, reads, strict=True):
@@ -232,16 +231,16 @@ class _Checker:
                 continue
             got = []
             if src.weights is not None:
-                got.append(_shape_dtype(src.weights, read))
+                got.append(stored_shape_dtype(src.weights, read))
             if name in src.overrides:
-                got.append(_shape_dtype(src.overrides, name))
+                got.append(stored_shape_dtype(src.overrides, name))
             if name in src.deltas:
                 got.append((tuple(src.deltas[name].shape), dtype))
             for s, d in got:
                 shapes.append((src.label, s))
-                if d.is_floating_point != mergeable:
+                if is_floating(d) != mergeable:
                     raise SpliceError(
-                        f"dtype {d} here but {dtype} in {ref.label}",
+                        f"dtype torch.{d} here but torch.{dtype} in {ref.label}",
                         where=f"{src.label}: {name}",
                         fix="float weights cannot be merged with integer buffers",
                     )
@@ -249,7 +248,7 @@ class _Checker:
         if vocab:
             shape = self._vocab_rows(name, shapes, resized)
         role = self.arch.role(base_read or name)
-        nbytes = math.prod(shape) * dtype.itemsize
+        nbytes = math.prod(shape) * itemsize(dtype)
         missing = [m.label for m, r in zip(job.models, per_model, strict=True) if r is None]
         if missing and job.base is None:
             self.out.note(

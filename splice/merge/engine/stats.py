@@ -16,9 +16,17 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
-import torch
-from torch import Tensor
+from splice._lazy import lazy_import
+from splice.io import DTypeLike, dtype_name, to_torch
+
+if TYPE_CHECKING:
+    import torch
+    from torch import Tensor
+else:
+    torch = lazy_import("torch", globals())
+
 
 __all__ = ["CHUNK", "RadixSelect", "kth_largest", "kth_largest_each", "kth_smallest", "one_thread"]
 
@@ -27,7 +35,7 @@ CHUNK = 1 << 18
 
 _BINS = 1 << 16
 _HALF = _BINS // 2
-_WORDS = {torch.float64: 4, torch.float32: 2, torch.float16: 1, torch.bfloat16: 1}
+_WORDS = {"float64": 4, "float32": 2, "float16": 1, "bfloat16": 1}
 assert sys.byteorder == "little", "radix selection reads float digits in little-endian order"
 
 
@@ -46,9 +54,9 @@ def one_thread() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
-def _words(dtype: torch.dtype) -> int:
+def _words(dtype: DTypeLike) -> int:
     try:
-        return _WORDS[dtype]
+        return _WORDS[dtype_name(dtype)]
     except KeyError:
         raise TypeError(f"radix selection needs a float tensor, got {dtype}") from None
 
@@ -191,11 +199,11 @@ class RadixSelect:
     def __init__(
         self,
         k: int | Callable[[int], int],
-        dtype: torch.dtype = torch.float32,
+        dtype: DTypeLike = "float32",
         *,
         magnitude: bool = False,
     ) -> None:
-        self.dtype = dtype
+        self.dtype_name = dtype_name(dtype)  # by name: methods plan before torch is imported
         self.magnitude = magnitude
         self.passes = _words(dtype)
         self.count = 0
@@ -204,6 +212,10 @@ class RadixSelect:
         self._digits: list[int] = []
         self._hist: Tensor | None = None
         self._scratch: Tensor | None = None
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return to_torch(self.dtype_name)
 
     @property
     def done(self) -> bool:

@@ -2,8 +2,16 @@
 
 from __future__ import annotations
 
-import torch
-from torch import Tensor
+from typing import TYPE_CHECKING
+
+from splice._lazy import lazy_import
+
+if TYPE_CHECKING:
+    import torch
+    from torch import Tensor
+else:
+    torch = lazy_import("torch", globals())
+
 
 __all__ = ["compute_dtype", "polar", "safe_unit_rows", "stack_deltas"]
 

@@ -11,12 +11,16 @@ a stacked ``(T, ...)`` tensor (it iterates as its rows).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import torch
-from torch import Tensor
-
+from splice._lazy import lazy_import
 from splice.merge.engine.stats import kth_largest_each
+
+if TYPE_CHECKING:
+    import torch
+    from torch import Tensor
+else:
+    torch = lazy_import("torch", globals())
 
 __all__ = [
     "CHUNK",
@@ -38,7 +42,6 @@ Rescale = Literal["paper", "l1", "off"]
 
 CHUNK = 1 << 16
 """Elements per chunk of fused elementwise loops: small enough to stay in cache."""
-_ONE = torch.ones(())
 
 
 def chunk_slices(n: int, size: int = CHUNK) -> list[slice]:
@@ -163,11 +166,12 @@ def dare_drop_(
     flat = delta.reshape(-1)
     before = after = 0.0
     scale = 1.0 / (1.0 - p) if rescale == "paper" and p < 1 else 1.0
+    one = torch.ones(())
     for s in chunk_slices(flat.numel(), 1 << 20):
         c = flat[s]
         if rescale == "l1":
             before += float(c.abs().sum(dtype=torch.float64))
-        keep = torch.heaviside(torch.rand(c.numel(), generator=generator) - p, _ONE)
+        keep = torch.heaviside(torch.rand(c.numel(), generator=generator) - p, one)
         c.mul_(keep.to(c.device, c.dtype)).mul_(scale)
         if rescale == "l1":
             after += float(c.abs().sum(dtype=torch.float64))

@@ -4,9 +4,12 @@ operations, and so the rounding, is the same wherever it is used)."""
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
 
-import torch
-from torch import Tensor
+if TYPE_CHECKING:
+    import torch
+    from torch import Tensor
+
 
 __all__ = ["add_scaled", "weighted_sum"]
 

@@ -11,10 +11,9 @@ scaled to keep ‖τ_t‖₁), ``off`` is the paper's DropOnly ablation.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import ClassVar, Literal
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 from pydantic import Field, model_validator
-from torch import Tensor
 
 from splice.merge.base import GlobalStat, HyperParams, MergeContext, MergeMethod, methods
 from splice.merge.methods._sparsify import (
@@ -26,6 +25,9 @@ from splice.merge.methods._sparsify import (
     elect_sign,
 )
 from splice.merge.methods.ties import MAJORITY, MajoritySign
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 __all__ = ["Dare", "dropped_chunks"]
 

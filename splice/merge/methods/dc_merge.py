@@ -10,17 +10,22 @@ project back. All other tensors are averaged. Follows the authors' code
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import TYPE_CHECKING, ClassVar, Literal
 
-import torch
 from pydantic import Field
-from torch import Tensor
 
+from splice._lazy import lazy_import
 from splice.errors import SpliceError
 from splice.merge.base import HyperParams, MergeContext, MergeMethod, NoParams, methods
 from splice.merge.methods._lowrank_utils import polar, stack_deltas
 from splice.merge.methods._sparsify import disjoint_merge, elect_sign, magnitude_threshold, trim_
 from splice.merge.methods._vectors import add_scaled
+
+if TYPE_CHECKING:
+    import torch
+    from torch import Tensor
+else:
+    torch = lazy_import("torch", globals())
 
 __all__ = ["DCMerge", "dc_merge_matrix", "smooth_singular_values"]
 

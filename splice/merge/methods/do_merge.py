@@ -16,16 +16,21 @@ output row), 1-D tensors decoupled as one vector without orthogonalization.
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
-import torch
 from pydantic import Field
-from torch import Tensor
 
+from splice._lazy import lazy_import
 from splice.errors import SpliceError
 from splice.merge.base import HyperParams, MergeContext, MergeMethod, NoParams, methods
 from splice.merge.methods._lowrank_utils import safe_unit_rows, stack_deltas
 from splice.merge.methods._vectors import add_scaled
+
+if TYPE_CHECKING:
+    import torch
+    from torch import Tensor
+else:
+    torch = lazy_import("torch", globals())
 
 __all__ = [
     "MAX_FACTOR_ROWS",

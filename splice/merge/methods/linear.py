@@ -6,15 +6,17 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 from pydantic import Field
-from torch import Tensor
 
 from splice.errors import SpliceError
 from splice.merge.base import HyperParams, MergeContext, MergeMethod, methods
 from splice.merge.methods._sparsify import chunk_slices
 from splice.merge.methods._vectors import weighted_sum
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 __all__ = ["Linear"]
 

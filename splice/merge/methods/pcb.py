@@ -11,17 +11,22 @@ fp32 values, never a sort of the model), so PCB runs in fp32.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import ClassVar, Literal
+from typing import TYPE_CHECKING, ClassVar, Literal
 
-import torch
 from pydantic import Field
-from torch import Tensor
 
+from splice._lazy import lazy_import
 from splice.deltas import is_mergeable
 from splice.merge.base import GlobalStat, HyperParams, MergeContext, MergeMethod, methods
 from splice.merge.engine.stats import CHUNK, RadixSelect
 from splice.merge.methods._sparsify import chunk_slices
 from splice.merge.methods._vectors import add_scaled
+
+if TYPE_CHECKING:
+    import torch
+    from torch import Tensor
+else:
+    torch = lazy_import("torch", globals())
 
 __all__ = ["PCB", "PCBThresholds", "pcb_balance", "pcb_merge", "pcb_scores"]
 

@@ -9,13 +9,18 @@ the base, 1 the other model; it may vary with depth and tensor name (gradients, 
 from __future__ import annotations
 
 import math
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
-import torch
 from pydantic import Field
-from torch import Tensor
 
+from splice._lazy import lazy_import
 from splice.merge.base import HyperParams, MergeContext, MergeMethod, methods
+
+if TYPE_CHECKING:
+    import torch
+    from torch import Tensor
+else:
+    torch = lazy_import("torch", globals())
 
 __all__ = ["Slerp", "slerp"]
 

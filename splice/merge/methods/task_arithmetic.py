@@ -6,14 +6,16 @@ The paper's "sum" form with λ≈0.3 and the "mean" form (λ_mean = T·λ_sum) a
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 from pydantic import Field
-from torch import Tensor
 
 from splice.merge.base import HyperParams, MergeContext, MergeMethod, methods
 from splice.merge.methods._sparsify import chunk_slices
 from splice.merge.methods._vectors import weighted_sum
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 __all__ = ["TaskArithmetic"]
 

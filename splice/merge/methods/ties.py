@@ -15,12 +15,11 @@ sign (official code); ``positive`` gives them + (mergekit). Trim keeps exactly
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import ClassVar, Literal, NamedTuple
+from typing import TYPE_CHECKING, ClassVar, Literal, NamedTuple
 
-import torch
 from pydantic import Field
-from torch import Tensor
 
+from splice._lazy import lazy_import
 from splice.errors import SpliceError
 from splice.merge.base import GlobalStat, HyperParams, MergeContext, MergeMethod, methods
 from splice.merge.engine.stats import RadixSelect
@@ -33,6 +32,12 @@ from splice.merge.methods._sparsify import (
     magnitude_thresholds,
     trim,
 )
+
+if TYPE_CHECKING:
+    import torch
+    from torch import Tensor
+else:
+    torch = lazy_import("torch", globals())
 
 __all__ = ["MagnitudeThresholds", "MajoritySign", "Ties", "trimmed_chunks"]
 

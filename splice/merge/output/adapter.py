@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 from splice.errors import SpliceError
-from splice.io import TensorInfo
+from splice.io import TensorInfo, dtype_name
 from splice.io.peft import PEFT_PREFIX
 from splice.merge.base import methods
 from splice.merge.engine import (
@@ -74,7 +74,8 @@ class _ZeroBase(Mapping[str, Tensor]):
 
     def info(self, name: str) -> TensorInfo:
         shape = self.shapes[name]
-        return TensorInfo(name, shape, self.dtype, math.prod(shape) * self.dtype.itemsize, Path())
+        nbytes = math.prod(shape) * self.dtype.itemsize
+        return TensorInfo(name, shape, dtype_name(self.dtype), nbytes, Path())
 
 
 def _prepare(recipe: Recipe, job: MergeJob) -> tuple[MergeJob, Checked, bool]:

@@ -12,7 +12,7 @@ from splice.merge.recipe.settings import (
     parse_dtype,
     parse_setting,
 )
-from splice.merge.recipe.splice import load_recipe, recipe_json
+from splice.merge.recipe.splice import is_learned_recipe, load_recipe, read_recipe, recipe_json
 
 __all__ = [
     "Gradient",
@@ -21,9 +21,11 @@ __all__ = [
     "Recipe",
     "Rule",
     "evaluate",
+    "is_learned_recipe",
     "load_recipe",
     "method_table",
     "parse_dtype",
     "parse_setting",
+    "read_recipe",
     "recipe_json",
 ]

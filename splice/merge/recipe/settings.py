@@ -15,7 +15,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-import torch
 from pydantic import BaseModel, ValidationError
 
 from splice._schema import did_you_mean, schema_error, validate
@@ -40,18 +39,20 @@ __all__ = [
 Scalar = bool | int | float | str | None
 
 DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float64": torch.float64,
-    "fp64": torch.float64,
+    "float32": "float32",
+    "fp32": "float32",
+    "float16": "float16",
+    "fp16": "float16",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+    "float64": "float64",
+    "fp64": "float64",
 }
+"""The compute/output dtypes a recipe may name (and their short forms) → the dtype name."""
 
 
-def parse_dtype(name: str | None, where: str = "dtype") -> torch.dtype | None:
+def parse_dtype(name: str | None, where: str = "dtype") -> str | None:
+    """A recipe's or option's dtype as its name (``"bf16"`` → ``"bfloat16"``); None: none."""
     if name is None:
         return None
     if name not in DTYPES:
@@ -257,8 +258,10 @@ class Recipe:
     models: list[ModelSpec]
     settings: dict[str, Setting]
     seed: int = 0
-    dtype: torch.dtype | None = None
-    out_dtype: torch.dtype | None = None
+    dtype: str | None = None
+    """Compute dtype by name (``"bfloat16"``); None: the engine's default."""
+    out_dtype: str | None = None
+    """Output dtype by name; None: each tensor's own."""
     lines: dict[str, Any] | None = None
     vocab: Literal["base", "union", "intersect"] | None = None
     output: Literal["model", "adapter"] = "model"

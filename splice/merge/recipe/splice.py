@@ -27,12 +27,20 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, ValidationError
 
+from splice._registry import module_names
 from splice._schema import Strict
 from splice.errors import SpliceError
 from splice.merge.recipe.mergekit import from_mergekit
 from splice.merge.recipe.settings import ModelSpec, Recipe, parse_dtype, parse_setting, recipe_error
 
-__all__ = ["ModelEntry", "SpliceRecipe", "load_recipe", "recipe_json"]
+__all__ = [
+    "ModelEntry",
+    "SpliceRecipe",
+    "is_learned_recipe",
+    "load_recipe",
+    "read_recipe",
+    "recipe_json",
+]
 
 
 class ModelEntry(Strict):
@@ -61,11 +69,11 @@ class SpliceRecipe(Strict):
     )
 
 
-def load_recipe(source: str | Path | Mapping[str, Any]) -> Recipe:
-    """Read a recipe file or dict (either dialect) and check its schema.
+def read_recipe(source: str | Path | Mapping[str, Any]) -> tuple[dict[str, Any], str]:
+    """A recipe file (strict YAML) or dict as a plain dict, and where it came from.
 
     Raises:
-        SpliceError: unreadable YAML, unknown keys, unsupported mergekit features.
+        SpliceError: no such file, unreadable YAML, not a mapping.
     """
     what = "recipe"
     if isinstance(source, str | Path):
@@ -80,6 +88,23 @@ def load_recipe(source: str | Path | Mapping[str, Any]) -> Recipe:
         raw = dict(source)
     if not isinstance(raw, dict):
         raise SpliceError("a recipe must be a mapping of keys to values", where=what)
+    return raw, what
+
+
+def is_learned_recipe(source: str | Path | Mapping[str, Any]) -> bool:
+    """True when the recipe has a ``data:`` section or names a learned method
+    (:mod:`splice.merge.learned`; answered from its file names, without importing it)."""
+    raw, _ = read_recipe(source)
+    return "data" in raw or raw.get("method") in module_names("splice.merge.learned")
+
+
+def load_recipe(source: str | Path | Mapping[str, Any]) -> Recipe:
+    """Read a recipe file or dict (either dialect) and check its schema.
+
+    Raises:
+        SpliceError: unreadable YAML, unknown keys, unsupported mergekit features.
+    """
+    raw, what = read_recipe(source)
     if "merge_method" in raw:
         return from_mergekit(raw, what)
     try:

@@ -9,15 +9,20 @@ single-task editing uses ``α = γ, β = 1 − γ``.
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
-import torch
 from pydantic import Field
-from torch import Tensor
 
+from splice._lazy import lazy_import
 from splice.merge.base import HyperParams, MergeContext, MergedStat, MergeTransform, transforms
 from splice.merge.engine.stats import CHUNK
 from splice.merge.methods._sparsify import chunk_slices
+
+if TYPE_CHECKING:
+    import torch
+    from torch import Tensor
+else:
+    torch = lazy_import("torch", globals())
 
 __all__ = ["LiNeS", "LinesAlpha", "lines_scale"]
 

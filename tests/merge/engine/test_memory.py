@@ -49,6 +49,7 @@ def fixture(tmp_path_factory):
 
 CHILD = """
 import json, shutil, sys
+import torch  # merging imports it (planning does not): measure above it
 from splice.merge import merge, plan_merge
 
 def status(key):

@@ -186,3 +186,35 @@ def test_a_tied_input_lends_its_embedding_as_the_head(gpt2, tmp_path, base, othe
     assert "ties it to transformer.wte.weight" in " ".join(entry["notes"])
     tied = str(gpt2 / ("tied_base" if base == "tied_base" else other))
     assert entry["inputs"][tied] == "transformer.wte.weight"
+
+
+FOOTPRINT = """
+import json, sys
+from splice.merge import plan_merge
+from splice.merge.engine.memory import process_rss
+plan = plan_merge(json.loads(sys.argv[1]))["plan"]
+assert "torch" not in sys.modules, "planning imported torch"
+import torch
+print(json.dumps({"planned": plan["baseline_ram"], "with_torch": process_rss()}))
+"""
+
+
+def test_a_plan_without_torch_counts_what_importing_it_adds(llama):
+    """``--plan`` never imports torch, the merge does: the plan's process footprint is this
+    process plus :data:`TORCH_IMPORT_BYTES`, which must cover what ``import torch`` really
+    adds here, with at most 15 % to spare."""
+    import subprocess
+    import sys
+
+    root, _ = llama
+    recipe = json.dumps(_recipe(root, "ft1"))
+    done = subprocess.run(
+        [sys.executable, "-c", FOOTPRINT, recipe],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).resolve().parents[3],
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    r = json.loads(done.stdout)
+    assert r["with_torch"] <= r["planned"] <= 1.15 * r["with_torch"], r

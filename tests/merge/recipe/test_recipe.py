@@ -356,3 +356,24 @@ models:
     out = _load(merge(_write(tmp_path, text), tmp_path / "out"))
     torch.testing.assert_close(out[target], base[target] + delta, atol=1e-6, rtol=0)
     assert torch.equal(out["lm_head.weight"], base["lm_head.weight"])
+
+
+def test_learned_recipes_are_told_by_file_name(tmp_path):
+    """``is_learned_recipe`` answers from the learned package's file names (so ``--plan`` and
+    the preflight never import the learned methods and torch): each file registers its own."""
+    from splice._registry import module_names
+    from splice.merge.learned import learned
+    from splice.merge.recipe import is_learned_recipe
+
+    assert module_names("splice.merge.learned") == learned.names()
+    for name in learned.names():
+        assert is_learned_recipe({"method": name, "models": ["a"]})
+    assert is_learned_recipe({"method": "ties", "models": ["a"], "data": {}})
+    assert not is_learned_recipe({"method": "ties", "models": ["a"]})
+    assert not is_learned_recipe({"merge_method": "ties", "models": [{"model": "a"}]})
+    path = tmp_path / "r.yaml"
+    path.write_text("method: adamerging\nmodels: [a]\n")
+    assert is_learned_recipe(path)
+    path.write_text("method: ties\nmethod: adamerging\n")
+    with pytest.raises(SpliceError, match="duplicate key"):
+        is_learned_recipe(path)
