@@ -48,7 +48,9 @@ def load_deltas(path: str | Path, *, base: Mapping[str, Tensor] | None = None) -
 
     A PEFT dir yields :class:`LowRank` deltas keyed by the base model's tensor names; its
     ``modules_to_save`` tensors (full weights) become :class:`Dense` deltas against ``base``.
-    With ``base`` given, every target must exist in it with the delta's shape.
+    With ``base`` given, every target must exist in it with the delta's shape, and the base's
+    ``config.json`` (a :class:`~splice.io.Checkpoint` of a model dir) tells GPT-2 ``Conv1D``
+    modules from ``nn.Linear`` ones.
 
     Raises:
         SpliceError: not a delta file / adapter, full modules without ``base``, target missing
@@ -60,7 +62,8 @@ def load_deltas(path: str | Path, *, base: Mapping[str, Tensor] | None = None) -
     ckpt = open_checkpoint(path)
     deltas: dict[str, Delta]
     if ckpt.format == "peft":
-        deltas = dict(peft_lowrank_deltas(ckpt))
+        model_type = (getattr(base, "config", None) or {}).get("model_type")
+        deltas = dict(peft_lowrank_deltas(ckpt, model_type=model_type))
         full = peft_full_tensors(ckpt)
         if full and base is None:
             raise SpliceError(
