@@ -89,7 +89,7 @@ def test_mixed_dir_naming_its_local_base_needs_no_base(tmp_path: Path) -> None:
 
 def test_mixed_dir_without_any_base_config_is_refused(mixed) -> None:
     _, adapter, _ = mixed
-    with pytest.raises(SpliceError, match="cannot tell whether .* is a GPT-2 Conv1D"):
+    with pytest.raises(SpliceError, match=r"cannot tell whether .* is a GPT-2 Conv1D"):
         load_deltas(adapter)
 
 
