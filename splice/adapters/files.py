@@ -255,19 +255,21 @@ def read_peft(path: Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
     """A PEFT LoRA dir as (splice adapter record, splice adapter state), via :mod:`splice.io`.
 
     Raises:
-        SpliceError: not a LoRA (or DoRA, pickle weights: from the reader), per-module ranks or
-            scales (``rank_pattern``/``alpha_pattern``), or trained biases.
+        SpliceError: not a LoRA (or DoRA, aLoRA, ``lora_bias``, a base-modifying init, pickle
+            weights: from the reader), per-module ranks or scales
+            (``rank_pattern``/``alpha_pattern``), or trained biases (``bias`` other than none).
     """
-    from splice.deltas import lora_scale, peft_lowrank_deltas
+    from splice.deltas import lora_scale
     from splice.io import open_checkpoint
-    from splice.io.peft import peft_full_tensors
+    from splice.io.peft import peft_full_tensors, peft_lora_factors
 
     ckpt = open_checkpoint(path)
     config = ckpt.config or {}
-    deltas = peft_lowrank_deltas(ckpt)
+    # the model's own layers decide Conv1D transposes here: the factors are loaded as stored
+    factors = peft_lora_factors(ckpt)
     r, alpha, rslora = config["r"], config["lora_alpha"], bool(config.get("use_rslora"))
-    uniform = {(d.rank, d.scale) for d in deltas.values()} == {(r, lora_scale(alpha, r, rslora))}
-    if not uniform or config.get("bias", "none") != "none" or config.get("lora_bias"):
+    found = {(f.A.shape[0], lora_scale(f.alpha, f.A.shape[0], f.rslora)) for f in factors.values()}
+    if found != {(r, lora_scale(alpha, r, rslora))} or config.get("bias", "none") != "none":
         raise SpliceError(
             "PEFT adapter has per-module ranks/alphas or trained biases, which splice's LoRA "
             "does not load",
@@ -275,10 +277,11 @@ def read_peft(path: Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
             fix="re-save it as a plain LoRA (one r and lora_alpha, bias='none')",
         )
     state = peft_full_tensors(ckpt)  # modules_to_save, keyed like splice's own
-    sites = sorted(name.removesuffix(".weight") for name in deltas)
-    for site, d in zip(sites, (deltas[f"{s}.weight"] for s in sites), strict=True):
-        state[f"{site}.adapter.lora_A"] = d.A.reshape(d.rank, -1)
-        state[f"{site}.adapter.lora_B"] = d.B.reshape(-1, d.rank)
+    sites = sorted(name.removesuffix(".weight") for name in factors)
+    for site in sites:
+        f = factors[f"{site}.weight"]
+        state[f"{site}.adapter.lora_A"] = f.A.reshape(f.A.shape[0], -1)
+        state[f"{site}.adapter.lora_B"] = f.B.reshape(-1, f.A.shape[0])
     saved = config.get("modules_to_save") or []  # peft lists heads it may not have saved
     info = {
         "method": "lora",

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from splice.deltas.peft import peft_lowrank_deltas
 from splice.deltas.types import Delta, Dense
+from splice.deltas.wrapper import wrapper_map
 from splice.errors import SpliceError
 from splice.io.peft import peft_full_tensors
 
@@ -49,7 +50,10 @@ def load_deltas(path: str | Path, *, base: Mapping[str, Tensor] | None = None) -
 
     A PEFT dir yields :class:`LowRank` deltas keyed by the base model's tensor names; its
     ``modules_to_save`` tensors (full weights) become :class:`Dense` deltas against ``base``.
-    With ``base`` given, every target must exist in it with the delta's shape.
+    With ``base`` given, every target must exist in it with the delta's shape (names are
+    mapped across a task-head wrapper prefix, :func:`~splice.deltas.wrapper.wrapper_map`),
+    and the base's ``config.json`` (a :class:`~splice.io.Checkpoint` of a model dir) tells
+    GPT-2 ``Conv1D`` modules from ``nn.Linear`` ones.
 
     Raises:
         SpliceError: not a delta file / adapter, full modules without ``base``, target missing
@@ -61,8 +65,13 @@ def load_deltas(path: str | Path, *, base: Mapping[str, Tensor] | None = None) -
     ckpt = open_checkpoint(path)
     deltas: dict[str, Delta]
     if ckpt.format == "peft":
-        deltas = dict(peft_lowrank_deltas(ckpt))
+        model_type = (getattr(base, "config", None) or {}).get("model_type")
+        deltas = dict(peft_lowrank_deltas(ckpt, model_type=model_type))
         full = peft_full_tensors(ckpt)
+        wrapper = wrapper_map(list(deltas), base, model_type) if base is not None else None
+        if wrapper is not None:  # trained on the task-head class, base saved bare (or reverse)
+            deltas = {wrapper(n): d for n, d in deltas.items()}
+            full = {wrapper.to_base(n, base): t for n, t in full.items()}
         if full and base is None:
             raise SpliceError(
                 f"adapter stores {len(full)} full module tensor(s) (modules_to_save), "
@@ -112,7 +121,8 @@ def _check_targets(deltas: Mapping[str, Delta], base: Mapping[str, Tensor], path
     for name, d in deltas.items():
         if name not in base:
             raise SpliceError(
-                f"delta target {name!r} is not in the base model",
+                f"delta target {name!r} is not in the base model, nor under a task-head "
+                "wrapper prefix (such as 'bert.')",
                 where=str(path),
                 fix="use the base model this adapter was trained on",
             )

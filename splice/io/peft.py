@@ -4,13 +4,19 @@
 :class:`LoraFactors` on ``<module>.weight`` with PEFT's scale parameters (``lora_alpha``,
 rsLoRA; per-module ``rank_pattern``/``alpha_pattern`` honoured); :mod:`splice.deltas.peft`
 turns them into :class:`~splice.deltas.LowRank` deltas.
-Embedding LoRA (``lora_embedding_A/B``) and GPT-2 ``Conv1D`` (``fan_in_fan_out``) are transposed;
-conv LoRA keeps the kernel shape. ``modules_to_save`` tensors are full weights, returned apart.
+Embedding LoRA (``lora_embedding_A/B``) and GPT-2 ``Conv1D`` modules are transposed, decided
+per module (:func:`conv1d_modules`): peft saves one ``fan_in_fan_out`` flag per dir but sets it
+per module, so the saved value is only the last module's. Conv LoRA keeps the kernel shape.
+``modules_to_save`` tensors are full weights, returned apart. Adapters that are not one weight
+delta of the original base are refused (aLoRA, ``lora_bias``, base-modifying inits).
 """
 
 from __future__ import annotations
 
+import json
 import re
+from collections.abc import Collection
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from splice.errors import SpliceError
@@ -20,8 +26,10 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = [
+    "CONV1D_MODULES",
     "PEFT_PREFIX",
     "LoraFactors",
+    "conv1d_modules",
     "peft_full_tensors",
     "peft_lora_factors",
     "peft_target_name",
@@ -33,14 +41,15 @@ PEFT_PREFIX = "base_model.model."
 
 class LoraFactors(NamedTuple):
     """One LoRA pair as stored: ``ΔW = scale(alpha, r, rslora) · B @ A`` (``r = A.shape[0]``),
-    reshaped to ``shape`` (conv kernels; None: 2-D) and transposed if ``transpose``."""
+    reshaped to ``shape`` (conv kernels; None: 2-D) and transposed if ``transpose`` (None: the
+    dir cannot tell whether the module is a GPT-2 ``Conv1D``, see :func:`conv1d_modules`)."""
 
     B: torch.Tensor
     A: torch.Tensor
     alpha: float
     rslora: bool
     shape: tuple[int, ...] | None
-    transpose: bool
+    transpose: bool | None
 
 
 _LORA = re.compile(r"^(?P<mod>.+)\.lora_(?P<emb>embedding_)?(?P<ab>[AB])(?:\.(?P<adapter>[^.]+))?$")
@@ -56,6 +65,87 @@ def _pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
         if re.match(rf"(.*\.)?({key})$", module):
             return value
     return default
+
+
+_GPT2_CONV1D = frozenset({"c_attn", "q_attn", "c_proj", "c_fc"})
+CONV1D_MODULES: dict[str, frozenset[str]] = {
+    "gpt2": _GPT2_CONV1D,
+    "decision_transformer": _GPT2_CONV1D,
+    "imagegpt": _GPT2_CONV1D,
+    "openai-gpt": frozenset({"c_attn", "c_proj", "c_fc"}),
+    "clvp": frozenset({"c_fc", "c_proj"}),
+}
+"""Per ``model_type``: the module names (last path component) that are ``transformers``'
+``Conv1D``, whose weight is stored (in, out). Every other family has none (GPT-BigCode's
+``c_attn``/``c_proj`` are ``nn.Linear``)."""
+
+_CONV1D_NAMES = frozenset().union(*CONV1D_MODULES.values())
+
+
+def conv1d_modules(
+    modules: Collection[str], model_type: str | None, saved_flag: bool
+) -> set[str] | None:
+    """Which of an adapter's LoRA ``modules`` are GPT-2 ``Conv1D`` (their ΔW is transposed).
+
+    With the base's ``model_type``: by module name (:data:`CONV1D_MODULES`). Without it, from
+    ``fan_in_fan_out`` as peft saves it (the value its last created module set): True means a
+    ``Conv1D`` family, whose GPT-2-named modules (``c_attn``, ``c_proj``, ``c_fc``,
+    ``q_attn``) are the ``Conv1D`` ones (every module when none has such a name); False with
+    GPT-2 names only is a family where they are ``nn.Linear`` (GPT-BigCode). None: cannot
+    tell (False, with GPT-2 names beside other modules: GPT-2 with a Linear head adapted, or
+    GPT-BigCode).
+    """
+    leaf = {m: m.rsplit(".", 1)[-1] for m in modules}
+    if model_type is not None and (model_type in CONV1D_MODULES or not saved_flag):
+        names = CONV1D_MODULES.get(model_type, frozenset())
+        return {m for m, n in leaf.items() if n in names}
+    named = {m for m, n in leaf.items() if n in _CONV1D_NAMES}
+    if saved_flag:
+        return named or set(modules)
+    return set() if not named or len(named) == len(leaf) else None
+
+
+def _base_model_type(cfg: dict[str, Any]) -> str | None:
+    """``model_type`` of the base an adapter config names, when that is a local model dir."""
+    base = cfg.get("base_model_name_or_path")
+    path = Path(base) / "config.json" if isinstance(base, str) and base else None
+    try:
+        if path is not None and path.is_file():
+            model_type = json.loads(path.read_text()).get("model_type")
+            return model_type if isinstance(model_type, str) else None
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+_MODIFIED_BASE_INITS = ("pissa", "olora", "loftq", "corda", "lora_ga")
+
+
+def _check_variants(cfg: dict[str, Any], names: list[str], where: str) -> None:
+    """Refuse adapters whose math is not ``W + scale·B@A`` on the original base weight."""
+    if cfg.get("alora_invocation_tokens"):
+        raise SpliceError(
+            "aLoRA adapter (alora_invocation_tokens): peft applies it only to the tokens after "
+            "its invocation sequence, so it is not one weight delta",
+            where=where,
+            fix="serve it with peft; splice loads and merges plain LoRA only",
+        )
+    if cfg.get("lora_bias") or any(n.endswith(".lora_B.bias") for n in names):
+        raise SpliceError(
+            "LoRA with lora_bias=True (a trained lora_B.bias) is not loaded by splice",
+            where=where,
+            fix="merge it into its base with peft (merge_and_unload()) and use the full checkpoint",
+        )
+    init = cfg.get("init_lora_weights")
+    if isinstance(init, str) and init.lower().startswith(_MODIFIED_BASE_INITS):
+        raise SpliceError(
+            f"init_lora_weights={init!r}: this adapter fits a modified base (peft rewrote the "
+            "base weights at init), not the original model",
+            where=where,
+            fix="re-save it with peft's save_pretrained(..., "
+            "path_initial_model_for_weight_conversion=...) to get a LoRA of the original base, "
+            "or merge it with peft into its residual base",
+        )
 
 
 def _check_config(cfg: dict[str, Any] | None, where: str) -> dict[str, Any]:
@@ -83,14 +173,19 @@ def _check_config(cfg: dict[str, Any] | None, where: str) -> dict[str, Any]:
     return cfg
 
 
-def peft_lora_factors(ckpt: Checkpoint) -> dict[str, LoraFactors]:
+def peft_lora_factors(ckpt: Checkpoint, *, model_type: str | None = None) -> dict[str, LoraFactors]:
     """LoRA pairs of a PEFT adapter :class:`Checkpoint` as ``{base_tensor_name: LoraFactors}``.
 
+    ``model_type``: the base's (its ``config.json``), which decides the GPT-2 ``Conv1D``
+    modules; default: read from ``base_model_name_or_path`` when that is a local dir.
+
     Raises:
-        SpliceError: not LoRA/DoRA, A without B, rank that disagrees with the config.
+        SpliceError: not LoRA; DoRA, aLoRA, ``lora_bias`` or a base-modifying init (PiSSA,
+            OLoRA, LoftQ, CorDA, LoRA-GA); A without B; rank that disagrees with the config.
     """
     where = str(ckpt.path)
     cfg = _check_config(ckpt.config, where)
+    _check_variants(cfg, ckpt.names(), where)
     pairs: dict[str, dict[str, str]] = {}
     for name in ckpt.names():
         m = _LORA.match(_strip(name))
@@ -98,6 +193,10 @@ def peft_lora_factors(ckpt: Checkpoint) -> dict[str, LoraFactors]:
             slot = pairs.setdefault(m["mod"], {})
             slot[m["ab"]] = name
             slot["emb"] = "1" if m["emb"] else ""
+    dense = [m for m, slot in pairs.items() if not slot["emb"]]
+    conv1d = conv1d_modules(
+        dense, model_type or _base_model_type(cfg), bool(cfg.get("fan_in_fan_out"))
+    )
     out: dict[str, LoraFactors] = {}
     for module, slot in pairs.items():
         if "A" not in slot or "B" not in slot:
@@ -123,7 +222,9 @@ def peft_lora_factors(ckpt: Checkpoint) -> dict[str, LoraFactors]:
             )
         alpha = _pattern_value(cfg.get("alpha_pattern") or {}, module, cfg["lora_alpha"])
         target_shape = (b.shape[0], *a.shape[1:]) if a.dim() > 2 else None
-        transpose = emb or bool(cfg.get("fan_in_fan_out"))
+        transpose: bool | None = True  # embeddings are stored (in, out) by peft
+        if not emb:
+            transpose = False if a.dim() > 2 else None if conv1d is None else module in conv1d
         rslora = bool(cfg.get("use_rslora"))
         out[f"{module}.weight"] = LoraFactors(b, a, alpha, rslora, target_shape, transpose)
     if not out:

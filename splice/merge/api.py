@@ -47,7 +47,10 @@ RecipeLike = str | Path | Mapping[str, Any] | Recipe
 """A recipe file, a recipe dict (either dialect) or a loaded :class:`Recipe`."""
 
 
-def _open_source(path: str, adapter: str | None, label: str) -> Source:
+def _open_source(
+    path: str, adapter: str | None, label: str, model_type: str | None = None
+) -> Source:
+    """Open one input; ``model_type`` (the base's) tells a PEFT dir's GPT-2 Conv1D modules."""
     p = Path(path)
     if not p.exists():
         raise SpliceError(
@@ -62,7 +65,7 @@ def _open_source(path: str, adapter: str | None, label: str) -> Source:
         return Source(
             path,
             None,
-            peft_lowrank_deltas(ckpt),
+            peft_lowrank_deltas(ckpt, model_type=model_type),
             peft_full_tensors(ckpt),
             raw=raw_names(ckpt),
             checkpoints=[ckpt],
@@ -71,7 +74,8 @@ def _open_source(path: str, adapter: str | None, label: str) -> Source:
         return Source(path, None, load_deltas(p), raw=raw_names(ckpt), checkpoints=[ckpt])
     src = Source(path, ckpt, config=ckpt.config, checkpoints=[ckpt])
     if adapter is not None:
-        extra = _open_source(adapter, None, f"{label} adapter")
+        own_type = (ckpt.config or {}).get("model_type")
+        extra = _open_source(adapter, None, f"{label} adapter", own_type)
         src.deltas, src.overrides, src.label = extra.deltas, extra.overrides, f"{path}+{adapter}"
         src.raw, src.checkpoints = extra.raw, [ckpt, *extra.checkpoints]
     return src
@@ -90,7 +94,11 @@ def build_job(recipe: Recipe, options: MergeOptions | None = None) -> MergeJob:
     opts = options or MergeOptions()
     method_cls = _base.methods.get(recipe.method)
     base = _open_source(recipe.base, None, "base") if recipe.base else None
-    models = [_open_source(m.path, m.adapter, f"models[{i}]") for i, m in enumerate(recipe.models)]
+    base_type = (base.config or {}).get("model_type") if base else None
+    models = [
+        _open_source(m.path, m.adapter, f"models[{i}]", base_type)
+        for i, m in enumerate(recipe.models)
+    ]
     seen = {base.label} if base else set()
     for i, src in enumerate(models):  # the ledger keys inputs by label: keep them distinct
         if src.label in seen:

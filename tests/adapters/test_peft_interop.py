@@ -32,6 +32,16 @@ def tiny_gpt2():
     return transformers.GPT2LMHeadModel(cfg).eval()
 
 
+def tiny_gpt2_classifier():
+    """GPT-2 Conv1D blocks and an nn.Linear head (``score``) in one model."""
+    cfg = transformers.GPT2Config(
+        vocab_size=60, n_embd=16, n_layer=2, n_head=2, n_positions=32, num_labels=3,
+        pad_token_id=0,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return transformers.GPT2ForSequenceClassification(cfg).eval()
+
+
 IDS = torch.randint(1, 60, (2, 7), generator=torch.Generator().manual_seed(0))
 CASES = {
     "bert": (
@@ -39,6 +49,7 @@ CASES = {
         dict(targets=["query", "value", "word_embeddings"], modules_to_save=["classifier"]),
     ),
     "gpt2": (tiny_gpt2, dict(targets=["c_attn", "c_fc"])),
+    "gpt2_conv1d_and_linear": (tiny_gpt2_classifier, dict(targets=["c_attn", "c_proj", "score"])),
 }
 
 

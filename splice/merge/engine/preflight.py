@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 from splice.errors import SpliceError
 from splice.io import is_floating, itemsize
 from splice.merge.base import MergeContext
+from splice.merge.engine.adapter_names import fit_adapter_names
 from splice.merge.engine.arch import Architecture, infer_architecture, tie_pairs
 from splice.merge.engine.job import (
     Checked,
@@ -202,15 +203,7 @@ class _Checker:
         return out
 
     def _adapters(self) -> None:
-        name_set = set(self.names)
-        for src in self.job.models:
-            for n in (*src.deltas, *src.overrides):
-                if n not in name_set:
-                    raise SpliceError(
-                        f"adapter targets {n!r}, which is not in the base {self.ref.label}",
-                        where=src.label,
-                        fix="use the base model the adapter was trained on",
-                    )
+        fit_adapter_names(self.job, self.ref, self.names, self.out)
 
     def _task(
         self,

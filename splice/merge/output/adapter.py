@@ -96,7 +96,6 @@ def _prepare(recipe: Recipe, job: MergeJob) -> tuple[MergeJob, Checked, bool]:
                     where=f"{src.label}: {name}",
                     fix="use output: model to merge it into the base",
                 )
-    targets = sorted({n for s in job.models for n in (*s.deltas, *s.overrides)})
     zero = job.base is None
     if zero:
         name = recipe.method
@@ -117,8 +116,8 @@ def _prepare(recipe: Recipe, job: MergeJob) -> tuple[MergeJob, Checked, bool]:
             for n, d in src.deltas.items():
                 shapes.setdefault(n, tuple(d.shape))
         job.base = Source("ΔW space (no base)", _ZeroBase(shapes, torch.float32))
-    checked = check(job)
-    keep = set(targets)
+    checked = check(job)  # keys the adapters by the base's names (a wrapper prefix mapped)
+    keep = {n for s in job.models for n in (*s.deltas, *s.overrides)}
     checked.tasks = [t for t in checked.tasks if t.name in keep]
     assert job.base is not None and job.base.weights is not None
     for n in job.base.weights:
