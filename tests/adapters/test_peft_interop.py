@@ -23,23 +23,21 @@ def tiny_bert():
     return transformers.BertForSequenceClassification(cfg).eval()
 
 
-def tiny_gpt2():
+def _gpt2(cls, **options):
     cfg = transformers.GPT2Config(
-        vocab_size=60, n_embd=16, n_layer=2, n_head=2, n_positions=32, bos_token_id=0,
-        eos_token_id=0,
-    )  # fmt: skip
+        vocab_size=60, n_embd=16, n_layer=2, n_head=2, n_positions=32, **options
+    )
     torch.manual_seed(0)
-    return transformers.GPT2LMHeadModel(cfg).eval()
+    return cls(cfg).eval()
+
+
+def tiny_gpt2():
+    return _gpt2(transformers.GPT2LMHeadModel, bos_token_id=0, eos_token_id=0)
 
 
 def tiny_gpt2_classifier():
     """GPT-2 Conv1D blocks and an nn.Linear head (``score``) in one model."""
-    cfg = transformers.GPT2Config(
-        vocab_size=60, n_embd=16, n_layer=2, n_head=2, n_positions=32, num_labels=3,
-        pad_token_id=0,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    return transformers.GPT2ForSequenceClassification(cfg).eval()
+    return _gpt2(transformers.GPT2ForSequenceClassification, num_labels=3, pad_token_id=0)
 
 
 IDS = torch.randint(1, 60, (2, 7), generator=torch.Generator().manual_seed(0))
