@@ -4,7 +4,9 @@ The engine holds, for the tensor name being merged, every input of that name in 
 dtype (``R``), the method's scratch (``S``: a multiple of one such tensor, declared by the
 method)
 and the output cast (``O``, when ``out_dtype`` differs). Reading converts dtypes or
-materializes ``B·A`` one input at a time (``X``: transient). Reading the next name ahead
+materializes ``B·A`` one input at a time (``X``: transient). A converted input's read buffer
+goes back to the buffer pool (:mod:`splice.io._pool`), which keeps the last one until its next
+allocation: on the CPU that buffer counts in ``S``. Reading the next name ahead
 (``R'``) overlaps I/O with compute, but only where ``R + S + O + R' + X'`` stays within the
 largest single name's working set: so the peak is ``max(R + max(X, S + O))`` over names,
 whatever the timing, and the plan can state it exactly (``--max-memory`` is checked against
@@ -166,7 +168,7 @@ def _costs(job: MergeJob, task: TensorTask, scratch: tuple[float, float]) -> _Co
     dt = _compute_dtype(job, task)
     numel = math.prod(task.shape)
     c = numel * itemsize(dt)
-    read = transient = pooled = 0
+    read = transient = pooled = stale = 0
     pairs: list[tuple[Source, str | None]] = []
     if job.base is not None:
         pairs.append((job.base, task.base_read or task.name))
@@ -177,6 +179,8 @@ def _costs(job: MergeJob, task: TensorTask, scratch: tuple[float, float]) -> _Co
         stored = _stored(src, name) if name is not None and task.name not in src.overrides else None
         if stored is not None and stored[1] != dt:
             transient = max(transient, stored[0] * itemsize(stored[1]))
+            if job.device == "cpu" and hasattr(src.weights, "info"):
+                stale = transient  # the read buffer stays in splice.io._pool until its next get
         elif stored is not None and job.device == "cpu" and hasattr(src.weights, "info"):
             pooled += c
         if task.name in src.deltas:
@@ -191,7 +195,7 @@ def _costs(job: MergeJob, task: TensorTask, scratch: tuple[float, float]) -> _Co
     # θ₀ + λ·(θ − θ₀) holds two temporaries
     clones = (len(job.models) + 2) * c if job.transforms else 0
     merge, stats = scratch  # only the merge pass casts its output
-    work = max(int(merge * c) + cast, int(stats * c)) + clones
+    work = max(int(merge * c) + cast, int(stats * c)) + clones + stale
     return _Cost(read, transient, work, pooled)
 
 

@@ -28,10 +28,22 @@ else:
     torch = lazy_import("torch", globals())
 
 
-__all__ = ["CHUNK", "RadixSelect", "kth_largest", "kth_largest_each", "kth_smallest", "one_thread"]
+__all__ = [
+    "CHUNK",
+    "GATHER",
+    "RadixSelect",
+    "kth_largest",
+    "kth_largest_each",
+    "kth_smallest",
+    "one_thread",
+]
 
 CHUNK = 1 << 18
 """Elements per chunk in streaming loops: bounds scratch memory to a few 1 MB buffers."""
+GATHER = 1 << 16
+"""Most candidates :func:`kth_smallest` gathers and ranks with ``kthvalue`` (≈ 1 MB of
+scratch); a larger bin is narrowed by one more digit pass instead, so memory does not grow
+with the number of tied entries (e.g. a task vector that is zero almost everywhere)."""
 
 _BINS = 1 << 16
 _HALF = _BINS // 2
@@ -134,10 +146,11 @@ def _float_of(digits: list[int], dtype: torch.dtype) -> float:
 def kth_smallest(x: Tensor, k: int, *, magnitude: bool = False) -> Tensor:
     """Exact k-th smallest (1-based) element of a float tensor (of ``|x|`` if ``magnitude``).
 
-    One histogram of the top 16 bits finds the bin of rank ``k``; only that bin's elements
-    are gathered and ranked. Same value as ``torch.kthvalue(x.flatten(), k)``, about ten
-    times faster on large tensors, with chunk-sized scratch (``|x|`` is never materialized).
-    Returns a 0-d tensor.
+    One histogram of the top 16 bits finds the bin of rank ``k``; a bin of at most
+    :data:`GATHER` elements is gathered and ranked, a larger one is narrowed by the next 16
+    bits the same way. Same value as ``torch.kthvalue(x.flatten(), k)``, about ten times faster
+    on large tensors, with chunk-sized scratch however many entries tie (``|x|`` is never
+    materialized). Returns a 0-d tensor.
     """
     _check_rank(x, k)
     with one_thread():
@@ -150,15 +163,13 @@ def _check_rank(x: Tensor, k: int) -> None:
 
 
 def _kth_smallest(x: Tensor, k: int, magnitude: bool) -> Tensor:
-    n = x.numel()
-    hist = torch.zeros(_BINS, dtype=torch.int64, device=x.device)
-    scratch = torch.empty(min(n, CHUNK), dtype=torch.int32, device=x.device)
-    for c in _chunks(x):
-        _histogram(c, 0, hist, scratch, clear_sign=magnitude)
-    d, rank = _pick(hist.cpu(), k, False if magnitude else None)
-    parts = [c[_top_matches(c, d, magnitude, scratch)] for c in _chunks(x)]
-    candidates = torch.cat(parts)
-    return torch.kthvalue(candidates.abs() if magnitude else candidates, rank).values
+    select = RadixSelect(k, x.dtype, magnitude=magnitude)
+    while True:
+        select._observe(x)
+        if select.end_pass():
+            return torch.tensor(select.value, dtype=x.dtype, device=x.device)
+        if select.candidates <= GATHER:
+            return select._gathered_kth(x)
 
 
 def kth_largest(x: Tensor, k: int, *, magnitude: bool = False) -> Tensor:
@@ -207,6 +218,8 @@ class RadixSelect:
         self.magnitude = magnitude
         self.passes = _words(dtype)
         self.count = 0
+        self.candidates = 0
+        """Elements of the stream that may still be the answer (after each pass)."""
         self._k_spec = k
         self._k = 0
         self._digits: list[int] = []
@@ -229,20 +242,35 @@ class RadixSelect:
             self._observe(x)
 
     def _observe(self, x: Tensor) -> None:
-        if self._hist is None or self._hist.device != x.device:
-            self._hist = torch.zeros(_BINS, dtype=torch.int64, device=x.device)
-            self._scratch = torch.empty(CHUNK, dtype=torch.int32, device=x.device)
+        self._buffers(x.device)
         level = len(self._digits)
         for c in _chunks(x.to(self.dtype)):
             if level == 0:
                 self.count += c.numel()
             else:
-                keep = _top_matches(c, self._digits[0], self.magnitude, self._scratch)
-                for i in range(1, level):
-                    keep &= _digit_is(c, i, self._digits[i], False, self._scratch)
-                c = c[keep]
+                c = self._matching(c)
             clear = self.magnitude and level == 0
             _histogram(c, level, self._hist, self._scratch, clear_sign=clear)
+
+    def _buffers(self, device: torch.device) -> None:
+        if self._hist is None or self._hist.device != device:
+            self._hist = torch.zeros(_BINS, dtype=torch.int64, device=device)
+            self._scratch = torch.empty(CHUNK, dtype=torch.int32, device=device)
+
+    def _matching(self, c: Tensor) -> Tensor:
+        """The elements of chunk ``c`` whose digits fixed so far are the answer's."""
+        keep = _top_matches(c, self._digits[0], self.magnitude, self._scratch)
+        for i in range(1, len(self._digits)):
+            keep &= _digit_is(c, i, self._digits[i], False, self._scratch)
+        return c[keep]
+
+    def _gathered_kth(self, x: Tensor) -> Tensor:
+        """The answer, from the :attr:`candidates` still in the running gathered and ranked
+        (one pass; use when they are few)."""
+        self._buffers(x.device)
+        candidates = torch.cat([self._matching(c) for c in _chunks(x.to(self.dtype))])
+        self._hist = self._scratch = None
+        return torch.kthvalue(candidates.abs() if self.magnitude else candidates, self._k).values
 
     def end_pass(self) -> bool:
         """Fix the next 16 bits of the answer; True once all bits are known."""
@@ -254,6 +282,7 @@ class RadixSelect:
         hist = self._hist.cpu() if self._hist is not None else torch.zeros(_BINS, dtype=torch.int64)
         with one_thread():
             d, self._k = _pick(hist, self._k, self._negative())
+        self.candidates = int(hist[d])
         self._digits.append(d)
         self._hist = None
         self._scratch = None

@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 else:
     torch = lazy_import("torch", globals())
 
-__all__ = ["MagnitudeThresholds", "MajoritySign", "Ties", "trimmed_chunks"]
+__all__ = ["MagnitudeThresholds", "MajoritySign", "Ties", "trim_thresholds", "trimmed_chunks"]
 
 THRESHOLDS = "ties.thresholds"
 MAJORITY = "ties.majority_sign"
@@ -68,13 +68,26 @@ class Thresholds(NamedTuple):
     densities: list[float]
 
 
+def _task_vectors(base: Tensor, tensors: list[Tensor], ctx: MergeContext) -> Iterator[Tensor]:
+    return (t - base for t in tensors)
+
+
 class MagnitudeThresholds:
-    """Per-model global trim threshold: the ⌊d_t·P⌋-th largest |τ_t| over all P entries."""
+    """Per-model global trim threshold: the ⌊d_t·P⌋-th largest |τ_t| over all P entries.
+
+    ``deltas(base, tensors, ctx)`` yields the vectors to trim, model after model, without
+    modifying the inputs (default τ_t = θ_t − θ₀; DARE passes its dropped τ̃_t).
+    """
 
     key = THRESHOLDS
 
-    def __init__(self, densities: list[float]) -> None:
+    def __init__(
+        self,
+        densities: list[float],
+        deltas: Callable[[Tensor, list[Tensor], MergeContext], Iterator[Tensor]] = _task_vectors,
+    ) -> None:
         self.densities = densities
+        self.deltas = deltas
         self._selects: list[RadixSelect | None] | None = None
 
     def observe(
@@ -88,9 +101,14 @@ class MagnitudeThresholds:
                 else None
                 for d in self.densities
             ]
-        for t, sel in zip(tensors, self._selects, strict=True):
+        if all(sel is None for sel in self._selects):
+            return
+        deltas = self.deltas(base, tensors, ctx)
+        for sel in self._selects:  # not zip: its reused tuple would keep the last delta alive
+            delta = next(deltas)
             if sel is not None:
-                sel.observe(t - base)
+                sel.observe(delta)
+            del delta  # before the next one is computed
 
     def end_pass(self) -> bool:
         if self._selects is None:
@@ -136,19 +154,22 @@ def _zero_sign(params: HyperParams, ctx: MergeContext) -> float:
     return ctx.stats[MAJORITY] if getattr(params, "zero_sign", None) == "majority" else 1.0
 
 
-def _thresholds(deltas: list[Tensor], params: Params, ctx: MergeContext) -> list[float]:
-    model_params = ctx.model_params
-    assert model_params is not None
-    if params.scope == "tensor":
-        return magnitude_thresholds(deltas, [mp.density for mp in model_params])
-    thresholds, densities = ctx.stats[THRESHOLDS]
-    for mp, d in zip(model_params, densities, strict=True):
-        if mp.density != d:
+def trim_thresholds(
+    deltas: list[Tensor], densities: list[float], scope: str, ctx: MergeContext, what: str
+) -> list[float]:
+    """Each delta's trim threshold: its own top-``density`` magnitude (``scope: tensor``) or
+    the model-wide one of :class:`MagnitudeThresholds` (``global``; ``what`` names the
+    parameter that must then be one value per model)."""
+    if scope == "tensor":
+        return magnitude_thresholds(deltas, densities)
+    thresholds, model_wide = ctx.stats[THRESHOLDS]
+    for here, d in zip(densities, model_wide, strict=True):
+        if here != d:
             raise SpliceError(
-                f"density {mp.density} here differs from the model-wide {d}",
+                f"{what} {here} here differs from the model-wide {d}",
                 where=ctx.name,
-                fix="with scope: global, density is one value per model; "
-                "use scope: tensor for per-layer densities",
+                fix=f"with scope: global, {what} is one value per model; "
+                f"use scope: tensor for per-layer values",
             )
     return thresholds
 
@@ -165,7 +186,8 @@ def trimmed_chunks(
         deltas = [(t - base).reshape(-1) for t in tensors]
     else:
         deltas = [t.reshape(-1) for t in tensors]
-    thresholds = _thresholds(deltas, params, ctx)
+    densities = [mp.density for mp in model_params]
+    thresholds = trim_thresholds(deltas, densities, params.scope, ctx, "density")
     raw = not inplace and params.scope == "global"
     b = base.reshape(-1)
     for s in chunk_slices(b.numel()):

@@ -109,7 +109,14 @@ _MERGEKIT = {
     ),
     "dare_ties": _Alias(
         "dare",
-        {"consensus": "ties", "zero_sign": "positive", "rescale": "l1", "aggregate": "sum", "p": 0},
+        {
+            "consensus": "ties",
+            "zero_sign": "positive",
+            "rescale": "l1",
+            "aggregate": "sum",
+            "p": 0,
+            "trim": 1.0,  # mergekit's dare_ties elects signs without the TIES trim
+        },
         _DARE_RENAMES,
     ),
     "dare_linear": _Alias(

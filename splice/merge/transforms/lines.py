@@ -78,7 +78,7 @@ class Params(HyperParams):
     )
     beta: float = Field(
         description="β: extra scale reached at the last block (tune on validation; "
-        "1 − γ for single-task editing)"
+        "1 − γ for single-task editing); multiplied by the inner method's λ: keep λ = 1"
     )
 
 
@@ -86,7 +86,9 @@ class Params(HyperParams):
 class LiNeS(MergeTransform):
     """LiNeS (Wang et al., ICLR 2025), spec merging.md §6: θ = θ₀ + λ(depth)·(θ_merged − θ₀).
 
-    With ``alpha: 1, beta: 0`` it leaves the method's output unchanged.
+    With ``alpha: 1, beta: 0`` it leaves the method's output unchanged. It scales what the
+    inner method returns, so that method's λ multiplies α and β too: keep it at 1, as the
+    authors apply LiNeS to the merged task vector without a further λ.
     """
 
     name: ClassVar[str] = "lines"

@@ -31,8 +31,11 @@ def small_chunks(monkeypatch):
     monkeypatch.setattr(stats, "CHUNK", 1000)
 
 
+@pytest.mark.parametrize("gather", [stats.GATHER, 4])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_kth_smallest_equals_kthvalue(dtype, small_chunks):
+def test_kth_smallest_equals_kthvalue(dtype, gather, small_chunks, monkeypatch):
+    """Also with a bin too large to gather (``gather=4``): narrowed digit by digit."""
+    monkeypatch.setattr(stats, "GATHER", gather)
     for x in _cases(dtype):
         ref_x = x.double()
         for k in {1, x.numel(), (x.numel() + 1) // 2, max(1, x.numel() // 7)}:
@@ -157,3 +160,40 @@ def test_selection_touches_uint16_only_through_views_and_copies():
                     select.observe(y)
                     select.end_pass()
     assert seen and seen <= {"view", "__getitem__", "copy_", "numel"}, seen
+
+
+def _peak_growth(fn) -> int:
+    """Bytes of resident memory ``fn()`` adds at its peak: ``VmHWM`` after resetting it to the
+    current resident set through ``/proc/self/clear_refs`` (Linux)."""
+
+    def status(key: str) -> int:
+        with open("/proc/self/status") as f:
+            line = next(line for line in f if line.startswith(key + ":"))
+        return int(line.split()[1]) * 1024
+
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = status("VmRSS")
+    fn()
+    return status("VmHWM") - before
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_selection_memory_does_not_grow_with_ties(dtype):
+    """Issue #21 item 15: a tensor whose entries all tie (a task vector a fine-tune left
+    untouched, τ = 0) put every entry into the selected bin, which was then gathered, copied
+    by ``abs`` and sorted by ``kthvalue`` (int64 indices): 5× the tensor per selection, run
+    in parallel for every model. The selection now stays within a few chunks of scratch."""
+    n = 1 << 23  # 32 MiB in float32
+    x = torch.empty(n, dtype=dtype).fill_(0.0)
+    x[:5] = torch.tensor([3.0, -2.0, 1.0, -0.5, 0.25], dtype=dtype)
+    kth_largest_each([x[:3000]] * 3, [1, 2, 3], magnitude=True)  # threads, code paged in
+    got: list[torch.Tensor] = []
+    for magnitude in (False, True):
+        growth = _peak_growth(lambda m=magnitude: got.append(kth_largest(x, 20, magnitude=m)))
+        assert got.pop().item() == 0.0
+        assert growth < 16 << 20, (magnitude, growth / 2**20)
+    assert kth_largest(x, 2, magnitude=True).item() == 2.0
+    growth = _peak_growth(lambda: got.extend(kth_largest_each([x, x, x], [1, 3, 9])))
+    assert [g.item() for g in got] == [3.0, 0.25, 0.0]
+    assert growth < 24 << 20, growth / 2**20
