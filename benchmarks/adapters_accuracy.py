@@ -92,8 +92,9 @@ METHODS = {  # row label → (method, adapter options, targets), fixed before an
     # added after that too: NOLA's LLaMA recipe adapts every linear layer; the same 9,216
     # coefficients spread over the 36 linear layers of the 6 blocks (k=l=128 each)
     "nola-all-128": ("nola", {"r": 8, "k": 128, "l": 128}, ALL_LINEAR),
-    "mos": ("mos", {"r": 6, "e": 1, "p": 0, "l": 4}, QV),
-    "mos-l8": ("mos", {"r": 6, "e": 1, "p": 0, "l": 8}, QV),
+    # dropout 0.0: MoS's default when these rows were measured (now 0.1, the released one)
+    "mos": ("mos", {"r": 6, "e": 1, "p": 0, "l": 4, "dropout": 0.0}, QV),
+    "mos-l8": ("mos", {"r": 6, "e": 1, "p": 0, "l": 8, "dropout": 0.0}, QV),
 }
 LRS = (5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2)  # adapters' starting grid
 HEAD_LRS = (1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2)  # the linear probe's starting grid

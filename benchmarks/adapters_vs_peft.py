@@ -44,7 +44,12 @@ SIDES = {  # name → (library, method, options)
     "splice-nola": ("splice", "nola", {"r": 8, "k": 256, "l": 256}),
     "splice-mos": ("splice", "mos", {"r": 6, "e": 1, "p": 0, "l": 4, "dropout": 0.0}),
     "splice-mola": ("splice", "mola", {"r": 8, "experts": 4, "top_k": 2, "dropout": 0.0}),
-    "splice-ept": ("splice", "ept", {"r": 8, "dropout": 0.0}),
+    # the documented row's settings (EPT's defaults then: one task slot, κ = 0)
+    "splice-ept": (
+        "splice",
+        "ept",
+        {"r": 8, "dropout": 0.0, "tasks": 1, "zero_init_kernels": True},
+    ),
 }
 
 

@@ -8,6 +8,12 @@ task embedding τ_t: w = softmax(top-K of softmax(W_g τ_t + b_g)) as the releas
 (``routing="code"``) or the renormalised top-K (``"paper"``). Routing depends only on the task,
 so ΔW_t = s·Σ_e w_e ΔW_e merges per task (:func:`set_task` chooses it). Trainable:
 r(⌊d_in/2⌋ + ⌊d_out/2⌋) + Σ_e m_e k_e + E(d_in + 1) + T·d_in per module.
+
+Defaults follow the released code (Yan-Zhenwei/EPT@54ed6ed; spec Errata): A, B and the kernels
+are Kaiming-uniform (a=√5; a kernel's fan-in is m_e·k_e), so ΔW ≠ 0 at step 0; T = 8 task
+slots; the task-contrastive loss is the mean over the adapted modules of the encoder (T5's
+encoder stack) and absent in decoder-only models (LLaMA), where the code computes but never
+adds it.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ from ._sites import Site
 from .inject import adapter_layers
 from .layer import METHODS, Adapter, Method, MethodConfig
 
-__all__ = ["set_task"]
+__all__ = ["in_encoder", "set_task"]
 
 TEMPERATURE = 0.05  # of the task-contrastive loss (reference code)
 
@@ -38,12 +44,19 @@ class EPTConfig(MethodConfig):
         [2, 2, 4, 4, 6, 6, 8, 8], min_length=1, description="kernel size k_e ≥ 2 per expert"
     )
     top_k: int = pydantic.Field(2, gt=0, description="experts used per task")
-    tasks: int = pydantic.Field(1, gt=0, description="task-embedding slots T")
-    zero_init_kernels: bool = pydantic.Field(True, description="κ = 0 so ΔW = 0 at start")
+    tasks: int = pydantic.Field(8, gt=0, description="task-embedding slots T (code: 8)")
+    zero_init_kernels: bool = pydantic.Field(
+        False, description="κ = 0 so ΔW = 0 at start (code: Kaiming, fan-in m_e·k_e)"
+    )
     routing: Literal["code", "paper"] = pydantic.Field(
         "code", description="top-K weights: softmax of probabilities (code) or renormalised"
     )
     contrastive_coef: float = pydantic.Field(0.1, ge=0.0, description="task-contrastive weight")
+    contrastive_modules: Literal["encoder", "all"] = pydantic.Field(
+        "encoder",
+        description="modules whose first token enters the contrastive loss: those inside an"
+        " encoder stack (none in decoder-only models), or every adapted module",
+    )
     dropout: float = pydantic.Field(0.1, ge=0.0, lt=1.0, description="dropout on the input")
 
     @pydantic.field_validator("kernels")
@@ -55,7 +68,7 @@ class EPTConfig(MethodConfig):
 
 
 class EPTAdapter(Adapter):
-    def __init__(self, site: Site, cfg: EPTConfig) -> None:
+    def __init__(self, site: Site, cfg: EPTConfig, contrastive: bool = True) -> None:
         super().__init__(site, scaling(cfg.alpha, cfg.r), cfg.dropout)
         d_in, d_out = site.d_in, site.d_out
         if d_out // max(cfg.kernels) < 1 or d_in // max(cfg.kernels) < 1:
@@ -65,16 +78,15 @@ class EPTAdapter(Adapter):
         self.lora_A = uniform_parameter(cfg.r, d_in // 2)
         self.lora_B = uniform_parameter(d_out // 2, cfg.r)
         self.kernels = nn.ParameterList(
-            nn.Parameter(
-                torch.zeros(d_out // k, k)
-                if cfg.zero_init_kernels
-                else kaiming_uniform(torch.empty(d_out // k, k))
-            )
+            nn.Parameter(torch.zeros(d_out // k, k))
+            if cfg.zero_init_kernels
+            else uniform_parameter(d_out // k, k, fan_in=(d_out // k) * k)
             for k in cfg.kernels
         )
         self.task_embedding = nn.Parameter(torch.randn(cfg.tasks, d_in) * 0.01)
         self.gate_weight = uniform_parameter(len(cfg.kernels), d_in, a=0.0)
         self.gate_bias = nn.Parameter(kaiming_uniform(torch.empty(len(cfg.kernels)), d_in))
+        self.contrastive = contrastive and cfg.contrastive_coef > 0 and cfg.tasks > 1
         self.last_first_token: Tensor | None = None
 
     def routing(self) -> tuple[list[int], Tensor]:
@@ -98,7 +110,7 @@ class EPTAdapter(Adapter):
         return torch.cat(Bs, dim=1), torch.cat(As, dim=0)
 
     def forward(self, x: Tensor, y: Tensor) -> Tensor:
-        if self.training and self.cfg.contrastive_coef > 0 and self.cfg.tasks > 1:
+        if self.training and self.contrastive:
             self.last_first_token = x[:, 0] if x.dim() == 3 else x
         return super().forward(x, y)
 
@@ -121,7 +133,8 @@ class EPT(Method):
     def build(self, sites: list[Site], cfg: EPTConfig) -> list[Adapter]:
         if cfg.top_k > len(cfg.kernels):
             raise SpliceError(f"top_k={cfg.top_k} > {len(cfg.kernels)} experts", fix="lower top_k")
-        return [EPTAdapter(site, cfg) for site in sites]
+        every = cfg.contrastive_modules == "all"
+        return [EPTAdapter(site, cfg, every or in_encoder(site.name)) for site in sites]
 
     def num_parameters(self, sites: list[Site], cfg: EPTConfig) -> int:
         E = len(cfg.kernels)
@@ -136,6 +149,21 @@ class EPT(Method):
     def aux_loss(self, adapters: list[Adapter], cfg: EPTConfig) -> Tensor | None:
         losses = [a.contrastive_loss() for a in adapters if a.last_first_token is not None]
         return cfg.contrastive_coef * torch.stack(losses).mean() if losses else None
+
+    def task_slots(self, cfg: EPTConfig) -> int:
+        return cfg.tasks
+
+    def set_task(self, model: nn.Module, task: int) -> None:
+        set_task(model, task)
+
+
+def in_encoder(name: str) -> bool:
+    """Whether module ``name`` sits in an encoder stack: its first ``encoder``/``decoder`` name
+    component is ``encoder`` (T5, BART, BERT, ViT: ``encoder.…``; a BERT used as the decoder of
+    an encoder-decoder, ``decoder.bert.encoder.…``, is not; GPT-2's ``transformer.h.…`` and
+    LLaMA's ``model.layers.…`` have neither: decoder-only)."""
+    stack = [part for part in name.split(".") if part in ("encoder", "decoder")]
+    return bool(stack) and stack[0] == "encoder"
 
 
 def set_task(model: nn.Module, task: int) -> nn.Module:

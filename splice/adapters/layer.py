@@ -81,6 +81,14 @@ class Method:
         """An auxiliary loss from the last forward (router balance, task contrast), or None."""
         return None
 
+    def task_slots(self, cfg: Any) -> int:
+        """How many task ids the method routes by (:meth:`set_task`); 0: it takes no task."""
+        return 0
+
+    def set_task(self, model: nn.Module, task: int) -> None:
+        """Route ``model``'s adapters by ``task`` for the following forwards (task methods)."""
+        raise NotImplementedError(f"{self.pretty_name} takes no task id")
+
 
 @dataclass
 class _Record:

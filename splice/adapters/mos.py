@@ -29,6 +29,9 @@ class MoSConfig(MethodConfig):
     l: int = pydantic.Field(4, gt=0, description="shards per rank vector")  # noqa: E741
     alpha: float = pydantic.Field(16.0, description="scale numerator: s = alpha/r")
     seed: int = pydantic.Field(0, ge=0, description="seed of the index maps")
+    dropout: float = pydantic.Field(
+        0.1, ge=0.0, lt=1.0, description="dropout on the input (every released script: 0.1)"
+    )
 
 
 class ShardPool(nn.Module):

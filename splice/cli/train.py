@@ -54,7 +54,10 @@ def train(
         float | None, typer.Option(help="Peak learning rate (5e-4 adapters, 5e-5 full).")
     ] = None,
     head_lr: Annotated[
-        float | None, typer.Option(help="Peak learning rate of the new head (default: --lr).")
+        float | None,
+        typer.Option(
+            help="Peak learning rate of the new head (default 5e-2; --method head: --lr)."
+        ),
     ] = None,
     warmup: Annotated[float, typer.Option(help="Linear warmup, fraction of steps.")] = 0.06,
     weight_decay: Annotated[float, typer.Option(help="AdamW weight decay on matrices.")] = 0.0,
@@ -113,6 +116,8 @@ def train(
         raise
     if not metrics:  # a non-zero rank under torchrun: rank 0 reports
         return
+    for warning in metrics["warnings"]:
+        typer.secho(f"warning: {warning}", err=True, fg="yellow")
     if as_json:
         print_json(metrics)
     else:

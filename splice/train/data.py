@@ -1,4 +1,5 @@
-"""Training data: a local CSV/JSONL file with ``text`` (and ``label``) columns, or a bench task."""
+"""Training data: a local CSV/JSONL file with ``text`` (and ``label``, ``task``) columns, or a
+bench task."""
 
 from __future__ import annotations
 
@@ -19,18 +20,20 @@ __all__ = ["Rows", "load_splits"]
 class Rows:
     texts: list[str]
     labels: list[Any] | None
+    tasks: list[str] | None = None  # the task of each row (multi-task data), or None
 
     def __len__(self) -> int:
         return len(self.texts)
 
     def subset(self, idx: list[int]) -> Rows:
         labels = None if self.labels is None else [self.labels[i] for i in idx]
-        return Rows([self.texts[i] for i in idx], labels)
+        tasks = None if self.tasks is None else [self.tasks[i] for i in idx]
+        return Rows([self.texts[i] for i in idx], labels, tasks)
 
     @classmethod
     def from_records(cls, records: list[Any], where: str) -> Rows:
-        """Rows from dicts with ``text``/``label`` keys or from ``(text, label)`` pairs."""
-        texts, labels = [], []
+        """Rows from dicts with ``text``/``label``/``task`` keys or ``(text, label)`` pairs."""
+        texts, labels, tasks = [], [], []
         for i, rec in enumerate(records):
             text, label = (rec.get("text"), rec.get("label")) if isinstance(rec, dict) else rec
             if not isinstance(text, str) or not text.strip():
@@ -39,12 +42,23 @@ class Rows:
                 )
             texts.append(text)
             labels.append(label)
+            tasks.append(rec.get("task") if isinstance(rec, dict) else None)
         if not texts:
             raise SpliceError("no rows", where=where, fix="the file needs a header and rows")
-        has = [lab is not None and lab != "" for lab in labels]
-        if any(has) and not all(has):
-            raise SpliceError(f"row {has.index(False) + 1} has no label", where=where)
-        return cls(texts, labels if all(has) else None)
+        return cls(texts, _all_or_none(labels, "label", where), _all_or_none(tasks, "task", where))
+
+
+def _all_or_none(values: list[Any], column: str, where: str) -> list[Any] | None:
+    """``values`` if every row has one, None if no row has; a partly filled column is an error."""
+    has = [v is not None and v != "" for v in values]
+    if any(has) and not all(has):
+        raise SpliceError(
+            f"row {has.index(False) + 1} has no {column}", where=where,
+            fix=f"fill the {column} column in every row, or drop it",
+        )  # fmt: skip
+    if column == "task" and all(has):
+        return [str(v) for v in values]
+    return values if all(has) else None
 
 
 def read_file(path: Path) -> Rows:

@@ -21,13 +21,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from splice.errors import SpliceError
+from splice.train.batches import Batches, collate
 from splice.train.checkpoint import load_checkpoint, save_checkpoint
-from splice.train.config import DEFAULT_TARGETS, WHOLE, TrainConfig
+from splice.train.config import DEFAULT_HEAD_LR, DEFAULT_TARGETS, WHOLE, TrainConfig
 from splice.train.data import Rows, load_splits
 from splice.train.loop import LoopState, TrainStep, distributed, fit
 from splice.train.schedule import linear_warmup_decay
+from splice.train.tasks import combine, task_routing
 
-__all__ = ["collate", "evaluate", "train"]
+__all__ = ["evaluate", "train"]
 
 # Setup -----------------------------------------------------------------------------------------
 
@@ -109,47 +111,6 @@ def _adapt(cfg: TrainConfig, model: nn.Module, new_modules: list[str]) -> None:
     )
 
 
-class _Batches:
-    """Deterministic micro-batches: epoch e visits a permutation seeded by (seed, e); rank r of
-    w reads slice r of each global batch, so batch i is a pure function of i (exact resume)."""
-
-    def __init__(self, encoded: list[list[int]], labels: list[int] | None, cfg: TrainConfig,
-                 pad_id: int, rank: int = 0, world: int = 1) -> None:  # fmt: skip
-        self.encoded, self.labels, self.pad_id = encoded, labels, pad_id
-        self.bs, self.rank, self.world, self.seed = cfg.batch_size, rank, world, cfg.seed
-        self.per_epoch = max(1, len(encoded) // (self.bs * world))
-
-    def __call__(self, i: int) -> dict[str, torch.Tensor]:
-        epoch, pos = divmod(i, self.per_epoch)
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        perm = torch.randperm(len(self.encoded), generator=g)
-        start = (pos * self.world + self.rank) * self.bs
-        return collate(
-            perm[start : start + self.bs].tolist(), self.encoded, self.labels, self.pad_id
-        )
-
-
-def collate(idx: list[int], encoded: list[list[int]], labels: list[int] | None, pad_id: int):
-    """Right-padded ``input_ids``/``attention_mask`` and ``labels`` (-100 on causal-LM padding)."""
-    width = max(len(encoded[i]) for i in idx)
-    ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(idx), width), dtype=torch.long)
-    for row, i in enumerate(idx):
-        ids[row, : len(encoded[i])] = torch.tensor(encoded[i])
-        mask[row, : len(encoded[i])] = 1
-    if labels is None:
-        return {
-            "input_ids": ids,
-            "attention_mask": mask,
-            "labels": ids.masked_fill(mask == 0, -100),
-        }
-    return {
-        "input_ids": ids,
-        "attention_mask": mask,
-        "labels": torch.tensor([labels[i] for i in idx]),
-    }
-
-
 # Evaluation ------------------------------------------------------------------------------------
 
 
@@ -182,6 +143,23 @@ def evaluate(
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": count}
 
 
+STALLED = {"classification": 0.2, "causal-lm": 0.02}  # least share of the loss a run removes
+
+
+def _stalled(history: list[float], objective: str) -> str | None:
+    """A warning when the train loss fell by less than ``STALLED[objective]`` of its start
+    (means of the first and last ≤ 10 steps), e.g. a head that did not learn; else None."""
+    w = max(1, min(10, len(history) // 5))
+    start, end = sum(history[:w]) / w, sum(history[-w:]) / w
+    if start <= 0 or (start - end) / start >= STALLED[objective]:
+        return None
+    return (
+        f"the training loss barely moved ({start:.4g} → {end:.4g}, "
+        f"{(end - start) / start:+.0%}): the model may have learnt little; try a higher "
+        "--lr or --head-lr, or more --steps"
+    )
+
+
 def _in_new_module(name: str, new_modules: list[str]) -> bool:
     """Whether parameter ``name`` belongs to a module the checkpoint lacked (e.g. the head)."""
     return name.rsplit(".", 1)[0] in new_modules
@@ -193,13 +171,14 @@ def _param_groups(
     """AdamW groups: matrices decay, vectors do not; new modules (the head) train at
     ``head_lr``. Empty groups are dropped, so the layout depends only on the settings."""
     lr = cfg.lr or (5e-5 if full else 5e-4)
+    head_lr = cfg.head_lr or (cfg.lr if cfg.method == "head" and cfg.lr else DEFAULT_HEAD_LR)
     groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
     for name, p in named.items():
         groups.setdefault((_in_new_module(name, new_modules), p.ndim >= 2), []).append(p)
     return [
         {
             "params": params,
-            "lr": (cfg.head_lr or lr) if head else lr,
+            "lr": head_lr if head else lr,
             "weight_decay": cfg.weight_decay if matrix else 0.0,
         }
         for (head, matrix), params in sorted(groups.items())
@@ -253,6 +232,8 @@ def _run(
     elif adapted:
         _adapt(cfg, model, new_modules if objective == "classification" else [])
     model.to(device)
+    tasks = task_routing(cfg, train_rows, eval_rows, world)
+    route = tasks.route if tasks else None
 
     def encode(rows: Rows) -> tuple[list[list[int]], list[int] | None]:
         ids = tokenizer(rows.texts, truncation=True, max_length=cfg.max_length)["input_ids"]
@@ -265,7 +246,10 @@ def _run(
             f"{len(train_ids)} training examples fill no global batch of {world}×{cfg.batch_size}",
             fix="lower --batch-size",
         )
-    batches = _Batches(train_ids, train_ys, cfg, tokenizer.pad_token_id, rank, world)
+    batches = Batches(
+        train_ids, train_ys, cfg.batch_size, cfg.seed, tokenizer.pad_token_id, rank, world,
+        tasks=tasks.ids(train_rows) if route else None,
+    )  # fmt: skip
     total = cfg.steps or max(1, math.ceil(cfg.epochs * batches.per_epoch / cfg.grad_accum))
 
     named = {n: p for n, p in model.named_parameters() if p.requires_grad}
@@ -295,7 +279,10 @@ def _run(
         model = nn.parallel.DistributedDataParallel(model, find_unused_parameters=sparse)
 
     def micro_loss(i: int) -> tuple[torch.Tensor, int]:
-        batch = {k: v.to(device) for k, v in batches(i).items()}
+        task, batch = batches(i)
+        if route is not None:
+            route(core, task)
+        batch = {k: v.to(device) for k, v in batch.items()}
         return model(**batch).loss, len(batch["input_ids"])
 
     def save(state: LoopState) -> None:
@@ -315,14 +302,23 @@ def _run(
     if rank != 0:
         return {}
     eval_ids, eval_ys = encode(eval_rows)
-    chunks = [
-        list(range(i, min(i + cfg.batch_size, len(eval_ids))))
-        for i in range(0, len(eval_ids), cfg.batch_size)
-    ]
-    eval_batches = [
-        {k: v.to(device) for k, v in collate(c, eval_ids, eval_ys, tokenizer.pad_token_id).items()}
-        for c in chunks
-    ]
+
+    def evaluate_rows(rows: list[int], task: int | None = None) -> dict[str, float]:
+        if route is not None:
+            route(core, task)
+        chunks = [rows[i : i + cfg.batch_size] for i in range(0, len(rows), cfg.batch_size)]
+        pad = tokenizer.pad_token_id
+        batches = [
+            {k: v.to(device) for k, v in collate(c, eval_ids, eval_ys, pad).items()} for c in chunks
+        ]
+        return evaluate(core, batches, objective, step.autocast)
+
+    if tasks is None:
+        by_task, overall = None, evaluate_rows(list(range(len(eval_ids))))
+    else:
+        groups = tasks.groups(eval_rows)
+        by_task = {t: evaluate_rows(rows, tasks.names.index(t)) for t, rows in groups.items()}
+        overall = combine(list(by_task.values()), objective)
     counts = trainable_parameters(core)
     head = sum(
         p.numel()
@@ -339,7 +335,10 @@ def _run(
         "eval_examples": len(eval_rows),
         "train_loss": sum(history[-10:]) / len(history[-10:]),
         "loss_history": history,
-        "eval": evaluate(core, eval_batches, objective, step.autocast),
+        "warnings": [w for w in [_stalled(history, objective)] if w],
+        "eval": overall,
+        "tasks": tasks.names if tasks else None,
+        "eval_by_task": by_task,
         "trainable_parameters": counts.trainable,
         "adapter_parameters": counts.trainable - head if adapted else None,  # head excluded
         "total_parameters": counts.total,

@@ -84,3 +84,21 @@ def test_impossible_configurations_fail_early(cfg, message):
     model, _ = make_model("linear")
     with pytest.raises(SpliceError, match=message):
         inject(model, "mos", ["proj"], **cfg)
+
+
+def test_dropout_defaults_to_the_released_scripts_0_1():
+    """Every released MoS script trains with dropout 0.1 on the adapter input (Errata §2)."""
+    model, x = make_model("linear")
+    inject(model, "mos", ["proj"], r=2, e=1, l=2)
+    perturb(model)
+    layer = model.layers[0]["proj"]
+    assert isinstance(layer.adapter.dropout, torch.nn.Dropout) and layer.adapter.dropout.p == 0.1
+    B, A = layer.adapter.factors()
+    layer.train()
+    torch.manual_seed(7)
+    y = layer(x)
+    torch.manual_seed(7)
+    dropped = torch.nn.functional.dropout(x, 0.1, training=True)
+    hand = layer.base_layer(x) + layer.adapter.scale * dropped @ A.t() @ B.t()
+    assert torch.allclose(y, hand, atol=1e-6)
+    assert not torch.allclose(y, layer.eval()(x), atol=1e-4)  # dropout is on in training only

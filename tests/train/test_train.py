@@ -25,7 +25,7 @@ def tiny_model_dir(tmp_path_factory, name, build):
     path = tmp_path_factory.mktemp(name)
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
     (path / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    transformers.BertTokenizerFast(vocab_file=str(path / "vocab.txt")).save_pretrained(path)
+    transformers.BertTokenizerFast(vocab=str(path / "vocab.txt")).save_pretrained(path)
     torch.manual_seed(0)
     build(len(vocab)).save_pretrained(path)
     return path
@@ -187,17 +187,28 @@ def test_eval_split_needs_a_bench_task(bert_dir, csv_file, tmp_path):
 
 
 def test_head_lr_drives_the_new_head_and_lr_the_adapter(bert_dir, csv_file, tmp_path):
+    """The new head trains at --head-lr, by default 5e-2 whatever --lr is (issue #21: at the
+    adapter's 5e-4 it barely moved in 200 steps); --method head trains it at --lr."""
     from splice.adapters import load_adapter
+    from splice.train.config import DEFAULT_HEAD_LR
 
-    frozen = run(bert_dir, csv_file, tmp_path / "frozen", lr=1e-12)
-    head = run(bert_dir, csv_file, tmp_path / "head", lr=1e-12, head_lr=5e-2)
+    frozen = run(bert_dir, csv_file, tmp_path / "frozen", lr=1e-12, head_lr=1e-12)
+    head = run(bert_dir, csv_file, tmp_path / "head", lr=1e-12)
     assert head["loss_history"][0] == frozen["loss_history"][0]  # same init, same batch
     assert head["loss_history"][-1] != frozen["loss_history"][-1]
+    explicit = run(bert_dir, csv_file, tmp_path / "explicit", lr=1e-12, head_lr=DEFAULT_HEAD_LR)
+    assert explicit["loss_history"] == head["loss_history"] and DEFAULT_HEAD_LR == 5e-2
     before, after = (load_adapter(None, tmp_path / d / "adapter") for d in ("frozen", "head"))
     moved = (after.classifier.weight - before.classifier.weight).abs().max().item()
-    assert moved > 1e-2  # the head learnt at head_lr (frozen's moved ≤ 8·1e-12)
+    assert 1e-2 < moved <= 8 * DEFAULT_HEAD_LR  # AdamW: ≤ lr per step (frozen's ≤ 8·1e-12)
     b = [p for n, p in after.named_parameters() if n.endswith("lora_B")]
     assert b and max(p.abs().max().item() for p in b) < 1e-9  # B starts at 0, moved ≤ 8·lr
+    probe = [
+        run(bert_dir, csv_file, tmp_path / f"probe{i}", method="head", steps=3, **kw)
+        for i, kw in enumerate([dict(lr=1e-12), dict(lr=1e-12, head_lr=1e-12), dict(lr=None)])
+    ]
+    assert probe[0]["loss_history"] == probe[1]["loss_history"]  # --method head: at --lr
+    assert probe[0]["loss_history"] != probe[2]["loss_history"]  # without --lr: the default
 
 
 @pytest.mark.parametrize("method", ["full", "head"])
@@ -270,3 +281,119 @@ def test_cli_train_json(bert_dir, csv_file, tmp_path):
     assert (out / "adapter" / "adapter_config.json").is_file()
     bad = CliRunner().invoke(app, [*args[:6], "--precision", "fp8"])
     assert bad.exit_code == 2
+
+
+def test_a_loss_that_barely_moved_is_a_warning(bert_dir, csv_file, tmp_path):
+    from typer.testing import CliRunner
+
+    from splice.cli import app
+
+    metrics = run(bert_dir, csv_file, tmp_path / "m", lr=1e-12, head_lr=1e-12)
+    assert len(metrics["warnings"]) == 1 and "loss barely moved" in metrics["warnings"][0]
+    written = json.loads((tmp_path / "m" / "metrics.json").read_text())
+    assert written["warnings"] == metrics["warnings"]
+    args = ["train", str(bert_dir), str(csv_file), "--out", str(tmp_path / "cli")]
+    args += ["--steps", "4", "--lr", "1e-12", "--head-lr", "1e-12", "--json"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "warning: the training loss barely moved" in result.stderr
+    assert json.loads(result.stdout)["warnings"] == [result.stderr.split("warning: ")[1].strip()]
+
+
+@pytest.mark.parametrize(
+    ("objective", "history", "warns"),
+    [
+        ("classification", [2.708] * 10 + [2.39] * 10, True),  # the issue's run: −12 %
+        ("classification", [2.708] * 10 + [1.9] * 10, False),  # −30 %
+        ("causal-lm", [3.0] * 10 + [2.97] * 10, True),  # −1 %
+        ("causal-lm", [3.0] * 10 + [2.8] * 10, False),  # −7 %
+        ("classification", [0.69, 0.7, 0.3, 0.2, 0.25], False),  # windows of 1 on 5 steps
+    ],
+)
+def test_stall_rule(objective, history, warns):
+    from splice.train.hf import _stalled
+
+    assert (_stalled(history, objective) is not None) is warns
+
+
+def _two_task_csv(path):
+    """Task "sent" labels pos/neg, task "len" labels short/long: one head over the four."""
+    g = torch.Generator().manual_seed(1)
+    lines = ["text,label,task"]
+    for i in range(40):
+        words = POS if i % 2 else NEG
+        pick = " ".join(words[j] for j in torch.randint(0, 4, (2,), generator=g).tolist())
+        lines.append(f"the film was {pick},{'pos' if i % 2 else 'neg'},sent")
+    for i in range(24):
+        lines.append(f"{'a movie ' * (1 + 3 * (i % 2))}was,{'long' if i % 2 else 'short'},len")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _record_tasks(monkeypatch, seen):
+    """Record (training?, routed task, input_ids) of every forward of the trained model."""
+    import splice.train.hf as hf
+    from splice.adapters import adapter_layers
+
+    def adapt(cfg, model, new_modules):
+        original(cfg, model, new_modules)
+        ept = next(iter(adapter_layers(model).values())).adapter
+
+        def hook(module, args, kwargs):
+            seen.append((module.training, ept.task, kwargs["input_ids"]))
+
+        model.register_forward_pre_hook(hook, with_kwargs=True)
+
+    original = hf._adapt
+    monkeypatch.setattr(hf, "_adapt", adapt)
+
+
+def test_ept_multi_task_batches_route_by_their_task(bert_dir, tmp_path, monkeypatch):
+    data = _two_task_csv(tmp_path / "two.csv")
+    seen = []
+    _record_tasks(monkeypatch, seen)
+    options = {"r": 2, "kernels": [2, 4], "top_k": 1, "dropout": 0.0}
+    metrics = run(bert_dir, data, tmp_path / "out", method="ept", adapter=options, steps=10)
+    assert metrics["tasks"] == ["len", "sent"]  # task id = index
+    assert metrics["labels"] == ["long", "neg", "pos", "short"]  # one head over both tasks
+    film = 5 + WORDS.index("film")  # token id: only rows of task "sent" (id 1) have it
+
+    def task_of(ids):
+        return {int((row == film).any()) for row in ids}
+
+    train = [(task, task_of(ids)) for training, task, ids in seen if training]
+    assert len(train) == 10 and {task for task, _ in train} == {0, 1}
+    assert all(rows == {task} for task, rows in train)  # each batch is its task's, routed so
+    evaluated = [(task, task_of(ids)) for training, task, ids in seen if not training]
+    assert {task for task, _ in evaluated} == {0, 1}
+    assert all(rows == {task} for task, rows in evaluated)
+    assert sorted(metrics["eval_by_task"]) == ["len", "sent"]
+    by_task = metrics["eval_by_task"].values()
+    assert metrics["eval"]["examples"] == sum(r["examples"] for r in by_task) == 6
+    mean = sum(r["loss"] * r["examples"] for r in by_task) / 6
+    assert metrics["eval"]["loss"] == pytest.approx(mean)
+
+
+def test_multi_task_errors(bert_dir, tmp_path):
+    data = _two_task_csv(tmp_path / "two.csv")
+    with pytest.raises(SpliceError, match=r"2 tasks in the data, ept has 1 task slots.*tasks=2"):
+        run(bert_dir, data, tmp_path / "a", method="ept", adapter={"tasks": 1})
+    with pytest.raises(SpliceError, match="a PEFT LoRA holds one ΔW"):
+        run(bert_dir, data, tmp_path / "b", method="ept", format="peft")
+    bad = tmp_path / "bad.csv"
+    bad.write_text("text,label,task\nthe film,pos,a\nthe movie,neg,\n")
+    with pytest.raises(SpliceError, match="row 2 has no task"):
+        run(bert_dir, bad, tmp_path / "c")
+
+
+def test_methods_without_tasks_train_as_before_and_evaluate_per_task(bert_dir, tmp_path):
+    data = _two_task_csv(tmp_path / "two.csv")
+    plain = tmp_path / "plain.csv"
+    plain.write_text("\n".join(line.rsplit(",", 1)[0] for line in data.read_text().splitlines()))
+    with_tasks = run(bert_dir, data, tmp_path / "a")
+    without = run(bert_dir, plain, tmp_path / "b")
+    assert with_tasks["loss_history"] == without["loss_history"]  # mixed batches, unchanged
+    assert without["tasks"] is None and without["eval_by_task"] is None
+    assert with_tasks["eval"]["accuracy"] == pytest.approx(without["eval"]["accuracy"])
+    assert with_tasks["eval"]["loss"] == pytest.approx(without["eval"]["loss"], rel=1e-5)
+    assert sorted(with_tasks["eval_by_task"]) == ["len", "sent"]
