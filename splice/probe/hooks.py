@@ -100,8 +100,11 @@ class Hooks:
             handle.remove()
         self._handles.clear()
 
-    def capture(self, layers: int | Sequence[int], *, detach: bool = True) -> Capture:
-        """Record the outputs of ``layers`` on every forward call (detached unless told)."""
+    def capture(
+        self, layers: int | Sequence[int], *, detach: bool = True, inputs: bool = False
+    ) -> Capture:
+        """Record the outputs of ``layers`` (their hidden-state inputs when ``inputs``: block
+        ``ℓ``'s input is ``hidden_states[ℓ]``) on every forward call, detached unless told."""
         layers = check_layers(list(layers) if not isinstance(layers, int) else layers, self.n)
         cap = Capture(layers)
         for layer in layers:
@@ -110,7 +113,14 @@ class Hooks:
                 cap.calls[layer].append(hidden.detach() if detach else hidden)
                 return hidden
 
-            self._hook(layer, record)
+            if inputs:
+                self._handles.append(
+                    self.blocks[layer].register_forward_pre_hook(
+                        _on_input(record), with_kwargs=True
+                    )
+                )
+            else:
+                self._hook(layer, record)
         return cap
 
     def add(self, layer: int, delta: Tensor, *, positions: Positions = "last") -> None:
@@ -153,6 +163,16 @@ class Hooks:
             return (new, *out[1:]) if isinstance(out, tuple) else new
 
         self._handles.append(self.blocks[layer].register_forward_hook(hook, with_kwargs=True))
+
+
+def _on_input(fn: Replace) -> Callable[..., None]:
+    """A forward pre-hook that shows ``fn`` the block's hidden-state input."""
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        hidden = args[0] if args else kwargs["hidden_states"]
+        fn(hidden, _positions(kwargs.get("position_ids"), hidden))
+
+    return hook
 
 
 def _positions(position_ids: Tensor | None, hidden: Tensor) -> Tensor:

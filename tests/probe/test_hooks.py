@@ -19,9 +19,12 @@ def test_capture_equals_output_hidden_states(llama):
     ids = torch.randint(0, 64, (2, 9))
     with torch.no_grad(), Hooks(llama) as h:
         cap = h.capture(range(4))
+        cap_in = h.capture([0, 3], inputs=True)
         out = llama(ids, output_hidden_states=True)
     hs = out.hidden_states
     assert len(hs) == 5
+    torch.testing.assert_close(cap_in[0], hs[0], rtol=0, atol=0)
+    torch.testing.assert_close(cap_in[3], hs[3], rtol=0, atol=0)
     for layer in range(3):
         torch.testing.assert_close(cap[layer], hs[layer + 1], rtol=0, atol=0)
     # HF reports the last block after the final norm; the hook sees the block's own output.
