@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from splice.analysis.lapt import collate_sft, lapt_loss
+from splice.analysis.report import Progress, no_progress
 from splice.train.loop import LoopState, TrainStep, fit
 
-__all__ = ["train_lapt"]
+__all__ = ["lapt_study", "train_lapt"]
 
 
 def train_lapt(
@@ -59,3 +61,105 @@ def train_lapt(
     state = fit(step, steps, progress=progress)
     model.eval()
     return state
+
+
+def lapt_study(
+    model_spec: str,
+    layer: int,
+    *,
+    eval_layers: Sequence[int] | None = None,
+    prompts: Sequence[str] | None = None,
+    steps: int = 20,
+    lr: float = 1e-4,
+    new_tokens: int = 32,
+    seed: int = 42,
+    progress: Progress = no_progress,
+) -> tuple[dict[str, Any], str, dict[str, Any]]:
+    """``(data, markdown, figures)``: ASA (random, lexicon judge) on held-out prompts and
+    held-out perplexity, before and after LAPT at ``layer``.
+
+    Prompts split 60/40 (seed 42) into training (prompt + the model's own clean response)
+    and held-out; perplexity is measured on 16 standard-library paragraphs.
+    """
+    from splice.analysis.asa import asa_sweep, generate, lexicon_judge
+    from splice.analysis.inputs import chat_ids, load_model, prose
+    from splice.analysis.lapt import perplexity
+    from splice.analysis.prompt_set import HARMFUL
+    from splice.analysis.report import markdown_table
+    from splice.probe import Hooks, check_layers
+
+    model, tok, name = load_model(model_spec, causal=True)
+    n = Hooks(model).n
+    layer = check_layers(layer, n)[0]
+    eval_layers = check_layers(list(eval_layers or [layer]), n)
+    texts = list(prompts or HARMFUL)
+    perm = torch.randperm(len(texts), generator=torch.Generator().manual_seed(seed)).tolist()
+    cut = round(0.6 * len(texts))
+    train_txt, test_txt = [texts[i] for i in perm[:cut]], [texts[i] for i in perm[cut:]]
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    test_ids = [chat_ids(tok, t) for t in test_txt]
+    held = [tok(t, return_tensors="pt")["input_ids"][0][:96] for t in prose(48)[32:]]
+    decode = lambda t: tok.decode(t, skip_special_tokens=True)  # noqa: E731
+
+    def evaluate(label: str) -> dict[str, Any]:
+        tick = progress(f"ASA {label}", len(test_ids) * len(eval_layers))
+        sweep = asa_sweep(
+            model,
+            test_ids,
+            eval_layers,
+            decode,
+            texts=test_txt,
+            judge=lexicon_judge,
+            max_new_tokens=new_tokens,
+            seed=seed,
+            pad_token_id=pad,
+            on_step=tick,
+        )
+        return {
+            "masr": sweep["masr"],
+            "pasr": sweep["pasr"],
+            "lasr": sweep["lasr"],
+            "perplexity": perplexity(model, held),
+            "records": sweep["records"],
+        }
+
+    before = evaluate("before")
+    tick = progress("safe responses", len(train_txt))
+    pairs = []
+    for t in train_txt:
+        p = chat_ids(tok, t)
+        pairs.append((p, generate(model, p, new_tokens, pad_token_id=pad)))
+        tick()
+    state = train_lapt(
+        model, pairs, layer, steps=steps, lr=lr, pad_id=pad, seed=seed, progress=False
+    )
+    after = evaluate("after")
+    change = after["perplexity"] / before["perplexity"] - 1
+    data = {
+        "settings": {
+            "model": name,
+            "layer": layer,
+            "eval_layers": eval_layers,
+            "steps": steps,
+            "lr": lr,
+            "train_prompts": len(train_txt),
+            "test_prompts": len(test_txt),
+            "judge": "lexicon",
+        },
+        "before": before,
+        "after": after,
+        "loss_history": state.history,
+        "perplexity_change": change,
+    }
+    rows = [
+        [label, r["masr"], r["pasr"], r["lasr"][layer], r["perplexity"]]
+        for label, r in (("before", before), ("after", after))
+    ]
+    md = (
+        f"# LAPT at layer {layer}: {name}\n\n{len(train_txt)} training / {len(test_txt)} "
+        f"held-out prompts, {steps} steps at LR {lr}; ASA random δ at layers {eval_layers}, "
+        "lexicon judge (a proxy for the paper's LLM judge).\n\n"
+        + markdown_table(["", "MASR", "PASR", f"LASR@{layer}", "held-out perplexity"], rows)
+        + f"\nHeld-out perplexity change: {100 * change:+.2f} %.\n"
+    )
+    return data, md, {}
