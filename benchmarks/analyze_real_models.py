@@ -127,6 +127,15 @@ def main() -> None:
                 "ok" if f["lasr"][str(layer)] < b["lasr"][str(layer)] else "MISSED",
             )
         )
+        key = str(layer)
+        rows.append(
+            (
+                f"lapt smollm2 @ {layer}",
+                "(judge-free) ΔNLL of own held-out answers falls",
+                f"{b['delta_nll'][key]:.3f} → {f['delta_nll'][key]:.3f}",
+                "ok" if f["delta_nll"][key] < b["delta_nll"][key] else "MISSED",
+            )
+        )
         rows.append(
             (
                 f"lapt smollm2 @ {layer}",
@@ -139,7 +148,8 @@ def main() -> None:
             (
                 f"lapt smollm2 @ {layer}",
                 "MASR / PASR before → after",
-                f"{b['masr']:.2f}/{b['pasr']:.2f} → {f['masr']:.2f}/{f['pasr']:.2f}",
+                f"{b['masr']:.2f}/{b['pasr']:.2f} → {f['masr']:.2f}/{f['pasr']:.2f} "
+                f"(unsteered unsafe {b['unsafe_unsteered']:.2f})",
                 "reported",
             )
         )

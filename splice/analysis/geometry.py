@@ -33,15 +33,23 @@ def fit_tokenwise(
     ridge: float = 1e-3,
     rank: int = 8,
     target: Literal["transition", "update"] = "transition",
+    center: bool = False,
     chunk: int = 256,
 ) -> Tensor:
     """The tokenwise component ``t`` ``[N, d]`` of the transition ``x → y`` (§6.3).
 
     ``target="update"`` fits ``u = y − x`` instead of ``y`` and returns ``x + A x`` so the
     result is always on the transition scale. ``ridge`` is relative to the mean squared
-    norm of the rows of ``x`` (scale-free).
+    norm of the rows of ``x`` (scale-free). ``center`` fits on mean-centred ``x`` and target
+    (an affine tokenwise map: ``t = A(x − x̄) + ȳ``), which also centres the kNN search.
     """
     x, y = x.double(), y.double()
+    if center:
+        mx, my = x.mean(0), y.mean(0)
+        t = fit_tokenwise(
+            x - mx, y - my, fit=fit, k=k, ridge=ridge, rank=rank, target=target, chunk=chunk
+        )
+        return t + my
     goal = y - x if target == "update" else y
     lam = ridge * x.pow(2).sum(1).mean()
     if fit == "global":

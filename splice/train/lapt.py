@@ -41,7 +41,7 @@ def train_lapt(
     gen = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(pairs), generator=gen).tolist()
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, foreach=False)
     warm = max(1, int(warmup * steps))
 
     def factor(step: int) -> float:
@@ -75,8 +75,9 @@ def lapt_study(
     seed: int = 42,
     progress: Progress = no_progress,
 ) -> tuple[dict[str, Any], str, dict[str, Any]]:
-    """``(data, markdown, figures)``: ASA (random, lexicon judge) on held-out prompts and
-    held-out perplexity, before and after LAPT at ``layer``.
+    """``(data, markdown, figures)``: ASA (random, lexicon judge) on held-out prompts, the
+    NLL probe's ΔNLL of the model's pre-LAPT held-out responses (a judge-free measure of the
+    robustness LAPT trains) and held-out perplexity, before and after LAPT at ``layer``.
 
     Prompts split 60/40 (seed 42) into training (prompt + the model's own clean response)
     and held-out; perplexity is measured on 16 standard-library paragraphs.
@@ -84,6 +85,7 @@ def lapt_study(
     from splice.analysis.asa import asa_sweep, generate, lexicon_judge
     from splice.analysis.inputs import chat_ids, load_model, prose
     from splice.analysis.lapt import perplexity
+    from splice.analysis.nll_probe import nll_probe
     from splice.analysis.prompt_set import HARMFUL
     from splice.analysis.report import markdown_table
     from splice.probe import Hooks, check_layers
@@ -101,6 +103,8 @@ def lapt_study(
     held = [tok(t, return_tensors="pt")["input_ids"][0][:96] for t in prose(48)[32:]]
     decode = lambda t: tok.decode(t, skip_special_tokens=True)  # noqa: E731
 
+    own = [generate(model, p, new_tokens, pad_token_id=pad) for p in test_ids]
+
     def evaluate(label: str) -> dict[str, Any]:
         tick = progress(f"ASA {label}", len(test_ids) * len(eval_layers))
         sweep = asa_sweep(
@@ -115,11 +119,17 @@ def lapt_study(
             pad_token_id=pad,
             on_step=tick,
         )
+        dnll = dict.fromkeys(eval_layers, 0.0)  # ΔNLL of the pre-LAPT responses, mean/token
+        for p, y in zip(test_ids, own, strict=True):
+            for lay, r in nll_probe(model, p, y, eval_layers, seed=seed).items():
+                dnll[lay] += r["delta_mean"] / len(test_ids)
         return {
             "masr": sweep["masr"],
             "pasr": sweep["pasr"],
             "lasr": sweep["lasr"],
+            "delta_nll": dnll,
             "perplexity": perplexity(model, held),
+            "unsafe_unsteered": sweep["clean_unsafe_rate"],
             "records": sweep["records"],
         }
 
@@ -152,14 +162,33 @@ def lapt_study(
         "perplexity_change": change,
     }
     rows = [
-        [label, r["masr"], r["pasr"], r["lasr"][layer], r["perplexity"]]
+        [
+            label,
+            r["masr"],
+            r["pasr"],
+            r["lasr"][layer],
+            r["delta_nll"][layer],
+            r["unsafe_unsteered"],
+            r["perplexity"],
+        ]
         for label, r in (("before", before), ("after", after))
     ]
     md = (
         f"# LAPT at layer {layer}: {name}\n\n{len(train_txt)} training / {len(test_txt)} "
         f"held-out prompts, {steps} steps at LR {lr}; ASA random δ at layers {eval_layers}, "
         "lexicon judge (a proxy for the paper's LLM judge).\n\n"
-        + markdown_table(["", "MASR", "PASR", f"LASR@{layer}", "held-out perplexity"], rows)
+        + markdown_table(
+            [
+                "",
+                "MASR",
+                "PASR",
+                f"LASR@{layer}",
+                f"ΔNLL@{layer}",
+                "unsafe unsteered",
+                "held-out perplexity",
+            ],
+            rows,
+        )
         + f"\nHeld-out perplexity change: {100 * change:+.2f} %.\n"
     )
     return data, md, {}

@@ -115,3 +115,13 @@ def test_study_on_tiny_llama_and_exact_replacement_is_a_no_op():
     exact = cap[2][mask.bool()]
     change = _replace_run(model, batches, [mask.bool()], [clean], 2, exact, True)
     assert change.shape == (55,) and change.abs().max() < 1e-10
+
+
+def test_centred_fit_is_translation_equivariant():
+    torch.manual_seed(6)
+    x, y = torch.randn(60, 5).double(), torch.randn(60, 5).double()
+    t = fit_tokenwise(x, y, fit="diag", k=9, center=True)
+    c, c2 = torch.randn(5).double() * 10, torch.randn(5).double() * 10
+    moved = fit_tokenwise(x + c, y + c2, fit="diag", k=9, center=True)
+    torch.testing.assert_close(moved, t + c2)
+    assert (fit_tokenwise(x + c, y + c2, fit="diag", k=9) - (t + c2)).abs().max() > 1e-3

@@ -154,6 +154,7 @@ def test_safety_lapt_reports(llama_dir, tmp_path, monkeypatch, capsys):
     rep = json.loads((out / "report.json").read_text())
     assert rep["settings"]["train_prompts"] == 3 and rep["settings"]["test_prompts"] == 2
     assert len(rep["loss_history"]) == 2 and rep["before"]["perplexity"] > 0
+    assert set(rep["after"]["delta_nll"]) == {"1"}
 
 
 def test_mup_report(tmp_path, monkeypatch, capsys):
