@@ -52,6 +52,7 @@ def geometry_study(
     ridge: float = 1e-3,
     rank: int = 8,
     target: str = "transition",
+    center: bool = False,
     on_layer: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
     """Run the §6 study on ``batches`` (``input_ids`` and optional ``attention_mask``).
@@ -76,7 +77,7 @@ def geometry_study(
     for layer in layers:
         x = torch.cat([a[m] for a, m in zip(xs[layer], masks, strict=True)])
         y = torch.cat([a[m] for a, m in zip(ys[layer], masks, strict=True)])
-        t = fit_tokenwise(x, y, fit=fit, k=k, ridge=ridge, rank=rank, target=target)
+        t = fit_tokenwise(x, y, fit=fit, k=k, ridge=ridge, rank=rank, target=target, center=center)
         met = layer_metrics(x, y, t)
         change = _replace_run(model, batches, masks, finals, layer, t, is_logits)
         row = {key: summarize(met[key]) for key in (*GEOMETRY_KEYS, "error", "cos_y_t")}

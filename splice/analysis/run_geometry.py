@@ -22,6 +22,7 @@ def run_geometry(
     ridge: float = 1e-3,
     rank: int = 8,
     target: str = "transition",
+    center: bool = False,
     texts: int = 32,
     max_len: int = 64,
     batch_size: int = 8,
@@ -42,6 +43,7 @@ def run_geometry(
         ridge=ridge,
         rank=rank,
         target=target,
+        center=center,
         on_layer=lambda layer: tick(),
     )
     settings = {
@@ -51,6 +53,7 @@ def run_geometry(
         "ridge": ridge,
         "rank": rank,
         "target": target,
+        "center": center,
         "texts": texts,
         "max_len": max_len,
     }

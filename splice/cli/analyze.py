@@ -89,6 +89,9 @@ def geometry(
     ridge: Annotated[float, typer.Option(help="Ridge, relative to mean ‖x‖².")] = 1e-3,
     rank: Annotated[int, typer.Option(help="Rank of the 'rank' fit.")] = 8,
     target: Annotated[str, typer.Option(help="transition (fit h^{l+1}) or update.")] = "transition",
+    center: Annotated[
+        bool, typer.Option(help="Fit on mean-centred states (affine map, centred kNN).")
+    ] = False,
     texts: Annotated[int, typer.Option(help="Prose paragraphs in the token sample.")] = 32,
     max_len: Annotated[int, typer.Option(help="Tokens per paragraph at most.")] = 64,
     quiet: Annotated[bool, typer.Option(help="Do not print the Markdown report.")] = False,
@@ -107,6 +110,7 @@ def geometry(
             ridge=ridge,
             rank=rank,
             target=target,
+            center=center,
             texts=texts,
             max_len=max_len,
             progress=progress,

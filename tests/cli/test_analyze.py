@@ -99,11 +99,13 @@ def test_geometry_report_on_a_decoder_and_an_encoder(
         "6",
         "--fit",
         "rank",
+        "--center",
         "--quiet",
     )
     assert code == 0, err
     rep = json.loads((out2 / "report.json").read_text())
     assert list(rep["layers"]) == ["1"] and rep["output_change"] == "relative_l2_last_hidden"
+    assert rep["settings"]["center"] is True
 
 
 def test_safety_lapt_reports(llama_dir, tmp_path, monkeypatch, capsys):
