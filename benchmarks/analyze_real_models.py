@@ -50,6 +50,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("/tmp/analyze-real"))
     ap.add_argument("--figures", type=Path, help="copy the plots here (e.g. docs/img/analyze)")
     ap.add_argument("--skip", default="", help="comma list of: geometry,safety,lapt,mup")
+    ap.add_argument("--geometry-args", default="", help="extra options, e.g. '--center'")
+    ap.add_argument("--lapt-layer", type=int, help="default: the safety sweep's worst layer")
     a = ap.parse_args()
     skip = set(a.skip.split(","))
     rows: list[tuple[str, str, str, str]] = []
@@ -66,16 +68,18 @@ def main() -> None:
 
     if "geometry" not in skip:
         for model in ("smollm2", "minilm"):
-            rep, wall, rss = run(a.out / f"geometry-{model}", "geometry", model)
+            extra = a.geometry_args.split()
+            rep, wall, rss = run(a.out / f"geometry-{model}", "geometry", model, *extra)
             lay = rep["layers"].values()
             cos_t = sum(r["cos_u_t"]["mean"] for r in lay) / len(lay)
             cos_r = sum(r["cos_u_r"]["mean"] for r in lay) / len(lay)
+            cos_y = sum(r["cos_y_t"]["mean"] for r in lay) / len(lay)
             rhos = [r["rho"] for r in lay]
             rows.append(
                 (
                     f"geometry {model}",
                     "mean cos(u,tᵘ) ≥ 0.9, cos(u,r) lower",
-                    f"{cos_t:.3f} vs {cos_r:.3f}",
+                    f"{cos_t:.3f} vs {cos_r:.3f} (transition scale cos(y,t) {cos_y:.4f})",
                     "ok" if cos_t >= 0.9 > cos_r else "MISSED",
                 )
             )
@@ -115,7 +119,7 @@ def main() -> None:
         dnll = {int(k): v["delta_mean"] for k, v in rep["nll"].items()}
         layer = max(lasr, key=lambda k: (lasr[k], dnll[k]))
     if "lapt" not in skip:
-        layer = 12 if layer is None else layer
+        layer = a.lapt_layer if a.lapt_layer is not None else 12 if layer is None else layer
         rep, wall, rss = run(a.out / "lapt-smollm2", "lapt", "smollm2", "--layer", str(layer))
         b, f = rep["before"], rep["after"]
         ppl = rep["perplexity_change"]
