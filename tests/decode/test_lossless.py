@@ -104,7 +104,10 @@ def test_sequence_test_detects_the_drafter() -> None:
     exact, other = (_exact_pairs(m, [1, 4, 2], s).flatten() for m in (target, drafter))
     counts = torch.bincount(torch.multinomial(other, 2500, replacement=True), minlength=36)
     keep = exact > 0
-    assert counts[~keep].sum() > 0 or chisquare(
-        counts[keep].numpy(), (exact[keep] / exact[keep].sum() * counts[keep].sum()).numpy()
-    ).pvalue < 1e-6
-
+    assert (
+        counts[~keep].sum() > 0
+        or chisquare(
+            counts[keep].numpy(), (exact[keep] / exact[keep].sum() * counts[keep].sum()).numpy()
+        ).pvalue
+        < 1e-6
+    )
