@@ -82,8 +82,7 @@ class CounterfactualDivergenceScorer:
 
     def texts(self, ids: Sequence[int], prompt_len: int) -> tuple[str, str]:
         """The factual and counterfactual verifier contexts as text."""
-        prompt = self.tok.decode(list(ids[:prompt_len]))
-        rest = self.tok.decode(list(ids[prompt_len:]))
+        prompt, rest = self._split(ids, prompt_len)
         if self.cf_scope == "full_text":
             return self.preamble + prompt + rest, self.preamble + self.cf(prompt + rest)
         return self.preamble + prompt + rest, self.preamble + self.cf(prompt) + rest
@@ -92,7 +91,7 @@ class CounterfactualDivergenceScorer:
         fact, counter = self.texts(ids, prompt_len)
         tokens = cand.tokens.tolist()
         if self.bridge:
-            words = [self.tok.decode([*ids[prompt_len:], c]) for c in tokens]
+            words = [self._split([*ids, c], prompt_len)[1] for c in tokens]
             a = self._bridged(self.factual, fact, words, ids, prompt_len)
             b = self._bridged(self.counter, counter, words, ids, prompt_len)
         else:
@@ -107,6 +106,13 @@ class CounterfactualDivergenceScorer:
         a, b = a.clamp_min(EPS), b.clamp_min(EPS)
         return -DIVERGENCES[self.divergence](a, b)
 
+    def _split(self, ids: Sequence[int], prompt_len: int) -> tuple[str, str]:
+        """The prompt's text and the text the generated tokens add to it."""
+        prompt, full = self.tok.decode(list(ids[:prompt_len])), self.tok.decode(list(ids))
+        if full.startswith(prompt):
+            return prompt, full[len(prompt) :]
+        return prompt, self.tok.decode(list(ids[prompt_len:]))
+
     def _encode(self, text: str) -> list[int]:
         return list(self.vtok.encode(text, add_special_tokens=False))
 
@@ -118,7 +124,7 @@ class CounterfactualDivergenceScorer:
         self, lm: CachedLM, context: str, words: list[str], ids: Sequence[int], prompt_len: int
     ) -> Tensor:
         """P_verifier(the verifier tokens a candidate's text adds | context) (spec §2.3)."""
-        rest = self.tok.decode(list(ids[prompt_len:]))
+        rest = self._split(ids, prompt_len)[1]
         head = context[: len(context) - len(rest)]
         base = self._encode(context)
         out = []

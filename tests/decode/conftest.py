@@ -24,3 +24,14 @@ def tiny_llama(vocab: int = 8, layers: int = 3, seed: int = 0, sharpen: float = 
     with torch.no_grad():
         model.lm_head.weight.mul_(sharpen)
     return model
+
+
+def word_tokenizer(words: list[str]):
+    """A word-level fast tokenizer over ``words`` (ids in list order), whitespace-joined."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token=words[0]))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token=words[0])

@@ -59,8 +59,14 @@ def test_speculative_greedy_equals_target_greedy_on_50_prompts() -> None:
         prompt = torch.randint(0, 50, (int(torch.randint(1, 8, (1,), generator=g)),), generator=g)
         ref = generate(prompt.tolist(), target=t, sampling=GREEDY, max_new_tokens=10).tokens
         for name, d in drafters.items():
-            out = generate(prompt.tolist(), target=t, proposer=d, sampling=GREEDY,
-                           gamma=1 + i % 4, max_new_tokens=10)  # fmt: skip
+            out = generate(
+                prompt.tolist(),
+                target=t,
+                proposer=d,
+                sampling=GREEDY,
+                gamma=1 + i % 4,
+                max_new_tokens=10,
+            )
             assert out.tokens == ref, (name, i)
             accepted[name] += out.metrics["accepted"]
     assert all(v > 0 for v in accepted.values()), accepted  # the drafts were really used
@@ -113,14 +119,21 @@ def test_ngram_lookup_copies_the_latest_match() -> None:
 def test_metrics_and_metadata() -> None:
     target = tiny_llama(vocab=30, layers=3, seed=8)
     t = CachedLM(target)
-    out = generate([1, 2], target=t, proposer=ModelProposer(early_exit(target, 1)),
-                   sampling=Sampling(temperature=0.7), gamma=3, max_new_tokens=20)  # fmt: skip
+    out = generate(
+        [1, 2],
+        target=t,
+        proposer=ModelProposer(early_exit(target, 1)),
+        sampling=Sampling(temperature=0.7),
+        gamma=3,
+        max_new_tokens=20,
+    )
     m = out.metrics
     assert out.lossless and out.policy == "lossless" and m["new_tokens"] == len(out.tokens) == 20
     assert m["target_calls"] == m["steps"] and 1 <= m["tokens_per_target_call"] <= 4
     assert m["accepted"] + m["steps"] == 20 and 0 <= m["alpha"] <= 1
-    greedy_policy_sampled = generate([1, 2], target=t, proposer=ModelProposer(target),
-                                     policy=GreedyMatch(), max_new_tokens=3)  # fmt: skip
+    greedy_policy_sampled = generate(
+        [1, 2], target=t, proposer=ModelProposer(target), policy=GreedyMatch(), max_new_tokens=3
+    )
     assert not greedy_policy_sampled.lossless  # argmax matching under T>0 is not φ(target)
 
 
@@ -135,11 +148,21 @@ class _NoiseScorer:
 def test_rerank_with_zero_weight_is_greedy_drafter_decoding() -> None:
     drafter = tiny_llama(vocab=40, seed=9, sharpen=3.0)
     ref = _reference_greedy(drafter, [4, 2], 15)
-    out = generate([4, 2], proposer=ModelProposer(drafter), policy=RerankTopK(k=5, weight=0.0),
-                   scorer=_NoiseScorer(), max_new_tokens=15)  # fmt: skip
+    out = generate(
+        [4, 2],
+        proposer=ModelProposer(drafter),
+        policy=RerankTopK(k=5, weight=0.0),
+        scorer=_NoiseScorer(),
+        max_new_tokens=15,
+    )
     assert out.tokens == ref and not out.lossless
-    noisy = generate([4, 2], proposer=ModelProposer(drafter), policy=RerankTopK(k=5, weight=1.0),
-                     scorer=_NoiseScorer(), max_new_tokens=15)  # fmt: skip
+    noisy = generate(
+        [4, 2],
+        proposer=ModelProposer(drafter),
+        policy=RerankTopK(k=5, weight=1.0),
+        scorer=_NoiseScorer(),
+        max_new_tokens=15,
+    )
     assert noisy.tokens != ref
 
 

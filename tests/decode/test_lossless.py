@@ -88,8 +88,9 @@ def test_speculative_sequences_have_the_target_law(sampling: Sampling) -> None:
     t, d = CachedLM(target), ModelProposer(drafter)
     n, counts = 2500, torch.zeros(36)
     for seed in range(n):
-        out = generate(prompt, target=t, proposer=d, sampling=sampling, gamma=2,
-                       max_new_tokens=2, seed=seed)  # fmt: skip
+        out = generate(
+            prompt, target=t, proposer=d, sampling=sampling, gamma=2, max_new_tokens=2, seed=seed
+        )
         assert out.lossless
         counts[out.tokens[0] * 6 + out.tokens[1]] += 1
     assert 0.05 < out.metrics["alpha"] < 0.999  # the drafter differs from the target
