@@ -10,26 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from splice.cli import app
-from tests.decode.conftest import tiny_llama, word_tokenizer
-
-WORDS = [
-    "<unk>",
-    "the",
-    "violent",
-    "peaceful",
-    "man",
-    "was",
-    "rich",
-    "poor",
-    "and",
-    "very",
-    "good",
-    "bad",
-    "a",
-    "said",
-    "it",
-    "</s>",
-]
+from tests.decode.conftest import WORDS, tiny_llama, word_tokenizer
 
 
 def _save(path: Path, words: list[str], seed: int) -> Path:

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import torch
 
+# a word-level vocabulary for the text-level tests (AMBEDKAR, splice generate)
+WORDS = ["<unk>", "the", "violent", "peaceful", "man", "was", "Hindu", "Muslim", "rich", "poor",
+         "and", "very", "[MASK]", "a", "said", "it", "good", "bad", "</s>"]  # fmt: skip
+
 
 def tiny_llama(vocab: int = 8, layers: int = 3, seed: int = 0, sharpen: float = 1.0):
     """A random ``LlamaForCausalLM``; ``sharpen`` scales the head so distributions are peaky."""

@@ -13,26 +13,7 @@ from splice.decode.divergence import DIVERGENCES, js_full
 from splice.decode.iir import LEXICON, PROBE_PROMPTS, PROTECTED, iir
 from splice.errors import SpliceError
 
-from .conftest import tiny_llama, word_tokenizer
-
-WORDS = [
-    "<unk>",
-    "the",
-    "violent",
-    "peaceful",
-    "man",
-    "was",
-    "Hindu",
-    "Muslim",
-    "rich",
-    "poor",
-    "and",
-    "very",
-    "[MASK]",
-    "a",
-    "said",
-    "it",
-]
+from .conftest import WORDS, tiny_llama, word_tokenizer
 
 
 def test_counterfactual_swaps_keep_case_and_punctuation() -> None:

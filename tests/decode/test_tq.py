@@ -52,30 +52,14 @@ def test_direct_transfer_is_the_reward_of_the_baselines_greedy_rollout() -> None
 def test_indirect_transfer_self_normalises_the_importance_weights() -> None:
     baseline = tiny_llama(vocab=10, seed=22)
     r, rb = _count(7), _count(2)
-    s = tq_scorer(
-        baseline,
-        r,
-        horizon=5,
-        n_rollouts=3,
-        baseline_reward=rb,
-        sampling=Sampling(temperature=1.0),
-        beta=0.5,
-    )
+    kw = dict(horizon=5, n_rollouts=3, baseline_reward=rb, sampling=Sampling(temperature=1.0))
+    s = tq_scorer(baseline, r, beta=0.5, **kw)
     seqs = s.rollouts([3, 4])
     assert len({tuple(x) for x in seqs}) > 1  # sampled rollouts differ
     w = [math.exp((r(x, 1) - rb(x, 1)) / 0.5) for x in seqs]
     expect = sum(wi / (sum(w) / 3) * r(x, 1) for wi, x in zip(w, seqs, strict=True)) / 3
     assert s.value([3, 4], 1) == pytest.approx(expect)
-    raw = tq_scorer(
-        baseline,
-        r,
-        horizon=5,
-        n_rollouts=3,
-        baseline_reward=rb,
-        sampling=Sampling(temperature=1.0),
-        beta=0.5,
-        is_normalization="none",
-    )
+    raw = tq_scorer(baseline, r, beta=0.5, is_normalization="none", **kw)
     expect_raw = sum(wi * r(x, 1) for wi, x in zip(w, seqs, strict=True)) / 3
     assert raw.value([3, 4], 1) == pytest.approx(expect_raw)
 
