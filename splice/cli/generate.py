@@ -87,9 +87,17 @@ def generate(
     out_text: list[int] = []
     shown = [""]
 
+    from rich.console import Console
+    from rich.progress import Progress
+
+    # with --json stdout is reserved for the result: show a progress bar on stderr instead
+    bar = Progress(console=Console(stderr=True), transient=True, disable=not as_json)
+    task = bar.add_task("generating", total=max_new_tokens)
+
     def stream(tokens: list[int]) -> None:
         out_text.extend(tokens)
         if as_json:
+            bar.advance(task, len(tokens))
             return
         text = parts["tok"].decode(out_text, skip_special_tokens=True)
         typer.echo(text[len(shown[0]) :], nl=False)
@@ -97,19 +105,20 @@ def generate(
 
     from splice.decode import generate as run
 
-    result = run(
-        parts["ids"],
-        target=parts.get("target"),
-        proposer=parts.get("proposer"),
-        policy=parts.get("policy"),
-        scorer=parts.get("scorer"),
-        sampling=sampling,
-        gamma=gamma,
-        max_new_tokens=max_new_tokens,
-        eos=parts["eos"],
-        seed=seed,
-        on_tokens=stream,
-    )
+    with bar:
+        result = run(
+            parts["ids"],
+            target=parts.get("target"),
+            proposer=parts.get("proposer"),
+            policy=parts.get("policy"),
+            scorer=parts.get("scorer"),
+            sampling=sampling,
+            gamma=gamma,
+            max_new_tokens=max_new_tokens,
+            eos=parts["eos"],
+            seed=seed,
+            on_tokens=stream,
+        )
     text = parts["tok"].decode(result.tokens, skip_special_tokens=True)
     if as_json:
         print_json(
