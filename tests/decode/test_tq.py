@@ -81,3 +81,24 @@ def test_value_guidance_raises_the_reward_over_the_sft_policy() -> None:
         )
         assert reward([1, 2, *out.tokens], 2) > reward([1, 2, *plain.tokens], 2), name
     assert isinstance(scorers["cd"], RolloutValueScorer) and scorers["cd"].name == "cd"
+
+
+def test_diversity_follows_the_rep_n_formula() -> None:
+    from splice.decode.quality import diversity
+
+    # 6 distinct words: n-grams are all unique; rep_n = 100 (1 − g/(g+1))
+    expect = (1 - 1 / 6) * (1 - 1 / 5) * (1 - 1 / 4)
+    assert diversity("a b c d e f") == pytest.approx(expect)
+    assert diversity("go go go go go go") < diversity("a b c d e f")
+
+
+def test_coherence_is_the_mean_row_cosine() -> None:
+    from splice.decode.quality import coherence
+
+    table = {"x": [1.0, 0.0], "y": [0.0, 1.0], "z": [1.0, 1.0]}
+
+    def embed(texts):
+        return torch.tensor([table[t] for t in texts])
+
+    assert coherence(["x", "x"], ["x", "y"], embed) == pytest.approx(0.5)
+    assert coherence(["z"], ["x"], embed) == pytest.approx(2**-0.5)
