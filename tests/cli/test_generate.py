@@ -1,0 +1,96 @@
+"""``splice generate`` end to end on a tiny saved model: streaming/JSON output, greedy
+speculative equals plain, and one-line errors (exit 1) for bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from splice.cli import app
+from tests.decode.conftest import WORDS, tiny_llama, word_tokenizer
+
+
+def _save(path: Path, words: list[str], seed: int) -> Path:
+    model = tiny_llama(vocab=len(words), layers=3, seed=seed, sharpen=3.0)
+    model.save_pretrained(path)
+    word_tokenizer(words).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("gen")
+    return {
+        "target": _save(root / "target", WORDS, 0),
+        "other_vocab": _save(root / "other", [*WORDS[:-1], "zebra"], 1),
+    }
+
+
+def _run(*args: str):
+    return CliRunner().invoke(app, ["generate", *map(str, args)])
+
+
+def _json(*args: str) -> dict:
+    r = _run(*args, "--json")
+    assert r.exit_code == 0, r.output
+    return json.loads(r.stdout)
+
+
+def test_self_draft_greedy_equals_plain_and_reports_metrics(dirs: dict[str, Path]) -> None:
+    common = (
+        dirs["target"],
+        "--prompt",
+        "the rich man",
+        "--temperature",
+        "0",
+        "--max-new-tokens",
+        "12",
+    )
+    plain = _json(*common)
+    spec = _json(*common, "--self-draft", "2", "--gamma", "3")
+    assert spec["text"] == plain["text"] and spec["lossless"] and plain["lossless"]
+    assert spec["metrics"]["gamma"] == 3 and spec["metrics"]["alpha"] is not None
+    assert plain["metrics"]["tokens_per_target_call"] == 1.0
+    amb = _json(*common, "--policy", "ambedkar", "--k", "3")
+    assert not amb["lossless"] and amb["metrics"]["scorer_calls"] > 0
+
+
+def test_streams_text_to_the_terminal(dirs: dict[str, Path]) -> None:
+    r = _run(dirs["target"], "--prompt", "the man", "--max-new-tokens", "5", "--ngram", "2")
+    assert r.exit_code == 0, r.output
+    assert "target's distribution" in r.output
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (("--prompt", "  "), "the prompt is empty"),
+        (("--prompt", "the", "--gamma", "0"), "--gamma 0 must be >= 1"),
+        (("--prompt", "the", "--top-p", "1.5"), r"top_p=1.5 is outside \(0, 1\]"),
+        (("--prompt", "the", "--top-p", "0"), r"top_p=0.0 is outside \(0, 1\]"),
+        (("--prompt", "the", "--policy", "fast"), "unknown --policy 'fast'"),
+    ],
+)
+def test_bad_input_is_one_line_exit_1(dirs: dict[str, Path], args: tuple, message: str) -> None:
+    r = _run(dirs["target"], *args)
+    assert r.exit_code == 1
+    assert len(str(r.exception).splitlines()) == 1
+    assert __import__("re").search(message, str(r.exception)), r.exception
+
+
+def test_drafter_with_another_tokenizer_is_refused_naming_both(dirs: dict[str, Path]) -> None:
+    r = _run(dirs["target"], "--prompt", "the", "--draft", dirs["other_vocab"])
+    assert r.exit_code == 1
+    msg = str(r.exception)
+    assert str(dirs["target"]) in msg and str(dirs["other_vocab"]) in msg and "differs" in msg
+
+
+def test_unbalanced_term_list_is_refused(dirs: dict[str, Path], tmp_path: Path) -> None:
+    terms = tmp_path / "terms.txt"
+    terms.write_text("violent, peaceful\nrich\n")
+    r = _run(dirs["target"], "--prompt", "the", "--policy", "ambedkar", "--terms", terms)
+    assert r.exit_code == 1
+    assert "line 2 'rich' has 1 term(s), a pair needs 2" in str(r.exception)
