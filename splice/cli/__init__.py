@@ -1,6 +1,6 @@
 """The ``splice`` command line: thin wrappers that parse options and call the library.
 
-One module per command (``inspect``, ``bench``, ``train``, ``merge``) registers it on
+One module per command (``inspect``, ``bench``, ``train``, ``merge``, ``quantize``) registers it on
 :data:`app`. Each command imports what it needs inside its body, so ``splice --help`` stays
 fast. User errors (:class:`splice.errors.SpliceError`) print one line, no traceback, exit 1;
 usage errors exit 2.
@@ -31,7 +31,7 @@ def _root() -> None:
 
 
 # Each command module registers its command on ``app``; this order is the order of ``--help``.
-for _command in ("inspect", "bench", "train", "merge"):
+for _command in ("inspect", "bench", "train", "merge", "quantize"):
     importlib.import_module(f"{__name__}.{_command}")
 
 

@@ -32,12 +32,16 @@ def kl_to_target(logits: Tensor, target: Tensor) -> Tensor:
 
 
 def bias_parameters(model: nn.Module, exclude: Sequence[str] = ()) -> list[nn.Parameter]:
-    """The bias vectors of the quantized layers, except those named in ``exclude``."""
-    return [
+    """The bias vectors of the quantized layers and of the batch norms (the bias a folded
+    conv would have), except those of the layers named in ``exclude``."""
+    out = [
         layer.base.bias
         for name, layer in quant_layers(model)
         if getattr(layer.base, "bias", None) is not None and name not in exclude
     ]
+    norms = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+    out += [m.bias for m in model.modules() if isinstance(m, norms) and m.bias is not None]
+    return out
 
 
 def bias_problem(

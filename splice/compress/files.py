@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import torch
@@ -65,9 +66,11 @@ def _layer_tensors(name: str, layer: QuantLayer) -> dict[str, Tensor]:
     return out
 
 
-def save_quantized(model: nn.Module, path: str | Path, files: dict[str, str] | None = None) -> Path:
+def save_quantized(
+    model: nn.Module, path: str | Path, files: dict[str, str | Path] | None = None
+) -> Path:
     """Write ``model`` (with :class:`QuantLayer`s, frozen here in place: outputs unchanged) to
-    the directory ``path``, atomically; ``files`` adds text files (name → content)."""
+    the directory ``path``, atomically; ``files`` adds files (name → text, or a file to copy)."""
     from safetensors.torch import save_file
 
     from splice.io.atomic import atomic_dir
@@ -96,8 +99,11 @@ def save_quantized(model: nn.Module, path: str | Path, files: dict[str, str] | N
     metadata = {FORMAT: json.dumps({"version": 1, "layers": meta}, sort_keys=True)}
     with atomic_dir(Path(path)) as tmp:
         save_file(tensors, str(tmp / WEIGHTS), metadata=metadata)
-        for fname, text in (files or {}).items():
-            (tmp / fname).write_text(text)
+        for fname, content in (files or {}).items():
+            if isinstance(content, Path):
+                shutil.copy2(content, tmp / fname)
+            else:
+                (tmp / fname).write_text(content)
     return Path(path)
 
 

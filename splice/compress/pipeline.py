@@ -30,7 +30,7 @@ from splice._schema import Strict
 from splice.compress.adaquant import AdaQuantConfig, adaquant_problem, init_input_range, layer_mse
 from splice.compress.allocate import allocate, bops_cost, size_cost
 from splice.compress.batchnorm import reestimate_bn
-from splice.compress.bias import bias_problem, kl_to_target
+from splice.compress.bias import bias_parameters, bias_problem, kl_to_target
 from splice.compress.capture import Forward, capture, execution_order
 from splice.compress.profile import sensitivity
 from splice.compress.qlayer import QuantLayer, check_bits, quantizable, wrap
@@ -191,18 +191,17 @@ def quantize(
         _mixed(run, report)
     report.loss["quantized"] = run.loss(run.q)
     run.say(f"calibration loss after quantization: {report.loss['quantized']:.5g}")
-    if cfg.bn and reestimate_bn(run.q, run.batches, forward):
+    if cfg.bn and reestimate_bn(run.q, run.batches, forward, run.fp):
         report.loss["bn"] = run.loss(run.q)
         run.say(f"batch-norm re-estimated: loss {report.loss['bn']:.5g}")
-    if cfg.pipeline == "advanced" and cfg.bias_steps:
-        last = run.order[-1]
+    last = run.order[-1]
+    if cfg.pipeline == "advanced" and cfg.bias_steps and bias_parameters(run.q, [last]):
         loss, opt = bias_problem(
             run.q, run.batches, run.targets, forward, exclude=[last], lr=cfg.bias_lr
         )
-        if opt.param_groups[0]["params"]:
-            steps(loss, opt, cfg.bias_steps)
-            report.loss["bias"] = run.loss(run.q)
-            run.say(f"biases tuned: loss {report.loss['bias']:.5g}")
+        steps(loss, opt, cfg.bias_steps)
+        report.loss["bias"] = run.loss(run.q)
+        run.say(f"biases tuned: loss {report.loss['bias']:.5g}")
     run.q.requires_grad_(False).eval()
     report.fp32_bits, report.bits = (
         32 * sum(p.numel() for p in model.parameters()),

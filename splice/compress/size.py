@@ -27,7 +27,7 @@ def model_bits(model: nn.Module, exclude_weights: bool = False) -> int:
         total += channels * (_SCALE + _ZERO_POINT) + (0 if layer.aq is None else _SCALE + 8)
         total += 0 if exclude_weights else layer_weights(layer) * layer.w_bits
         seen.update(id(p) for n, p in layer.named_parameters() if n != "base.bias")
-    for p in model.parameters(remove_duplicate=False):
+    for _, p in model.named_parameters(remove_duplicate=False):
         if id(p) in seen:
             continue
         seen.add(id(p))

@@ -32,3 +32,17 @@ def test_reestimation_restores_the_fp_statistics(tinynet, images):
     assert torch.allclose(q_mean, fp_mean, atol=1e-5)
     assert torch.allclose(q_var, fp_var, rtol=5e-3)  # BN keeps unbiased per-batch variances
     assert not q.training and not q.bn1.training and q.bn1.momentum == 0.1
+
+
+def test_with_a_reference_the_fp_outputs_statistics_return_on_other_data(tinynet, images):
+    other = [x * 3 + 1 for x in images]  # not the data the FP statistics were estimated on
+    fp_mean, fp_var = _stats(tinynet, "bn2", other)
+    q = copy.deepcopy(tinynet)
+    wrap(q, "conv1", 2, None)
+    wrap(q, "conv2", 2, None)
+    assert reestimate_bn(q, other, lambda m, b: m(b), reference=tinynet) == 2
+    q_mean, q_var = _stats(q, "bn2", other)
+    assert torch.allclose(q_mean, fp_mean, atol=1e-4)
+    assert torch.allclose(q_var, fp_var, rtol=1e-3)
+    # the plain re-estimation would have moved the statistics to (β, γ²) instead
+    assert (fp_mean - tinynet.bn2.bias).abs().max() > 0.1
