@@ -230,11 +230,15 @@ def _mixed(run: _Run, report: QuantizeReport) -> None:
     cfg, n = run.cfg, len(run.order)
     options = sorted({*cfg.options, cfg.base_bits})
     variants: dict[str, dict[int, dict]] = {}
-    fixed: dict[str, int] = {}
+    pins = {name: run.fixed_bits(i, -1) for i, name in enumerate(run.order)}
+    fixed = {name: bits for name, bits in pins.items() if bits != -1}
+    free = [name for name in run.order if name not in fixed]
+    for name in run.order:
+        wrap(run.q, name, fixed.get(name, cfg.base_bits), cfg.a_bits)
+    _program(run, free, fixed, options, np.zeros((len(free), len(options))))  # reachable?
     for i, name in enumerate(run.order):
-        pinned = run.fixed_bits(i, -1)
-        choices = [pinned] if pinned != -1 else options
-        layer = wrap(run.q, name, choices[0], cfg.a_bits)
+        choices = [fixed[name]] if name in fixed else options
+        layer = run.q.get_submodule(name)
         rep = LayerReport(name, choices[0], layer.a_bits, layer.base.weight.numel())
         original = layer.state()
         for bits in choices:
@@ -242,13 +246,10 @@ def _mixed(run: _Run, report: QuantizeReport) -> None:
             layer.set_bits(bits)
             run.calibrate(layer, name, run.fp, rep)
             variants.setdefault(name, {})[bits] = layer.state()
-        if pinned != -1:
-            fixed[name] = pinned
         report.layers.append(rep)
         run.say(
             f"[{i + 1}/{n}] {name}: variants W{'/W'.join(map(str, choices))} ({rep.seconds:.1f} s)"
         )
-    free = [name for name in run.order if name not in fixed]
     for name, bits in fixed.items():
         run.q.get_submodule(name).load_state(variants[name][bits])
     table = np.zeros((0, len(options)))

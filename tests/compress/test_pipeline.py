@@ -108,6 +108,7 @@ def test_bias_tuning_lowers_the_kl_to_the_fp_logits(tinynet, images, steps):
     q.conv2.base.bias = nn.Parameter(torch.zeros(8))
     targets = [tinynet(b).detach() for b in images]
 
+    @torch.no_grad()
     def kl():
         return sum(float(kl_to_target(q(b), t)) for b, t in zip(images, targets, strict=True))
 
