@@ -117,3 +117,14 @@ def test_bias_tuning_lowers_the_kl_to_the_fp_logits(tinynet, images, steps):
     steps(loss, opt, 40)
     assert kl() < before
     assert torch.equal(layer.base.bias, fc_bias)  # the classifier's bias is left alone
+
+
+def test_a_bops_budget_counts_macs_times_weight_and_input_bits(tinynet, images, steps):
+    cfg = QuantizeConfig(size=0.053, options=(2, 4, 8), pipeline="light", cost="bops")
+    q, _ = quantize(tinynet, images, run, steps, cfg)
+    # MACs per image: conv1 8·8·8 outputs × 27, conv2 8·8·8 × 8, fc 5 × 8
+    macs = {"conv1": 512 * 27, "conv2": 512 * 8, "fc": 40}
+    bits = {n: layer.w_bits for n, layer in quant_layers(q)}
+    assert bits["conv1"] == bits["fc"] == 8  # the ends
+    assert sum(macs[n] * b * 8 for n, b in bits.items()) <= 0.053 * sum(macs.values()) * 32 * 32
+    assert bits["conv2"] == 2  # 4 bits would not fit: (13824·8 + 4096·4 + 40·8)·8 > budget
