@@ -16,7 +16,8 @@ on the first ``--samples`` training examples and scored on the test split (≤ 5
 * ``light-w4a8``/``advanced-w4a8``: W4A8, first and last layer 8-bit; light = min/max + BN
   re-estimation; advanced = sequential AdaQuant (``--iters`` per layer) + BN + bias tuning;
   ``advanced-parallel-w4a8``: the same with parallel AdaQuant.
-* ``ip-C``: the light pipeline's integer program at size ``C`` (options 4/8 bits, A8).
+* ``ip-C``: the light pipeline's integer program at size ``C`` (options 2/4/8 bits, A8;
+  with 8-bit ends and 4 bits at least, EfficientNet-Lite0 cannot go below 0.144).
 
 Each finished row is appended as one JSON line to ``--out``; the table is printed at the end.
 """
@@ -92,7 +93,7 @@ def _rows(args: argparse.Namespace) -> dict[str, QuantizeConfig | None]:
         ),
     }
     for c in args.sizes.split(","):
-        rows[f"ip-{c}"] = QuantizeConfig(size=float(c), **light)
+        rows[f"ip-{c}"] = QuantizeConfig(size=float(c), options=(2, 4, 8), **light)
     return rows
 
 
