@@ -22,7 +22,7 @@ from splice.data.cache import file_sha256, stable_hash
 from splice.data.registry import Source
 from splice.errors import SpliceError
 
-__all__ = ["Encoder", "ImageEncoder", "Prepared", "TextEncoder", "load_encoder"]
+__all__ = ["Encoder", "ImageEncoder", "Prepared", "TextEncoder", "image_tensor", "load_encoder"]
 
 _MINILM_FILES = {
     "model.safetensors": "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db",
@@ -171,12 +171,7 @@ class ImageEncoder:
         self.key = stable_hash({"weights": EFFNET_LITE0.sha256, "size": size})
 
     def prepare(self, x: np.ndarray) -> _Images:
-        t = torch.from_numpy(np.ascontiguousarray(x)).float()
-        t = t.unsqueeze(1).expand(-1, 3, -1, -1) if t.ndim == 3 else t.permute(0, 3, 1, 2)
-        t = nn.functional.interpolate(
-            t, size=(self.size, self.size), mode="bilinear", align_corners=False
-        )
-        return _Images((t / 127.5 - 1.0).contiguous())
+        return _Images(image_tensor(x, self.size))
 
     def features(
         self,
@@ -185,6 +180,14 @@ class ImageEncoder:
         module: nn.Module | None = None,
     ) -> Tensor:
         return functional_call(module or self.module, dict(weights or {}), (batch,))
+
+
+def image_tensor(x: np.ndarray, size: int) -> Tensor:
+    """uint8 images (N, H, W) or (N, H, W, 3) as (N, 3, size, size) floats in [-1, 1]."""
+    t = torch.from_numpy(np.ascontiguousarray(x)).float()
+    t = t.unsqueeze(1).expand(-1, 3, -1, -1) if t.ndim == 3 else t.permute(0, 3, 1, 2)
+    t = nn.functional.interpolate(t, size=(size, size), mode="bilinear", align_corners=False)
+    return (t / 127.5 - 1.0).contiguous()
 
 
 def _model_dir_key(model_dir: Path) -> str:

@@ -15,6 +15,7 @@ _LAZY = {
     "LoopState": "splice.train.loop",
     "TrainStep": "splice.train.loop",
     "fit": "splice.train.loop",
+    "minimise": "splice.train.loop",
 }
 
 __all__ = list(_LAZY)

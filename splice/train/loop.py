@@ -20,7 +20,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-__all__ = ["LoopState", "TrainStep", "distributed", "fit"]
+__all__ = ["LoopState", "TrainStep", "distributed", "fit", "minimise"]
 
 MicroLoss = Callable[[int], tuple[Tensor, int]]
 """Micro-batch ``i`` → (its loss, its number of examples); the loss is logged as returned."""
@@ -127,6 +127,12 @@ def fit(
                 checkpoint(state)
     state.seconds = time.perf_counter() - start
     return state
+
+
+def minimise(loss: MicroLoss, optimizer: torch.optim.Optimizer, steps: int) -> list[float]:
+    """``steps`` plain steps of ``loss`` (no accumulation, clipping or progress) — how the
+    per-layer calibration problems of :mod:`splice.compress` are solved; returns the losses."""
+    return fit(TrainStep(loss, optimizer), steps).history
 
 
 @contextmanager

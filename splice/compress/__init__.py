@@ -1,0 +1,47 @@
+"""Post-training quantization: AdaQuant, integer-programmed mixed precision, BN and bias
+tuning (spec other.md §4; Hubara et al. 2021). One file per piece:
+
+``quantizer`` (learnable range/zero point, STE), ``qlayer`` (the quantized layer), ``capture``
+(forward hooks), ``adaquant`` (per-layer reconstruction), ``profile`` (the ΔL table),
+``allocate`` (the integer program), ``batchnorm``, ``bias``, ``size``, ``pipeline`` (light and
+advanced) and ``files`` (integer weights in safetensors, and the dequantising loader).
+"""
+
+from __future__ import annotations
+
+from .adaquant import AdaQuantConfig, adaquant_problem, layer_mse
+from .allocate import allocate, bops_cost, size_cost
+from .batchnorm import reestimate_bn
+from .bias import bias_problem, kl_to_target, mean_shift
+from .capture import capture, execution_order
+from .pipeline import QuantizeConfig, QuantizeReport, quantize
+from .profile import sensitivity
+from .qlayer import QuantLayer, quant_layers, quantizable, wrap
+from .quantizer import FakeQuant, fake_quant
+from .size import model_bits
+
+__all__ = [
+    "AdaQuantConfig",
+    "FakeQuant",
+    "QuantLayer",
+    "QuantizeConfig",
+    "QuantizeReport",
+    "adaquant_problem",
+    "allocate",
+    "bias_problem",
+    "bops_cost",
+    "capture",
+    "execution_order",
+    "fake_quant",
+    "kl_to_target",
+    "layer_mse",
+    "mean_shift",
+    "model_bits",
+    "quant_layers",
+    "quantizable",
+    "quantize",
+    "reestimate_bn",
+    "sensitivity",
+    "size_cost",
+    "wrap",
+]

@@ -1,0 +1,314 @@
+"""The two post-training quantization pipelines (spec other.md §4.7).
+
+* **light**: min/max quantization (per-channel weights, per-tensor inputs) → per-layer
+  sensitivity → integer program → BN re-estimation.
+* **advanced**: AdaQuant at every bit option → sensitivity → integer program → BN
+  re-estimation → bias tuning (KL to the FP logits).
+
+With a fixed ``bits`` there is no program: every layer gets ``bits`` (the first and last at
+``ends_bits``), and advanced runs AdaQuant layer by layer, sequentially by default (inputs
+re-captured from the partly quantized model on every batch). With a ``size`` target, the
+variants of each layer are made in parallel mode (independent of the other layers' bits) and
+the program picks one per layer. The caller supplies the data (``batches`` and a ``forward``),
+the output loss, and ``steps``: the training loop that runs an optimisation problem.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from pydantic import Field, model_validator
+from torch import Tensor, nn
+
+from splice._schema import Strict
+from splice.compress.adaquant import AdaQuantConfig, adaquant_problem, init_input_range, layer_mse
+from splice.compress.allocate import allocate, bops_cost, size_cost
+from splice.compress.batchnorm import reestimate_bn
+from splice.compress.bias import bias_parameters, bias_problem, kl_to_target
+from splice.compress.capture import Forward, capture, execution_order
+from splice.compress.profile import sensitivity
+from splice.compress.qlayer import QuantLayer, check_bits, quantizable, wrap
+from splice.compress.size import model_bits
+from splice.errors import SpliceError
+
+__all__ = ["LayerReport", "QuantizeConfig", "QuantizeReport", "Steps", "quantize"]
+
+Steps = Callable[[Callable[[int], tuple[Tensor, int]], torch.optim.Optimizer, int], Sequence[float]]
+"""Runs ``n`` optimizer steps of a problem (``splice.train.minimise``)."""
+OutputLoss = Callable[[Tensor, Tensor], Tensor]
+
+
+class QuantizeConfig(Strict):
+    """What to quantize to and how (spec other.md §4; defaults: the paper's code)."""
+
+    bits: int | None = Field(None, description="weight bits of every layer (2–8); or size")
+    size: float | None = Field(None, description="target size as a fraction of FP32 (IP)")
+    pipeline: Literal["light", "advanced"] = "advanced"
+    a_bits: int | None = Field(8, description="input (activation) bits; None keeps them float")
+    options: tuple[int, ...] = Field((4, 8), description="bit options of the integer program")
+    base_bits: int = Field(8, description="the precision the sensitivity is measured against")
+    ends_bits: int | None = Field(8, description="bits of the first and last layer; None: as all")
+    mode: Literal["sequential", "parallel"] = "sequential"
+    cost: Literal["size", "bops"] = Field("size", description="what the size target limits")
+    adaquant: AdaQuantConfig = AdaQuantConfig()
+    bn: bool = Field(True, description="re-estimate batch-norm statistics")
+    bias_steps: int = Field(600, ge=0, description="bias-tuning SGD steps (advanced)")
+    bias_lr: float = 0.1
+    exclude: tuple[str, ...] = Field((), description="layer names or suffixes to keep float")
+    relu: tuple[str, ...] = Field((), description="layers a ReLU follows (AdaQuant's g)")
+    profile_batches: int = Field(8, ge=1, description="calibration batches per sensitivity test")
+
+    @model_validator(mode="after")
+    def _check(self) -> QuantizeConfig:
+        if (self.bits is None) == (self.size is None):
+            raise SpliceError(
+                "give exactly one of bits and size", fix="e.g. --bits 4 or --size 0.13"
+            )
+        if self.bits is not None:
+            check_bits(self.bits)
+        if self.size is not None and not 0 < self.size <= 1:
+            raise SpliceError(f"size {self.size} is not a fraction", fix="use a value in (0, 1]")
+        for b in (*self.options, self.base_bits, self.ends_bits or 8, self.a_bits or 8):
+            check_bits(b)
+        return self
+
+
+@dataclass
+class LayerReport:
+    name: str
+    bits: int
+    a_bits: int | None
+    weights: int
+    mse_before: float | None = None
+    mse_after: float | None = None
+    seconds: float = 0.0
+
+
+@dataclass
+class QuantizeReport:
+    """Chosen bits per layer, sizes and calibration losses (KL/MSE to the FP outputs)."""
+
+    layers: list[LayerReport] = field(default_factory=list)
+    fp32_bits: int = 0
+    bits: int = 0  # quantized weights + scales/zero points + float tensors
+    loss: dict[str, float] = field(default_factory=dict)  # stage → calibration loss
+    seconds: float = 0.0
+
+    @property
+    def fraction(self) -> float:
+        return self.bits / max(self.fp32_bits, 1)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "fraction": self.fraction, "bytes": self.bits // 8}
+
+
+class _Run:
+    """One quantization run's shared state: the FP reference, the model, the data."""
+
+    def __init__(self, model, batches, forward, loss_fn, steps, cfg, progress):
+        self.fp = model.eval().requires_grad_(False)
+        self.q = copy.deepcopy(self.fp)
+        self.batches, self.forward, self.loss_fn = list(batches), forward, loss_fn
+        self.steps, self.cfg, self.say = steps, cfg, progress or (lambda msg: None)
+        names = quantizable(self.fp, cfg.exclude)
+        if not names:
+            raise SpliceError(
+                "the model has no quantizable layer (Linear, Conv1d, Conv2d, Embedding)",
+                fix="pass a model with such layers, or shorten the exclude list",
+            )
+        self.order = _order(self.fp, names, self.batches[0], forward)
+        with torch.no_grad():
+            self.targets = [forward(self.fp, b).detach() for b in self.batches]
+        self.profile_set = list(range(min(cfg.profile_batches, len(self.batches))))
+
+    def fixed_bits(self, i: int, bits: int) -> int:
+        cfg = self.cfg
+        return cfg.ends_bits if cfg.ends_bits and i in (0, len(self.order) - 1) else bits
+
+    @torch.no_grad()
+    def loss(self, model: nn.Module, subset: Sequence[int] | None = None) -> float:
+        idx = range(len(self.batches)) if subset is None else subset
+        losses = [
+            float(self.loss_fn(self.forward(model, self.batches[i]), self.targets[i])) for i in idx
+        ]
+        return sum(losses) / len(losses)
+
+    def calibrate(
+        self, layer: QuantLayer, name: str, source: nn.Module, report: LayerReport
+    ) -> None:
+        """Min/max init, then AdaQuant for the advanced pipeline; fills the layer's report."""
+        start = time.perf_counter()
+        xs, _ = capture(source, name, self.batches, self.forward, outputs=False)
+        _, ys = capture(self.fp, name, self.batches, self.forward, inputs=False)
+        init_input_range(layer, xs)
+        relu = name in self.cfg.relu
+        report.mse_before = layer_mse(layer, xs, ys, relu)
+        if self.cfg.pipeline == "advanced" and self.cfg.adaquant.iters:
+            loss, opt = adaquant_problem(layer, xs, ys, self.cfg.adaquant, relu)
+            self.steps(loss, opt, self.cfg.adaquant.iters)
+            report.mse_after = layer_mse(layer, xs, ys, relu)
+        layer.requires_grad_(False)
+        report.seconds += time.perf_counter() - start
+
+
+def _order(model: nn.Module, names: list[str], batch: Any, forward: Forward) -> list[str]:
+    try:
+        order = execution_order(model, names, batch, forward)
+    except (RuntimeError, ValueError, TypeError, IndexError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise SpliceError(
+            f"the calibration data does not fit the model: {first}",
+            fix="pass calibration batches of the modality and shape the model takes",
+        ) from None
+    return order + [n for n in names if n not in order]
+
+
+def quantize(
+    model: nn.Module,
+    batches: Sequence[Any],
+    forward: Forward,
+    steps: Steps,
+    cfg: QuantizeConfig,
+    *,
+    loss_fn: OutputLoss = kl_to_target,
+    progress: Callable[[str], None] | None = None,
+) -> tuple[nn.Module, QuantizeReport]:
+    """A quantized copy of ``model`` (fake-quant :class:`QuantLayer`s; ``model`` is untouched)
+    and its report. ``forward(model, batch)`` gives the output ``loss_fn(output, fp_output)``
+    compares (KL of logits by default)."""
+    start = time.perf_counter()
+    run = _Run(model, batches, forward, loss_fn, steps, cfg, progress)
+    report = QuantizeReport()
+    if cfg.bits is not None:
+        _fixed(run, report)
+    else:
+        _mixed(run, report)
+    report.loss["quantized"] = run.loss(run.q)
+    run.say(f"calibration loss after quantization: {report.loss['quantized']:.5g}")
+    if cfg.bn and reestimate_bn(run.q, run.batches, forward, run.fp):
+        report.loss["bn"] = run.loss(run.q)
+        run.say(f"batch-norm re-estimated: loss {report.loss['bn']:.5g}")
+    last = run.order[-1]
+    if cfg.pipeline == "advanced" and cfg.bias_steps and bias_parameters(run.q, [last]):
+        loss, opt = bias_problem(
+            run.q, run.batches, run.targets, forward, exclude=[last], lr=cfg.bias_lr
+        )
+        steps(loss, opt, cfg.bias_steps)
+        report.loss["bias"] = run.loss(run.q)
+        run.say(f"biases tuned: loss {report.loss['bias']:.5g}")
+    run.q.requires_grad_(False).eval()
+    report.fp32_bits, report.bits = (
+        32 * sum(p.numel() for p in model.parameters()),
+        model_bits(run.q),
+    )
+    report.seconds = time.perf_counter() - start
+    return run.q, report
+
+
+def _fixed(run: _Run, report: QuantizeReport) -> None:
+    cfg, n = run.cfg, len(run.order)
+    source = run.q if cfg.mode == "sequential" else run.fp
+    for i, name in enumerate(run.order):
+        bits = run.fixed_bits(i, cfg.bits)
+        layer = wrap(run.q, name, bits, cfg.a_bits)
+        rep = LayerReport(name, bits, layer.a_bits, layer.base.weight.numel())
+        run.calibrate(layer, name, source, rep)
+        report.layers.append(rep)
+        after = "" if rep.mse_after is None else f" → {rep.mse_after:.3g}"
+        run.say(
+            f"[{i + 1}/{n}] {name} W{bits}: mse {rep.mse_before:.3g}{after} ({rep.seconds:.1f} s)"
+        )
+
+
+def _mixed(run: _Run, report: QuantizeReport) -> None:
+    cfg, n = run.cfg, len(run.order)
+    options = sorted({*cfg.options, cfg.base_bits})
+    variants: dict[str, dict[int, dict]] = {}
+    pins = {name: run.fixed_bits(i, -1) for i, name in enumerate(run.order)}
+    fixed = {name: bits for name, bits in pins.items() if bits != -1}
+    free = [name for name in run.order if name not in fixed]
+    for name in run.order:
+        wrap(run.q, name, fixed.get(name, cfg.base_bits), cfg.a_bits)
+    _program(run, free, fixed, options, np.zeros((len(free), len(options))))  # reachable?
+    for i, name in enumerate(run.order):
+        choices = [fixed[name]] if name in fixed else options
+        layer = run.q.get_submodule(name)
+        rep = LayerReport(name, choices[0], layer.a_bits, layer.base.weight.numel())
+        original = layer.state()
+        for bits in choices:
+            layer.load_state(original)
+            layer.set_bits(bits)
+            run.calibrate(layer, name, run.fp, rep)
+            variants.setdefault(name, {})[bits] = layer.state()
+        report.layers.append(rep)
+        run.say(
+            f"[{i + 1}/{n}] {name}: variants W{'/W'.join(map(str, choices))} ({rep.seconds:.1f} s)"
+        )
+    for name, bits in fixed.items():
+        run.q.get_submodule(name).load_state(variants[name][bits])
+    table = np.zeros((0, len(options)))
+    if free:
+        table, base = sensitivity(
+            run.q, {k: variants[k] for k in free}, options, cfg.base_bits,
+            lambda m: run.loss(m, run.profile_set),
+            lambda i, name: run.say(f"sensitivity [{i + 1}/{len(free)}] {name}"),
+        )  # fmt: skip
+        report.loss["base"] = base
+    choice = _program(run, free, fixed, options, table)
+    for name in free:
+        bits = options[choice[name]]
+        run.q.get_submodule(name).load_state(variants[name][bits])
+    for rep in report.layers:
+        rep.bits = run.q.get_submodule(rep.name).w_bits
+
+
+def _program(
+    run: _Run, free: list[str], fixed: dict[str, int], options: list[int], table: np.ndarray
+) -> dict[str, int]:
+    """Option index per free layer, within the size (or BOPs) budget."""
+    cfg = run.cfg
+    layers = {name: run.q.get_submodule(name) for name in run.order}
+    if cfg.cost == "size":
+        total = 32 * sum(p.numel() for p in run.fp.parameters())
+        budget = cfg.size * total - model_bits(run.q, exclude_weights=True)
+        budget -= sum(layers[n].base.weight.numel() * b for n, b in fixed.items())
+        cost = size_cost([layers[n].base.weight.numel() for n in free], options)
+        scale, unit = total, " of the FP32 size"
+    else:
+        macs = _macs(run, free + list(fixed))
+        total = sum(macs.values()) * 32 * 32
+        budget = cfg.size * total - sum(macs[n] * b * (cfg.a_bits or 32) for n, b in fixed.items())
+        cost = bops_cost([macs[n] for n in free], options, cfg.a_bits)
+        scale, unit = total, " of the FP32 BOPs"
+    if not free:
+        return {}
+    try:
+        pick = allocate(table, cost, budget)
+    except SpliceError:
+        least = (cost.min(1).sum() + (scale * cfg.size - budget)) / scale
+        raise SpliceError(
+            f"size {cfg.size} is below the smallest reachable {least:.4f}{unit}"
+            f" with bits {options}",
+            fix=f"use a size ≥ {least:.4f} or add smaller bit options",
+        ) from None
+    return dict(zip(free, (int(k) for k in pick), strict=True))
+
+
+@torch.no_grad()
+def _macs(run: _Run, names: list[str]) -> dict[str, int]:
+    """Multiply-accumulates per sample of each layer on the first calibration batch."""
+    out = {}
+    for name in names:
+        layer = run.fp.get_submodule(name)
+        _, ys = capture(run.fp, name, run.batches[:1], run.forward, inputs=False)
+        y = ys[0]
+        # an output element costs one weight row (C_in/groups·k for a conv); a lookup none
+        per_out = 0 if isinstance(layer, nn.Embedding) else layer.weight[0].numel()
+        out[name] = int(y.numel() // y.shape[0] * per_out)
+    return out
