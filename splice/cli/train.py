@@ -21,8 +21,8 @@ def train(
     method: Annotated[
         str,
         typer.Option(
-            help="Adapter method (lora, nola, mos, mola, ept, sparse), 'full', or 'head' (linear probe:"
-            " only the new classification head trains)."
+            help="Adapter method (lora, nola, mos, mola, ept, sparse), 'full', or 'head'"
+            " (linear probe: only the new classification head trains)."
         ),
     ] = "lora",
     targets: Annotated[

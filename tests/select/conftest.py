@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from tests.train.test_train import bert_dir, csv_file  # noqa: F401  (fixtures, for train tests)
+
 
 class Tiny(nn.Module):
     def __init__(self, d: int = 6, n_layers: int = 3, classes: int = 3) -> None:

@@ -14,10 +14,10 @@ from typer.testing import CliRunner
 from splice.adapters import adapter_layers, load_adapter
 from splice.cli import app
 from splice.errors import SpliceError
-from tests.train.test_train import bert_dir, csv_file, run  # noqa: F401  (fixtures)
+from tests.train.test_train import run
 
 
-def test_spt_selection_is_reported_and_reloaded(bert_dir, csv_file, tmp_path):  # noqa: F811
+def test_spt_selection_is_reported_and_reloaded(bert_dir, csv_file, tmp_path):
     opts = {"batches": 2, "r": 2}
     m = run(bert_dir, csv_file, tmp_path / "o", select="spt", budget=400, select_options=opts)
     sel = m["selection"]
@@ -34,7 +34,7 @@ def test_spt_selection_is_reported_and_reloaded(bert_dir, csv_file, tmp_path):  
         assert torch.equal(model(input_ids=x).logits, again(input_ids=x).logits)
 
 
-def test_rdp_adapts_the_chosen_layers(bert_dir, csv_file, tmp_path):  # noqa: F811
+def test_rdp_adapts_the_chosen_layers(bert_dir, csv_file, tmp_path):
     m = run(bert_dir, csv_file, tmp_path / "o", select="rdp", budget=1)
     layers = m["selection"]["layers"]
     assert len(layers) == 1 and layers[0] in (0, 1)
@@ -45,7 +45,7 @@ def test_rdp_adapts_the_chosen_layers(bert_dir, csv_file, tmp_path):  # noqa: F8
     assert not (tmp_path / "bad").exists()
 
 
-def test_id3_saves_exactly_b_entries(bert_dir, csv_file, tmp_path):  # noqa: F811
+def test_id3_saves_exactly_b_entries(bert_dir, csv_file, tmp_path):
     m = run(bert_dir, csv_file, tmp_path / "o", select="id3", budget=50, steps=4)
     assert m["adapter_parameters"] == 50 and sum(m["selection"]["entries"].values()) == 50
     saved = load_file(str(tmp_path / "o" / "adapter" / "splice_adapter.safetensors"))
@@ -66,7 +66,7 @@ def test_cli_bad_budget_is_one_line_exit_1_nothing_written(
     tmp_path,
     select,
     budget,
-    message,  # noqa: F811
+    message,
 ):
     out = tmp_path / "out"
     args = ["train", str(bert_dir), str(csv_file), "--out", str(out), "--steps", "2"]
@@ -76,7 +76,7 @@ def test_cli_bad_budget_is_one_line_exit_1_nothing_written(
     assert not out.exists()
 
 
-def test_cli_process_prints_one_line_and_exits_1(bert_dir, csv_file, tmp_path):  # noqa: F811
+def test_cli_process_prints_one_line_and_exits_1(bert_dir, csv_file, tmp_path):
     import os
     import subprocess
     import sys
