@@ -32,11 +32,11 @@ def run(model: Path, task: str, out: Path, seed: int, steps: int, **extra) -> di
 
     if (out / "metrics.json").is_file():
         return json.loads((out / "metrics.json").read_text())
-    cfg = TrainConfig(
-        model=model, data=task, out=out, method="lora", targets=["query", "value"],
-        adapter={"r": 8, "alpha": 16}, steps=steps, batch_size=16, max_length=32, lr=2e-3,
-        seed=seed, progress=False, **extra,
+    options = dict(
+        method="lora", targets=["query", "value"], adapter={"r": 8, "alpha": 16}, steps=steps,
+        batch_size=16, max_length=32, lr=2e-3, seed=seed, progress=False,
     )  # fmt: skip
+    cfg = TrainConfig(model=model, data=task, out=out, **(options | extra))
     return train(cfg)
 
 

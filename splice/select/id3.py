@@ -76,19 +76,26 @@ class ID3(torch.optim.Optimizer):
 
     @torch.no_grad()
     def _unmask(self, count: int) -> None:
-        scores = []
+        """Unmask the ``count`` highest D³ scores: each tensor's top ``count`` first, then the
+        global top among those (no concatenation of every score)."""
+        values, where = [], []
         for name, p in self.named.items():
             g = torch.zeros_like(p) if p.grad is None else p.grad
-            s = g.float().abs() / (p.float().abs() + self.eps) ** self.exp
-            scores.append(s.masked_fill(self.masks[name], float("-inf")).reshape(-1))
-        flat = torch.cat(scores)
-        top = torch.topk(flat, count, sorted=False).indices
+            s = g.float().abs()
+            if self.exp:
+                s.div_((p.detach().float().abs() + self.eps).pow_(self.exp))
+            s = s.masked_fill_(self.masks[name], float("-inf")).view(-1)
+            top = torch.topk(s, min(count, s.numel()), sorted=False)
+            values.append(top.values)
+            where += [(name, top.indices)]
+        best = torch.topk(torch.cat(values), count, sorted=False).indices
         start = 0
-        for name, p in self.named.items():
-            n = p.numel()
-            idx = top[(top >= start) & (top < start + n)] - start
-            self.masks[name].view(-1)[idx] = True
-            self.origin[name].append((idx.clone(), p.detach().reshape(-1)[idx].clone()))
+        for name, idx in where:
+            n = len(idx)
+            pick = idx[best[(best >= start) & (best < start + n)] - start]
+            self.masks[name].view(-1)[pick] = True
+            flat = self.named[name].detach().reshape(-1)
+            self.origin[name].append((pick.clone(), flat[pick].clone()))
             start += n
 
     @torch.no_grad()

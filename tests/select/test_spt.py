@@ -100,3 +100,42 @@ def test_selected_plan_trains_and_reloads_to_the_same_outputs(tmp_path):
         assert torch.equal(layers[name].adapter.indices, idx)
     with torch.no_grad():
         assert torch.equal(again(x), out)
+
+
+def test_gpt2_conv1d_entries_are_chosen_in_the_stored_layout():
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential()
+    model.layers = torch.nn.ModuleList(Conv1D(12, 8) for _ in range(2))  # W stored (8, 12)
+    model.head = torch.nn.Linear(12, 3)
+    x, y = data(d=8)
+
+    def forward(inputs):
+        return model.head(sum(layer(inputs).tanh() for layer in model.layers))
+
+    loss = lambda b: F.cross_entropy(forward(x[8 * b : 8 * b + 8]), y[8 * b : 8 * b + 8])  # noqa: E731
+    plan = spt.select(model, loss, budget=20, batches=2, r=2, alpha=1.0)
+    assert plan.entries and not plan.lowrank
+    names = ["layers.0", "layers.1"]
+    stored = spt.sensitivity(loss, {n: model.get_submodule(n).weight for n in names}, 2)
+    picked, rest = [], []
+    for name in names:  # the global top-τ′, read in the stored (d_in=8, d_out=12) layout
+        chosen = torch.zeros(8, 12, dtype=torch.bool)
+        if name in plan.entries:
+            idx = plan.entries[name]  # canonical (d_out=12, d_in=8) flat indices
+            chosen[idx % 8, idx // 8] = True
+        picked.append(stored[name][chosen])
+        rest.append(stored[name][~chosen])
+    assert torch.cat(picked).min() >= torch.cat(rest).max()
+    assert len(torch.cat(picked)) == plan.tau
+    spt.apply(model, plan, r=2)
+    with torch.no_grad():
+        for layer in model.layers:
+            layer.adapter.values.normal_()
+    for name, layer in zip(names, model.layers, strict=True):
+        dense = layer.adapter.delta().materialize()
+        assert dense.shape == (8, 12)
+        nz = set(torch.nonzero(dense.reshape(-1)).reshape(-1).tolist())
+        idx = plan.entries[name]
+        assert nz == set(((idx % 8) * 12 + idx // 8).tolist())
