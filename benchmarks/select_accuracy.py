@@ -57,7 +57,7 @@ def main() -> None:
                 flush=True,
             )
     print(f"\n{args.task}, {args.steps} steps, seeds {seeds}, budget {budget}")
-    print("| row | test acc per seed | mean | std | adapter params | train s/run |")
+    print("| row | test acc per seed | mean | std | adapter params per seed | train s/run |")
     print("|---|---|---:|---:|---:|---:|")
     for row, by_seed in runs.items():
         accs = [100 * by_seed[s]["eval"]["accuracy"] for s in seeds]
@@ -65,7 +65,8 @@ def main() -> None:
         wall = statistics.mean(by_seed[s]["wall_seconds"] for s in seeds)
         print(
             f"| {row} | {', '.join(f'{a:.1f}' for a in accs)} | {statistics.mean(accs):.2f} | "
-            f"{std:.2f} | {by_seed[seeds[0]]['adapter_parameters']} | {wall:.0f} |"
+            f"{std:.2f} | {', '.join(str(by_seed[s]['adapter_parameters']) for s in seeds)} "
+            f"| {wall:.0f} |"
         )
 
 

@@ -9,7 +9,9 @@ Adam moments stay zero, and weight decay is applied by the wrapper to unmasked e
 (decoupled as AdamW, or L2 into the gradient), with the inner optimizer's decay set to 0.
 Each entry's original value is kept when it is unmasked, so :func:`export` writes the result
 as (indices, values) — O(B) — in a ``sparse`` adapter (:mod:`splice.adapters.sparse`).
-The score is one vector over all masked scalars (memory ~ their count; chunk it for LLMs).
+Masks cost 5 bytes per maskable scalar (a bool mask for the scores, a 0/1 copy in the
+parameter's dtype for the fused gradient mask and decay); scores are taken per tensor (top
+``⌊B/T⌋`` each, then the global top among those), one tensor's worth of memory at a time.
 """
 
 from __future__ import annotations
@@ -63,6 +65,7 @@ class ID3(torch.optim.Optimizer):
         self.budget, self.horizon, self.eps, self.exp = budget, horizon, eps, exp
         self.t = 0
         self.masks = {n: torch.zeros_like(p, dtype=torch.bool) for n, p in params.items()}
+        self.keep = {n: torch.zeros_like(p) for n, p in params.items()}  # the masks as 0/1
         self.origin: dict[str, list[tuple[Tensor, Tensor]]] = {n: [] for n in params}
 
     def increment(self, t: int) -> int:
@@ -94,15 +97,17 @@ class ID3(torch.optim.Optimizer):
             n = len(idx)
             pick = idx[best[(best >= start) & (best < start + n)] - start]
             self.masks[name].view(-1)[pick] = True
+            self.keep[name].view(-1)[pick] = 1
             flat = self.named[name].detach().reshape(-1)
             self.origin[name].append((pick.clone(), flat[pick].clone()))
             start += n
 
     @torch.no_grad()
     def _decay(self) -> list[float]:
-        """Weight decay on unmasked (and unmasked-free) entries only; returns the groups' rates."""
+        """Weight decay on unmasked entries only (in place, one fused pass: masked entries
+        gain exactly 0); returns the groups' rates and sets them to 0 for the inner step."""
         decoupled = isinstance(self.inner, torch.optim.AdamW)
-        masks = {id(p): self.masks[n] for n, p in self.named.items()}
+        keep = {id(p): self.keep[n] for n, p in self.named.items()}
         rates = []
         for group in self.param_groups:
             wd = group.get("weight_decay", 0.0)
@@ -110,16 +115,18 @@ class ID3(torch.optim.Optimizer):
             if not wd:
                 continue
             decoupled_here = decoupled or group.get("decoupled_weight_decay", False)
+            rate = group["lr"] * wd if decoupled_here else wd
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                m = masks.get(id(p))
-                if decoupled_here:
-                    decayed = p * (1 - group["lr"] * wd)
-                    p.copy_(decayed if m is None else torch.where(m, decayed, p))
+                k = keep.get(id(p))
+                target = p if decoupled_here else p.grad
+                if k is not None:
+                    target.addcmul_(p, k, value=-rate if decoupled_here else rate)
+                elif decoupled_here:
+                    p.mul_(1 - rate)  # as AdamW does
                 else:
-                    with_l2 = p.grad + wd * p
-                    p.grad.copy_(with_l2 if m is None else torch.where(m, with_l2, p.grad))
+                    p.grad.add_(p, alpha=rate)
             group["weight_decay"] = 0.0
         return rates
 
@@ -132,9 +139,9 @@ class ID3(torch.optim.Optimizer):
         if count := self.increment(self.t):
             self._unmask(count)
         with torch.no_grad():
-            for name, p in self.named.items():
-                if p.grad is not None:
-                    p.grad.mul_(self.masks[name])
+            pairs = [(p.grad, self.keep[n]) for n, p in self.named.items() if p.grad is not None]
+            if pairs:
+                torch._foreach_mul_([g for g, _ in pairs], [k for _, k in pairs])
         rates = self._decay()
         try:
             self.inner.step()

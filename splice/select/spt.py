@@ -71,7 +71,8 @@ def sensitivity(
             grads = torch.autograd.grad(loss(b), list(params.values()), allow_unused=True)
             for (n, _), g in zip(params.items(), grads, strict=True):
                 if g is not None:
-                    sums[n] += g.float().pow(2)
+                    g = g.float()
+                    sums[n].addcmul_(g, g)
     finally:
         for n, p in params.items():
             p.requires_grad_(flags[n])

@@ -161,7 +161,8 @@ def _plot(path: Path, results: list[TrialResult], front: list[TrialResult], hand
         if r.number in hand:
             ax.scatter([r.share], [r.accuracy], marker="x", s=60, c="C3")
     ax.scatter([], [], marker="x", c="C3", label="hand configuration")
-    ax.set_xlabel("trainable parameters (% of the model)")
+    ax.set_xscale("log")
+    ax.set_xlabel("trainable parameters (% of the backbone, log scale)")
     ax.set_ylabel("validation accuracy")
     ax.legend(loc="lower right")
     fig.tight_layout()
