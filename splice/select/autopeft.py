@@ -164,8 +164,9 @@ def search(
 ) -> list[TrialResult]:
     """Run the search until ``trials`` trials are finished in ``study_dir`` (or ``minutes``
     pass); returns every finished trial. ``evaluate(config)`` gives (accuracy, share %), or
-    None for a configuration that cannot be trained. ``first`` configurations (e.g. the hand
-    baselines) are evaluated first in a new study.
+    None for a configuration that cannot be trained; a configuration the sampler proposes
+    again reuses its first result (a trial of the budget, no training). ``first``
+    configurations (e.g. the hand baselines) are evaluated first in a new study.
 
     Raises:
         SpliceError: ``trials`` < 1, or the study dir belongs to another space.
@@ -205,6 +206,9 @@ def search(
 
     def objective(trial: optuna.Trial) -> tuple[float, float]:
         config = {d.name: trial.suggest_int(d.name, d.low, d.high) for d in space.dims}
+        for old in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+            if old.params == config:  # the sampler proposed a finished configuration again
+                return tuple(old.values)
         result = evaluate(config)
         if result is None:
             raise optuna.TrialPruned()

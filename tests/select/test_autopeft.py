@@ -100,7 +100,20 @@ def test_a_search_killed_mid_way_continues_from_its_finished_trials(tmp_path):
 
     with pytest.raises(KeyboardInterrupt):
         ap.search(toy_space(), dies_at_the_sixth, tmp_path / "s", trials=10)
-    first = [r.config for r in ap.search(toy_space(), toy, tmp_path / "s", trials=5)]
-    assert first == calls[:5]  # nothing re-run: 5 finished trials already meet a budget of 5
+    evaluated = list(calls[:5])
+    first = [r.config for r in ap.search(toy_space(), dies_at_the_sixth, tmp_path / "s", trials=5)]
+    assert len(calls) == 6  # nothing re-run: the finished trials already meet a budget of 5
+    assert len(first) >= 5 and all(c in evaluated for c in first)  # repeats are not re-run
     results = ap.search(toy_space(), toy, tmp_path / "s", trials=10)
-    assert len(results) == 10 and [r.config for r in results[:5]] == calls[:5]
+    assert len(results) == 10 and [r.config for r in results[: len(first)]] == first
+
+
+def test_a_configuration_proposed_again_is_not_evaluated_again(tmp_path):
+    calls = []
+    results = ap.search(
+        toy_space(), lambda c: calls.append(c) or toy(c), tmp_path / "s", trials=30
+    )  # 24 configurations in the space: some are proposed twice
+    keys = [tuple(c.values()) for c in calls]
+    assert len(keys) == len(set(keys)) and len(results) == 30
+    for r in results:
+        assert (r.accuracy, r.share) == toy(r.config)
