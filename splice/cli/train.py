@@ -21,8 +21,8 @@ def train(
     method: Annotated[
         str,
         typer.Option(
-            help="Adapter method (lora, nola, mos, mola, ept), 'full', or 'head' (linear probe:"
-            " only the new classification head trains)."
+            help="Adapter method (lora, nola, mos, mola, ept, sparse), 'full', or 'head'"
+            " (linear probe: only the new classification head trains)."
         ),
     ] = "lora",
     targets: Annotated[
@@ -69,6 +69,18 @@ def train(
     seed: Annotated[int, typer.Option(help="Seed of init, data order and dropout.")] = 0,
     device: Annotated[str, typer.Option(help="Torch device, e.g. cpu or cuda.")] = "cpu",
     format: Annotated[str, typer.Option(help="Adapter format: splice or peft.")] = "splice",
+    select: Annotated[
+        str | None,
+        typer.Option(help="Choose where to tune first: spt (entries/LoRA), rdp (layers), id3."),
+    ] = None,
+    budget: Annotated[
+        int | None,
+        typer.Option(help="--select budget: SPT parameters, RDP layers K, ID³ weight entries."),
+    ] = None,
+    select_set: Annotated[
+        list[str] | None,
+        typer.Option("--select-set", help="Selector option key=value (JSON values), repeatable."),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print metrics as JSON.")] = False,
 ) -> None:
     """Fine-tune a model with an adapter (or in full) on a text file or bench task."""
@@ -80,15 +92,19 @@ def train(
     from splice.train import TrainConfig
     from splice.train import train as run
 
-    options = {}
-    for item in set_ or []:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise UsageError(f"--set {item!r} is not key=value", fix="e.g. --set r=16")
-        try:
-            options[key] = json.loads(value)
-        except json.JSONDecodeError:
-            options[key] = value
+    def key_values(items: list[str] | None, flag: str) -> dict:
+        options = {}
+        for item in items or []:
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise UsageError(f"{flag} {item!r} is not key=value", fix=f"e.g. {flag} r=16")
+            try:
+                options[key] = json.loads(value)
+            except json.JSONDecodeError:
+                options[key] = value
+        return options
+
+    options = key_values(set_, "--set")
     split = lambda s: [x.strip() for x in s.split(",") if x.strip()]  # noqa: E731
     try:
         cfg = TrainConfig(
@@ -100,7 +116,8 @@ def train(
             grad_accum=grad_accum, lr=lr, head_lr=head_lr, warmup=warmup,
             weight_decay=weight_decay, grad_clip=grad_clip, max_length=max_length,
             precision=precision, checkpoint_every=checkpoint_every, resume=resume, seed=seed,
-            device=device, format=format, progress=not as_json,
+            device=device, format=format, progress=not as_json, select=select, budget=budget,
+            select_options=key_values(select_set, "--select-set"),
         )  # fmt: skip
     except pydantic.ValidationError as e:
         err = e.errors()[0]
@@ -123,4 +140,6 @@ def train(
     else:
         ev = metrics["eval"]
         shown = ", ".join(f"{k} {v:.4g}" for k, v in ev.items() if isinstance(v, float))
+        if metrics.get("selection"):
+            typer.echo(f"selection: {json.dumps(metrics['selection'])}")
         typer.echo(f"eval: {shown}; wrote {out}")

@@ -70,11 +70,22 @@ class TrainConfig(Strict):
     device: str = "cpu"
     format: Literal["splice", "peft"] = pydantic.Field("splice", description="adapter format")
     progress: bool = True
+    select: Literal["spt", "rdp", "id3"] | None = pydantic.Field(
+        None, description="choose where to tune (splice.select): spt, rdp or id3"
+    )
+    budget: int | None = pydantic.Field(
+        None, description="selector budget: SPT parameters, RDP layers K, ID³ entries B"
+    )
+    select_options: dict[str, Any] = pydantic.Field({}, description="the selector's options")
 
     @pydantic.model_validator(mode="after")
     def _whole_model_methods_take_no_adapter_options(self) -> TrainConfig:
         if self.method in WHOLE and (self.adapter or self.targets or self.layers):
             raise ValueError(f"--method {self.method} takes no adapter options, targets or layers")
+        if self.select and (self.layers or self.checkpoint_every or self.resume):
+            raise ValueError(f"--select {self.select} chooses the layers and does not checkpoint")
+        if self.select in ("spt", "id3") and (self.method != "lora" or self.adapter):
+            raise ValueError(f"--select {self.select} builds its own adapter: drop --method/--set")
         return self
 
     def fingerprint(self) -> dict[str, Any]:

@@ -229,7 +229,7 @@ def _run(
     full, adapted = cfg.method == "full", cfg.method not in WHOLE
     if cfg.method == "head":
         _freeze_all_but_the_head(model, new_modules, objective)
-    elif adapted:
+    elif adapted and not cfg.select:
         _adapt(cfg, model, new_modules if objective == "classification" else [])
     model.to(device)
     tasks = task_routing(cfg, train_rows, eval_rows, world)
@@ -251,9 +251,19 @@ def _run(
         tasks=tasks.ids(train_rows) if route else None,
     )  # fmt: skip
     total = cfg.steps or max(1, math.ceil(cfg.epochs * batches.per_epoch / cfg.grad_accum))
+    selection = None
+    if cfg.select:  # where to tune (splice.select): injects, or wraps the optimizer (ID³)
+        from splice.train.select import select
+
+        saved = new_modules if objective == "classification" else []
+        targets = DEFAULT_TARGETS.get(model.config.model_type)
+        selection = select(cfg, model, batches, device, saved, targets, total)
+        adapted = selection.adapted
 
     named = {n: p for n, p in model.named_parameters() if p.requires_grad}
     optimizer = torch.optim.AdamW(_param_groups(cfg, named, new_modules, full))
+    if selection is not None:
+        optimizer = selection.wrap(optimizer)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, linear_warmup_decay(total, round(cfg.warmup * total))
     )
@@ -301,6 +311,9 @@ def _run(
     )  # fmt: skip
     if rank != 0:
         return {}
+    if selection is not None:
+        selection.finish(core)
+        adapted = True
     eval_ids, eval_ys = encode(eval_rows)
 
     def evaluate_rows(rows: list[int], task: int | None = None) -> dict[str, float]:
@@ -347,6 +360,7 @@ def _run(
         "resumed_from_step": resumed_from,
         "world_size": world,
         "config": cfg.model_dump(mode="json"),
+        "selection": selection.info if selection else None,
     }
     _write_outputs(cfg, core, tokenizer, adapted, labels, metrics)
     return metrics

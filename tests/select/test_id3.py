@@ -1,0 +1,126 @@
+"""ID³ (spec §12): the increment-S schedule, the D³ score, masked entries frozen under AdamW
+weight decay, decay on unmasked entries as AdamW's, and the O(B) export reloading."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from splice.adapters import load_adapter, save_adapter
+from splice.errors import SpliceError
+from splice.select.id3 import ID3, export
+
+from .conftest import Tiny, data
+
+
+def setup(budget, horizon, wd=0.1, lr=5e-2, seed=0):
+    torch.manual_seed(seed)
+    model = Tiny()
+    named = {f"{n}.weight": m.weight for n, m in model.named_modules() if n.startswith("layers.")
+             and isinstance(m, torch.nn.Linear)}  # fmt: skip
+    trained = [*named.values(), *model.head.parameters()]  # the layer biases stay frozen
+    inner = torch.optim.AdamW(trained, lr=lr, weight_decay=wd)
+    return model, named, ID3(inner, named, budget, horizon)
+
+
+def train(model, opt, steps, seed=0):
+    x, y = data(seed=seed)
+    for _ in range(steps):
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+
+
+def test_increment_s_unmasks_exactly_b_after_t_steps():
+    model, _, opt = setup(budget=23, horizon=5)
+    assert [opt.increment(t) for t in range(7)] == [5, 5, 5, 4, 4, 0, 0]
+    counts = []
+    for _ in range(7):
+        train(model, opt, 1)
+        counts.append(opt.unmasked())
+    assert counts == [5, 10, 15, 19, 23, 23, 23]
+
+
+def test_masked_entries_are_bit_identical_after_50_adamw_steps_with_weight_decay():
+    model, named, opt = setup(budget=40, horizon=10, wd=0.5)
+    before = {n: p.detach().clone() for n, p in named.items()}
+    head = model.head.weight.detach().clone()
+    train(model, opt, 50)
+    moved = 0
+    for n, p in named.items():
+        m = opt.masks[n]
+        assert torch.equal(p[~m], before[n][~m])  # bit for bit
+        assert torch.equal(opt.inner.state[p]["exp_avg"][~m], torch.zeros(int((~m).sum())))
+        moved += int((p[m] != before[n][m]).sum())
+    assert moved == 40 and opt.unmasked() == 40
+    assert not torch.equal(model.head.weight, head)  # the head trains in full, decayed too
+
+
+def test_unmasked_entries_follow_adamw_with_its_weight_decay():
+    model, named, opt = setup(budget=30, horizon=1, wd=0.3)
+    ref = Tiny()
+    ref.load_state_dict(model.state_dict())
+    ref_named = {n: ref.get_parameter(n) for n in named}
+    ref_opt = torch.optim.AdamW(
+        [*ref_named.values(), *ref.head.parameters()], 5e-2, weight_decay=0.3
+    )
+    start = {n: p.detach().clone() for n, p in ref_named.items()}
+    x, y = data()
+    for _ in range(6):
+        for m_, o in ((model, opt), (ref, ref_opt)):
+            F.cross_entropy(m_(x), y).backward()
+            if o is ref_opt:
+                for n, p in ref_named.items():
+                    p.grad.mul_(opt.masks[n])  # opt already chose its mask at step 0
+            o.step()
+            o.zero_grad()
+            if o is ref_opt:  # the reference: plain AdamW, masked entries put back after
+                with torch.no_grad():
+                    for n, p in ref_named.items():
+                        p.copy_(torch.where(opt.masks[n], p, start[n]))
+    for n, p in named.items():
+        m = opt.masks[n]
+        assert torch.allclose(p[m], ref_named[n][m], atol=1e-6)
+    assert torch.allclose(model.head.weight, ref.head.weight, atol=1e-6)
+
+
+@pytest.mark.parametrize("exp", [0.0, 1.0, 2.0])
+def test_first_unmasking_takes_the_top_d3_scores(exp):
+    model, named, opt = setup(budget=12, horizon=3)
+    opt.exp = exp
+    x, y = data()
+    F.cross_entropy(model(x), y).backward()
+    score = torch.cat(
+        [(p.grad.abs() / (p.detach().abs() + 1e-3) ** exp).reshape(-1) for p in named.values()]
+    )
+    expected = set(torch.topk(score, 4).indices.tolist())
+    opt.step()
+    mask = torch.cat([m.reshape(-1) for m in opt.masks.values()])
+    assert set(torch.nonzero(mask).reshape(-1).tolist()) == expected
+
+
+def test_export_stores_b_entries_and_reloads_to_the_trained_outputs(tmp_path):
+    model, _, opt = setup(budget=25, horizon=4)
+    train(model, opt, 8)
+    x, _ = data()
+    with torch.no_grad():
+        trained = model(x)
+    export(model, opt, modules_to_save=["head"])
+    with torch.no_grad():
+        assert torch.allclose(model(x), trained, atol=1e-5)
+        adapted = model(x)
+    save_adapter(model, tmp_path / "id3")
+    saved = load_file(str(tmp_path / "id3" / "splice_adapter.safetensors"))
+    assert sum(t.numel() for k, t in saved.items() if k.endswith(".values")) == 25
+    torch.manual_seed(0)
+    again = load_adapter(Tiny(), tmp_path / "id3")
+    with torch.no_grad():
+        assert torch.equal(again(x), adapted)
+
+
+@pytest.mark.parametrize("budget", [0, 433])
+def test_budget_outside_the_maskable_weights_is_refused(budget):
+    with pytest.raises(SpliceError, match=rf"budget {budget} is outside 1\.\.432"):
+        setup(budget=budget, horizon=3)

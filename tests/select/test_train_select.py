@@ -1,0 +1,93 @@
+"""``splice train --select spt|rdp|id3 --budget N`` on a tiny random BERT: the choice is
+reported, saved with the adapter and reloaded; bad budgets fail before anything is written."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from splice.adapters import adapter_layers, load_adapter
+from splice.cli import app
+from splice.errors import SpliceError
+from tests.train.test_train import run
+
+
+def test_spt_selection_is_reported_and_reloaded(bert_dir, csv_file, tmp_path):
+    opts = {"batches": 2, "r": 2}
+    m = run(bert_dir, csv_file, tmp_path / "o", select="spt", budget=400, select_options=opts)
+    sel = m["selection"]
+    assert sel["selector"] == "spt" and sel["lowrank"] and sel["entries"]
+    assert m["adapter_parameters"] == sel["total"]
+    model = load_adapter(None, tmp_path / "o" / "adapter")
+    layers = adapter_layers(model)
+    assert sorted(layers) == sorted([*sel["lowrank"], *sel["entries"]])
+    for name, n in sel["entries"].items():
+        assert layers[name].adapter.indices.numel() == n
+    again = load_adapter(None, tmp_path / "o" / "adapter")
+    x = torch.tensor([[2, 5, 9, 3]])
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=x).logits, again(input_ids=x).logits)
+
+
+def test_rdp_adapts_the_chosen_layers(bert_dir, csv_file, tmp_path):
+    m = run(bert_dir, csv_file, tmp_path / "o", select="rdp", budget=1)
+    layers = m["selection"]["layers"]
+    assert len(layers) == 1 and layers[0] in (0, 1)
+    info = json.loads((tmp_path / "o" / "adapter" / "splice_adapter.json").read_text())
+    assert info["layers"] == layers and info["method"] == "lora"
+    with pytest.raises(SpliceError, match=r"layer budget K=3 is outside 1\.\.1"):
+        run(bert_dir, csv_file, tmp_path / "bad", select="rdp", budget=3)
+    assert not (tmp_path / "bad").exists()
+
+
+def test_id3_saves_exactly_b_entries(bert_dir, csv_file, tmp_path):
+    m = run(bert_dir, csv_file, tmp_path / "o", select="id3", budget=50, steps=4)
+    assert m["adapter_parameters"] == 50 and sum(m["selection"]["entries"].values()) == 50
+    saved = load_file(str(tmp_path / "o" / "adapter" / "splice_adapter.safetensors"))
+    assert sum(t.numel() for k, t in saved.items() if k.endswith(".values")) == 50
+
+
+@pytest.mark.parametrize(
+    ("select", "budget", "message"),
+    [
+        ("spt", "0", "budget 0 is outside 1..4096"),
+        ("id3", "999999", "budget 999999 is outside 1..4096"),
+        ("rdp", "0", "layer budget K=0 is outside 1..1"),
+    ],
+)
+def test_cli_bad_budget_is_one_line_exit_1_nothing_written(
+    bert_dir,
+    csv_file,
+    tmp_path,
+    select,
+    budget,
+    message,
+):
+    out = tmp_path / "out"
+    args = ["train", str(bert_dir), str(csv_file), "--out", str(out), "--steps", "2"]
+    result = CliRunner().invoke(app, [*args, "--select", select, "--budget", budget])
+    assert isinstance(result.exception, SpliceError), result.output  # main(): one line, exit 1
+    assert message in str(result.exception) and "\n" not in str(result.exception)
+    assert not out.exists()
+
+
+def test_cli_process_prints_one_line_and_exits_1(bert_dir, csv_file, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "splice.cli", "train", str(bert_dir), str(csv_file)]
+    cmd += ["--out", str(out), "--select", "spt", "--budget", "0"]
+    env = os.environ | {"PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [
+        "error: budget 0 is outside 1..4096 (4096 tunable entries) — fix: choose 1..4096"
+    ]
+    assert not out.exists()
