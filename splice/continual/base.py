@@ -19,9 +19,9 @@ from torch import Tensor, nn
 
 from splice._registry import Registry
 from splice._schema import Strict
+from splice.adapters._sites import Site
 from splice.adapters.inject import attach, find_sites
 from splice.adapters.layer import Adapter
-from splice.adapters._sites import Site
 
 __all__ = ["CONTINUAL", "ContinualMethod", "Phase", "Stored", "wrap"]
 

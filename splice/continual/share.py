@@ -68,10 +68,7 @@ def principal_basis(stack: Tensor, k: int | None, variance: float = 0.6) -> Tens
     if k is None:
         energy = s.square()
         total = float(energy.sum())
-        if total == 0.0:
-            k = 1
-        else:
-            k = int((energy.cumsum(0) / total < variance - 1e-12).sum()) + 1
+        k = 1 if total == 0.0 else int((energy.cumsum(0) / total < variance - 1e-12).sum()) + 1
     return u[:, : min(k, u.shape[1])].float().contiguous()
 
 

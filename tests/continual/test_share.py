@@ -59,7 +59,7 @@ def _in_span_tasks(n_tasks: int, r: int = 3, dim: int = 4):
 def test_reprojection_of_in_span_tasks_reproduces_their_delta_exactly(fidelity):
     tasks = _in_span_tasks(4)
     c_a, c_b, ls = init_subspace(tasks[:3], k=4)
-    loadings = {f"t{i}": l for i, l in enumerate(ls)}
+    loadings = {f"t{i}": pair for i, pair in enumerate(ls)}
     dw = {t: (c_b @ lb) @ (c_a @ la).T for t, (la, lb) in loadings.items()}
     # the new task t3 trains loadings in the old bases plus a temporary path, all in the span
     (a3, b3) = tasks[3]
@@ -80,7 +80,7 @@ def test_code_and_paper_differ_only_in_the_new_tasks_loadings():
     g = torch.Generator().manual_seed(3)
     c_a, c_b, ls = init_subspace([(torch.randn(11, 3, generator=g), torch.randn(7, 3, generator=g))
                                   for _ in range(2)], k=4)  # fmt: skip
-    loadings = {"t0": ls[0], "t1": ls[1], "new": (torch.randn(4, 3, generator=g),) * 2}
+    loadings = {"t0": ls[0], "t1": ls[1]}
     loadings["new"] = (torch.randn(4, 3, generator=g), torch.randn(4, 3, generator=g))
     extra = (torch.randn(11, 3, generator=g), torch.randn(7, 3, generator=g))
     pa, pb, paper = merge_subspace(c_a, c_b, loadings, "new", extra, k=5, fidelity="paper")
@@ -88,7 +88,7 @@ def test_code_and_paper_differ_only_in_the_new_tasks_loadings():
     assert torch.equal(pa, ca) and torch.equal(pb, cb)  # the temporary path enters both bases
     for t in ("t0", "t1"):
         assert all(torch.equal(x, y) for x, y in zip(paper[t], code[t], strict=True))
-    la, lb = loadings["new"]
+    la, _lb = loadings["new"]
     assert torch.allclose(code["new"][0], ca.T @ (c_a @ la), atol=1e-6)
     assert torch.allclose(paper["new"][0], pa.T @ (c_a @ la + extra[0]), atol=1e-6)
     assert not torch.allclose(code["new"][0], paper["new"][0], atol=1e-3)
