@@ -79,10 +79,17 @@ class ContinualMethod:
     pretty_name: ClassVar[str]
     reference_url: ClassVar[str]
     Config: ClassVar[type[Strict]]
+    default_lr: ClassVar[float] = 1e-3  # AdamW learning rate of the method's parameters
 
     def __init__(self, cfg: Strict) -> None:
         self.cfg = cfg
         self.tasks: list[str] = []  # finished tasks, in order
+        self.adapters: dict[str, Adapter] = {}  # by module name, filled by :meth:`attach`
+
+    def train_mode(self, on: bool) -> None:
+        """Put the adapters (not the frozen backbone) in training or evaluation mode."""
+        for ad in self.adapters.values():
+            ad.train(on)
 
     def attach(self, model: nn.Module, targets: Sequence[str] | str) -> None:
         """Inject the method's adapters into ``model`` (in place)."""

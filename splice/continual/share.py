@@ -214,6 +214,7 @@ class Share(ContinualMethod):
     pretty_name = "Share (shared LoRA subspace)"
     reference_url = "https://arxiv.org/abs/2602.06043"
     Config = ShareConfig
+    default_lr = 4e-3  # the released NLU scripts' loadings LR
     cfg: ShareConfig
 
     def __init__(self, cfg: ShareConfig) -> None:
