@@ -117,9 +117,9 @@ def test_bad_sequences_and_resumes_are_refused(setup, monkeypatch, tmp_path):
     out = tmp_path / "out"
     run_sequence(enc, tasks[:1], _cfg("share", options={"k": 4}), out)
     before = (out / "state" / "method.safetensors").read_bytes()
-    with pytest.raises(SpliceError, match="cannot resume with method 'igsp'.*used 'share'"):
+    with pytest.raises(SpliceError, match=r"cannot resume with method 'igsp'.*used 'share'"):
         run_sequence(enc, tasks, _cfg("igsp"), out, resume=True)
-    with pytest.raises(SpliceError, match="unknown key 'kk'|kk"):
+    with pytest.raises(SpliceError, match="kk"):
         run_sequence(enc, tasks, _cfg("share", options={"kk": 4}), out, resume=True)
     _, other = _load(setup, ["topic"], monkeypatch, tmp_path)  # 3 labels where mood had 2
     renamed = type(other[0])(**{**other[0].__dict__, "name": "mood"})
