@@ -31,7 +31,7 @@ def _root() -> None:
 
 
 # Each command module registers its command on ``app``; this order is the order of ``--help``.
-for _command in ("inspect", "bench", "train", "merge"):
+for _command in ("inspect", "bench", "train", "continual", "merge"):
     importlib.import_module(f"{__name__}.{_command}")
 
 

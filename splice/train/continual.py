@@ -176,6 +176,7 @@ def run_sequence(
     reference: Sequence[float] | None = None,
     on_task: Callable[[int, str, list[float | None], float], None] | None = None,
     on_step: Callable[[int, float], None] | None = None,
+    seed_from: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> ContinualRun:
     """Train ``tasks`` (:class:`splice.data.registry.TaskData`) in order on a copy of
     ``encoder.module`` with ``cfg.method``; returns the accuracy matrix and the method.
@@ -184,6 +185,7 @@ def run_sequence(
     record of :func:`splice.continual.metrics.save_matrix`); with ``resume`` an existing
     ``state/`` is continued. ``reference`` (per-task accuracy of independent training) gives
     the forward transfer. ``on_task(i, name, R[i], seconds)`` runs after each task.
+    ``seed_from`` (``{source: {tensor name: LowRank}}``) initialises Share's subspace.
 
     Raises:
         SpliceError: a repeated task name, an unknown method or option, or a saved run that
@@ -199,6 +201,10 @@ def run_sequence(
     device = next(encoder.module.parameters()).device
     model = copy.deepcopy(encoder.module).eval()
     method.attach(model, cfg.targets or list(encoder.default_targets))
+    if seed_from:
+        if not hasattr(method, "seed"):
+            raise SpliceError(f"{cfg.method} takes no initial adapters", fix="drop --init")
+        method.seed(seed_from)
     lr = cfg.lr or method.default_lr
     heads: dict[str, nn.Linear] = {}
     R: list[list[float | None]] = []
@@ -306,3 +312,41 @@ def _train_task(encoder, model, method, head, task, phases, cfg, lr, index, devi
             fit(TrainStep(micro_loss, opt, device=device), steps, on_step=on_step)
         if phase.after is not None:
             phase.after()
+
+
+def load_sequence(
+    model: str, tasks: Sequence[str], *, max_len: int = 64, image_size: int = 32, device="cpu"
+) -> tuple[Any, list[Any]]:
+    """The encoder and the task splits of a command-line sequence: ``model`` is a local
+    BERT-style dir or ``minilm`` (text), ignored for image tasks (EfficientNet-Lite0)."""
+    from splice.data.encoders import load_encoder
+    from splice.data.local import resolve_task
+    from splice.data.registry import Caps, load_task
+
+    resolved = [resolve_task(t) for t in tasks]
+    kinds = {t.modality for t in resolved}
+    if len(kinds) > 1:
+        raise SpliceError(
+            f"a continual sequence takes one modality, got {sorted(kinds)}",
+            fix="run text and image tasks as separate sequences",
+        )
+    _check_tasks(resolved)
+    encoder = load_encoder(
+        kinds.pop(), text_model=model, max_len=max_len, image_size=image_size, device=device
+    )
+    return encoder, [load_task(t, Caps()) for t in resolved]
+
+
+def seed_deltas(encoder: Any, paths: Sequence[str | Path]) -> dict[str, dict[str, Any]]:
+    """LoRA deltas of adapter dirs/files keyed by ``encoder.module``'s tensor names (a
+    task-head wrapper prefix such as ``bert.`` mapped away), for :meth:`Share.seed`."""
+    from splice.deltas import LowRank, load_deltas
+    from splice.deltas.wrapper import wrapper_map
+
+    base = set(encoder.module.state_dict())
+    out: dict[str, dict[str, Any]] = {}
+    for p in paths:
+        low = {n: d for n, d in load_deltas(p).items() if isinstance(d, LowRank)}
+        m = wrapper_map(list(low), base)
+        out[str(p)] = {(m(n) if m else n): d for n, d in low.items()}
+    return out
