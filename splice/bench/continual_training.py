@@ -105,7 +105,7 @@ def _sequence(cfg: TrackConfig, suite: str) -> tuple[Any, list[Any]]:
     return encoder, data
 
 
-def _merged(encoder, data, per_task, names, seed) -> list[dict[str, Any]]:
+def _merged(encoder, data, per_task, names, seed, suite_name) -> list[dict[str, Any]]:
     """OPCM / continual TA over the per-task LoRAs, evaluated with the same heads."""
     from splice.bench.continual import run_continual
     from splice.bench.finetune import Head, TaskRun
@@ -123,6 +123,7 @@ def _merged(encoder, data, per_task, names, seed) -> list[dict[str, Any]]:
     for rec in run_continual(suite, names, 1, seed, individual):
         if rec["method"] == "individual":
             continue
+        rec["modality"] = suite_name
         start = time.perf_counter()
         numel = sum(d.shape.numel() for d in suite.runs[data[0].name].deltas.values())
         rec["stored"] = {"params": numel, "bytes": 4 * numel, "dense_delta": numel}
@@ -178,7 +179,7 @@ def run_track(cfg: TrackConfig, say: Callable[[str], None] = print) -> dict[str,
         merged = [m for m in MERGED if m in cfg.methods]
         if merged and per_task is not None:
             start = time.perf_counter()
-            for rec in _merged(encoder, data, per_task, merged, cfg.seed):
+            for rec in _merged(encoder, data, per_task, merged, cfg.seed, suite):
                 rec["metrics"] = summary(rec["R"], reference)
                 rec["seconds"] = round(time.perf_counter() - start, 1)
                 records.append(rec)
