@@ -266,6 +266,8 @@ def write_track(results: dict[str, Any], out: Path) -> list[Path]:
         ax.set_title(f"{r['method']} ({r['modality']})", fontsize=8)
         ax.set_xlabel("task j", fontsize=7)
         ax.set_ylabel("after task i", fontsize=7)
+        ax.set_xticks(range(len(R)))
+        ax.set_yticks(range(len(R)))
         ax.tick_params(labelsize=6)
     fig.tight_layout()
     fig.savefig(heat, dpi=120)
