@@ -61,18 +61,11 @@ def continual(
 
     import pydantic
 
+    from splice.cli._options import parse_sets
     from splice.errors import UsageError
     from splice.train.continual import ContinualConfig, load_sequence, run_sequence, seed_deltas
 
-    options = {}
-    for item in set_ or []:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise UsageError(f"--set {item!r} is not key=value", fix="e.g. --set k=16")
-        try:
-            options[key] = json.loads(value)
-        except json.JSONDecodeError:
-            options[key] = value
+    options = parse_sets(set_, "k=16")
     try:
         cfg = ContinualConfig(
             method=method, options=options, steps=steps, batch_size=batch_size, lr=lr,

@@ -72,23 +72,15 @@ def train(
     as_json: Annotated[bool, typer.Option("--json", help="Print metrics as JSON.")] = False,
 ) -> None:
     """Fine-tune a model with an adapter (or in full) on a text file or bench task."""
-    import json
 
     import pydantic
 
+    from splice.cli._options import parse_sets
     from splice.errors import UsageError
     from splice.train import TrainConfig
     from splice.train import train as run
 
-    options = {}
-    for item in set_ or []:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise UsageError(f"--set {item!r} is not key=value", fix="e.g. --set r=16")
-        try:
-            options[key] = json.loads(value)
-        except json.JSONDecodeError:
-            options[key] = value
+    options = parse_sets(set_, "r=16")
     split = lambda s: [x.strip() for x in s.split(",") if x.strip()]  # noqa: E731
     try:
         cfg = TrainConfig(
