@@ -20,13 +20,14 @@ from splice.deltas import Delta
 from splice.errors import SpliceError
 
 from ._sites import Site, make_site
-from .layer import METHODS, AdaptedLayer, Method, MethodConfig, _Record
+from .layer import METHODS, AdaptedLayer, Adapter, Method, MethodConfig, _Record
 
 __all__ = [
     "ParamCount",
     "adapter_deltas",
     "adapter_layers",
     "adapter_state",
+    "attach",
     "aux_loss",
     "find_sites",
     "inject",
@@ -164,13 +165,34 @@ def inject(
         raise SpliceError(f"modules_to_save {list(modules_to_save)} match no module")
     sites = [site for _, _, site in found]
     adapters = cls().build(sites, cfg)
+    attach(model, found, adapters, method, cfg, targets, layers, modules_to_save)
+    for name in save_names:
+        model.get_submodule(name).requires_grad_(True)
+    return model
+
+
+def attach(
+    model: nn.Module,
+    found: list[tuple[str, nn.Module, Site]],
+    adapters: Sequence[Adapter],
+    method: str,
+    config: MethodConfig | None = None,
+    targets: Sequence[str] | str = (),
+    layers: Iterable[int] | None = None,
+    modules_to_save: Sequence[str] = (),
+) -> None:
+    """Freeze ``model`` and wrap each layer of ``found`` (:func:`find_sites`) with its adapter.
+
+    :func:`inject` builds the adapters from a registered method; a stage that builds its own
+    (the continual methods of :mod:`splice.continual`) attaches them here, under its own name.
+    """
     record = _Record(
         method,
-        cfg,
+        config or MethodConfig(),
         targets if isinstance(targets, str) else list(targets),
         None if layers is None else sorted(layers),
         list(modules_to_save),
-        [s.name for s in sites],
+        [site.name for _, _, site in found],
     )
     for p in model.parameters():
         p.requires_grad_(False)
@@ -178,9 +200,6 @@ def inject(
         device = module.weight.device
         layer = AdaptedLayer(module, adapter.to(device), record).train(module.training)
         _set_module(model, name, layer)
-    for name in save_names:
-        model.get_submodule(name).requires_grad_(True)
-    return model
 
 
 def adapter_layers(model: nn.Module) -> dict[str, AdaptedLayer]:

@@ -47,12 +47,13 @@ def run_continual(
             steps = learned.get(name).run(
                 suite.encoder.module, [(t, suite.runs[t].deltas) for t in order]
             )
-            curve = []
+            curve, matrix = [], []
             for step in steps:
                 acc = suite.acc(step.weights, tasks=order[: step.index + 1])
                 curve.append(float(np.mean(list(acc.values()))))
+                matrix.append([acc.get(t) for t in order])  # R[i][j]; None: not merged yet
             out.append({"method": name, "modality": kind, "seed": seed, "order": order,
-                        "avg_seen": curve})  # fmt: skip
+                        "avg_seen": curve, "R": matrix})  # fmt: skip
     return out
 
 
@@ -64,8 +65,8 @@ def _curves(records: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, np.ndar
     return {k: {m: np.asarray(v) for m, v in ms.items()} for k, ms in by.items()}
 
 
-def to_markdown(records: Sequence[Mapping[str, Any]]) -> str:
-    lines = ["# Continual merging", ""]
+def to_markdown(records: Sequence[Mapping[str, Any]], title: str = "Continual merging") -> str:
+    lines = [f"# {title}", ""]
     for kind, curves in _curves(records).items():
         runs, n = next(iter(curves.values())).shape
         lines += [
@@ -82,15 +83,23 @@ def to_markdown(records: Sequence[Mapping[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def write_continual(records: Sequence[Mapping[str, Any]], out: Path) -> list[Path]:
-    """Write continual.md and continual.png into ``out``; returns the paths."""
+def write_continual(
+    records: Sequence[Mapping[str, Any]],
+    out: Path,
+    stem: str = "continual",
+    title: str = "Continual merging",
+    xlabel: str = "tasks merged so far",
+) -> list[Path]:
+    """Write ``<stem>.md`` and ``<stem>.png`` (mean accuracy over the tasks seen so far, per
+    method) into ``out``; returns the paths. The continual-training track
+    (:mod:`splice.bench.continual_training`) writes its line plot here too."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    md, png = out / "continual.md", out / "continual.png"
-    md.write_text(to_markdown(records))
+    md, png = out / f"{stem}.md", out / f"{stem}.png"
+    md.write_text(to_markdown(records, title))
     groups = _curves(records)
     fig, axes = plt.subplots(1, len(groups), figsize=(5.5 * len(groups), 3.8), squeeze=False)
     for ax, (kind, curves) in zip(axes[0], groups.items(), strict=True):
@@ -102,7 +111,7 @@ def write_continual(records: Sequence[Mapping[str, Any]], out: Path) -> list[Pat
             ax.fill_between(x, mean - std, mean + std, alpha=0.15, color=line.get_color())
             ax.set_xticks(x)
         ax.set_title(f"{kind} tasks".strip())
-        ax.set_xlabel("tasks merged so far")
+        ax.set_xlabel(xlabel)
         ax.set_ylabel("mean test accuracy over seen tasks (%)")
         ax.legend()
         ax.grid(alpha=0.3)

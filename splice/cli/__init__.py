@@ -31,7 +31,17 @@ def _root() -> None:
 
 
 # Each command module registers its command on ``app``; this order is the order of ``--help``.
-for _command in ("inspect", "bench", "train", "search", "merge", "quantize", "generate", "analyze"):
+for _command in (
+    "inspect",
+    "bench",
+    "train",
+    "continual",
+    "search",
+    "merge",
+    "quantize",
+    "generate",
+    "analyze",
+):
     importlib.import_module(f"{__name__}.{_command}")
 
 

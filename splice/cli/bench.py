@@ -49,6 +49,14 @@ def bench(
     out: Annotated[Path, typer.Option(help="Output folder for results.*")] = Path("bench-out"),
     seed: Annotated[int | None, typer.Option(help="First training seed.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print results as JSON.")] = False,
+    continual: Annotated[
+        bool,
+        typer.Option(
+            "--continual",
+            help="Continual-training track instead: Share, iGSP, sequential LoRA, one LoRA per "
+            "task, OPCM and continual TA on the task sequences (quick: 4 image tasks).",
+        ),
+    ] = False,
 ) -> None:
     """Fine-tune tasks from packaged data, merge them (--full: every registered way), report a
     table; an estimate first, then a line per phase with the time left."""
@@ -58,6 +66,26 @@ def bench(
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from rich.console import Console
 
+    if continual:
+        from splice.bench.continual_training import (
+            configure_track,
+            run_track,
+            to_table,
+            write_track,
+        )
+
+        track = configure_track(
+            full, suite=suite, methods=_split(methods), steps=steps, seed=seed, device=device
+        )
+        err = Console(stderr=True)
+        results = run_track(track, say=lambda line: err.print(line, soft_wrap=True))
+        paths = write_track(results, out)
+        if as_json:
+            print_json(results)
+        else:
+            typer.echo(to_table(results))
+        err.print("wrote " + ", ".join(str(p) for p in paths), soft_wrap=True)
+        return
     from splice.bench.report import print_table, write_report
     from splice.bench.runner import configure, run_bench
 

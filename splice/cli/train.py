@@ -88,23 +88,12 @@ def train(
 
     import pydantic
 
+    from splice.cli._options import parse_sets
     from splice.errors import UsageError
     from splice.train import TrainConfig
     from splice.train import train as run
 
-    def key_values(items: list[str] | None, flag: str) -> dict:
-        options = {}
-        for item in items or []:
-            key, sep, value = item.partition("=")
-            if not sep:
-                raise UsageError(f"{flag} {item!r} is not key=value", fix=f"e.g. {flag} r=16")
-            try:
-                options[key] = json.loads(value)
-            except json.JSONDecodeError:
-                options[key] = value
-        return options
-
-    options = key_values(set_, "--set")
+    options = parse_sets(set_, "r=16")
     split = lambda s: [x.strip() for x in s.split(",") if x.strip()]  # noqa: E731
     try:
         cfg = TrainConfig(
@@ -117,7 +106,7 @@ def train(
             weight_decay=weight_decay, grad_clip=grad_clip, max_length=max_length,
             precision=precision, checkpoint_every=checkpoint_every, resume=resume, seed=seed,
             device=device, format=format, progress=not as_json, select=select, budget=budget,
-            select_options=key_values(select_set, "--select-set"),
+            select_options=parse_sets(select_set, "eps=0.1", "--select-set"),
         )  # fmt: skip
     except pydantic.ValidationError as e:
         err = e.errors()[0]
