@@ -263,7 +263,8 @@ class _Backbone:
     test: dict[str, Prepared]
 
 
-def _load(cfg: BenchConfig, modality: str, tasks: Sequence[Any]) -> _Backbone:
+def load_backbone(cfg: Any, modality: str, tasks: Sequence[Any]) -> _Backbone:
+    """One backbone and its tasks' splits (``cfg``: caps, seeds, sizes, model, device)."""
     data = {t.name: load_task(t, Caps(*cfg.caps), cfg.split_seed) for t in tasks}
     encoder = load_encoder(
         modality,
@@ -299,7 +300,9 @@ def run_bench(cfg: BenchConfig, console: Any | None = None) -> dict[str, Any]:
     modalities = sorted({t.modality for t in task_objs}, reverse=True)  # text first
     with Progress(console, time.perf_counter) as progress, _timed(phases, "wall_s"):
         with _timed(phases, "load_s"):
-            groups = [_load(cfg, m, [t for t in task_objs if t.modality == m]) for m in modalities]
+            groups = [
+                load_backbone(cfg, m, [t for t in task_objs if t.modality == m]) for m in modalities
+            ]
             rate = {g.encoder.modality: calibrate(g.encoder, g.val) for g in groups}
             cached = {
                 f"train/{g.encoder.modality}/{seed}/{n}": is_cached(g.encoder, d, cfg.train, seed)
