@@ -106,26 +106,40 @@ def _builds(method: Any, sites: Sequence[Any], options: Mapping[str, Any]) -> bo
     return True
 
 
+def _nearest_built(
+    method: Any, sites: Sequence[Any], base: dict, knob: tuple[str, ...], v: int, way: int, low: int
+) -> int | None:
+    """The first value from ``v`` in direction ``way`` whose adapters build (32 tries)."""
+    for _ in range(32):
+        if v < low:
+            return None
+        if _builds(method, sites, {**base, **dict.fromkeys(knob, v)}):
+            return v
+        v += way
+    return None
+
+
 def fit_budget(
     method: Any, sites: Sequence[Any], base: Mapping[str, Any], budget: int
 ) -> Sizing | None:
-    """The sizing nearest ``budget``; None when the method has no size knob."""
-    count = _counter(method, sites, dict(base))
+    """The sizing nearest ``budget``; None when the method has no size knob that builds."""
+    base = dict(base)
+    count = _counter(method, sites, base)
     fields = method.Config.model_fields
     found = []
     for order, knob in enumerate(size_knobs(method, sites, base)):
         low = max(_min(fields[name]) or 1 for name in knob)
-        for v in _bracket(count, knob, low, budget):
+        bracket = _bracket(count, knob, low, budget)
+        below = _nearest_built(method, sites, base, knob, bracket[0], -1, low)
+        above = _nearest_built(method, sites, base, knob, bracket[-1], +1, low)
+        for v in {x for x in (below, above) if x is not None}:
             c = count(dict.fromkeys(knob, v))
             if c is not None:
                 found.append((abs(c - budget), order, v, knob, c, low))
-    for _, _, v, knob, c, low in sorted(found, key=lambda f: f[:3]):
-        options = {**base, **dict.fromkeys(knob, v)}
-        if not _builds(method, sites, options):
-            continue
-        up = count(dict.fromkeys(knob, v + 1))
-        down = count(dict.fromkeys(knob, v - 1)) if v > low else None
-        steps = [abs(x - c) for x in (up, down) if x is not None]
-        step = max(steps) if steps else 0
-        return Sizing(options, c, step, knob, floor=v == low and c > budget)
-    return None
+    if not found:
+        return None
+    _, _, v, knob, c, low = min(found, key=lambda f: f[:3])
+    up, down = count(dict.fromkeys(knob, v + 1)), count(dict.fromkeys(knob, v - 1))
+    step = max(abs(x - c) for x in (up, down) if x is not None) if (up or down) else 0
+    floor = c > budget and _nearest_built(method, sites, base, knob, v - 1, -1, low) is None
+    return Sizing({**base, **dict.fromkeys(knob, v)}, c, step, knob, floor)

@@ -137,7 +137,7 @@ def _front(results: dict[str, Any], suite: str) -> list[dict[str, Any]]:
 
 def to_markdown(results: dict[str, Any]) -> str:
     cfg, meta = results["config"], results["meta"]
-    budget = f" Budget: {cfg['budget']:,} adapter parameters per method." * bool(cfg["budget"])
+    budget = f" Budget: {cfg['budget']:,} adapter parameters per method." if cfg["budget"] else ""
     lines = [
         "# splice bench — PEFT track",
         "",
