@@ -130,8 +130,10 @@ def configure_peft(
         for name in methods:
             METHODS.get(name)  # an unknown name fails here, with a "did you mean"
         update["methods"] = tuple(methods)
-    for name in options or {}:
-        METHODS.get(name)
+    from splice.adapters.inject import _config
+
+    for name, values in (options or {}).items():
+        _config(METHODS.get(name), name, dict(values))  # unknown options fail here, not mid-run
     if options:
         update["options"] = {k: dict(v) for k, v in options.items()}
     if seed is not None:

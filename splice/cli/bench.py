@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -49,14 +50,56 @@ def bench(
     out: Annotated[Path, typer.Option(help="Output folder for results.*")] = Path("bench-out"),
     seed: Annotated[int | None, typer.Option(help="First training seed.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print results as JSON.")] = False,
+    track: Annotated[
+        str,
+        typer.Option(
+            help="merge (fine-tune, then merge) or peft (every adapter method against a linear "
+            "probe and full fine-tuning; --methods then names adapter methods)."
+        ),
+    ] = "merge",
+    budget: Annotated[
+        int | None,
+        typer.Option(help="peft: size every adapter method to about N trainable parameters."),
+    ] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="peft: a method's option, METHOD.KEY=VALUE (JSON), repeatable."),
+    ] = None,
 ) -> None:
     """Fine-tune tasks from packaged data, merge them (--full: every registered way), report a
-    table; an estimate first, then a line per phase with the time left."""
+    table; an estimate first, then a line per phase with the time left. --track peft compares
+    the adapter methods instead (docs/bench.md)."""
     profile = "full" if full else "quick"
     # Idle OpenMP threads sleep instead of spinning: on a busy machine spinning threads slow
     # EfficientNet's many small ops 10-30x. Only effective before torch is imported.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from rich.console import Console
+
+    from splice.errors import UsageError
+
+    if track not in ("merge", "peft"):
+        raise UsageError(f"unknown track {track!r}", fix="use merge or peft")
+    if track == "merge" and (budget is not None or set_):
+        raise UsageError("--budget and --set belong to --track peft", fix="add --track peft")
+    if track == "peft":
+        if finetune is not None:
+            raise UsageError("--finetune belongs to --track merge", fix="drop it")
+        from splice.bench.peft import configure_peft
+
+        cfg = configure_peft(
+            profile,
+            suite=suite,
+            tasks=_split(tasks),
+            methods=_split(methods),
+            steps=steps,
+            seed=seed,
+            budget=budget,
+            options=_options(set_ or []),
+            device=device,
+            text_model=text_model,
+        )
+        _peft(cfg, profile, out, as_json)
+        return
 
     from splice.bench.report import print_table, write_report
     from splice.bench.runner import configure, run_bench
@@ -82,6 +125,40 @@ def bench(
         # Piped output (CI logs) gets a wide table rather than rich's 80 columns.
         print_table(results, Console() if sys.stdout.isatty() else Console(width=200))
     err.print("wrote " + ", ".join(str(p) for p in paths), soft_wrap=True)
+
+
+def _peft(cfg: object, profile: str, out: Path, as_json: bool) -> None:
+    from rich.console import Console
+
+    from splice.bench.peft import run_peft
+    from splice.bench.peft_report import print_peft_table, write_peft_report
+
+    err = Console(stderr=True)
+    err.print(f"[bold]splice bench --track peft[/] {profile}: {', '.join(cfg.tasks)}")  # type: ignore[attr-defined]
+    results = run_peft(cfg, console=err)  # type: ignore[arg-type]
+    paths = write_peft_report(results, out)
+    if as_json:
+        print_json(results)
+    else:
+        print_peft_table(results, Console() if sys.stdout.isatty() else Console(width=200))
+    err.print("wrote " + ", ".join(str(p) for p in paths), soft_wrap=True)
+
+
+def _options(items: list[str]) -> dict[str, dict[str, object]]:
+    """``["mos.e=1", "nola.k=384"]`` → ``{"mos": {"e": 1}, "nola": {"k": 384}}``."""
+    from splice.errors import UsageError
+
+    options: dict[str, dict[str, object]] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        method, dot, name = key.partition(".")
+        if not (sep and dot and method and name):
+            raise UsageError(f"--set {item!r} is not METHOD.KEY=VALUE", fix="e.g. --set mos.e=1")
+        try:
+            options.setdefault(method, {})[name] = json.loads(value)
+        except json.JSONDecodeError:
+            options[method][name] = value
+    return options
 
 
 def _split(csv: str | None) -> list[str] | None:
