@@ -64,7 +64,7 @@ class PeftConfig(Strict):
         default_factory=dict, description="per method: options replacing its defaults"
     )
     budget: int | None = Field(None, gt=0, description="size every method to ~N parameters")
-    steps: int = 60
+    steps: int = 40
     batch_size: int = 16
     lr_grid: tuple[float, ...] = (1e-3, 5e-3)
     full_lr_grid: tuple[float, ...] = (5e-5,)
