@@ -1,4 +1,4 @@
-"""Accuracy of NOLA and MoS against LoRA at 1/8 of its parameters — the PEFT track of ``splice bench``.
+"""NOLA and MoS against LoRA at 1/8 of its parameters: the PEFT track of ``splice bench``.
 
     python benchmarks/adapters_accuracy.py [--tasks rt_sentiment,fortune_topic,tweet_sentiment]
                                            [--steps 300] [--seeds 0,1,2,3,4] [--out DIR]
