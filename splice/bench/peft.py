@@ -83,8 +83,8 @@ class PeftConfig(Strict):
 PEFT_PROFILES: dict[str, PeftConfig] = {
     "quick": PeftConfig(tasks=("rt_sentiment", "sk_digits")),
     "full": PeftConfig(
-        tasks=("rt_sentiment", "tweet_sentiment", "fortune_topic", "fashion_mnist", "sk_digits"),
-        steps=200,
+        tasks=("rt_sentiment", "fortune_topic", "sk_digits"),
+        steps=150,
         batch_size=32,
         lr_grid=(1e-3, 2e-3, 5e-3),
         full_lr_grid=(2e-5, 5e-5, 1e-4),
@@ -93,7 +93,6 @@ PEFT_PROFILES: dict[str, PeftConfig] = {
         seeds=(0, 1, 2),
         caps=(2000, 200, 500),
         max_len=40,
-        image_size=64,
     ),
 }
 
