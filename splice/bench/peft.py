@@ -38,7 +38,7 @@ from splice.bench.peft_budget import fit_budget
 from splice.bench.peft_rows import Task, cached, run_row
 from splice.bench.plan import FACTORS, calibrate
 from splice.bench.progress import Phase, Progress, clock
-from splice.bench.runner import TEXT_TASKS, VISION_TASKS, load_backbone
+from splice.bench.runner import load_backbone, profile_update
 from splice.data.cache import cache_root, stable_hash
 
 __all__ = ["PEFT_PROFILES", "PROTOCOL", "PeftConfig", "configure_peft", "run_peft"]
@@ -112,19 +112,8 @@ def configure_peft(
 ) -> PeftConfig:
     """A profile's config with command-line overrides (as :func:`splice.bench.runner.configure`)."""
     from splice.adapters import METHODS
-    from splice.errors import UsageError
 
-    if profile not in PEFT_PROFILES:
-        raise UsageError(f"unknown profile {profile!r}", fix=f"choose from {sorted(PEFT_PROFILES)}")
-    cfg = PEFT_PROFILES[profile]
-    update: dict[str, Any] = {}
-    if tasks:
-        update["tasks"] = tuple(tasks)
-    elif suite is not None:
-        suites = {"text": TEXT_TASKS, "vision": VISION_TASKS, "all": TEXT_TASKS + VISION_TASKS}
-        if suite not in suites:
-            raise UsageError(f"unknown suite {suite!r}", fix="use text, vision or all")
-        update["tasks"] = tuple(t for t in cfg.tasks if t in suites[suite]) or suites[suite]
+    cfg, update = profile_update(PEFT_PROFILES, profile, suite, tasks, seed)
     if methods is not None and list(methods) != ["all"]:
         for name in methods:
             METHODS.get(name)  # an unknown name fails here, with a "did you mean"
@@ -135,8 +124,6 @@ def configure_peft(
         _config(METHODS.get(name), name, dict(values))  # unknown options fail here, not mid-run
     if options:
         update["options"] = {k: dict(v) for k, v in options.items()}
-    if seed is not None:
-        update["seeds"] = tuple(seed + i for i in range(len(cfg.seeds)))
     values = {"steps": steps, "budget": budget, "device": device, "text_model": text_model}
     update |= {k: v for k, v in values.items() if v is not None}
     return PeftConfig.model_validate(cfg.model_dump() | update)

@@ -11,13 +11,12 @@ accuracy against trainable parameters (adapter + head) on a log axis with the Pa
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from splice.bench.report import _ms
+from splice.bench.report import _ms, write_files
 
 __all__ = [
     "pareto",
@@ -226,12 +225,7 @@ def _plot(results: dict[str, Any], path: Path) -> None:
 
 def write_peft_report(results: dict[str, Any], out: Path) -> list[Path]:
     """Write results.json, results.md and results.png into ``out``; returns the paths."""
-    out.mkdir(parents=True, exist_ok=True)
-    paths = [out / "results.json", out / "results.md", out / "results.png"]
-    paths[0].write_text(json.dumps({**results, "summary": summarize(results)}, indent=2))
-    paths[1].write_text(to_markdown(results))
-    _plot(results, paths[2])
-    return paths
+    return write_files(results, out, summarize, to_markdown, _plot)
 
 
 def taxonomy_markdown() -> str:

@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -73,10 +74,11 @@ def bench(
     # Idle OpenMP threads sleep instead of spinning: on a busy machine spinning threads slow
     # EfficientNet's many small ops 10-30x. Only effective before torch is imported.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    from rich.console import Console
 
     from splice.errors import UsageError
 
+    common = {"suite": suite, "tasks": _split(tasks), "methods": _split(methods), "steps": steps,
+              "seed": seed, "device": device, "text_model": text_model}  # fmt: skip
     if track not in ("merge", "peft"):
         raise UsageError(f"unknown track {track!r}", fix="use merge or peft")
     if track == "merge" and (budget is not None or set_):
@@ -86,61 +88,42 @@ def bench(
             raise UsageError("--finetune belongs to --track merge", fix="drop it")
         from splice.bench.peft import configure_peft
 
-        cfg = configure_peft(
-            profile,
-            suite=suite,
-            tasks=_split(tasks),
-            methods=_split(methods),
-            steps=steps,
-            seed=seed,
-            budget=budget,
-            options=_options(set_ or []),
-            device=device,
-            text_model=text_model,
-        )
-        _peft(cfg, profile, out, as_json)
+        cfg = configure_peft(profile, budget=budget, options=_options(set_ or []), **common)
+        from splice.bench.peft import run_peft
+        from splice.bench.peft_report import print_peft_table, write_peft_report
+
+        title = f"splice bench --track peft[/] {profile}"
+        _run(title, cfg, run_peft, write_peft_report, print_peft_table, out, as_json)
         return
 
     from splice.bench.report import print_table, write_report
     from splice.bench.runner import configure, run_bench
 
-    cfg = configure(
-        profile,
-        suite=suite,
-        tasks=_split(tasks),
-        methods=_split(methods),
-        finetune=finetune,
-        steps=steps,
-        seed=seed,
-        device=device,
-        text_model=text_model,
-    )
+    cfg = configure(profile, finetune=finetune, **common)
+    _run(f"splice bench[/] {profile}", cfg, run_bench, write_report, print_table, out, as_json)
+
+
+def _run(
+    title: str,
+    cfg: Any,
+    run: Callable[..., dict[str, Any]],
+    write: Callable[[dict[str, Any], Path], list[Path]],
+    table: Callable[[dict[str, Any], Any], None],
+    out: Path,
+    as_json: bool,
+) -> None:
+    """Run with progress on stderr, write the files, print the table (or JSON) on stdout."""
+    from rich.console import Console
+
     err = Console(stderr=True)
-    err.print(f"[bold]splice bench[/] {profile}: {', '.join(cfg.tasks)}", soft_wrap=True)
-    results = run_bench(cfg, console=err)
-    paths = write_report(results, out)
+    err.print(f"[bold]{title}: {', '.join(cfg.tasks)}", soft_wrap=True)
+    results = run(cfg, console=err)
+    paths = write(results, out)
     if as_json:
         print_json(results)
     else:
         # Piped output (CI logs) gets a wide table rather than rich's 80 columns.
-        print_table(results, Console() if sys.stdout.isatty() else Console(width=200))
-    err.print("wrote " + ", ".join(str(p) for p in paths), soft_wrap=True)
-
-
-def _peft(cfg: object, profile: str, out: Path, as_json: bool) -> None:
-    from rich.console import Console
-
-    from splice.bench.peft import run_peft
-    from splice.bench.peft_report import print_peft_table, write_peft_report
-
-    err = Console(stderr=True)
-    err.print(f"[bold]splice bench --track peft[/] {profile}: {', '.join(cfg.tasks)}")  # type: ignore[attr-defined]
-    results = run_peft(cfg, console=err)  # type: ignore[arg-type]
-    paths = write_peft_report(results, out)
-    if as_json:
-        print_json(results)
-    else:
-        print_peft_table(results, Console() if sys.stdout.isatty() else Console(width=200))
+        table(results, Console() if sys.stdout.isatty() else Console(width=200))
     err.print("wrote " + ", ".join(str(p) for p in paths), soft_wrap=True)
 
 
