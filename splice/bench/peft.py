@@ -40,6 +40,7 @@ from splice.bench.plan import FACTORS, calibrate
 from splice.bench.progress import Phase, Progress, clock
 from splice.bench.runner import load_backbone, profile_update
 from splice.data.cache import cache_root, stable_hash
+from splice.errors import SpliceError
 
 __all__ = ["PEFT_PROFILES", "PROTOCOL", "PeftConfig", "configure_peft", "run_peft"]
 
@@ -219,8 +220,8 @@ def _estimate(cfg: PeftConfig, group: Any, plans: list[dict], rate: float) -> li
 
 
 def _line(key: str, task: str, row: dict) -> str:
-    if row["status"] == "error":
-        return f"{key} on {task}: error {row['error']}"
+    if row["status"] != "ok":
+        return f"{key} on {task}: {row['status']}: {row.get('error') or row.get('reason')}"
     cached = " (cached)" if row["cached"] else ""
     return f"{key} on {task}: lr {row['lr']:g}, test {np.mean(row['acc']):.1%}{cached}"
 
@@ -272,6 +273,9 @@ def run_peft(cfg: PeftConfig, console: Any | None = None) -> dict[str, Any]:
 
                     try:
                         out, was = cached(_row_path(cfg, g, name, plan), compute)
+                    except SpliceError as e:  # a structure the method rejects on this model
+                        row |= {"status": "n/a", "reason": f"{plan['key']} rejects it: {e}"}
+                        out, was = {}, False
                     except Exception as e:  # the row's error; the other rows still run
                         row |= {"status": "error", "error": f"{type(e).__name__}: {e}"}
                         out, was = {}, False

@@ -50,9 +50,15 @@ def _rows(results, key):
 
 
 def test_tiny_run_writes_all_three_files_and_repeats_from_cache(tiny, tmp_path):
-    first = run_peft(_config(tiny))
-    assert [r["key"] for r in first["rows"]] == ["probe", "lora", "nola", "full"] * 2
+    first = run_peft(_config(tiny, methods=("lora", "nola", "mos")))
+    assert [r["key"] for r in first["rows"]] == ["probe", "lora", "nola", "mos", "full"] * 2
+    for r in _rows(first, "mos"):  # r=8 needs more layers per pool than the tiny BERT's 2
+        assert (
+            r["status"] == "n/a" and "mos rejects it: " in r["reason"] and "(e−p)·L" in r["reason"]
+        )
     for r in first["rows"]:
+        if r["key"] == "mos":
+            continue
         assert r["status"] == "ok" and not r["cached"]
         assert r["lr"] in {"probe": (1e-2, 1e-1), "full": (1e-4,)}.get(r["key"], (1e-3, 1e-2))
         assert r["lr"] == max(map(float, r["val"]), key=lambda lr: (r["val"][f"{lr:g}"], -lr))
@@ -77,14 +83,15 @@ def test_tiny_run_writes_all_three_files_and_repeats_from_cache(tiny, tmp_path):
     assert [p.name for p in paths] == ["results.json", "results.md", "results.png"]
     assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     data = json.loads((out / "results.json").read_text())
-    avg = {(s["suite"], s["key"]): s["avg_acc"][0] for s in data["summary"]}
+    avg = {(s["suite"], s["key"]): s["avg_acc"] and s["avg_acc"][0] for s in data["summary"]}
     expect = np.mean([r["acc"][0] for r in _rows(first, "lora")])
     assert avg["text", "lora"] == pytest.approx(expect)
     md = (out / "results.md").read_text()
     assert "Protocol" in md and "| linear probe |" in md and "Pareto" in md
+    assert "- MoS (Mixture of Shards): n/a: mos rejects it" in md
 
-    again = run_peft(_config(tiny))
-    assert all(r["cached"] for r in again["rows"])
+    again = run_peft(_config(tiny, methods=("lora", "nola", "mos")))
+    assert all(r["cached"] for r in again["rows"] if r["key"] != "mos")
     assert [r["acc"] for r in again["rows"]] == [r["acc"] for r in first["rows"]]
 
 
