@@ -85,10 +85,10 @@ PEFT_PROFILES: dict[str, PeftConfig] = {
     "quick": PeftConfig(tasks=("rt_sentiment", "sk_digits")),
     "full": PeftConfig(
         tasks=("rt_sentiment", "fortune_topic", "sk_digits"),
-        steps=150,
+        steps=120,
         batch_size=32,
         lr_grid=(1e-3, 2e-3, 5e-3),
-        full_lr_grid=(2e-5, 5e-5, 1e-4),
+        full_lr_grid=(3e-5, 1e-4),
         head_lr_grid=(1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 1e-1, 2e-1, 5e-1),
         grow=1,
         seeds=(0, 1, 2),
