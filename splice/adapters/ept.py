@@ -126,6 +126,7 @@ class EPTAdapter(Adapter):
 class EPT(Method):
     pretty_name = "EPT (Expert Pyramid Tuning)"
     reference_url = "https://arxiv.org/abs/2603.12577"
+    family = "hybrid"
     Config = EPTConfig
     kinds = frozenset({"linear", "conv1d_gpt2"})
     uses_all_parameters = False  # experts outside the task's top-K get no gradient

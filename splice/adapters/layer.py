@@ -22,9 +22,18 @@ from splice.deltas import Delta
 
 from ._sites import Site
 
-__all__ = ["METHODS", "AdaptedLayer", "Adapter", "Method", "MethodConfig"]
+__all__ = ["FAMILIES", "METHODS", "AdaptedLayer", "Adapter", "Method", "MethodConfig"]
 
 METHODS: Registry[type[Method]] = Registry("adapter method", "splice.adapters")
+
+# The PEFT taxonomy (spec other.md §9.4) each method declares its place in (``Method.family``),
+# with the vision survey's (V-PEFT, Xin et al.) name of the same group.
+FAMILIES = {
+    "additive": "addition-based: adapter / side tuning",
+    "selective": "partial-based: specification tuning",
+    "reparameterized": "partial-based: reparameter tuning",
+    "hybrid": "unified-based",
+}
 
 
 class MethodConfig(Strict):
@@ -60,12 +69,13 @@ class Adapter(nn.Module):
 class Method:
     """A registered PEFT method: a config model, a builder of per-site adapters, a formula.
 
-    Subclasses set ``pretty_name``, ``reference_url``, ``Config`` and implement :meth:`build`
-    and :meth:`num_parameters` (the spec's trainable-parameter formula).
+    Subclasses set ``pretty_name``, ``reference_url``, ``family``, ``Config`` and implement
+    :meth:`build` and :meth:`num_parameters` (the spec's trainable-parameter formula).
     """
 
     pretty_name: ClassVar[str]
     reference_url: ClassVar[str]
+    family: ClassVar[str]  # its group in the taxonomy: a key of FAMILIES
     Config: ClassVar[type[MethodConfig]] = MethodConfig
     kinds: ClassVar[frozenset[str]] = frozenset({"linear", "conv1d_gpt2", "embedding", "conv"})
     uses_all_parameters: ClassVar[bool] = True  # False if a forward may skip some (DDP needs it)

@@ -42,6 +42,7 @@ class LoRAAdapter(Adapter):
 class LoRA(Method):
     pretty_name = "LoRA / rsLoRA"
     reference_url = "https://arxiv.org/abs/2106.09685"
+    family = "reparameterized"
     Config = LoRAConfig
 
     def build(self, sites: list[Site], cfg: LoRAConfig) -> list[Adapter]:

@@ -83,6 +83,7 @@ def _experts(cfg: MoLAConfig, site: Site) -> int:
 class MoLA(Method):
     pretty_name = "MoLA (MoE-LoRA, layer-wise experts)"
     reference_url = "https://arxiv.org/abs/2402.08562"
+    family = "hybrid"
     Config = MoLAConfig
     mergeable = False  # routes each token to its own experts
 

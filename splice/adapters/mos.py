@@ -92,6 +92,7 @@ def _check(cfg: MoSConfig, n_layers: int, site: Site) -> None:
 class MoS(Method):
     pretty_name = "MoS (Mixture of Shards)"
     reference_url = "https://arxiv.org/abs/2410.00938"
+    family = "reparameterized"
     Config = MoSConfig
 
     def build(self, sites: list[Site], cfg: MoSConfig) -> list[Adapter]:

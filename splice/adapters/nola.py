@@ -48,6 +48,7 @@ class NOLAAdapter(Adapter):
 class NOLA(Method):
     pretty_name = "NOLA"
     reference_url = "https://arxiv.org/abs/2310.02556"
+    family = "reparameterized"
     Config = NOLAConfig
 
     def build(self, sites: list[Site], cfg: NOLAConfig) -> list[Adapter]:

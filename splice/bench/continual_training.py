@@ -1,4 +1,4 @@
-"""The continual-training track (``splice bench --continual``): Share, iGSP and the baselines
+"""The continual-training track (``splice bench --track continual``): Share, iGSP and the baselines
 on the bench's task sequences, one accuracy matrix per method.
 
 Per sequence (the 6 text tasks on MiniLM, the 4 image tasks on EfficientNet-Lite0, in the

@@ -28,16 +28,19 @@ from splice.data.encoders import Encoder
 from splice.data.registry import TaskData
 from splice.deltas import Delta, Dense, load_deltas, save_deltas
 from splice.io.atomic import atomic_dir
-from splice.train.loop import TrainStep, fit
+from splice.train.loop import LoopState, TrainStep, fit
 
 __all__ = [
     "FinetuneConfig",
     "Head",
     "TaskRun",
+    "Trained",
     "apply_deltas",
+    "batch_stream",
     "finetune",
     "finetune_cached",
     "is_cached",
+    "train",
 ]
 
 
@@ -82,15 +85,20 @@ class TaskRun:
 
 
 def _trainable(
-    model: nn.Module, cfg: FinetuneConfig, targets: tuple[str, ...]
+    model: nn.Module,
+    cfg: FinetuneConfig,
+    targets: tuple[str, ...],
+    options: Mapping[str, Any] | None = None,
 ) -> list[nn.Parameter]:
+    """Unfreeze (full) or inject the adapter; ``options`` replace ``cfg``'s r and alpha."""
     if cfg.finetune == "full":
         model.requires_grad_(True)
         return [p for p in model.parameters() if p.is_floating_point()]
     from splice import adapters
 
-    fields = adapters.METHODS.get(cfg.finetune).Config.model_fields
-    options = {k: v for k, v in (("r", cfg.r), ("alpha", cfg.alpha)) if k in fields}
+    if options is None:
+        fields = adapters.METHODS.get(cfg.finetune).Config.model_fields
+        options = {k: v for k, v in (("r", cfg.r), ("alpha", cfg.alpha)) if k in fields}
     adapters.inject(model, cfg.finetune, targets=list(targets), **options)
     return [p for p in model.parameters() if p.requires_grad]
 
@@ -114,20 +122,47 @@ def _deltas(model: nn.Module, base: nn.Module, cfg: FinetuneConfig) -> dict[str,
     return dict(adapters.adapter_deltas(model))
 
 
-def finetune(
+@dataclass
+class Trained:
+    """A fine-tuned copy of the encoder's module, its head and the loop's final state."""
+
+    model: nn.Module
+    head: nn.Linear
+    state: LoopState
+    params: list[nn.Parameter]
+
+
+def batch_stream(n: int, batch_size: int, seed: int) -> Callable[[], np.ndarray]:
+    """``next_batch()``: the next ``batch_size`` indices of a stream of seeded permutations."""
+    rng = np.random.default_rng(seed)
+    order = np.empty(0, dtype=np.int64)
+
+    def next_batch() -> np.ndarray:
+        nonlocal order
+        if len(order) < batch_size:
+            order = np.concatenate([order, rng.permutation(n)])
+        idx, order = order[:batch_size], order[batch_size:]
+        return idx
+
+    return next_batch
+
+
+def train(
     encoder: Encoder,
     data: TaskData,
     cfg: FinetuneConfig,
     seed: int,
     on_step: Callable[[int, float], None] | None = None,
-) -> TaskRun:
+    options: Mapping[str, Any] | None = None,
+) -> Trained:
     """Train ``cfg.steps`` AdamW steps on shuffled train batches; the backbone stays in eval
-    mode (no dropout, frozen BatchNorm statistics)."""
+    mode (no dropout, frozen BatchNorm statistics). ``options``: the adapter's (default:
+    ``cfg``'s r and alpha where the method has them)."""
     device = next(encoder.module.parameters()).device
     torch.manual_seed(seed)
     model = copy.deepcopy(encoder.module)
     model.requires_grad_(False)
-    params = _trainable(model, cfg, cfg.targets or encoder.default_targets)
+    params = _trainable(model, cfg, cfg.targets or encoder.default_targets, options)
     model.eval()
     head = nn.Linear(encoder.dim, len(data.classes)).to(device)
     opt = torch.optim.AdamW(
@@ -139,15 +174,10 @@ def finetune(
     )
     prepared = encoder.prepare(data.train.x)
     labels = torch.as_tensor(data.train.y, device=device)
-    rng = np.random.default_rng(seed)
-    order = np.empty(0, dtype=np.int64)
+    next_batch = batch_stream(len(prepared), cfg.batch_size, seed)
 
     def micro_loss(i: int) -> tuple[Tensor, int]:
-        """Batch ``i``: the next ``batch_size`` of a stream of seeded permutations."""
-        nonlocal order
-        if len(order) < cfg.batch_size:
-            order = np.concatenate([order, rng.permutation(len(prepared))])
-        idx, order = order[: cfg.batch_size], order[cfg.batch_size :]
+        idx = next_batch()
         logits = head(encoder.features(prepared.batch(idx, device), module=model))
         loss = nn.functional.cross_entropy(logits, labels[torch.as_tensor(idx, device=device)])
         # the logged loss includes the adapter's auxiliary term, as cached runs' final_loss has
@@ -156,10 +186,23 @@ def finetune(
         return loss, len(idx)
 
     state = fit(TrainStep(micro_loss, opt, device=device), cfg.steps, on_step=on_step)
+    return Trained(model, head, state, params)
+
+
+def finetune(
+    encoder: Encoder,
+    data: TaskData,
+    cfg: FinetuneConfig,
+    seed: int,
+    on_step: Callable[[int, float], None] | None = None,
+) -> TaskRun:
+    """:func:`train`, then the task's deltas and head."""
+    done = train(encoder, data, cfg, seed, on_step)
+    state, head = done.state, done.head
     final = state.history[-1] if state.history else float("nan")
     meta = {"train_s": round(state.seconds, 2), "final_loss": final}
     h = Head(head.weight.detach().cpu().clone(), head.bias.detach().cpu().clone())
-    return TaskRun(data.name, _deltas(model, encoder.module, cfg), h, meta)
+    return TaskRun(data.name, _deltas(done.model, encoder.module, cfg), h, meta)
 
 
 def run_key(encoder: Encoder, data: TaskData, cfg: FinetuneConfig, seed: int) -> str:

@@ -8,6 +8,7 @@ the mean ± std over seeds of the per-seed value.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ __all__ = [
     "summarize",
     "timing",
     "to_markdown",
+    "write_files",
     "write_report",
 ]
 
@@ -198,14 +200,25 @@ def _plot(results: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def write_report(results: dict[str, Any], out: Path) -> list[Path]:
-    """Write results.json, results.md and results.png into ``out``; returns the paths."""
+def write_files(
+    results: dict[str, Any],
+    out: Path,
+    summary: Callable[[dict[str, Any]], Any],
+    markdown: Callable[[dict[str, Any]], str],
+    plot: Callable[[dict[str, Any], Path], None],
+) -> list[Path]:
+    """results.json (with ``summary``), results.md and results.png into ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / "results.json", out / "results.md", out / "results.png"]
-    data = {**results, "summary": summarize(results)}
-    paths[0].write_text(json.dumps(data, indent=2))
-    paths[1].write_text(to_markdown(results))
-    _plot(results, paths[2])
+    paths[0].write_text(json.dumps({**results, "summary": summary(results)}, indent=2))
+    paths[1].write_text(markdown(results))
+    plot(results, paths[2])
+    return paths
+
+
+def write_report(results: dict[str, Any], out: Path) -> list[Path]:
+    """Write results.json, results.md and results.png into ``out``; returns the paths."""
+    paths = write_files(results, out, summarize, to_markdown, _plot)
     if results.get("continual"):
         from splice.bench.continual import write_continual
 

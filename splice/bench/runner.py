@@ -263,7 +263,8 @@ class _Backbone:
     test: dict[str, Prepared]
 
 
-def _load(cfg: BenchConfig, modality: str, tasks: Sequence[Any]) -> _Backbone:
+def load_backbone(cfg: Any, modality: str, tasks: Sequence[Any]) -> _Backbone:
+    """One backbone and its tasks' splits (``cfg``: caps, seeds, sizes, model, device)."""
     data = {t.name: load_task(t, Caps(*cfg.caps), cfg.split_seed) for t in tasks}
     encoder = load_encoder(
         modality,
@@ -299,7 +300,9 @@ def run_bench(cfg: BenchConfig, console: Any | None = None) -> dict[str, Any]:
     modalities = sorted({t.modality for t in task_objs}, reverse=True)  # text first
     with Progress(console, time.perf_counter) as progress, _timed(phases, "wall_s"):
         with _timed(phases, "load_s"):
-            groups = [_load(cfg, m, [t for t in task_objs if t.modality == m]) for m in modalities]
+            groups = [
+                load_backbone(cfg, m, [t for t in task_objs if t.modality == m]) for m in modalities
+            ]
             rate = {g.encoder.modality: calibrate(g.encoder, g.val) for g in groups}
             cached = {
                 f"train/{g.encoder.modality}/{seed}/{n}": is_cached(g.encoder, d, cfg.train, seed)
@@ -361,6 +364,34 @@ def run_bench(cfg: BenchConfig, console: Any | None = None) -> dict[str, Any]:
     }
 
 
+def profile_update(
+    profiles: Mapping[str, Any],
+    profile: str,
+    suite: str | None,
+    tasks: Sequence[str] | None,
+    seed: int | None,
+) -> tuple[Any, dict[str, Any]]:
+    """A profile's config and the update of its tasks (``tasks``, else ``suite``'s tasks of
+    the profile, else the whole suite) and seeds (shifted to start at ``seed``)."""
+    from splice.errors import UsageError
+
+    if profile not in profiles:
+        raise UsageError(f"unknown profile {profile!r}", fix=f"choose from {sorted(profiles)}")
+    cfg = profiles[profile]
+    update: dict[str, Any] = {}
+    if tasks:
+        update["tasks"] = tuple(tasks)
+    elif suite is not None:
+        suites = {"text": TEXT_TASKS, "vision": VISION_TASKS, "all": TEXT_TASKS + VISION_TASKS}
+        if suite not in suites:
+            raise UsageError(f"unknown suite {suite!r}", fix="use text, vision or all")
+        chosen = suites[suite]
+        update["tasks"] = tuple(t for t in cfg.tasks if t in chosen) or chosen
+    if seed is not None:
+        update["seeds"] = tuple(seed + i for i in range(len(cfg.seeds)))
+    return cfg, update
+
+
 def configure(
     profile: str = "quick",
     *,
@@ -379,28 +410,13 @@ def configure(
     ``methods`` replaces the profile's (``["all"]``: every registered method);
     ``seed`` shifts the profile's seeds to start at it.
     """
-    from splice.errors import UsageError
 
-    if profile not in PROFILES:
-        raise UsageError(f"unknown profile {profile!r}", fix=f"choose from {sorted(PROFILES)}")
-    cfg = PROFILES[profile]
-    update: dict[str, Any] = {}
-    if tasks:
-        update["tasks"] = tuple(tasks)
-    elif suite is not None:
-        suites = {"text": TEXT_TASKS, "vision": VISION_TASKS, "all": TEXT_TASKS + VISION_TASKS}
-        if suite not in suites:
-            raise UsageError(f"unknown suite {suite!r}", fix="use text, vision or all")
-        chosen = suites[suite]
-        in_profile = tuple(t for t in cfg.tasks if t in chosen)
-        update["tasks"] = in_profile or chosen
+    cfg, update = profile_update(PROFILES, profile, suite, tasks, seed)
     if methods is not None:
         update["methods"] = None if list(methods) == ["all"] else tuple(methods)
     train = {k: v for k, v in {"finetune": finetune, "steps": steps}.items() if v is not None}
     if train:
         update["train"] = cfg.train.model_copy(update=train)
-    if seed is not None:
-        update["seeds"] = tuple(seed + i for i in range(len(cfg.seeds)))
     for key, value in (("device", device), ("text_model", text_model)):
         if value is not None:
             update[key] = value

@@ -25,14 +25,21 @@ __all__ = ["Suite"]
 
 @torch.inference_mode()
 def _features(
-    encoder: Encoder, data: Prepared, weights: Mapping[str, Tensor] | None, batch_size: int
+    encoder: Encoder,
+    data: Prepared,
+    weights: Mapping[str, Tensor] | None,
+    batch_size: int,
+    module: torch.nn.Module | None = None,
 ) -> Tensor:
+    """Pooled features of every example, in order: of ``module`` (default: the encoder's),
+    with ``weights`` replacing its tensors of the same names."""
     device = next(encoder.module.parameters()).device
     order = data.eval_order()
     out = torch.empty(len(data), encoder.dim)
     for i in range(0, len(order), batch_size):
         idx = order[i : i + batch_size]
-        out[torch.as_tensor(idx)] = encoder.features(data.batch(idx, device), weights).float().cpu()
+        batch = data.batch(idx, device)
+        out[torch.as_tensor(idx)] = encoder.features(batch, weights, module).float().cpu()
     return out
 
 

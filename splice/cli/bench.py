@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -49,24 +51,56 @@ def bench(
     out: Annotated[Path, typer.Option(help="Output folder for results.*")] = Path("bench-out"),
     seed: Annotated[int | None, typer.Option(help="First training seed.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print results as JSON.")] = False,
-    continual: Annotated[
-        bool,
+    track: Annotated[
+        str,
         typer.Option(
-            "--continual",
-            help="Continual-training track instead: Share, iGSP, sequential LoRA, one LoRA per "
-            "task, OPCM and continual TA on the task sequences (quick: 4 image tasks).",
+            help="merge (fine-tune, then merge), peft (every adapter method against a linear "
+            "probe and full fine-tuning; --methods then names adapter methods) or continual "
+            "(Share, iGSP, sequential LoRA, one LoRA per task, OPCM and continual TA on task "
+            "sequences; quick: 4 image tasks)."
         ),
-    ] = False,
+    ] = "merge",
+    budget: Annotated[
+        int | None,
+        typer.Option(help="peft: size every adapter method to about N trainable parameters."),
+    ] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="peft: a method's option, METHOD.KEY=VALUE (JSON), repeatable."),
+    ] = None,
 ) -> None:
     """Fine-tune tasks from packaged data, merge them (--full: every registered way), report a
-    table; an estimate first, then a line per phase with the time left."""
+    table; an estimate first, then a line per phase with the time left. --track peft compares
+    the adapter methods instead (docs/bench.md)."""
     profile = "full" if full else "quick"
     # Idle OpenMP threads sleep instead of spinning: on a busy machine spinning threads slow
     # EfficientNet's many small ops 10-30x. Only effective before torch is imported.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    from rich.console import Console
 
-    if continual:
+    from splice.errors import UsageError
+
+    common = {"suite": suite, "tasks": _split(tasks), "methods": _split(methods), "steps": steps,
+              "seed": seed, "device": device, "text_model": text_model}  # fmt: skip
+    if track not in ("merge", "peft", "continual"):
+        raise UsageError(f"unknown track {track!r}", fix="use merge, peft or continual")
+    if track != "peft" and (budget is not None or set_):
+        raise UsageError("--budget and --set belong to --track peft", fix="add --track peft")
+    if track == "peft":
+        if finetune is not None:
+            raise UsageError("--finetune belongs to --track merge", fix="drop it")
+        from splice.bench.peft import configure_peft
+
+        cfg = configure_peft(profile, budget=budget, options=_options(set_ or []), **common)
+        from splice.bench.peft import run_peft
+        from splice.bench.peft_report import print_peft_table, write_peft_report
+
+        title = f"splice bench --track peft[/] {profile}"
+        _run(title, cfg, run_peft, write_peft_report, print_peft_table, out, as_json)
+        return
+
+    if track == "continual":
+        from rich.console import Console
+
         from splice.bench.continual_training import (
             configure_track,
             run_track,
@@ -74,11 +108,11 @@ def bench(
             write_track,
         )
 
-        track = configure_track(
+        sequence = configure_track(
             full, suite=suite, methods=_split(methods), steps=steps, seed=seed, device=device
         )
         err = Console(stderr=True)
-        results = run_track(track, say=lambda line: err.print(line, soft_wrap=True))
+        results = run_track(sequence, say=lambda line: err.print(line, soft_wrap=True))
         paths = write_track(results, out)
         if as_json:
             print_json(results)
@@ -89,27 +123,49 @@ def bench(
     from splice.bench.report import print_table, write_report
     from splice.bench.runner import configure, run_bench
 
-    cfg = configure(
-        profile,
-        suite=suite,
-        tasks=_split(tasks),
-        methods=_split(methods),
-        finetune=finetune,
-        steps=steps,
-        seed=seed,
-        device=device,
-        text_model=text_model,
-    )
+    cfg = configure(profile, finetune=finetune, **common)
+    _run(f"splice bench[/] {profile}", cfg, run_bench, write_report, print_table, out, as_json)
+
+
+def _run(
+    title: str,
+    cfg: Any,
+    run: Callable[..., dict[str, Any]],
+    write: Callable[[dict[str, Any], Path], list[Path]],
+    table: Callable[[dict[str, Any], Any], None],
+    out: Path,
+    as_json: bool,
+) -> None:
+    """Run with progress on stderr, write the files, print the table (or JSON) on stdout."""
+    from rich.console import Console
+
     err = Console(stderr=True)
-    err.print(f"[bold]splice bench[/] {profile}: {', '.join(cfg.tasks)}", soft_wrap=True)
-    results = run_bench(cfg, console=err)
-    paths = write_report(results, out)
+    err.print(f"[bold]{title}: {', '.join(cfg.tasks)}", soft_wrap=True)
+    results = run(cfg, console=err)
+    paths = write(results, out)
     if as_json:
         print_json(results)
     else:
         # Piped output (CI logs) gets a wide table rather than rich's 80 columns.
-        print_table(results, Console() if sys.stdout.isatty() else Console(width=200))
+        table(results, Console() if sys.stdout.isatty() else Console(width=200))
     err.print("wrote " + ", ".join(str(p) for p in paths), soft_wrap=True)
+
+
+def _options(items: list[str]) -> dict[str, dict[str, object]]:
+    """``["mos.e=1", "nola.k=384"]`` → ``{"mos": {"e": 1}, "nola": {"k": 384}}``."""
+    from splice.errors import UsageError
+
+    options: dict[str, dict[str, object]] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        method, dot, name = key.partition(".")
+        if not (sep and dot and method and name):
+            raise UsageError(f"--set {item!r} is not METHOD.KEY=VALUE", fix="e.g. --set mos.e=1")
+        try:
+            options.setdefault(method, {})[name] = json.loads(value)
+        except json.JSONDecodeError:
+            options[method][name] = value
+    return options
 
 
 def _split(csv: str | None) -> list[str] | None:

@@ -5,7 +5,7 @@ subspace, spec peft.md §7), ``igsp`` (mixture of low-rank experts with subspace
 growth, §17, [recon]), and the baselines ``sequential_lora`` and ``lora_per_task``.
 :mod:`splice.continual.metrics` holds the accuracy-matrix metrics (average accuracy, BWT,
 forgetting, forward transfer). Training them is :func:`splice.train.continual.run_sequence`'s
-job (``splice train --continual``); this stage holds the pure pieces.
+job (``splice continual``); this stage holds the pure pieces.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ phase's penalty), the method's ``end_task``, then every task seen so far is eval
 its own head: row ``i`` of the accuracy matrix ``R``. After each task the run's state (the
 method's tensors, the heads, ``R``) is written atomically under ``OUT/state`` and the record
 to ``OUT/continual.json``, so a crash in task 4 keeps tasks 1–3 and ``resume`` goes on from
-there. ``splice train --continual`` and ``splice bench --continual`` both run through here.
+there. ``splice continual`` and ``splice bench --track continual`` both run through here.
 """
 
 from __future__ import annotations

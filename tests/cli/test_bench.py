@@ -55,3 +55,35 @@ def test_bench_cli_errors_are_one_line(args, code, message, monkeypatch, capsys)
     errors = [line for line in stderr.splitlines() if line.startswith("error:")]
     assert got == code and len(errors) == 1 and message in errors[0]
     assert "Traceback" not in stderr
+
+
+def test_bench_cli_peft_track_writes_report(tmp_path, monkeypatch, capsys):
+    rows = ["text,label"] + [f"{('great', 'awful')[i % 2]} item {i},{i % 2}" for i in range(60)]
+    (tmp_path / "tone.csv").write_text("\n".join(rows) + "\n")
+    out = tmp_path / "out"
+    args = ["--track", "peft", "--tasks", str(tmp_path / "tone.csv"), "--methods", "nola"]
+    args += ["--steps", "2", "--budget", "2400", "--out", str(out)]
+    code, stdout, stderr = _run(args, monkeypatch, capsys)
+    assert code == 0, stderr
+    assert "linear probe" in stdout and "NOLA (k=100, l=100)" in stdout and "wrote" in stderr
+    assert sorted(p.name for p in out.iterdir()) == ["results.json", "results.md", "results.png"]
+    data = json.loads((out / "results.json").read_text())
+    assert [r["key"] for r in data["rows"]] == ["probe", "nola", "full"]
+    assert data["rows"][1]["adapter_params"] == 2400  # 12 q/v matrices × (k + l)
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "message"),
+    [
+        (["--budget", "100"], 2, "--budget and --set belong to --track peft"),
+        (["--track", "peft", "--set", "mos.bogus=1"], 1, "unknown mos option 'bogus'"),
+        (["--track", "peft", "--set", "mos=1"], 2, "is not METHOD.KEY=VALUE"),
+        (["--track", "peft", "--methods", "lorra"], 1, "did you mean 'lora'"),
+        (["--track", "lint"], 2, "unknown track 'lint'"),
+    ],
+)
+def test_bench_cli_peft_errors_are_one_line(args, code, message, tmp_path, monkeypatch, capsys):
+    got, _, stderr = _run([*args, "--out", str(tmp_path / "o")], monkeypatch, capsys)
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert got == code and len(errors) == 1 and message in errors[0], stderr
+    assert not (tmp_path / "o").exists()

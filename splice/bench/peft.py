@@ -1,0 +1,304 @@
+"""The PEFT track of ``splice bench``: every registered adapter method, one protocol, one table.
+
+Rows, per backbone (text tasks on MiniLM-L6, image tasks on EfficientNet-Lite0): the *linear
+probe* (backbone frozen, only the head trains), every method of
+:data:`splice.adapters.METHODS` (a method registered later gets its row with no edit here) at
+its registered defaults (or ``options``, or sized to ``budget``), and *full fine-tuning*.
+A method whose layer kinds the backbone's targets lack (EPT: linear layers only, on the conv
+net) gets a "not applicable" row with the reason; one that raises gets an error row.
+
+The protocol (:data:`PROTOCOL`, printed with every report), per task:
+
+1. the head's lr is the linear probe's, chosen on the validation split from
+   ``head_lr_grid`` at the first seed; every other row trains its head at that lr;
+2. each row's lr is chosen on the validation split at the first seed from ``lr_grid``
+   (full fine-tuning: ``full_lr_grid``); ties go to the smaller lr; a pick on an edge of
+   the grid grows it by one 1-2-5 step past that edge, at most ``grow`` times;
+3. the picked run is scored once on the test split, and re-trained at the other seeds and
+   scored there; the test split plays no part in any choice.
+
+Training is :func:`splice.bench.finetune.train` (the one loop); each row's outcome is cached
+by (model, splits, row, options, protocol), so a re-run repeats the numbers at no cost.
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from pydantic import Field
+
+from splice._schema import Strict
+from splice.bench.peft_budget import fit_budget
+from splice.bench.peft_rows import Task, cached, run_row
+from splice.bench.plan import FACTORS, calibrate
+from splice.bench.progress import Phase, Progress, clock
+from splice.bench.runner import load_backbone, profile_update
+from splice.data.cache import cache_root, stable_hash
+from splice.errors import SpliceError
+
+__all__ = ["PEFT_PROFILES", "PROTOCOL", "PeftConfig", "configure_peft", "run_peft"]
+
+PROTOCOL = (
+    "Per task: the head's lr is the linear probe's, picked on the validation split (first "
+    "seed) from the head grid, and every row trains its head at it. Each row's lr is picked on "
+    "the validation split (first seed) from the lr grid (full fine-tuning: its own grid); ties "
+    "go to the smaller lr; a pick on a grid edge grows the grid one 1-2-5 step past it, at "
+    "most `grow` times. The picked run is scored once on the test split and re-trained at the "
+    "other seeds; the test split plays no part in any choice."
+)
+REFERENCES = ("probe", "full")
+_FULL_COST = 1.6  # a full fine-tuning step against an adapter's (measured on the dev box)
+
+
+class PeftConfig(Strict):
+    """Everything that defines a PEFT-track run (written into results.json)."""
+
+    tasks: tuple[str, ...] = Field(description="task names, or paths to CSV/JSONL/image folders")
+    methods: tuple[str, ...] | None = Field(None, description="adapter methods; None = all")
+    options: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="per method: options replacing its defaults"
+    )
+    budget: int | None = Field(None, gt=0, description="size every method to ~N parameters")
+    steps: int = 40
+    batch_size: int = 16
+    lr_grid: tuple[float, ...] = (1e-3, 5e-3)
+    full_lr_grid: tuple[float, ...] = (5e-5,)
+    head_lr_grid: tuple[float, ...] = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1)
+    grow: int = Field(0, ge=0, description="grid extensions past an edge pick, at most")
+    seeds: tuple[int, ...] = (0,)
+    caps: tuple[int, int, int] = Field((1000, 150, 400), description="train/val/test caps")
+    split_seed: int = 0
+    max_len: int = 32
+    image_size: int = 32
+    text_model: str = "minilm"
+    eval_batch_size: int = 128
+    device: str = "cpu"
+
+
+PEFT_PROFILES: dict[str, PeftConfig] = {
+    "quick": PeftConfig(tasks=("rt_sentiment", "sk_digits")),
+    "full": PeftConfig(
+        tasks=("rt_sentiment", "fortune_topic", "sk_digits"),
+        steps=120,
+        batch_size=32,
+        lr_grid=(1e-3, 2e-3, 5e-3),
+        full_lr_grid=(3e-5, 1e-4),
+        head_lr_grid=(1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 1e-1, 2e-1, 5e-1),
+        grow=1,
+        seeds=(0, 1, 2),
+        caps=(2000, 200, 500),
+        max_len=40,
+    ),
+}
+
+
+def configure_peft(
+    profile: str = "quick",
+    *,
+    suite: str | None = None,
+    tasks: Sequence[str] | None = None,
+    methods: Sequence[str] | None = None,
+    steps: int | None = None,
+    seed: int | None = None,
+    budget: int | None = None,
+    options: Mapping[str, Mapping[str, Any]] | None = None,
+    device: str | None = None,
+    text_model: str | None = None,
+) -> PeftConfig:
+    """A profile's config with command-line overrides (as :func:`splice.bench.runner.configure`)."""
+    from splice.adapters import METHODS
+
+    cfg, update = profile_update(PEFT_PROFILES, profile, suite, tasks, seed)
+    if methods is not None and list(methods) != ["all"]:
+        for name in methods:
+            METHODS.get(name)  # an unknown name fails here, with a "did you mean"
+        update["methods"] = tuple(methods)
+    from splice.adapters.inject import _config
+
+    for name, values in (options or {}).items():
+        _config(METHODS.get(name), name, dict(values))  # unknown options fail here, not mid-run
+    if options:
+        update["options"] = {k: dict(v) for k, v in options.items()}
+    values = {"steps": steps, "budget": budget, "device": device, "text_model": text_model}
+    update |= {k: v for k, v in values.items() if v is not None}
+    return PeftConfig.model_validate(cfg.model_dump() | update)
+
+
+# Rows ------------------------------------------------------------------------------------------
+
+
+def _row_plans(cfg: PeftConfig, encoder: Any) -> list[dict[str, Any]]:
+    """Every row of one backbone: key, kind, family, options (sized), or why it cannot run."""
+    from splice.adapters import METHODS
+    from splice.adapters.inject import find_sites
+
+    found = find_sites(encoder.module, list(encoder.default_targets))
+    sites = [site for _, _, site in found]
+    kinds = sorted({s.kind for s in sites})
+    names = list(cfg.methods) if cfg.methods is not None else METHODS.names()
+    plans = [{"key": "probe", "label": "linear probe", "kind": "reference", "family": "–"}]
+    for name in names:
+        cls = METHODS.get(name)
+        plan: dict[str, Any] = {
+            "key": name,
+            "label": getattr(cls, "pretty_name", name),
+            "kind": "adapter",
+            "family": getattr(cls, "family", "undeclared"),
+            "options": dict(cfg.options.get(name, {})),
+        }
+        missing = [k for k in kinds if k not in cls.kinds]
+        if missing:
+            plan["reason"] = (
+                f"{name} adapts {', '.join(sorted(cls.kinds))} layers; "
+                f"{type(encoder.module).__name__}'s targets are {', '.join(missing)}"
+            )
+        elif cfg.budget is not None:
+            try:
+                sizing = fit_budget(cls, sites, plan["options"], cfg.budget)
+            except Exception as e:  # a method whose formula or config fails: its error row
+                plan["error"] = f"{type(e).__name__}: {e}"
+                sizing = None
+            if sizing is not None:
+                plan["options"] = sizing.options
+                plan["budget"] = {"count": sizing.count, "step": sizing.step,
+                                  "knob": list(sizing.knob), "floor": sizing.floor}  # fmt: skip
+        plans.append(plan)
+    plans.append({"key": "full", "label": "full fine-tune", "kind": "reference", "family": "–"})
+    return plans
+
+
+def _row_path(cfg: PeftConfig, group: Any, task: str, plan: dict) -> Path:
+    """The row's cache entry: (model, splits, row, options, protocol); the head lr is the
+    probe's pick, a function of the same inputs."""
+    fields = ("steps", "batch_size", "lr_grid", "full_lr_grid", "head_lr_grid", "grow", "seeds")
+    key = stable_hash(
+        {
+            "v": 1,
+            "model": group.encoder.key,
+            "data": group.data[task].key,
+            "row": plan["key"],
+            "options": plan.get("options"),
+            "cfg": {f: getattr(cfg, f) for f in fields},
+        }
+    )
+    return cache_root() / "bench" / "peft" / f"{task}-{plan['key']}-{key}.json"
+
+
+# The run ---------------------------------------------------------------------------------------
+
+
+def _estimate(cfg: PeftConfig, group: Any, plans: list[dict], rate: float) -> list[Phase]:
+    """A phase per (task, row) that will train (not cached, not n/a), in run order."""
+    mod = group.encoder.modality
+    evaluate, train_f = FACTORS.get(mod, (1.0, 3.0))
+    step = cfg.steps * cfg.batch_size * train_f * rate
+    phases = []
+    for name in group.data:
+        n_val, n_test = len(group.val[name]), len(group.test[name])
+        n_train = len(group.data[name].train.y)
+        for plan in plans:
+            if plan.get("reason") or plan.get("error"):
+                continue
+            if _row_path(cfg, group, name, plan).is_file():
+                est = 0.0
+            elif plan["key"] == "probe":
+                est = (n_train + n_val + n_test) * evaluate * rate
+            else:
+                runs = len(cfg.full_lr_grid if plan["key"] == "full" else cfg.lr_grid)
+                runs += len(cfg.seeds) - 1
+                cost = step * (_FULL_COST if plan["key"] == "full" else 1.0)
+                evals = runs * n_val + len(cfg.seeds) * n_test
+                est = runs * cost + evals * evaluate * rate
+            phases.append(Phase(f"{mod}/{name}/{plan['key']}", "train", est))
+    return phases
+
+
+def _line(key: str, task: str, row: dict) -> str:
+    if row["status"] != "ok":
+        return f"{key} on {task}: {row['status']}: {row.get('error') or row.get('reason')}"
+    cached = " (cached)" if row["cached"] else ""
+    return f"{key} on {task}: lr {row['lr']:g}, test {np.mean(row['acc']):.1%}{cached}"
+
+
+def run_peft(cfg: PeftConfig, console: Any | None = None) -> dict[str, Any]:
+    """Run the PEFT track; returns the results (see :mod:`splice.bench.peft_report`).
+
+    ``console`` (a rich Console) gets the estimate, a line per lr tried and one per row."""
+    from splice.data.local import resolve_task
+
+    task_objs = [resolve_task(t) for t in cfg.tasks]
+    modalities = sorted({t.modality for t in task_objs}, reverse=True)  # text first
+    rows: list[dict[str, Any]] = []
+    t0 = time.perf_counter()
+    with Progress(console, time.perf_counter) as progress:
+        groups = [
+            load_backbone(cfg, m, [t for t in task_objs if t.modality == m]) for m in modalities
+        ]
+        plans = {g.encoder.modality: _row_plans(cfg, g.encoder) for g in groups}
+        rate = {g.encoder.modality: calibrate(g.encoder, g.val) for g in groups}
+        load_s = time.perf_counter() - t0
+        phases = [p for g in groups for p in _estimate(cfg, g, plans[g.encoder.modality],
+                                                       rate[g.encoder.modality])]  # fmt: skip
+        progress.plan(phases)
+        total = sum(p.est for p in phases)
+        n_rows = max(len(p) for p in plans.values())
+        progress.say(
+            f"estimate {clock(load_s + total)} on this machine: {len(cfg.tasks)} tasks × "
+            f"{n_rows} rows × {len(cfg.seeds)} seed(s), {cfg.steps} steps each; load "
+            f"{clock(load_s)} (done), training and evaluation {clock(total)}"
+        )
+        for g in groups:
+            mod = g.encoder.modality
+            for name in g.data:
+                task, head_lr = Task(g, name, cfg), 1e-2  # the probe's pick replaces it
+                for plan in plans[mod]:
+                    row = {**plan, "suite": mod, "task": name, "status": "ok"}
+                    rows.append(row)
+                    if plan.get("reason") or plan.get("error"):
+                        row["status"] = "n/a" if plan.get("reason") else "error"
+                        continue
+                    start = time.perf_counter()
+
+                    def say(text: str, at: str = f"{mod}/{name}") -> None:
+                        progress.say(f"          {at}: {text}")
+
+                    def compute(t: Task = task, p: dict = plan, lr: float = head_lr) -> dict:
+                        return run_row(t, p, lr, say)
+
+                    try:
+                        out, was = cached(_row_path(cfg, g, name, plan), compute)
+                    except SpliceError as e:  # a structure the method rejects on this model
+                        row |= {"status": "n/a", "reason": f"{plan['key']} rejects it: {e}"}
+                        out, was = {}, False
+                    except Exception as e:  # the row's error; the other rows still run
+                        row |= {"status": "error", "error": f"{type(e).__name__}: {e}"}
+                        out, was = {}, False
+                    row |= out | {"cached": was, "head_lr": out.get("lr", head_lr)}
+                    if plan["key"] == "probe" and out:
+                        head_lr = out["lr"]
+                    else:
+                        row["head_lr"] = head_lr
+                    key = f"{mod}/{name}/{plan['key']}"
+                    progress.done(key, _line(plan["key"], name, row), time.perf_counter() - start)
+    return {
+        "track": "peft",
+        "config": cfg.model_dump(mode="json"),
+        "protocol": PROTOCOL,
+        "tasks": {t.name: {"modality": t.modality, "about": t.description} for t in task_objs},
+        "rows": rows,
+        "meta": {
+            "wall_s": round(time.perf_counter() - t0, 1),
+            "estimate_s": round(load_s + total, 1),
+            "load_s": round(load_s, 1),
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "threads": torch.get_num_threads(),
+            "device": cfg.device,
+        },
+    }

@@ -1,0 +1,207 @@
+"""One row of the PEFT track on one task: the lr grid, the pick on test, the measurements.
+
+Every run is :func:`splice.bench.finetune.train` (the linear probe: the same seeded batches
+through :func:`splice.train.fit` on frozen features, computed once per task). Measured per
+run: seconds per optimizer step (the loop's), peak RSS over the run (``VmHWM`` after a reset
+through ``/proc/self/clear_refs``; None where that is not Linux), trainable parameters of the
+adapter (unique tensors) and of the head; for the picked run, the bytes of what the row saves
+(the adapter via :func:`splice.adapters.save_adapter`, the whole model, or the head).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from splice.bench.finetune import FinetuneConfig, Trained, batch_stream, train
+from splice.bench.suite import _features
+from splice.train.loop import TrainStep, fit
+
+__all__ = ["cached", "run_row"]
+
+
+def _grow(lr: float, way: int) -> float:
+    """The next lr on the 1-2-5 ladder, down (way -1) or up (+1)."""
+    exp = int(np.floor(np.log10(lr) + 1e-9))
+    ladder = [m * 10.0**e for e in (exp - 1, exp, exp + 1) for m in (1, 2, 5)]
+    i = min(range(len(ladder)), key=lambda j: abs(ladder[j] - lr))
+    return float(f"{ladder[i + way]:.3g}")
+
+
+def _pick(
+    grid: Sequence[float], grow: int, score: Callable[[float], float]
+) -> tuple[float, dict[float, float]]:
+    """The lr with the best score (ties: the smaller); edges grow up to ``grow`` times."""
+    lrs, val = sorted(grid), {}
+    while True:
+        for lr in lrs:
+            if lr not in val:
+                val[lr] = score(lr)
+        best = max(lrs, key=lambda lr: (val[lr], -lr))
+        if grow and best == lrs[0]:
+            lrs.insert(0, _grow(best, -1))
+        elif grow and best == lrs[-1]:
+            lrs.append(_grow(best, +1))
+        else:
+            return best, val
+        grow -= 1
+
+
+# Measuring one run -----------------------------------------------------------------------------
+
+
+def _reset_peak() -> None:
+    """Start a new peak-RSS window (Linux: ``/proc/self/clear_refs``)."""
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
+
+
+def _peak_mb() -> float | None:
+    try:
+        lines = Path("/proc/self/status").read_text().splitlines()
+    except OSError:
+        return None
+    return next((int(x.split()[1]) / 1024 for x in lines if x.startswith("VmHWM")), None)
+
+
+def _saved_bytes(key: str, model: nn.Module, head: nn.Module) -> int:
+    """Bytes on disk of what the row saves: the adapter, the whole model, or the head."""
+    from safetensors.torch import save_file
+
+    from splice.adapters import save_adapter
+
+    with tempfile.TemporaryDirectory() as tmp:
+        if key == "full":
+            state = {n: p.detach().contiguous() for n, p in model.named_parameters()}
+            save_file(state, str(Path(tmp) / "model.safetensors"))
+        elif key == "probe":
+            state = {n: p.detach().contiguous() for n, p in head.named_parameters()}
+            save_file(state, str(Path(tmp) / "head.safetensors"))
+        else:
+            save_adapter(model, Path(tmp) / "adapter")
+        return sum(f.stat().st_size for f in Path(tmp).rglob("*") if f.is_file())
+
+
+def _accuracy(encoder: Any, prepared: Any, labels: np.ndarray, module: Any, head: Any, bs: int):
+    feats = _features(encoder, prepared, None, bs, module)
+    with torch.inference_mode():
+        pred = head(feats.to(next(head.parameters()).device)).argmax(-1).cpu().numpy()
+    return float((pred == labels).mean())
+
+
+class Task:
+    """One task of one backbone: splits, prepared inputs and (lazily) frozen features."""
+
+    def __init__(self, group: Any, name: str, cfg: Any) -> None:
+        self.encoder, self.data, self.cfg = group.encoder, group.data[name], cfg
+        self.val, self.test = group.val[name], group.test[name]
+        self.frozen: dict[str, Tensor] = {}
+
+    def feats(self, split: str) -> Tensor:
+        if split not in self.frozen:
+            x = (
+                self.encoder.prepare(self.data.train.x)
+                if split == "train"
+                else getattr(self, split)
+            )
+            self.frozen[split] = _features(self.encoder, x, None, self.cfg.eval_batch_size)
+        return self.frozen[split]
+
+    def run(self, key: str, lr: float, head_lr: float, seed: int, options: dict) -> dict:
+        """Train one row at one lr and seed; its model and head, and what was measured."""
+        _reset_peak()
+        cfg = self.cfg
+        if key == "probe":
+            trained = self._probe(lr, seed)
+        else:
+            method = "full" if key == "full" else key
+            ft = FinetuneConfig(finetune=method, steps=cfg.steps, batch_size=cfg.batch_size,
+                                lr=lr, head_lr=head_lr)  # fmt: skip
+            trained = train(self.encoder, self.data, ft, seed, options=options)
+        state, params = trained.state, {id(p): p for p in trained.params}
+        return {
+            "model": trained.model,
+            "head": trained.head,
+            "s_per_step": state.seconds / max(1, cfg.steps),
+            "peak_rss_mb": _peak_mb(),
+            "adapter_params": sum(p.numel() for p in params.values()),
+            "head_params": sum(p.numel() for p in trained.head.parameters()),
+        }
+
+    def _probe(self, lr: float, seed: int) -> Trained:
+        torch.manual_seed(seed)
+        feats, labels = self.feats("train"), torch.as_tensor(self.data.train.y)
+        head = nn.Linear(self.encoder.dim, len(self.data.classes))
+        opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=0.0)
+        next_batch = batch_stream(len(feats), self.cfg.batch_size, seed)
+
+        def micro_loss(i: int) -> tuple[Tensor, int]:
+            idx = torch.as_tensor(next_batch())
+            return nn.functional.cross_entropy(head(feats[idx]), labels[idx]), len(idx)
+
+        state = fit(TrainStep(micro_loss, opt), self.cfg.steps)
+        return Trained(None, head, state, [])  # type: ignore[arg-type]
+
+    def score(self, out: dict, split: str) -> float:
+        if out["model"] is None:  # the probe: frozen features
+            feats = self.feats(split)
+            with torch.inference_mode():
+                pred = out["head"](feats).argmax(-1).numpy()
+            return float((pred == getattr(self.data, split).y).mean())
+        prepared = self.val if split == "val" else self.test
+        labels = getattr(self.data, split).y
+        bs = self.cfg.eval_batch_size
+        return _accuracy(self.encoder, prepared, labels, out["model"], out["head"], bs)
+
+
+def run_row(task: Task, plan: dict, head_lr: float, say: Callable[[str], None]) -> dict:
+    """The row's lr grid at the first seed, the pick on test, then the other seeds."""
+    cfg, key = task.cfg, plan["key"]
+    grid = {"probe": cfg.head_lr_grid, "full": cfg.full_lr_grid}.get(key, cfg.lr_grid)
+    seed0, best = cfg.seeds[0], {}
+
+    def score(lr: float) -> float:
+        start = time.perf_counter()
+        out = task.run(key, lr, lr if key == "probe" else head_lr, seed0, plan.get("options", {}))
+        acc = task.score(out, "val")
+        if not best or acc > best["val"] or (acc == best["val"] and lr < best["lr"]):
+            best.clear()
+            best.update(out, val=acc, lr=lr)
+        say(f"{key} lr {lr:g}: val {acc:.1%} ({time.perf_counter() - start:.1f} s)")
+        return acc
+
+    lr, val = _pick(grid, cfg.grow, score)
+    measured = {k: best[k] for k in ("s_per_step", "peak_rss_mb", "adapter_params", "head_params")}
+    measured["saved_bytes"] = _saved_bytes(key, best["model"], best["head"])
+    acc = [task.score(best, "test")]
+    best.clear()
+    for seed in cfg.seeds[1:]:
+        start = time.perf_counter()
+        out = task.run(key, lr, lr if key == "probe" else head_lr, seed, plan.get("options", {}))
+        acc.append(task.score(out, "test"))
+        say(f"{key} seed {seed}: test {acc[-1]:.1%} ({time.perf_counter() - start:.1f} s)")
+    return {"lr": lr, "val": {f"{k:g}": v for k, v in val.items()}, "acc": acc, **measured}
+
+
+def cached(path: Path, compute: Callable[[], dict]) -> tuple[dict, bool]:
+    if path.is_file():
+        try:
+            return json.loads(path.read_text()), True
+        except ValueError:  # a damaged entry is recomputed
+            pass
+    out = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(json.dumps(out))
+    tmp.replace(path)
+    return out, False

@@ -1,0 +1,195 @@
+"""The PEFT track of ``splice bench`` on a tiny BERT built in the test (tests/bench/conftest.py)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from torch import nn
+
+from splice.adapters import METHODS
+from splice.adapters.inject import find_sites
+from splice.adapters.layer import FAMILIES
+from splice.adapters.lora import LoRA, LoRAAdapter
+from splice.bench.peft import PeftConfig, run_peft
+from splice.bench.peft_budget import fit_budget
+from splice.bench.peft_report import summarize, write_peft_report
+
+
+def _config(tiny, **kw) -> PeftConfig:
+    model_dir, paths = tiny
+    base = {
+        "tasks": tuple(paths),
+        "methods": ("lora", "nola"),
+        "steps": 12,
+        "batch_size": 8,
+        "lr_grid": (1e-3, 1e-2),
+        "full_lr_grid": (1e-4,),
+        "head_lr_grid": (1e-2, 1e-1),
+        "caps": (60, 20, 30),
+        "text_model": str(model_dir),
+    }
+    return PeftConfig(**(base | kw))
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    """A fresh cache; one thread (a model this small only waits on a second one)."""
+    import torch
+
+    monkeypatch.setenv("SPLICE_CACHE", str(tmp_path / "cache"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _rows(results, key):
+    return [r for r in results["rows"] if r["key"] == key]
+
+
+def test_tiny_run_writes_all_three_files_and_repeats_from_cache(tiny, tmp_path):
+    first = run_peft(_config(tiny, methods=("lora", "nola", "mos")))
+    assert [r["key"] for r in first["rows"]] == ["probe", "lora", "nola", "mos", "full"] * 2
+    for r in _rows(first, "mos"):  # r=8 needs more layers per pool than the tiny BERT's 2
+        assert (
+            r["status"] == "n/a" and "mos rejects it: " in r["reason"] and "(e−p)·L" in r["reason"]
+        )
+    for r in first["rows"]:
+        if r["key"] == "mos":
+            continue
+        assert r["status"] == "ok" and not r["cached"]
+        assert r["lr"] in {"probe": (1e-2, 1e-1), "full": (1e-4,)}.get(r["key"], (1e-3, 1e-2))
+        assert r["lr"] == max(map(float, r["val"]), key=lambda lr: (r["val"][f"{lr:g}"], -lr))
+        assert 0.0 <= r["acc"][0] <= 1.0 and r["s_per_step"] > 0 and r["saved_bytes"] > 0
+    for r in first["rows"]:  # every row trains its head at the probe's pick for its task
+        probe = next(p for p in _rows(first, "probe") if p["task"] == r["task"])
+        assert r["head_lr"] == probe["lr"]
+    lora, nola = _rows(first, "lora")[0], _rows(first, "nola")[0]
+    # LoRA r=8 on query/value of 2 layers of width 32: 4 matrices × 8 × (32 + 32)
+    assert lora["adapter_params"] == 4 * 8 * 64 and nola["adapter_params"] == 4 * (256 + 256)
+    assert _rows(first, "probe")[0]["adapter_params"] == 0
+    full = _rows(first, "full")[0]
+    from transformers import BertModel
+
+    every = sum(p.numel() for p in BertModel.from_pretrained(str(tiny[0])).parameters())
+    assert full["adapter_params"] == every
+    assert full["saved_bytes"] > 4 * full["adapter_params"]  # float32 tensors and a header
+    assert all(r["head_params"] == 33 * 2 for r in _rows(first, "lora")[:1])  # 2 classes
+
+    out = tmp_path / "out"
+    paths = write_peft_report(first, out)
+    assert [p.name for p in paths] == ["results.json", "results.md", "results.png"]
+    assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    data = json.loads((out / "results.json").read_text())
+    avg = {(s["suite"], s["key"]): s["avg_acc"] and s["avg_acc"][0] for s in data["summary"]}
+    expect = np.mean([r["acc"][0] for r in _rows(first, "lora")])
+    assert avg["text", "lora"] == pytest.approx(expect)
+    md = (out / "results.md").read_text()
+    assert "Protocol" in md and "| linear probe |" in md and "Pareto" in md
+    assert "- MoS (Mixture of Shards): n/a: mos rejects it" in md
+
+    again = run_peft(_config(tiny, methods=("lora", "nola", "mos")))
+    assert all(r["cached"] for r in again["rows"] if r["key"] != "mos")
+    assert [r.get("acc") for r in again["rows"]] == [r.get("acc") for r in first["rows"]]
+
+
+class _Broken(LoRA):
+    pretty_name = "broken"
+    family = "additive"
+
+    def build(self, sites, cfg):
+        return [_Raising(site, cfg) for site in sites]
+
+
+class _Raising(LoRAAdapter):
+    def forward(self, x, y):
+        raise RuntimeError("kaboom in forward")
+
+
+class _Scaled(LoRA):
+    """A LoRA variant registered by this test only: the benchmark has never heard of it."""
+
+    pretty_name = "test-registered LoRA"
+    family = "reparameterized"
+
+
+@pytest.fixture
+def registered():
+    METHODS.names()  # discover the package first, so the test's names are additions
+    METHODS.register("zz_test_lora")(_Scaled)
+    METHODS.register("zz_broken")(_Broken)
+    yield
+    for name in ("zz_test_lora", "zz_broken"):
+        METHODS._items.pop(name)
+
+
+def test_registered_method_appears_and_a_raising_method_gets_an_error_row(tiny, registered):
+    # MoS's default r=8 needs 4 layers per pool at e=2; the tiny BERT has 2
+    cfg = _config(tiny, methods=None, tasks=tiny[1][:1], options={"mos": {"r": 4}})
+    results = run_peft(cfg)
+    keys = [r["key"] for r in results["rows"]]
+    assert keys == ["probe", *METHODS.names(), "full"]
+    assert "zz_test_lora" in keys
+    row = _rows(results, "zz_test_lora")[0]
+    assert row["status"] == "ok" and row["family"] == "reparameterized" and row["acc"]
+    broken = _rows(results, "zz_broken")[0]
+    assert broken["status"] == "error" and "RuntimeError: kaboom in forward" in broken["error"]
+    assert all(r["status"] == "ok" for r in results["rows"] if r["key"] != "zz_broken")
+    summary = {s["key"]: s for s in summarize(results)}
+    assert summary["zz_broken"]["note"].startswith("error: RuntimeError: kaboom")
+
+
+def test_budget_gives_counts_within_granularity(tiny):
+    from transformers import BertModel
+
+    model = BertModel.from_pretrained(str(tiny[0]))
+    sites = [s for _, _, s in find_sites(model, ["query", "value"])]
+    for name, cls in METHODS.items():
+        for budget in (300, 2000, 5000):
+            sizing = fit_budget(cls, sites, {}, budget)
+            assert sizing is not None, name
+            cfg = cls.Config(**sizing.options)
+            assert cls().num_parameters(sites, cfg) == sizing.count
+            if sizing.floor:  # the smallest structure is already above the budget
+                assert sizing.count > budget
+            else:
+                assert abs(sizing.count - budget) <= sizing.step, (name, budget, sizing)
+    lora = fit_budget(METHODS.get("lora"), sites, {}, 2000)
+    assert lora.options["r"] == round(2000 / (4 * 64)) and lora.step == 4 * 64
+    nola = fit_budget(METHODS.get("nola"), sites, {}, 2000)
+    assert nola.knob == ("k", "l") and nola.options["k"] == nola.options["l"] == 250
+
+
+def test_budget_run_reports_the_actual_count(tiny):
+    results = run_peft(_config(tiny, methods=("lora", "mos"), budget=1024, tasks=tiny[1][:1]))
+    for key in ("lora", "mos"):
+        row = _rows(results, key)[0]
+        assert row["adapter_params"] == row["budget"]["count"]
+        assert abs(row["adapter_params"] - 1024) <= row["budget"]["step"] or row["budget"]["floor"]
+
+
+def test_every_method_declares_a_family_and_the_docs_table_is_the_registry():
+    from pathlib import Path
+
+    from splice.bench.peft_report import taxonomy_markdown
+
+    for name, cls in METHODS.items():
+        assert getattr(cls, "family", None) in FAMILIES, name
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "adapters.md").read_text()
+    table = taxonomy_markdown()
+    assert all(f"`{name}`" in table for name in METHODS.names())
+    assert table in doc, "docs/adapters.md's taxonomy table is stale: paste taxonomy_markdown()"
+
+
+def test_conv_only_backbone_marks_linear_only_methods_not_applicable():
+    from splice.bench.peft import _row_plans
+
+    class Encoder:  # a conv net with the image encoder's shape of interface
+        module = nn.Sequential(nn.Conv2d(3, 8, 1), nn.Conv2d(8, 8, 1))
+        default_targets = ("0", "1")
+
+    plans = {p["key"]: p for p in _row_plans(PeftConfig(tasks=("x",)), Encoder())}
+    assert "conv" in plans["ept"]["reason"] and "linear" in plans["ept"]["reason"]
+    assert "reason" not in plans["lora"]
