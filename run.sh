@@ -48,7 +48,8 @@ install() {
   local want
   want=$(cat pyproject.toml requirements/*.txt 2>/dev/null | sha256sum | cut -d' ' -f1)
   if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$want" ]; then
-    local pip=(pip_quiet "$VENV/bin/python" -m pip install -q --disable-pip-version-check)
+    local pip=(pip_quiet "$VENV/bin/python" -m pip install -q --disable-pip-version-check
+      -c requirements/constraints.txt)
     # torch first, pinned: an unpinned torch would pull a multi-GB CUDA build.
     "$VENV/bin/python" -c "import torch" 2>/dev/null || { log "installing torch==2.13.0"; "${pip[@]}" torch==2.13.0; }
     log "installing splice and its dependencies"

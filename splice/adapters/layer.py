@@ -80,6 +80,8 @@ class Method:
     kinds: ClassVar[frozenset[str]] = frozenset({"linear", "conv1d_gpt2", "embedding", "conv"})
     uses_all_parameters: ClassVar[bool] = True  # False if a forward may skip some (DDP needs it)
     mergeable: ClassVar[bool] = True  # False if ΔW depends on the input: delta() raises
+    # The selectors (splice/select) that configure it, when it trains nothing on its own.
+    selected_by: ClassVar[tuple[str, ...]] = ()
     lowrank: ClassVar[bool] = True  # False if ΔW is not B@A (sparse): no PEFT LoRA export
 
     def build(self, sites: list[Site], cfg: Any) -> list[Adapter]:

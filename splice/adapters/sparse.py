@@ -115,6 +115,8 @@ def set_entries(adapter: SparseAdapter, indices: Tensor, values: Tensor | None =
 class SparseDeltaMethod(Method):
     pretty_name = "Sparse delta (SPT unstructured / ID³ export)"
     reference_url = "https://arxiv.org/abs/2303.08566"
+    family = "selective"
+    selected_by = ("spt", "id3")
     Config = SparseConfig
     kinds = frozenset({"linear", "conv1d_gpt2"})
     lowrank = False

@@ -153,7 +153,12 @@ def _row_plans(cfg: PeftConfig, encoder: Any) -> list[dict[str, Any]]:
             "options": dict(cfg.options.get(name, {})),
         }
         missing = [k for k in kinds if k not in cls.kinds]
-        if missing:
+        if cls.selected_by:
+            plan["reason"] = (
+                f"{name} trains the entries a selector chooses "
+                f"(splice train --select {'|'.join(cls.selected_by)})"
+            )
+        elif missing:
             plan["reason"] = (
                 f"{name} adapts {', '.join(sorted(cls.kinds))} layers; "
                 f"{type(encoder.module).__name__}'s targets are {', '.join(missing)}"
