@@ -4,26 +4,17 @@ from __future__ import annotations
 
 import json
 import re
-import sys
 
 import pytest
 import torch
 import transformers
 
 from splice.analysis.inputs import prose
+from tests.cli._run import run_cli
 
 
 def _cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    from splice.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["splice", "analyze", *args])
-    code = 0
-    try:
-        main()
-    except SystemExit as e:
-        code = int(e.code or 0)
-    out = capsys.readouterr()
-    return code, out.out, out.err
+    return run_cli(monkeypatch, capsys, "analyze", *args)
 
 
 def _model_dir(root, build):

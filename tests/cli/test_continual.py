@@ -3,23 +3,15 @@
 from __future__ import annotations
 
 import json
-import sys
 
 import pytest
 
-from splice.cli import main
+from tests.cli._run import run_cli
 from tests.continual._bert import make_bert_and_tasks
 
 
 def _run(args, monkeypatch, capsys) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["splice", "continual", *args])
-    code = 0
-    try:
-        main()
-    except SystemExit as e:
-        code = int(e.code or 0)
-    out = capsys.readouterr()
-    return code, out.out, out.err
+    return run_cli(monkeypatch, capsys, "continual", *args)
 
 
 @pytest.fixture(scope="module")
