@@ -71,7 +71,8 @@ def bench(
 ) -> None:
     """Fine-tune tasks from packaged data, merge them (--full: every registered way), report a
     table; an estimate first, then a line per phase with the time left. --track peft compares
-    the adapter methods instead (docs/bench.md)."""
+    the adapter methods, --track continual the continual-training methods (docs/bench.md,
+    docs/continual.md)."""
     profile = "full" if full else "quick"
     # Idle OpenMP threads sleep instead of spinning: on a busy machine spinning threads slow
     # EfficientNet's many small ops 10-30x. Only effective before torch is imported.
