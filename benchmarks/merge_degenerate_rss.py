@@ -103,7 +103,9 @@ def recipes(root: Path) -> dict[str, dict]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", choices=sorted(SHAPES), default="7b")
-    ap.add_argument("--methods", help="comma-separated rows of the table (default: all)")
+    ap.add_argument(
+        "--methods", help="comma-separated method names: every row of each (default: all)"
+    )
     ap.add_argument("--dir", help="scratch folder (default: a temp dir; needs the output's size)")
     args = ap.parse_args()
     root = Path(tempfile.mkdtemp(prefix="degenerate-", dir=args.dir))
