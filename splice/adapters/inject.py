@@ -19,6 +19,7 @@ from splice._schema import did_you_mean
 from splice.deltas import Delta
 from splice.errors import SpliceError
 
+from ._routing import BASE, DEFAULT, _Bank, hooks
 from ._sites import Site, make_site
 from .layer import METHODS, AdaptedLayer, Adapter, Method, MethodConfig, _Record
 
@@ -27,6 +28,7 @@ __all__ = [
     "adapter_deltas",
     "adapter_layers",
     "adapter_state",
+    "add_adapter",
     "attach",
     "aux_loss",
     "find_sites",
@@ -62,7 +64,7 @@ def find_sites(
     """
     if not targets:
         raise SpliceError("no targets given", fix="pass targets=[...] (module name suffixes)")
-    names = [n for n, _ in model.named_modules() if n]
+    names = [n for n, _ in model.named_modules() if n and ".base_layer" not in n]
     for t in [targets] if isinstance(targets, str) else targets:
         if not any(map(_matcher(t if isinstance(targets, str) else [t]), names)):
             import difflib
@@ -76,13 +78,19 @@ def find_sites(
     match = _matcher(targets)
     keep = None if layers is None else set(layers)
     found: list[tuple[str, nn.Module, Site]] = []
+    wrapped: list[str] = []  # adapted layers: their base layer is the site, their insides none
     for name, module in model.named_modules():
+        if any(name.startswith(w + ".") for w in wrapped):
+            continue
+        if isinstance(module, AdaptedLayer):
+            wrapped.append(name)
         if not name or not match(name):
             continue
         idx = layer_index(name)
         if keep is not None and idx not in keep:
             continue
-        site = make_site(name, module, idx, name.rsplit(".", 1)[-1])
+        base = module.base_layer if isinstance(module, AdaptedLayer) else module
+        site = make_site(name, base, idx, name.rsplit(".", 1)[-1])
         if site is None:
             raise SpliceError(
                 f"matched module is a {type(module).__name__}, not an adaptable layer",
@@ -133,6 +141,7 @@ def inject(
 
     Base parameters are frozen; adapter parameters and those of ``modules_to_save`` (e.g. a
     new classification head, matched like targets) train and are saved with the adapter.
+    The adapter is named ``"default"``; :func:`add_adapter` adds more under other names.
 
     Args:
         model: any ``nn.Module`` (a ``transformers`` model needs no special case).
@@ -148,16 +157,46 @@ def inject(
     """
     if adapter_layers(model):
         raise SpliceError(
-            "model already has adapters", fix="remove_adapters(model) before injecting again"
+            "model already has adapters",
+            fix="remove_adapters(model) first, or add_adapter(model, name, ...) to add one",
+        )
+    return add_adapter(
+        model, DEFAULT, method, targets, layers=layers, modules_to_save=modules_to_save, **config
+    )
+
+
+def add_adapter(
+    model: nn.Module,
+    name: str,
+    method: str,
+    targets: Sequence[str] | str,
+    *,
+    layers: Iterable[int] | None = None,
+    modules_to_save: Sequence[str] = (),
+    **config: Any,
+) -> nn.Module:
+    """Add a new adapter called ``name`` to ``model`` (which may hold others); returns it.
+
+    As :func:`inject`, for a name not yet loaded. The new adapter trains; everything else,
+    earlier adapters included, is frozen. It is not made active: the first adapter of a model
+    is, later ones act once :func:`~splice.adapters.set_active_adapters` or a mixed batch names
+    them. ``modules_to_save`` belongs to the model's first adapter only.
+    """
+    loaded = adapter_names(model)
+    _check_name(name, loaded)
+    if modules_to_save and loaded:
+        raise SpliceError(
+            f"adapter {name!r}: modules_to_save is kept only for a model's first adapter",
+            fix="save the head with the first adapter, or load this one into its own model",
         )
     cls = METHODS.get(method)
     cfg = _config(cls, method, config)
     found = find_sites(model, targets, layers)
-    for name, _, site in found:
+    for site_name, _, site in found:
         if site.kind not in cls.kinds:
             raise SpliceError(
                 f"{method} does not support {site.kind} layers",
-                where=name,
+                where=site_name,
                 fix=f"target {sorted(cls.kinds)} layers only",
             )
     save_names = [n for n, _ in model.named_modules() if n and _matcher(modules_to_save)(n)]
@@ -165,10 +204,30 @@ def inject(
         raise SpliceError(f"modules_to_save {list(modules_to_save)} match no module")
     sites = [site for _, _, site in found]
     adapters = cls().build(sites, cfg)
-    attach(model, found, adapters, method, cfg, targets, layers, modules_to_save)
-    for name in save_names:
-        model.get_submodule(name).requires_grad_(True)
+    attach(model, found, adapters, method, cfg, targets, layers, modules_to_save, name=name)
+    for n in save_names:
+        model.get_submodule(n).requires_grad_(True)
     return model
+
+
+def adapter_names(model: nn.Module) -> list[str]:
+    """The names of the adapters loaded into ``model``, in load order."""
+    layers = adapter_layers(model)
+    return list(next(iter(layers.values()))._bank.names) if layers else []
+
+
+def _check_name(name: str, loaded: list[str]) -> None:
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_-]+", name):
+        raise SpliceError(
+            f"adapter name {name!r} is not a plain name", fix="use letters, digits, '_' or '-'"
+        )
+    if name == BASE or hasattr(nn.ModuleDict(), name):
+        raise SpliceError(f"adapter name {name!r} is reserved", fix="choose another name")
+    if name in loaded:
+        raise SpliceError(
+            f"an adapter named {name!r} is already loaded",
+            fix="delete_adapter(model, name) first, or hotswap_adapter to replace its weights",
+        )
 
 
 def attach(
@@ -180,8 +239,10 @@ def attach(
     targets: Sequence[str] | str = (),
     layers: Iterable[int] | None = None,
     modules_to_save: Sequence[str] = (),
+    name: str = DEFAULT,
 ) -> None:
-    """Freeze ``model`` and wrap each layer of ``found`` (:func:`find_sites`) with its adapter.
+    """Freeze ``model`` and wrap each layer of ``found`` (:func:`find_sites`) with its adapter,
+    called ``name`` (a layer already adapted gets it as one more named adapter).
 
     :func:`inject` builds the adapters from a registered method; a stage that builds its own
     (the continual methods of :mod:`splice.continual`) attaches them here, under its own name.
@@ -196,10 +257,18 @@ def attach(
     )
     for p in model.parameters():
         p.requires_grad_(False)
-    for (name, module, _), adapter in zip(found, adapters, strict=True):
-        device = module.weight.device
-        layer = AdaptedLayer(module, adapter.to(device), record).train(module.training)
-        _set_module(model, name, layer)
+    existing = adapter_layers(model)
+    bank = next(iter(existing.values()))._bank if existing else _Bank([], ((name, 1.0),))
+    for (site_name, module, _), adapter in zip(found, adapters, strict=True):
+        adapter = adapter.to(module.weight.device).train(module.training)
+        if isinstance(module, AdaptedLayer):
+            module.add(name, adapter, record)
+        else:
+            layer = AdaptedLayer(module, adapter, record, name, bank).train(module.training)
+            _set_module(model, site_name, layer)
+    bank.names.append(name)
+    if not existing:
+        hooks(model, add=True)
 
 
 def adapter_layers(model: nn.Module) -> dict[str, AdaptedLayer]:
@@ -207,11 +276,17 @@ def adapter_layers(model: nn.Module) -> dict[str, AdaptedLayer]:
     return {n: m for n, m in model.named_modules() if isinstance(m, AdaptedLayer)}
 
 
-def _record(model: nn.Module) -> tuple[_Record, dict[str, AdaptedLayer]]:
+def _record(model: nn.Module, name: str | None = None) -> tuple[_Record, dict[str, AdaptedLayer]]:
+    """Adapter ``name``'s record and layers (default: the first adapter loaded)."""
     layers = adapter_layers(model)
     if not layers:
         raise SpliceError("model has no adapters", fix="call splice.adapters.inject first")
-    return next(iter(layers.values()))._record, layers
+    names = next(iter(layers.values()))._bank.names
+    name = names[0] if name is None else name
+    if name not in names:
+        raise SpliceError(f"no adapter named {name!r} is loaded", fix=f"use one of {names}")
+    layers = {n: layer for n, layer in layers.items() if name in layer.records}
+    return next(iter(layers.values())).records[name], layers
 
 
 class ParamCount(NamedTuple):
@@ -257,6 +332,7 @@ def remove_adapters(model: nn.Module, merge: bool = True) -> nn.Module:
         else:
             layer.unmerge()
         _set_module(model, name, layer.base_layer)
+    hooks(model, add=False)
     return model
 
 
@@ -264,18 +340,22 @@ def aux_loss(model: nn.Module) -> Tensor | None:
     """The method's auxiliary loss from the last training forward (MoLA balance, EPT task
     contrast), already weighted by its coefficient; ``None`` when the method has none."""
     record, layers = _record(model)
-    adapters = [layer.adapter for layer in layers.values()]
+    name = adapter_names(model)[0]
+    adapters = [layer.get(name) for layer in layers.values()]
     return METHODS.get(record.method)().aux_loss(adapters, record.config)
 
 
-def adapter_state(model: nn.Module) -> dict[str, Tensor]:
-    """Adapter tensors (shared pools once, seeds and index maps included) + modules_to_save."""
-    record, layers = _record(model)
+def adapter_state(model: nn.Module, adapter_name: str | None = None) -> dict[str, Tensor]:
+    """Adapter tensors (shared pools once, seeds and index maps included) + modules_to_save,
+    of adapter ``adapter_name`` (default: the first loaded), keyed ``<site>.adapter.<key>``."""
+    record, layers = _record(model, adapter_name)
+    adapter_name = adapter_name or adapter_names(model)[0]
     state: dict[str, Tensor] = {}
     seen: set[int] = set()
     for name, layer in layers.items():
-        tensors = [*layer.adapter.named_parameters(), *layer.adapter.named_buffers()]
-        persistent = set(layer.adapter.state_dict(keep_vars=True))
+        adapter = layer.get(adapter_name)
+        tensors = [*adapter.named_parameters(), *adapter.named_buffers()]
+        persistent = set(adapter.state_dict(keep_vars=True))
         for key, t in tensors:
             if id(t) in seen or key not in persistent:
                 continue

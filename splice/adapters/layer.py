@@ -2,9 +2,12 @@
 
 An adapter describes its change as ΔW = s·B@A (spec peft.md §22.1 with the ``add`` composer);
 the layer's :class:`~splice.adapters._sites.Site` maps that onto Linear, Conv, Embedding or
-GPT-2 ``Conv1D`` geometry. :class:`AdaptedLayer` holds a frozen base layer and one method
-:class:`Adapter`. A method is one file that registers a :class:`Method` in :data:`METHODS`;
-nothing here changes when a method is added.
+GPT-2 ``Conv1D`` geometry. :class:`AdaptedLayer` holds a frozen base layer and one or more
+named method :class:`Adapter` s; which of them act is model-wide state (:class:`_Bank`): an
+active set (one adapter, or a weighted sum of several) or a per-row routing (:class:`Rows`,
+mixed batches). Both only call each adapter's own ``forward(x, y)``, so every method works
+with several adapters without code of its own. A method is one file that registers a
+:class:`Method` in :data:`METHODS`; nothing here changes when a method is added.
 """
 
 from __future__ import annotations
@@ -18,13 +21,26 @@ from torch import Tensor, nn
 
 from splice._registry import Registry
 from splice._schema import Strict
-from splice.deltas import Delta
+from splice.deltas import Delta, Dense
+from splice.errors import SpliceError
 
+from ._routing import BASE, DEFAULT, Rows, _Bank
 from ._sites import Site
 
-__all__ = ["FAMILIES", "METHODS", "AdaptedLayer", "Adapter", "Method", "MethodConfig"]
+__all__ = [
+    "BASE",
+    "DEFAULT",
+    "FAMILIES",
+    "METHODS",
+    "AdaptedLayer",
+    "Adapter",
+    "Method",
+    "MethodConfig",
+    "Rows",
+]
 
 METHODS: Registry[type[Method]] = Registry("adapter method", "splice.adapters")
+
 
 # The PEFT taxonomy (spec other.md §9.4) each method declares its place in (``Method.family``),
 # with the vision survey's (V-PEFT, Xin et al.) name of the same group.
@@ -127,37 +143,139 @@ class _Record:
 
 
 class AdaptedLayer(nn.Module):
-    """A frozen base layer plus one adapter; ``merge``/``unmerge`` move ΔW in and out of W."""
+    """A frozen base layer plus named adapters; ``merge``/``unmerge`` move the active set's ΔW
+    in and out of W. ``adapter`` is the first adapter loaded here (``extra`` holds the rest)."""
 
-    def __init__(self, base_layer: nn.Module, adapter: Adapter, record: _Record) -> None:
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        adapter: Adapter,
+        record: _Record,
+        name: str = DEFAULT,
+        bank: _Bank | None = None,
+    ) -> None:
         super().__init__()
         self.base_layer = base_layer
         self.adapter = adapter
+        self.extra = nn.ModuleDict()
+        self.primary = name
+        self.records = {name: record}
         self.merged = False
-        self._record = record
+        self._merged_set: tuple[tuple[str, float], ...] = ()
+        self._bank = bank or _Bank([name], ((name, 1.0),))
+
+    @property
+    def _record(self) -> _Record:
+        return self.records[self.primary]
 
     @property
     def weight(self) -> Tensor:
         return self.base_layer.weight
 
+    # named adapters ------------------------------------------------------------------------
+
+    def named_adapters(self) -> dict[str, Adapter]:
+        """This layer's adapters by name (an adapter that targets other layers is absent)."""
+        return {self.primary: self.adapter, **self.extra}
+
+    def get(self, name: str) -> Adapter | None:
+        if name == self.primary:
+            return self.adapter
+        return self.extra._modules.get(name)  # type: ignore[return-value]
+
+    def add(self, name: str, adapter: Adapter, record: _Record) -> None:
+        self.extra[name] = adapter
+        self.records[name] = record
+
+    def drop(self, name: str) -> bool:
+        """Forget adapter ``name``; True when the layer holds no adapter afterwards."""
+        del self.records[name]
+        if name != self.primary:
+            del self.extra[name]
+            return False
+        if not self.extra:
+            return True
+        self.primary = next(iter(self.extra))
+        self.adapter = self.extra.pop(self.primary)
+        return False
+
+    # forward -------------------------------------------------------------------------------
+
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         y = self.base_layer(x, *args, **kwargs)
-        return y if self.merged else self.adapter(x, y)
+        rows = self._bank.rows
+        if rows is not None:
+            return self._routed(x, y, rows)
+        if self.merged:
+            return y
+        active = self._bank.active
+        if len(active) == 1 and active[0][1] == 1.0:
+            adapter = self.get(active[0][0])
+            return y if adapter is None else adapter(x, y)
+        return self._mixed(x, y, [(self.get(n), w) for n, w in active])
+
+    @staticmethod
+    def _mixed(x: Tensor, y: Tensor, pairs: list[tuple[Adapter | None, Tensor | float]]) -> Tensor:
+        """y + Σ_k w_k·(adapter_k(x, y) − y): each adapter's change, weighted (any method)."""
+        out = y
+        for adapter, w in pairs:
+            if adapter is not None:
+                out = out + w * (adapter(x, y.clone()) - y)
+        return out
+
+    def _routed(self, x: Tensor, y: Tensor, rows: Rows) -> Tensor:
+        if self.merged:
+            raise SpliceError(
+                "a mixed batch needs unmerged adapters", fix="unmerge_adapters(model) first"
+            )
+        if x.shape[0] != rows.n:
+            raise SpliceError(
+                f"{rows.n} rows routed but the layer sees a batch of {x.shape[0]}",
+                where=self.adapter.site.name,
+                fix="give one adapter name per row of the batch (dim 0)",
+            )
+        if rows.weights is not None:
+            w = rows.weights.to(y.device, y.dtype).reshape(rows.n, -1, *[1] * (y.dim() - 1))
+            return self._mixed(x, y, [(self.get(n), w[:, k]) for k, n in enumerate(rows.slots)])
+        spans = [(self.get(name), a, b) for name, a, b in rows.spans]
+        if all(adapter is None for adapter, _, _ in spans):
+            return y
+        if len(spans) == 1:
+            return spans[0][0](x, y)
+        order, inverse = (None, None) if rows.sorted else rows.order(x.device)
+        xs = x if order is None else x.index_select(0, order)
+        ys = y if order is None else y.index_select(0, order)
+        parts = [ys[a:b] if ad is None else ad(xs[a:b], ys[a:b]) for ad, a, b in spans]
+        out = torch.cat(parts)
+        return out if inverse is None else out.index_select(0, inverse)
+
+    # merging -------------------------------------------------------------------------------
 
     def delta(self) -> Delta:
-        """ΔW in the base weight's layout (raises for input-dependent methods such as MoLA)."""
-        return self.adapter.delta()
+        """ΔW of the active set in the base weight's layout: the adapter's own for one active
+        adapter, Σ_k w_k·ΔW_k (dense) for a weighted set; raises for input-dependent methods."""
+        active = [(a, w) for n, w in self._bank.active if (a := self.get(n)) is not None]
+        if len(active) == 1 and active[0][1] == 1.0:
+            return active[0][0].delta()
+        if not active:
+            return Dense(torch.zeros(self.adapter.site.weight_shape))
+        return Dense(sum(w * a.delta().materialize(torch.float32) for a, w in active))
 
     def merge(self) -> None:
-        """W ← W + ΔW; idempotent."""
+        """W ← W + ΔW of the active set; idempotent."""
         if not self.merged:
             self._shift(+1)
             self.merged = True
+            self._merged_set = self._bank.active
 
     def unmerge(self) -> None:
-        """W ← W − ΔW; restores the base weight up to floating-point rounding."""
+        """W ← W − ΔW (of the set that was merged); restores W up to floating-point rounding."""
         if self.merged:
-            self._shift(-1)
+            active, self._bank.active = self._bank.active, self._merged_set
+            try:
+                self._shift(-1)
+            finally:
+                self._bank.active = active
             self.merged = False
 
     def _shift(self, sign: int) -> None:
