@@ -22,10 +22,17 @@ from splice.errors import SpliceError
 from splice.io.atomic import atomic_dir
 from splice.io.peft import PEFT_PREFIX
 
-from .inject import _matcher, _record, adapter_layers, adapter_state, inject
+from .inject import (
+    _matcher,
+    _record,
+    adapter_state,
+    add_adapter,
+    inject,
+    remove_adapters,
+)
 from .layer import _Record
 
-__all__ = ["load_adapter", "lora_config", "read_peft", "save_adapter"]
+__all__ = ["load_adapter", "lora_config", "read_adapter", "read_peft", "save_adapter"]
 
 FORMAT = "splice.adapter/1"
 CONFIG_FILE = "splice_adapter.json"
@@ -42,6 +49,7 @@ def save_adapter(
     *,
     base_model: str | Path | None = None,
     model_kwargs: dict[str, Any] | None = None,
+    adapter_name: str | None = None,
 ) -> Path:
     """Write the adapter to a directory, atomically (temp dir, then rename).
 
@@ -50,22 +58,22 @@ def save_adapter(
     ``adapter_config.json`` + ``adapter_model.safetensors`` loadable by
     ``peft.PeftModel.from_pretrained`` (any method whose ΔW is low-rank is exported as LoRA).
     ``base_model`` (a local dir) and ``model_kwargs`` let ``load_adapter(None, path)`` rebuild
-    the model.
+    the model. ``adapter_name`` picks one of several adapters (default: the first loaded).
     """
     from safetensors.torch import save_file
 
     path = Path(path)
-    record, _ = _record(model)
+    record, _ = _record(model, adapter_name)
     base = {
         "base_model": str(Path(base_model).resolve()) if base_model else None,
         "model_class": type(model).__name__ if _is_transformers(model) else None,
         "model_kwargs": model_kwargs or {},
     }
     if format == "peft":
-        config, tensors = peft_files(model, record, base)
+        config, tensors = peft_files(model, record, base, adapter_name)
     elif format == "splice":
         config = {"format": FORMAT, **record.to_json(), **base}
-        tensors = adapter_state(model)
+        tensors = adapter_state(model, adapter_name)
     else:
         raise SpliceError(f"unknown adapter format {format!r}", fix="use 'splice' or 'peft'")
     weights_file = "adapter_model.safetensors" if format == "peft" else WEIGHTS_FILE
@@ -77,55 +85,88 @@ def save_adapter(
     return path
 
 
-def load_adapter(model: nn.Module | None, path: str | Path) -> nn.Module:
-    """Inject and load a saved adapter (splice or PEFT LoRA dir) into ``model``; returns it.
-
-    With ``model=None`` the base model is loaded from the path recorded in the adapter
-    (``base_model``, a local ``transformers`` dir), so the adapter dir alone suffices.
-
-    Raises:
-        SpliceError: not an adapter dir, the model lacks a recorded site, or tensors mismatch.
-    """
+def read_adapter(path: Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """An adapter dir (splice or PEFT LoRA) as (splice record, splice adapter state)."""
     from safetensors.torch import load_file
 
-    path = Path(path)
     if (path / CONFIG_FILE).is_file():
         info = json.loads((path / CONFIG_FILE).read_text())
         if info.get("format") != FORMAT:
             raise SpliceError(f"unsupported adapter format {info.get('format')!r}", where=str(path))
-        tensors = load_file(str(path / WEIGHTS_FILE))
-    elif (path / "adapter_config.json").is_file():
-        info, tensors = read_peft(path)
-    else:
-        raise SpliceError(
-            "not an adapter directory",
-            where=str(path),
-            fix=f"expected {CONFIG_FILE} or a PEFT adapter_config.json",
-        )
+        return info, load_file(str(path / WEIGHTS_FILE))
+    if (path / "adapter_config.json").is_file():
+        return read_peft(path)
+    raise SpliceError(
+        "not an adapter directory",
+        where=str(path),
+        fix=f"expected {CONFIG_FILE} or a PEFT adapter_config.json",
+    )
+
+
+def load_adapter(
+    model: nn.Module | None, path: str | Path, *, adapter_name: str | None = None
+) -> nn.Module:
+    """Inject and load a saved adapter (splice or PEFT LoRA dir) into ``model``; returns it.
+
+    With ``model=None`` the base model is loaded from the path recorded in the adapter
+    (``base_model``, a local ``transformers`` dir), so the adapter dir alone suffices.
+    ``adapter_name`` adds it under that name next to the adapters ``model`` already holds
+    (:func:`~splice.adapters.add_adapter`); without it the model must have none.
+
+    Raises:
+        SpliceError: not an adapter dir, the model lacks a recorded site, the adapter was
+            trained on a base of other shapes, or tensors mismatch (nothing is left loaded).
+    """
+    path = Path(path)
+    info, tensors = read_adapter(path)
     if model is None:
         model = _load_base_model(info, path)
-    inject(
-        model,
-        info["method"],
-        info["targets"],
-        layers=info.get("layers"),
-        modules_to_save=info.get("modules_to_save") or (),
-        **info["config"],
-    )
-    sites = set(adapter_layers(model))
-    if sites != set(info["sites"]):
-        missing = sorted(set(info["sites"]) ^ sites)
+    kwargs = dict(layers=info.get("layers"), modules_to_save=info.get("modules_to_save") or ())
+    if adapter_name is None:
+        inject(model, info["method"], info["targets"], **kwargs, **info["config"])
+    else:
+        add_adapter(
+            model, adapter_name, info["method"], info["targets"], **kwargs, **info["config"]
+        )
+    try:
+        _check_fit(model, info, path, adapter_name)
+        _load_state(model, tensors, path, adapter_name)
+    except SpliceError:
+        if adapter_name is None:
+            remove_adapters(model, merge=False)
+        else:
+            from ._multi import delete_adapter
+
+            delete_adapter(model, adapter_name)
+        raise
+    return model
+
+
+def _check_fit(model: nn.Module, info: dict[str, Any], path: Path, name: str | None) -> None:
+    """The model's matched layers and their shapes are those the adapter was trained on."""
+    _, layers = _record(model, name)
+    if set(layers) != set(info["sites"]):
+        missing = sorted(set(info["sites"]) ^ set(layers))
         raise SpliceError(
             f"the model's matched layers differ from the adapter's (e.g. {missing[:1]})",
             where=str(path),
             fix="load the adapter into the base model it was trained on",
         )
-    _load_state(model, tensors, path)
-    return model
+    for site, shape in (info.get("shapes") or {}).items():
+        have = tuple(layers[site].weight.shape)
+        if have != tuple(shape):
+            raise SpliceError(
+                f"the adapter was trained on a base whose {site} weight is {tuple(shape)}, "
+                f"this model's is {have}",
+                where=str(path),
+                fix="load adapters trained on this base model (same architecture and size)",
+            )
 
 
-def _load_state(model: nn.Module, tensors: dict[str, Tensor], path: Path) -> None:
-    expected = adapter_state(model)
+def _load_state(
+    model: nn.Module, tensors: dict[str, Tensor], path: Path, name: str | None = None
+) -> None:
+    expected = adapter_state(model, name)
     missing = sorted(set(expected) - set(tensors))
     extra = sorted(set(tensors) - set(expected))
     if missing or extra:
@@ -168,18 +209,21 @@ def _load_base_model(info: dict[str, Any], path: Path) -> nn.Module:
 
 
 def peft_files(
-    model: nn.Module, record: _Record, base: dict[str, Any]
+    model: nn.Module, record: _Record, base: dict[str, Any], adapter_name: str | None = None
 ) -> tuple[dict[str, Any], dict[str, Tensor]]:
-    """The ``adapter_config.json`` dict and ``adapter_model.safetensors`` tensors for ``model``."""
+    """The ``adapter_config.json`` dict and ``adapter_model.safetensors`` tensors for ``model``
+    (its adapter ``adapter_name``, default the first loaded)."""
     tensors: dict[str, Tensor] = {}
     ranks, scales, fan_in_fan_out = set(), set(), False
-    for name, layer in adapter_layers(model).items():
-        d = layer.delta()
+    _, layers = _record(model, adapter_name)
+    for name, layer in layers.items():
+        adapter = layer.get(adapter_name or layer._bank.names[0])
+        d = adapter.delta()
         if not isinstance(d, LowRank):
             raise SpliceError(f"{record.method} has no low-rank ΔW to export as LoRA", where=name)
         ranks.add(d.rank)
         scales.add(d.scale)
-        kind = layer.adapter.site.kind
+        kind = adapter.site.kind
         fan_in_fan_out |= kind == "conv1d_gpt2"
         a, b = (
             ("lora_embedding_A", "lora_embedding_B")
@@ -206,7 +250,7 @@ def peft_files(
     config = lora_config(
         r=r,
         alpha=alpha,
-        targets=list(adapter_layers(model)),
+        targets=list(layers),
         use_rslora=rslora,
         dropout=cfg.dropout,
         fan_in_fan_out=fan_in_fan_out,

@@ -254,6 +254,7 @@ def attach(
         None if layers is None else sorted(layers),
         list(modules_to_save),
         [site.name for _, _, site in found],
+        {site.name: list(site.weight_shape) for _, _, site in found},
     )
     for p in model.parameters():
         p.requires_grad_(False)

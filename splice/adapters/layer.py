@@ -12,7 +12,7 @@ with several adapters without code of its own. A method is one file that registe
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import pydantic
@@ -130,6 +130,7 @@ class _Record:
     layers: list[int] | None
     modules_to_save: list[str]
     sites: list[str]
+    shapes: dict[str, list[int]] = field(default_factory=dict)  # base weight shape per site
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -139,6 +140,7 @@ class _Record:
             "layers": self.layers,
             "modules_to_save": self.modules_to_save,
             "sites": self.sites,
+            "shapes": self.shapes,
         }
 
 
