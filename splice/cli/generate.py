@@ -8,6 +8,7 @@ from typing import Annotated, Any
 import typer
 
 from splice.cli import app
+from splice.cli._adapters import ActiveOption, AdapterOption, load_named
 from splice.cli._printers import print_json
 
 POLICIES = ("speculative", "ambedkar", "tq", "args", "cd")
@@ -54,6 +55,8 @@ def generate(
     as_json: Annotated[
         bool, typer.Option("--json", help="Print text and metrics as JSON.")
     ] = False,
+    adapter: AdapterOption = None,
+    active: ActiveOption = None,
 ) -> None:
     """Generate text: plain, exact speculative, AMBEDKAR, Transfer Q*, ARGS or CD decoding."""
     import pydantic
@@ -150,6 +153,7 @@ def _build(o: dict[str, Any]) -> dict[str, Any]:
     from splice.decode.ambedkar import require_same_vocab
 
     target, tok = load_causal_lm(o["model"], o["device"])
+    load_named(target, o["adapter"], o["active"])
     text = o["prompt"]
     if o["chat"] and getattr(tok, "chat_template", None):
         msgs = [{"role": "user", "content": text}]

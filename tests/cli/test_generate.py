@@ -94,3 +94,62 @@ def test_unbalanced_term_list_is_refused(dirs: dict[str, Path], tmp_path: Path) 
     r = _run(dirs["target"], "--prompt", "the", "--policy", "ambedkar", "--terms", terms)
     assert r.exit_code == 1
     assert "line 2 'rich' has 1 term(s), a pair needs 2" in str(r.exception)
+
+
+@pytest.fixture(scope="module")
+def adapter_dirs(dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Two LoRA adapters of the target (moved off init), the target with "b" merged in, and an
+    adapter of a wider base."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from splice.adapters import inject, remove_adapters, save_adapter
+
+    root = tmp_path_factory.mktemp("adapters")
+    out = {}
+    for seed, name in ((1, "a"), (2, "b")):
+        model = AutoModelForCausalLM.from_pretrained(dirs["target"])
+        inject(model, "lora", ["q_proj", "v_proj"], r=2)
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.add_(torch.randn(p.shape, generator=g))
+        out[name] = save_adapter(model, root / name)
+    remove_adapters(model, merge=True)
+    model.save_pretrained(root / "merged_b")
+    word_tokenizer(WORDS).save_pretrained(root / "merged_b")
+    out["merged_b"] = root / "merged_b"
+    from transformers import LlamaForCausalLM
+
+    cfg = tiny_llama(vocab=len(WORDS)).config
+    cfg.hidden_size, cfg.head_dim = 48, 12
+    wide = LlamaForCausalLM(cfg)
+    inject(wide, "lora", ["q_proj", "v_proj"], r=2)
+    out["wide"] = save_adapter(wide, root / "wide")
+    return out
+
+
+def test_named_adapters_and_the_active_one(dirs: dict[str, Path], adapter_dirs: dict) -> None:
+    common = ("--prompt", "the rich man", "--temperature", "0", "--max-new-tokens", "10")
+    merged = _json(adapter_dirs["merged_b"], *common)
+    a, b = (f"{n}={adapter_dirs[n]}" for n in ("a", "b"))
+    via_adapter = _json(dirs["target"], *common, "--adapter", a, "--adapter", b, "--active", "b")
+    weighted = _json(dirs["target"], *common, "--adapter", a, "--adapter", b, "--active", "b:1,a:0")
+    assert via_adapter["text"] == merged["text"] == weighted["text"]
+    assert _json(dirs["target"], *common, "--adapter", a, "--adapter", b)["text"] != merged["text"]
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (("--active", "c"), "no adapter named 'c' is loaded"),
+        (("--active", "a:x"), "weight 'x' of 'a' is not a number"),
+        (("--adapter", "WIDE"), "trained on a base whose"),
+    ],
+)
+def test_adapter_bad_input_is_one_line_exit_1(dirs, adapter_dirs, extra, message) -> None:
+    extra = tuple(f"w={adapter_dirs['wide']}" if e == "WIDE" else e for e in extra)
+    r = _run(dirs["target"], "--prompt", "the", "--adapter", f"a={adapter_dirs['a']}", *extra)
+    assert r.exit_code == 1
+    assert message in str(r.exception) and len(str(r.exception).splitlines()) == 1
