@@ -168,18 +168,21 @@ def in_encoder(name: str) -> bool:
 
 
 def set_task(model: nn.Module, task: int) -> nn.Module:
-    """Route every EPT layer by ``task``; merged layers are re-merged with the task's ΔW."""
+    """Route every EPT adapter (of every name) by ``task``; merged layers are re-merged with
+    the task's ΔW."""
     for layer in adapter_layers(model).values():
-        adapter = layer.adapter
-        if not isinstance(adapter, EPTAdapter):
+        epts = [a for a in layer.named_adapters().values() if isinstance(a, EPTAdapter)]
+        if not epts:
             continue
-        if not 0 <= task < adapter.cfg.tasks:
-            raise SpliceError(
-                f"task {task} outside 0..{adapter.cfg.tasks - 1}", fix="inject with tasks=T"
-            )
+        for adapter in epts:
+            if not 0 <= task < adapter.cfg.tasks:
+                raise SpliceError(
+                    f"task {task} outside 0..{adapter.cfg.tasks - 1}", fix="inject with tasks=T"
+                )
         merged = layer.merged
         layer.unmerge()
-        adapter.task = task
+        for adapter in epts:
+            adapter.task = task
         if merged:
             layer.merge()
     return model
