@@ -30,13 +30,9 @@ from splice.adapters import (
 )
 from splice.errors import SpliceError
 
-from .conftest import KINDS, METHOD_CASES, SITE_KIND, make_model, perturb
+from .conftest import KINDS, METHOD_CASES, make_model, perturb
+from .test_contract import CASES
 
-CASES = [
-    (case, kind)
-    for case, kind in itertools.product(sorted(METHOD_CASES), sorted(KINDS))
-    if SITE_KIND.get(kind, kind) in METHODS.get(METHOD_CASES[case][0]).kinds
-]
 MERGEABLE = sorted(c for c in METHOD_CASES if METHODS.get(METHOD_CASES[c][0]).mergeable)
 ROW_NAMES = ["a", "base", "b", "b", "a", "base"]
 
