@@ -53,6 +53,7 @@ class Rows:
         self.slots = tuple(slots)
         self.index = index
         self.weights = weights
+        self._last: tuple[Tensor, int, Tensor] | None = None
         if index is not None:
             index = index.reshape(-1).long().cpu()
             if index.numel() and not 0 <= int(index.min()) <= int(index.max()) < len(self.slots):
@@ -79,6 +80,16 @@ class Rows:
         """One adapter name per row (``"base"`` for none)."""
         slots = list(dict.fromkeys(names))
         return cls(slots, index=torch.tensor([slots.index(n) for n in names], dtype=torch.long))
+
+    def gather(self, x: Tensor, order: Tensor) -> Tensor:
+        """``x`` with its rows sorted by slot; the last input is reused (query, key and value
+        projections read the same hidden states)."""
+        last = self._last
+        if last is not None and last[0] is x and last[1] == x._version:
+            return last[2]
+        xs = x.index_select(0, order)
+        self._last = (x, x._version, xs)
+        return xs
 
     def order(self, device: torch.device) -> tuple[Tensor, Tensor]:
         """(rows sorted by slot, its inverse) on ``device``, moved there once."""

@@ -245,7 +245,7 @@ class AdaptedLayer(nn.Module):
         if len(spans) == 1:
             return spans[0][0](x, y)
         order, inverse = (None, None) if rows.sorted else rows.order(x.device)
-        xs = x if order is None else x.index_select(0, order)
+        xs = x if order is None else rows.gather(x, order)
         ys = y if order is None else y.index_select(0, order)
         parts = [ys[a:b] if ad is None else ad(xs[a:b], ys[a:b]) for ad, a, b in spans]
         out = torch.cat(parts)
