@@ -232,8 +232,15 @@ def trainable_parameters(model: nn.Module) -> ParamCount:
 
 
 def adapter_deltas(model: nn.Module) -> dict[str, Delta]:
-    """ΔW of every adapted layer keyed by the base tensor name (``….query.weight``)."""
-    return {f"{name}.weight": layer.delta() for name, layer in adapter_layers(model).items()}
+    """ΔW of every adapted layer keyed by the base tensor name (``….query.weight``), and Δb
+    (``….bias``) where the method changes the bias too (IA³ on outputs)."""
+    deltas: dict[str, Delta] = {}
+    for name, layer in adapter_layers(model).items():
+        deltas[f"{name}.weight"] = layer.delta()
+        bias = layer.bias_delta()
+        if bias is not None:
+            deltas[f"{name}.bias"] = bias
+    return deltas
 
 
 def merge_adapters(model: nn.Module) -> nn.Module:

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from splice._registry import Registry
 from splice._schema import Strict
-from splice.deltas import Delta
+from splice.deltas import Delta, Dense
 
 from ._sites import Site
 
@@ -43,7 +43,16 @@ class MethodConfig(Strict):
 
 
 class Adapter(nn.Module):
-    """One site's trainable change ΔW = scale·B@A. Subclasses implement :meth:`factors`."""
+    """One site's trainable change ΔW = scale·B@A. Subclasses implement :meth:`factors`.
+
+    A method whose change is not additive (DoRA rescales, IA³ scales, OFT rotates the base
+    weight) sets ``reads_base`` and implements :meth:`merged` and :meth:`unmerged` on the base
+    (weight, bias) instead; one that must see the input before the base layer does (IA³ on a
+    feed-forward layer, OFT) sets ``wraps_base`` and implements :meth:`around`.
+    """
+
+    reads_base: ClassVar[bool] = False
+    wraps_base: ClassVar[bool] = False
 
     def __init__(self, site: Site, scale: float, dropout: float = 0.0) -> None:
         super().__init__()
@@ -64,6 +73,28 @@ class Adapter(nn.Module):
     def delta(self) -> Delta:
         B, A = self.factors()
         return self.site.lowrank(B.detach(), A.detach(), self.scale)
+
+    def bind(self, base_layer: nn.Module) -> None:
+        """Remember the base layer (not as a submodule: its weights stay out of the state)."""
+        self._base = (base_layer,)
+
+    def base(self) -> tuple[Tensor, Tensor | None]:
+        """The base layer's (weight, bias) as stored."""
+        layer = self._base[0]
+        return self.site.weight(layer), getattr(layer, "bias", None)
+
+    def around(self, base: nn.Module, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        """The adapted output when ``wraps_base``: the method calls ``base`` itself."""
+        return self(x, base(x, *args, **kwargs))
+
+    def merged(self, w: Tensor, b: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """``reads_base``: the fp32 (weight, bias) with the change applied, stored layout
+        (the bias passed in, itself, when the method leaves it alone)."""
+        raise NotImplementedError
+
+    def unmerged(self, w: Tensor, b: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """``reads_base``: the inverse of :meth:`merged`, up to floating-point rounding."""
+        raise NotImplementedError
 
 
 class Method:
@@ -135,18 +166,38 @@ class AdaptedLayer(nn.Module):
         self.adapter = adapter
         self.merged = False
         self._record = record
+        adapter.bind(base_layer)
 
     @property
     def weight(self) -> Tensor:
         return self.base_layer.weight
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        if self.adapter.wraps_base and not self.merged:
+            return self.adapter.around(self.base_layer, x, *args, **kwargs)
         y = self.base_layer(x, *args, **kwargs)
         return y if self.merged else self.adapter(x, y)
 
     def delta(self) -> Delta:
         """ΔW in the base weight's layout (raises for input-dependent methods such as MoLA)."""
-        return self.adapter.delta()
+        if not self.adapter.reads_base:
+            return self.adapter.delta()
+        w, b = self._unmerged_base()
+        return Dense(self.adapter.merged(w, b)[0] - w)
+
+    def bias_delta(self) -> Delta | None:
+        """Δb for a method that changes the bias too (IA³ on outputs), else None."""
+        w, b = self._unmerged_base() if self.adapter.reads_base else (None, None)
+        if b is None:
+            return None
+        new = self.adapter.merged(w, b)[1]
+        return None if new is None or new is b else Dense(new - b)
+
+    def _unmerged_base(self) -> tuple[Tensor, Tensor | None]:
+        with torch.no_grad():
+            w, b = self.adapter.base()
+            w, b = w.detach().float(), None if b is None else b.detach().float()
+            return self.adapter.unmerged(w, b) if self.merged else (w, b)
 
     def merge(self) -> None:
         """W ← W + ΔW; idempotent."""
@@ -163,5 +214,21 @@ class AdaptedLayer(nn.Module):
     def _shift(self, sign: int) -> None:
         w = self.adapter.site.weight(self.base_layer)
         with torch.no_grad():
+            if self.adapter.reads_base:
+                self._shift_base(sign, w)
+                return
             d = self.delta().materialize(torch.float32).to(w.device)
             w.copy_((w.float() + d if sign > 0 else w.float() - d).to(w.dtype))
+
+    def _shift_base(self, sign: int, w: Tensor) -> None:
+        """Merge (W + ΔW, b + Δb: the exported deltas, bit for bit) or invert the change."""
+        b = getattr(self.base_layer, "bias", None)
+        if sign > 0:
+            new_w, new_b = w.float() + self.delta().materialize(torch.float32), None
+            db = self.bias_delta()
+            new_b = None if db is None else b.float() + db.materialize(torch.float32)
+        else:
+            new_w, new_b = self.adapter.unmerged(w.float(), None if b is None else b.float())
+        w.copy_(new_w.to(w.dtype))
+        if b is not None and new_b is not None:
+            b.copy_(new_b.to(b.dtype))
