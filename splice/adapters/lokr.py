@@ -83,7 +83,7 @@ class LoKrAdapter(Adapter):
         w1, w2 = self.kron_factors()
         x = self.dropout(x)
         if self.site.kind in ("linear", "conv1d_gpt2"):
-            (a, b), (c, d), _ = self.dims
+            _, (c, d), _ = self.dims
             h = torch.matmul(torch.matmul(w1.to(x.dtype), x.reshape(-1, c, d)), w2.t().to(x.dtype))
             return y.add(h.reshape(y.shape), alpha=self.scale)
         return y.add(self.site.down(x, torch.kron(w1, w2)), alpha=self.scale)
