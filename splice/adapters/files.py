@@ -214,7 +214,7 @@ def peft_files(
         base_model=base["base_model"],
         model_class=base["model_class"],
     )
-    return config, {k: v.detach() for k, v in tensors.items()}
+    return config, {k: v.detach().clone() for k, v in tensors.items()}  # no shared views
 
 
 def lora_config(
