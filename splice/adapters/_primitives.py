@@ -161,7 +161,8 @@ def seeded_kaiming(
     key = ("kaiming", seed, tuple(shapes), str(device))
     flat = _CACHE.get(key, 4 * sum(math.prod(s) for s in shapes), make)
     flat = make() if flat is None else flat
-    return tuple(t.view(s) for t, s in zip(flat.split([math.prod(s) for s in shapes]), shapes))
+    parts = flat.split([math.prod(s) for s in shapes])
+    return tuple(t.view(s) for t, s in zip(parts, shapes, strict=True))
 
 
 _CHUNK_ELEMENTS = 1 << 22  # bases generated per chunk; fixed so regeneration is identical
