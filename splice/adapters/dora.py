@@ -13,6 +13,8 @@ Trainable parameters: r·(d_in + d_out) + d_out per adapted matrix.
 
 from __future__ import annotations
 
+from typing import Any, ClassVar
+
 import torch
 from torch import Tensor, nn
 
@@ -85,6 +87,34 @@ class DoRA(Method):
     Config = LoRAConfig
     kinds = frozenset({"linear", "conv1d_gpt2", "conv"})
     lowrank = False  # m/‖W + ΔW‖ rescales whole rows: exported as a dense delta
+
+    peft_type = "DORA"  # peft: a LoRA with use_dora
+    peft_names: ClassVar[dict[str, str]] = {
+        "lora_A": "lora_A.weight",
+        "lora_B": "lora_B.weight",
+        "magnitude": "lora_magnitude_vector",
+    }
+    peft_tensors = tuple(peft_names.values())
+
+    def to_peft(self, cfg: LoRAConfig, sites: list[Site]) -> dict[str, Any]:
+        return {"peft_type": "LORA", "use_dora": True, "r": cfg.r, "lora_alpha": cfg.alpha,
+                "use_rslora": cfg.use_rslora, "lora_dropout": cfg.dropout, "bias": "none",
+                "rank_pattern": {}, "alpha_pattern": {}}  # fmt: skip
+
+    def from_peft(self, fields: dict[str, Any], shared: dict[str, Tensor]) -> dict[str, Any]:
+        fields.pop("use_dora")
+        keys = {"r": "r", "alpha": "lora_alpha", "use_rslora": "use_rslora"}
+        keys["dropout"] = "lora_dropout"
+        return {ours: fields.pop(theirs) for ours, theirs in keys.items() if theirs in fields}
+
+    def peft_shape(self, adapter: Adapter, name: str) -> tuple[int, ...] | None:
+        shape = adapter.site.weight_shape
+        if adapter.site.kind != "conv":
+            return None
+        ones = (1,) * (len(shape) - 2)
+        r = adapter.lora_A.shape[0]
+        return {"lora_A": (r, *shape[1:]), "lora_B": (shape[0], r, *ones),
+                "magnitude": (1, shape[0], *ones)}[name]  # fmt: skip
 
     def build(self, sites: list[Site], cfg: LoRAConfig) -> list[Adapter]:
         return [DoRAAdapter(site, cfg) for site in sites]

@@ -38,7 +38,7 @@ WEIGHTS_FILE = "splice_adapter.safetensors"
 def save_adapter(
     model: nn.Module,
     path: str | Path,
-    format: Literal["splice", "peft"] = "splice",
+    format: Literal["splice", "peft", "peft-lora"] = "splice",
     *,
     base_model: str | Path | None = None,
     model_kwargs: dict[str, Any] | None = None,
@@ -48,7 +48,9 @@ def save_adapter(
     ``splice``: ``splice_adapter.json`` (method, config, targets, sites) and
     ``splice_adapter.safetensors`` (trainable tensors, seeds, index maps). ``peft``:
     ``adapter_config.json`` + ``adapter_model.safetensors`` loadable by
-    ``peft.PeftModel.from_pretrained`` (any method whose ΔW is low-rank is exported as LoRA).
+    ``peft.PeftModel.from_pretrained``: a method peft has natively (DoRA, IA³, LoHa, LoKr,
+    VeRA, …) in its own format, any other whose ΔW is low-rank as LoRA. ``peft-lora``: always as
+    a PEFT LoRA (LoHa and VeRA are exact low-rank, of rank r² and r).
     ``base_model`` (a local dir) and ``model_kwargs`` let ``load_adapter(None, path)`` rebuild
     the model.
     """
@@ -61,15 +63,23 @@ def save_adapter(
         "model_class": type(model).__name__ if _is_transformers(model) else None,
         "model_kwargs": model_kwargs or {},
     }
-    if format == "peft":
+    from .layer import METHODS
+    from .peft_format import write_peft
+
+    if format == "peft" and METHODS.get(record.method).peft_type:
+        config, tensors = write_peft(model, record, base)
+    elif format in ("peft", "peft-lora"):
         config, tensors = peft_files(model, record, base)
     elif format == "splice":
         config = {"format": FORMAT, **record.to_json(), **base}
         tensors = adapter_state(model)
     else:
-        raise SpliceError(f"unknown adapter format {format!r}", fix="use 'splice' or 'peft'")
-    weights_file = "adapter_model.safetensors" if format == "peft" else WEIGHTS_FILE
-    config_file = "adapter_config.json" if format == "peft" else CONFIG_FILE
+        raise SpliceError(
+            f"unknown adapter format {format!r}", fix="use 'splice', 'peft' or 'peft-lora'"
+        )
+    peft = format != "splice"
+    weights_file = "adapter_model.safetensors" if peft else WEIGHTS_FILE
+    config_file = "adapter_config.json" if peft else CONFIG_FILE
     with atomic_dir(path) as tmp:
         tensors = {k: v.contiguous().cpu() for k, v in tensors.items()}
         save_file(tensors, str(tmp / weights_file), metadata={"format": FORMAT})
@@ -137,6 +147,8 @@ def _load_state(model: nn.Module, tensors: dict[str, Tensor], path: Path) -> Non
     with torch.no_grad():
         for key, t in tensors.items():
             dst = expected[key]
+            if dst.numel() == t.numel():  # PEFT's layout of the same values (IA³'s (d, 1))
+                t = t.reshape(dst.shape)
             if dst.shape != t.shape:
                 raise SpliceError(
                     f"shape {tuple(t.shape)} ≠ model's {tuple(dst.shape)}", where=f"{path}:{key}"
@@ -263,6 +275,11 @@ def read_peft(path: Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
     from splice.io import open_checkpoint
     from splice.io.peft import peft_full_tensors, peft_lora_factors
 
+    from .peft_format import read_peft_method
+
+    raw = json.loads((path / "adapter_config.json").read_text())
+    if raw.get("peft_type", "LORA") != "LORA" or raw.get("use_dora"):
+        return read_peft_method(path)
     ckpt = open_checkpoint(path)
     config = ckpt.config or {}
     # the model's own layers decide Conv1D transposes here: the factors are loaded as stored

@@ -81,6 +81,21 @@ class IA3(Method):
     kinds = frozenset({"linear", "conv1d_gpt2", "conv"})
     lowrank = False  # a per-channel rescaling of W: exported as a dense delta
 
+    peft_type = "IA3"
+    peft_tensors = ("ia3_l",)
+
+    def to_peft(self, cfg: IA3Config, sites: list[Site]) -> dict[str, Any]:
+        return {"feedforward_modules": [s.name for s in sites if _is_feedforward(s, cfg)]}
+
+    def from_peft(self, fields: dict[str, Any], shared: dict[str, Tensor]) -> dict[str, Any]:
+        return {"feedforward": list(fields.pop("feedforward_modules", None) or [])}
+
+    def peft_shape(self, adapter: Adapter, name: str) -> tuple[int, ...] | None:
+        n, site = adapter.ia3_l.numel(), adapter.site
+        if site.kind == "conv":
+            return (1, n, *[1] * (len(site.weight_shape) - 2))
+        return (1, n) if adapter.wraps_base else (n, 1)
+
     def build(self, sites: list[Site], cfg: IA3Config) -> list[Adapter]:
         for f in cfg.feedforward:
             if not any(s.name == f or s.name.endswith("." + f) for s in sites):

@@ -115,6 +115,26 @@ class Method:
     selected_by: ClassVar[tuple[str, ...]] = ()
     lowrank: ClassVar[bool] = True  # False if ΔW is not B@A (sparse): no PEFT LoRA export
 
+    # PEFT's name for the method (its ``peft_type``; DoRA: "DORA"), None where peft lacks it,
+    # and the tensor names PEFT gives the adapter's own where they differ (splice → peft).
+    peft_type: ClassVar[str | None] = None
+    peft_names: ClassVar[dict[str, str]] = {}
+    peft_tensors: ClassVar[tuple[str, ...]] = ()  # PEFT's names of the per-module tensors
+
+    def to_peft(self, cfg: Any, sites: list[Site]) -> dict[str, Any]:
+        """The method's fields of a PEFT ``adapter_config.json``."""
+        raise NotImplementedError
+
+    def from_peft(self, fields: dict[str, Any], shared: dict[str, Tensor]) -> dict[str, Any]:
+        """Splice options from a PEFT config; pops every field it implements from ``fields``
+        (:mod:`splice.adapters.peft_format` refuses any left that would change the math).
+        ``shared``: the dir's tensors outside any module (VeRA's saved projections)."""
+        raise NotImplementedError
+
+    def peft_shape(self, adapter: Adapter, name: str) -> tuple[int, ...] | None:
+        """The shape PEFT stores tensor ``name`` of ``adapter`` in (None: as splice does)."""
+        return None
+
     def build(self, sites: list[Site], cfg: Any) -> list[Adapter]:
         raise NotImplementedError
 

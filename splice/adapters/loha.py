@@ -10,6 +10,8 @@ Trainable parameters: 2r·(d_in + d_out) per adapted matrix.
 
 from __future__ import annotations
 
+from typing import Any
+
 import pydantic
 from torch import Tensor
 
@@ -49,6 +51,16 @@ class LoHa(Method):
     reference_url = "https://arxiv.org/abs/2108.06098"
     family = "reparameterized"
     Config = LoHaConfig
+
+    peft_type = "LOHA"
+    peft_tensors = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
+
+    def to_peft(self, cfg: LoHaConfig, sites: list[Site]) -> dict[str, Any]:
+        return {"r": cfg.r, "alpha": cfg.alpha, "rank_dropout": 0.0, "module_dropout": 0.0,
+                "use_effective_conv2d": False, "rank_pattern": {}, "alpha_pattern": {}}  # fmt: skip
+
+    def from_peft(self, fields: dict[str, Any], shared: dict[str, Tensor]) -> dict[str, Any]:
+        return {"r": fields.pop("r"), "alpha": fields.pop("alpha")}
 
     def build(self, sites: list[Site], cfg: LoHaConfig) -> list[Adapter]:
         return [LoHaAdapter(site, cfg) for site in sites]

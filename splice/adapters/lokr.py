@@ -11,6 +11,8 @@ of W1 times rank of W2): exported as a dense delta. Trainable parameters: the fa
 
 from __future__ import annotations
 
+from typing import Any
+
 import pydantic
 import torch
 from torch import Tensor, nn
@@ -101,6 +103,24 @@ class LoKr(Method):
     Config = LoKrConfig
     kinds = frozenset({"linear", "conv1d_gpt2", "conv"})
     lowrank = False  # W1 ⊗ W2 has rank rank(W1)·rank(W2): exported as a dense delta
+
+    peft_type = "LOKR"
+    peft_tensors = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")
+    _fields = ("r", "alpha", "decompose_both", "decompose_factor")
+
+    def to_peft(self, cfg: LoKrConfig, sites: list[Site]) -> dict[str, Any]:
+        return {**{k: getattr(cfg, k) for k in self._fields}, "rank_dropout": 0.0,
+                "module_dropout": 0.0, "rank_dropout_scale": False, "use_effective_conv2d": False,
+                "rank_pattern": {}, "alpha_pattern": {}}  # fmt: skip
+
+    def from_peft(self, fields: dict[str, Any], shared: dict[str, Tensor]) -> dict[str, Any]:
+        return {k: fields.pop(k) for k in self._fields if k in fields}
+
+    def peft_shape(self, adapter: Adapter, name: str) -> tuple[int, ...] | None:
+        if adapter.site.kind != "conv" or name != "lokr_w2":
+            return None
+        (_, b), (_, d), _ = adapter.dims
+        return (b, d, *adapter.site.weight_shape[2:])
 
     def build(self, sites: list[Site], cfg: LoKrConfig) -> list[Adapter]:
         return [LoKrAdapter(site, cfg) for site in sites]

@@ -11,9 +11,13 @@ machinery of every other factor method runs it, and exports it exactly.
 
 from __future__ import annotations
 
+from typing import Any
+
 import pydantic
 import torch
 from torch import Tensor, nn
+
+from splice.errors import SpliceError
 
 from ._primitives import seeded_kaiming
 from ._sites import Site
@@ -52,6 +56,29 @@ class VeRA(Method):
     family = "reparameterized"
     Config = VeRAConfig
     kinds = frozenset({"linear", "conv1d_gpt2"})
+
+    peft_type = "VERA"
+    peft_tensors = ("vera_lambda_b", "vera_lambda_d")
+
+    def to_peft(self, cfg: VeRAConfig, sites: list[Site]) -> dict[str, Any]:
+        return {"r": cfg.r, "projection_prng_key": cfg.seed, "save_projection": False,
+                "d_initial": cfg.d_initial, "vera_dropout": cfg.dropout,
+                "bias": "none"}  # fmt: skip
+
+    def from_peft(self, fields: dict[str, Any], shared: dict[str, Tensor]) -> dict[str, Any]:
+        options = {"r": fields.pop("r"), "seed": fields.pop("projection_prng_key", 0)}
+        options["d_initial"] = fields.pop("d_initial", 0.1)
+        options["dropout"] = fields.pop("vera_dropout", 0.0)
+        fields.pop("save_projection", None)
+        if shared:  # saved projections: splice regenerates them, so they must be the seed's
+            a, b = shared["vera_A"], shared["vera_B"]
+            mine = seeded_kaiming(options["seed"], (tuple(a.shape), tuple(b.shape)))
+            if not (torch.equal(mine[0], a.float()) and torch.equal(mine[1], b.float())):
+                raise SpliceError(
+                    "the dir's vera_A/vera_B are not the projections projection_prng_key draws",
+                    fix="re-save it with peft from the same seed",
+                )
+        return options
 
     def build(self, sites: list[Site], cfg: VeRAConfig) -> list[Adapter]:
         largest = (max(s.d_out for s in sites), max(s.d_in for s in sites))
