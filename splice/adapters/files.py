@@ -64,7 +64,7 @@ def save_adapter(
         "model_kwargs": model_kwargs or {},
     }
     from .layer import METHODS
-    from .peft_format import write_peft
+    from ._peft import write_peft
 
     if format == "peft" and METHODS.get(record.method).peft_type:
         config, tensors = write_peft(model, record, base)
@@ -275,7 +275,7 @@ def read_peft(path: Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
     from splice.io import open_checkpoint
     from splice.io.peft import peft_full_tensors, peft_lora_factors
 
-    from .peft_format import read_peft_method
+    from ._peft import read_peft_method
 
     raw = json.loads((path / "adapter_config.json").read_text())
     if raw.get("peft_type", "LORA") != "LORA" or raw.get("use_dora"):

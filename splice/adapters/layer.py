@@ -127,7 +127,7 @@ class Method:
 
     def from_peft(self, fields: dict[str, Any], shared: dict[str, Tensor]) -> dict[str, Any]:
         """Splice options from a PEFT config; pops every field it implements from ``fields``
-        (:mod:`splice.adapters.peft_format` refuses any left that would change the math).
+        (:mod:`splice.adapters._peft` refuses any left that would change the math).
         ``shared``: the dir's tensors outside any module (VeRA's saved projections)."""
         raise NotImplementedError
 
