@@ -63,8 +63,8 @@ def save_adapter(
         "model_class": type(model).__name__ if _is_transformers(model) else None,
         "model_kwargs": model_kwargs or {},
     }
-    from .layer import METHODS
     from ._peft import write_peft
+    from .layer import METHODS
 
     if format == "peft" and METHODS.get(record.method).peft_type:
         config, tensors = write_peft(model, record, base)

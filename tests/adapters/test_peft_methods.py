@@ -1,4 +1,4 @@
-"""PEFT dirs of DoRA, IA³, LoHa, LoKr and VeRA both ways, against the real ``peft``:
+"""PEFT dirs of DoRA, IA³, LoHa, LoKr, VeRA and OFT both ways, against the real ``peft``:
 ``PeftModel.from_pretrained`` on a splice-written dir and splice on a peft-written dir give the
 same outputs (1e-5) on tiny BERT (Linear), GPT-2 (Conv1D) and conv models."""
 
@@ -42,6 +42,10 @@ METHODS = {
                                             decompose_factor=2)),
     "vera": (dict(r=4, seed=3), lambda t: peft.VeraConfig(r=4, target_modules=t,
                                                           projection_prng_key=3)),
+    "oft": (dict(block_size=4), lambda t: peft.OFTConfig(r=0, oft_block_size=4, target_modules=t)),
+    "oft_coft_exact": (dict(block_size=4, constrained=True, eps=0.5, neumann=False),
+                       lambda t: peft.OFTConfig(r=0, oft_block_size=4, target_modules=t, coft=True,
+                                                eps=0.5, use_cayley_neumann=False)),
 }  # fmt: skip
 MODELS = {  # name → (builder, input kwargs, targets, methods peft supports there)
     "bert": (tiny_bert, lambda: dict(input_ids=IDS), BERT, set(METHODS)),
