@@ -130,6 +130,7 @@ def read_peft_method(path: Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
             state[peft_target_name(key)[0]] = t  # modules_to_save
     fields = {k: v for k, v in cfg.items() if k not in _META}
     options = method.from_peft(fields, extras)
+    method.peft_state(state, cfg)
     for key, value in fields.items():
         if not _inert(value):
             raise SpliceError(

@@ -27,6 +27,7 @@ __all__ = [
     "adapter_deltas",
     "adapter_layers",
     "adapter_state",
+    "after_step",
     "attach",
     "aux_loss",
     "find_sites",
@@ -273,6 +274,14 @@ def aux_loss(model: nn.Module) -> Tensor | None:
     record, layers = _record(model)
     adapters = [layer.adapter for layer in layers.values()]
     return METHODS.get(record.method)().aux_loss(adapters, record.config)
+
+
+def after_step(model: nn.Module, step: int) -> None:
+    """Let the method act after optimizer step ``step`` (AdaLoRA prunes ranks); the one
+    training loop calls it for the model it was given as ``aux``."""
+    record, layers = _record(model)
+    adapters = [layer.adapter for layer in layers.values()]
+    METHODS.get(record.method)().after_step(adapters, record.config, step)
 
 
 def adapter_state(model: nn.Module) -> dict[str, Tensor]:

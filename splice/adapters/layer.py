@@ -145,6 +145,13 @@ class Method:
         """An auxiliary loss from the last forward (router balance, task contrast), or None."""
         return None
 
+    def after_step(self, adapters: list[Adapter], cfg: Any, step: int) -> None:
+        """Called by the training loop after optimizer step ``step``, gradients still present
+        (AdaLoRA's rank allocation); most methods do nothing."""
+
+    def peft_state(self, state: dict[str, Tensor], config: dict[str, Any]) -> None:
+        """Adjust the state read from a PEFT dir in place (AdaLoRA: pruned ranks restored)."""
+
     def task_slots(self, cfg: Any) -> int:
         """How many task ids the method routes by (:meth:`set_task`); 0: it takes no task."""
         return 0

@@ -1,4 +1,4 @@
-"""PEFT dirs of DoRA, IA³, LoHa, LoKr, VeRA and OFT both ways, against the real ``peft``:
+"""PEFT dirs of DoRA, IA³, LoHa, LoKr, VeRA, OFT and AdaLoRA both ways, against the real ``peft``:
 ``PeftModel.from_pretrained`` on a splice-written dir and splice on a peft-written dir give the
 same outputs (1e-5) on tiny BERT (Linear), GPT-2 (Conv1D) and conv models."""
 
@@ -46,6 +46,9 @@ METHODS = {
     "oft_coft_exact": (dict(block_size=4, constrained=True, eps=0.5, neumann=False),
                        lambda t: peft.OFTConfig(r=0, oft_block_size=4, target_modules=t, coft=True,
                                                 eps=0.5, use_cayley_neumann=False)),
+    "adalora": (dict(r=4, target_r=2, total_step=10),
+                lambda t: peft.AdaLoraConfig(init_r=4, target_r=2, total_step=10,
+                                             target_modules=t)),
 }  # fmt: skip
 MODELS = {  # name → (builder, input kwargs, targets, methods peft supports there)
     "bert": (tiny_bert, lambda: dict(input_ids=IDS), BERT, set(METHODS)),
@@ -123,7 +126,7 @@ def test_modules_to_save_and_layers_to_transform_both_ways(tmp_path):
         (lambda: peft.LoraConfig(r=2, target_modules=["query", "value"], use_dora=True,
                                  rank_pattern={"value": 1}), "field rank_pattern="),
         (lambda: peft.FourierFTConfig(target_modules=["query"], n_frequency=10),
-         r"type 'FOURIERFT' is not a method splice has.*DORA.*IA3.*LOHA.*LOKR.*LORA.*VERA"),
+         r"'FOURIERFT' is not a method splice has.*ADALORA.*DORA.*IA3.*LOHA.*LOKR.*LORA.*OFT"),
     ],
 )  # fmt: skip
 def test_what_splice_does_not_implement_is_refused_by_name(config, message, tmp_path):
