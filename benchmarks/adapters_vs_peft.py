@@ -12,7 +12,8 @@ for peft's side too). Every side runs in its own child process (fresh allocator,
 machine. The step time is the median of ``--steps`` timed steps after ``--warmup``
 untimed ones. Every method peft has runs on both sides with the same settings (so the same
 trainable counts): LoRA, DoRA, LoHa, LoKr (r=8, alpha=16), VeRA (r=256), OFT (blocks of 32) on
-query/value, IA³ on key/value/FFN-out (scaling that output's input); each splice side is
+query/value, AdaLoRA (r=12; the step alone: peft allocates ranks and adds its regulariser
+outside it), IA³ on key/value/FFN-out (scaling that output's input); each splice side is
 reported against its peft side. NOLA, MoS, MoLA and EPT are reported relative to splice's
 LoRA, with their trainable counts, and DoRA too (the issue's target: ≤ 1.15× splice LoRA).
 ``--sides peft-dora,splice-dora --paired`` times one pair in one process.
@@ -51,6 +52,9 @@ PEFT_METHODS = {  # method → (splice options, peft config class name, its opti
     "lokr": ({"r": 8, "alpha": 16}, "LoKrConfig", {"r": 8, "alpha": 16}, TARGETS),
     "vera": ({"r": 256}, "VeraConfig", {"r": 256}, TARGETS),
     "oft": ({"block_size": 32}, "OFTConfig", {"r": 0, "oft_block_size": 32}, TARGETS),
+    # the step without the allocation and the regulariser: peft runs them outside the step
+    "adalora": ({"r": 12, "target_r": 8, "orth_reg_weight": 0.0}, "AdaLoraConfig",
+                {"init_r": 12, "target_r": 8, "total_step": 1000}, TARGETS),
     "ia3": ({"feedforward": ["output.dense"]}, "IA3Config",
             {"feedforward_modules": ["output.dense"]}, IA3_TARGETS),
 }  # fmt: skip
