@@ -28,7 +28,8 @@ from .layer import METHODS, Adapter, Method, MethodConfig
 
 class OFTConfig(MethodConfig):
     dropout: float = pydantic.Field(0.0, ge=0.0, le=0.0, description="OFT has no input dropout")
-    block_size: int = pydantic.Field(32, gt=1, description="size of each orthogonal block")
+    # not a --budget size knob (no declared bound): only the divisors of the width build
+    block_size: int = pydantic.Field(32, description="size of each orthogonal block (≥ 2)")
     block_share: bool = pydantic.Field(False, description="one block for the whole layer")
     neumann: bool = pydantic.Field(True, description="Cayley by the Neumann series (peft's)")
     neumann_terms: int = pydantic.Field(5, gt=0, description="terms of the Neumann series")
@@ -37,9 +38,10 @@ class OFTConfig(MethodConfig):
 
 
 def _blocks(site: Site, cfg: OFTConfig) -> int:
-    if site.d_in % cfg.block_size:
+    if cfg.block_size < 2 or site.d_in % cfg.block_size:
         raise SpliceError(
-            f"oft block_size={cfg.block_size} does not divide the input size {site.d_in}",
+            f"oft block_size={cfg.block_size} is not ≥ 2 or does not divide the input size "
+            f"{site.d_in}",
             where=site.name,
             fix="pick a block_size that divides every adapted layer's input size",
         )
@@ -145,5 +147,6 @@ class OFT(Method):
         return [OFTAdapter(site, cfg) for site in sites]
 
     def num_parameters(self, sites: list[Site], cfg: OFTConfig) -> int:
-        b = cfg.block_size
-        return sum(_blocks(s, cfg) * b * (b - 1) // 2 for s in sites)
+        b = cfg.block_size  # the formula only: build() refuses a b that does not divide d_in
+        blocks = [1 if cfg.block_share else s.d_in // b for s in sites]
+        return sum(n * b * (b - 1) // 2 for n in blocks)

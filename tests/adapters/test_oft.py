@@ -58,5 +58,5 @@ def test_coft_projects_q_into_its_ball():
 
 def test_block_size_must_divide_the_input():
     model, _ = make_model("linear")
-    with pytest.raises(SpliceError, match="block_size=3 does not divide the input size 8"):
+    with pytest.raises(SpliceError, match="block_size=3 is not ≥ 2 or does not divide the input"):
         inject(model, "oft", ["proj"], block_size=3)
