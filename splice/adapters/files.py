@@ -23,7 +23,7 @@ from splice.io.atomic import atomic_dir
 from splice.io.peft import PEFT_PREFIX
 
 from .inject import _matcher, _record, adapter_layers, adapter_state, inject
-from .layer import _Record
+from .layer import AdaptedLayer, _Record
 
 __all__ = ["load_adapter", "lora_config", "read_peft", "save_adapter"]
 
@@ -40,6 +40,7 @@ def save_adapter(
     path: str | Path,
     format: Literal["splice", "peft", "peft-lora"] = "splice",
     *,
+    rank: int | None = None,
     base_model: str | Path | None = None,
     model_kwargs: dict[str, Any] | None = None,
 ) -> Path:
@@ -50,7 +51,10 @@ def save_adapter(
     ``adapter_config.json`` + ``adapter_model.safetensors`` loadable by
     ``peft.PeftModel.from_pretrained``: a method peft has natively (DoRA, IA³, LoHa, LoKr,
     VeRA, …) in its own format, any other whose ΔW is low-rank as LoRA. ``peft-lora``: always as
-    a PEFT LoRA (LoHa and VeRA are exact low-rank, of rank r² and r).
+    a PEFT LoRA (LoHa and VeRA are exact low-rank, of rank r² and r); with ``rank`` a method
+    whose ΔW is not low-rank (DoRA, LoKr, OFT, IA³ without biases) is written as its rank-N
+    truncated SVD, and each tensor's relative error ‖ΔW − BA‖_F/‖ΔW‖_F goes to
+    ``lora_export.json`` beside it.
     ``base_model`` (a local dir) and ``model_kwargs`` let ``load_adapter(None, path)`` rebuild
     the model.
     """
@@ -66,10 +70,11 @@ def save_adapter(
     from ._peft import write_peft
     from .layer import METHODS
 
+    errors: dict[str, float] = {}
     if format == "peft" and METHODS.get(record.method).peft_type:
         config, tensors = write_peft(model, record, base)
     elif format in ("peft", "peft-lora"):
-        config, tensors = peft_files(model, record, base)
+        config, tensors = peft_files(model, record, base, rank, errors)
     elif format == "splice":
         config = {"format": FORMAT, **record.to_json(), **base}
         tensors = adapter_state(model)
@@ -84,6 +89,10 @@ def save_adapter(
         tensors = {k: v.contiguous().cpu() for k, v in tensors.items()}
         save_file(tensors, str(tmp / weights_file), metadata={"format": FORMAT})
         (tmp / config_file).write_text(json.dumps(config, indent=2) + "\n")
+        if errors:
+            worst = max(errors.values())
+            report = {"rank": rank, "relative_error_max": worst, "relative_error": errors}
+            (tmp / "lora_export.json").write_text(json.dumps(report, indent=2) + "\n")
     return path
 
 
@@ -179,16 +188,46 @@ def _load_base_model(info: dict[str, Any], path: Path) -> nn.Module:
 # PEFT LoRA format ------------------------------------------------------------------------------
 
 
+def _lowrank(
+    name: str, layer: AdaptedLayer, rank: int | None, errors: dict[str, float]
+) -> LowRank:
+    """The layer's ΔW as LoRA factors: itself when low-rank, else its rank-``rank`` SVD."""
+    d = layer.delta()
+    if isinstance(d, LowRank):
+        return d
+    method = layer._record.method
+    if rank is None:
+        raise SpliceError(
+            f"{method}'s ΔW is not low-rank, so it has no exact LoRA form",
+            where=name,
+            fix="save_adapter(..., format='peft-lora', rank=N) writes its rank-N truncated "
+            "SVD and reports the error; format='peft' writes peft's own format",
+        )
+    if layer.bias_delta() is not None:
+        raise SpliceError(f"{method} changes the bias too, which a LoRA cannot carry", where=name)
+    site = layer.adapter.site
+    m = site.canonical(d.materialize(torch.float32)).double()
+    u, s, vh = torch.linalg.svd(m, full_matrices=False)
+    k = min(rank, s.numel())
+    b = torch.nn.functional.pad(u[:, :k] * s[:k].sqrt(), (0, rank - k))
+    a = torch.nn.functional.pad(s[:k].sqrt()[:, None] * vh[:k], (0, 0, 0, rank - k))
+    errors[name] = float(torch.linalg.matrix_norm(m - b @ a) / torch.linalg.matrix_norm(m))
+    return site.lowrank(b.float(), a.float(), 1.0)
+
+
 def peft_files(
-    model: nn.Module, record: _Record, base: dict[str, Any]
+    model: nn.Module,
+    record: _Record,
+    base: dict[str, Any],
+    rank: int | None = None,
+    errors: dict[str, float] | None = None,
 ) -> tuple[dict[str, Any], dict[str, Tensor]]:
-    """The ``adapter_config.json`` dict and ``adapter_model.safetensors`` tensors for ``model``."""
+    """The ``adapter_config.json`` dict and ``adapter_model.safetensors`` tensors for ``model``
+    as a PEFT LoRA (``rank``: truncate ΔW that is not low-rank; errors into ``errors``)."""
     tensors: dict[str, Tensor] = {}
     ranks, scales, fan_in_fan_out = set(), set(), False
     for name, layer in adapter_layers(model).items():
-        d = layer.delta()
-        if not isinstance(d, LowRank):
-            raise SpliceError(f"{record.method} has no low-rank ΔW to export as LoRA", where=name)
+        d = _lowrank(name, layer, rank, {} if errors is None else errors)
         ranks.add(d.rank)
         scales.add(d.scale)
         kind = layer.adapter.site.kind

@@ -40,3 +40,27 @@ def test_magnitude_starts_at_the_weight_norm_and_gets_a_gradient():
     assert torch.allclose(a.magnitude, model.layers[0]["proj"].weight.norm(dim=1))
     model(x).sum().backward()
     assert a.magnitude.grad is not None and a.magnitude.grad.abs().sum() > 0
+
+
+def test_lora_export_is_a_truncated_svd_with_its_error_reported(tmp_path):
+    import json
+
+    from splice.adapters import adapter_deltas, load_adapter, save_adapter
+    from splice.errors import SpliceError
+
+    model, x = make_model("linear")
+    inject(model, "dora", ["proj"], r=3)
+    perturb(model)
+    with pytest.raises(SpliceError, match="not low-rank.*rank=N"):
+        save_adapter(model, tmp_path / "none", format="peft-lora")
+    deltas = adapter_deltas(model)
+    save_adapter(model, tmp_path / "r2", format="peft-lora", rank=2)
+    report = json.loads((tmp_path / "r2" / "lora_export.json").read_text())
+    for name, err in report["relative_error"].items():
+        s = torch.linalg.svdvals(deltas[f"{name}.weight"].materialize().double())
+        assert err == pytest.approx((s[2:].square().sum() / s.square().sum()).sqrt().item())
+    save_adapter(model, tmp_path / "full", format="peft-lora", rank=8)  # min(d_in, d_out)
+    fresh, _ = make_model("linear")
+    load_adapter(fresh, tmp_path / "full")
+    with torch.no_grad():
+        assert torch.allclose(fresh(x), model(x), atol=1e-5)
