@@ -51,7 +51,7 @@ def test_lora_export_is_a_truncated_svd_with_its_error_reported(tmp_path):
     model, x = make_model("linear")
     inject(model, "dora", ["proj"], r=3)
     perturb(model)
-    with pytest.raises(SpliceError, match="not low-rank.*rank=N"):
+    with pytest.raises(SpliceError, match=r"not low-rank.*rank=N"):
         save_adapter(model, tmp_path / "none", format="peft-lora")
     deltas = adapter_deltas(model)
     save_adapter(model, tmp_path / "r2", format="peft-lora", rank=2)
