@@ -188,9 +188,7 @@ def _load_base_model(info: dict[str, Any], path: Path) -> nn.Module:
 # PEFT LoRA format ------------------------------------------------------------------------------
 
 
-def _lowrank(
-    name: str, layer: AdaptedLayer, rank: int | None, errors: dict[str, float]
-) -> LowRank:
+def _lowrank(name: str, layer: AdaptedLayer, rank: int | None, errors: dict[str, float]) -> LowRank:
     """The layer's ΔW as LoRA factors: itself when low-rank, else its rank-``rank`` SVD."""
     d = layer.delta()
     if isinstance(d, LowRank):
