@@ -24,7 +24,7 @@ from splice.io.peft import PEFT_PREFIX, _check_variants, peft_target_name
 from .inject import _matcher, adapter_layers
 from .layer import METHODS, Method, _Record
 
-__all__ = ["peft_methods", "read_peft_method", "write_peft"]
+__all__ = ["peft_methods", "peft_record", "read_peft_method", "write_peft"]
 
 # Fields that describe the dir, not the math; and those that only set the initial values.
 _META = {
@@ -141,16 +141,25 @@ def read_peft_method(path: Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
             )
     if not sites:
         raise SpliceError(f"PEFT {method.peft_type} dir holds no adapter tensors", where=where)
-    saved = cfg.get("modules_to_save") or []
-    ordered = sorted(sites)
-    info = {
-        "method": name,
+    return peft_record(name, options, sorted(sites), state, cfg), state
+
+
+def peft_record(
+    method: str,
+    options: dict[str, Any],
+    sites: list[str],
+    state: dict[str, Tensor],
+    cfg: dict[str, Any],
+) -> dict[str, Any]:
+    """The splice adapter record of a PEFT dir: its sites by full name, the heads it saved."""
+    saved = cfg.get("modules_to_save") or []  # peft lists heads it may not have saved
+    return {
+        "method": method,
         "config": options,
-        "targets": ordered,
+        "targets": sites,
         "layers": None,
         "modules_to_save": [m for m in saved if any(f".{m}." in f".{k}" for k in state)],
-        "sites": ordered,
+        "sites": sites,
         "base_model": cfg.get("base_model_name_or_path"),
         "model_class": (cfg.get("auto_mapping") or {}).get("base_model_class"),
     }
-    return info, state

@@ -312,7 +312,7 @@ def read_peft(path: Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
     from splice.io import open_checkpoint
     from splice.io.peft import peft_full_tensors, peft_lora_factors
 
-    from ._peft import read_peft_method
+    from ._peft import peft_record, read_peft_method
 
     raw = json.loads((path / "adapter_config.json").read_text())
     if raw.get("peft_type", "LORA") != "LORA" or raw.get("use_dora"):
@@ -336,20 +336,10 @@ def read_peft(path: Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
         f = factors[f"{site}.weight"]
         state[f"{site}.adapter.lora_A"] = f.A.reshape(f.A.shape[0], -1)
         state[f"{site}.adapter.lora_B"] = f.B.reshape(-1, f.A.shape[0])
-    saved = config.get("modules_to_save") or []  # peft lists heads it may not have saved
-    info = {
-        "method": "lora",
-        "config": {
-            "r": r,
-            "alpha": alpha,
-            "use_rslora": rslora,
-            "dropout": config.get("lora_dropout", 0.0),
-        },
-        "targets": sites,
-        "layers": None,
-        "modules_to_save": [m for m in saved if any(f".{m}." in f".{k}" for k in state)],
-        "sites": sites,
-        "base_model": config.get("base_model_name_or_path"),
-        "model_class": (config.get("auto_mapping") or {}).get("base_model_class"),
+    options = {
+        "r": r,
+        "alpha": alpha,
+        "use_rslora": rslora,
+        "dropout": config.get("lora_dropout", 0.0),
     }
-    return info, state
+    return peft_record("lora", options, sites, state, config), state

@@ -55,10 +55,9 @@ class VeRA(Method):
     reference_url = "https://arxiv.org/abs/2310.11454"
     family = "reparameterized"
     Config = VeRAConfig
-    kinds = frozenset({"linear", "conv1d_gpt2"})
-
     peft_type = "VERA"
     peft_tensors = ("vera_lambda_b", "vera_lambda_d")
+    kinds = frozenset({"linear", "conv1d_gpt2"})  # as peft's VeRA
 
     def to_peft(self, cfg: VeRAConfig, sites: list[Site]) -> dict[str, Any]:
         return {"r": cfg.r, "projection_prng_key": cfg.seed, "save_projection": False,
