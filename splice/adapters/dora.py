@@ -99,12 +99,13 @@ class DoRA(Method):
     def to_peft(self, cfg: LoRAConfig, sites: list[Site]) -> dict[str, Any]:
         return {"peft_type": "LORA", "use_dora": True, "r": cfg.r, "lora_alpha": cfg.alpha,
                 "use_rslora": cfg.use_rslora, "lora_dropout": cfg.dropout, "bias": "none",
-                "rank_pattern": {}, "alpha_pattern": {}}  # fmt: skip
+                "rank_pattern": cfg.rank_pattern, "alpha_pattern": cfg.alpha_pattern}  # fmt: skip
 
     def from_peft(self, fields: dict[str, Any], shared: dict[str, Tensor]) -> dict[str, Any]:
         fields.pop("use_dora")
         keys = {"r": "r", "alpha": "lora_alpha", "use_rslora": "use_rslora"}
-        keys["dropout"] = "lora_dropout"
+        keys |= {"dropout": "lora_dropout", "rank_pattern": "rank_pattern"}
+        keys["alpha_pattern"] = "alpha_pattern"
         return {ours: fields.pop(theirs) for ours, theirs in keys.items() if theirs in fields}
 
     def peft_shape(self, adapter: Adapter, name: str) -> tuple[int, ...] | None:
@@ -117,7 +118,7 @@ class DoRA(Method):
                 "magnitude": (1, shape[0], *ones)}[name]  # fmt: skip
 
     def build(self, sites: list[Site], cfg: LoRAConfig) -> list[Adapter]:
-        return [DoRAAdapter(site, cfg) for site in sites]
+        return [DoRAAdapter(site, cfg.at(site)) for site in sites]
 
     def num_parameters(self, sites: list[Site], cfg: LoRAConfig) -> int:
-        return sum(cfg.r * (s.d_in + s.d_out) + s.d_out for s in sites)
+        return sum(cfg.at(s).r * (s.d_in + s.d_out) + s.d_out for s in sites)

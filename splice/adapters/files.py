@@ -237,16 +237,17 @@ def peft_files(
         )
         tensors[f"{PEFT_PREFIX}{name}.{a}"] = d.A
         tensors[f"{PEFT_PREFIX}{name}.{b}"] = d.B
-    if len(ranks) > 1 or len(scales) > 1:
+    cfg = record.config
+    patterned = record.method == "lora" and bool(cfg.rank_pattern or cfg.alpha_pattern)
+    if (len(ranks) > 1 or len(scales) > 1) and not patterned:
         raise SpliceError(
             f"sites differ in rank {sorted(ranks)} or scale {sorted(scales)}",
             fix="export to splice format, or use one rank and scale for every site",
         )
-    (r,), (scale,) = ranks, scales
-    cfg = record.config
     if record.method == "lora":
-        alpha, rslora = cfg.alpha, cfg.use_rslora
+        r, alpha, rslora = cfg.r, cfg.alpha, cfg.use_rslora
     else:
+        (r,), (scale,) = ranks, scales
         alpha, rslora = scale * r, False
     for mod_name, module in model.named_modules():
         if mod_name and _matcher(record.modules_to_save)(mod_name):
@@ -263,6 +264,8 @@ def peft_files(
         base_model=base["base_model"],
         model_class=base["model_class"],
     )
+    if patterned:
+        config |= {"rank_pattern": cfg.rank_pattern, "alpha_pattern": cfg.alpha_pattern}
     return config, {k: v.detach().clone() for k, v in tensors.items()}  # no shared views
 
 
@@ -305,10 +308,9 @@ def read_peft(path: Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
 
     Raises:
         SpliceError: not a LoRA (or DoRA, aLoRA, ``lora_bias``, a base-modifying init, pickle
-            weights: from the reader), per-module ranks or scales
-            (``rank_pattern``/``alpha_pattern``), or trained biases (``bias`` other than none).
+            weights: from the reader), or trained biases (``bias`` other than none).
+            Per-module ranks and scales (``rank_pattern``/``alpha_pattern``) load.
     """
-    from splice.deltas import lora_scale
     from splice.io import open_checkpoint
     from splice.io.peft import peft_full_tensors, peft_lora_factors
 
@@ -322,13 +324,12 @@ def read_peft(path: Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
     # the model's own layers decide Conv1D transposes here: the factors are loaded as stored
     factors = peft_lora_factors(ckpt)
     r, alpha, rslora = config["r"], config["lora_alpha"], bool(config.get("use_rslora"))
-    found = {(f.A.shape[0], lora_scale(f.alpha, f.A.shape[0], f.rslora)) for f in factors.values()}
-    if found != {(r, lora_scale(alpha, r, rslora))} or config.get("bias", "none") != "none":
+    if config.get("bias", "none") != "none":
         raise SpliceError(
-            "PEFT adapter has per-module ranks/alphas or trained biases, which splice's LoRA "
+            f"PEFT adapter has trained biases (bias={config['bias']!r}), which splice's LoRA "
             "does not load",
             where=str(path),
-            fix="re-save it as a plain LoRA (one r and lora_alpha, bias='none')",
+            fix="re-save it with bias='none'",
         )
     state = peft_full_tensors(ckpt)  # modules_to_save, keyed like splice's own
     sites = sorted(name.removesuffix(".weight") for name in factors)
@@ -341,5 +342,7 @@ def read_peft(path: Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
         "alpha": alpha,
         "use_rslora": rslora,
         "dropout": config.get("lora_dropout", 0.0),
+        "rank_pattern": config.get("rank_pattern") or {},  # checked against the factors
+        "alpha_pattern": config.get("alpha_pattern") or {},
     }
     return peft_record("lora", options, sites, state, config), state

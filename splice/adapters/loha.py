@@ -12,17 +12,16 @@ from __future__ import annotations
 
 from typing import Any
 
-import pydantic
 from torch import Tensor
 
 from ._primitives import scaling, uniform_parameter
 from ._sites import Site
-from .layer import METHODS, Adapter, Method, MethodConfig
+from .layer import METHODS, Adapter, Method
+from .lora import RankConfig
 
 
-class LoHaConfig(MethodConfig):
-    r: int = pydantic.Field(8, gt=0, description="rank of each of the two pairs")
-    alpha: float = pydantic.Field(16.0, description="scale numerator: s = alpha/r")
+class LoHaConfig(RankConfig):
+    """``r`` is the rank of each of the two pairs."""
 
 
 def khatri_rao(u1: Tensor, v1: Tensor, u2: Tensor, v2: Tensor) -> tuple[Tensor, Tensor]:
@@ -57,13 +56,15 @@ class LoHa(Method):
 
     def to_peft(self, cfg: LoHaConfig, sites: list[Site]) -> dict[str, Any]:
         return {"r": cfg.r, "alpha": cfg.alpha, "rank_dropout": 0.0, "module_dropout": 0.0,
-                "use_effective_conv2d": False, "rank_pattern": {}, "alpha_pattern": {}}  # fmt: skip
+                "use_effective_conv2d": False, "rank_pattern": cfg.rank_pattern,
+                "alpha_pattern": cfg.alpha_pattern}  # fmt: skip
 
     def from_peft(self, fields: dict[str, Any], shared: dict[str, Tensor]) -> dict[str, Any]:
-        return {"r": fields.pop("r"), "alpha": fields.pop("alpha")}
+        keys = ("r", "alpha", "rank_pattern", "alpha_pattern")
+        return {k: fields.pop(k) for k in keys if k in fields}
 
     def build(self, sites: list[Site], cfg: LoHaConfig) -> list[Adapter]:
-        return [LoHaAdapter(site, cfg) for site in sites]
+        return [LoHaAdapter(site, cfg.at(site)) for site in sites]
 
     def num_parameters(self, sites: list[Site], cfg: LoHaConfig) -> int:
-        return sum(2 * cfg.r * (s.d_in + s.d_out) for s in sites)
+        return sum(2 * cfg.at(s).r * (s.d_in + s.d_out) for s in sites)

@@ -21,12 +21,13 @@ from splice.deltas import Dense
 
 from ._primitives import scaling, uniform_parameter
 from ._sites import Site
-from .layer import METHODS, Adapter, Method, MethodConfig
+from .layer import METHODS, Adapter, Method
+from .lora import RankConfig
 
 
-class LoKrConfig(MethodConfig):
-    r: int = pydantic.Field(8, gt=0, description="rank of the decomposed Kronecker factors")
-    alpha: float = pydantic.Field(16.0, description="scale numerator: s = alpha/r")
+class LoKrConfig(RankConfig):
+    """``r`` is the rank of the decomposed Kronecker factors."""
+
     decompose_both: bool = pydantic.Field(False, description="low-rank W1 too")
     decompose_factor: int = pydantic.Field(-1, description="factor size (-1: nearest √n)")
 
@@ -106,12 +107,12 @@ class LoKr(Method):
 
     peft_type = "LOKR"
     peft_tensors = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")
-    _fields = ("r", "alpha", "decompose_both", "decompose_factor")
+    _fields = ("r", "alpha", "decompose_both", "decompose_factor", "rank_pattern", "alpha_pattern")
 
     def to_peft(self, cfg: LoKrConfig, sites: list[Site]) -> dict[str, Any]:
         return {**{k: getattr(cfg, k) for k in self._fields}, "rank_dropout": 0.0,
-                "module_dropout": 0.0, "rank_dropout_scale": False, "use_effective_conv2d": False,
-                "rank_pattern": {}, "alpha_pattern": {}}  # fmt: skip
+                "module_dropout": 0.0, "rank_dropout_scale": False,
+                "use_effective_conv2d": False}  # fmt: skip
 
     def from_peft(self, fields: dict[str, Any], shared: dict[str, Tensor]) -> dict[str, Any]:
         return {k: fields.pop(k) for k in self._fields if k in fields}
@@ -123,13 +124,14 @@ class LoKr(Method):
         return (b, d, *adapter.site.weight_shape[2:])
 
     def build(self, sites: list[Site], cfg: LoKrConfig) -> list[Adapter]:
-        return [LoKrAdapter(site, cfg) for site in sites]
+        return [LoKrAdapter(site, cfg.at(site)) for site in sites]
 
     def num_parameters(self, sites: list[Site], cfg: LoKrConfig) -> int:
         total = 0
         for s in sites:
             (a, b), (c, d), k = shapes(s, cfg)
-            low1 = cfg.decompose_both and cfg.r < max(a, c) / 2
-            total += cfg.r * (a + c) if low1 else a * c
-            total += cfg.r * (b + d * k) if cfg.r < max(b, d) / 2 else b * d * k
+            r = cfg.at(s).r
+            low1 = cfg.decompose_both and r < max(a, c) / 2
+            total += r * (a + c) if low1 else a * c
+            total += r * (b + d * k) if r < max(b, d) / 2 else b * d * k
         return total

@@ -123,8 +123,10 @@ def test_modules_to_save_and_layers_to_transform_both_ways(tmp_path):
     [
         (lambda: peft.LoHaConfig(r=2, target_modules=["query"], rank_dropout=0.1),
          "field rank_dropout=0.1 changes"),
-        (lambda: peft.LoraConfig(r=2, target_modules=["query", "value"], use_dora=True,
-                                 rank_pattern={"value": 1}), "field rank_pattern="),
+        (lambda: peft.OFTConfig(r=2, oft_block_size=0, target_modules=["query", "value"]),
+         "OFT config field r=2"),
+        (lambda: peft.LoKrConfig(r=2, target_modules=["query"], use_effective_conv2d=True),
+         "field use_effective_conv2d=True"),
         (lambda: peft.FourierFTConfig(target_modules=["query"], n_frequency=10),
          r"'FOURIERFT' is not a method splice has.*ADALORA.*DORA.*IA3.*LOHA.*LOKR.*LORA.*OFT"),
     ],
@@ -133,3 +135,31 @@ def test_what_splice_does_not_implement_is_refused_by_name(config, message, tmp_
     peft.get_peft_model(tiny_bert(), config()).save_pretrained(tmp_path / "d")
     with pytest.raises(SpliceError, match=message):
         load_adapter(tiny_bert(), tmp_path / "d")
+
+
+PATTERNED = {  # method → (peft config class, its r/alpha options)
+    "lora": ("LoraConfig", dict(lora_alpha=8)),
+    "dora": ("LoraConfig", dict(lora_alpha=8, use_dora=True)),
+    "loha": ("LoHaConfig", dict(alpha=8)),
+    "lokr": ("LoKrConfig", dict(alpha=8)),
+}
+PATTERNS = dict(rank_pattern={"value": 2}, alpha_pattern={"query": 3.0})
+
+
+@pytest.mark.parametrize("method", sorted(PATTERNED))
+def test_rank_and_alpha_patterns_both_ways(method, tmp_path):
+    ours = inject(tiny_bert(), method, BERT[:2], r=4, alpha=8, **PATTERNS)
+    a = ours.bert.encoder.layer[0].attention.self
+    assert a.value.adapter.scale == 8 / 2 and a.query.adapter.scale == 3.0 / 4
+    perturb(ours, std=0.1)
+    save_adapter(ours, tmp_path / "s", format="peft")
+    loaded = peft.PeftModel.from_pretrained(tiny_bert(), tmp_path / "s").eval()
+    assert torch.allclose(run(loaded, "bert"), run(ours, "bert"), atol=1e-5)
+    name, options = PATTERNED[method]
+    config = getattr(peft, name)(r=4, target_modules=BERT[:2], **options, **PATTERNS)
+    pm = peft.get_peft_model(tiny_bert(), config)
+    perturb(pm, std=0.1)
+    pm.eval()
+    pm.save_pretrained(tmp_path / "p")
+    assert torch.allclose(run(load_adapter(tiny_bert(), tmp_path / "p"), "bert"), run(pm, "bert"),
+                          atol=1e-5)  # fmt: skip
