@@ -77,8 +77,8 @@ class OFTAdapter(Adapter):
             return torch.linalg.solve(eye + q, eye - q, left=False)
         r, power = eye.clone(), eye
         for k in range(1, self.cfg.neumann_terms):
-            power = power @ q if k > 1 else q
-            r = r + power * (2.0 if k < self.cfg.neumann_terms - 1 else 1.0)
+            power = torch.bmm(power, q) if k > 1 else q
+            r.add_(power, alpha=2.0 if k < self.cfg.neumann_terms - 1 else 1.0)
         return r
 
     def _project(self, q: Tensor) -> Tensor:
@@ -90,7 +90,7 @@ class OFTAdapter(Adapter):
 
     def _rotate(self, x: Tensor, blocks: Tensor) -> Tensor:
         n = self.site.d_in // self.cfg.block_size
-        blocks = blocks.expand(n, -1, -1).to(x.dtype)
+        blocks = (blocks if blocks.shape[0] == n else blocks.expand(n, -1, -1)).to(x.dtype)
         xr = x.reshape(*x.shape[:-1], n, self.cfg.block_size)
         return torch.einsum("...rk,rkc->...rc", xr, blocks).reshape(x.shape)
 
