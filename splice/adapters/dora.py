@@ -4,7 +4,8 @@ W' = m ⊙ (W + s·B@A) / ‖W + s·B@A‖, the norm taken per output channel (p
 magnitude per row of the (d_out, d_in) weight) and detached from the graph (paper §4.3).
 m starts at ‖W‖, B at 0, so the model is unchanged at step 0. The forward never recomputes
 x·W nor builds the dense W + s·B@A: with g = m/‖·‖ it is y + (g − 1)⊙(y − b) + s·h·(g⊙B)ᵀ
-from the base output y, and the squared norm comes from the factors,
+from the base output y (one fused pass over it: (1 − g)⊙b + g⊙y), and the squared norm
+comes from the factors,
 ‖W_i‖² + 2s·⟨B_i, (W·Aᵀ)_i⟩ + s²·B_i(A·Aᵀ)B_iᵀ, with ‖W_i‖² cached while W is unchanged.
 With input dropout splice applies it to the low-rank branch only (peft also drops the input of
 its magnitude term); in eval both agree. ΔW is not low-rank: it is exported as a dense delta.
@@ -60,8 +61,10 @@ class DoRAAdapter(LoRAAdapter):
         B, A = self.factors()
         g = self.magnitude / self._norm(B, A)
         bias = self.base()[1]
-        plain = y if bias is None else y - self.site.per_out(bias, y)
-        y = torch.addcmul(y, plain, self.site.per_out(g - 1, y))
+        if bias is None:
+            y = y * self.site.per_out(g, y)
+        else:  # g⊙(y − b) + b as one pass over y: (1 − g)⊙b + g⊙y
+            y = torch.addcmul(self.site.per_out((1 - g) * bias, y), y, self.site.per_out(g, y))
         h = self.site.down(self.dropout(x), A)
         return self.site.up_add(y, h, B * g[:, None], self.scale)
 
