@@ -1,4 +1,4 @@
-"""Step time and peak memory of splice adapters vs peft LoRA on MiniLM-L6 (run by hand).
+"""Step time and peak memory of splice adapters vs peft's on MiniLM-L6 (run by hand).
 
     python benchmarks/adapters_vs_peft.py [--steps 20] [--warmup 5] [--json out.json]
                                           [--device cuda] [--model DIR [--random-init]]
@@ -10,8 +10,13 @@ for peft's side too). Every side runs in its own child process (fresh allocator,
 ``ru_maxrss``), one after another; ``--repeats`` interleaves several rounds and takes medians;
 ``--paired`` alternates the sides' steps in one process for time ratios that hold on a loaded
 machine. The step time is the median of ``--steps`` timed steps after ``--warmup``
-untimed ones. LoRA: r=8, alpha=16 on query/value for both peft and splice. NOLA, MoS, MoLA
-and EPT are reported relative to splice's LoRA, with their trainable counts.
+untimed ones. Every method peft has runs on both sides with the same settings (so the same
+trainable counts): LoRA, DoRA, LoHa, LoKr (r=8, alpha=16), VeRA (r=256), OFT (blocks of 32) on
+query/value, AdaLoRA (r=12; the step alone: peft allocates ranks and adds its regulariser
+outside it), IA³ on key/value/FFN-out (scaling that output's input); each splice side is
+reported against its peft side. NOLA, MoS, MoLA and EPT are reported relative to splice's
+LoRA, with their trainable counts, and DoRA too (the issue's target: ≤ 1.15× splice LoRA).
+``--sides peft-dora,splice-dora --paired`` times one pair in one process.
 
 ``--device cuda`` times on the GPU (synchronised steps) and adds each side's peak GPU memory
 (``torch.cuda.max_memory_allocated``). ``--model DIR`` takes another MiniLM dir; with
@@ -38,9 +43,27 @@ from _rss import peak_rss_mib
 
 BATCH, LENGTH, CLASSES = 32, 64, 4
 TARGETS = ["query", "value"]
+IA3_TARGETS = ["key", "value", "output.dense"]  # output.dense: attention's and the FFN's
+PEFT_METHODS = {  # method → (splice options, peft config class name, its options, targets)
+    "lora": ({"r": 8, "alpha": 16}, "LoraConfig", {"r": 8, "lora_alpha": 16}, TARGETS),
+    "dora": ({"r": 8, "alpha": 16}, "LoraConfig", {"r": 8, "lora_alpha": 16, "use_dora": True},
+             TARGETS),
+    "loha": ({"r": 8, "alpha": 16}, "LoHaConfig", {"r": 8, "alpha": 16}, TARGETS),
+    "lokr": ({"r": 8, "alpha": 16}, "LoKrConfig", {"r": 8, "alpha": 16}, TARGETS),
+    "vera": ({"r": 256}, "VeraConfig", {"r": 256}, TARGETS),
+    "oft": ({"block_size": 32}, "OFTConfig", {"r": 0, "oft_block_size": 32}, TARGETS),
+    # the step without the allocation and the regulariser: peft runs them outside the step
+    "adalora": ({"r": 12, "target_r": 8, "orth_reg_weight": 0.0}, "AdaLoraConfig",
+                {"init_r": 12, "target_r": 8, "total_step": 1000}, TARGETS),
+    "ia3": ({"feedforward": ["output.dense"]}, "IA3Config",
+            {"feedforward_modules": ["output.dense"]}, IA3_TARGETS),
+}  # fmt: skip
 SIDES = {  # name → (library, method, options)
-    "peft-lora": ("peft", "lora", {"r": 8, "alpha": 16}),
-    "splice-lora": ("splice", "lora", {"r": 8, "alpha": 16}),
+    **{
+        f"{lib}-{m}": (lib, m, opts)
+        for m, (opts, *_) in PEFT_METHODS.items()
+        for lib in ("peft", "splice")
+    },
     "splice-nola": ("splice", "nola", {"r": 8, "k": 256, "l": 256}),
     "splice-mos": ("splice", "mos", {"r": 6, "e": 1, "p": 0, "l": 4, "dropout": 0.0}),
     "splice-mola": ("splice", "mola", {"r": 8, "experts": 4, "top_k": 2, "dropout": 0.0}),
@@ -76,17 +99,17 @@ def build(side: str, args: argparse.Namespace):
     library, method, options = SIDES[side]
     torch.manual_seed(0)
     model = load_model(args.model, args.random_init)
+    targets = PEFT_METHODS[method][3] if method in PEFT_METHODS else TARGETS
     if library == "peft":
         import peft
 
-        config = peft.LoraConfig(
-            r=options["r"], lora_alpha=options["alpha"], target_modules=TARGETS, lora_dropout=0.0
-        )
+        _, config_class, peft_options, _ = PEFT_METHODS[method]
+        config = getattr(peft, config_class)(target_modules=targets, **peft_options)
         model = peft.get_peft_model(model, config)
     else:
         from splice import adapters
 
-        adapters.inject(model, method, TARGETS, **options)
+        adapters.inject(model, method, targets, **options)
     head = torch.nn.Linear(model.config.hidden_size, CLASSES)
     model.to(args.device)
     head.to(args.device)
@@ -242,14 +265,16 @@ def main() -> None:
             out += f" (GPU {r['peak_gpu_mb'] / ref['peak_gpu_mb']:.3f}×)"
         return out
 
-    lora = results.get("splice-lora")
-    if lora and "peft-lora" in results:
-        peft = results["peft-lora"]
+    pairs = [m for m in PEFT_METHODS if f"splice-{m}" in results and f"peft-{m}" in results]
+    if pairs:
+        print("\nsplice / peft, same method:  step time   peak RSS   trainable (splice vs peft)")
+    for m in pairs:
+        ours, theirs = results[f"splice-{m}"], results[f"peft-{m}"]
         print(
-            f"\nsplice LoRA / peft LoRA: step time {lora['median_s'] / peft['median_s']:.3f}×, "
-            f"peak RSS {rss(lora, peft)}, "
-            f"trainable {lora['trainable']:,} vs {peft['trainable']:,}"
+            f"  {m:6s}{ours['median_s'] / theirs['median_s']:24.3f}×{rss(ours, theirs):>11s}"
+            f"   {ours['trainable']:,} vs {theirs['trainable']:,}"
         )
+    lora = results.get("splice-lora")
     if lora:
         print("\nrelative to splice LoRA:  step time   peak RSS   trainable")
         for side, r in results.items():

@@ -23,6 +23,7 @@ __all__ = [
     "load_balance_loss",
     "scaling",
     "seeded_combination",
+    "seeded_kaiming",
     "seeded_uniform",
     "set_basis_cache",
     "site_seed",
@@ -140,6 +141,28 @@ def seeded_uniform(
     key = ("uniform", seed, tuple(shape), bound, str(device))
     made = _CACHE.get(key, 4 * math.prod(shape), make)
     return made if made is not None else make()
+
+
+def seeded_kaiming(
+    seed: int, shapes: tuple[tuple[int, int], ...], device: torch.device | str = "cpu"
+) -> tuple[Tensor, ...]:
+    """Matrices drawn one after another from one CPU generator seeded ``seed``, each
+    kaiming-uniform U(±√(6/fan_in)) with fan_in its second dim (VeRA's shared projections, drawn
+    as peft draws them from ``projection_prng_key``). Cached like :func:`seeded_uniform`."""
+
+    def make() -> Tensor:
+        g = torch.Generator().manual_seed(seed)
+        parts = []
+        for shape in shapes:
+            bound = math.sqrt(6.0 / shape[1])
+            parts.append(torch.empty(shape).uniform_(-bound, bound, generator=g).reshape(-1))
+        return torch.cat(parts).to(device)
+
+    key = ("kaiming", seed, tuple(shapes), str(device))
+    flat = _CACHE.get(key, 4 * sum(math.prod(s) for s in shapes), make)
+    flat = make() if flat is None else flat
+    parts = flat.split([math.prod(s) for s in shapes])
+    return tuple(t.view(s) for t, s in zip(parts, shapes, strict=True))
 
 
 _CHUNK_ELEMENTS = 1 << 22  # bases generated per chunk; fixed so regeneration is identical

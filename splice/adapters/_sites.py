@@ -62,6 +62,17 @@ class Site:
     def lowrank(self, B: Tensor, A: Tensor, scale: float) -> LowRank:
         return LowRank(B, A, scale, self.weight_shape)
 
+    def canonical(self, w: Tensor) -> Tensor:
+        """The stored weight as (d_out, d_in), a view; :meth:`stored` is its inverse."""
+        return w.reshape(self.d_out, -1)
+
+    def stored(self, m: Tensor) -> Tensor:
+        return m.reshape(self.weight_shape)
+
+    def per_out(self, v: Tensor, y: Tensor) -> Tensor:
+        """A per-output-channel vector ``v`` shaped to broadcast over the output ``y``."""
+        return v.to(y.dtype)
+
 
 class LinearSite(Site):
     kind = "linear"
@@ -74,6 +85,12 @@ class Conv1DSite(Site):
 
     def lowrank(self, B: Tensor, A: Tensor, scale: float) -> LowRank:
         return LowRank(B, A, scale, self.weight_shape, transpose=True)
+
+    def canonical(self, w: Tensor) -> Tensor:
+        return w.t()
+
+    def stored(self, m: Tensor) -> Tensor:
+        return m.t()
 
 
 @dataclass(frozen=True)
@@ -98,6 +115,9 @@ class EmbeddingSite(Site):
     def lowrank(self, B: Tensor, A: Tensor, scale: float) -> LowRank:
         return LowRank(B, A, scale, self.weight_shape, transpose=True)
 
+    canonical = Conv1DSite.canonical
+    stored = Conv1DSite.stored
+
 
 @dataclass(frozen=True)
 class ConvSite(Site):
@@ -121,6 +141,9 @@ class ConvSite(Site):
     def up_add(self, y: Tensor, h: Tensor, B: Tensor, scale: float) -> Tensor:
         b = B.to(h.dtype).reshape(*B.shape, *([1] * (len(self.weight_shape) - 2)))
         return y.add_(self._conv(h, b).to(y.dtype), alpha=scale)
+
+    def per_out(self, v: Tensor, y: Tensor) -> Tensor:
+        return v.to(y.dtype).reshape(-1, *([1] * (y.dim() - 2)))
 
     def lowrank(self, B: Tensor, A: Tensor, scale: float) -> LowRank:
         ones = [1] * (len(self.weight_shape) - 2)

@@ -30,7 +30,7 @@ from .inject import (
     inject,
     remove_adapters,
 )
-from .layer import _Record
+from .layer import Adapter, AdaptedLayer, _Record
 
 __all__ = ["load_adapter", "lora_config", "read_adapter", "read_peft", "save_adapter"]
 
@@ -45,8 +45,9 @@ WEIGHTS_FILE = "splice_adapter.safetensors"
 def save_adapter(
     model: nn.Module,
     path: str | Path,
-    format: Literal["splice", "peft"] = "splice",
+    format: Literal["splice", "peft", "peft-lora"] = "splice",
     *,
+    rank: int | None = None,
     base_model: str | Path | None = None,
     model_kwargs: dict[str, Any] | None = None,
     adapter_name: str | None = None,
@@ -56,7 +57,12 @@ def save_adapter(
     ``splice``: ``splice_adapter.json`` (method, config, targets, sites) and
     ``splice_adapter.safetensors`` (trainable tensors, seeds, index maps). ``peft``:
     ``adapter_config.json`` + ``adapter_model.safetensors`` loadable by
-    ``peft.PeftModel.from_pretrained`` (any method whose ΔW is low-rank is exported as LoRA).
+    ``peft.PeftModel.from_pretrained``: a method peft has natively (DoRA, IA³, LoHa, LoKr,
+    VeRA, …) in its own format, any other whose ΔW is low-rank as LoRA. ``peft-lora``: always as
+    a PEFT LoRA (LoHa and VeRA are exact low-rank, of rank r² and r); with ``rank`` a method
+    whose ΔW is not low-rank (DoRA, LoKr, OFT, IA³ without biases) is written as its rank-N
+    truncated SVD, and each tensor's relative error ‖ΔW − BA‖_F/‖ΔW‖_F goes to
+    ``lora_export.json`` beside it.
     ``base_model`` (a local dir) and ``model_kwargs`` let ``load_adapter(None, path)`` rebuild
     the model. ``adapter_name`` picks one of several adapters (default: the first loaded).
     """
@@ -69,19 +75,32 @@ def save_adapter(
         "model_class": type(model).__name__ if _is_transformers(model) else None,
         "model_kwargs": model_kwargs or {},
     }
-    if format == "peft":
-        config, tensors = peft_files(model, record, base, adapter_name)
+    from ._peft import write_peft
+    from .layer import METHODS
+
+    errors: dict[str, float] = {}
+    if format == "peft" and METHODS.get(record.method).peft_type:
+        config, tensors = write_peft(model, record, base, adapter_name)
+    elif format in ("peft", "peft-lora"):
+        config, tensors = peft_files(model, record, base, adapter_name, rank, errors)
     elif format == "splice":
         config = {"format": FORMAT, **record.to_json(), **base}
         tensors = adapter_state(model, adapter_name)
     else:
-        raise SpliceError(f"unknown adapter format {format!r}", fix="use 'splice' or 'peft'")
-    weights_file = "adapter_model.safetensors" if format == "peft" else WEIGHTS_FILE
-    config_file = "adapter_config.json" if format == "peft" else CONFIG_FILE
+        raise SpliceError(
+            f"unknown adapter format {format!r}", fix="use 'splice', 'peft' or 'peft-lora'"
+        )
+    peft = format != "splice"
+    weights_file = "adapter_model.safetensors" if peft else WEIGHTS_FILE
+    config_file = "adapter_config.json" if peft else CONFIG_FILE
     with atomic_dir(path) as tmp:
         tensors = {k: v.contiguous().cpu() for k, v in tensors.items()}
         save_file(tensors, str(tmp / weights_file), metadata={"format": FORMAT})
         (tmp / config_file).write_text(json.dumps(config, indent=2) + "\n")
+        if errors:
+            worst = max(errors.values())
+            report = {"rank": rank, "relative_error_max": worst, "relative_error": errors}
+            (tmp / "lora_export.json").write_text(json.dumps(report, indent=2) + "\n")
     return path
 
 
@@ -178,6 +197,8 @@ def _load_state(
     with torch.no_grad():
         for key, t in tensors.items():
             dst = expected[key]
+            if dst.numel() == t.numel():  # PEFT's layout of the same values (IA³'s (d, 1))
+                t = t.reshape(dst.shape)
             if dst.shape != t.shape:
                 raise SpliceError(
                     f"shape {tuple(t.shape)} ≠ model's {tuple(dst.shape)}", where=f"{path}:{key}"
@@ -208,19 +229,50 @@ def _load_base_model(info: dict[str, Any], path: Path) -> nn.Module:
 # PEFT LoRA format ------------------------------------------------------------------------------
 
 
+def _lowrank(
+    name: str, layer: AdaptedLayer, adapter: Adapter, rank: int | None, errors: dict[str, float]
+) -> LowRank:
+    """The adapter's ΔW as LoRA factors: itself when low-rank, else its rank-``rank`` SVD."""
+    d = layer.own_delta(adapter)
+    if isinstance(d, LowRank):
+        return d
+    method = layer._record.method
+    if rank is None:
+        raise SpliceError(
+            f"{method}'s ΔW is not low-rank, so it has no exact LoRA form",
+            where=name,
+            fix="save_adapter(..., format='peft-lora', rank=N) writes its rank-N truncated "
+            "SVD and reports the error; format='peft' writes peft's own format",
+        )
+    if layer.bias_delta(adapter) is not None:
+        raise SpliceError(f"{method} changes the bias too, which a LoRA cannot carry", where=name)
+    site = adapter.site
+    m = site.canonical(d.materialize(torch.float32)).double()
+    u, s, vh = torch.linalg.svd(m, full_matrices=False)
+    k = min(rank, s.numel())
+    b = torch.nn.functional.pad(u[:, :k] * s[:k].sqrt(), (0, rank - k))
+    a = torch.nn.functional.pad(s[:k].sqrt()[:, None] * vh[:k], (0, 0, 0, rank - k))
+    errors[name] = float(torch.linalg.matrix_norm(m - b @ a) / torch.linalg.matrix_norm(m))
+    return site.lowrank(b.float(), a.float(), 1.0)
+
+
 def peft_files(
-    model: nn.Module, record: _Record, base: dict[str, Any], adapter_name: str | None = None
+    model: nn.Module,
+    record: _Record,
+    base: dict[str, Any],
+    adapter_name: str | None = None,
+    rank: int | None = None,
+    errors: dict[str, float] | None = None,
 ) -> tuple[dict[str, Any], dict[str, Tensor]]:
     """The ``adapter_config.json`` dict and ``adapter_model.safetensors`` tensors for ``model``
-    (its adapter ``adapter_name``, default the first loaded)."""
+    (its adapter ``adapter_name``, default the first loaded) as a PEFT LoRA (``rank``: truncate
+    ΔW that is not low-rank; errors into ``errors``)."""
     tensors: dict[str, Tensor] = {}
     ranks, scales, fan_in_fan_out = set(), set(), False
     _, layers = _record(model, adapter_name)
     for name, layer in layers.items():
         adapter = layer.get(adapter_name or layer._bank.names[0])
-        d = adapter.delta()
-        if not isinstance(d, LowRank):
-            raise SpliceError(f"{record.method} has no low-rank ΔW to export as LoRA", where=name)
+        d = _lowrank(name, layer, adapter, rank, {} if errors is None else errors)
         ranks.add(d.rank)
         scales.add(d.scale)
         kind = adapter.site.kind
@@ -232,16 +284,17 @@ def peft_files(
         )
         tensors[f"{PEFT_PREFIX}{name}.{a}"] = d.A
         tensors[f"{PEFT_PREFIX}{name}.{b}"] = d.B
-    if len(ranks) > 1 or len(scales) > 1:
+    cfg = record.config
+    patterned = record.method == "lora" and bool(cfg.rank_pattern or cfg.alpha_pattern)
+    if (len(ranks) > 1 or len(scales) > 1) and not patterned:
         raise SpliceError(
             f"sites differ in rank {sorted(ranks)} or scale {sorted(scales)}",
             fix="export to splice format, or use one rank and scale for every site",
         )
-    (r,), (scale,) = ranks, scales
-    cfg = record.config
     if record.method == "lora":
-        alpha, rslora = cfg.alpha, cfg.use_rslora
+        r, alpha, rslora = cfg.r, cfg.alpha, cfg.use_rslora
     else:
+        (r,), (scale,) = ranks, scales
         alpha, rslora = scale * r, False
     for mod_name, module in model.named_modules():
         if mod_name and _matcher(record.modules_to_save)(mod_name):
@@ -258,7 +311,9 @@ def peft_files(
         base_model=base["base_model"],
         model_class=base["model_class"],
     )
-    return config, {k: v.detach() for k, v in tensors.items()}
+    if patterned:
+        config |= {"rank_pattern": cfg.rank_pattern, "alpha_pattern": cfg.alpha_pattern}
+    return config, {k: v.detach().clone() for k, v in tensors.items()}  # no shared views
 
 
 def lora_config(
@@ -300,25 +355,28 @@ def read_peft(path: Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
 
     Raises:
         SpliceError: not a LoRA (or DoRA, aLoRA, ``lora_bias``, a base-modifying init, pickle
-            weights: from the reader), per-module ranks or scales
-            (``rank_pattern``/``alpha_pattern``), or trained biases (``bias`` other than none).
+            weights: from the reader), or trained biases (``bias`` other than none).
+            Per-module ranks and scales (``rank_pattern``/``alpha_pattern``) load.
     """
-    from splice.deltas import lora_scale
     from splice.io import open_checkpoint
     from splice.io.peft import peft_full_tensors, peft_lora_factors
 
+    from ._peft import peft_record, read_peft_method
+
+    raw = json.loads((path / "adapter_config.json").read_text())
+    if raw.get("peft_type", "LORA") != "LORA" or raw.get("use_dora"):
+        return read_peft_method(path)
     ckpt = open_checkpoint(path)
     config = ckpt.config or {}
     # the model's own layers decide Conv1D transposes here: the factors are loaded as stored
     factors = peft_lora_factors(ckpt)
     r, alpha, rslora = config["r"], config["lora_alpha"], bool(config.get("use_rslora"))
-    found = {(f.A.shape[0], lora_scale(f.alpha, f.A.shape[0], f.rslora)) for f in factors.values()}
-    if found != {(r, lora_scale(alpha, r, rslora))} or config.get("bias", "none") != "none":
+    if config.get("bias", "none") != "none":
         raise SpliceError(
-            "PEFT adapter has per-module ranks/alphas or trained biases, which splice's LoRA "
+            f"PEFT adapter has trained biases (bias={config['bias']!r}), which splice's LoRA "
             "does not load",
             where=str(path),
-            fix="re-save it as a plain LoRA (one r and lora_alpha, bias='none')",
+            fix="re-save it with bias='none'",
         )
     state = peft_full_tensors(ckpt)  # modules_to_save, keyed like splice's own
     sites = sorted(name.removesuffix(".weight") for name in factors)
@@ -326,20 +384,12 @@ def read_peft(path: Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
         f = factors[f"{site}.weight"]
         state[f"{site}.adapter.lora_A"] = f.A.reshape(f.A.shape[0], -1)
         state[f"{site}.adapter.lora_B"] = f.B.reshape(-1, f.A.shape[0])
-    saved = config.get("modules_to_save") or []  # peft lists heads it may not have saved
-    info = {
-        "method": "lora",
-        "config": {
-            "r": r,
-            "alpha": alpha,
-            "use_rslora": rslora,
-            "dropout": config.get("lora_dropout", 0.0),
-        },
-        "targets": sites,
-        "layers": None,
-        "modules_to_save": [m for m in saved if any(f".{m}." in f".{k}" for k in state)],
-        "sites": sites,
-        "base_model": config.get("base_model_name_or_path"),
-        "model_class": (config.get("auto_mapping") or {}).get("base_model_class"),
+    options = {
+        "r": r,
+        "alpha": alpha,
+        "use_rslora": rslora,
+        "dropout": config.get("lora_dropout", 0.0),
+        "rank_pattern": config.get("rank_pattern") or {},  # checked against the factors
+        "alpha_pattern": config.get("alpha_pattern") or {},
     }
-    return info, state
+    return peft_record("lora", options, sites, state, config), state

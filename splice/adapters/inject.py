@@ -29,6 +29,7 @@ __all__ = [
     "adapter_layers",
     "adapter_state",
     "add_adapter",
+    "after_step",
     "attach",
     "aux_loss",
     "find_sites",
@@ -308,8 +309,15 @@ def trainable_parameters(model: nn.Module) -> ParamCount:
 
 
 def adapter_deltas(model: nn.Module) -> dict[str, Delta]:
-    """ΔW of every adapted layer keyed by the base tensor name (``….query.weight``)."""
-    return {f"{name}.weight": layer.delta() for name, layer in adapter_layers(model).items()}
+    """ΔW of every adapted layer keyed by the base tensor name (``….query.weight``), and Δb
+    (``….bias``) where the method changes the bias too (IA³ on outputs)."""
+    deltas: dict[str, Delta] = {}
+    for name, layer in adapter_layers(model).items():
+        deltas[f"{name}.weight"] = layer.delta()
+        bias = layer.bias_delta()
+        if bias is not None:
+            deltas[f"{name}.bias"] = bias
+    return deltas
 
 
 def merge_adapters(model: nn.Module) -> nn.Module:
@@ -344,6 +352,15 @@ def aux_loss(model: nn.Module) -> Tensor | None:
     name = adapter_names(model)[0]
     adapters = [layer.get(name) for layer in layers.values()]
     return METHODS.get(record.method)().aux_loss(adapters, record.config)
+
+
+def after_step(model: nn.Module, step: int) -> None:
+    """Let the method act after optimizer step ``step`` (AdaLoRA prunes ranks); the one
+    training loop calls it for the model it was given as ``aux`` (the first adapter loaded)."""
+    record, layers = _record(model)
+    name = adapter_names(model)[0]
+    adapters = [layer.get(name) for layer in layers.values()]
+    METHODS.get(record.method)().after_step(adapters, record.config, step)
 
 
 def adapter_state(model: nn.Module, adapter_name: str | None = None) -> dict[str, Tensor]:

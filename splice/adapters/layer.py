@@ -59,7 +59,16 @@ class MethodConfig(Strict):
 
 
 class Adapter(nn.Module):
-    """One site's trainable change ΔW = scale·B@A. Subclasses implement :meth:`factors`."""
+    """One site's trainable change ΔW = scale·B@A. Subclasses implement :meth:`factors`.
+
+    A method whose change is not additive (DoRA rescales, IA³ scales, OFT rotates the base
+    weight) sets ``reads_base`` and implements :meth:`merged` and :meth:`unmerged` on the base
+    (weight, bias) instead; one that must see the input before the base layer does (IA³ on a
+    feed-forward layer, OFT) sets ``wraps_base`` and implements :meth:`around`.
+    """
+
+    reads_base: ClassVar[bool] = False
+    wraps_base: ClassVar[bool] = False
 
     def __init__(self, site: Site, scale: float, dropout: float = 0.0) -> None:
         super().__init__()
@@ -81,6 +90,28 @@ class Adapter(nn.Module):
         B, A = self.factors()
         return self.site.lowrank(B.detach(), A.detach(), self.scale)
 
+    def bind(self, base_layer: nn.Module) -> None:
+        """Remember the base layer (not as a submodule: its weights stay out of the state)."""
+        self._base = (base_layer,)
+
+    def base(self) -> tuple[Tensor, Tensor | None]:
+        """The base layer's (weight, bias) as stored."""
+        layer = self._base[0]
+        return self.site.weight(layer), getattr(layer, "bias", None)
+
+    def around(self, base: nn.Module, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        """The adapted output when ``wraps_base``: the method calls ``base`` itself."""
+        return self(x, base(x, *args, **kwargs))
+
+    def merged(self, w: Tensor, b: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """``reads_base``: the fp32 (weight, bias) with the change applied, stored layout
+        (the bias passed in, itself, when the method leaves it alone)."""
+        raise NotImplementedError
+
+    def unmerged(self, w: Tensor, b: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """``reads_base``: the inverse of :meth:`merged`, up to floating-point rounding."""
+        raise NotImplementedError
+
 
 class Method:
     """A registered PEFT method: a config model, a builder of per-site adapters, a formula.
@@ -100,6 +131,26 @@ class Method:
     selected_by: ClassVar[tuple[str, ...]] = ()
     lowrank: ClassVar[bool] = True  # False if ΔW is not B@A (sparse): no PEFT LoRA export
 
+    # PEFT's name for the method (its ``peft_type``; DoRA: "DORA"), None where peft lacks it,
+    # and the tensor names PEFT gives the adapter's own where they differ (splice → peft).
+    peft_type: ClassVar[str | None] = None
+    peft_names: ClassVar[dict[str, str]] = {}
+    peft_tensors: ClassVar[tuple[str, ...]] = ()  # PEFT's names of the per-module tensors
+
+    def to_peft(self, cfg: Any, sites: list[Site]) -> dict[str, Any]:
+        """The method's fields of a PEFT ``adapter_config.json``."""
+        raise NotImplementedError
+
+    def from_peft(self, fields: dict[str, Any], shared: dict[str, Tensor]) -> dict[str, Any]:
+        """Splice options from a PEFT config; pops every field it implements from ``fields``
+        (:mod:`splice.adapters._peft` refuses any left that would change the math).
+        ``shared``: the dir's tensors outside any module (VeRA's saved projections)."""
+        raise NotImplementedError
+
+    def peft_shape(self, adapter: Adapter, name: str) -> tuple[int, ...] | None:
+        """The shape PEFT stores tensor ``name`` of ``adapter`` in (None: as splice does)."""
+        return None
+
     def build(self, sites: list[Site], cfg: Any) -> list[Adapter]:
         raise NotImplementedError
 
@@ -109,6 +160,13 @@ class Method:
     def aux_loss(self, adapters: list[Adapter], cfg: Any) -> Tensor | None:
         """An auxiliary loss from the last forward (router balance, task contrast), or None."""
         return None
+
+    def after_step(self, adapters: list[Adapter], cfg: Any, step: int) -> None:
+        """Called by the training loop after optimizer step ``step``, gradients still present
+        (AdaLoRA's rank allocation); most methods do nothing."""
+
+    def peft_state(self, state: dict[str, Tensor], config: dict[str, Any]) -> None:
+        """Adjust the state read from a PEFT dir in place (AdaLoRA: pruned ranks restored)."""
 
     def task_slots(self, cfg: Any) -> int:
         """How many task ids the method routes by (:meth:`set_task`); 0: it takes no task."""
@@ -164,7 +222,9 @@ class AdaptedLayer(nn.Module):
         self.records = {name: record}
         self.merged = False
         self._merged_set: tuple[tuple[str, float], ...] = ()
+        self._stash: tuple[Tensor, Tensor | None] | None = None
         self._bank = bank or _Bank([name], ((name, 1.0),))
+        adapter.bind(base_layer)
 
     @property
     def _record(self) -> _Record:
@@ -186,6 +246,7 @@ class AdaptedLayer(nn.Module):
         return self.extra._modules.get(name)  # type: ignore[return-value]
 
     def add(self, name: str, adapter: Adapter, record: _Record) -> None:
+        adapter.bind(self.base_layer)
         self.extra[name] = adapter
         self.records[name] = record
 
@@ -204,28 +265,44 @@ class AdaptedLayer(nn.Module):
     # forward -------------------------------------------------------------------------------
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-        y = self.base_layer(x, *args, **kwargs)
+        active = self._bank.active
         rows = self._bank.rows
+        single = self.get(active[0][0]) if len(active) == 1 and active[0][1] == 1.0 else None
+        if rows is None and not self.merged and single is not None and single.wraps_base:
+            return single.around(self.base_layer, x, *args, **kwargs)
+        y = self.base_layer(x, *args, **kwargs)
         if rows is not None:
-            return self._routed(x, y, rows)
+            return self._routed(x, y, rows, args, kwargs)
         if self.merged:
             return y
-        active = self._bank.active
         if len(active) == 1 and active[0][1] == 1.0:
-            adapter = self.get(active[0][0])
-            return y if adapter is None else adapter(x, y)
-        return self._mixed(x, y, [(self.get(n), w) for n, w in active])
+            return y if single is None else single(x, y)
+        return self._mixed(x, y, [(self.get(n), w) for n, w in active], args, kwargs)
 
-    @staticmethod
-    def _mixed(x: Tensor, y: Tensor, pairs: list[tuple[Adapter | None, Tensor | float]]) -> Tensor:
+    def _run_adapter(
+        self, adapter: Adapter, x: Tensor, y: Tensor, args: tuple, kwargs: dict
+    ) -> Tensor:
+        """One adapter's output on rows ``x`` whose base output is ``y``."""
+        if adapter.wraps_base:
+            return adapter.around(self.base_layer, x, *args, **kwargs)
+        return adapter(x, y)
+
+    def _mixed(
+        self,
+        x: Tensor,
+        y: Tensor,
+        pairs: list[tuple[Adapter | None, Tensor | float]],
+        args: tuple = (),
+        kwargs: dict | None = None,
+    ) -> Tensor:
         """y + Σ_k w_k·(adapter_k(x, y) − y): each adapter's change, weighted (any method)."""
         out = y
         for adapter, w in pairs:
             if adapter is not None:
-                out = out + w * (adapter(x, y.clone()) - y)
+                out = out + w * (self._run_adapter(adapter, x, y.clone(), args, kwargs or {}) - y)
         return out
 
-    def _routed(self, x: Tensor, y: Tensor, rows: Rows) -> Tensor:
+    def _routed(self, x: Tensor, y: Tensor, rows: Rows, args: tuple, kwargs: dict) -> Tensor:
         if self.merged:
             raise SpliceError(
                 "a mixed batch needs unmerged adapters", fix="unmerge_adapters(model) first"
@@ -238,16 +315,20 @@ class AdaptedLayer(nn.Module):
             )
         if rows.weights is not None:
             w = rows.weights.to(y.device, y.dtype).reshape(rows.n, -1, *[1] * (y.dim() - 1))
-            return self._mixed(x, y, [(self.get(n), w[:, k]) for k, n in enumerate(rows.slots)])
+            pairs = [(self.get(n), w[:, k]) for k, n in enumerate(rows.slots)]
+            return self._mixed(x, y, pairs, args, kwargs)
         spans = [(self.get(name), a, b) for name, a, b in rows.spans]
         if all(adapter is None for adapter, _, _ in spans):
             return y
         if len(spans) == 1:
-            return spans[0][0](x, y)
+            return self._run_adapter(spans[0][0], x, y, args, kwargs)
         order, inverse = (None, None) if rows.sorted else rows.order(x.device)
         xs = x if order is None else rows.gather(x, order)
         ys = y if order is None else y.index_select(0, order)
-        parts = [ys[a:b] if ad is None else ad(xs[a:b], ys[a:b]) for ad, a, b in spans]
+        parts = [
+            ys[a:b] if ad is None else self._run_adapter(ad, xs[a:b], ys[a:b], args, kwargs)
+            for ad, a, b in spans
+        ]
         out = torch.cat(parts)
         return out if inverse is None else out.index_select(0, inverse)
 
@@ -255,16 +336,66 @@ class AdaptedLayer(nn.Module):
 
     def delta(self) -> Delta:
         """ΔW of the active set in the base weight's layout: the adapter's own for one active
-        adapter, Σ_k w_k·ΔW_k (dense) for a weighted set; raises for input-dependent methods."""
+        adapter, Σ_k w_k·ΔW_k (dense) for a weighted set; raises for input-dependent methods.
+        A method that reads the base weight (DoRA, IA³, OFT) gives merged(W) − W at the
+        unmerged W."""
         active = [(a, w) for n, w in self._bank.active if (a := self.get(n)) is not None]
         if len(active) == 1 and active[0][1] == 1.0:
-            return active[0][0].delta()
+            return self.own_delta(active[0][0])
         if not active:
             return Dense(torch.zeros(self.adapter.site.weight_shape))
-        return Dense(sum(w * a.delta().materialize(torch.float32) for a, w in active))
+        return Dense(sum(w * self.own_delta(a).materialize(torch.float32) for a, w in active))
+
+    def own_delta(self, adapter: Adapter) -> Delta:
+        if not adapter.reads_base:
+            return adapter.delta()
+        w, b = self._unmerged_base(adapter)
+        return Dense(adapter.merged(w, b)[0] - w)
+
+    def _single_active(self) -> Adapter | None:
+        active = self._bank.active
+        if len(active) == 1 and active[0][1] == 1.0:
+            return self.get(active[0][0])
+        return None
+
+    def bias_delta(self, adapter: Adapter | None = None) -> Delta | None:
+        """Δb for a method that changes the bias too (IA³ on outputs), else None: of
+        ``adapter``, or of the active set (Σ_k w_k·Δb_k)."""
+        if adapter is not None:
+            return self._own_bias_delta(adapter)
+        parts = [
+            (w, d)
+            for n, w in self._bank.active
+            if (a := self.get(n)) is not None and (d := self._own_bias_delta(a)) is not None
+        ]
+        if not parts:
+            return None
+        if len(parts) == 1 and parts[0][0] == 1.0:
+            return parts[0][1]
+        return Dense(sum(w * d.materialize(torch.float32) for w, d in parts))
+
+    def _own_bias_delta(self, adapter: Adapter) -> Delta | None:
+        if not adapter.reads_base:
+            return None
+        w, b = self._unmerged_base(adapter)
+        if b is None:
+            return None
+        new = adapter.merged(w, b)[1]
+        return None if new is None or new is b else Dense(new - b)
+
+    def _unmerged_base(self, adapter: Adapter) -> tuple[Tensor, Tensor | None]:
+        with torch.no_grad():
+            w, b = adapter.base()
+            w, b = w.detach().float(), None if b is None else b.detach().float()
+            if not self.merged:
+                return w, b
+            if self._stash is not None:  # a weighted set that reads the base was merged
+                dw, db = self._stash
+                return w - dw, None if b is None or db is None else b - db
+            return adapter.unmerged(w, b)
 
     def merge(self) -> None:
-        """W ← W + ΔW of the active set; idempotent."""
+        """W ← W + ΔW (and b ← b + Δb) of the active set; idempotent."""
         if not self.merged:
             self._shift(+1)
             self.merged = True
@@ -282,6 +413,36 @@ class AdaptedLayer(nn.Module):
 
     def _shift(self, sign: int) -> None:
         w = self.adapter.site.weight(self.base_layer)
+        b = getattr(self.base_layer, "bias", None)
         with torch.no_grad():
-            d = self.delta().materialize(torch.float32).to(w.device)
-            w.copy_((w.float() + d if sign > 0 else w.float() - d).to(w.dtype))
+            single = self._single_active()
+            if single is not None and single.reads_base:
+                self._shift_base(sign, w, single)
+                return
+            if sign < 0 and self._stash is not None:
+                dw, db = self._stash
+                self._stash = None
+            else:
+                dw = self.delta().materialize(torch.float32).to(w.device)
+                bias = self.bias_delta()
+                db = None if bias is None else bias.materialize(torch.float32).to(w.device)
+                reads = (self.get(n) for n, _ in self._bank.active)
+                if any(a is not None and a.reads_base for a in reads):
+                    # W + Σ w_k·(W_k − W) cannot be recomputed once merged: keep it to unmerge
+                    self._stash = (dw, db)
+            w.copy_((w.float() + dw if sign > 0 else w.float() - dw).to(w.dtype))
+            if b is not None and db is not None:
+                b.copy_((b.float() + db if sign > 0 else b.float() - db).to(b.dtype))
+
+    def _shift_base(self, sign: int, w: Tensor, adapter: Adapter) -> None:
+        """Merge (W + ΔW, b + Δb: the exported deltas, bit for bit) or invert the change."""
+        b = getattr(self.base_layer, "bias", None)
+        if sign > 0:
+            new_w, new_b = w.float() + self.delta().materialize(torch.float32), None
+            db = self.bias_delta()
+            new_b = None if db is None else b.float() + db.materialize(torch.float32)
+        else:
+            new_w, new_b = adapter.unmerged(w.float(), None if b is None else b.float())
+        w.copy_(new_w.to(w.dtype))
+        if b is not None and new_b is not None:
+            b.copy_(new_b.to(b.dtype))

@@ -31,11 +31,12 @@ class TrainStep:
     """One optimizer step: ``grad_accum`` micro-batches, then clip, step and zero the grads.
 
     ``aux`` is the adapted model whose method adds an auxiliary loss (MoLA balance, EPT
-    contrast) to each micro-batch's; it is minimised, not logged. ``params`` (default: the
-    optimizer's) are clipped to a total gradient norm of ``grad_clip`` (0: off), in their
-    given order (the norm's summation order). ``ddp`` is the DistributedDataParallel wrapper,
-    if any: it syncs gradients on the last micro-batch only; the logged loss is the mean over
-    ranks.
+    contrast) to each micro-batch's; it is minimised, not logged. Its method also acts after
+    each optimizer step, before the gradients are zeroed (AdaLoRA's rank allocation).
+    ``params`` (default: the optimizer's) are clipped to a total gradient norm of
+    ``grad_clip`` (0: off), in their given order (the norm's summation order). ``ddp`` is the
+    DistributedDataParallel wrapper, if any: it syncs gradients on the last micro-batch only;
+    the logged loss is the mean over ranks.
     """
 
     loss: MicroLoss
@@ -56,6 +57,7 @@ class TrainStep:
         """Take optimizer step ``step`` (micro-batches ``step·grad_accum …``); returns its
         mean loss and the examples it saw on all ranks."""
         from splice.adapters import aux_loss
+        from splice.adapters.inject import after_step
 
         world = 1 if self.ddp is None else torch.distributed.get_world_size()
         accum, losses, seen = self.grad_accum, [], 0
@@ -74,6 +76,8 @@ class TrainStep:
         self.optimizer.step()
         if self.scheduler is not None:
             self.scheduler.step()
+        if self.aux is not None:
+            after_step(self.aux, step)
         self.optimizer.zero_grad(set_to_none=True)
         step_loss = 0.0  # read after the step: no device sync in its middle
         for loss in losses:

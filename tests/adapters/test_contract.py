@@ -67,13 +67,18 @@ def test_merge_unmerge_delta(case, kind):
     layers = adapter_layers(model)
     base = {n: layer.weight.detach().clone() for n, layer in layers.items()}
     deltas = adapter_deltas(model)
-    assert all(d.materialize().abs().max() > 0 for d in deltas.values())
+    assert all(d.materialize().abs().max() > 0 for k, d in deltas.items() if k.endswith("weight"))
+    biases = {n: layer.base_layer.bias.detach().clone() for n, layer in layers.items()
+              if f"{n}.bias" in deltas}  # fmt: skip
     with torch.no_grad():
         y = model(x)
         merge_adapters(model)
         merged = {n: layer.weight.detach().clone() for n, layer in layers.items()}
         for n in layers:  # delta() + base == merged weight, bit for bit
             assert torch.equal(merged[n], base[n] + deltas[f"{n}.weight"].materialize())
+        for n, b in biases.items():  # and Δb where the method changes the bias (IA³)
+            merged_b = layers[n].base_layer.bias
+            assert torch.equal(merged_b, b + deltas[f"{n}.bias"].materialize())
         assert torch.allclose(model(x), y, atol=1e-5)  # merged forward == unmerged
         merge_adapters(model)  # idempotent
         for n, layer in layers.items():
@@ -143,7 +148,7 @@ def test_training_steps_reduce_the_loss(case):
     target = torch.randn(2, 5, 12)
     inject(model, method, ["proj"], **cfg)
     model.train()
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=3e-2)
     losses = []
     for _ in range(15):
         loss = torch.nn.functional.mse_loss(model(x), target)

@@ -86,7 +86,7 @@ def test_peft_lora_loads_in_splice(name, tmp_path):
 
 @pytest.mark.parametrize(
     ("options", "message"),
-    [(dict(use_dora=True), "DoRA"), (dict(rank_pattern={"value": 2}), "per-module ranks")],
+    [(dict(lora_bias=True), "lora_bias"), (dict(bias="all"), "trained biases")],
 )
 def test_peft_variants_splice_cannot_load_are_refused(options, message, tmp_path):
     from splice.errors import SpliceError

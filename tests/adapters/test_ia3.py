@@ -1,0 +1,50 @@
+"""IA³ specifics: output scaling takes the bias along, feed-forward scaling acts on the input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from splice.adapters import adapter_deltas, inject, merge_adapters, trainable_parameters
+from splice.errors import SpliceError
+
+from .conftest import make_model, perturb
+
+CONTRACT_CASES = {  # for test_contract.py: output scaling, and input scaling on every layer
+    "ia3": dict(),
+    "ia3_ff": dict(feedforward=["proj"]),
+}
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d_gpt2", "conv3x3"])
+@pytest.mark.parametrize("ff", [False, True])
+def test_scales_equal_the_definition(kind, ff):
+    model, x = make_model(kind)
+    layer0 = model.layers[0]["proj"]
+    base = {n: p.detach().clone() for n, p in layer0.named_parameters()}
+    inject(model, "ia3", ["proj"], feedforward=["proj"] if ff else [])
+    perturb(model)
+    layer = model.layers[0]["proj"]
+    l = layer.adapter.ia3_l.detach()  # noqa: E741
+    with torch.no_grad():
+        got = layer(x)
+        if ff:
+            shape = (-1, 1, 1) if kind.startswith("conv3") else (-1,)
+            expected = layer.base_layer(x * l.reshape(shape))
+        else:
+            y = layer.base_layer(x)
+            expected = y * (l.reshape(-1, 1, 1) if kind.startswith("conv3") else l)
+    assert torch.allclose(got, expected, atol=1e-6)
+    deltas = adapter_deltas(model)
+    assert ("layers.0.proj.bias" in deltas) is not ff  # Δb only when outputs are scaled
+    if not ff:
+        assert torch.allclose(deltas["layers.0.proj.bias"].materialize(), base["bias"] * (l - 1))
+
+
+def test_feedforward_must_be_adapted_and_count_follows_the_side():
+    model, _ = make_model("linear")
+    with pytest.raises(SpliceError, match="feedforward module 'nope'"):
+        inject(model, "ia3", ["proj"], feedforward=["nope"])
+    inject(model, "ia3", ["proj"], feedforward=["proj"])
+    assert trainable_parameters(model).trainable == 3 * 8  # d_in per FF layer
+    merge_adapters(model)
