@@ -30,7 +30,7 @@ from .inject import (
     inject,
     remove_adapters,
 )
-from .layer import Adapter, AdaptedLayer, _Record
+from .layer import AdaptedLayer, Adapter, _Record
 
 __all__ = ["load_adapter", "lora_config", "read_adapter", "read_peft", "save_adapter"]
 

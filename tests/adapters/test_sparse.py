@@ -118,6 +118,6 @@ def test_bad_entries_are_refused():
 def test_peft_export_is_refused_with_the_reason(tmp_path):
     model, _ = make_model("linear")
     inject(model, "sparse", ["proj"], **CONTRACT_CASES["sparse"])
-    with pytest.raises(SpliceError, match="sparse.s ΔW is not low-rank"):
+    with pytest.raises(SpliceError, match="sparse's ΔW is not low-rank"):
         save_adapter(model, tmp_path / "peft", format="peft")
     assert not (tmp_path / "peft").exists()
