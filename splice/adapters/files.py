@@ -23,7 +23,7 @@ from splice.io.atomic import atomic_dir
 from splice.io.peft import PEFT_PREFIX
 
 from .inject import _matcher, _record, adapter_layers, adapter_state, inject
-from .layer import _Record
+from .layer import METHODS, _Record
 
 __all__ = ["load_adapter", "lora_config", "read_peft", "save_adapter"]
 
@@ -62,10 +62,13 @@ def save_adapter(
         "model_kwargs": model_kwargs or {},
     }
     if format == "peft":
-        config, tensors = peft_files(model, record, base)
+        own = METHODS.get(record.method)().peft_files(model, base) if _registered(record) else None
+        config, tensors = own if own is not None else peft_files(model, record, base)
     elif format == "splice":
         config = {"format": FORMAT, **record.to_json(), **base}
         tensors = adapter_state(model)
+        if _registered(record):
+            config, tensors = METHODS.get(record.method)().export(model, config, tensors)
     else:
         raise SpliceError(f"unknown adapter format {format!r}", fix="use 'splice' or 'peft'")
     weights_file = "adapter_model.safetensors" if format == "peft" else WEIGHTS_FILE
@@ -95,6 +98,15 @@ def load_adapter(model: nn.Module | None, path: str | Path) -> nn.Module:
             raise SpliceError(f"unsupported adapter format {info.get('format')!r}", where=str(path))
         tensors = load_file(str(path / WEIGHTS_FILE))
     elif (path / "adapter_config.json").is_file():
+        peft_config = json.loads((path / "adapter_config.json").read_text())
+        if peft_config.get("peft_type") == "PREFIX_TUNING":
+            from .prefix import load_peft_prefix
+
+            base_info = {
+                "base_model": peft_config.get("base_model_name_or_path"),
+                "model_class": (peft_config.get("auto_mapping") or {}).get("base_model_class"),
+            }
+            return load_peft_prefix(model or _load_base_model(base_info, path), path)
         info, tensors = read_peft(path)
     else:
         raise SpliceError(
@@ -142,6 +154,10 @@ def _load_state(model: nn.Module, tensors: dict[str, Tensor], path: Path) -> Non
                     f"shape {tuple(t.shape)} ≠ model's {tuple(dst.shape)}", where=f"{path}:{key}"
                 )
             dst.copy_(t)
+
+
+def _registered(record: _Record) -> bool:
+    return record.method in METHODS.names()
 
 
 def _is_transformers(model: nn.Module) -> bool:

@@ -152,7 +152,10 @@ def inject(
         )
     cls = METHODS.get(method)
     cfg = _config(cls, method, config)
-    found = find_sites(model, targets, layers)
+    impl = cls()
+    found = impl.find(model, targets, layers, cfg)
+    if found is None:
+        found = find_sites(model, targets, layers)
     for name, _, site in found:
         if site.kind not in cls.kinds:
             raise SpliceError(
@@ -164,8 +167,9 @@ def inject(
     if modules_to_save and not save_names:
         raise SpliceError(f"modules_to_save {list(modules_to_save)} match no module")
     sites = [site for _, _, site in found]
-    adapters = cls().build(sites, cfg)
+    adapters = impl.build(sites, cfg)
     attach(model, found, adapters, method, cfg, targets, layers, modules_to_save)
+    impl.attached(model, adapters, cfg)
     for name in save_names:
         model.get_submodule(name).requires_grad_(True)
     return model
@@ -197,7 +201,7 @@ def attach(
     for p in model.parameters():
         p.requires_grad_(False)
     for (name, module, _), adapter in zip(found, adapters, strict=True):
-        device = module.weight.device
+        device = next(module.parameters()).device
         layer = AdaptedLayer(module, adapter.to(device), record).train(module.training)
         _set_module(model, name, layer)
 
@@ -256,6 +260,7 @@ def remove_adapters(model: nn.Module, merge: bool = True) -> nn.Module:
             layer.merge()
         else:
             layer.unmerge()
+        layer.adapter.detach()
         _set_module(model, name, layer.base_layer)
     return model
 

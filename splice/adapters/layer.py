@@ -65,6 +65,9 @@ class Adapter(nn.Module):
         B, A = self.factors()
         return self.site.lowrank(B.detach(), A.detach(), self.scale)
 
+    def detach(self) -> None:
+        """Remove what :meth:`Method.attached` put outside the layer (hooks); idempotent."""
+
 
 class Method:
     """A registered PEFT method: a config model, a builder of per-site adapters, a formula.
@@ -83,6 +86,28 @@ class Method:
     # The selectors (splice/select) that configure it, when it trains nothing on its own.
     selected_by: ClassVar[tuple[str, ...]] = ()
     lowrank: ClassVar[bool] = True  # False if ΔW is not B@A (sparse): no PEFT LoRA export
+
+    def find(
+        self, model: nn.Module, targets: Any, layers: Any, cfg: Any
+    ) -> list[tuple[str, nn.Module, Any]] | None:
+        """The layers to wrap, for a method whose sites are not the matched layers themselves
+        (a sublayer's output, an attention module); None: the matched layers."""
+        return None
+
+    def attached(self, model: nn.Module, adapters: list[Adapter], cfg: Any) -> None:
+        """After the layers are wrapped: hooks outside them (undone by :meth:`Adapter.detach`)."""
+
+    def export(
+        self, model: nn.Module, config: dict[str, Any], tensors: dict[str, Tensor]
+    ) -> tuple[dict[str, Any], dict[str, Tensor]]:
+        """The saved form of the adapter (e.g. prefix tuning materialises its MLP's output)."""
+        return config, tensors
+
+    def peft_files(
+        self, model: nn.Module, base: dict[str, Any]
+    ) -> tuple[dict[str, Any], dict[str, Tensor]] | None:
+        """A PEFT dir (config, tensors) of the method's own PEFT type; None: export as LoRA."""
+        return None
 
     def build(self, sites: list[Site], cfg: Any) -> list[Adapter]:
         raise NotImplementedError
@@ -140,8 +165,9 @@ class AdaptedLayer(nn.Module):
     def weight(self) -> Tensor:
         return self.base_layer.weight
 
-    def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-        y = self.base_layer(x, *args, **kwargs)
+    def forward(self, x: Tensor | None = None, *args: Any, **kwargs: Any) -> Tensor:
+        # x None: called by keyword only (HF attention modules); prefix adapters ignore x
+        y = self.base_layer(*args, **kwargs) if x is None else self.base_layer(x, *args, **kwargs)
         return y if self.merged else self.adapter(x, y)
 
     def delta(self) -> Delta:
