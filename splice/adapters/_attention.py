@@ -73,6 +73,13 @@ class AttentionSite:
     def kv_dim(self) -> int:
         return self.heads * self.head_dim
 
+    def weight(self, module: nn.Module) -> nn.Parameter:
+        raise SpliceError(
+            "an attention (prefix) site has no single ΔW to merge",
+            where=self.name,
+            fix="keep it unmerged (remove_adapters(model, merge=False) drops it)",
+        )
+
 
 def _related(model: nn.Module, names: Iterable[str]) -> list[tuple[str, nn.Module]]:
     """Modules at, above or under any of ``names`` (each once, in model order)."""
@@ -254,18 +261,20 @@ class InputHook:
     def _add_prefix(self, kw: dict[str, Any], batch: int) -> None:
         from transformers import DynamicCache
 
-        key = self.cache_arg
-        given = kw.get(key) if key else None
+        names = [k for k in (self.cache_arg, "past_key_values", "cache") if kw.get(k) is not None]
+        given = kw[names[0]] if names else None
+        if kw.get("position_ids") is not None:
+            kw["position_ids"] = kw["position_ids"] + self.n
         if given is not None and given.get_seq_length() > 0:
             return  # generation: the cache already holds the prefix (and earlier tokens)
         kv = self.prefix(batch)
         if given is None:
-            kw[key] = DynamicCache(kv)
-        else:
-            for i, (k, v) in enumerate(kv):
-                given.update(k, v, i)
-        if kw.get("position_ids") is not None:
-            kw["position_ids"] = kw["position_ids"] + self.n
+            kw[self.cache_arg] = DynamicCache(kv)
+            return
+        for i, (k, v) in enumerate(kv):
+            given.update(k, v, i)
+        if kw.get("cache_position") is not None:  # generate's counter: shift it for good
+            kw["cache_position"] += self.n
 
     def _after(self, module: nn.Module, args: tuple, kwargs: dict, out: Any) -> Any:
         n = self.n

@@ -154,15 +154,15 @@ def inject(
     cfg = _config(cls, method, config)
     impl = cls()
     found = impl.find(model, targets, layers, cfg)
-    if found is None:
+    if found is None:  # a method with its own find checks its sites itself
         found = find_sites(model, targets, layers)
-    for name, _, site in found:
-        if site.kind not in cls.kinds:
-            raise SpliceError(
-                f"{method} does not support {site.kind} layers",
-                where=name,
-                fix=f"target {sorted(cls.kinds)} layers only",
-            )
+        for name, _, site in found:
+            if site.kind not in cls.kinds:
+                raise SpliceError(
+                    f"{method} does not support {site.kind} layers",
+                    where=name,
+                    fix=f"target {sorted(cls.kinds)} layers only",
+                )
     save_names = [n for n, _ in model.named_modules() if n and _matcher(modules_to_save)(n)]
     if modules_to_save and not save_names:
         raise SpliceError(f"modules_to_save {list(modules_to_save)} match no module")

@@ -86,6 +86,7 @@ class Method:
     # The selectors (splice/select) that configure it, when it trains nothing on its own.
     selected_by: ClassVar[tuple[str, ...]] = ()
     lowrank: ClassVar[bool] = True  # False if ΔW is not B@A (sparse): no PEFT LoRA export
+    identity_at_init: ClassVar[bool] = True  # False: its output differs from base at step 0
 
     def find(
         self, model: nn.Module, targets: Any, layers: Any, cfg: Any

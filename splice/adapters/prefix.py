@@ -103,7 +103,7 @@ class PrefixAdapter(Adapter):
 def _heads(kv: Tensor, site: AttentionSite, batch: int, dtype: torch.dtype) -> Tensor:
     """(l, kv_dim) → (batch, heads, l, head_dim), the cache layout."""
     t = kv.to(dtype).view(kv.shape[0], site.heads, site.head_dim).transpose(0, 1)
-    return t.unsqueeze(0).expand(batch, -1, -1, -1)
+    return t.unsqueeze(0).expand(batch, -1, -1, -1).contiguous()
 
 
 class PrefixTuning(Method):
@@ -116,6 +116,7 @@ class PrefixTuning(Method):
     kinds = frozenset({"attention"})
     mergeable = False
     lowrank = False
+    identity_at_init = False
 
     def __init__(self) -> None:
         self.groups: dict[str, str] = {}  # site → backbone name
