@@ -221,13 +221,3 @@ class ParallelMethod(_BottleneckMethod):
     pretty_name = "Parallel adapter"
     reference_url = "https://arxiv.org/abs/2110.04366"
     Config = ParallelConfig
-
-
-class ScaledParallelConfig(ParallelConfig):
-    scale: float = pydantic.Field(4.0, description="output scale s (the paper's MAM: 4)")
-
-
-@METHODS.register("scaled_parallel")
-class ScaledParallelMethod(ParallelMethod):
-    pretty_name = "Scaled parallel adapter"
-    Config = ScaledParallelConfig

@@ -43,10 +43,6 @@ class PrefixConfig(MethodConfig):
     hidden: int = pydantic.Field(800, gt=0, description="the MLP's hidden width")
 
 
-class NoMLPConfig(PrefixConfig):
-    reparam: bool = pydantic.Field(False, description="train through the MLP (prefix)")
-
-
 class PrefixMLP(nn.Module):
     """``Emb(l, kv) → Linear(kv, h) → tanh → Linear(h, 2·L·kv)``: every layer's prefixes."""
 
@@ -229,12 +225,6 @@ def materialise(
 @METHODS.register("prefix")
 class Prefix(PrefixTuning):
     pass
-
-
-@METHODS.register("prefix_nomlp")
-class PrefixNoMLP(PrefixTuning):
-    pretty_name = "Prefix tuning (no MLP)"
-    Config = NoMLPConfig
 
 
 # PEFT PREFIX_TUNING dirs -----------------------------------------------------------------------

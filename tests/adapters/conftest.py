@@ -50,7 +50,8 @@ class _TinyBert(nn.Module):
         from transformers import BertConfig, BertModel
 
         cfg = BertConfig(vocab_size=20, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
-                         intermediate_size=12, max_position_embeddings=16)  # fmt: skip
+                         intermediate_size=12, max_position_embeddings=16, hidden_dropout_prob=0.0,
+                         attention_probs_dropout_prob=0.0)  # fmt: skip
         self.bert = BertModel(cfg, add_pooling_layer=False)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:

@@ -146,9 +146,14 @@ def test_training_steps_reduce_the_loss(case):
     method, cfg = METHOD_CASES[case]
     kind = next(k for k in KINDS if SITE_KIND.get(k, k) in METHODS.get(method).kinds)
     model, x = make_model(kind)
-    with torch.no_grad():
-        target = torch.randn_like(model(x))
     inject(model, method, ["proj"], **cfg)
+    params = [p for p in model.parameters() if p.requires_grad]
+    start = [p.detach().clone() for p in params]
+    perturb(model, std=0.5)  # a target the adapter can reach: its own output elsewhere
+    with torch.no_grad():
+        target = model(x)
+        for p, p0 in zip(params, start, strict=True):
+            p.copy_(p0)
     model.train()
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     losses = []
