@@ -39,6 +39,7 @@ __all__ = [
     "InputTap",
     "attention_modules",
     "backbone_of",
+    "backbones_near",
     "sublayer_modules",
 ]
 
@@ -175,9 +176,42 @@ def backbone_of(model: nn.Module, inner: list[str]) -> tuple[str, nn.Module]:
     return best
 
 
+def backbones_near(model: nn.Module, names: Iterable[str]) -> list[tuple[str, nn.Module]]:
+    """The innermost ``transformers`` models taking a key/value cache at, above or under the
+    matched ``names`` (a causal LM gives its ``LlamaModel``)."""
+    from transformers import PreTrainedModel
+
+    found = [(n, m) for n, m in _related(model, names) if isinstance(m, PreTrainedModel)]
+    if isinstance(model, PreTrainedModel):
+        found.insert(0, ("", model))
+    found = [(n, m) for n, m in found if _cache_arg(m) is not None]
+
+    def holds_another(n: str) -> bool:
+        return any(o != n and (n == "" or o.startswith(n + ".")) for o, _ in found)
+
+    inner = [(n, m) for n, m in found if not holds_another(n)]
+    if not inner:
+        raise SpliceError(
+            "no transformers model that takes a key/value cache near the targets",
+            fix="inject into a transformers model (e.g. BertModel, LlamaForCausalLM)",
+        )
+    return inner
+
+
 def _cache_arg(module: nn.Module) -> str | None:
     params = inspect.signature(module.forward).parameters
     return next((k for k in ("cache", "past_key_values") if k in params), None)
+
+
+def _given_cache(kw: dict[str, Any], arg: str | None) -> Any:
+    """The key/value cache passed in (under its current or its deprecated name), or None."""
+    return next((kw[k] for k in (arg, "past_key_values", "cache") if k and kw.get(k) is not None),
+                None)  # fmt: skip
+
+
+def _cached(kw: dict[str, Any], arg: str | None) -> bool:
+    given = _given_cache(kw, arg)
+    return given is not None and given.get_seq_length() > 0
 
 
 class InputTap:
@@ -217,12 +251,13 @@ class InputHook:
         strip: bool = False,
     ) -> None:
         self.n, self.prefix, self.prompt, self.strip = n, prefix, prompt, strip
+        self.added = False  # this call put virtual positions in front (the output drops them)
         self.backbone = backbone
         self.signature = inspect.signature(backbone.forward)
         self.cache_arg = _cache_arg(backbone)
         self.handles = [backbone.register_forward_pre_hook(self._before, with_kwargs=True)]
         if strip:
-            self.handles.append(backbone.register_forward_hook(self._after))
+            self.handles.append(backbone.register_forward_hook(self._after, with_kwargs=True))
 
     def remove(self) -> None:
         for h in self.handles:
@@ -246,23 +281,36 @@ class InputHook:
             kw["attention_mask"] = torch.cat([mask.new_ones(batch, n), mask], dim=1)
         if self.prefix is not None:
             self._add_prefix(kw, batch)
+        self.added = False
         if self.prompt is not None:
-            if embeds is None:
-                embeds = module.get_input_embeddings()(ids)
-            prompts = self.prompt(batch).to(embeds.dtype)
-            kw["inputs_embeds"], kw["input_ids"] = torch.cat([prompts, embeds], dim=1), None
-            if kw.get("token_type_ids") is not None:
-                tt = kw["token_type_ids"]
-                kw["token_type_ids"] = torch.cat([tt.new_zeros(batch, n), tt], dim=1)
-            if kw.get("position_ids") is not None:
-                raise SpliceError("prompt tuning takes no position_ids", fix="leave them out")
+            self._add_prompt(module, kw, batch, ids, embeds)
         return (), kw
+
+    def _add_prompt(self, module: nn.Module, kw: dict, batch: int, ids, embeds) -> None:
+        n, pos = self.n, kw.get("position_ids")
+        if _cached(kw, self.cache_arg):  # generation: the cache holds the prompt already
+            if pos is not None:
+                kw["position_ids"] = pos + n
+            return
+        if embeds is None:
+            embeds = module.get_input_embeddings()(ids)
+        prompts = self.prompt(batch).to(embeds.dtype)
+        kw["inputs_embeds"], kw["input_ids"] = torch.cat([prompts, embeds], dim=1), None
+        self.added = True
+        if kw.get("token_type_ids") is not None:
+            tt = kw["token_type_ids"]
+            kw["token_type_ids"] = torch.cat([tt.new_zeros(batch, n), tt], dim=1)
+        if pos is not None:
+            first = torch.arange(n, device=pos.device).expand(pos.shape[0], -1)
+            kw["position_ids"] = torch.cat([first, pos + n], dim=1)
+        if kw.get("cache_position") is not None:
+            cp = kw["cache_position"]
+            kw["cache_position"] = torch.arange(cp.numel() + n, device=cp.device)
 
     def _add_prefix(self, kw: dict[str, Any], batch: int) -> None:
         from transformers import DynamicCache
 
-        names = [k for k in (self.cache_arg, "past_key_values", "cache") if kw.get(k) is not None]
-        given = kw[names[0]] if names else None
+        given = _given_cache(kw, self.cache_arg)
         if kw.get("position_ids") is not None:
             kw["position_ids"] = kw["position_ids"] + self.n
         if given is not None and given.get_seq_length() > 0:
@@ -277,6 +325,8 @@ class InputHook:
             kw["cache_position"] += self.n
 
     def _after(self, module: nn.Module, args: tuple, kwargs: dict, out: Any) -> Any:
+        if not self.added:  # a generation step after the first: no virtual positions
+            return out
         n = self.n
         for field in ("last_hidden_state", "logits"):
             value = getattr(out, field, None)

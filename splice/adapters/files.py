@@ -28,6 +28,12 @@ from .layer import METHODS, _Record
 __all__ = ["load_adapter", "lora_config", "read_peft", "save_adapter"]
 
 FORMAT = "splice.adapter/1"
+# PEFT types whose dirs a method file reads itself (module, function(model, path))
+PEFT_LOADERS = {
+    "PREFIX_TUNING": ("prefix", "load_peft_prefix"),
+    "PROMPT_TUNING": ("prompt", "load_peft_prompt"),
+    "P_TUNING": ("prompt", "load_peft_prompt"),
+}
 CONFIG_FILE = "splice_adapter.json"
 WEIGHTS_FILE = "splice_adapter.safetensors"
 
@@ -99,14 +105,15 @@ def load_adapter(model: nn.Module | None, path: str | Path) -> nn.Module:
         tensors = load_file(str(path / WEIGHTS_FILE))
     elif (path / "adapter_config.json").is_file():
         peft_config = json.loads((path / "adapter_config.json").read_text())
-        if peft_config.get("peft_type") == "PREFIX_TUNING":
-            from .prefix import load_peft_prefix
+        if (own := PEFT_LOADERS.get(peft_config.get("peft_type"))) is not None:
+            import importlib
 
             base_info = {
                 "base_model": peft_config.get("base_model_name_or_path"),
                 "model_class": (peft_config.get("auto_mapping") or {}).get("base_model_class"),
             }
-            return load_peft_prefix(model or _load_base_model(base_info, path), path)
+            load = getattr(importlib.import_module(f".{own[0]}", __package__), own[1])
+            return load(model or _load_base_model(base_info, path), path)
         info, tensors = read_peft(path)
     else:
         raise SpliceError(
