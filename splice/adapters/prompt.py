@@ -40,9 +40,9 @@ class PromptConfig(MethodConfig):
 class PromptAdapter(Adapter):
     """The virtual tokens' embeddings ``prompt`` (l, d); the embedding's output is unchanged."""
 
-    def __init__(self, site: Any, cfg: PromptConfig, weight: Tensor) -> None:
+    def __init__(self, site: Any, cfg: PromptConfig, weight: Tensor | None) -> None:
         super().__init__(site, 1.0)
-        self.prompt = nn.Parameter(_init(cfg, weight))
+        self.prompt = nn.Parameter(_init(cfg, weight, site.d_out))
         self.hook: InputHook | None = None
 
     def embeddings(self) -> Tensor:
@@ -64,11 +64,13 @@ class PromptAdapter(Adapter):
             self.hook = None
 
 
-def _init(cfg: PromptConfig, weight: Tensor) -> Tensor:
-    """The initial (l, d) prompt from the vocabulary ``weight`` (V, d)."""
-    vocab, d = weight.shape
+def _init(cfg: PromptConfig, weight: Tensor | None, d: int) -> Tensor:
+    """The initial (l, d) prompt (from the vocabulary ``weight`` (V, d) unless random)."""
     if cfg.init == "random":
         return torch.randn(cfg.tokens, d)
+    if weight is None:
+        raise SpliceError(f"init={cfg.init!r} needs the model's input embedding")
+    vocab = weight.shape[0]
     if cfg.init == "vocab":
         return weight[torch.randint(0, vocab, (cfg.tokens,))].detach().float().clone()
     if not cfg.init_text or not cfg.tokenizer:
@@ -121,7 +123,7 @@ class PromptMethod(Method):
         return [self.adapter(site, cfg) for site in sites]
 
     def adapter(self, site, cfg) -> PromptAdapter:
-        return PromptAdapter(site, cfg, self.weights[site.name])
+        return PromptAdapter(site, cfg, self.weights.get(site.name))
 
     def attached(self, model: nn.Module, adapters: list[Adapter], cfg: PromptConfig) -> None:
         for a in adapters:

@@ -23,7 +23,7 @@ class PTuningConfig(PromptConfig):
 
 
 class PTuningAdapter(PromptAdapter):
-    def __init__(self, site, cfg: PTuningConfig, weight: Tensor) -> None:
+    def __init__(self, site, cfg: PTuningConfig, weight: Tensor | None) -> None:
         super().__init__(site, cfg, weight)
         d, h = self.prompt.shape[1], cfg.hidden
         self.encoder = nn.Sequential(
@@ -41,7 +41,7 @@ class PTuning(PromptMethod):
     Config = PTuningConfig
 
     def adapter(self, site, cfg) -> Adapter:
-        return PTuningAdapter(site, cfg, self.weights[site.name])
+        return PTuningAdapter(site, cfg, self.weights.get(site.name))
 
     def num_parameters(self, sites, cfg: PTuningConfig) -> int:
         h = cfg.hidden
