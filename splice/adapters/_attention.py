@@ -29,12 +29,16 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from splice.deltas import Delta
 from splice.errors import SpliceError
+
+from .layer import Adapter
 
 __all__ = [
     "BLOCKS",
     "PREFIX_ATTENTION",
     "AttentionSite",
+    "HookedAdapter",
     "InputHook",
     "InputTap",
     "attention_modules",
@@ -333,3 +337,29 @@ class InputHook:
             if isinstance(value, Tensor):
                 out[field] = value[:, n:]
         return out
+
+
+class HookedAdapter(Adapter):
+    """An adapter whose change enters through an :class:`InputHook` (prefix, prompt): the
+    wrapped layer's output passes unchanged; nothing merges; ``detach`` removes the hook."""
+
+    changes = "changes attention"  # why there is no ΔW, for the error
+
+    def __init__(self, site: Any) -> None:
+        super().__init__(site, 1.0)
+        self.hook: InputHook | None = None
+
+    def forward(self, x: Tensor, y: Any) -> Any:
+        return y
+
+    def delta(self) -> Delta:
+        raise SpliceError(
+            f"{self.changes}, so it has no single ΔW to merge",
+            where=self.site.name,
+            fix="keep it unmerged (remove_adapters(model, merge=False) drops it)",
+        )
+
+    def detach(self) -> None:
+        if self.hook is not None:
+            self.hook.remove()
+            self.hook = None

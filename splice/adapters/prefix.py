@@ -28,10 +28,16 @@ import pydantic
 import torch
 from torch import Tensor, nn
 
-from splice.deltas import Delta
 from splice.errors import SpliceError
 
-from ._attention import AttentionSite, InputHook, attention_modules, attention_site, backbone_of
+from ._attention import (
+    AttentionSite,
+    HookedAdapter,
+    InputHook,
+    attention_modules,
+    attention_site,
+    backbone_of,
+)
 from .layer import METHODS, Adapter, Method, MethodConfig
 
 __all__ = ["PrefixAdapter", "PrefixConfig", "PrefixMLP", "load_peft_prefix"]
@@ -57,14 +63,13 @@ class PrefixMLP(nn.Module):
         return self.mlp(self.embedding)
 
 
-class PrefixAdapter(Adapter):
+class PrefixAdapter(HookedAdapter):
     """One attention layer's prefix: its own ``keys``/``values``, or slice ``index`` of a
     shared :class:`PrefixMLP`'s output."""
 
     def __init__(self, site: AttentionSite, cfg: PrefixConfig, mlp: PrefixMLP | None, index: int):
-        super().__init__(site, 1.0)  # type: ignore[arg-type]
+        super().__init__(site)
         self.index = index
-        self.hook: InputHook | None = None
         if mlp is None:
             self.keys = nn.Parameter(torch.randn(cfg.tokens, site.kv_dim))
             self.values = nn.Parameter(torch.randn(cfg.tokens, site.kv_dim))
@@ -79,21 +84,6 @@ class PrefixAdapter(Adapter):
         kv = self.site.kv_dim
         start = 2 * self.index * kv
         return full[:, start : start + kv], full[:, start + kv : start + 2 * kv]
-
-    def forward(self, x: Tensor, y: Any) -> Any:
-        return y  # the prefix entered through the backbone's cache
-
-    def delta(self) -> Delta:
-        raise SpliceError(
-            "prefix tuning changes attention, so it has no single ΔW to merge",
-            where=self.site.name,
-            fix="keep it unmerged (remove_adapters(model, merge=False) drops it)",
-        )
-
-    def detach(self) -> None:
-        if self.hook is not None:
-            self.hook.remove()
-            self.hook = None
 
 
 def _heads(kv: Tensor, site: AttentionSite, batch: int, dtype: torch.dtype) -> Tensor:

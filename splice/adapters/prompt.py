@@ -19,10 +19,9 @@ import pydantic
 import torch
 from torch import Tensor, nn
 
-from splice.deltas import Delta
 from splice.errors import SpliceError
 
-from ._attention import InputHook, backbones_near
+from ._attention import HookedAdapter, InputHook, backbones_near
 from ._sites import make_site
 from .layer import METHODS, Adapter, Method, MethodConfig
 
@@ -37,31 +36,17 @@ class PromptConfig(MethodConfig):
     keep_virtual: bool = pydantic.Field(False, description="keep the virtual positions' outputs")
 
 
-class PromptAdapter(Adapter):
+class PromptAdapter(HookedAdapter):
     """The virtual tokens' embeddings ``prompt`` (l, d); the embedding's output is unchanged."""
 
+    changes = "a prompt adds input positions"
+
     def __init__(self, site: Any, cfg: PromptConfig, weight: Tensor | None) -> None:
-        super().__init__(site, 1.0)
+        super().__init__(site)
         self.prompt = nn.Parameter(_init(cfg, weight, site.d_out))
-        self.hook: InputHook | None = None
 
     def embeddings(self) -> Tensor:
         return self.prompt
-
-    def forward(self, x: Tensor, y: Tensor) -> Tensor:
-        return y  # the prompt enters through the backbone's input hook
-
-    def delta(self) -> Delta:
-        raise SpliceError(
-            "a prompt adds input positions, so it has no single ΔW to merge",
-            where=self.site.name,
-            fix="keep it unmerged (remove_adapters(model, merge=False) drops it)",
-        )
-
-    def detach(self) -> None:
-        if self.hook is not None:
-            self.hook.remove()
-            self.hook = None
 
 
 def _init(cfg: PromptConfig, weight: Tensor | None, d: int) -> Tensor:

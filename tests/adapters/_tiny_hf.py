@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM
 
@@ -35,3 +37,22 @@ def output(model, inputs) -> torch.Tensor:
     with torch.no_grad():
         out = model(**inputs)
     return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+def assert_peft_both_ways(make, config, tmp_path, virtual: int = 0) -> None:
+    """peft's dir loads into splice and splice's peft dir into peft, outputs equal to peft's
+    on the real tokens (``virtual``: leading positions peft returns and splice drops)."""
+    import peft
+
+    from splice.adapters import load_adapter, save_adapter
+
+    base, x = make(), batch()
+    theirs = peft.get_peft_model(copy.deepcopy(base), config).eval()
+    want = output(theirs, x)[:, virtual:]
+    theirs.save_pretrained(tmp_path / "peft")
+    ours = load_adapter(copy.deepcopy(base), tmp_path / "peft")
+    keep = x["attention_mask"].bool()  # padded positions are not compared
+    assert torch.allclose(output(ours, x)[keep], want[keep], atol=1e-5)
+    save_adapter(ours, tmp_path / "ours", format="peft")
+    back = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours").eval()
+    assert torch.allclose(output(back, x)[:, virtual:][keep], want[keep], atol=1e-5)

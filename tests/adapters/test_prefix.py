@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 
 import pytest
@@ -11,7 +10,7 @@ import torch
 from splice.adapters import adapter_layers, inject, load_adapter, save_adapter
 from splice.errors import SpliceError
 
-from ._tiny_hf import batch, output, tiny_bert, tiny_llama
+from ._tiny_hf import assert_peft_both_ways, batch, output, tiny_bert, tiny_llama
 
 CONTRACT_CASES = {"prefix": {"tokens": 3, "hidden": 8}}
 
@@ -41,17 +40,8 @@ def test_one_head_is_a_gated_adapter():
                                             (tiny_llama, "CAUSAL_LM")])  # fmt: skip
 def test_peft_prefix_dirs_both_ways(make, task, tmp_path):
     peft = pytest.importorskip("peft")
-    base, x = make(), batch()
-    cfg = peft.PrefixTuningConfig(task_type=task, num_virtual_tokens=4)
-    theirs = peft.get_peft_model(copy.deepcopy(base), cfg).eval()
-    want = output(theirs, x)
-    theirs.save_pretrained(tmp_path / "peft")
-    ours = load_adapter(copy.deepcopy(base), tmp_path / "peft")
-    keep = x["attention_mask"].bool()  # padded positions are not compared
-    assert torch.allclose(output(ours, x)[keep], want[keep], atol=1e-5)
-    save_adapter(ours, tmp_path / "ours", format="peft")
-    back = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours").eval()
-    assert torch.allclose(output(back, x)[keep], want[keep], atol=1e-5)
+    config = peft.PrefixTuningConfig(task_type=task, num_virtual_tokens=4)
+    assert_peft_both_ways(make, config, tmp_path)
 
 
 def test_save_materialises_the_prefixes_and_drops_the_mlp(tmp_path):

@@ -7,10 +7,10 @@ import copy
 import pytest
 import torch
 
-from splice.adapters import adapter_layers, inject, load_adapter, save_adapter
+from splice.adapters import adapter_layers, inject
 from splice.adapters.prompt import PromptAdapter
 
-from ._tiny_hf import batch, output, tiny_bert, tiny_llama
+from ._tiny_hf import assert_peft_both_ways, batch, output, tiny_bert, tiny_llama
 
 CONTRACT_CASES = {"prompt": {"tokens": 3}}
 
@@ -20,17 +20,8 @@ CONTRACT_CASES = {"prompt": {"tokens": 3}}
 def test_peft_prompt_dirs_both_ways(make, task, tmp_path):
     """peft returns the virtual positions too: compared on the real tokens' positions."""
     peft = pytest.importorskip("peft")
-    base, x = make(), batch()
-    cfg = peft.PromptTuningConfig(task_type=task, num_virtual_tokens=4)
-    theirs = peft.get_peft_model(copy.deepcopy(base), cfg).eval()
-    want = output(theirs, x)[:, 4:]
-    theirs.save_pretrained(tmp_path / "peft")
-    ours = load_adapter(copy.deepcopy(base), tmp_path / "peft")
-    keep = x["attention_mask"].bool()
-    assert torch.allclose(output(ours, x)[keep], want[keep], atol=1e-5)
-    save_adapter(ours, tmp_path / "ours", format="peft")
-    back = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours").eval()
-    assert torch.allclose(output(back, x)[:, 4:][keep], want[keep], atol=1e-5)
+    config = peft.PromptTuningConfig(task_type=task, num_virtual_tokens=4)
+    assert_peft_both_ways(make, config, tmp_path, virtual=4)
 
 
 def test_text_init_takes_the_texts_token_embeddings(tmp_path):
