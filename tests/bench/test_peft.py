@@ -206,3 +206,5 @@ def test_conv_only_backbone_marks_linear_only_methods_not_applicable():
     plans = {p["key"]: p for p in _row_plans(PeftConfig(tasks=("x",)), Encoder())}
     assert "conv" in plans["ept"]["reason"] and "linear" in plans["ept"]["reason"]
     assert "reason" not in plans["lora"]
+    for name in ("prefix", "mam", "prompt", "parallel"):  # they find no transformer there
+        assert plans[name]["reason"].startswith(f"{name} does not apply to Sequential: ")
