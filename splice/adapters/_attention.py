@@ -107,7 +107,6 @@ def attention_modules(model: nn.Module, names: Iterable[str]) -> list[tuple[str,
         SpliceError: none is found, or one is of a class without the prefix hook (naming it).
     """
     found = [(n, m) for n, m in _related(model, names) if _attention_like(m)]
-    outer = [(n, m) for n, m in found if not any(n.startswith(o + ".") for o, _ in found)]
     innermost = [
         (n, m)
         for n, m in found
@@ -123,7 +122,7 @@ def attention_modules(model: nn.Module, names: Iterable[str]) -> list[tuple[str,
     hits = [(n, m) for n, m in innermost if type(m).__name__ in PREFIX_ATTENTION]
     if not hits:
         raise SpliceError(
-            f"no attention module at or near the targets ({len(outer)} attention-like found)",
+            "no attention module at, above or under the targets",
             fix=f"target modules inside {', '.join(PREFIX_ATTENTION)} (e.g. 'query', 'q_proj')",
         )
     return hits
