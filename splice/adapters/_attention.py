@@ -342,7 +342,7 @@ class HookedAdapter(Adapter):
     """An adapter whose change enters through an :class:`InputHook` (prefix, prompt): the
     wrapped layer's output passes unchanged; nothing merges; ``detach`` removes the hook."""
 
-    changes = "changes attention"  # why there is no ΔW, for the error
+    changes = "prefix tuning changes attention"  # why there is no ΔW, for the error
 
     def __init__(self, site: Any) -> None:
         super().__init__(site, 1.0)

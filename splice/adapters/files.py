@@ -194,6 +194,11 @@ def peft_files(
     model: nn.Module, record: _Record, base: dict[str, Any]
 ) -> tuple[dict[str, Any], dict[str, Tensor]]:
     """The ``adapter_config.json`` dict and ``adapter_model.safetensors`` tensors for ``model``."""
+    if _registered(record) and not METHODS.get(record.method).mergeable:
+        raise SpliceError(
+            f"{record.method} has no PEFT adapter format (PEFT LoRA needs a fixed ΔW)",
+            fix="save it in splice format",
+        )
     tensors: dict[str, Tensor] = {}
     ranks, scales, fan_in_fan_out = set(), set(), False
     for name, layer in adapter_layers(model).items():
