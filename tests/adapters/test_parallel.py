@@ -93,3 +93,14 @@ def test_unknown_block_layout_is_an_error_naming_the_way_out():
     model, _ = make_model("linear")
     with pytest.raises(SpliceError, match="sublayer='site'"):
         inject(model, "parallel", ["proj"])
+
+
+def test_peft_format_is_refused_naming_the_method(tmp_path):
+    from splice.adapters import save_adapter
+    from splice.errors import SpliceError
+
+    model = tiny_bert()
+    inject(model, "parallel", ".*", r=4)
+    with pytest.raises(SpliceError, match="parallel has no PEFT adapter format"):
+        save_adapter(model, tmp_path / "a", format="peft")
+    assert not (tmp_path / "a").exists()
