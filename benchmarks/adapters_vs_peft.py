@@ -73,6 +73,13 @@ SIDES = {  # name → (library, method, options)
         "ept",
         {"r": 8, "dropout": 0.0, "tasks": 1, "zero_init_kernels": True},
     ),
+    # the unified view (§16), at about LoRA's trainable count: PA r=16 at the FFN (76,128),
+    # 16 prefix tokens per layer (73,728 stored; the MLP trains 4.1M), MAM = both
+    "peft-prefix": ("peft", "prefix", {"tokens": 16}),
+    "splice-parallel": ("splice", "parallel", {"r": 16}),
+    "splice-prefix_nomlp": ("splice", "prefix_nomlp", {"tokens": 16}),
+    "splice-prefix": ("splice", "prefix", {"tokens": 16}),
+    "splice-mam": ("splice", "mam", {"tokens": 16, "r": 16}),
 }
 
 
@@ -103,8 +110,13 @@ def build(side: str, args: argparse.Namespace):
     if library == "peft":
         import peft
 
-        _, config_class, peft_options, _ = PEFT_METHODS[method]
-        config = getattr(peft, config_class)(target_modules=targets, **peft_options)
+        if method == "prefix":
+            config = peft.PrefixTuningConfig(
+                task_type="FEATURE_EXTRACTION", num_virtual_tokens=options["tokens"]
+            )
+        else:
+            _, config_class, peft_options, _ = PEFT_METHODS[method]
+            config = getattr(peft, config_class)(target_modules=targets, **peft_options)
         model = peft.get_peft_model(model, config)
     else:
         from splice import adapters
@@ -274,13 +286,17 @@ def main() -> None:
             f"  {m:6s}{ours['median_s'] / theirs['median_s']:24.3f}×{rss(ours, theirs):>11s}"
             f"   {ours['trainable']:,} vs {theirs['trainable']:,}"
         )
+    ours, theirs = results.get("splice-prefix_nomlp"), results.get("peft-prefix")
+    if ours and theirs:
+        print(f"\nsplice prefix_nomlp / peft prefix: step time "
+              f"{ours['median_s'] / theirs['median_s']:.3f}×")  # fmt: skip
     lora = results.get("splice-lora")
     if lora:
         print("\nrelative to splice LoRA:  step time   peak RSS   trainable")
         for side, r in results.items():
             if side.startswith("splice-") and side != "splice-lora":
                 print(
-                    f"  {side[7:]:6s}{r['median_s'] / lora['median_s']:17.3f}×"
+                    f"  {side[7:]:12s}{r['median_s'] / lora['median_s']:11.3f}×"
                     f"{rss(r, lora):>22s}"
                     f"{r['trainable']:>12,} ({r['trainable'] / lora['trainable']:.3f}×)"
                 )

@@ -84,6 +84,7 @@ def delete_adapter(model: nn.Module, name: str) -> nn.Module:
             continue
         merged = layer.merged
         layer.unmerge()
+        layer.get(name).detach()
         if layer.drop(name):
             _set_module(model, site, layer.base_layer)
         elif merged:

@@ -30,11 +30,17 @@ from .inject import (
     inject,
     remove_adapters,
 )
-from .layer import AdaptedLayer, Adapter, _Record
+from .layer import METHODS, AdaptedLayer, Adapter, _Record
 
 __all__ = ["load_adapter", "lora_config", "read_adapter", "read_peft", "save_adapter"]
 
 FORMAT = "splice.adapter/1"
+# PEFT types whose dirs a method file reads itself (module, function(model, path))
+PEFT_LOADERS = {
+    "PREFIX_TUNING": ("prefix", "load_peft_prefix"),
+    "PROMPT_TUNING": ("prompt", "load_peft_prompt"),
+    "P_TUNING": ("prompt", "load_peft_prompt"),
+}
 CONFIG_FILE = "splice_adapter.json"
 WEIGHTS_FILE = "splice_adapter.safetensors"
 
@@ -76,16 +82,24 @@ def save_adapter(
         "model_kwargs": model_kwargs or {},
     }
     from ._peft import write_peft
-    from .layer import METHODS
 
     errors: dict[str, float] = {}
-    if format == "peft" and METHODS.get(record.method).peft_type:
+    method = METHODS.get(record.method)() if _registered(record) else None
+    if format == "peft" and method is not None and adapter_name is None:
+        own = method.peft_files(model, base)
+    else:
+        own = None
+    if own is not None:
+        config, tensors = own
+    elif format == "peft" and method is not None and method.peft_type:
         config, tensors = write_peft(model, record, base, adapter_name)
     elif format in ("peft", "peft-lora"):
         config, tensors = peft_files(model, record, base, adapter_name, rank, errors)
     elif format == "splice":
         config = {"format": FORMAT, **record.to_json(), **base}
         tensors = adapter_state(model, adapter_name)
+        if method is not None:
+            config, tensors = method.export(model, config, tensors)
     else:
         raise SpliceError(
             f"unknown adapter format {format!r}", fix="use 'splice', 'peft' or 'peft-lora'"
@@ -137,6 +151,24 @@ def load_adapter(
             trained on a base of other shapes, or tensors mismatch (nothing is left loaded).
     """
     path = Path(path)
+    peft_config = path / "adapter_config.json"
+    if not (path / CONFIG_FILE).is_file() and peft_config.is_file():
+        raw = json.loads(peft_config.read_text())
+        if (own := PEFT_LOADERS.get(raw.get("peft_type"))) is not None:
+            if adapter_name is not None:
+                raise SpliceError(
+                    f"a PEFT {raw['peft_type']} dir loads as the model's only adapter",
+                    where=str(path),
+                    fix="load it without adapter_name",
+                )
+            import importlib
+
+            base_info = {
+                "base_model": raw.get("base_model_name_or_path"),
+                "model_class": (raw.get("auto_mapping") or {}).get("base_model_class"),
+            }
+            load = getattr(importlib.import_module(f".{own[0]}", __package__), own[1])
+            return load(model or _load_base_model(base_info, path), path)
     info, tensors = read_adapter(path)
     if model is None:
         model = _load_base_model(info, path)
@@ -206,6 +238,10 @@ def _load_state(
             dst.copy_(t)
 
 
+def _registered(record: _Record) -> bool:
+    return record.method in METHODS.names()
+
+
 def _is_transformers(model: nn.Module) -> bool:
     return type(model).__module__.startswith("transformers.")
 
@@ -267,6 +303,12 @@ def peft_files(
     """The ``adapter_config.json`` dict and ``adapter_model.safetensors`` tensors for ``model``
     (its adapter ``adapter_name``, default the first loaded) as a PEFT LoRA (``rank``: truncate
     ΔW that is not low-rank; errors into ``errors``)."""
+
+    if _registered(record) and not METHODS.get(record.method).mergeable:
+        raise SpliceError(
+            f"{record.method} has no PEFT adapter format (PEFT LoRA needs a fixed ΔW)",
+            fix="save it in splice format",
+        )
     tensors: dict[str, Tensor] = {}
     ranks, scales, fan_in_fan_out = set(), set(), False
     _, layers = _record(model, adapter_name)

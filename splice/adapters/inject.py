@@ -191,21 +191,35 @@ def add_adapter(
             fix="save the head with the first adapter, or load this one into its own model",
         )
     cls = METHODS.get(method)
+    if loaded:
+        first = METHODS.get(_record(model)[0].method)
+        for other in (cls, first):
+            if not other.shares_model:
+                raise SpliceError(
+                    f"adapter {name!r}: {other.pretty_name} changes the backbone's inputs "
+                    "through one model-wide hook, so it cannot share a model with other "
+                    "named adapters",
+                    fix="load it into a model of its own",
+                )
     cfg = _config(cls, method, config)
-    found = find_sites(model, targets, layers)
-    for site_name, _, site in found:
-        if site.kind not in cls.kinds:
-            raise SpliceError(
-                f"{method} does not support {site.kind} layers",
-                where=site_name,
-                fix=f"target {sorted(cls.kinds)} layers only",
-            )
+    impl = cls()
+    found = impl.find(model, targets, layers, cfg)
+    if found is None:  # a method with its own find checks its sites itself
+        found = find_sites(model, targets, layers)
+        for site_name, _, site in found:
+            if site.kind not in cls.kinds:
+                raise SpliceError(
+                    f"{method} does not support {site.kind} layers",
+                    where=site_name,
+                    fix=f"target {sorted(cls.kinds)} layers only",
+                )
     save_names = [n for n, _ in model.named_modules() if n and _matcher(modules_to_save)(n)]
     if modules_to_save and not save_names:
         raise SpliceError(f"modules_to_save {list(modules_to_save)} match no module")
     sites = [site for _, _, site in found]
-    adapters = cls().build(sites, cfg)
+    adapters = impl.build(sites, cfg)
     attach(model, found, adapters, method, cfg, targets, layers, modules_to_save, name=name)
+    impl.attached(model, adapters, cfg)
     for n in save_names:
         model.get_submodule(n).requires_grad_(True)
     return model
@@ -255,14 +269,14 @@ def attach(
         None if layers is None else sorted(layers),
         list(modules_to_save),
         [site.name for _, _, site in found],
-        {site.name: list(site.weight_shape) for _, _, site in found},
+        {s.name: list(s.weight_shape) for _, _, s in found if hasattr(s, "weight_shape")},
     )
     for p in model.parameters():
         p.requires_grad_(False)
     existing = adapter_layers(model)
     bank = next(iter(existing.values()))._bank if existing else _Bank([], ((name, 1.0),))
     for (site_name, module, _), adapter in zip(found, adapters, strict=True):
-        adapter = adapter.to(module.weight.device).train(module.training)
+        adapter = adapter.to(next(module.parameters()).device).train(module.training)
         if isinstance(module, AdaptedLayer):
             module.add(name, adapter, record)
         else:
@@ -340,6 +354,8 @@ def remove_adapters(model: nn.Module, merge: bool = True) -> nn.Module:
             layer.merge()
         else:
             layer.unmerge()
+        for adapter in layer.named_adapters().values():
+            adapter.detach()
         _set_module(model, name, layer.base_layer)
     hooks(model, add=False)
     return model

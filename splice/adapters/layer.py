@@ -112,6 +112,9 @@ class Adapter(nn.Module):
         """``reads_base``: the inverse of :meth:`merged`, up to floating-point rounding."""
         raise NotImplementedError
 
+    def detach(self) -> None:
+        """Remove what :meth:`Method.attached` put outside the layer (hooks); idempotent."""
+
 
 class Method:
     """A registered PEFT method: a config model, a builder of per-site adapters, a formula.
@@ -130,6 +133,32 @@ class Method:
     # The selectors (splice/select) that configure it, when it trains nothing on its own.
     selected_by: ClassVar[tuple[str, ...]] = ()
     lowrank: ClassVar[bool] = True  # False if ΔW is not B@A (sparse): no PEFT LoRA export
+    identity_at_init: ClassVar[bool] = True  # False: its output differs from base at step 0
+    # False: it changes the backbone's inputs (virtual tokens, a key/value prefix) through one
+    # model-wide hook, so it cannot share a model with other named adapters (mixed batches)
+    shares_model: ClassVar[bool] = True
+
+    def find(
+        self, model: nn.Module, targets: Any, layers: Any, cfg: Any
+    ) -> list[tuple[str, nn.Module, Any]] | None:
+        """The layers to wrap, for a method whose sites are not the matched layers themselves
+        (a sublayer's output, an attention module); None: the matched layers."""
+        return None
+
+    def attached(self, model: nn.Module, adapters: list[Adapter], cfg: Any) -> None:
+        """After the layers are wrapped: hooks outside them (undone by :meth:`Adapter.detach`)."""
+
+    def export(
+        self, model: nn.Module, config: dict[str, Any], tensors: dict[str, Tensor]
+    ) -> tuple[dict[str, Any], dict[str, Tensor]]:
+        """The saved form of the adapter (e.g. prefix tuning materialises its MLP's output)."""
+        return config, tensors
+
+    def peft_files(
+        self, model: nn.Module, base: dict[str, Any]
+    ) -> tuple[dict[str, Any], dict[str, Tensor]] | None:
+        """A PEFT dir (config, tensors) of the method's own PEFT type; None: export as LoRA."""
+        return None
 
     # PEFT's name for the method (its ``peft_type``; DoRA: "DORA"), None where peft lacks it,
     # and the tensor names PEFT gives the adapter's own where they differ (splice → peft).
@@ -264,13 +293,14 @@ class AdaptedLayer(nn.Module):
 
     # forward -------------------------------------------------------------------------------
 
-    def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+    def forward(self, x: Tensor | None = None, *args: Any, **kwargs: Any) -> Tensor:
+        # x None: called by keyword only (HF attention modules); prefix adapters ignore x
         active = self._bank.active
         rows = self._bank.rows
         single = self.get(active[0][0]) if len(active) == 1 and active[0][1] == 1.0 else None
         if rows is None and not self.merged and single is not None and single.wraps_base:
             return single.around(self.base_layer, x, *args, **kwargs)
-        y = self.base_layer(x, *args, **kwargs)
+        y = self.base_layer(*args, **kwargs) if x is None else self.base_layer(x, *args, **kwargs)
         if rows is not None:
             return self._routed(x, y, rows, args, kwargs)
         if self.merged:
@@ -307,9 +337,10 @@ class AdaptedLayer(nn.Module):
             raise SpliceError(
                 "a mixed batch needs unmerged adapters", fix="unmerge_adapters(model) first"
             )
-        if x.shape[0] != rows.n:
+        n = (y if x is None else x).shape[0]
+        if n != rows.n:
             raise SpliceError(
-                f"{rows.n} rows routed but the layer sees a batch of {x.shape[0]}",
+                f"{rows.n} rows routed but the layer sees a batch of {n}",
                 where=self.adapter.site.name,
                 fix="give one adapter name per row of the batch (dim 0)",
             )
@@ -323,10 +354,12 @@ class AdaptedLayer(nn.Module):
         if len(spans) == 1:
             return self._run_adapter(spans[0][0], x, y, args, kwargs)
         order, inverse = (None, None) if rows.sorted else rows.order(x.device)
-        xs = x if order is None else rows.gather(x, order)
+        xs = x if order is None or x is None else rows.gather(x, order)
         ys = y if order is None else y.index_select(0, order)
         parts = [
-            ys[a:b] if ad is None else self._run_adapter(ad, xs[a:b], ys[a:b], args, kwargs)
+            ys[a:b]
+            if ad is None
+            else self._run_adapter(ad, None if xs is None else xs[a:b], ys[a:b], args, kwargs)
             for ad, a, b in spans
         ]
         out = torch.cat(parts)

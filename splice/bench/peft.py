@@ -152,8 +152,11 @@ def _row_plans(cfg: PeftConfig, encoder: Any) -> list[dict[str, Any]]:
             "family": getattr(cls, "family", "undeclared"),
             "options": dict(cfg.options.get(name, {})),
         }
-        missing = [k for k in kinds if k not in cls.kinds]
-        if cls.selected_by:
+        own = _own_sites(cls, encoder, plan["options"])
+        missing = [k for k in kinds if k not in cls.kinds] if own is None else []
+        if isinstance(own, str):  # where the method's sites are found: none on this backbone
+            plan["reason"] = f"{name} does not apply to {type(encoder.module).__name__}: {own}"
+        elif cls.selected_by:
             plan["reason"] = (
                 f"{name} trains the entries a selector chooses "
                 f"(splice train --select {'|'.join(cls.selected_by)})"
@@ -165,7 +168,7 @@ def _row_plans(cfg: PeftConfig, encoder: Any) -> list[dict[str, Any]]:
             )
         elif cfg.budget is not None:
             try:
-                sizing = fit_budget(cls, sites, plan["options"], cfg.budget)
+                sizing = fit_budget(cls, own or sites, plan["options"], cfg.budget)
             except Exception as e:  # a method whose formula or config fails: its error row
                 plan["error"] = f"{type(e).__name__}: {e}"
                 sizing = None
@@ -176,6 +179,20 @@ def _row_plans(cfg: PeftConfig, encoder: Any) -> list[dict[str, Any]]:
         plans.append(plan)
     plans.append({"key": "full", "label": "full fine-tune", "kind": "reference", "family": "–"})
     return plans
+
+
+def _own_sites(cls: Any, encoder: Any, options: dict[str, Any]) -> list | str | None:
+    """The sites of a method that finds its own (prefix: attention modules; parallel adapter:
+    sublayer outputs) near the backbone's targets, the reason it finds none, or None."""
+    from splice.adapters.inject import _config
+
+    impl = cls()
+    try:
+        found = impl.find(encoder.module, list(encoder.default_targets), None,
+                          _config(cls, cls.__name__, options))  # fmt: skip
+    except SpliceError as e:
+        return str(e)
+    return None if found is None else [site for _, _, site in found]
 
 
 def _row_path(cfg: PeftConfig, group: Any, task: str, plan: dict) -> Path:

@@ -42,6 +42,22 @@ def _conv1d_gpt2(nx: int, nf: int) -> nn.Module:
     return Conv1D(nf, nx)
 
 
+class _TinyBert(nn.Module):
+    """A one-layer random BERT encoder returning its last hidden state: attention sites."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from transformers import BertConfig, BertModel
+
+        cfg = BertConfig(vocab_size=20, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=12, max_position_embeddings=16, hidden_dropout_prob=0.0,
+                         attention_probs_dropout_prob=0.0)  # fmt: skip
+        self.bert = BertModel(cfg, add_pooling_layer=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.bert(input_ids=ids).last_hidden_state
+
+
 # kind → (layer factory, input factory); d_in ≠ d_out everywhere to catch transposes
 KINDS = {
     "linear": (lambda: nn.Linear(8, 12), lambda: torch.randn(2, 5, 8)),
@@ -50,6 +66,7 @@ KINDS = {
     "conv1x1": (lambda: nn.Conv2d(4, 6, 1), lambda: torch.randn(2, 4, 5, 5)),
     "conv3x3": (lambda: nn.Conv2d(4, 6, 3, stride=2, padding=1), lambda: torch.randn(2, 4, 6, 6)),
 }
+KINDS["attention"] = (_TinyBert, lambda: torch.randint(0, 20, (2, 5)))
 SITE_KIND = {"conv1x1": "conv", "conv3x3": "conv"}
 
 

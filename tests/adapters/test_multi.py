@@ -33,7 +33,10 @@ from splice.errors import SpliceError
 from .conftest import KINDS, METHOD_CASES, make_model, perturb
 from .test_contract import CASES
 
-MERGEABLE = sorted(c for c in METHOD_CASES if METHODS.get(METHOD_CASES[c][0]).mergeable)
+# the virtual-token methods (prefix, prompt, MAM) hold one model-wide hook: one per model
+SHARING = {c: v for c, v in METHOD_CASES.items() if METHODS.get(v[0]).shares_model}
+LONE = sorted(c for c in METHOD_CASES if c not in SHARING)
+MERGEABLE = sorted(c for c in SHARING if METHODS.get(METHOD_CASES[c][0]).mergeable)
 ROW_NAMES = ["a", "base", "b", "b", "a", "base"]
 
 
@@ -58,7 +61,7 @@ def alone(model, x, adapters) -> torch.Tensor:
     return torch.cat(outs)
 
 
-@pytest.mark.parametrize(("case", "kind"), CASES)
+@pytest.mark.parametrize(("case", "kind"), [(c, k) for c, k in CASES if c in SHARING])
 def test_mixed_batch_equals_each_row_alone(case, kind):
     model, x = two_adapters(case, kind)
     with torch.no_grad():
@@ -72,7 +75,7 @@ def test_mixed_batch_equals_each_row_alone(case, kind):
     assert not torch.allclose(reference[2], alone(model, x[:3], ["a"] * 3)[2], atol=1e-4)
 
 
-@pytest.mark.parametrize("case", sorted(METHOD_CASES))
+@pytest.mark.parametrize("case", sorted(SHARING))
 def test_row_weights_equal_a_weighted_active_set_per_row(case):
     """Rows(weights=…) — per-sample adapter mixtures — equals each row alone under the
     weighted active set {a: w_a, b: w_b}; a row index tensor equals the names form."""
@@ -115,7 +118,7 @@ def test_disable_gives_the_base_model_and_set_active_restores():
     model, x = make_model("linear")
     with torch.no_grad():
         y0 = model(x)
-        add_adapter(model, "a", "lora", ["proj"], r=2)
+        add_adapter(model, "a", "lora", ["query"], r=2)
         perturb(model)
         ya = model(x)
         disable_adapters(model)
@@ -124,7 +127,7 @@ def test_disable_gives_the_base_model_and_set_active_restores():
         assert torch.equal(model(x), ya)
 
 
-@pytest.mark.parametrize("case", sorted(METHOD_CASES))
+@pytest.mark.parametrize("case", sorted(SHARING))
 def test_delete_frees_the_tensors_and_keeps_the_rest(case, tmp_path):
     model, x = two_adapters(case)
     gone = [
@@ -178,7 +181,7 @@ def test_named_load_save_and_the_new_adapter_trains(tmp_path):
         assert torch.equal(fresh(x), model(x))
 
 
-@pytest.mark.parametrize("case", sorted(METHOD_CASES))
+@pytest.mark.parametrize("case", sorted(SHARING))
 def test_hotswap_leaves_outputs_equal_to_a_fresh_load(case, tmp_path):
     method, cfg = METHOD_CASES[case]
     for seed in (1, 2):
@@ -268,3 +271,16 @@ def test_bad_input_is_a_one_line_error(tmp_path):
     with pytest.raises(SpliceError, match=r"trained on a base whose layers.0.proj weight is \(16"):
         load_adapter(model, tmp_path / "other", adapter_name="c")
     assert adapter_names(model) == ["a", "b"]  # nothing left loaded
+
+
+@pytest.mark.parametrize("case", LONE)
+def test_a_virtual_token_method_refuses_to_share_the_model(case):
+    method, cfg = METHOD_CASES[case]
+    model, _ = make_model("attention")
+    add_adapter(model, "a", method, ["proj"], **cfg)
+    with pytest.raises(SpliceError, match="cannot share a model with other named adapters"):
+        add_adapter(model, "b", "lora", ["query"], r=2)
+    model, _ = make_model("attention")
+    add_adapter(model, "a", "lora", ["query"], r=2)
+    with pytest.raises(SpliceError, match="cannot share a model with other named adapters"):
+        add_adapter(model, "b", method, ["proj"], **cfg)

@@ -149,11 +149,16 @@ def test_registered_method_appears_and_a_raising_method_gets_an_error_row(tiny, 
 def test_budget_gives_counts_within_granularity(tiny):
     from transformers import BertModel
 
+    from splice.bench.peft import _own_sites
+
     model = BertModel.from_pretrained(str(tiny[0]))
-    sites = [s for _, _, s in find_sites(model, ["query", "value"])]
+    targets = ["query", "value"]
+    linear = [s for _, _, s in find_sites(model, targets)]
     for name, cls in METHODS.items():
         if cls.selected_by:  # sized by its selector (tests/select), not by the benchmark
             continue
+        encoder = type("Encoder", (), {"module": model, "default_targets": targets})
+        sites = _own_sites(cls, encoder, {}) or linear  # prefix: attention modules
         for budget in (300, 2000, 5000):
             sizing = fit_budget(cls, sites, {}, budget)
             if sizing is None:  # no size knob: a size the model fixes (IA³, OFT's blocks)
@@ -166,6 +171,7 @@ def test_budget_gives_counts_within_granularity(tiny):
                 assert sizing.count > budget
             else:
                 assert abs(sizing.count - budget) <= sizing.step, (name, budget, sizing)
+    sites = linear
     lora = fit_budget(METHODS.get("lora"), sites, {}, 2000)
     assert lora.options["r"] == round(2000 / (4 * 64)) and lora.step == 4 * 64
     nola = fit_budget(METHODS.get("nola"), sites, {}, 2000)
@@ -203,3 +209,5 @@ def test_conv_only_backbone_marks_linear_only_methods_not_applicable():
     plans = {p["key"]: p for p in _row_plans(PeftConfig(tasks=("x",)), Encoder())}
     assert "conv" in plans["ept"]["reason"] and "linear" in plans["ept"]["reason"]
     assert "reason" not in plans["lora"]
+    for name in ("prefix", "mam", "prompt", "parallel"):  # they find no transformer there
+        assert plans[name]["reason"].startswith(f"{name} does not apply to Sequential: ")
