@@ -134,6 +134,15 @@ def _load_state(model: nn.Module, tensors: dict[str, Tensor], path: Path) -> Non
             where=str(path),
             fix="load the adapter into the base model it was trained on",
         )
+    for name, layer in adapter_layers(model).items():  # packed adapters read their own keys
+        if layer.adapter.saved_tensors() is not None:
+            prefix = f"{name}.adapter."
+            own = {
+                k.removeprefix(prefix): tensors.pop(k)
+                for k in list(tensors)
+                if k.startswith(prefix)
+            }
+            layer.adapter.load_saved(own, f"{path}: {name}")
     with torch.no_grad():
         for key, t in tensors.items():
             dst = expected[key]

@@ -30,6 +30,7 @@ __all__ = [
     "attach",
     "aux_loss",
     "find_sites",
+    "guide",
     "inject",
     "merge_adapters",
     "remove_adapters",
@@ -268,12 +269,23 @@ def aux_loss(model: nn.Module) -> Tensor | None:
     return METHODS.get(record.method)().aux_loss(adapters, record.config)
 
 
+def guide(model: nn.Module) -> Any:
+    """The method's teacher-guided gradient surgery (:meth:`Method.guide`), or ``None``."""
+    record, layers = _record(model)
+    adapters = [layer.adapter for layer in layers.values()]
+    return METHODS.get(record.method)().guide(adapters, record.config)
+
+
 def adapter_state(model: nn.Module) -> dict[str, Tensor]:
     """Adapter tensors (shared pools once, seeds and index maps included) + modules_to_save."""
     record, layers = _record(model)
     state: dict[str, Tensor] = {}
     seen: set[int] = set()
     for name, layer in layers.items():
+        packed = layer.adapter.saved_tensors()
+        if packed is not None:  # packed codes/bits instead of the parameters
+            state.update({f"{name}.adapter.{k}": t.detach() for k, t in packed.items()})
+            continue
         tensors = [*layer.adapter.named_parameters(), *layer.adapter.named_buffers()]
         persistent = set(layer.adapter.state_dict(keep_vars=True))
         for key, t in tensors:

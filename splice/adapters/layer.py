@@ -65,6 +65,18 @@ class Adapter(nn.Module):
         B, A = self.factors()
         return self.site.lowrank(B.detach(), A.detach(), self.scale)
 
+    def bind(self, base_layer: nn.Module) -> None:
+        """Called once with the frozen base layer it adapts (methods that read W₀: R-AMT)."""
+
+    def saved_tensors(self) -> dict[str, Tensor] | None:
+        """What :func:`~splice.adapters.save_adapter` writes for this adapter instead of its
+        parameters (packed codes or bits, keyed by local name), or None to write those."""
+        return None
+
+    def load_saved(self, tensors: dict[str, Tensor], where: str) -> None:
+        """Fill the adapter from :meth:`saved_tensors`' output read back from ``where``."""
+        raise NotImplementedError
+
 
 class Method:
     """A registered PEFT method: a config model, a builder of per-site adapters, a formula.
@@ -83,6 +95,7 @@ class Method:
     # The selectors (splice/select) that configure it, when it trains nothing on its own.
     selected_by: ClassVar[tuple[str, ...]] = ()
     lowrank: ClassVar[bool] = True  # False if ΔW is not B@A (sparse): no PEFT LoRA export
+    zero_init: ClassVar[bool] = True  # False if the model changes at step 0 (quantised Up)
 
     def build(self, sites: list[Site], cfg: Any) -> list[Adapter]:
         raise NotImplementedError
@@ -92,6 +105,13 @@ class Method:
 
     def aux_loss(self, adapters: list[Adapter], cfg: Any) -> Tensor | None:
         """An auxiliary loss from the last forward (router balance, task contrast), or None."""
+        return None
+
+    def guide(self, adapters: list[Adapter], cfg: Any) -> Any:
+        """Gradient surgery driven by a teacher forward and a second backward (R-AMT's GDR):
+        an object with ``teacher()`` (a context for the teacher's forward) and
+        ``__call__(student_logits, teacher_logits)`` (run before the loop's backward), or None.
+        """
         return None
 
     def task_slots(self, cfg: Any) -> int:
@@ -135,6 +155,7 @@ class AdaptedLayer(nn.Module):
         self.adapter = adapter
         self.merged = False
         self._record = record
+        adapter.bind(base_layer)
 
     @property
     def weight(self) -> Tensor:
