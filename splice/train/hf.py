@@ -85,6 +85,12 @@ def _load_model(cfg: TrainConfig, objective: str, labels: list[str] | None):
     return tokenizer, model.float(), new_modules
 
 
+def _guide(model: nn.Module) -> Any:
+    from splice.adapters import guide
+
+    return guide(model)
+
+
 def _freeze_all_but_the_head(model: nn.Module, new_modules: list[str], objective: str) -> None:
     """Linear probe (``--method head``): the pretrained weights stay frozen, the new head trains."""
     if objective != "classification" or not new_modules:
@@ -288,12 +294,19 @@ def _run(
         sparse = adapted and not METHODS.get(cfg.method).uses_all_parameters
         model = nn.parallel.DistributedDataParallel(model, find_unused_parameters=sparse)
 
+    gdr = _guide(core) if adapted else None  # R-AMT: a teacher forward, a second backward
+
     def micro_loss(i: int) -> tuple[torch.Tensor, int]:
         task, batch = batches(i)
         if route is not None:
             route(core, task)
         batch = {k: v.to(device) for k, v in batch.items()}
-        return model(**batch).loss, len(batch["input_ids"])
+        out = model(**batch)
+        if gdr is not None:
+            with gdr.teacher():
+                teacher = model(**batch).logits
+            gdr(out.logits, teacher)
+        return out.loss, len(batch["input_ids"])
 
     def save(state: LoopState) -> None:
         info = {"step": state.step, "history": state.history, "config": cfg.fingerprint()}
