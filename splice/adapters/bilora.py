@@ -58,31 +58,33 @@ class BiLoRAAdapter(Adapter):
         return self._quantised("B")[0], self._quantised("A")[0]
 
     def saved_tensors(self) -> dict[str, Tensor]:
+        """``codes``: A's packed codes, then B's (each from a byte boundary); ``stats``:
+        float32 (μ_A, σ_A, μ_B, σ_B)."""
         if self._loaded is not None:
             return dict(self._loaded)
-        out: dict[str, Tensor] = {}
+        codes, stats = [], []
         for role in ROLES:
-            _, codes, mu, sigma = self._quantised(role)
-            out[f"{role}_codes"] = pack_codes(codes, self.bits)
-            out[f"{role}_stats"] = torch.stack([mu, sigma]).detach().float().cpu()
-        return out
+            _, q, mu, sigma = self._quantised(role)
+            codes.append(pack_codes(q, self.bits))
+            stats += [mu, sigma]
+        return {"codes": torch.cat(codes), "stats": torch.stack(stats).detach().float().cpu()}
 
     def load_saved(self, tensors: dict[str, Tensor], where: str) -> None:
-        for role in ROLES:
-            param = getattr(self, f"lora_{role}")
-            codes, stats = tensors[f"{role}_codes"], tensors[f"{role}_stats"]
-            need = packed_bytes(param.numel(), self.bits)
-            if codes.dtype != torch.uint8 or codes.numel() != need or stats.numel() != 2:
-                raise SpliceError(
-                    f"{role} holds {codes.numel()} bytes of codes; a {1 << self.bits}-level "
-                    f"codebook for its {tuple(param.shape)} factor needs {need} (+ μ, σ)",
-                    where=where,
-                    fix="load the adapter with the bits it was saved with",
-                )
-            q = unpack_codes(codes, self.bits, param.numel()).reshape(param.shape)
-            mu, sigma = stats.float()
+        codes, stats = tensors["codes"], tensors["stats"].float()
+        params = [getattr(self, f"lora_{role}") for role in ROLES]
+        sizes = [packed_bytes(p.numel(), self.bits) for p in params]
+        if codes.dtype != torch.uint8 or codes.numel() != sum(sizes) or stats.numel() != 4:
+            shapes = " and ".join(str(tuple(p.shape)) for p in params)
+            raise SpliceError(
+                f"the file holds {codes.numel()} bytes of codes; a {1 << self.bits}-level "
+                f"codebook for factors {shapes} needs {sum(sizes)} (+ 4 floats of μ, σ)",
+                where=where,
+                fix="load the adapter with the bits it was saved with",
+            )
+        for i, (param, part) in enumerate(zip(params, codes.split(sizes), strict=True)):
+            q = unpack_codes(part, self.bits, param.numel()).reshape(param.shape)
             with torch.no_grad():
-                param.copy_(expand(q.to(param.device), self.bits, mu, sigma))
+                param.copy_(expand(q.to(param.device), self.bits, stats[2 * i], stats[2 * i + 1]))
         self._loaded = {k: v.clone() for k, v in tensors.items()}
 
 
