@@ -10,8 +10,9 @@ for peft's side too). Every side runs in its own child process (fresh allocator,
 ``ru_maxrss``), one after another; ``--repeats`` interleaves several rounds and takes medians;
 ``--paired`` alternates the sides' steps in one process for time ratios that hold on a loaded
 machine. The step time is the median of ``--steps`` timed steps after ``--warmup``
-untimed ones. LoRA: r=8, alpha=16 on query/value for both peft and splice. NOLA, MoS, MoLA
-and EPT are reported relative to splice's LoRA, with their trainable counts.
+untimed ones. LoRA: r=8, alpha=16 on query/value for both peft and splice. NOLA, MoS, MoLA,
+EPT, Bi-LoRA (1-bit), Queryable LoRA and R-AMT (its GDR included: a teacher forward and a
+second backward) are reported relative to splice's LoRA, with their trainable counts.
 
 ``--device cuda`` times on the GPU (synchronised steps) and adds each side's peak GPU memory
 (``torch.cuda.max_memory_allocated``). ``--model DIR`` takes another MiniLM dir; with
@@ -50,6 +51,9 @@ SIDES = {  # name → (library, method, options)
         "ept",
         {"r": 8, "dropout": 0.0, "tasks": 1, "zero_init_kernels": True},
     ),
+    "splice-bilora": ("splice", "bilora", {"r": 8, "alpha": 16}),  # 1-bit factors
+    "splice-querylora": ("splice", "querylora", {"r": 8, "alpha": 16}),
+    "splice-ramt": ("splice", "ramt", {}),  # with GDR: a teacher forward, a second backward
 }
 
 
@@ -99,9 +103,16 @@ def build(side: str, args: argparse.Namespace):
     mask = torch.ones_like(ids)
     model.train()
 
+    guide = adapters.guide(model) if library == "splice" else None  # R-AMT's GDR
+
     def micro_loss(i: int) -> tuple[torch.Tensor, int]:
         hidden = model(input_ids=ids, attention_mask=mask).last_hidden_state
-        return torch.nn.functional.cross_entropy(head(hidden.mean(1)), labels), BATCH
+        logits = head(hidden.mean(1))
+        if guide is not None:
+            with guide.teacher():
+                teacher = head(model(input_ids=ids, attention_mask=mask).last_hidden_state.mean(1))
+            guide(logits, teacher)
+        return torch.nn.functional.cross_entropy(logits, labels), BATCH
 
     # the one training loop's step (splice.train): forward, aux loss, backward, AdamW
     train_step = TrainStep(

@@ -160,7 +160,7 @@ def set_instruction(model: nn.Module, embedding: Tensor | None) -> None:
 class QueryableLoRA(Method):
     pretty_name = "Queryable LoRA [recon]"
     reference_url = "https://arxiv.org/abs/2605.08423"
-    family = "reparameterized"
+    family = "hybrid"  # routed mixture of shared atoms inside per-layer LoRA
     Config = QueryableLoRAConfig
     kinds = frozenset({"linear", "conv1d_gpt2", "conv"})
     uses_all_parameters = False  # top-k: unrouted atoms get no gradient
