@@ -101,8 +101,8 @@ class RAMTAdapter(Adapter):
         n = self.logits.numel()
         if shape != tuple(self.site.weight_shape) or bits.numel() != packed_bytes(n, 1):
             raise SpliceError(
-                f"mask file holds {bits.numel() * 8} bits for a {shape} weight; the model's "
-                f"weight is {tuple(self.site.weight_shape)} ({n} bits)",
+                f"mask file holds {bits.numel() * 8} bits (saved for a {shape} weight); the "
+                f"model's {tuple(self.site.weight_shape)} weight needs {n}",
                 where=where,
                 fix="load the masks into the base model they were trained on",
             )
