@@ -266,6 +266,10 @@ def _run(
         selection = select(cfg, model, batches, device, saved, targets, total)
         adapted = selection.adapted
 
+    if cfg.base_bits is not None:  # QLoRA: adapters over a quantized frozen base
+        from splice.compress import quantize_base
+
+        quantize_base(model, cfg.base_bits)
     named = {n: p for n, p in model.named_parameters() if p.requires_grad}
     optimizer = torch.optim.AdamW(_param_groups(cfg, named, new_modules, full))
     if selection is not None:
