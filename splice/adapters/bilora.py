@@ -9,7 +9,10 @@ standardising a zero matrix divides by zero, so the model changes slightly at st
 α/r here). The adapter file holds each factor's packed ``b``-bit codes and (μ, σ) — b/8 bytes
 per entry plus 8 per matrix — and loading expands them once into the factors used from then
 on (a loaded adapter is not re-quantised). Trainable: r·(d_in + d_out) latent fp32 entries per
-site (the 1-bit head of the paper is not part of this method).
+site. ``head`` names targets that are a "Bi-head" instead (the paper's 1-bit classifier): the
+whole weight trains as a latent copy of W₀, used and stored at b bits (d_in·d_out entries; ΔW
+= Q(W) − W₀ is dense, so such a model merges but exports no PEFT LoRA). Bi-AdaptFormer is not
+here: it needs the parallel adapter, not yet in splice.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import pydantic
 import torch
 from torch import Tensor, nn
 
+from splice.deltas import Delta, Dense
 from splice.errors import SpliceError
 
 from ._bits import expand, pack_codes, packed_bytes, quantize_ste, unpack_codes
@@ -37,47 +41,51 @@ class BiLoRAConfig(MethodConfig):
     up_std: float = pydantic.Field(
         1e-3, gt=0, description="std of Up's truncated-normal init (cut at ±2 std)"
     )
+    head: list[str] = pydantic.Field(
+        [], description="targets (full names) whose whole weight trains at b bits: a Bi-head"
+    )
 
 
-class BiLoRAAdapter(Adapter):
-    def __init__(self, site: Site, cfg: BiLoRAConfig) -> None:
-        super().__init__(site, scaling(cfg.alpha, cfg.r), cfg.dropout)
+class _Quantised(Adapter):
+    """An adapter whose matrices ``self.roles`` are used and stored at ``bits`` bits."""
+
+    roles: tuple[str, ...] = ()
+
+    def __init__(self, site: Site, scale: float, cfg: BiLoRAConfig) -> None:
+        super().__init__(site, scale, cfg.dropout)
         self.bits = cfg.bits
-        self.lora_A = uniform_parameter(cfg.r, site.d_in)
-        up = torch.empty(site.d_out, cfg.r)
-        nn.init.trunc_normal_(up, 0.0, cfg.up_std, -2 * cfg.up_std, 2 * cfg.up_std)
-        self.lora_B = nn.Parameter(up)
         self._loaded: dict[str, Tensor] | None = None  # the file's tensors once loaded
 
-    def _quantised(self, role: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        return quantize_ste(getattr(self, f"lora_{role}"), self.bits)
-
-    def factors(self) -> tuple[Tensor, Tensor]:
-        if self._loaded is not None:  # expanded once at load
-            return self.lora_B, self.lora_A
-        return self._quantised("B")[0], self._quantised("A")[0]
+    def quantised(self, role: str) -> Tensor:
+        """The matrix the forward uses: Q_b(·)·σ + μ, or as expanded once at load."""
+        param = getattr(self, role)
+        return param if self._loaded is not None else quantize_ste(param, self.bits)[0]
 
     def saved_tensors(self) -> dict[str, Tensor]:
-        """``codes``: A's packed codes, then B's (each from a byte boundary); ``stats``:
-        float32 (μ_A, σ_A, μ_B, σ_B)."""
+        """``codes``: each matrix's packed codes in turn (each from a byte boundary);
+        ``stats``: float32 (μ, σ) of each."""
         if self._loaded is not None:
             return dict(self._loaded)
         codes, stats = [], []
-        for role in ROLES:
-            _, q, mu, sigma = self._quantised(role)
+        for role in self.roles:
+            _, q, mu, sigma = quantize_ste(getattr(self, role), self.bits)
             codes.append(pack_codes(q, self.bits))
             stats += [mu, sigma]
         return {"codes": torch.cat(codes), "stats": torch.stack(stats).detach().float().cpu()}
 
     def load_saved(self, tensors: dict[str, Tensor], where: str) -> None:
         codes, stats = tensors["codes"], tensors["stats"].float()
-        params = [getattr(self, f"lora_{role}") for role in ROLES]
+        params = [getattr(self, role) for role in self.roles]
         sizes = [packed_bytes(p.numel(), self.bits) for p in params]
-        if codes.dtype != torch.uint8 or codes.numel() != sum(sizes) or stats.numel() != 4:
+        if (
+            codes.dtype != torch.uint8
+            or codes.numel() != sum(sizes)
+            or stats.numel() != 2 * len(params)
+        ):
             shapes = " and ".join(str(tuple(p.shape)) for p in params)
             raise SpliceError(
                 f"the file holds {codes.numel()} bytes of codes; a {1 << self.bits}-level "
-                f"codebook for factors {shapes} needs {sum(sizes)} (+ 4 floats of μ, σ)",
+                f"codebook for {shapes} needs {sum(sizes)} (+ μ, σ of each)",
                 where=where,
                 fix="load the adapter with the bits it was saved with",
             )
@@ -86,6 +94,46 @@ class BiLoRAAdapter(Adapter):
             with torch.no_grad():
                 param.copy_(expand(q.to(param.device), self.bits, stats[2 * i], stats[2 * i + 1]))
         self._loaded = {k: v.clone() for k, v in tensors.items()}
+
+
+class BiLoRAAdapter(_Quantised):
+    roles = ("lora_A", "lora_B")
+
+    def __init__(self, site: Site, cfg: BiLoRAConfig) -> None:
+        super().__init__(site, scaling(cfg.alpha, cfg.r), cfg)
+        self.lora_A = uniform_parameter(cfg.r, site.d_in)
+        up = torch.empty(site.d_out, cfg.r)
+        nn.init.trunc_normal_(up, 0.0, cfg.up_std, -2 * cfg.up_std, 2 * cfg.up_std)
+        self.lora_B = nn.Parameter(up)
+
+    def factors(self) -> tuple[Tensor, Tensor]:
+        return self.quantised("lora_B"), self.quantised("lora_A")
+
+
+class BiHeadAdapter(_Quantised):
+    """The paper's "Bi-head": the whole weight of a (new) head layer trains as a latent copy
+    of W₀ and is used at ``bits`` bits; y = x·Q(W)ᵀ + b, as y + x·(Q(W) − W₀)ᵀ."""
+
+    roles = ("weight",)
+
+    def __init__(self, site: Site, cfg: BiLoRAConfig) -> None:
+        super().__init__(site, 1.0, cfg)
+        self.weight = nn.Parameter(torch.zeros(site.d_out, site.d_in))
+
+    def bind(self, base_layer: nn.Module) -> None:
+        w0 = base_layer.weight.detach().reshape(self.site.d_out, -1).float().clone()
+        self.register_buffer("w0", w0, persistent=False)  # unmerge needs W₀ back
+        if self._loaded is None:
+            with torch.no_grad():
+                self.weight.copy_(w0)
+
+    def forward(self, x: Tensor, y: Tensor) -> Tensor:
+        shift = self.quantised("weight") - self.w0
+        return y + self.site.down(self.dropout(x), shift).to(y.dtype)
+
+    def delta(self) -> Delta:
+        shift = (self.quantised("weight") - self.w0).detach()
+        return Dense(shift.reshape(self.site.weight_shape))
 
 
 @METHODS.register("bilora")
@@ -98,7 +146,11 @@ class BiLoRA(Method):
     zero_init = False  # Up must be non-zero for the standardisation
 
     def build(self, sites: list[Site], cfg: BiLoRAConfig) -> list[Adapter]:
-        return [BiLoRAAdapter(site, cfg) for site in sites]
+        return [
+            BiHeadAdapter(s, cfg) if s.name in cfg.head else BiLoRAAdapter(s, cfg) for s in sites
+        ]
 
     def num_parameters(self, sites: list[Site], cfg: BiLoRAConfig) -> int:
-        return sum(cfg.r * (s.d_in + s.d_out) for s in sites)
+        return sum(
+            s.d_in * s.d_out if s.name in cfg.head else cfg.r * (s.d_in + s.d_out) for s in sites
+        )

@@ -114,3 +114,37 @@ def test_wrong_codebook_size_names_the_file_and_module(tmp_path):
     ) as e:
         load_adapter(fresh, tmp_path / "a")
     assert str(tmp_path / "a") in str(e.value)
+
+
+def test_bi_head_uses_the_quantised_head_weight_and_round_trips(tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Tanh(), torch.nn.Linear(16, 5))
+    x = torch.randn(7, 16)
+    w0, b0 = model[2].weight.detach().clone(), model[2].bias.detach().clone()
+    inject(model, "bilora", ["0", "2"], r=2, head=["2"])
+    head = adapter_layers(model)["2"].adapter
+    assert torch.equal(head.weight, w0)  # the latent head starts at W₀
+    h = model[1](model[0](x))
+    with torch.no_grad():
+        z = (w0 - w0.mean()) / (w0.std() + 1e-5)
+        level = stats.norm.ppf(0.75)
+        wq = torch.where(z > 0, level, -level).float() * w0.std() + w0.mean()
+        assert torch.allclose(model[2](h), h @ wq.t() + b0, atol=1e-5)
+    n = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert n == 2 * (16 + 16) + 16 * 5
+    perturb(model)
+    with torch.no_grad():
+        y = model(x)
+    save_adapter(model, tmp_path / "a")
+    from safetensors.torch import load_file
+
+    saved = load_file(str(tmp_path / "a" / "splice_adapter.safetensors"))
+    assert saved["2.adapter.codes"].numel() == 16 * 5 // 8  # 1 bit per head weight
+    torch.manual_seed(0)
+    fresh = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Tanh(), torch.nn.Linear(16, 5))
+    load_adapter(fresh, tmp_path / "a")
+    with torch.no_grad():
+        assert torch.equal(fresh(x), y)
+        layer = adapter_layers(fresh)["2"]
+        layer.merge()  # ΔW = Q(W) − W₀: the merged weight is the 1-bit head
+        assert len(torch.unique(layer.weight)) == 2
