@@ -6,9 +6,9 @@ Spec peft.md §14. Each factor W ∈ {A, B} is used as W_q = Q_b((W − μ)/(σ 
 A (Down) is Kaiming-uniform; B (Up) ~ TruncNormal(0, 0.001², ±0.002): it must be non-zero, as
 standardising a zero matrix divides by zero, so the model changes slightly at step 0
 (``zero_init = False``). ΔW = s·B_q@A_q with s = α/r (the paper's per-dataset scale s is
-α/r here). The adapter file holds each factor's packed ``b``-bit codes and (μ, σ) — b/8 bytes
-per entry plus 8 per matrix — and loading expands them once into the factors used from then
-on (a loaded adapter is not re-quantised). Trainable: r·(d_in + d_out) latent fp32 entries per
+α/r here). The adapter file holds, per site, one uint8 tensor: each factor's packed ``b``-bit
+codes, then the float32 (μ, σ) of each — b/8 bytes per entry plus 8 per matrix — and loading
+expands them once into the factors used from then on (a loaded adapter is not re-quantised). Trainable: r·(d_in + d_out) latent fp32 entries per
 site. ``head`` names targets that are a "Bi-head" instead (the paper's 1-bit classifier): the
 whole weight trains as a latent copy of W₀, used and stored at b bits (d_in·d_out entries; ΔW
 = Q(W) − W₀ is dense, so such a model merges but exports no PEFT LoRA). Bi-AdaptFormer is not
@@ -62,8 +62,8 @@ class _Quantised(Adapter):
         return param if self._loaded is not None else quantize_ste(param, self.bits)[0]
 
     def saved_tensors(self) -> dict[str, Tensor]:
-        """``codes``: each matrix's packed codes in turn (each from a byte boundary);
-        ``stats``: float32 (μ, σ) of each."""
+        """``packed`` (uint8): each matrix's packed codes in turn (each from a byte boundary),
+        then the float32 bytes of (μ, σ) of each — one tensor, so one header entry, per site."""
         if self._loaded is not None:
             return dict(self._loaded)
         codes, stats = [], []
@@ -71,25 +71,25 @@ class _Quantised(Adapter):
             _, q, mu, sigma = quantize_ste(getattr(self, role), self.bits)
             codes.append(pack_codes(q, self.bits))
             stats += [mu, sigma]
-        return {"codes": torch.cat(codes), "stats": torch.stack(stats).detach().float().cpu()}
+        raw = torch.stack(stats).detach().float().cpu().view(torch.uint8)
+        return {"packed": torch.cat([*codes, raw])}
 
     def load_saved(self, tensors: dict[str, Tensor], where: str) -> None:
-        codes, stats = tensors["codes"], tensors["stats"].float()
+        packed = tensors["packed"]
         params = [getattr(self, role) for role in self.roles]
         sizes = [packed_bytes(p.numel(), self.bits) for p in params]
-        if (
-            codes.dtype != torch.uint8
-            or codes.numel() != sum(sizes)
-            or stats.numel() != 2 * len(params)
-        ):
+        need = sum(sizes) + 8 * len(params)
+        if packed.dtype != torch.uint8 or packed.numel() != need:
             shapes = " and ".join(str(tuple(p.shape)) for p in params)
             raise SpliceError(
-                f"the file holds {codes.numel()} bytes of codes; a {1 << self.bits}-level "
-                f"codebook for {shapes} needs {sum(sizes)} (+ μ, σ of each)",
+                f"the file holds {packed.numel()} bytes; a {1 << self.bits}-level codebook for "
+                f"{shapes} needs {need} (codes, then μ and σ of each)",
                 where=where,
                 fix="load the adapter with the bits it was saved with",
             )
-        for i, (param, part) in enumerate(zip(params, codes.split(sizes), strict=True)):
+        *parts, raw = packed.split([*sizes, 8 * len(params)])
+        stats = raw.clone().view(torch.float32)
+        for i, (param, part) in enumerate(zip(params, parts, strict=True)):
             q = unpack_codes(part, self.bits, param.numel()).reshape(param.shape)
             with torch.no_grad():
                 param.copy_(expand(q.to(param.device), self.bits, stats[2 * i], stats[2 * i + 1]))

@@ -88,7 +88,8 @@ def test_saved_file_is_packed_and_round_trips_bit_exactly(tmp_path):
 
     tensors = load_file(str(tmp_path / "a" / "splice_adapter.safetensors"))
     entries = 8 * (64 + 96) + 8 * (96 + 32)
-    assert sum(t.numel() * t.element_size() for t in tensors.values()) == entries // 8 + 4 * 8
+    assert len(tensors) == 2 and all(t.dtype == torch.uint8 for t in tensors.values())
+    assert sum(t.numel() for t in tensors.values()) == entries // 8 + 4 * 8  # + (μ, σ) each
     fresh = torch.nn.Sequential(torch.nn.Linear(64, 96), torch.nn.Tanh(), torch.nn.Linear(96, 32))
     fresh.load_state_dict({k.replace(".base_layer", ""): v for k, v in model.state_dict().items()
                            if "adapter" not in k})  # fmt: skip
@@ -110,7 +111,7 @@ def test_wrong_codebook_size_names_the_file_and_module(tmp_path):
     cfg.write_text(json.dumps(info))
     fresh, _ = make_model("linear")
     with pytest.raises(
-        SpliceError, match=r"layers\.0\.proj: the file holds 10 bytes of codes; a 4-level codebook"
+        SpliceError, match=r"layers\.0\.proj: the file holds 26 bytes; a 4-level codebook"
     ) as e:
         load_adapter(fresh, tmp_path / "a")
     assert str(tmp_path / "a") in str(e.value)
@@ -139,7 +140,7 @@ def test_bi_head_uses_the_quantised_head_weight_and_round_trips(tmp_path):
     from safetensors.torch import load_file
 
     saved = load_file(str(tmp_path / "a" / "splice_adapter.safetensors"))
-    assert saved["2.adapter.codes"].numel() == 16 * 5 // 8  # 1 bit per head weight
+    assert saved["2.adapter.packed"].numel() == 16 * 5 // 8 + 8  # 1 bit per weight, μ, σ
     torch.manual_seed(0)
     fresh = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Tanh(), torch.nn.Linear(16, 5))
     load_adapter(fresh, tmp_path / "a")
