@@ -1,18 +1,19 @@
 """Bi-LoRA: LoRA whose factors are trained and stored at ``b`` bits (Jie, Wang, Deng; ICCV 2023).
 
-Spec peft.md §14. Each factor W ∈ {A, B} is used as W_q = Q_b((W − μ)/(σ + 1e-5))·σ + μ with
-μ, σ the matrix's mean and std and Q_b the nearest level of a fixed normal codebook
-(:func:`splice.adapters._bits.normal_codebook`; b=1: ±0.6745), straight-through in backward.
-A (Down) is Kaiming-uniform; B (Up) ~ TruncNormal(0, 0.001², ±0.002): it must be non-zero, as
+Spec peft.md §14. Each factor W ∈ {A, B} is used as W_q = Q_b((W − μ)/(σ + 1e-5))·σ + μ with μ,
+σ the matrix's mean and std and Q_b the nearest level of a fixed normal codebook
+(:func:`splice.adapters._bits.normal_codebook`; b=1: ±0.6745), straight-through in backward. A
+(Down) is Kaiming-uniform; B (Up) ~ TruncNormal(0, 0.001², ±0.002): it must be non-zero, as
 standardising a zero matrix divides by zero, so the model changes slightly at step 0
-(``zero_init = False``). ΔW = s·B_q@A_q with s = α/r (the paper's per-dataset scale s is
-α/r here). The adapter file holds, per site, one uint8 tensor: each factor's packed ``b``-bit
-codes, then the float32 (μ, σ) of each — b/8 bytes per entry plus 8 per matrix — and loading
-expands them once into the factors used from then on (a loaded adapter is not re-quantised). Trainable: r·(d_in + d_out) latent fp32 entries per
-site. ``head`` names targets that are a "Bi-head" instead (the paper's 1-bit classifier): the
-whole weight trains as a latent copy of W₀, used and stored at b bits (d_in·d_out entries; ΔW
-= Q(W) − W₀ is dense, so such a model merges but exports no PEFT LoRA). Bi-AdaptFormer is not
-here: it needs the parallel adapter, not yet in splice.
+(``zero_init = False``). ΔW = s·B_q@A_q with s = α/r (the paper's per-dataset scale s is α/r
+here). The adapter file holds, per site, one uint8 tensor: each factor's packed ``b``-bit codes,
+then the float32 (μ, σ) of each — b/8 bytes per entry plus 8 per matrix — and loading expands
+them once into the factors used from then on (a loaded adapter is not re-quantised). Trainable:
+r·(d_in + d_out) latent fp32 entries per site. ``head`` names targets that are a "Bi-head"
+instead (the paper's 1-bit classifier): the whole weight trains as a latent copy of W₀, used and
+stored at b bits (d_in·d_out entries; ΔW = Q(W) − W₀ is dense, so such a model merges but
+exports no PEFT LoRA). Bi-AdaptFormer is not here: it needs the parallel adapter, not yet in
+splice.
 """
 
 from __future__ import annotations
