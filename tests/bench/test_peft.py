@@ -13,7 +13,7 @@ from splice.adapters.inject import find_sites
 from splice.adapters.layer import FAMILIES
 from splice.adapters.lora import LoRA, LoRAAdapter
 from splice.bench.peft import PeftConfig, run_peft
-from splice.bench.peft_budget import fit_budget
+from splice.bench.peft_budget import fit_budget, size_knobs
 from splice.bench.peft_report import summarize, write_peft_report
 
 
@@ -153,6 +153,9 @@ def test_budget_gives_counts_within_granularity(tiny):
     sites = [s for _, _, s in find_sites(model, ["query", "value"])]
     for name, cls in METHODS.items():
         if cls.selected_by:  # sized by its selector (tests/select), not by the benchmark
+            continue
+        if not size_knobs(cls, sites, {}):  # its count is fixed by the targets (R-AMT's masks)
+            assert fit_budget(cls, sites, {}, 2000) is None, name
             continue
         for budget in (300, 2000, 5000):
             sizing = fit_budget(cls, sites, {}, budget)
