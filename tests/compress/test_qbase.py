@@ -66,3 +66,25 @@ def test_bits_outside_2_to_8_and_nothing_to_quantize_are_errors():
     model.requires_grad_(True)
     with pytest.raises(SpliceError, match="no frozen Linear/Conv layer"):
         quantize_base(model, 4)
+
+
+def test_quant_linear_matches_the_quant_layer_and_saves_no_float_weight():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(6, 4)
+    plain = QuantLayer(torch.nn.Linear(6, 4), 4, a_bits=None)
+    plain.base.load_state_dict(lin.state_dict())
+    plain.wq.init_minmax(lin.weight.min(1).values, lin.weight.max(1).values)
+    plain.freeze()
+    model = torch.nn.Sequential(lin).requires_grad_(False)
+    quantize_base(model, 4)
+    fast = model[0]
+    assert type(fast).__name__ == "QuantLinear" and torch.equal(fast.qweight, plain.qweight)
+    x = torch.randn(3, 5, 6, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = fast(x)
+    assert torch.allclose(y, plain(x), atol=1e-6)
+    assert not any(t.is_floating_point() and t.shape == (4, 6) for t in saved)  # codes only
+    (gx,) = torch.autograd.grad(y.square().sum(), x)
+    (ref,) = torch.autograd.grad(plain(x).square().sum(), x)
+    assert torch.allclose(gx, ref, atol=1e-5)
