@@ -80,6 +80,10 @@ class AtomMemory(nn.Module):
         self.states: list[Tensor] = []
         self.last_weights: Tensor | None = None  # the last block's routing weights (batch, M)
 
+    def __getstate__(self) -> dict:
+        # copies and pickles start a fresh forward (the routing state holds graph tensors)
+        return {**super().__getstate__(), "routes": {}, "states": [], "last_weights": None}
+
     def logits(self, z: Tensor) -> Tensor:
         """Routing logits (batch, M) of block states ``z`` (batch, r), after ``self.states``."""
         if self.states:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -74,6 +76,9 @@ def test_blocks_share_one_route_and_the_summary_sees_earlier_blocks():
         assert len(memory.states) == 2
         model(x)  # a second forward starts over
         assert len(memory.states) == 2
+    y = model(x)  # with a graph: the routing state holds non-leaf tensors
+    twin = copy.deepcopy(model)  # … which a copy drops
+    assert not _memory(twin).routes and torch.allclose(twin(x), y)
 
 
 def test_instruction_prior_biases_routing_and_weight_zero_removes_it():
