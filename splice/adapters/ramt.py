@@ -1,8 +1,13 @@
 """R-AMT: regularized mask tuning — binary masks over frozen weights (Zheng, Wu et al., ICCV 2023).
 
-Spec peft.md §13. Each masked weight W₀ gets real-valued logits m (init 0.01 everywhere) and
-is used as W = M⊙W₀ with M = 1[m > τ] (τ = 0.005, so M = 1 and the model is the base model at
-step 0); the binariser is straight-through (∂ℒ/∂m := ∂ℒ/∂M). The loss adds λ_reg·Σ‖m‖₂ (the
+Spec peft.md §13. Each masked weight W₀ gets real-valued logits m (all ``init``) and is used
+as W = M⊙W₀ with M = 1[m > τ] (τ < init, so M = 1 and the model is the base model at step 0);
+the binariser is straight-through (∂ℒ/∂m := ∂ℒ/∂M). Under Adam the update ignores the
+gradient's scale, so (init, τ) scaled by c with the lr scaled by c is the same training (the
+L2 gradient m/‖m‖ and GDR's gate are scale-free too): the released code's (0.01, 0.005) at its
+lr 8e-5 is the defaults (0.125, 0.0625) at lr 1e-3, the low end of splice's adapter lrs — at
+(0.01, 0.005) and lr 1e-3 Adam's per-element steps flip masks within 5 steps, and the bench's
+MiniLM row fell 10 points below the linear probe. The loss adds λ_reg·Σ‖m‖₂ (the
 L2 norm, not squared; :meth:`RAMT.aux_loss`). Gradient-dropout regularity (GDR,
 :class:`GradientDropout`): the teacher is the unmasked model; the gradient g_kl of
 KL(teacher ‖ student) only gates the loss gradient g per element, keeping it with probability
@@ -37,8 +42,10 @@ __all__ = ["GradientDropout", "RAMTAdapter", "RAMTConfig", "gdr_gate"]
 
 
 class RAMTConfig(MethodConfig):
-    init: float = pydantic.Field(0.01, description="initial mask logit")
-    threshold: float = pydantic.Field(0.005, description="mask = logit > threshold")
+    init: float = pydantic.Field(0.125, description="initial mask logit (paper 0.01 at lr 8e-5)")
+    threshold: float = pydantic.Field(
+        0.0625, description="mask = logit > threshold (paper 0.005 at lr 8e-5)"
+    )
     l2: float = pydantic.Field(1e-4, ge=0, description="λ_reg of the Σ‖m‖₂ regulariser")
     gdr: float = pydantic.Field(
         1.0, ge=0, le=1, description="λ_g of gradient-dropout regularity (0: off)"

@@ -16,6 +16,7 @@ from splice.errors import SpliceError
 from .conftest import make_model
 
 CONTRACT_CASES = {"ramt": {}}
+PAPER = {"init": 0.01, "threshold": 0.005}  # the released code's values (at its lr 8e-5)
 
 
 def _mlp(seed: int = 0) -> torch.nn.Module:
@@ -43,7 +44,7 @@ def test_masked_out_weights_stay_exactly_zero_and_forward_is_the_masked_model():
     model = _mlp()
     base = [m.weight.detach().clone() for m in (model[0], model[2])]
     x, labels = torch.randn(32, 10), torch.randint(0, 3, (32,))
-    inject(model, "ramt", ["0", "2"], l2=0.0)
+    inject(model, "ramt", ["0", "2"], l2=0.0, **PAPER)
     _train(model, x, labels, gdr=True)
     layers = list(adapter_layers(model).values())
     assert any((la.adapter.logits <= 0.005).any() for la in layers), "training masked nothing"
@@ -64,7 +65,7 @@ def test_teacher_is_the_unmasked_base_and_l2_is_the_norm():
     x = torch.randn(4, 10)
     with torch.no_grad():
         y0 = model(x)
-    inject(model, "ramt", ["0", "2"])
+    inject(model, "ramt", ["0", "2"], **PAPER)
     with torch.no_grad():
         for layer in adapter_layers(model).values():
             layer.adapter.logits.uniform_(-0.02, 0.02)
@@ -90,7 +91,7 @@ def test_gdr_gate_hand_example():
 def test_gdr_gates_only_the_mask_gradient_once():
     model = _mlp()
     x, labels = torch.randn(8, 10), torch.randint(0, 3, (8,))
-    inject(model, "ramt", ["0", "2"], l2=0.0)
+    inject(model, "ramt", ["0", "2"], l2=0.0, **PAPER)
     with torch.no_grad():
         for layer in adapter_layers(model).values():
             layer.adapter.logits.uniform_(-0.02, 0.03)
