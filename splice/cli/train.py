@@ -21,7 +21,8 @@ def train(
     method: Annotated[
         str,
         typer.Option(
-            help="Adapter method (lora, nola, mos, mola, ept, sparse), 'full', or 'head'"
+            help="Adapter method (lora, nola, mos, mola, ept, sparse, bilora, querylora, ramt), "
+            "'full', or 'head'"
             " (linear probe: only the new classification head trains)."
         ),
     ] = "lora",
