@@ -14,9 +14,10 @@ untimed ones. Every method peft has runs on both sides with the same settings (s
 trainable counts): LoRA, DoRA, LoHa, LoKr (r=8, alpha=16), VeRA (r=256), OFT (blocks of 32) on
 query/value, AdaLoRA (r=12; the step alone: peft allocates ranks and adds its regulariser
 outside it), IA³ on key/value/FFN-out (scaling that output's input); each splice side is
-reported against its peft side. NOLA, MoS, MoLA and EPT are reported relative to splice's
-LoRA, with their trainable counts, and DoRA too (the issue's target: ≤ 1.15× splice LoRA).
-``--sides peft-dora,splice-dora --paired`` times one pair in one process.
+reported against its peft side. NOLA, MoS, MoLA, EPT, Bi-LoRA (1-bit), Queryable LoRA and
+R-AMT (its GDR included: a teacher forward and a second backward) are reported relative to
+splice's LoRA, with their trainable counts, and DoRA too (the issue's target: ≤ 1.15× splice
+LoRA). ``--sides peft-dora,splice-dora --paired`` times one pair in one process.
 
 ``--device cuda`` times on the GPU (synchronised steps) and adds each side's peak GPU memory
 (``torch.cuda.max_memory_allocated``). ``--model DIR`` takes another MiniLM dir; with
@@ -80,6 +81,9 @@ SIDES = {  # name → (library, method, options)
     "splice-prefix_nomlp": ("splice", "prefix_nomlp", {"tokens": 16}),
     "splice-prefix": ("splice", "prefix", {"tokens": 16}),
     "splice-mam": ("splice", "mam", {"tokens": 16, "r": 16}),
+    "splice-bilora": ("splice", "bilora", {"r": 8, "alpha": 16}),  # 1-bit factors
+    "splice-querylora": ("splice", "querylora", {"r": 8, "alpha": 16}),
+    "splice-ramt": ("splice", "ramt", {}),  # with GDR: a teacher forward, a second backward
 }
 
 
@@ -134,9 +138,16 @@ def build(side: str, args: argparse.Namespace):
     mask = torch.ones_like(ids)
     model.train()
 
+    guide = adapters.guide(model) if library == "splice" else None  # R-AMT's GDR
+
     def micro_loss(i: int) -> tuple[torch.Tensor, int]:
         hidden = model(input_ids=ids, attention_mask=mask).last_hidden_state
-        return torch.nn.functional.cross_entropy(head(hidden.mean(1)), labels), BATCH
+        logits = head(hidden.mean(1))
+        if guide is not None:
+            with guide.teacher():
+                teacher = head(model(input_ids=ids, attention_mask=mask).last_hidden_state.mean(1))
+            guide(logits, teacher)
+        return torch.nn.functional.cross_entropy(logits, labels), BATCH
 
     # the one training loop's step (splice.train): forward, aux loss, backward, AdamW
     train_step = TrainStep(

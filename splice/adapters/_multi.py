@@ -11,7 +11,6 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-import torch
 from torch import Tensor, nn
 
 from splice.errors import SpliceError
@@ -136,7 +135,7 @@ def hotswap_adapter(model: nn.Module, name: str, path: str | Path) -> nn.Module:
     Raises:
         SpliceError: another method, other layers, or tensors of other shapes.
     """
-    from .files import read_adapter
+    from .files import _load_state, read_adapter
 
     record, layers = _record(model, name)
     info, tensors = read_adapter(Path(path))
@@ -171,9 +170,7 @@ def hotswap_adapter(model: nn.Module, name: str, path: str | Path) -> nn.Module:
     merged = [layer for layer in layers.values() if layer.merged]
     for layer in merged:
         layer.unmerge()
-    with torch.no_grad():
-        for key, t in tensors.items():
-            state[key].copy_(t)
+    _load_state(model, dict(tensors), Path(path), name)  # packed adapters unpack their own
     if changed:
         for layer, new in zip(layers.values(), fresh, strict=True):
             _copy_constants(layer.get(name), new)

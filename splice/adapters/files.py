@@ -226,6 +226,16 @@ def _load_state(
             where=str(path),
             fix="load the adapter into the base model it was trained on",
         )
+    for site, layer in _record(model, name)[1].items():  # packed adapters read their own keys
+        adapter = layer.get(name or layer._bank.names[0])
+        if adapter.saved_tensors() is not None:
+            prefix = f"{site}.adapter."
+            own = {
+                k.removeprefix(prefix): tensors.pop(k)
+                for k in list(tensors)
+                if k.startswith(prefix)
+            }
+            adapter.load_saved(own, f"{path}: {site}")
     with torch.no_grad():
         for key, t in tensors.items():
             dst = expected[key]

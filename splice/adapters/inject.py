@@ -33,6 +33,7 @@ __all__ = [
     "attach",
     "aux_loss",
     "find_sites",
+    "guide",
     "inject",
     "merge_adapters",
     "remove_adapters",
@@ -361,22 +362,31 @@ def remove_adapters(model: nn.Module, merge: bool = True) -> nn.Module:
     return model
 
 
+def _first(model: nn.Module) -> tuple[Method, list[Adapter], MethodConfig]:
+    """The first adapter loaded: its method, its adapters (one per layer) and its config."""
+    record, layers = _record(model)
+    name = adapter_names(model)[0]
+    return METHODS.get(record.method)(), [lay.get(name) for lay in layers.values()], record.config
+
+
 def aux_loss(model: nn.Module) -> Tensor | None:
     """The method's auxiliary loss from the last training forward (MoLA balance, EPT task
     contrast), already weighted by its coefficient; ``None`` when the method has none."""
-    record, layers = _record(model)
-    name = adapter_names(model)[0]
-    adapters = [layer.get(name) for layer in layers.values()]
-    return METHODS.get(record.method)().aux_loss(adapters, record.config)
+    method, adapters, cfg = _first(model)
+    return method.aux_loss(adapters, cfg)
+
+
+def guide(model: nn.Module) -> Any:
+    """The method's teacher-guided gradient surgery (:meth:`Method.guide`), or ``None``."""
+    method, adapters, cfg = _first(model)
+    return method.guide(adapters, cfg)
 
 
 def after_step(model: nn.Module, step: int) -> None:
     """Let the method act after optimizer step ``step`` (AdaLoRA prunes ranks); the one
     training loop calls it for the model it was given as ``aux`` (the first adapter loaded)."""
-    record, layers = _record(model)
-    name = adapter_names(model)[0]
-    adapters = [layer.get(name) for layer in layers.values()]
-    METHODS.get(record.method)().after_step(adapters, record.config, step)
+    method, adapters, cfg = _first(model)
+    method.after_step(adapters, cfg, step)
 
 
 def adapter_state(model: nn.Module, adapter_name: str | None = None) -> dict[str, Tensor]:
@@ -388,6 +398,10 @@ def adapter_state(model: nn.Module, adapter_name: str | None = None) -> dict[str
     seen: set[int] = set()
     for name, layer in layers.items():
         adapter = layer.get(adapter_name)
+        packed = adapter.saved_tensors()
+        if packed is not None:  # packed codes/bits instead of the parameters
+            state.update({f"{name}.adapter.{k}": t.detach() for k, t in packed.items()})
+            continue
         tensors = [*adapter.named_parameters(), *adapter.named_buffers()]
         persistent = set(adapter.state_dict(keep_vars=True))
         for key, t in tensors:

@@ -91,7 +91,8 @@ class Adapter(nn.Module):
         return self.site.lowrank(B.detach(), A.detach(), self.scale)
 
     def bind(self, base_layer: nn.Module) -> None:
-        """Remember the base layer (not as a submodule: its weights stay out of the state)."""
+        """Remember the base layer (not as a submodule: its weights stay out of the state);
+        called once with the frozen base layer (methods that read W₀ override it: R-AMT)."""
         self._base = (base_layer,)
 
     def base(self) -> tuple[Tensor, Tensor | None]:
@@ -114,6 +115,15 @@ class Adapter(nn.Module):
 
     def detach(self) -> None:
         """Remove what :meth:`Method.attached` put outside the layer (hooks); idempotent."""
+
+    def saved_tensors(self) -> dict[str, Tensor] | None:
+        """What :func:`~splice.adapters.save_adapter` writes for this adapter instead of its
+        parameters (packed codes or bits, keyed by local name), or None to write those."""
+        return None
+
+    def load_saved(self, tensors: dict[str, Tensor], where: str) -> None:
+        """Fill the adapter from :meth:`saved_tensors`' output read back from ``where``."""
+        raise NotImplementedError
 
 
 class Method:
@@ -196,6 +206,13 @@ class Method:
 
     def peft_state(self, state: dict[str, Tensor], config: dict[str, Any]) -> None:
         """Adjust the state read from a PEFT dir in place (AdaLoRA: pruned ranks restored)."""
+
+    def guide(self, adapters: list[Adapter], cfg: Any) -> Any:
+        """Gradient surgery driven by a teacher forward and a second backward (R-AMT's GDR):
+        an object with ``teacher()`` (a context for the teacher's forward) and
+        ``__call__(student_logits, teacher_logits)`` (run before the loop's backward), or None.
+        """
+        return None
 
     def task_slots(self, cfg: Any) -> int:
         """How many task ids the method routes by (:meth:`set_task`); 0: it takes no task."""

@@ -109,6 +109,12 @@ def _aux_loss(model: nn.Module) -> Tensor | None:
     return adapters.aux_loss(model)
 
 
+def _guide(model: nn.Module) -> Any:
+    from splice import adapters
+
+    return adapters.guide(model)
+
+
 def _deltas(model: nn.Module, base: nn.Module, cfg: FinetuneConfig) -> dict[str, Delta]:
     if cfg.finetune == "full":
         ref = base.state_dict()
@@ -176,9 +182,16 @@ def train(
     labels = torch.as_tensor(data.train.y, device=device)
     next_batch = batch_stream(len(prepared), cfg.batch_size, seed)
 
+    gdr = None if cfg.finetune == "full" else _guide(model)  # R-AMT's teacher-gated gradient
+
     def micro_loss(i: int) -> tuple[Tensor, int]:
         idx = next_batch()
-        logits = head(encoder.features(prepared.batch(idx, device), module=model))
+        batch = prepared.batch(idx, device)
+        logits = head(encoder.features(batch, module=model))
+        if gdr is not None:
+            with gdr.teacher():
+                teacher = head(encoder.features(batch, module=model))
+            gdr(logits, teacher)
         loss = nn.functional.cross_entropy(logits, labels[torch.as_tensor(idx, device=device)])
         # the logged loss includes the adapter's auxiliary term, as cached runs' final_loss has
         if cfg.finetune != "full" and (aux := _aux_loss(model)) is not None:

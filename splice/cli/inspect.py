@@ -15,7 +15,10 @@ from splice.cli._printers import print_json
 def inspect(
     path: Annotated[
         Path,
-        typer.Argument(help="Checkpoint: .safetensors file, HF model dir or PEFT adapter dir."),
+        typer.Argument(
+            help="Checkpoint: .safetensors file, HF model dir, PEFT adapter dir, or a splice "
+            "adapter dir (loaded onto the base model it records, which checks it)."
+        ),
     ],
     other: Annotated[
         Path | None, typer.Argument(help="Second checkpoint: report per-tensor differences.")
@@ -28,7 +31,14 @@ def inspect(
     """Summarise a checkpoint or adapter (format, tensors, dtypes, shards, bytes), or diff two."""
     from splice.deltas.summary import diff_report, summarize
 
-    if other is None:
+    if other is None and (path / "splice_adapter.json").is_file():
+        summary = adapter_summary(path)  # loaded onto its base: every tensor is checked
+        if as_json:
+            print_json(summary)
+        else:
+            for key, value in summary.items():
+                print(f"{key}: {value}")
+    elif other is None:
         summary = summarize(path, allow_pickle=allow_pickle)
         if as_json:
             print_json(summary)
@@ -40,6 +50,27 @@ def inspect(
             print_json(report)
         else:
             print_diff(report)
+
+
+def adapter_summary(path: Path) -> dict[str, Any]:
+    """A splice adapter dir loaded onto the base model it records (packed masks and codes are
+    checked against the weights): method, options, sites, trainable count and bytes."""
+    import json
+
+    from splice.adapters import adapter_layers, load_adapter, trainable_parameters
+
+    info = json.loads((path / "splice_adapter.json").read_text())
+    model = load_adapter(None, path)
+    files = sorted(f for f in path.iterdir() if f.is_file())
+    return {
+        "path": str(path),
+        "format": info.get("format"),
+        "method": info["method"],
+        "config": info["config"],
+        "sites": len(adapter_layers(model)),
+        "trainable": trainable_parameters(model).trainable,
+        "bytes": sum(f.stat().st_size for f in files),
+    }
 
 
 def print_summary(s: dict[str, Any]) -> None:

@@ -21,7 +21,8 @@ def train(
     method: Annotated[
         str,
         typer.Option(
-            help="Adapter method (lora, nola, mos, mola, ept, sparse), 'full', or 'head'"
+            help="Adapter method (lora, nola, mos, mola, ept, sparse, bilora, querylora, ramt), "
+            "'full', or 'head'"
             " (linear probe: only the new classification head trains)."
         ),
     ] = "lora",
@@ -81,6 +82,12 @@ def train(
         list[str] | None,
         typer.Option("--select-set", help="Selector option key=value (JSON values), repeatable."),
     ] = None,
+    base_bits: Annotated[
+        int | None,
+        typer.Option(
+            help="QLoRA: train on the base quantized to 2-8 bits (dequantized on the fly)."
+        ),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print metrics as JSON.")] = False,
 ) -> None:
     """Fine-tune a model with an adapter (or in full) on a text file or bench task."""
@@ -107,6 +114,7 @@ def train(
             precision=precision, checkpoint_every=checkpoint_every, resume=resume, seed=seed,
             device=device, format=format, progress=not as_json, select=select, budget=budget,
             select_options=parse_sets(select_set, "eps=0.1", "--select-set"),
+            base_bits=base_bits,
         )  # fmt: skip
     except pydantic.ValidationError as e:
         err = e.errors()[0]

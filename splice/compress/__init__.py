@@ -4,7 +4,8 @@ tuning (spec other.md §4; Hubara et al. 2021). One file per piece:
 ``quantizer`` (learnable range/zero point, STE), ``qlayer`` (the quantized layer), ``capture``
 (forward hooks), ``adaquant`` (per-layer reconstruction), ``profile`` (the ΔL table),
 ``allocate`` (the integer program), ``batchnorm``, ``bias``, ``size``, ``pipeline`` (light and
-advanced) and ``files`` (integer weights in safetensors, and the dequantising loader).
+advanced), ``files`` (integer weights in safetensors, and the dequantising loader) and
+``qbase`` (a quantized frozen base under adapters, QLoRA-style).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from .bias import bias_problem, kl_to_target, mean_shift
 from .capture import capture, execution_order
 from .pipeline import QuantizeConfig, QuantizeReport, quantize
 from .profile import sensitivity
+from .qbase import quantize_base
 from .qlayer import QuantLayer, quant_layers, quantizable, wrap
 from .quantizer import FakeQuant, fake_quant
 from .size import model_bits
@@ -40,6 +42,7 @@ __all__ = [
     "quant_layers",
     "quantizable",
     "quantize",
+    "quantize_base",
     "reestimate_bn",
     "sensitivity",
     "size_cost",

@@ -77,6 +77,9 @@ class TrainConfig(Strict):
         None, description="selector budget: SPT parameters, RDP layers K, ID³ entries B"
     )
     select_options: dict[str, Any] = pydantic.Field({}, description="the selector's options")
+    base_bits: int | None = pydantic.Field(
+        None, ge=2, le=8, description="QLoRA: the frozen base quantized to these bits (RTN)"
+    )
 
     @pydantic.model_validator(mode="after")
     def _whole_model_methods_take_no_adapter_options(self) -> TrainConfig:
@@ -86,6 +89,10 @@ class TrainConfig(Strict):
             raise ValueError(f"--select {self.select} chooses the layers and does not checkpoint")
         if self.select in ("spt", "id3") and (self.method != "lora" or self.adapter):
             raise ValueError(f"--select {self.select} builds its own adapter: drop --method/--set")
+        if self.base_bits is not None and self.method in WHOLE:
+            raise ValueError(
+                f"--base-bits quantizes the frozen base; --method {self.method} has none"
+            )
         return self
 
     def fingerprint(self) -> dict[str, Any]:

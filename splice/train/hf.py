@@ -85,6 +85,12 @@ def _load_model(cfg: TrainConfig, objective: str, labels: list[str] | None):
     return tokenizer, model.float(), new_modules
 
 
+def _guide(model: nn.Module) -> Any:
+    from splice.adapters import guide
+
+    return guide(model)
+
+
 def _freeze_all_but_the_head(model: nn.Module, new_modules: list[str], objective: str) -> None:
     """Linear probe (``--method head``): the pretrained weights stay frozen, the new head trains."""
     if objective != "classification" or not new_modules:
@@ -260,6 +266,10 @@ def _run(
         selection = select(cfg, model, batches, device, saved, targets, total)
         adapted = selection.adapted
 
+    if cfg.base_bits is not None:  # QLoRA: adapters over a quantized frozen base
+        from splice.compress import quantize_base
+
+        quantize_base(model, cfg.base_bits)
     named = {n: p for n, p in model.named_parameters() if p.requires_grad}
     optimizer = torch.optim.AdamW(_param_groups(cfg, named, new_modules, full))
     if selection is not None:
@@ -288,12 +298,19 @@ def _run(
         sparse = adapted and not METHODS.get(cfg.method).uses_all_parameters
         model = nn.parallel.DistributedDataParallel(model, find_unused_parameters=sparse)
 
+    gdr = _guide(core) if adapted else None  # R-AMT: a teacher forward, a second backward
+
     def micro_loss(i: int) -> tuple[torch.Tensor, int]:
         task, batch = batches(i)
         if route is not None:
             route(core, task)
         batch = {k: v.to(device) for k, v in batch.items()}
-        return model(**batch).loss, len(batch["input_ids"])
+        out = model(**batch)
+        if gdr is not None:
+            with gdr.teacher():
+                teacher = model(**batch).logits
+            gdr(out.logits, teacher)
+        return out.loss, len(batch["input_ids"])
 
     def save(state: LoopState) -> None:
         info = {"step": state.step, "history": state.history, "config": cfg.fingerprint()}

@@ -118,7 +118,7 @@ def test_disable_gives_the_base_model_and_set_active_restores():
     model, x = make_model("linear")
     with torch.no_grad():
         y0 = model(x)
-        add_adapter(model, "a", "lora", ["query"], r=2)
+        add_adapter(model, "a", "lora", ["proj"], r=2)
         perturb(model)
         ya = model(x)
         disable_adapters(model)
