@@ -21,7 +21,8 @@ def train(
     method: Annotated[
         str,
         typer.Option(
-            help="Adapter method (lora, nola, mos, mola, ept, sparse), 'full', or 'head'"
+            help="Adapter method (lora, nola, mos, mola, ept, sparse, houlsby, parallel,"
+            " scaled_parallel, prefix, prefix_nomlp, mam, prompt, ptuning), 'full', or 'head'"
             " (linear probe: only the new classification head trains)."
         ),
     ] = "lora",
