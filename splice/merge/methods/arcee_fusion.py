@@ -29,7 +29,7 @@ else:
 
 __all__ = ["ArceeFusion", "importance"]
 
-ROWS = 1 << 20
+ROWS = 1 << 16
 """Entries per block of rows whose softmax is taken at once."""
 
 

@@ -34,8 +34,8 @@ else:
 
 __all__ = ["Della", "magprune_"]
 
-BLOCK = 1 << 20
-"""Entries ranked per block of rows."""
+BLOCK = 1 << 16
+"""Entries ranked per block of rows (its temporaries stay in cache and out of the plan)."""
 
 
 class Params(HyperParams):

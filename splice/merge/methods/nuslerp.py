@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 else:
     torch = lazy_import("torch", globals())
 
-__all__ = ["NuSlerp", "slerp_rows"]
+__all__ = ["NuSlerp", "slerp_rows_"]
 
 EPS = 1e-8
 
@@ -49,9 +49,9 @@ def _factors(cos: float, t: float) -> tuple[float, float]:
     return math.sin((1 - t) * theta) / math.sin(theta), math.sin(t * theta) / math.sin(theta)
 
 
-def slerp_rows(t: float, v0: Tensor, v1: Tensor, dim: int) -> Tensor:
-    """Slerp of every vector along ``dim`` of ``v0`` and ``v1`` (mergekit's row-wise mode)."""
-    a, b = v0.transpose(dim, -1), v1.transpose(dim, -1)
+def _slerp_vectors(t: float, a: Tensor, b: Tensor) -> Tensor:
+    """Slerp of each pair of vectors along the last axis of ``a`` and ``b`` (mergekit's op
+    order)."""
     au = a / torch.linalg.vector_norm(a, dim=-1, keepdim=True).clamp(min=1e-7)
     bu = b / torch.linalg.vector_norm(b, dim=-1, keepdim=True).clamp(min=1e-7)
     cos = (au * bu).sum(dim=-1, keepdim=True).clamp(-1, 1)
@@ -59,8 +59,23 @@ def slerp_rows(t: float, v0: Tensor, v1: Tensor, dim: int) -> Tensor:
     colinear = (1 - cos.square()) <= EPS**2
     theta = torch.acos(torch.where(colinear, 0, cos))
     out = (torch.sin((1 - t) * theta) * a + torch.sin(t * theta) * b) / torch.sin(theta)
-    out = torch.where(colinear, (1 - t) * a + t * b, out)
-    return out.transpose(dim, -1).reshape(v0.shape)
+    return torch.where(colinear, (1 - t) * a + t * b, out)
+
+
+def slerp_rows_(t: float, v0: Tensor, v1: Tensor, dim: int) -> Tensor:
+    """Slerp of every vector along ``dim`` of ``v0`` and ``v1`` (mergekit's unflattened mode),
+    written into ``v0`` a block of vectors at a time."""
+    if dim != -1 and v0.dim() != 2:  # no 2-D view of the vectors: the whole tensor at once
+        out = _slerp_vectors(t, v0.transpose(dim, -1), v1.transpose(dim, -1))
+        return v0.copy_(out.transpose(dim, -1))
+    if dim == -1:
+        a, b = v0.reshape(-1, v0.shape[-1]), v1.reshape(-1, v1.shape[-1])
+    else:
+        a, b = v0.t(), v1.t()
+    step = max(1, (1 << 16) // a.shape[1])
+    for r in range(0, a.shape[0], step):
+        a[r : r + step] = _slerp_vectors(t, a[r : r + step], b[r : r + step])
+    return v0
 
 
 @methods.register("nuslerp")
@@ -91,7 +106,7 @@ class NuSlerp(MergeMethod):
         t = 0.5 if abs(w1 + w2) < 1e-6 else w2 / (w1 + w2)
         if not params.nuslerp_flatten and tensors[0].dim() > 0:
             v0, v1 = (x if base is None else x.sub_(base) for x in tensors)
-            out = slerp_rows(t, v0, v1, 0 if params.nuslerp_row_wise else -1)
+            out = slerp_rows_(t, v0, v1, 0 if params.nuslerp_row_wise else -1)
             return out if base is None else out.add_(base)
         g = gram(tensors, base)[0]
         n0, n1 = (max(math.sqrt(float(g[i, i])), 1e-7) for i in (0, 1))
