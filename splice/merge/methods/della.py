@@ -56,9 +56,8 @@ class ModelParams(HyperParams):
 
     @model_validator(mode="after")
     def _inside(self) -> ModelParams:
-        if 0 < self.density < 1 and not (
-            0 < self.density - self.epsilon < self.density + self.epsilon < 1
-        ):
+        d, e = self.density, self.epsilon
+        if 0 < d < 1 and not (d - e > 0 and d + e < 1):
             raise ValueError(
                 f"density ± epsilon must lie in (0, 1), got density {self.density}, "
                 f"epsilon {self.epsilon}"
