@@ -10,7 +10,8 @@ same floats. Also the whole-tensor L1 rescale mergekit applies after a mask.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from splice._lazy import lazy_import
 from splice.merge.methods._sparsify import chunk_slices, disjoint_merge, elect_sign
@@ -21,7 +22,7 @@ if TYPE_CHECKING:
 else:
     torch = lazy_import("torch", globals())
 
-__all__ = ["combine_into", "l1_norm", "l1_rescale_"]
+__all__ = ["combine_into", "l1_norm", "l1_rescale_", "sparsify_and_combine"]
 
 
 def l1_norm(x: Tensor) -> float:
@@ -72,3 +73,26 @@ def combine_into(
             mixed *= lam
         o[s] = b[s] + mixed
     return out
+
+
+def sparsify_and_combine(
+    base: Tensor,
+    tensors: list[Tensor],
+    params: Any,
+    model_params: list[Any],
+    sparsify_: Callable[[Tensor, Any], object],
+) -> Tensor:
+    """Turn each input into its task vector, sparsify it in place (``sparsify_(τ, its
+    per-model params)``), then :func:`combine_into` with ``params.consensus`` (``"ties"`` or
+    None), ``params.normalize``, ``params.lambda_`` and the per-model ``weight``."""
+    for t, mp in zip(tensors, model_params, strict=True):
+        sparsify_(t.sub_(base), mp)
+    return combine_into(
+        tensors[0],
+        base,
+        tensors,
+        [mp.weight for mp in model_params],
+        consensus=params.consensus == "ties",
+        normalize=params.normalize,
+        lam=params.lambda_,
+    )

@@ -23,7 +23,7 @@ from pydantic import Field
 from splice._lazy import lazy_import
 from splice.merge.base import HyperParams, MergeContext, MergeMethod, methods
 from splice.merge.engine.stats import kth_largest_each
-from splice.merge.methods._gta import combine_into, l1_norm, l1_rescale_
+from splice.merge.methods._gta import l1_norm, l1_rescale_, sparsify_and_combine
 
 if TYPE_CHECKING:
     import torch
@@ -105,21 +105,14 @@ class Breadcrumbs(MergeMethod):
         ctx: MergeContext,
     ) -> Tensor:
         assert base is not None
-        for t, mp in zip(tensors, model_params, strict=True):
-            tau = t.sub_(base)
+
+        def crumbs(tau: Tensor, mp: ModelParams) -> None:
             if mp.density >= 1:
-                continue
+                return
             before = l1_norm(tau) if params.rescale else 0.0
             start, stop = outlier_window(tau.numel(), mp.density, mp.gamma)
             tau.mul_(rank_window_mask(tau, start, stop).reshape(tau.shape))
             if params.rescale:
                 l1_rescale_(tau, before)
-        return combine_into(
-            tensors[0],
-            base,
-            tensors,
-            [mp.weight for mp in model_params],
-            consensus=params.consensus == "ties",
-            normalize=params.normalize,
-            lam=params.lambda_,
-        )
+
+        return sparsify_and_combine(base, tensors, params, model_params, crumbs)

@@ -24,7 +24,7 @@ from pydantic import Field, model_validator
 
 from splice._lazy import lazy_import
 from splice.merge.base import HyperParams, MergeContext, MergeMethod, methods
-from splice.merge.methods._gta import combine_into, l1_norm, l1_rescale_
+from splice.merge.methods._gta import l1_norm, l1_rescale_, sparsify_and_combine
 
 if TYPE_CHECKING:
     import torch
@@ -120,14 +120,8 @@ class Della(MergeMethod):
     ) -> Tensor:
         assert base is not None
         gen = ctx.generator()
-        for t, mp in zip(tensors, model_params, strict=True):
-            magprune_(t.sub_(base), mp.density, mp.epsilon, gen, params.rescale)
-        return combine_into(
-            tensors[0],
-            base,
-            tensors,
-            [mp.weight for mp in model_params],
-            consensus=params.consensus == "ties",
-            normalize=params.normalize,
-            lam=params.lambda_,
-        )
+
+        def prune(tau: Tensor, mp: ModelParams) -> None:
+            magprune_(tau, mp.density, mp.epsilon, gen, params.rescale)
+
+        return sparsify_and_combine(base, tensors, params, model_params, prune)
