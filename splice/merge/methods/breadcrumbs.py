@@ -24,6 +24,7 @@ from splice._lazy import lazy_import
 from splice.merge.base import HyperParams, MergeContext, MergeMethod, methods
 from splice.merge.engine.stats import kth_largest_each
 from splice.merge.methods._gta import l1_norm, l1_rescale_, sparsify_and_combine
+from splice.merge.methods._sparsify import chunk_slices
 
 if TYPE_CHECKING:
     import torch
@@ -56,28 +57,32 @@ def outlier_window(n: int, density: float, gamma: float) -> tuple[int, int]:
     return start, start + target
 
 
-def _ties_kept(mag: Tensor, value: float, start: int, stop: int) -> Tensor:
-    """Indices of the entries equal to ``value`` whose stable sorted position is kept."""
-    first = int((mag < value).sum())
-    idx = (mag == value).nonzero().reshape(-1)
-    pos = torch.arange(first, first + idx.numel())
-    return idx[(pos >= start) & (pos < stop)]
-
-
 def rank_window_mask(x: Tensor, start: int, stop: int) -> Tensor:
     """0/1 mask (``x``'s dtype, flat) of the entries at stable ascending-|x| positions
-    ``[start, stop)``: exact selection of the two cut values, then the ties at each cut."""
+    ``[start, stop)``: exact selection of the two cut values, then, chunk by chunk, the
+    entries between them and those tied with a cut whose stable position is inside."""
     flat = x.reshape(-1)
     n = flat.numel()
     if start >= stop:
         return torch.zeros_like(flat)
-    lo, hi = (
-        float(v) for v in kth_largest_each([flat, flat], [n - start, n - stop + 1], magnitude=True)
-    )
-    mag = flat.abs()
-    mask = ((mag > lo) & (mag < hi)).to(flat.dtype)
-    for v in {lo, hi}:
-        mask[_ties_kept(mag, v, start, stop)] = 1
+    ranks = [n - start, n - stop + 1]
+    cuts = sorted({float(v) for v in kth_largest_each([flat, flat], ranks, magnitude=True)})
+    lo, hi = cuts[0], cuts[-1]
+    below = dict.fromkeys(cuts, 0)  # entries under each cut: the first tie's position
+    for s in chunk_slices(n):
+        a = flat[s].abs()
+        for v in cuts:
+            below[v] += int((a < v).sum())
+    mask = torch.empty_like(flat)
+    for s in chunk_slices(n):
+        a = flat[s].abs()
+        m = ((a > lo) & (a < hi)).to(flat.dtype)
+        for v in cuts:
+            eq = a == v
+            pos = torch.cumsum(eq, 0).add_(below[v] - 1)  # stable position where eq
+            m[eq & (pos >= start) & (pos < stop)] = 1
+            below[v] += int(eq.sum())
+        mask[s] = m
     return mask
 
 
@@ -94,7 +99,7 @@ class Breadcrumbs(MergeMethod):
     throughput: ClassVar[float] = 40e6
 
     def scratch_tensors(self, num_models: int) -> float:
-        return 2.5  # |τ| and the mask of one task vector, plus selection scratch
+        return 1.2  # the mask of one task vector, plus chunk scratch
 
     def merge(
         self,

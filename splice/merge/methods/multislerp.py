@@ -7,10 +7,11 @@ u_i = v_i / (‖v_i‖ + ε); with weights w (divided by their sum under
 to the tangent space at μ, u_i − (u_i·μ)μ, and their weighted sum τ is mapped back,
 μ cos‖τ‖ + τ sin‖τ‖/‖τ‖ (‖τ‖ + ε in both places), then scaled by Σ w_i ‖v_i‖ (and the base
 added). A single input is returned as is. If the weighted units cancel (‖Σ w_i u_i‖ < ε),
-two inputs fall back to Σ w_i v_i and more are an error. There is no paper: both dialects
-are mergekit's. Every vector in this chain is a combination Σ c_i v_i, so splice computes
-the inputs' Gram matrix in one streaming pass (float64) and the result in a second,
-without mergekit's stacked copies; results agree to rounding.
+two inputs fall back to Σ w_i v_i and more are an error — except when every input is zero
+(a tensor no fine-tune changed): then the result is 0 (the base), where mergekit raises.
+There is no paper: both dialects are mergekit's. Every vector in this chain is a combination
+Σ c_i v_i, so splice computes the inputs' Gram matrix in one streaming pass (float64) and the
+result in a second, without mergekit's stacked copies; results agree to rounding.
 """
 
 from __future__ import annotations
@@ -45,6 +46,8 @@ class ModelParams(HyperParams):
 
 def _coefficients(g: Tensor, w: Tensor, eps: float, where: str) -> Tensor:
     norms = g.diagonal().sqrt()
+    if float(w @ norms) == 0:  # every input is zero (a tensor no fine-tune changed)
+        return torch.zeros_like(w)
     c = w / (norms + eps)  # Σ c_i v_i = Σ w_i u_i
     mean_norm = float(c @ g @ c).__abs__() ** 0.5
     if mean_norm < eps:

@@ -76,7 +76,7 @@ class Sce(MergeMethod):
     throughput: ClassVar[float] = 60e6
 
     def scratch_tensors(self, num_models: int) -> float:
-        return 2.2  # the variance and keep mask when selecting
+        return 2.3  # the variance, keep mask and a comparison when selecting
 
     def merge(
         self,

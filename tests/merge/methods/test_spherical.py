@@ -116,3 +116,10 @@ def test_nuslerp_row_wise_interpolates_each_vector():
         av, bv = a.transpose(dim, -1), b.transpose(dim, -1)
         ref = torch.stack([nuslerp_ref(0.5, x, y) for x, y in zip(av, bv, strict=True)])
         torch.testing.assert_close(got, ref.transpose(dim, -1), atol=1e-6, rtol=0)
+
+
+def test_multislerp_of_untouched_tensors_is_the_base():
+    """All task vectors zero (mergekit raises here): the weighted mean norm is 0, so θ₀."""
+    base = torch.randn(5, 3, generator=torch.Generator().manual_seed(0))
+    got = merge_state_dicts("multislerp", [{"w": base}] * 3, base={"w": base})["w"]
+    assert torch.equal(got, base)
