@@ -44,6 +44,7 @@ class ModelStock(MergeMethod):
     reference: ClassVar[str] = "https://arxiv.org/abs/2403.19522 (mergekit-notes.md §1)"
     Params: ClassVar[type[HyperParams]] = Params
     num_models: ClassVar[tuple[int, int | None]] = (2, None)
+    delta_only: ClassVar[bool] = True  # θ₀ + t·mean τ_i, t from the τ_i
     throughput: ClassVar[float] = 60e6
 
     def scratch_tensors(self, num_models: int) -> float:
