@@ -18,8 +18,13 @@ freed long ago is slow to touch again (writing 0.67 GB measured 0.4 GB/s into su
 GB/s into just-freed ones), so each run must find the same conditions. DARE draws different
 random masks in each tool, so for dare_ties it compares statistics instead: the fraction of
 entries changed from the base and the mean |θ − θ₀|.
-For ties, entries whose |τ| equals a model's k-th largest are reported apart: there mergekit's
-unstable ``argsort`` keeps an arbitrary subset of the tied entries, splice keeps them all.
+For ties and breadcrumbs, entries whose |τ| equals a model's sort cut are reported apart:
+there mergekit's unstable sort keeps an arbitrary subset of the tied entries (splice keeps them
+all for ties, the lowest indices for breadcrumbs). DELLA's masks are random too (statistics);
+arcee_fusion takes its quantiles from a random 1M-entry sample of tensors larger than that,
+so those tensors are compared by statistics and the rest exactly. Every other method is
+compared entry by entry (max |Δ| and the count of bit-identical tensors).
+``--no-bare`` skips the ``--no-checksums`` runs.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 VENV = ROOT / ".bench-venv"
 WORK = ROOT / "bench-out" / "merge_vs_mergekit"
 SPLICE = ROOT / ".venv" / "bin" / "splice"
+SPLICE_CMD = [str(SPLICE)] if SPLICE.exists() else [sys.executable, "-m", "splice.cli"]
 CONFIG = {
     "architectures": ["LlamaForCausalLM"],
     "model_type": "llama",
@@ -90,6 +96,61 @@ models:
 dtype: float32
 """,
 }
+
+
+def _recipe(method: str, per_model: str | None = "", params: str = "", base: bool = True) -> str:
+    """Three fine-tunes with weights 0.5/0.3/0.2 after ``per_model`` (None: no per-model
+    parameters), global ``params``; templates for ``str.format`` (braces doubled)."""
+    head = f"merge_method: {method}\n" + ("base_model: {base}\n" if base else "")
+    models = "".join(
+        f"  - {{{{model: {{ft{i}}}}}}}\n"
+        if per_model is None
+        else f"  - {{{{model: {{ft{i}}}, parameters: {{{{{per_model}weight: {w}}}}}}}}}\n"
+        for i, w in enumerate((0.5, 0.3, 0.2))
+    )
+    tail = f"parameters: {{{{{params}}}}}\n" if params else ""
+    return head + "models:\n" + models + tail + "dtype: float32\n"
+
+
+# mergekit 0.1.5's other methods (issue #31)
+RECIPES.update(
+    {
+        "breadcrumbs": _recipe("breadcrumbs", "density: 0.5, gamma: 0.01, "),
+        "breadcrumbs_ties": _recipe("breadcrumbs_ties", "density: 0.5, gamma: 0.01, "),
+        "della": _recipe("della", "density: 0.5, epsilon: 0.1, "),
+        "della_linear": _recipe("della_linear", "density: 0.5, epsilon: 0.1, "),
+        "sce": _recipe("sce", None, "select_topk: 0.5"),
+        "model_stock": _recipe("model_stock", None),
+        "multislerp": _recipe("multislerp"),
+        "karcher": _recipe("karcher", None, base=False),
+        "ram": _recipe("ram", None, "epsilon: 0.01"),
+        "ramplus_tl": _recipe("ramplus_tl", None, "epsilon: 0.01"),
+        "nuslerp": """merge_method: nuslerp
+base_model: {base}
+models:
+  - {{model: {ft0}, parameters: {{weight: 0.4}}}}
+  - {{model: {ft1}, parameters: {{weight: 0.6}}}}
+dtype: float32
+""",
+        "nearswap": """merge_method: nearswap
+base_model: {base}
+models:
+  - {{model: {ft0}}}
+parameters: {{t: 0.005}}
+dtype: float32
+""",
+        "arcee_fusion": """merge_method: arcee_fusion
+base_model: {base}
+models:
+  - {{model: {ft0}}}
+dtype: float32
+""",
+    }
+)
+RANDOM = ("dare", "della")
+"""Methods whose masks are random: each tool draws its own, so statistics are compared."""
+CUTS = {"ties": [(0.5, 0.0)], "breadcrumbs": [(0.5, 0.01)]}
+"""Sort-based masks: (density, gamma) whose cut values an unstable sort may split."""
 
 
 def ensure_mergekit() -> Path:
@@ -198,18 +259,37 @@ def _median(runs: list[tuple[float, float]]) -> tuple[float, float]:
     return walls[len(walls) // 2], rss[len(rss) // 2]
 
 
-def _at_threshold(paths: dict[str, Path], name: str, pos: torch.Tensor, density: float) -> bool:
-    """Whether every entry at ``pos`` ties with the top-k threshold of some model's |τ|."""
+def _at_cut(paths: dict[str, Path], name: str, pos: torch.Tensor, method: str) -> bool:
+    """Whether every entry at ``pos`` ties with a sort cut of some model's |τ| (see CUTS)."""
     from splice.io import open_checkpoint
 
     base = open_checkpoint(paths["base"])[name].reshape(-1)
     tied = torch.zeros(pos.numel(), dtype=torch.bool)
     for m in ("ft0", "ft1", "ft2"):
         tau = (open_checkpoint(paths[m])[name].reshape(-1) - base).abs()
-        k = int(density * tau.numel())
-        thr = torch.kthvalue(tau, tau.numel() - k + 1).values
-        tied |= tau[pos] == thr
+        n = tau.numel()
+        for density, gamma in CUTS[method]:
+            keep = int(density * n)
+            start = max(0, n - keep - int(gamma * n))
+            for rank in {start + 1, start + keep}:  # first and last kept, ascending
+                tied |= tau[pos] == torch.kthvalue(tau, rank).values
     return bool(tied.all())
+
+
+def _statistics(a, b, base) -> str:
+    """Fraction of entries changed from the base and mean |θ − θ₀|, per tool."""
+    changed, mag, count = [0.0, 0.0], [0.0, 0.0], 0
+    for n in a:
+        b0 = base[n]
+        for i, c in enumerate((a, b)):
+            d = c[n] - b0
+            changed[i] += float((d != 0).sum())
+            mag[i] += float(d.abs().sum())
+        count += b0.numel()
+    return (
+        f"changed {changed[0] / count:.3f} vs {changed[1] / count:.3f}; "
+        f"mean|Δθ| {mag[0] / count:.2e} vs {mag[1] / count:.2e}"
+    )
 
 
 def compare(a: Path, b: Path, paths: dict[str, Path], method: str) -> str:
@@ -218,37 +298,38 @@ def compare(a: Path, b: Path, paths: dict[str, Path], method: str) -> str:
     ca, cb = open_checkpoint(a), open_checkpoint(b)
     if set(ca) != set(cb):
         return f"tensor sets differ: {sorted(set(ca) ^ set(cb))[:3]}"
-    if method.startswith("dare"):
-        cbase = open_checkpoint(paths["base"])
-        changed, mag, count = [0.0, 0.0], [0.0, 0.0], 0
-        for n in ca:
-            b0 = cbase[n]
-            for i, c in enumerate((ca, cb)):
-                d = c[n] - b0
-                changed[i] += float((d != 0).sum())
-                mag[i] += float(d.abs().sum())
-            count += b0.numel()
-        return (
-            f"changed {changed[0] / count:.3f} vs {changed[1] / count:.3f}; "
-            f"mean|Δθ| {mag[0] / count:.2e} vs {mag[1] / count:.2e}"
-        )
-    worst, ties, tie_max = 0.0, 0, 0.0
+    if method.startswith(RANDOM):
+        return _statistics(ca, cb, open_checkpoint(paths["base"]))
+    family = method.removesuffix("_ties") if method != "ties" else method
+    worst, ties, tie_max, exact, sampled = 0.0, 0, 0.0, 0, []
     for n in ca:
+        if method == "arcee_fusion" and ca[n].numel() > 1_000_000:
+            sampled.append(n)  # quantiles from a random sample: compared by statistics below
+            continue
         diff = (ca[n].double() - cb[n].double()).abs().reshape(-1)
+        exact += int(not diff.any())
         pos = torch.nonzero(diff > 1e-6).reshape(-1)
-        if method == "ties" and pos.numel() and _at_threshold(paths, n, pos, 0.5):
+        if family in CUTS and pos.numel() and _at_cut(paths, n, pos, family):
             ties += pos.numel()
             tie_max = max(tie_max, float(diff[pos].max()))
             diff[pos] = 0
         worst = max(worst, float(diff.max()))
-    note = f" (+{ties} top-k ties, up to {tie_max:.1e})" if ties else ""
-    return f"{worst:.1e}{note}"
+    note = f" (+{ties} entries at sort ties, up to {tie_max:.1e})" if ties else ""
+    out = f"{worst:.1e}{note}, {exact}/{len(ca) - len(sampled)} tensors bit-identical"
+    if sampled:
+        base = open_checkpoint(paths["base"])
+        pick = {n: ca[n] for n in sampled}
+        out += f"; {len(sampled)} sampled-quantile tensors: " + _statistics(
+            pick, {n: cb[n] for n in sampled}, base
+        )
+    return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--methods", default=",".join(RECIPES))
     ap.add_argument("--repeat", type=int, default=3, help="timed runs per tool (median)")
+    ap.add_argument("--no-bare", action="store_true", help="skip the --no-checksums runs")
     args = ap.parse_args()
     mergekit = ensure_mergekit()
     paths = build_fixtures()
@@ -257,13 +338,15 @@ def main() -> None:
         recipe = WORK / f"{method}.yml"
         recipe.write_text(RECIPES[method].format(**{k: str(v) for k, v in paths.items()}))
         outs = {tool: WORK / f"out-{method}-{tool}" for tool in ("mergekit", "splice")}
-        splice_cmd = [str(SPLICE), "merge", str(recipe), "--seed", "0"]
+        splice_cmd = [*SPLICE_CMD, "merge", str(recipe), "--seed", "0"]
         cmds = {
             "mergekit": [str(mergekit), str(recipe), "--random-seed", "0", "--no-copy-tokenizer",
                          "--no-write-model-card", "--quiet"],
             "splice": splice_cmd,
             "bare": [*splice_cmd, "--no-checksums"],
         }  # fmt: skip
+        if args.no_bare:
+            del cmds["bare"]
         # The outputs to compare (untimed), then removed: each timed run below starts just
         # after the previous run's output was deleted, so every run finds the same free memory.
         for tool, out in outs.items():
@@ -279,7 +362,8 @@ def main() -> None:
                 warm(paths)
                 runs[tool].append(run_child(_with_out(cmd, scratch)))
                 shutil.rmtree(scratch, ignore_errors=True)
-        mk, sp, bare = (_median(runs[t]) for t in cmds)
+        mk, sp = _median(runs["mergekit"]), _median(runs["splice"])
+        bare = _median(runs["bare"]) if "bare" in runs else (math.nan, math.nan)
         rows.append((method, mk, sp, bare, delta))
         print(
             f"{method:16s} mergekit {mk[0]:6.1f} s {mk[1]:5.2f} GB | "

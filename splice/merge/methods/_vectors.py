@@ -6,12 +6,16 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
+from splice._lazy import lazy_import
+
 if TYPE_CHECKING:
     import torch
     from torch import Tensor
+else:
+    torch = lazy_import("torch", globals())
 
 
-__all__ = ["add_scaled", "weighted_sum"]
+__all__ = ["add_scaled", "gram", "linear_combination_", "weighted_sum"]
 
 
 def weighted_sum(terms: Iterable[Tensor], weights: Sequence[float]) -> Tensor:
@@ -30,3 +34,33 @@ def weighted_sum(terms: Iterable[Tensor], weights: Sequence[float]) -> Tensor:
 def add_scaled(base: Tensor, delta: Tensor, lam: float, dtype: torch.dtype | None = None) -> Tensor:
     """``θ₀ + λ·Δ`` computed in ``dtype`` (default: Δ's), returned in θ₀'s dtype."""
     return (base.to(dtype or delta.dtype) + lam * delta).to(base.dtype)
+
+
+def gram(tensors: Sequence[Tensor], base: Tensor | None = None, rows: int = 1) -> Tensor:
+    """Float64 Gram matrices of the vectors ``t − base`` (``t`` without a base), each tensor
+    viewed as ``(rows, -1)``: ``G[r, i, j] = v_i[r]·v_j[r]``, accumulated over column chunks
+    so no full-size temporary is made."""
+    views = [t.reshape(rows, -1) for t in tensors]
+    b = None if base is None else base.reshape(rows, -1)
+    out = torch.zeros(rows, len(views), len(views), dtype=torch.float64)
+    step = max(1, (1 << 16) // rows)
+    for s in range(0, views[0].shape[1], step):
+        cols = slice(s, s + step)
+        parts = [v[:, cols] if b is None else v[:, cols] - b[:, cols] for v in views]
+        block = torch.stack(parts, dim=1).to(torch.float64)  # differences in the dtype
+        out += block @ block.transpose(1, 2)
+    return out
+
+
+def linear_combination_(base: Tensor | None, tensors: list[Tensor], coefs: list[float]) -> Tensor:
+    """``θ₀ + Σ c_i·(t_i − θ₀)`` (without a base ``Σ c_i·t_i``) written into ``tensors[0]``
+    chunk by chunk; the other tensors are only read."""
+    flat = [t.reshape(-1) for t in tensors]
+    b = None if base is None else base.reshape(-1)
+    for s in range(0, flat[0].numel(), 1 << 16):
+        cols = slice(s, s + (1 << 16))
+        if b is None:  # the first term is flat[0]'s own chunk, overwritten in place
+            flat[0][cols] = weighted_sum((f[cols] for f in flat), coefs)
+        else:
+            flat[0][cols] = weighted_sum((f[cols] - b[cols] for f in flat), coefs).add_(b[cols])
+    return tensors[0]

@@ -98,6 +98,7 @@ _DARE_RENAMES = {
     "density": ("p", lambda v: 1 - v),
     "rescale": ("rescale", lambda v: "l1" if v else "off"),
 }
+_DELLA_RENAMES = {"rescale": ("rescale", lambda v: "l1" if v else "off")}
 _MERGEKIT = {
     "linear": _Alias("linear", base_is_input=True),
     "slerp": _Alias("slerp"),
@@ -122,6 +123,16 @@ _MERGEKIT = {
     "dare_linear": _Alias(
         "dare", {"consensus": None, "rescale": "l1", "aggregate": "sum", "p": 0}, _DARE_RENAMES
     ),
+    # mergekit 0.1.5's other methods: splice's files of the same names (issue #31)
+    **{m: _Alias(m) for m in ("sce", "model_stock", "nearswap", "arcee_fusion", "multislerp")},
+    **{m: _Alias(m) for m in ("nuslerp", "breadcrumbs", "ram")},
+    "breadcrumbs_ties": _Alias("breadcrumbs", {"consensus": "ties"}),
+    "della": _Alias("della", {"rescale": "l1"}, _DELLA_RENAMES),
+    "della_linear": _Alias(
+        "della", {"consensus": None, "normalize": False, "rescale": "l1"}, _DELLA_RENAMES
+    ),
+    "karcher": _Alias("karcher", base_is_input=True),
+    "ramplus_tl": _Alias("ram", {"plus": True}),
 }
 
 

@@ -128,7 +128,27 @@ def _recipes(root: Path) -> dict[str, dict]:
         },
         "dc_merge": {"method": "dc_merge", "base": base, "models": fts},
         "do_merge": {"method": "do_merge", "base": base, "models": fts, "params": {"rank": 16}},
+        **_mergekit_methods(base, fts),
     }
+
+
+def _mergekit_methods(base: str, fts: list[str]) -> dict[str, dict]:
+    """mergekit 0.1.5's other methods (issue #31)."""
+    with_base = {
+        "breadcrumbs": {"density": 0.5, "gamma": 0.05},
+        "della": {"density": 0.5},
+        "sce": {"select_topk": 0.5},
+        "model_stock": {},
+        "multislerp": {},
+        "ram": {"plus": True, "epsilon": 0.01},
+    }
+    out = {m: {"method": m, "base": base, "models": fts, "params": p} for m, p in with_base.items()}
+    out["karcher"] = {"method": "karcher", "models": fts}
+    out["nuslerp"] = {"method": "nuslerp", "base": base, "models": fts[:2]}
+    out["nuslerp_rows"] = {**out["nuslerp"], "params": {"nuslerp_flatten": False}}
+    for m, p in (("nearswap", {"t": 0.01}), ("arcee_fusion", {})):
+        out[m] = {"method": m, "base": base, "models": fts[:1], "params": p}
+    return out
 
 
 def _within(fixture: Path, tmp_path: Path, name: str, recipe: dict) -> None:

@@ -264,7 +264,7 @@ def test_per_model_typo_in_mergekit_yaml(disk, tmp_path, no_execute):
     ("old", "new", "message"),
     [
         ("merge_method: ties", "merge_method: dare-ties", "did you mean 'dare_ties'"),
-        ("merge_method: ties", "merge_method: breadcrumbs", "not in splice"),
+        ("merge_method: ties", "merge_method: weighted_average", "not in splice"),
         ("tokenizer_source: base", "tokenizer_source: union", "not supported"),
         ("dtype: float32", "dtype: float32\nchat_template: chatml", "not supported"),
         ("dtype: float32", "dtpye: float32", "unknown key 'dtpye'.*did you mean 'dtype'"),

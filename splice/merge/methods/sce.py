@@ -1,0 +1,105 @@
+"""SCE: select, calculate, erase (FuseChat-2.0, Wan et al., 2024; mergekit's ``sce``).
+
+Per tensor, with task vectors τ_t = θ_t − θ₀: **select** — with ``select_topk`` < 1, keep
+only the positions whose variance across the task vectors (population variance) is among the
+⌊select_topk · #nonzero-variance⌋ largest, in every τ_t; **calculate** — one scalar weight
+per task vector, α_t = mean(τ_t²) / Σ_j mean(τ_j²) (uniform if that sum is below 1e-6);
+**erase** — the TIES sign election over Σ_t τ_t (a zero sum counts as +) drops the entries
+that disagree. θ = θ₀ + Σ_t α_t m_t τ_t / max(Σ_t α_t m_t, 1e-6). There are no per-model
+weights and no λ: the paper's method and mergekit's are the same here. Positions tied with
+the variance cut are all kept (mergekit's ``topk`` keeps an arbitrary subset of them).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, ClassVar
+
+from pydantic import Field
+
+from splice._lazy import lazy_import
+from splice.merge.base import HyperParams, MergeContext, MergeMethod, methods
+from splice.merge.engine.stats import kth_largest
+from splice.merge.methods._sparsify import chunk_slices, elect_sign
+
+if TYPE_CHECKING:
+    import torch
+    from torch import Tensor
+else:
+    torch = lazy_import("torch", globals())
+
+__all__ = ["Sce"]
+
+
+class Params(HyperParams):
+    select_topk: float = Field(
+        1.0, ge=0, le=1, description="fraction of highest-variance positions kept"
+    )
+
+
+def _select_(taus: list[Tensor], topk: float) -> None:
+    """Zero, in every task vector, the positions outside the top-variance fraction."""
+    flat = [t.reshape(-1) for t in taus]
+    if topk <= 0:
+        for f in flat:
+            f.zero_()
+        return
+    var = torch.empty_like(flat[0])
+    for s in chunk_slices(var.numel()):
+        var[s] = torch.var(torch.stack([f[s] for f in flat]), dim=0, unbiased=False)
+    k = int(int(torch.count_nonzero(var)) * topk)
+    keep = torch.zeros_like(var) if k == 0 else (var >= kth_largest(var, k)).to(var.dtype)
+    for f in flat:
+        f.mul_(keep)
+
+
+def _weights(taus: list[Tensor]) -> list[float]:
+    means = [
+        sum(float(f.square().sum(dtype=torch.float64)) for f in t.reshape(-1).split(1 << 20))
+        / max(1, t.numel())
+        for t in taus
+    ]
+    total = sum(means)
+    if abs(total) < 1e-6:
+        return [1.0 / len(taus)] * len(taus)
+    return [m / total for m in means]
+
+
+@methods.register("sce")
+class Sce(MergeMethod):
+    """Variance selection, mean-square weights, sign erasure (see module docstring)."""
+
+    name: ClassVar[str] = "sce"
+    pretty_name: ClassVar[str] = "SCE"
+    reference: ClassVar[str] = "https://arxiv.org/abs/2408.07990 (mergekit-notes.md §1)"
+    Params: ClassVar[type[HyperParams]] = Params
+    delta_only: ClassVar[bool] = True
+    throughput: ClassVar[float] = 60e6
+
+    def scratch_tensors(self, num_models: int) -> float:
+        return 2.3  # the variance, keep mask and a comparison when selecting
+
+    def merge(
+        self,
+        base: Tensor | None,
+        tensors: list[Tensor],
+        params: Params,
+        model_params: list[HyperParams],
+        ctx: MergeContext,
+    ) -> Tensor:
+        assert base is not None
+        taus = [t.sub_(base) for t in tensors]
+        if params.select_topk < 1:
+            _select_(taus, params.select_topk)
+        alphas = [torch.tensor(a, dtype=base.dtype) for a in _weights(taus)]
+        flat, b = [t.reshape(-1) for t in taus], base.reshape(-1)
+        for s in chunk_slices(b.numel()):
+            chunk = [f[s] for f in flat]
+            sign = elect_sign(chunk, 1.0)
+            num = torch.zeros_like(sign)
+            den = torch.zeros_like(sign)
+            for c, a in zip(chunk, alphas, strict=True):
+                erased = (c.sign() == sign).to(c.dtype).mul_(a)
+                num += c * erased
+                den += erased
+            flat[0][s] = b[s] + num / den.clamp_(min=1e-6)
+        return tensors[0]

@@ -1,0 +1,125 @@
+"""Multi-SLERP, Karcher mean and NuSLERP against mergekit 0.1.5's formulas, written on
+stacked float64 tensors (splice works on Gram coefficients instead)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from splice.errors import SpliceError
+from splice.merge import merge_state_dicts
+
+
+def multislerp_ref(tensors, weights, base=None, eps=1e-8):
+    x = torch.stack([t.double().flatten() for t in tensors])
+    if base is not None:
+        x = x - base.double().flatten()
+    w = torch.tensor(weights, dtype=torch.float64)
+    w = w / w.sum()
+    norms = x.norm(dim=-1, keepdim=True)
+    units = x / (norms + eps)
+    mean = (units * w[:, None]).sum(0)
+    mean = mean / mean.norm()
+    tangent = units - (units * mean).sum(-1, keepdim=True) * mean
+    tr = (tangent * w[:, None]).sum(0)
+    tn = tr.norm() + eps
+    res = (mean * torch.cos(tn) + tr * torch.sin(tn) / tn) * (norms.squeeze(-1) * w).sum()
+    res = res.reshape(tensors[0].shape)
+    return (res if base is None else res + base.double()).float()
+
+
+def karcher_ref(tensors, max_iter=10, tol=1e-5):
+    xs = [t.double().flatten() for t in tensors]
+    norms = [float(x.norm()) for x in xs]
+    units = [x / n for x, n in zip(xs, norms, strict=True)]
+    a = 1 / len(xs)
+    u = sum(a * v for v in units)
+    u = u / u.norm()
+    for _ in range(max_iter):
+        tangent = torch.zeros_like(u)
+        for v in units:
+            d = float(torch.clamp(u @ v, -1, 1))
+            th = math.acos(d)
+            if th >= tol:
+                tangent += a * th / math.sin(th) * (v - d * u)
+        tn = float(tangent.norm())
+        if tn < tol:
+            break
+        u = math.cos(tn) * u + math.sin(tn) * tangent / tn
+        u = u / u.norm()
+    return (sum(norms) / len(xs) * u).reshape(tensors[0].shape).float()
+
+
+def nuslerp_ref(t, v0, v1):
+    a, b = v0.double().flatten(), v1.double().flatten()
+    cos = float(torch.clamp((a / a.norm()) @ (b / b.norm()), -1, 1))
+    th = math.acos(cos)
+    out = (math.sin((1 - t) * th) * a + math.sin(t * th) * b) / math.sin(th)
+    return out.reshape(v0.shape).float()
+
+
+def _inputs(n=3, shape=(16, 24)):
+    g = torch.Generator().manual_seed(11)
+    base = torch.randn(shape, generator=g)
+    return base, [base + 0.1 * torch.randn(shape, generator=g) for _ in range(n)]
+
+
+def test_multislerp_with_and_without_base():
+    base, fts = _inputs()
+    ws = [0.5, 0.3, 0.2]
+    mps = [{"weight": w} for w in ws]
+    sds = [{"w": f} for f in fts]
+    got = merge_state_dicts("multislerp", sds, base={"w": base}, model_params=mps)["w"]
+    torch.testing.assert_close(got, multislerp_ref(fts, ws, base), atol=1e-6, rtol=0)
+    raw = merge_state_dicts("multislerp", sds, model_params=mps)["w"]
+    torch.testing.assert_close(raw, multislerp_ref(fts, ws), atol=1e-6, rtol=0)
+
+
+def test_multislerp_refuses_cancelling_directions():
+    v = torch.randn(10, generator=torch.Generator().manual_seed(0))
+    sds = [{"w": v}, {"w": -v}, {"w": torch.zeros(10)}]
+    with pytest.raises(SpliceError, match="cancel"):
+        merge_state_dicts("multislerp", sds, model_params=[{"weight": 1}, {"weight": 1}, {}])
+    two = merge_state_dicts("multislerp", sds[:2])["w"]  # two inputs: linear fallback
+    assert two.abs().max() < 1e-6
+
+
+def test_karcher_matches_the_fixed_point_iteration():
+    _, fts = _inputs()
+    got = merge_state_dicts("karcher", [{"w": f} for f in fts])["w"]
+    torch.testing.assert_close(got, karcher_ref(fts), atol=1e-6, rtol=0)
+    same = merge_state_dicts("karcher", [{"w": fts[0]}, {"w": 3 * fts[0]}])["w"]
+    torch.testing.assert_close(same, 2 * fts[0], atol=1e-5, rtol=1e-6)  # one direction, mean norm
+
+
+@pytest.mark.parametrize("with_base", [True, False])
+def test_nuslerp_matches_formula(with_base):
+    base, (a, b) = _inputs(2)
+    mps = [{"weight": 1.0}, {"weight": 3.0}]  # t = 0.75
+    got = merge_state_dicts(
+        "nuslerp", [{"w": a}, {"w": b}], base={"w": base} if with_base else None, model_params=mps
+    )["w"]
+    ref = nuslerp_ref(0.75, a - base, b - base) + base if with_base else nuslerp_ref(0.75, a, b)
+    torch.testing.assert_close(got, ref, atol=1e-6, rtol=0)
+
+
+def test_nuslerp_row_wise_interpolates_each_vector():
+    _, (a, b) = _inputs(2)
+    for row_wise, dim in ((False, -1), (True, 0)):
+        got = merge_state_dicts(
+            "nuslerp",
+            [{"w": a}, {"w": b}],
+            params={"nuslerp_flatten": False, "nuslerp_row_wise": row_wise},
+        )["w"]
+        av, bv = a.transpose(dim, -1), b.transpose(dim, -1)
+        ref = torch.stack([nuslerp_ref(0.5, x, y) for x, y in zip(av, bv, strict=True)])
+        torch.testing.assert_close(got, ref.transpose(dim, -1), atol=1e-6, rtol=0)
+
+
+def test_multislerp_of_untouched_tensors_is_the_base():
+    """All task vectors zero (mergekit raises here): the weighted mean norm is 0, so θ₀."""
+    base = torch.randn(5, 3, generator=torch.Generator().manual_seed(0))
+    got = merge_state_dicts("multislerp", [{"w": base}] * 3, base={"w": base})["w"]
+    assert torch.equal(got, base)
