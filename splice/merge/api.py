@@ -30,7 +30,6 @@ from splice.merge.engine import (
     Source,
     check,
     execute,
-    layer_indices,
     plan,
 )
 from splice.merge.engine.memory import check_budget, estimate
@@ -81,6 +80,80 @@ def _open_source(
     return src
 
 
+def _open_inputs(
+    base_path: str | None, refs: list[tuple[str, str | None]]
+) -> tuple[Source | None, list[Source]]:
+    """Open the base and the models, with labels the ledger can key by (distinct)."""
+    base = _open_source(base_path, None, "base") if base_path else None
+    base_type = (base.config or {}).get("model_type") if base else None
+    models = [
+        _open_source(path, adapter, f"models[{i}]", base_type)
+        for i, (path, adapter) in enumerate(refs)
+    ]
+    seen = {base.label} if base else set()
+    for i, src in enumerate(models):
+        if src.label in seen:
+            src.label = f"{src.label} (models[{i}])"
+        seen.add(src.label)
+    return base, models
+
+
+def _sliced(
+    recipe: Recipe, method_cls: type[_base.MergeMethod]
+) -> tuple[Source | None, list[Source], Any]:
+    """Base, models and resolver of a ``slices:`` recipe (:mod:`splice.merge.engine.slices`);
+    one slice over every layer of its models is an ordinary merge."""
+    from splice.merge.engine.slices import SliceInput, SliceResolver, layer_count, stack_slices
+
+    slices = recipe.slices or []
+    with_base = {sl.base is not None for sl in slices}
+    if len(with_base) > 1:
+        raise SpliceError(
+            "some slices have a base model and some do not",
+            where=slices[0].where,
+            fix="give every slice a base (base_model:) or none",
+        )
+    opened: dict[tuple[str, str | None], Source] = {}
+
+    def inputs(sl: Any) -> list[SliceInput]:
+        out = []
+        for s in [sl.base] * (sl.base is not None) + sl.sources:
+            key = (s.model.path, s.model.adapter)
+            if key not in opened:
+                opened[key] = _open_source(*key, s.where)
+            inp = SliceInput(opened[key], s.layer_range, s.where, s.model.path, s.range_where)
+            out.append(inp)
+        return out
+
+    grid = [inputs(sl) for sl in slices]
+    resolvers = [
+        ParamResolver(
+            method_cls,
+            sl.settings,
+            [s.model.settings for s in sl.sources],
+            [s.where for s in sl.sources],
+            recipe.outer,
+        )
+        for sl in slices
+    ]
+    if len(grid) == 1 and all(
+        i.layer_range == (0, layer_count(i.source, i.where)) for i in grid[0]
+    ):
+        sl = slices[0]
+        base, models = _open_inputs(
+            sl.base.model.path if sl.base else None,
+            [(s.model.path, s.model.adapter) for s in sl.sources],
+        )
+        return base, models, resolvers[0]
+    labels = []
+    for i in range(len(grid[0])):
+        label = ", ".join(f"{g[i].path}[{g[i].layer_range[0]}:{g[i].layer_range[1]}]" for g in grid)
+        labels.append(f"base: {label}" if i == 0 and with_base == {True} else label)
+    sources, place = stack_slices(grid, labels)
+    base = sources[0] if with_base == {True} else None
+    return base, sources[1:] if base else sources, SliceResolver(resolvers, place)
+
+
 def _transforms(spec: Mapping[str, Any] | None) -> list[tuple[MergeTransform, HyperParams]]:
     if spec is None:
         return []
@@ -93,32 +166,21 @@ def build_job(recipe: Recipe, options: MergeOptions | None = None) -> MergeJob:
     """Open every input (headers only) and assemble the engine's job for ``recipe``."""
     opts = options or MergeOptions()
     method_cls = _base.methods.get(recipe.method)
-    base = _open_source(recipe.base, None, "base") if recipe.base else None
-    base_type = (base.config or {}).get("model_type") if base else None
-    models = [
-        _open_source(m.path, m.adapter, f"models[{i}]", base_type)
-        for i, m in enumerate(recipe.models)
-    ]
-    seen = {base.label} if base else set()
-    for i, src in enumerate(models):  # the ledger keys inputs by label: keep them distinct
-        if src.label in seen:
-            src.label = f"{src.label} (models[{i}])"
-        seen.add(src.label)
-    if recipe.full_range_slices and (base or models[0]).weights is not None:
-        ref = base or models[0]
-        stacks = {n for _, n in layer_indices(list(ref.weights or {})).values()}
-        if stacks and recipe.full_range_slices[0] not in stacks:
-            raise SpliceError(
-                f"slice layer_range ends at {recipe.full_range_slices[0]}, "
-                f"but the model has {max(stacks)} layers",
-                fix="layer slicing is not supported yet; span all layers",
-            )
-    resolver = ParamResolver(
-        method_cls,
-        recipe.settings,
-        [m.settings for m in recipe.models],
-        [m.path for m in recipe.models],
-    )
+    if recipe.tokenizer is not None:
+        from splice.merge.engine.vocab import check_tokenizer_supported
+
+        check_tokenizer_supported(recipe.tokenizer)
+    if recipe.slices is not None:
+        base, models, resolver = _sliced(recipe, method_cls)
+    else:
+        base, models = _open_inputs(recipe.base, [(m.path, m.adapter) for m in recipe.models])
+        resolver = ParamResolver(
+            method_cls,
+            recipe.settings,
+            [m.settings for m in recipe.models],
+            [m.path for m in recipe.models],
+            recipe.outer,
+        )
     return MergeJob(
         method=method_cls(),
         models=models,

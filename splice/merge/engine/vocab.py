@@ -28,7 +28,7 @@ from torch import Tensor
 if TYPE_CHECKING:
     from splice.merge.engine import MergeJob
 
-__all__ = ["fit_rows", "report"]
+__all__ = ["check_tokenizer_supported", "fit_rows", "report"]
 
 
 def _mean_rows(tensors: list[Tensor], start: int, stop: int) -> Tensor:
@@ -107,3 +107,17 @@ def report(job: MergeJob, resized: dict[str, tuple[int, list[tuple[str, int]]]])
         "padding": f"rows an input lacks are filled with {fill}",
         "tensors": tensors,
     }
+
+
+def check_tokenizer_supported(spec: Any) -> None:
+    """Refuse tokenizer surgery beyond ``tokenizer_source: base`` (not implemented yet)."""
+    if spec.source != "base" or spec.tokens or spec.pad_to_multiple_of:
+        from splice.errors import SpliceError
+
+        raise SpliceError(
+            f"tokenizer surgery (tokenizer_source: {spec.source}, tokens, padding) is not "
+            "supported yet",
+            where=spec.where,
+            fix="use tokenizer_source: base, or a splice recipe with `vocab: union` "
+            "(embedding rows matched by index; see docs/merging.md)",
+        )

@@ -49,8 +49,7 @@ def write_model(
     ref = job.base or job.models[0]
     ref_dir = getattr(ref.weights, "dir", None)
     files_from = _tokenizer_dir(job, checked) or ref_dir
-    inputs = [p for p in (recipe.base, *(m.path for m in recipe.models)) if p]
-    inputs += [m.adapter for m in recipe.models if m.adapter]
+    inputs = recipe.input_paths()
     hasher = StreamHasher(job.sources() if checksums else [])
     job.on_read = hasher.feed if checksums else None
     check_output = OutputCheck()
@@ -117,7 +116,8 @@ def _output_config(job: MergeJob, checked: Checked, ref: Source) -> dict[str, An
         config["vocab_size"] = checked.vocab["vocab_size"]
     if checked.untied:
         config["tie_word_embeddings"] = False
-    return config if config != ref.config or checked.vocab is not None else None
+    rewritten = getattr(ref.weights, "rewrites_config", False)  # layer slices
+    return config if config != ref.config or checked.vocab is not None or rewritten else None
 
 
 def _output_hashes(

@@ -32,6 +32,7 @@ from splice._schema import Strict
 from splice.errors import SpliceError
 from splice.merge.recipe.mergekit import from_mergekit
 from splice.merge.recipe.settings import ModelSpec, Recipe, parse_dtype, parse_setting, recipe_error
+from splice.merge.recipe.where import Where
 
 __all__ = [
     "ModelEntry",
@@ -106,7 +107,8 @@ def load_recipe(source: str | Path | Mapping[str, Any]) -> Recipe:
     """
     raw, what = read_recipe(source)
     if "merge_method" in raw:
-        return from_mergekit(raw, what)
+        where = Where.of_file(Path(what)) if isinstance(source, str | Path) else Where(what)
+        return from_mergekit(raw, what, where)
     try:
         r = SpliceRecipe.model_validate(raw)
     except ValidationError as e:

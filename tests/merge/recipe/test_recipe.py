@@ -148,13 +148,15 @@ def test_mergekit_linear_task_arithmetic_ties_run_unchanged(disk, tmp_path):
 def test_mergekit_dare_maps_density_and_l1_rescale(disk, tmp_path):
     paths, _, _ = disk
     r = load_recipe(_write(tmp_path, MERGEKIT["dare_ties"], **paths))
-    assert r.settings["consensus"] == "ties" and r.settings["rescale"] == "l1"
-    assert r.settings["aggregate"] == "sum" and r.settings["zero_sign"] == "positive"
+    g = r.flat_settings()
+    assert g["consensus"] == "ties" and g["rescale"] == "l1"
+    assert g["aggregate"] == "sum" and g["zero_sign"] == "positive"
     assert r.models[0].settings["p"] == pytest.approx(0.4)
     grad = r.models[1].settings["p"]
     assert isinstance(grad, Gradient) and grad.values == pytest.approx((0.6, 0.2))
     lin = load_recipe(_write(tmp_path, MERGEKIT["dare_linear"], **paths))
-    assert lin.settings["consensus"] is None and lin.settings["aggregate"] == "mean"
+    g = lin.flat_settings()
+    assert g["consensus"] is None and g["aggregate"] == "mean"
     out = merge(_write(tmp_path, MERGEKIT["dare_ties"], **paths), tmp_path / "dt", seed=2)
     assert set(_load(out)) == set(tiny_llama(0))
 
