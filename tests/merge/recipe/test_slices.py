@@ -202,7 +202,7 @@ parameters: {{weight: 1.0}}
 
 
 def test_full_range_slice_is_a_plain_merge(disk, tmp_path):
-    paths, base, fts = disk
+    paths, base, _ = disk
     text = SLERP.split("  - sources:\n      - model: {base}\n        layer_range: [2, 3]")[0]
     text = text.replace("[0, 2]", "[0, 3]") + "parameters:\n  t: 0.5\n"
     plan = plan_merge(_write(tmp_path, text, **paths))
@@ -234,7 +234,7 @@ def test_slice_errors_name_the_recipe_line(disk, tmp_path, old, new, line, messa
 
 
 def test_slices_of_another_architecture_are_refused(disk, tmp_path):
-    paths, base, _ = disk
+    paths, _, _ = disk
     wide = tiny_llama(3, hidden=10)
     cfg = {"model_type": "llama", "num_hidden_layers": 3, "hidden_size": 10}
     save(wide, tmp_path / "wide", cfg=cfg)
