@@ -50,6 +50,11 @@ def _open_source(
     path: str, adapter: str | None, label: str, model_type: str | None = None
 ) -> Source:
     """Open one input; ``model_type`` (the base's) tells a PEFT dir's GPT-2 Conv1D modules."""
+    from splice.merge.pipeline import planned_input
+
+    planned = planned_input(path)
+    if planned is not None:  # a pipeline's intermediate, planned but not built yet
+        return Source(path, planned, config=planned.config)
     p = Path(path)
     if not p.exists():
         raise SpliceError(
@@ -196,6 +201,14 @@ def build_job(recipe: Recipe, options: MergeOptions | None = None) -> MergeJob:
     )
 
 
+def _is_pipeline(recipe: RecipeLike) -> bool:
+    if not isinstance(recipe, str | Path):
+        return False
+    from splice.merge.recipe.multi import is_multi
+
+    return is_multi(recipe)
+
+
 def _prepare(recipe: RecipeLike, opts: MergeOptions) -> Recipe:
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe)
@@ -222,6 +235,11 @@ def plan_merge(recipe: RecipeLike, **options: Any) -> dict[str, Any]:
         SpliceError: whatever the merge itself would refuse before computing, and a plan
             above ``max_memory``.
     """
+    if _is_pipeline(recipe):
+        from splice.merge.pipeline import plan_pipeline
+
+        return plan_pipeline(recipe, options.pop("out", None), **options)  # type: ignore[arg-type]
+    keep = options.pop("_keep", False)
     opts = MergeOptions(**options)
     start = time.perf_counter()
     recipe = _prepare(recipe, opts)
@@ -246,6 +264,13 @@ def plan_merge(recipe: RecipeLike, **options: Any) -> dict[str, Any]:
             "vocab": checked.vocab,
             "untied": checked.untied,
         }
+        if keep:  # for a pipeline's later stages (splice.merge.pipeline)
+            from splice.merge.output.model import output_config
+            from splice.merge.pipeline import PlannedCheckpoint
+
+            ref = job.base or job.models[0]
+            config = output_config(job, checked, ref) or ref.config
+            report["_kept"] = PlannedCheckpoint.of("", checked.tasks, config, job.out_dtype)
     check_budget(report["plan"], opts.max_memory)
     report["preflight_seconds"] = round(time.perf_counter() - start, 3)
     return report
@@ -271,6 +296,11 @@ def merge(recipe: RecipeLike, out: str | Path, **options: Any) -> Path:
         SpliceError: a bad recipe, missing/incompatible inputs, NaN/Inf in an input or the
             output, a plan above ``max_memory``, ``out`` exists without ``force``.
     """
+    if _is_pipeline(recipe):
+        from splice.merge.pipeline import merge_pipeline
+
+        done = merge_pipeline(recipe, out, **options)  # type: ignore[arg-type]
+        return Path(done["out"] or options["intermediates"])
     opts = MergeOptions(**options)
     recipe = _prepare(recipe, opts)
     if opts.progress is None:

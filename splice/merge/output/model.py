@@ -24,7 +24,7 @@ from splice.merge.output.ledger import (
 )
 from splice.merge.recipe import Recipe, recipe_json
 
-__all__ = ["write_model"]
+__all__ = ["output_config", "write_model"]
 
 
 def write_model(
@@ -67,7 +67,7 @@ def write_model(
     ) as writer:
         stats = execute(job, tasks, writer, progress=bool(opts.progress), on_output=check_output)
         added: dict[str, bytes] = {}
-        config = _output_config(job, checked, ref)
+        config = output_config(job, checked, ref)
         if config is not None:
             added["config.json"] = (json.dumps(config, indent=2) + "\n").encode()
         if files_from is not None and ref_dir is not None and files_from != ref_dir:
@@ -105,7 +105,7 @@ def _tokenizer_dir(job: MergeJob, checked: Checked) -> Path | None:
     return getattr(src.weights, "dir", None)
 
 
-def _output_config(job: MergeJob, checked: Checked, ref: Source) -> dict[str, Any] | None:
+def output_config(job: MergeJob, checked: Checked, ref: Source) -> dict[str, Any] | None:
     """The reference's config.json with what the merge changed: dtype, vocab size, ties."""
     if ref.config is None:
         return None

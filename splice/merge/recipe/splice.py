@@ -40,6 +40,7 @@ __all__ = [
     "is_learned_recipe",
     "load_recipe",
     "read_recipe",
+    "recipe_from_raw",
     "recipe_json",
 ]
 
@@ -106,8 +107,14 @@ def load_recipe(source: str | Path | Mapping[str, Any]) -> Recipe:
         SpliceError: unreadable YAML, unknown keys, unsupported mergekit features.
     """
     raw, what = read_recipe(source)
+    where = Where.of_file(Path(what)) if isinstance(source, str | Path) else Where(what)
+    return recipe_from_raw(raw, what, where)
+
+
+def recipe_from_raw(raw: dict[str, Any], what: str, where: Where | None = None) -> Recipe:
+    """The :class:`Recipe` of one recipe document ``raw`` (either dialect) read from ``what``;
+    ``where`` gives its values' ``file:line`` for errors."""
     if "merge_method" in raw:
-        where = Where.of_file(Path(what)) if isinstance(source, str | Path) else Where(what)
         return from_mergekit(raw, what, where)
     try:
         r = SpliceRecipe.model_validate(raw)
