@@ -38,6 +38,7 @@ for _command in (
     "continual",
     "search",
     "merge",
+    "extract",
     "quantize",
     "generate",
     "analyze",

@@ -131,7 +131,7 @@ def extract_lora(
     linear = {n.rsplit(".", 1)[0] for n in names if len(ft.info(n).shape) == 2}
     for name in names:
         module, _, leaf = name.rpartition(".")
-        if opts.include and not _match(module, opts.include) or _match(module, opts.exclude):
+        if (opts.include and not _match(module, opts.include)) or _match(module, opts.exclude):
             continue
         a_t, b_t = ft[name], bs[name]
         if a_t.shape != b_t.shape:

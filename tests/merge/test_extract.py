@@ -96,3 +96,29 @@ def test_errors_are_one_line_and_write_nothing(pair, tmp_path):
     with pytest.raises(SpliceError, match="already exists"):
         extract_lora(ft, base, tmp_path / "taken")
     assert not (tmp_path / "x").exists()
+
+
+def test_cli(pair, tmp_path, monkeypatch, capsys):
+    from tests.cli._run import run_cli
+
+    base, ft = pair
+    code, out, _ = run_cli(
+        monkeypatch,
+        capsys,
+        "extract-lora",
+        str(ft),
+        str(base),
+        str(tmp_path / "o"),
+        "--max-rank",
+        "4",
+        "-e",
+        "self_attn",
+        "--json",
+    )
+    report = json.loads(out)
+    assert code == 0 and report["rank"] == 4
+    assert not any("self_attn" in k for k in report["relative_error"])
+    code, _, err = run_cli(
+        monkeypatch, capsys, "extract-lora", str(ft), str(base), str(tmp_path / "o")
+    )
+    assert code == 1 and "already exists" in err and "\n" not in err.strip()
