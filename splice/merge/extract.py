@@ -3,11 +3,12 @@
 For every linear weight that changed, ``ΔW = θ_ft − θ_base`` is replaced by its best rank-``r``
 approximation ``B·A`` (Eckart–Young): ``r = min(max_rank, #{σ_i > sv_epsilon})``. splice
 finds the top singular subspace from the Gram matrix of ΔW's shorter side (``ΔW·ΔWᵀ``,
-``k × k`` with ``k = min(out, in)``; ``torch.linalg.eigh`` in float64) rather than a full SVD
-of ΔW: ``B = U_r·√Σ_r`` and ``A = Σ_r^{-½}·U_rᵀ·ΔW`` (the singular values split evenly, as
-mergekit's default ``--distribute-scale``), so ``B·A = U_r·U_rᵀ·ΔW`` — the orthogonal
-projection of ΔW onto its top-``r`` left singular vectors, exactly ΔW at full rank. The
-relative error ``‖ΔW − B·A‖_F / ‖ΔW‖_F = √(Σ_{i>r} σ_i²) / ‖ΔW‖_F`` is reported per tensor.
+``k × k`` with ``k = min(out, in)``; ``torch.linalg.eigh``) rather than a full SVD of ΔW
+(mergekit's ``torch.linalg.svd``): ``B = U_r·√Σ_r`` and ``A = Σ_r^{-½}·U_rᵀ·ΔW`` (the
+singular values split evenly, as mergekit's default ``--distribute-scale``), so
+``B·A = U_r·U_rᵀ·ΔW`` — the orthogonal projection of ΔW onto its top-``r`` left singular
+vectors, exactly ΔW at full rank. The relative error ``‖ΔW − B·A‖_F / ‖ΔW‖_F`` (ideally
+``√(Σ_{i>r} σ_i²) / ‖ΔW‖_F``) is measured on the residual and reported per tensor.
 
 Tensors that are not linear weights — embeddings and the LM head (mergekit's default without
 ``--embed-lora``), norms, any 1-D or >2-D tensor — go to ``modules_to_save`` at full
@@ -62,23 +63,22 @@ def lowrank_factors(
     delta: Tensor, max_rank: int, sv_epsilon: float = 0.0
 ) -> tuple[Tensor, Tensor, float]:
     """``(B, A, relative error)`` with ``B @ A`` the best rank-``r`` approximation of ``delta``
-    (see module docstring); float64 inside, ``delta``'s dtype out."""
-    d = delta.double()
+    (see module docstring). Computed in float32 (float64 for float64 input); the error is
+    measured on the residual ``ΔW − B·A`` itself, not from the eigenvalues."""
+    dt = torch.float64 if delta.dtype == torch.float64 else torch.float32
+    d = delta.to(dt)
     wide = d.shape[0] <= d.shape[1]
     m = d if wide else d.T  # k × n with k = min(out, in)
-    gram = m @ m.T
-    lam, u = torch.linalg.eigh(gram)  # ascending
-    lam, u = lam.flip(0).clamp_min(0), u.flip(1)
-    s = lam.sqrt()
+    lam, u = torch.linalg.eigh(m @ m.T)  # ascending
+    s = lam.flip(0).clamp_min(0).sqrt()
     r = min(max_rank, int((s > sv_epsilon).sum()))
-    total = float(lam.sum())
-    kept = float(lam[:r].sum())
-    err = math.sqrt(max(total - kept, 0.0) / total) if total > 0 else 0.0
-    if r == 0:
-        return delta.new_zeros(delta.shape[0], 0), delta.new_zeros(0, delta.shape[1]), err
-    ur = u[:, :r]
+    ur = u.flip(1)[:, :r].contiguous()
     proj = ur.T @ m  # r × n: rows of norm σ_i
-    root = s[:r].clamp_min(torch.finfo(torch.float64).tiny).sqrt()
+    norm = float(m.double().norm())
+    resid = m - ur @ proj
+    err = float(resid.double().norm()) / norm if norm > 0 else 0.0
+    del resid
+    root = proj.norm(dim=1).clamp_min(torch.finfo(dt).tiny).sqrt()
     left, right = ur * root, proj / root[:, None]
     b, a = (left, right) if wide else (right.T, left.T)
     return b.to(delta.dtype).contiguous(), a.to(delta.dtype).contiguous(), err
