@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from merge_vs_mergekit import (  # noqa: E402
+from merge_vs_mergekit import (
     ROOT,
     SPLICE,
     VENV,

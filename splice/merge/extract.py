@@ -22,7 +22,6 @@ which is written at the end). ``adapter_config.json`` has ``r`` = the largest ra
 from __future__ import annotations
 
 import json
-import math
 import re
 import time
 from dataclasses import dataclass, field
