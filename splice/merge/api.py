@@ -159,6 +159,24 @@ def _sliced(
     return base, sources[1:] if base else sources, SliceResolver(resolvers, place)
 
 
+def _token_map(recipe: Recipe, base: Source | None, models: list[Source]) -> Any:
+    """The recipe's tokenizer surgery as a :class:`~splice.merge.engine.vocab.TokenMap`;
+    None without one (``tokenizer_source: base`` alone is the ``vocab: base`` policy)."""
+    spec = recipe.tokenizer
+    if spec is None or (spec.source == "base" and not spec.tokens and not spec.pad_to_multiple_of):
+        return None
+    from splice.merge.engine.vocab import token_map
+
+    srcs = [s for s in (base, *models) if s is not None]
+    return token_map(
+        spec,
+        [s.label for s in srcs],
+        [getattr(s.weights, "dir", None) for s in srcs],
+        [s.config for s in srcs],
+        has_base=base is not None,
+    )
+
+
 def _transforms(spec: Mapping[str, Any] | None) -> list[tuple[MergeTransform, HyperParams]]:
     if spec is None:
         return []
@@ -171,10 +189,6 @@ def build_job(recipe: Recipe, options: MergeOptions | None = None) -> MergeJob:
     """Open every input (headers only) and assemble the engine's job for ``recipe``."""
     opts = options or MergeOptions()
     method_cls = _base.methods.get(recipe.method)
-    if recipe.tokenizer is not None:
-        from splice.merge.engine.vocab import check_tokenizer_supported
-
-        check_tokenizer_supported(recipe.tokenizer)
     if recipe.slices is not None:
         base, models, resolver = _sliced(recipe, method_cls)
     else:
@@ -186,9 +200,11 @@ def build_job(recipe: Recipe, options: MergeOptions | None = None) -> MergeJob:
             [m.path for m in recipe.models],
             recipe.outer,
         )
+    tokens = _token_map(recipe, base, models)
     return MergeJob(
         method=method_cls(),
         models=models,
+        tokens=tokens,
         resolve=resolver,
         base=base,
         transforms=_transforms(recipe.lines),
@@ -197,7 +213,7 @@ def build_job(recipe: Recipe, options: MergeOptions | None = None) -> MergeJob:
         out_dtype=parse_dtype(opts.out_dtype, "--out-dtype") or recipe.out_dtype,
         device=opts.device,
         allow_missing=opts.allow_missing,
-        vocab=recipe.vocab,
+        vocab=None if tokens is not None else recipe.vocab,
     )
 
 

@@ -118,6 +118,9 @@ class MergeJob:
     device: str = "cpu"
     allow_missing: bool = False
     vocab: VocabPolicy | None = None
+    tokens: Any = None
+    """A :class:`~splice.merge.engine.vocab.TokenMap`: embedding/head rows re-indexed by token
+    (tokenizer surgery) instead of a ``vocab`` policy."""
     read_ahead: bool = True
     on_read: Callable[[Any, Tensor], None] | None = None
     """Called with ``(TensorInfo, raw tensor)`` for every tensor read from a checkpoint file

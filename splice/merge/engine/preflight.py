@@ -149,7 +149,32 @@ class _Checker:
             from splice.merge.engine.vocab import report
 
             self.out.vocab = report(self.job, resized)
+        if self.job.tokens is not None:
+            self.out.vocab = {**self.job.tokens.summary, "tokenizer_from": self.ref.label}
         return self.out
+
+    def _by_token(self, name: str, shape: tuple[int, ...]) -> bool:
+        """An embedding/head tensor with a row per token (re-indexed by the token map)."""
+        size = (self.ref.config or {}).get("vocab_size")
+        block = self.arch.role(name).block
+        return block in ("embed", "head") and len(shape) == 2 and shape[0] == size
+
+    def _token_rows(self, name: str, shapes: list[tuple[str, tuple[int, ...]]]) -> tuple[int, ...]:
+        ref_label, shape = shapes[0]
+        for label, s in shapes[1:]:
+            if s[1:] != shape[1:]:
+                raise SpliceError(
+                    f"shape {s} differs from {shape} in {ref_label} beyond the vocab rows",
+                    where=f"{label}: {name}",
+                    fix="merge checkpoints of one architecture and size",
+                )
+        if any(name in s.deltas or name in s.overrides for s in self.job.models):
+            raise SpliceError(
+                "an adapter changes a tensor that tokenizer surgery re-indexes",
+                where=name,
+                fix="merge the adapter into its base first",
+            )
+        return (self.job.tokens.rows, *shape[1:])
 
     def _tied_heads(self) -> None:
         """A head the reference ties (absent) but another input stores joins the output."""
@@ -238,7 +263,10 @@ class _Checker:
                         fix="float weights cannot be merged with integer buffers",
                     )
         vocab = any(s != shape for _, s in shapes)
-        if vocab:
+        if self.job.tokens is not None and self._by_token(name, shape):
+            vocab = True
+            shape = self._token_rows(name, shapes)
+        elif vocab:
             shape = self._vocab_rows(name, shapes, resized)
         role = self.arch.role(base_read or name)
         nbytes = math.prod(shape) * itemsize(dtype)

@@ -74,6 +74,8 @@ def write_model(
             gen = Path(ref_dir) / "generation_config.json"
             if gen.is_file():
                 added["generation_config.json"] = gen.read_bytes()
+        if job.tokens is not None:  # tokenizer surgery: the output tokenizer's files
+            added.update(job.tokens.tokenizer_files)
         for name, content in added.items():
             writer.add_file(name, content)
         job.check_unchanged()

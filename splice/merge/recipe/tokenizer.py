@@ -89,7 +89,7 @@ def parse_tokenizer(source: str | None, block: Any, where: Where) -> TokenizerSp
         b = _Block.model_validate(block)
     except ValidationError as e:
         err = e.errors()[0]
-        loc = ".".join(str(x) for x in err["loc"])
+        loc = ".".join(str(x) for x in err["loc"] if "[" not in str(x) and x != "kind")
         raise SpliceError(
             f"tokenizer.{loc}: {err['msg']}",
             where=where("tokenizer", *err["loc"][:2]),

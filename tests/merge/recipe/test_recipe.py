@@ -267,7 +267,7 @@ def test_per_model_typo_in_mergekit_yaml(disk, tmp_path, no_execute):
     [
         ("merge_method: ties", "merge_method: dare-ties", "did you mean 'dare_ties'"),
         ("merge_method: ties", "merge_method: breadcrumbs", "not in splice"),
-        ("tokenizer_source: base", "tokenizer_source: union", "not supported"),
+        ("tokenizer_source: base", "tokenizer_source: ./none", "not base, union or a model dir"),
         ("dtype: float32", "dtype: float32\nchat_template: chatml", "not supported"),
         ("dtype: float32", "dtpye: float32", "unknown key 'dtpye'.*did you mean 'dtype'"),
     ],
