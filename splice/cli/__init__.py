@@ -39,6 +39,7 @@ for _command in (
     "search",
     "merge",
     "extract",
+    "moe",
     "quantize",
     "generate",
     "analyze",
