@@ -76,6 +76,9 @@ def test_passthrough_stacking_matches_a_hand_built_stack(disk, tmp_path):
     assert all(torch.equal(got[k], want[k]) for k in want)
     config = json.loads((out / "config.json").read_text())
     assert config["num_hidden_layers"] == 5
+    plan = plan_merge(_write(tmp_path, STACK, **paths))  # headers only, same tensors
+    assert plan["tensors"]["merged"] == sum(v.is_floating_point() for v in got.values())
+    assert plan["architecture"]["stacks"] == {"model.layers": 5}
     assert json.loads((out / "splice-ledger.json").read_text())["method"] == "passthrough"
 
 
