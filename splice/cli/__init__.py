@@ -40,6 +40,7 @@ for _command in (
     "merge",
     "extract",
     "moe",
+    "evolve",
     "quantize",
     "generate",
     "analyze",
