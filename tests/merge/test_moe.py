@@ -12,21 +12,13 @@ import torch
 from splice.errors import SpliceError
 from splice.merge.moe import build_moe
 from tests.merge._hf import tiny_hf
+from tests.merge._recipes import save_word_tokenizer
 
 WORDS = ["<pad>", "<s>", "a", "b", "c", "d", "e", "f"]
 
 
 def _with_tokenizer(path: Path) -> Path:
-    from tokenizers import Tokenizer
-    from tokenizers.models import WordLevel
-    from tokenizers.pre_tokenizers import Whitespace
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(WordLevel({t: i for i, t in enumerate(WORDS)}, unk_token="<pad>"))
-    tok.pre_tokenizer = Whitespace()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>")
-    fast.save_pretrained(str(path))
-    return path
+    return save_word_tokenizer(path, WORDS)
 
 
 @pytest.fixture(scope="module")

@@ -168,13 +168,17 @@ class _Checker:
                     where=f"{label}: {name}",
                     fix="merge checkpoints of one architecture and size",
                 )
+        self._refuse_adapters(name, "that tokenizer surgery re-indexes", "")
+        return (self.job.tokens.rows, *shape[1:])
+
+    def _refuse_adapters(self, name: str, what: str, fix: str) -> None:
+        """No adapter may change a tensor whose rows are re-indexed or resized."""
         if any(name in s.deltas or name in s.overrides for s in self.job.models):
             raise SpliceError(
-                "an adapter changes a tensor that tokenizer surgery re-indexes",
+                f"an adapter changes a tensor {what}",
                 where=name,
-                fix="merge the adapter into its base first",
+                fix=f"merge the adapter into its base first{fix}",
             )
-        return (self.job.tokens.rows, *shape[1:])
 
     def _tied_heads(self) -> None:
         """A head the reference ties (absent) but another input stores joins the output."""
@@ -338,12 +342,9 @@ class _Checker:
                 where=name,
                 fix="merge checkpoints of one architecture and size",
             )
-        if any(name in s.deltas or name in s.overrides for s in self.job.models):
-            raise SpliceError(
-                "an adapter changes a tensor whose rows differ between inputs",
-                where=name,
-                fix="merge the adapter into its base first, or use inputs of one vocab size",
-            )
+        self._refuse_adapters(
+            name, "whose rows differ between inputs", ", or use inputs of one vocab size"
+        )
         out_rows = {"base": rows[0], "union": max(rows), "intersect": min(rows)}[policy]
         resized[name] = (out_rows, [(label, s[0]) for label, s in shapes])
         return (out_rows, *shape[1:])

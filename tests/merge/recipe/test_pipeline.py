@@ -11,11 +11,10 @@ import torch
 
 import splice.merge.api as api
 from splice.errors import SpliceError, UsageError
-from splice.io import open_checkpoint
 from splice.merge import merge, merge_state_dicts, plan_merge
 from splice.merge.pipeline import merge_pipeline
 from tests.cli._run import run_cli
-from tests.merge._ckpt import finetune, save, tiny_llama
+from tests.merge._recipes import base_and_finetunes, load_dir, write_recipe
 
 PIPE = """\
 name: soup
@@ -43,24 +42,14 @@ parameters: {{t: 0.5}}
 
 @pytest.fixture(scope="module")
 def disk(tmp_path_factory):
-    root = tmp_path_factory.mktemp("pipe-models")
-    base = tiny_llama(0)
-    fts = [finetune(base, s) for s in range(2)]
-    paths = {"base": save(base, root / "base")}
-    for i, ft in enumerate(fts):
-        paths[f"ft{i}"] = save(ft, root / f"ft{i}")
-    return paths, base, fts
+    return base_and_finetunes(tmp_path_factory.mktemp("pipe-models"))
 
 
 def _write(tmp_path: Path, text: str, **paths) -> Path:
-    p = tmp_path / "multi.yml"
-    p.write_text(text.format(**{k: str(v) for k, v in paths.items()}))
-    return p
+    return write_recipe(tmp_path, text, "multi.yml", **paths)
 
 
-def _load(path: Path) -> dict:
-    ckpt = open_checkpoint(path)
-    return {n: ckpt[n] for n in ckpt}
+_load = load_dir
 
 
 @pytest.fixture

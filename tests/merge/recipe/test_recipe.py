@@ -11,10 +11,10 @@ import torch
 import yaml
 
 from splice.errors import SpliceError
-from splice.io import open_checkpoint
 from splice.merge import merge, merge_state_dicts
 from splice.merge.recipe import Gradient, Rule, evaluate, load_recipe, parse_setting
 from tests.merge._ckpt import config, finetune, save, tiny_llama
+from tests.merge._recipes import base_and_finetunes, load_dir, write_recipe
 from tests.merge.methods.test_ties import ties_mergekit
 
 MERGEKIT = {
@@ -94,24 +94,14 @@ parameters: {{normalize: true}}
 
 @pytest.fixture(scope="module")
 def disk(tmp_path_factory):
-    root = tmp_path_factory.mktemp("recipe-models")
-    base = tiny_llama(0)
-    fts = [finetune(base, s) for s in range(2)]
-    paths = {"base": save(base, root / "base")}
-    for i, ft in enumerate(fts):
-        paths[f"ft{i}"] = save(ft, root / f"ft{i}")
-    return paths, base, fts
+    return base_and_finetunes(tmp_path_factory.mktemp("recipe-models"))
 
 
 def _write(tmp_path: Path, text: str, **paths) -> Path:
-    p = tmp_path / "recipe.yml"
-    p.write_text(text.format(**{k: str(v) for k, v in paths.items()}))
-    return p
+    return write_recipe(tmp_path, text, "recipe.yml", **paths)
 
 
-def _load(path: Path) -> dict:
-    ckpt = open_checkpoint(path)
-    return {n: ckpt[n] for n in ckpt}
+_load = load_dir
 
 
 @pytest.mark.parametrize("name", sorted(MERGEKIT))

@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from splice.errors import SpliceError
-from splice.io import open_checkpoint
 from splice.merge import merge, merge_state_dicts, plan_merge
-from tests.merge._ckpt import finetune, save, tiny_llama
+from tests.merge._ckpt import save, tiny_llama
 from tests.merge._hf import tiny_hf
+from tests.merge._recipes import base_and_finetunes, load_dir, write_recipe
 
 STACK = """\
 merge_method: passthrough
@@ -34,24 +34,14 @@ dtype: float32
 
 @pytest.fixture(scope="module")
 def disk(tmp_path_factory):
-    root = tmp_path_factory.mktemp("slice-models")
-    base = tiny_llama(0)
-    fts = [finetune(base, s) for s in range(2)]
-    paths = {"base": save(base, root / "base")}
-    for i, ft in enumerate(fts):
-        paths[f"ft{i}"] = save(ft, root / f"ft{i}")
-    return paths, base, fts
+    return base_and_finetunes(tmp_path_factory.mktemp("slice-models"))
 
 
 def _write(tmp_path: Path, text: str, **paths) -> Path:
-    p = tmp_path / "recipe.yml"
-    p.write_text(text.format(**{k: str(v) for k, v in paths.items()}))
-    return p
+    return write_recipe(tmp_path, text, "recipe.yml", **paths)
 
 
-def _load(path: Path) -> dict:
-    ckpt = open_checkpoint(path)
-    return {n: ckpt[n] for n in ckpt}
+_load = load_dir
 
 
 def _layer(sd: dict, i: int, j: int) -> dict:

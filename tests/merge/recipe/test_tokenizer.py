@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from splice.errors import SpliceError
-from splice.io import open_checkpoint
 from splice.merge import merge
 from tests.merge._ckpt import config, finetune, save, tiny_llama
+from tests.merge._recipes import load_dir, save_word_tokenizer, write_recipe
 
 BASE_VOCAB = ["<pad>", "<s>", "a", "b", "c", "d"]
 OTHER_VOCAB = ["<pad>", "<s>", "b", "a", "c", "e", "f"]
@@ -22,18 +22,10 @@ EMBED, HEAD = "model.embed_tokens.weight", "lm_head.weight"
 
 
 def _model(path: Path, vocab: list[str], seed: int) -> dict:
-    from tokenizers import Tokenizer
-    from tokenizers.models import WordLevel
-    from tokenizers.pre_tokenizers import Whitespace
-    from transformers import PreTrainedTokenizerFast
-
     sd = finetune(tiny_llama(0, vocab=len(vocab)), seed)
     cfg = {**config(), "vocab_size": len(vocab), "num_attention_heads": 2, "num_key_value_heads": 2}
     save(sd, path, cfg=cfg)
-    tok = Tokenizer(WordLevel({t: i for i, t in enumerate(vocab)}, unk_token="<pad>"))
-    tok.pre_tokenizer = Whitespace()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>")
-    fast.save_pretrained(str(path))
+    save_word_tokenizer(path, vocab)
     return sd
 
 
@@ -55,14 +47,10 @@ tokenizer_source: union
 
 
 def _write(tmp_path: Path, text: str, **paths) -> Path:
-    p = tmp_path / "recipe.yml"
-    p.write_text(text.format(**{k: str(v) for k, v in paths.items()}))
-    return p
+    return write_recipe(tmp_path, text, "recipe.yml", **paths)
 
 
-def _load(path: Path) -> dict:
-    ckpt = open_checkpoint(path)
-    return {n: ckpt[n] for n in ckpt}
+_load = load_dir
 
 
 def test_union_reindexes_rows_by_token(disk, tmp_path):
