@@ -236,6 +236,11 @@ def _prepare(recipe: RecipeLike, opts: MergeOptions) -> Recipe:
         recipe.output = opts.output  # type: ignore[assignment]
     if opts.rank is not None:
         recipe.rank = "exact" if opts.rank == "exact" else int(opts.rank)
+    if recipe.output == "adapter" and (recipe.slices or recipe.tokenizer):
+        raise SpliceError(
+            "an adapter output cannot stack layers or change the tokenizer",
+            fix="drop --output adapter (write a model), or the slices / tokenizer settings",
+        )
     return recipe
 
 

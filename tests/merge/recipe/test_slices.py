@@ -234,3 +234,9 @@ def test_slices_of_another_architecture_are_refused(disk, tmp_path):
     text = STACK.replace("{ft1}", str(tmp_path / "wide"))
     with pytest.raises(SpliceError, match=r"recipe\.yml:7: hidden_size is 10 here but 8"):
         merge(_write(tmp_path, text, **paths), tmp_path / "out")
+
+
+def test_an_adapter_output_cannot_stack_layers(disk, tmp_path):
+    paths, _, _ = disk
+    with pytest.raises(SpliceError, match="adapter output cannot stack layers"):
+        merge(_write(tmp_path, STACK, **paths), tmp_path / "out", output="adapter")
