@@ -12,8 +12,9 @@ vectors, exactly ΔW at full rank. The relative error ``‖ΔW − B·A‖_F / �
 
 Tensors that are not linear weights — embeddings and the LM head (mergekit's default without
 ``--embed-lora``), norms, any 1-D or >2-D tensor — go to ``modules_to_save`` at full
-precision when they changed (the whole module). Changed biases of LoRA-targeted modules are
-saved as well (PEFT ``bias: lora_only``). Unchanged tensors are left out. Inputs stream one
+precision when they changed (the whole module); a head tied to a saved embedding is saved with
+it (PEFT would otherwise keep the base's tied head). Changed biases of LoRA-targeted modules
+are saved as well (PEFT ``bias: lora_only``, as ``<module>.base_layer.bias``). Unchanged tensors are left out. Inputs stream one
 tensor name at a time (peak: one tensor pair plus its ``k × k`` Gram matrix, plus the output,
 which is written at the end). ``adapter_config.json`` has ``r`` = the largest rank used,
 ``lora_alpha = r`` (scale 1) and ``rank_pattern``/``alpha_pattern`` for modules of lower rank.
@@ -35,7 +36,7 @@ from splice.errors import SpliceError
 from splice.io import open_checkpoint
 from splice.io.atomic import atomic_dir
 from splice.io.peft import CONV1D_MODULES, PEFT_PREFIX
-from splice.merge.engine.arch import block_of
+from splice.merge.engine.arch import block_of, tie_pairs
 
 __all__ = ["ExtractOptions", "extract_lora", "lowrank_factors"]
 
@@ -170,10 +171,14 @@ def extract_lora(
         for name in ft.names_with_prefix(module + "."):
             if "." not in name[len(module) + 1 :]:
                 res.full[name] = ft[name].to(out_dtype)
-    for module, delta in res.biases.items():
-        if module in res.saved_modules:
-            continue
-        res.full[f"{module}.bias"] = (bs[f"{module}.bias"].float() + delta).to(out_dtype)
+    for module in [m for m in res.biases if m not in res.saved_modules]:
+        # PEFT (bias: lora_only) loads a LoRA module's bias from `<module>.base_layer.bias`
+        res.full[f"{module}.base_layer.bias"] = ft[f"{module}.bias"].to(out_dtype)
+    for head, emb in tie_pairs(config):  # a tied head follows its embedding's saved copy
+        module = emb.removesuffix(".weight")
+        if module in res.saved_modules and head not in ft:
+            res.saved_modules.add(head.removesuffix(".weight"))
+            res.full[head] = res.full[emb].clone()
     return _write(res, out, opts, config, str(Path(base).resolve()), start, bool(conv1d))
 
 

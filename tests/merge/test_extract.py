@@ -122,3 +122,23 @@ def test_cli(pair, tmp_path, monkeypatch, capsys):
         monkeypatch, capsys, "extract-lora", str(ft), str(base), str(tmp_path / "o")
     )
     assert code == 1 and "already exists" in err and "\n" not in err.strip()
+
+
+@pytest.mark.parametrize("family", ["gpt2", "qwen2"])
+def test_conv1d_biases_and_tied_heads_round_trip(family, tmp_path):
+    """GPT-2: Conv1D weights (fan_in_fan_out) and a head tied to its saved embedding;
+    Qwen2: changed q/k/v biases (bias: lora_only) — full rank still gives the fine-tune."""
+    import transformers
+
+    base = tiny_hf(family, tmp_path / "base", seed=0)
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(base))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn(p.shape, generator=g))
+    model.save_pretrained(str(tmp_path / "ft"))
+    extract_lora(tmp_path / "ft", base, tmp_path / "lora", ExtractOptions(max_rank=64))
+    got = _merged(base, tmp_path / "lora")
+    want = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "ft")).state_dict()
+    for k, v in want.items():
+        torch.testing.assert_close(got[k], v, atol=2e-6, rtol=1e-5)
