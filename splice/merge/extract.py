@@ -16,8 +16,9 @@ precision when they changed (the whole module); a head tied to a saved embedding
 it (PEFT would otherwise keep the base's tied head). Changed biases of LoRA-targeted modules
 are saved as well (PEFT ``bias: lora_only``, as ``<module>.base_layer.bias``). Unchanged
 tensors are left out. Inputs stream one tensor name at a time (peak: one tensor pair plus
-its ``k × k`` Gram matrix, plus the output, which is written at the end). ``adapter_config.json`` has ``r`` = the largest rank used,
-``lora_alpha = r`` (scale 1) and ``rank_pattern``/``alpha_pattern`` for modules of lower rank.
+its ``k × k`` Gram matrix, plus the output, which is written at the end).
+``adapter_config.json`` has ``r`` = the largest rank used, ``lora_alpha = r`` (scale 1) and
+``rank_pattern``/``alpha_pattern`` for modules of lower rank.
 """
 
 from __future__ import annotations
