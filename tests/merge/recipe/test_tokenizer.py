@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from splice.errors import SpliceError
-from splice.merge import merge
+from splice.merge import merge, plan_merge
 from tests.merge._ckpt import config, finetune, save, tiny_llama
 from tests.merge._recipes import load_dir, save_word_tokenizer, write_recipe
 
@@ -57,6 +57,8 @@ def test_union_reindexes_rows_by_token(disk, tmp_path):
     from transformers import AutoTokenizer
 
     paths, sds = disk
+    plan = plan_merge(_write(tmp_path, RECIPE, **paths))  # headers and tokenizers only
+    assert plan["vocab"]["vocab_size"] == 8 and plan["vocab"]["tokens_added"] == 2
     out = merge(_write(tmp_path, RECIPE, **paths), tmp_path / "out")
     got = _load(out)
     tok = AutoTokenizer.from_pretrained(str(out))
