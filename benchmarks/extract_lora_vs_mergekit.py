@@ -11,6 +11,11 @@ child process (wall time and the child's own peak RSS), and compares the outputs
 module: the max abs difference of the two ``B·A`` products, and both tools' relative error
 ``‖ΔW − B·A‖_F / ‖ΔW‖_F`` (computed here in float64). mergekit comes from ``--venv`` (default
 ``.bench-venv``, installed as merge_vs_mergekit.py does when missing).
+
+``--kernel`` times only the per-matrix factorization on one thread, on the fixture's three
+weight shapes: mergekit's ``torch.linalg.svd`` (what ``mergekit-extract-lora`` calls per
+tensor) against :func:`splice.merge.extract.lowrank_factors`, and checks they agree (light:
+no fixtures, no mergekit install).
 """
 
 from __future__ import annotations
@@ -75,12 +80,42 @@ def compare(mk: Path, sp: Path, paths: dict[str, Path]) -> tuple[float, float, f
     return diff, err_mk, err_sp, len(a)
 
 
+def kernel(rank: int) -> None:
+    """Per-matrix factorization time, one thread: full SVD vs splice's Gram + eigh."""
+    import time
+
+    from splice.merge.extract import lowrank_factors
+
+    torch.set_num_threads(1)
+    g = torch.Generator().manual_seed(0)
+    print("| shape | torch.linalg.svd | splice lowrank_factors (ratio) | max abs diff of B·A |")
+    print("|---|---|---|---|")
+    for shape in [(1024, 1024), (2816, 1024), (1024, 2816)]:
+        x = torch.randn(*shape, generator=g) * 0.01
+        ts, tg = [], []
+        for _ in range(3):
+            t = time.perf_counter()
+            u, s, vh = torch.linalg.svd(x, full_matrices=False)
+            ts.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            b, a, _ = lowrank_factors(x, rank)
+            tg.append(time.perf_counter() - t)
+        best = (u[:, :rank] * s[:rank]) @ vh[:rank]
+        diff = float((b @ a - best).abs().max())
+        print(f"| {shape} | {min(ts):.3f} s | {min(tg):.3f} s ({min(tg) / min(ts):.2f}×) "
+              f"| {diff:.1e} |")  # fmt: skip
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rank", type=int, default=32)
+    ap.add_argument("--kernel", action="store_true", help="time the factorization only")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--venv", type=Path, default=VENV, help="venv with mergekit 0.1.5")
     args = ap.parse_args()
+    if args.kernel:
+        kernel(args.rank)
+        return
     exe = args.venv / "bin" / "mergekit-extract-lora"
     if not exe.exists():
         ensure_mergekit()
