@@ -15,7 +15,7 @@ import yaml
 
 from splice.errors import SpliceError
 
-__all__ = ["load_yaml"]
+__all__ = ["load_yaml", "load_yaml_all"]
 
 MAX_ALIASES = 32  # expansion stays below ~3**(32/3) ≈ 1e5 nodes
 MAX_BYTES = 1_000_000
@@ -49,7 +49,12 @@ class _StrictLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-def load_yaml(source: str | Path) -> Any:
+def load_yaml_all(source: str | Path) -> list[Any]:
+    """Every document of a multi-document YAML text or file (``---`` separated), strictly."""
+    return load_yaml(source, all_documents=True)
+
+
+def load_yaml(source: str | Path, *, all_documents: bool = False) -> Any:
     """Parse YAML text or a file path strictly (see module docstring).
 
     Raises:
@@ -72,7 +77,12 @@ def load_yaml(source: str | Path) -> Any:
     loader = None
     try:
         loader = _StrictLoader(text)
-        return loader.get_single_data()
+        if not all_documents:
+            return loader.get_single_data()
+        docs = []
+        while loader.check_data():
+            docs.append(loader.get_data())
+        return docs
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         if where is not None and mark is not None:

@@ -68,6 +68,16 @@ def merge(
         bool,
         typer.Option(help="SHA-256 of every input and output file in the ledger (~1 s/GB)."),
     ] = True,
+    intermediates: Annotated[
+        Path | None,
+        typer.Option(help="Multi-document recipes: the dir for named stages' outputs."),
+    ] = None,
+    lazy: Annotated[
+        bool,
+        typer.Option(
+            "--lazy", help="Multi-document recipes: reuse finished intermediates (same recipe)."
+        ),
+    ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
     """Merge models and adapters from a recipe, streaming one tensor at a time."""
@@ -84,6 +94,37 @@ def merge(
         return
     if recipe is None or (out is None and not plan):
         raise UsageError("give a RECIPE and an OUT dir (or --list, or RECIPE --plan)")
+    from splice.merge.recipe.multi import is_multi
+
+    if is_multi(recipe):  # mergekit-multi: named intermediates, run as a DAG
+        from splice.merge.pipeline import merge_pipeline, plan_pipeline
+
+        if plan:
+            print_json(plan_pipeline(recipe, out, intermediates=intermediates, lazy=lazy))
+            return
+        done = merge_pipeline(
+            recipe,
+            out,
+            intermediates=intermediates,
+            lazy=lazy,
+            force=force,
+            checksums=checksums,
+            device=device,
+            max_shard_size=max_shard_size,
+            dtype=dtype,
+            out_dtype=out_dtype,
+            seed=seed,
+            allow_missing=allow_missing,
+            max_memory=max_memory,
+        )
+        if as_json:
+            print_json(done)
+        else:
+            typer.echo(
+                f"ran {', '.join(done['ran']) or 'nothing'}; reused "
+                f"{', '.join(done['reused']) or 'nothing'}"
+            )
+        return
     import time
 
     from splice.merge.recipe import is_learned_recipe

@@ -30,7 +30,6 @@ from splice.merge.engine import (
     Source,
     check,
     execute,
-    layer_indices,
     plan,
 )
 from splice.merge.engine.memory import check_budget, estimate
@@ -51,6 +50,11 @@ def _open_source(
     path: str, adapter: str | None, label: str, model_type: str | None = None
 ) -> Source:
     """Open one input; ``model_type`` (the base's) tells a PEFT dir's GPT-2 Conv1D modules."""
+    from splice.merge.pipeline import planned_input
+
+    planned = planned_input(path)
+    if planned is not None:  # a pipeline's intermediate, planned but not built yet
+        return Source(path, planned, config=planned.config)
     p = Path(path)
     if not p.exists():
         raise SpliceError(
@@ -81,6 +85,98 @@ def _open_source(
     return src
 
 
+def _open_inputs(
+    base_path: str | None, refs: list[tuple[str, str | None]]
+) -> tuple[Source | None, list[Source]]:
+    """Open the base and the models, with labels the ledger can key by (distinct)."""
+    base = _open_source(base_path, None, "base") if base_path else None
+    base_type = (base.config or {}).get("model_type") if base else None
+    models = [
+        _open_source(path, adapter, f"models[{i}]", base_type)
+        for i, (path, adapter) in enumerate(refs)
+    ]
+    seen = {base.label} if base else set()
+    for i, src in enumerate(models):
+        if src.label in seen:
+            src.label = f"{src.label} (models[{i}])"
+        seen.add(src.label)
+    return base, models
+
+
+def _sliced(
+    recipe: Recipe, method_cls: type[_base.MergeMethod]
+) -> tuple[Source | None, list[Source], Any]:
+    """Base, models and resolver of a ``slices:`` recipe (:mod:`splice.merge.engine.slices`);
+    one slice over every layer of its models is an ordinary merge."""
+    from splice.merge.engine.slices import SliceInput, SliceResolver, layer_count, stack_slices
+
+    slices = recipe.slices or []
+    with_base = {sl.base is not None for sl in slices}
+    if len(with_base) > 1:
+        raise SpliceError(
+            "some slices have a base model and some do not",
+            where=slices[0].where,
+            fix="give every slice a base (base_model:) or none",
+        )
+    opened: dict[tuple[str, str | None], Source] = {}
+
+    def inputs(sl: Any) -> list[SliceInput]:
+        out = []
+        for s in [sl.base] * (sl.base is not None) + sl.sources:
+            key = (s.model.path, s.model.adapter)
+            if key not in opened:
+                opened[key] = _open_source(*key, s.where)
+            inp = SliceInput(opened[key], s.layer_range, s.where, s.model.path, s.range_where)
+            out.append(inp)
+        return out
+
+    grid = [inputs(sl) for sl in slices]
+    resolvers = [
+        ParamResolver(
+            method_cls,
+            sl.settings,
+            [s.model.settings for s in sl.sources],
+            [s.where for s in sl.sources],
+            recipe.outer,
+        )
+        for sl in slices
+    ]
+    if len(grid) == 1 and all(
+        i.layer_range == (0, layer_count(i.source, i.where)) for i in grid[0]
+    ):
+        sl = slices[0]
+        base, models = _open_inputs(
+            sl.base.model.path if sl.base else None,
+            [(s.model.path, s.model.adapter) for s in sl.sources],
+        )
+        return base, models, resolvers[0]
+    labels = []
+    for i in range(len(grid[0])):
+        label = ", ".join(f"{g[i].path}[{g[i].layer_range[0]}:{g[i].layer_range[1]}]" for g in grid)
+        labels.append(f"base: {label}" if i == 0 and with_base == {True} else label)
+    sources, place = stack_slices(grid, labels)
+    base = sources[0] if with_base == {True} else None
+    return base, sources[1:] if base else sources, SliceResolver(resolvers, place)
+
+
+def _token_map(recipe: Recipe, base: Source | None, models: list[Source]) -> Any:
+    """The recipe's tokenizer surgery as a :class:`~splice.merge.engine.vocab.TokenMap`;
+    None without one (``tokenizer_source: base`` alone is the ``vocab: base`` policy)."""
+    spec = recipe.tokenizer
+    if spec is None or (spec.source == "base" and not spec.tokens and not spec.pad_to_multiple_of):
+        return None
+    from splice.merge.engine.vocab import token_map
+
+    srcs = [s for s in (base, *models) if s is not None]
+    return token_map(
+        spec,
+        [s.label for s in srcs],
+        [getattr(s.weights, "dir", None) for s in srcs],
+        [s.config for s in srcs],
+        has_base=base is not None,
+    )
+
+
 def _transforms(spec: Mapping[str, Any] | None) -> list[tuple[MergeTransform, HyperParams]]:
     if spec is None:
         return []
@@ -93,35 +189,22 @@ def build_job(recipe: Recipe, options: MergeOptions | None = None) -> MergeJob:
     """Open every input (headers only) and assemble the engine's job for ``recipe``."""
     opts = options or MergeOptions()
     method_cls = _base.methods.get(recipe.method)
-    base = _open_source(recipe.base, None, "base") if recipe.base else None
-    base_type = (base.config or {}).get("model_type") if base else None
-    models = [
-        _open_source(m.path, m.adapter, f"models[{i}]", base_type)
-        for i, m in enumerate(recipe.models)
-    ]
-    seen = {base.label} if base else set()
-    for i, src in enumerate(models):  # the ledger keys inputs by label: keep them distinct
-        if src.label in seen:
-            src.label = f"{src.label} (models[{i}])"
-        seen.add(src.label)
-    if recipe.full_range_slices and (base or models[0]).weights is not None:
-        ref = base or models[0]
-        stacks = {n for _, n in layer_indices(list(ref.weights or {})).values()}
-        if stacks and recipe.full_range_slices[0] not in stacks:
-            raise SpliceError(
-                f"slice layer_range ends at {recipe.full_range_slices[0]}, "
-                f"but the model has {max(stacks)} layers",
-                fix="layer slicing is not supported yet; span all layers",
-            )
-    resolver = ParamResolver(
-        method_cls,
-        recipe.settings,
-        [m.settings for m in recipe.models],
-        [m.path for m in recipe.models],
-    )
+    if recipe.slices is not None:
+        base, models, resolver = _sliced(recipe, method_cls)
+    else:
+        base, models = _open_inputs(recipe.base, [(m.path, m.adapter) for m in recipe.models])
+        resolver = ParamResolver(
+            method_cls,
+            recipe.settings,
+            [m.settings for m in recipe.models],
+            [m.path for m in recipe.models],
+            recipe.outer,
+        )
+    tokens = _token_map(recipe, base, models)
     return MergeJob(
         method=method_cls(),
         models=models,
+        tokens=tokens,
         resolve=resolver,
         base=base,
         transforms=_transforms(recipe.lines),
@@ -130,8 +213,16 @@ def build_job(recipe: Recipe, options: MergeOptions | None = None) -> MergeJob:
         out_dtype=parse_dtype(opts.out_dtype, "--out-dtype") or recipe.out_dtype,
         device=opts.device,
         allow_missing=opts.allow_missing,
-        vocab=recipe.vocab,
+        vocab=None if tokens is not None else recipe.vocab,
     )
+
+
+def _is_pipeline(recipe: RecipeLike) -> bool:
+    if not isinstance(recipe, str | Path):
+        return False
+    from splice.merge.recipe.multi import is_multi
+
+    return is_multi(recipe)
 
 
 def _prepare(recipe: RecipeLike, opts: MergeOptions) -> Recipe:
@@ -145,6 +236,11 @@ def _prepare(recipe: RecipeLike, opts: MergeOptions) -> Recipe:
         recipe.output = opts.output  # type: ignore[assignment]
     if opts.rank is not None:
         recipe.rank = "exact" if opts.rank == "exact" else int(opts.rank)
+    if recipe.output == "adapter" and (recipe.slices or recipe.tokenizer):
+        raise SpliceError(
+            "an adapter output cannot stack layers or change the tokenizer",
+            fix="drop --output adapter (write a model), or the slices / tokenizer settings",
+        )
     return recipe
 
 
@@ -160,6 +256,11 @@ def plan_merge(recipe: RecipeLike, **options: Any) -> dict[str, Any]:
         SpliceError: whatever the merge itself would refuse before computing, and a plan
             above ``max_memory``.
     """
+    if _is_pipeline(recipe):
+        from splice.merge.pipeline import plan_pipeline
+
+        return plan_pipeline(recipe, options.pop("out", None), **options)  # type: ignore[arg-type]
+    keep = options.pop("_keep", False)
     opts = MergeOptions(**options)
     start = time.perf_counter()
     recipe = _prepare(recipe, opts)
@@ -184,6 +285,13 @@ def plan_merge(recipe: RecipeLike, **options: Any) -> dict[str, Any]:
             "vocab": checked.vocab,
             "untied": checked.untied,
         }
+        if keep:  # for a pipeline's later stages (splice.merge.pipeline)
+            from splice.merge.output.model import output_config
+            from splice.merge.pipeline import PlannedCheckpoint
+
+            ref = job.base or job.models[0]
+            config = output_config(job, checked, ref) or ref.config
+            report["_kept"] = PlannedCheckpoint.of("", checked.tasks, config, job.out_dtype)
     check_budget(report["plan"], opts.max_memory)
     report["preflight_seconds"] = round(time.perf_counter() - start, 3)
     return report
@@ -209,6 +317,11 @@ def merge(recipe: RecipeLike, out: str | Path, **options: Any) -> Path:
         SpliceError: a bad recipe, missing/incompatible inputs, NaN/Inf in an input or the
             output, a plan above ``max_memory``, ``out`` exists without ``force``.
     """
+    if _is_pipeline(recipe):
+        from splice.merge.pipeline import merge_pipeline
+
+        done = merge_pipeline(recipe, out, **options)  # type: ignore[arg-type]
+        return Path(done["out"] or options["intermediates"])
     opts = MergeOptions(**options)
     recipe = _prepare(recipe, opts)
     if opts.progress is None:

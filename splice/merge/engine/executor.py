@@ -101,7 +101,9 @@ class _Reader:
             if delta is not None:
                 t += delta.materialize(dt).to(self.device)
             tensors.append(self._finite(t, src.label, name))
-        if task.vocab:
+        if task.vocab and job.tokens is not None:
+            base, tensors = job.tokens.apply(base, tensors)
+        elif task.vocab:
             from splice.merge.engine.vocab import fit_rows
 
             base, tensors = fit_rows(base, tensors, task.shape[0])

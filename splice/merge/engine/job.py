@@ -53,6 +53,8 @@ class MergeOptions:
     ``dtype``/``out_dtype``/``seed`` override the recipe's, ``output``/``rank`` its output
     kind and adapter rank. ``progress`` None: a bar when stderr is a terminal.
     ``checksums=False`` leaves the SHA-256 of inputs and outputs out of the ledger.
+    ``intermediates``/``lazy``: for multi-document recipes (:mod:`splice.merge.pipeline`),
+    the dir of named stages' outputs and whether finished ones are reused.
     """
 
     force: bool = False
@@ -67,6 +69,8 @@ class MergeOptions:
     output: str | None = None
     rank: int | str | None = None
     checksums: bool = True
+    intermediates: str | None = None
+    lazy: bool = False
 
 
 @dataclass
@@ -114,6 +118,9 @@ class MergeJob:
     device: str = "cpu"
     allow_missing: bool = False
     vocab: VocabPolicy | None = None
+    tokens: Any = None
+    """A :class:`~splice.merge.engine.vocab.TokenMap`: embedding/head rows re-indexed by token
+    (tokenizer surgery) instead of a ``vocab`` policy."""
     read_ahead: bool = True
     on_read: Callable[[Any, Tensor], None] | None = None
     """Called with ``(TensorInfo, raw tensor)`` for every tensor read from a checkpoint file

@@ -185,8 +185,8 @@ def _costs(job: MergeJob, task: TensorTask, scratch: tuple[float, float]) -> _Co
             pooled += c
         if task.name in src.deltas:
             transient = max(transient, 2 * c)
-    if task.vocab:
-        read += c  # rows fitted by concatenation
+    if task.vocab:  # rows fitted by concatenation; a token map re-indexes every input
+        read += c * (len(pairs) if job.tokens is not None else 1)
         pooled = 0
     out_dtype = dtype_name(job.out_dtype or task.dtype_name)
     out = numel * itemsize(out_dtype)

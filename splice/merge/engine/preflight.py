@@ -149,7 +149,36 @@ class _Checker:
             from splice.merge.engine.vocab import report
 
             self.out.vocab = report(self.job, resized)
+        if self.job.tokens is not None:
+            self.out.vocab = {**self.job.tokens.summary, "tokenizer_from": self.ref.label}
         return self.out
+
+    def _by_token(self, name: str, shape: tuple[int, ...]) -> bool:
+        """An embedding/head tensor with a row per token (re-indexed by the token map)."""
+        size = (self.ref.config or {}).get("vocab_size")
+        block = self.arch.role(name).block
+        return block in ("embed", "head") and len(shape) == 2 and shape[0] == size
+
+    def _token_rows(self, name: str, shapes: list[tuple[str, tuple[int, ...]]]) -> tuple[int, ...]:
+        ref_label, shape = shapes[0]
+        for label, s in shapes[1:]:
+            if s[1:] != shape[1:]:
+                raise SpliceError(
+                    f"shape {s} differs from {shape} in {ref_label} beyond the vocab rows",
+                    where=f"{label}: {name}",
+                    fix="merge checkpoints of one architecture and size",
+                )
+        self._refuse_adapters(name, "that tokenizer surgery re-indexes", "")
+        return (self.job.tokens.rows, *shape[1:])
+
+    def _refuse_adapters(self, name: str, what: str, fix: str) -> None:
+        """No adapter may change a tensor whose rows are re-indexed or resized."""
+        if any(name in s.deltas or name in s.overrides for s in self.job.models):
+            raise SpliceError(
+                f"an adapter changes a tensor {what}",
+                where=name,
+                fix=f"merge the adapter into its base first{fix}",
+            )
 
     def _tied_heads(self) -> None:
         """A head the reference ties (absent) but another input stores joins the output."""
@@ -238,7 +267,10 @@ class _Checker:
                         fix="float weights cannot be merged with integer buffers",
                     )
         vocab = any(s != shape for _, s in shapes)
-        if vocab:
+        if self.job.tokens is not None and self._by_token(name, shape):
+            vocab = True
+            shape = self._token_rows(name, shapes)
+        elif vocab:
             shape = self._vocab_rows(name, shapes, resized)
         role = self.arch.role(base_read or name)
         nbytes = math.prod(shape) * itemsize(dtype)
@@ -310,12 +342,9 @@ class _Checker:
                 where=name,
                 fix="merge checkpoints of one architecture and size",
             )
-        if any(name in s.deltas or name in s.overrides for s in self.job.models):
-            raise SpliceError(
-                "an adapter changes a tensor whose rows differ between inputs",
-                where=name,
-                fix="merge the adapter into its base first, or use inputs of one vocab size",
-            )
+        self._refuse_adapters(
+            name, "whose rows differ between inputs", ", or use inputs of one vocab size"
+        )
         out_rows = {"base": rows[0], "union": max(rows), "intersect": min(rows)}[policy]
         resized[name] = (out_rows, [(label, s[0]) for label, s in shapes])
         return (out_rows, *shape[1:])

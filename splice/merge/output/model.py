@@ -24,7 +24,7 @@ from splice.merge.output.ledger import (
 )
 from splice.merge.recipe import Recipe, recipe_json
 
-__all__ = ["write_model"]
+__all__ = ["output_config", "write_model"]
 
 
 def write_model(
@@ -49,8 +49,7 @@ def write_model(
     ref = job.base or job.models[0]
     ref_dir = getattr(ref.weights, "dir", None)
     files_from = _tokenizer_dir(job, checked) or ref_dir
-    inputs = [p for p in (recipe.base, *(m.path for m in recipe.models)) if p]
-    inputs += [m.adapter for m in recipe.models if m.adapter]
+    inputs = recipe.input_paths()
     hasher = StreamHasher(job.sources() if checksums else [])
     job.on_read = hasher.feed if checksums else None
     check_output = OutputCheck()
@@ -68,13 +67,15 @@ def write_model(
     ) as writer:
         stats = execute(job, tasks, writer, progress=bool(opts.progress), on_output=check_output)
         added: dict[str, bytes] = {}
-        config = _output_config(job, checked, ref)
+        config = output_config(job, checked, ref)
         if config is not None:
             added["config.json"] = (json.dumps(config, indent=2) + "\n").encode()
         if files_from is not None and ref_dir is not None and files_from != ref_dir:
             gen = Path(ref_dir) / "generation_config.json"
             if gen.is_file():
                 added["generation_config.json"] = gen.read_bytes()
+        if job.tokens is not None:  # tokenizer surgery: the output tokenizer's files
+            added.update(job.tokens.tokenizer_files)
         for name, content in added.items():
             writer.add_file(name, content)
         job.check_unchanged()
@@ -106,7 +107,7 @@ def _tokenizer_dir(job: MergeJob, checked: Checked) -> Path | None:
     return getattr(src.weights, "dir", None)
 
 
-def _output_config(job: MergeJob, checked: Checked, ref: Source) -> dict[str, Any] | None:
+def output_config(job: MergeJob, checked: Checked, ref: Source) -> dict[str, Any] | None:
     """The reference's config.json with what the merge changed: dtype, vocab size, ties."""
     if ref.config is None:
         return None
@@ -117,7 +118,8 @@ def _output_config(job: MergeJob, checked: Checked, ref: Source) -> dict[str, An
         config["vocab_size"] = checked.vocab["vocab_size"]
     if checked.untied:
         config["tie_word_embeddings"] = False
-    return config if config != ref.config or checked.vocab is not None else None
+    rewritten = getattr(ref.weights, "rewrites_config", False)  # layer slices
+    return config if config != ref.config or checked.vocab is not None or rewritten else None
 
 
 def _output_hashes(

@@ -12,7 +12,13 @@ from splice.merge.recipe.settings import (
     parse_dtype,
     parse_setting,
 )
-from splice.merge.recipe.splice import is_learned_recipe, load_recipe, read_recipe, recipe_json
+from splice.merge.recipe.splice import (
+    is_learned_recipe,
+    load_recipe,
+    read_recipe,
+    recipe_from_raw,
+    recipe_json,
+)
 
 __all__ = [
     "Gradient",
@@ -27,5 +33,6 @@ __all__ = [
     "parse_dtype",
     "parse_setting",
     "read_recipe",
+    "recipe_from_raw",
     "recipe_json",
 ]

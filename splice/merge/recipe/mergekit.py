@@ -2,8 +2,10 @@
 
 A mergekit recipe keeps mergekit's syntax (a bare list is a gradient) and semantics
 (TIES/DARE per tensor, mergekit's defaults): :data:`_MERGEKIT` maps each mergekit method to a
-splice method with mergekit's defaults and parameter renames. Features splice lacks (modules,
-tokenizer surgery, chat templates, layer stacking) are errors that say so.
+splice method with mergekit's defaults and parameter renames. ``slices:`` that stack or cut
+layers run through :mod:`splice.merge.engine.slices`; a ``modules:`` block with one module is
+that module's recipe (its ``parameters`` a precedence level of their own); tokenizer surgery
+is :mod:`.tokenizer`. Chat templates and multi-module (VLM) recipes are errors that say so.
 """
 
 from __future__ import annotations
@@ -23,10 +25,14 @@ from splice.merge.recipe.settings import (
     Recipe,
     Rule,
     Setting,
+    SliceSource,
+    SliceSpec,
     parse_dtype,
     parse_setting,
     recipe_error,
 )
+from splice.merge.recipe.tokenizer import parse_tokenizer
+from splice.merge.recipe.where import Where
 
 __all__ = ["MergekitRecipe", "from_mergekit"]
 
@@ -101,6 +107,7 @@ _DARE_RENAMES = {
 _DELLA_RENAMES = {"rescale": ("rescale", lambda v: "l1" if v else "off")}
 _MERGEKIT = {
     "linear": _Alias("linear", base_is_input=True),
+    "passthrough": _Alias("passthrough", base_is_input=True),
     "slerp": _Alias("slerp"),
     "task_arithmetic": _Alias("task_arithmetic"),
     "ties": _Alias(
@@ -164,85 +171,158 @@ def _same(a: str, b: str) -> bool:
     return os.path.normpath(a) == os.path.normpath(b)
 
 
-def from_mergekit(raw: dict[str, Any], what: str) -> Recipe:
-    """The :class:`Recipe` of a mergekit recipe ``raw`` read from ``what``."""
+class _MkModule(Strict):
+    models: list[_MkModel] | None = None
+    slices: list[_MkSlice] | None = None
+    parameters: dict[str, Any] | None = None
+
+
+def _one_module(mk: MergekitRecipe, where: Where) -> tuple[_MkModule, str | None]:
+    """The recipe's ``models:``/``slices:`` as one module, and the module's name if given."""
+    given = [k for k in ("models", "slices", "modules") if getattr(mk, k) is not None]
+    if len(given) != 1:
+        raise SpliceError(
+            f"exactly one of models:, slices: and modules: is needed, got {given or 'none'}",
+            where=where(),
+        )
+    if mk.modules is None:
+        return _MkModule(models=mk.models, slices=mk.slices), None
+    if len(mk.modules) != 1:
+        raise SpliceError(
+            f"modules: has {len(mk.modules)} modules ({', '.join(mk.modules)}); splice merges "
+            "single-module models",
+            where=where("modules"),
+            fix="merge each module's checkpoint on its own, or use models:/slices:",
+        )
+    ((name, raw),) = mk.modules.items()
+    try:
+        module = _MkModule.model_validate(raw)
+    except ValidationError as e:
+        raise recipe_error(e, where("modules", name), _MkModule, _MkModel, _MkSlice) from None
+    if (module.models is None) == (module.slices is None):
+        raise SpliceError(
+            "a module needs exactly one of models: and slices:", where=where("modules", name)
+        )
+    return module, name
+
+
+def from_mergekit(raw: dict[str, Any], what: str, where: Where | None = None) -> Recipe:
+    """The :class:`Recipe` of a mergekit recipe ``raw`` read from ``what``.
+
+    Parameter precedence is mergekit's: slice source > slice > module > per-model > global
+    ``parameters`` > the method's mergekit defaults; a filter list that matches no tensor name
+    falls through to the next level.
+    """
+    where = where or Where(what)
     try:
         mk = MergekitRecipe.model_validate(raw)
     except ValidationError as e:
         raise recipe_error(e, what, MergekitRecipe, _MkModel, _MkSlice, _MkSource) from None
-    unsupported = {
-        "modules": "modular (multi-module) configs",
-        "tokenizer": "tokenizer surgery",
-        "chat_template": "chat templates",
-    }
-    for key, feature in unsupported.items():
-        if getattr(mk, key) is not None:
-            raise SpliceError(
-                f"mergekit {feature} ({key}:) are not supported yet",
-                where=what,
-                fix=f"remove `{key}:`; the base's tokenizer files are copied",
-            )
-    if mk.tokenizer_source not in (None, "base"):
+    if mk.chat_template is not None:
         raise SpliceError(
-            f"tokenizer_source: {mk.tokenizer_source} is not supported yet",
-            where=what,
-            fix="use tokenizer_source: base, or a splice recipe with `vocab: union` "
-            "(embedding rows matched by index; see docs/merging.md)",
+            "mergekit chat templates (chat_template:) are not supported yet",
+            where=where("chat_template"),
+            fix="remove `chat_template:`; the chosen tokenizer's files are copied as they are",
         )
     alias = _MERGEKIT.get(mk.merge_method)
     if alias is None:
         hint = did_you_mean(mk.merge_method, _MERGEKIT, label="supported")
-        raise SpliceError(f"mergekit method {mk.merge_method!r} is not in splice", fix=hint)
-    if (mk.models is None) == (mk.slices is None):
-        raise SpliceError("exactly one of models: and slices: is needed", where=what)
+        raise SpliceError(
+            f"mergekit method {mk.merge_method!r} is not in splice",
+            where=where("merge_method"),
+            fix=hint,
+        )
+    module, mod_name = _one_module(mk, where)
+    mod_where = ("modules", mod_name) if mod_name is not None else ()
     base = mk.base_model
-    globals_ = {**alias.defaults, **_mergekit_settings(alias, mk.parameters, "parameters")}
-    entries: list[tuple[str, dict[str, Any] | None]] = []
-    ranges: list[int] = []
-    if mk.slices is not None:
-        if len(mk.slices) != 1:
-            raise SpliceError(
-                "mergekit slices that stack layers are not supported yet",
-                where=what,
-                fix="use one slice whose sources span every layer, or models:",
-            )
-        sl = mk.slices[0]
-        base = sl.base_model or base
-        if sl.residual_weight is not None:
-            raise SpliceError("slice residual_weight is not supported", where=what)
-        globals_.update(_mergekit_settings(alias, sl.parameters, "slices[0].parameters"))
-        for src in sl.sources:
-            if src.layer_range[0] != 0 or src.layer_range != sl.sources[0].layer_range:
-                raise SpliceError(
-                    "slice sources must all span the full layer range [0, num_layers]",
-                    where=f"{what}: {src.model}",
-                    fix="layer slicing/stacking is not supported yet",
-                )
-            entries.append((src.model, src.parameters))
-        ranges = [sl.sources[0].layer_range[1]]
-    else:
-        entries = [(m.model, m.parameters) for m in mk.models or []]
+    outer: list[dict[str, Setting]] = []
+    if module.parameters:
+        outer.append(_mergekit_settings(alias, module.parameters, "/".join(map(str, mod_where))))
+    outer.append(_mergekit_settings(alias, mk.parameters, "parameters"))
+    outer.append(dict(alias.defaults))
+    tok = parse_tokenizer(mk.tokenizer_source, mk.tokenizer, where)
+    common: dict[str, Any] = {
+        "method": alias.method,
+        "settings": {},
+        "outer": outer,
+        "dtype": parse_dtype(mk.dtype),
+        "out_dtype": parse_dtype(mk.out_dtype, "out_dtype") or parse_dtype(mk.dtype),
+        "vocab": "base" if mk.tokenizer_source == "base" else None,
+        "tokenizer": tok,
+        "dialect": "mergekit",
+        "source": raw,
+        "where": where,
+    }
+    if module.slices is not None:
+        slices = [
+            _slice(alias, sl, base, (*mod_where, "slices", i), where)
+            for i, sl in enumerate(module.slices)
+        ]
+        return Recipe(base=base, models=[], slices=slices, **common)
     models = []
     has_base = False
-    for i, (ref, params) in enumerate(entries):
-        if base is not None and _same(ref, base):
+    for i, m in enumerate(module.models or []):
+        if base is not None and _same(m.model, base):
             has_base = True
             if not alias.base_is_input:
                 continue
-        path, adapter = _model_ref(ref)
-        settings = _mergekit_settings(alias, params, f"models[{i}].parameters")
+        path, adapter = _model_ref(m.model)
+        key = (*mod_where, "models", i, "parameters")
+        settings = _mergekit_settings(alias, m.parameters, where(*key))
         models.append(ModelSpec(path, adapter, settings))
     if alias.base_is_input and base is not None and not has_base:
         models.append(ModelSpec(*_model_ref(base)))
-    return Recipe(
-        method=alias.method,
-        base=None if alias.base_is_input else base,
-        models=models,
-        settings=globals_,
-        dtype=parse_dtype(mk.dtype),
-        out_dtype=parse_dtype(mk.out_dtype, "out_dtype") or parse_dtype(mk.dtype),
-        vocab="base" if mk.tokenizer_source == "base" else None,
-        dialect="mergekit",
-        source=raw,
-        full_range_slices=ranges,
+    return Recipe(base=None if alias.base_is_input else base, models=models, **common)
+
+
+def _slice(
+    alias: _Alias, sl: _MkSlice, base: str | None, key: tuple[Any, ...], where: Where
+) -> SliceSpec:
+    """One output slice: its non-base sources, its base (a source, or the recipe's)."""
+    if sl.residual_weight is not None:
+        raise SpliceError(
+            "slice residual_weight is not supported",
+            where=where(*key, "residual_weight"),
+            fix="remove residual_weight (mergekit ignores it as well)",
+        )
+    base = sl.base_model or base
+    lengths = {s.layer_range[1] - s.layer_range[0] for s in sl.sources}
+    for j, src in enumerate(sl.sources):
+        lo, hi = src.layer_range
+        if lo < 0 or hi <= lo:
+            raise SpliceError(
+                f"layer_range [{lo}, {hi}] is empty or negative",
+                where=where(*key, "sources", j, "layer_range"),
+                fix="write [start, stop) with 0 <= start < stop",
+            )
+    if len(lengths) > 1:
+        raise SpliceError(
+            f"the sources of one slice span different layer counts {sorted(lengths)}",
+            where=where(*key, "sources"),
+            fix="give every source of a slice a layer_range of the same length",
+        )
+    sources, base_src = [], None
+    for j, src in enumerate(sl.sources):
+        spec = SliceSource(
+            ModelSpec(
+                *_model_ref(src.model),
+                _mergekit_settings(alias, src.parameters, where(*key, "sources", j)),
+            ),
+            src.layer_range,
+            where(*key, "sources", j),
+            where(*key, "sources", j, "layer_range"),
+        )
+        if base is not None and _same(src.model, base):
+            base_src = spec
+            if not alias.base_is_input:
+                continue
+        sources.append(spec)
+    if base is not None and base_src is None:  # the base at the first source's layers
+        first = sl.sources[0].layer_range
+        base_src = SliceSource(ModelSpec(*_model_ref(base)), first, where(*key))
+    return SliceSpec(
+        sources,
+        None if alias.base_is_input else base_src,
+        _mergekit_settings(alias, sl.parameters, where(*key, "parameters")),
+        where(*key),
     )

@@ -11,7 +11,7 @@ mergekit's syntax differs: a bare list is a gradient, and rules have no ``block`
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -29,6 +29,8 @@ __all__ = [
     "Recipe",
     "Rule",
     "Setting",
+    "SliceSource",
+    "SliceSpec",
     "evaluate",
     "method_table",
     "parse_dtype",
@@ -170,7 +172,11 @@ def _unknown(key: str, known: list[str], what: str, where: str) -> SpliceError:
 
 
 class ParamResolver:
-    """Per-tensor parameters: per-model setting > global setting > the schema's default."""
+    """Per-tensor parameters: per-model setting > global setting > the schema's default.
+
+    ``outer`` are lower-precedence global layers, highest first (mergekit's order: slice
+    source > slice > module > global ``parameters``; a filter list that matches nothing
+    falls through to the next layer)."""
 
     def __init__(
         self,
@@ -178,14 +184,16 @@ class ParamResolver:
         settings: Mapping[str, Setting],
         model_settings: list[Mapping[str, Setting]],
         model_labels: list[str],
+        outer: Sequence[Mapping[str, Setting]] = (),
     ) -> None:
         self.method = method
         self.global_fields = _fields(method.Params)
         self.model_fields = _fields(method.ModelParams)
-        for key in settings:
-            if key not in self.global_fields and key not in self.model_fields:
-                known = self.global_fields + self.model_fields
-                raise _unknown(key, known, f"parameter of {method.name}", "params")
+        for layer in (settings, *outer):
+            for key in layer:
+                if key not in self.global_fields and key not in self.model_fields:
+                    known = self.global_fields + self.model_fields
+                    raise _unknown(key, known, f"parameter of {method.name}", "params")
         for label, ms in zip(model_labels, model_settings, strict=True):
             for key in ms:
                 if key not in self.model_fields:
@@ -197,11 +205,13 @@ class ParamResolver:
                             fix="move it to the recipe's top-level params",
                         )
                     raise _unknown(key, self.model_fields, what, label)
-        self.settings = dict(settings)
+        self.layers = [dict(settings), *(dict(o) for o in outer)]
+        self.settings = self.layers[0]
         self.model_settings = [dict(m) for m in model_settings]
         self.labels = model_labels
         self._cache: dict[tuple[Any, ...], HyperParams] = {}
-        every = [*self.settings.values(), *(v for m in self.model_settings for v in m.values())]
+        every = [v for layer in self.layers for v in layer.values()]
+        every += [v for m in self.model_settings for v in m.values()]
         self.uses_depth = any(_has_gradient(v) for v in every)
         """Some value varies with depth, so the model's layer stack must be found."""
 
@@ -221,16 +231,18 @@ class ParamResolver:
         where = name or "model level"
         values = {}
         for key in self.global_fields:
-            if key in self.settings:
-                v = evaluate(self.settings[key], name, depth)
-                if v is not _NO_MATCH:
-                    values[key] = v
+            for source in self.layers:
+                if key in source:
+                    v = evaluate(source[key], name, depth)
+                    if v is not _NO_MATCH:
+                        values[key] = v
+                        break
         params = self._build(self.method.Params, values, where)
         per_model = []
         for label, ms in zip(self.labels, self.model_settings, strict=True):
             mv = {}
             for key in self.model_fields:
-                for source in (ms, self.settings):
+                for source in (ms, *self.layers):
                     if key in source:
                         v = evaluate(source[key], name, depth)
                         if v is not _NO_MATCH:
@@ -247,6 +259,31 @@ class ModelSpec:
     path: str
     adapter: str | None = None
     settings: dict[str, Setting] = field(default_factory=dict)
+
+
+@dataclass
+class SliceSource:
+    """One source of an output slice: a model and the layers ``[start, stop)`` taken from it."""
+
+    model: ModelSpec
+    layer_range: tuple[int, int]
+    where: str = ""
+    range_where: str = ""
+
+
+@dataclass
+class SliceSpec:
+    """One output slice: its sources (equal layer counts), base and slice-level settings."""
+
+    sources: list[SliceSource]
+    base: SliceSource | None
+    settings: dict[str, Setting] = field(default_factory=dict)
+    where: str = ""
+
+    @property
+    def num_layers(self) -> int:
+        start, stop = self.sources[0].layer_range
+        return stop - start
 
 
 @dataclass
@@ -268,7 +305,30 @@ class Recipe:
     rank: int | Literal["exact"] | None = None
     dialect: Literal["splice", "mergekit"] = "splice"
     source: dict[str, Any] = field(default_factory=dict)
-    full_range_slices: list[int] = field(default_factory=list)
+    slices: list[SliceSpec] | None = None
+    """mergekit ``slices:`` that stack or cut layers (:mod:`splice.merge.engine.slices`)."""
+    outer: list[dict[str, Setting]] = field(default_factory=list)
+    """Lower-precedence global settings under ``settings``, highest first (module, global)."""
+    where: Any = None
+    """A :class:`~splice.merge.recipe.where.Where` (``file:line`` of a key path) or None."""
+    tokenizer: Any = None
+    """A :class:`~splice.merge.recipe.tokenizer.TokenizerSpec` (mergekit tokenizer surgery)."""
+
+    def flat_settings(self) -> dict[str, Setting]:
+        """The global settings with every precedence level applied (highest wins per key)."""
+        out: dict[str, Setting] = {}
+        for layer in reversed([self.settings, *self.outer]):
+            out.update(layer)
+        return out
+
+    def input_paths(self) -> list[str]:
+        """Every model, adapter and slice source path the recipe reads."""
+        specs = [*self.models]
+        for sl in self.slices or []:
+            specs += [s.model for s in (*sl.sources, *([sl.base] if sl.base else []))]
+        paths = [self.base] if self.base else []
+        paths += [m.path for m in specs] + [m.adapter for m in specs if m.adapter]
+        return list(dict.fromkeys(paths))
 
 
 def recipe_error(

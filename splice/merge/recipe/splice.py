@@ -32,6 +32,7 @@ from splice._schema import Strict
 from splice.errors import SpliceError
 from splice.merge.recipe.mergekit import from_mergekit
 from splice.merge.recipe.settings import ModelSpec, Recipe, parse_dtype, parse_setting, recipe_error
+from splice.merge.recipe.where import Where
 
 __all__ = [
     "ModelEntry",
@@ -39,6 +40,7 @@ __all__ = [
     "is_learned_recipe",
     "load_recipe",
     "read_recipe",
+    "recipe_from_raw",
     "recipe_json",
 ]
 
@@ -105,8 +107,15 @@ def load_recipe(source: str | Path | Mapping[str, Any]) -> Recipe:
         SpliceError: unreadable YAML, unknown keys, unsupported mergekit features.
     """
     raw, what = read_recipe(source)
+    where = Where.of_file(Path(what)) if isinstance(source, str | Path) else Where(what)
+    return recipe_from_raw(raw, what, where)
+
+
+def recipe_from_raw(raw: dict[str, Any], what: str, where: Where | None = None) -> Recipe:
+    """The :class:`Recipe` of one recipe document ``raw`` (either dialect) read from ``what``;
+    ``where`` gives its values' ``file:line`` for errors."""
     if "merge_method" in raw:
-        return from_mergekit(raw, what)
+        return from_mergekit(raw, what, where)
     try:
         r = SpliceRecipe.model_validate(raw)
     except ValidationError as e:

@@ -118,6 +118,7 @@ def _recipes(root: Path) -> dict[str, dict]:
             "params": {"p": 0.5, "consensus": "ties"},
         },
         "slerp": {"method": "slerp", "base": base, "models": fts[:1]},
+        "passthrough": {"method": "passthrough", "models": fts[:1]},
         "pcb": {"method": "pcb", "base": base, "models": fts, "params": {"ratio": 0.2}},
         "tswitch": {"method": "tswitch", "base": base, "models": fts},
         "lines_auto": {

@@ -11,10 +11,10 @@ import torch
 import yaml
 
 from splice.errors import SpliceError
-from splice.io import open_checkpoint
 from splice.merge import merge, merge_state_dicts
 from splice.merge.recipe import Gradient, Rule, evaluate, load_recipe, parse_setting
 from tests.merge._ckpt import config, finetune, save, tiny_llama
+from tests.merge._recipes import base_and_finetunes, load_dir, write_recipe
 from tests.merge.methods.test_ties import ties_mergekit
 
 MERGEKIT = {
@@ -94,24 +94,14 @@ parameters: {{normalize: true}}
 
 @pytest.fixture(scope="module")
 def disk(tmp_path_factory):
-    root = tmp_path_factory.mktemp("recipe-models")
-    base = tiny_llama(0)
-    fts = [finetune(base, s) for s in range(2)]
-    paths = {"base": save(base, root / "base")}
-    for i, ft in enumerate(fts):
-        paths[f"ft{i}"] = save(ft, root / f"ft{i}")
-    return paths, base, fts
+    return base_and_finetunes(tmp_path_factory.mktemp("recipe-models"))
 
 
 def _write(tmp_path: Path, text: str, **paths) -> Path:
-    p = tmp_path / "recipe.yml"
-    p.write_text(text.format(**{k: str(v) for k, v in paths.items()}))
-    return p
+    return write_recipe(tmp_path, text, "recipe.yml", **paths)
 
 
-def _load(path: Path) -> dict:
-    ckpt = open_checkpoint(path)
-    return {n: ckpt[n] for n in ckpt}
+_load = load_dir
 
 
 @pytest.mark.parametrize("name", sorted(MERGEKIT))
@@ -148,13 +138,15 @@ def test_mergekit_linear_task_arithmetic_ties_run_unchanged(disk, tmp_path):
 def test_mergekit_dare_maps_density_and_l1_rescale(disk, tmp_path):
     paths, _, _ = disk
     r = load_recipe(_write(tmp_path, MERGEKIT["dare_ties"], **paths))
-    assert r.settings["consensus"] == "ties" and r.settings["rescale"] == "l1"
-    assert r.settings["aggregate"] == "sum" and r.settings["zero_sign"] == "positive"
+    g = r.flat_settings()
+    assert g["consensus"] == "ties" and g["rescale"] == "l1"
+    assert g["aggregate"] == "sum" and g["zero_sign"] == "positive"
     assert r.models[0].settings["p"] == pytest.approx(0.4)
     grad = r.models[1].settings["p"]
     assert isinstance(grad, Gradient) and grad.values == pytest.approx((0.6, 0.2))
     lin = load_recipe(_write(tmp_path, MERGEKIT["dare_linear"], **paths))
-    assert lin.settings["consensus"] is None and lin.settings["aggregate"] == "mean"
+    g = lin.flat_settings()
+    assert g["consensus"] is None and g["aggregate"] == "mean"
     out = merge(_write(tmp_path, MERGEKIT["dare_ties"], **paths), tmp_path / "dt", seed=2)
     assert set(_load(out)) == set(tiny_llama(0))
 
@@ -265,7 +257,7 @@ def test_per_model_typo_in_mergekit_yaml(disk, tmp_path, no_execute):
     [
         ("merge_method: ties", "merge_method: dare-ties", "did you mean 'dare_ties'"),
         ("merge_method: ties", "merge_method: weighted_average", "not in splice"),
-        ("tokenizer_source: base", "tokenizer_source: union", "not supported"),
+        ("tokenizer_source: base", "tokenizer_source: ./none", "not base, union or a model dir"),
         ("dtype: float32", "dtype: float32\nchat_template: chatml", "not supported"),
         ("dtype: float32", "dtpye: float32", "unknown key 'dtpye'.*did you mean 'dtype'"),
     ],
