@@ -1,0 +1,139 @@
+"""Per-task merge statistics (RegMean Grams, Fisher diagonals): one streaming pass, one file.
+
+A statistics file is a safetensors file beside the task's deltas, one per task and kind
+(``<dir>/<task>.<kind>.safetensors``). Its metadata names what the numbers belong to, so a file
+from another base model, another expert or another set of tensors is refused in one line
+instead of merging silently wrong:
+
+- ``format``: ``splice-merge-stats/1``; ``kind``: ``gram`` (RegMean) or ``fisher``;
+- ``base``: a fingerprint of the base tensors the deltas apply to (names, shapes, dtypes and
+  a strided sample of their values);
+- ``expert``: the same fingerprint of the task's delta tensors;
+- ``tensors``: a hash of the sorted keys stored (layer keys for Grams, tensor names for
+  Fisher), so a file made for another tensor set is refused;
+- ``samples``: the examples the pass saw.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from splice.errors import SpliceError
+
+__all__ = ["FORMAT", "TaskStats", "fingerprint", "load_stats", "save_stats", "stats_path"]
+
+FORMAT = "splice-merge-stats/1"
+_PROBES = 64  # values sampled per tensor for the fingerprint
+
+
+def fingerprint(tensors: Mapping[str, Tensor]) -> str:
+    """A short hash of names, shapes, dtypes and a strided sample of each tensor's values."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach()
+        flat = t.reshape(-1)
+        step = max(1, flat.numel() // _PROBES)
+        sample = flat[::step][:_PROBES].to("cpu", torch.float64).numpy()
+        h.update(f"{name}|{tuple(t.shape)}|{t.dtype}|".encode())
+        h.update(sample.round(6).tobytes())
+    return h.hexdigest()[:16]
+
+
+def _keys_hash(keys: Iterable[str]) -> str:
+    return hashlib.sha256("\n".join(sorted(keys)).encode()).hexdigest()[:16]
+
+
+@dataclass
+class TaskStats:
+    """One task's statistics: ``values[key]`` (float64 on CPU), ``rows[key]`` counted rows."""
+
+    kind: str
+    task: str
+    base: str
+    expert: str
+    samples: int
+    values: dict[str, Tensor]
+    rows: dict[str, int]
+
+
+def stats_path(directory: str | Path, task: str, kind: str) -> Path:
+    """Where a task's statistics of ``kind`` live in ``directory``."""
+    return Path(directory) / f"{task}.{kind}.safetensors"
+
+
+def save_stats(path: str | Path, stats: TaskStats) -> Path:
+    """Write ``stats`` (atomically: a temp file renamed into place)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "format": FORMAT,
+        "kind": stats.kind,
+        "task": stats.task,
+        "base": stats.base,
+        "expert": stats.expert,
+        "tensors": _keys_hash(stats.values),
+        "samples": str(stats.samples),
+        "rows": json.dumps(stats.rows, sort_keys=True),
+    }
+    tmp = path.with_suffix(".tmp")
+    save_file({k: v.contiguous() for k, v in stats.values.items()}, str(tmp), metadata=meta)
+    tmp.replace(path)
+    return path
+
+
+def load_stats(
+    path: str | Path, *, kind: str, base: str, expert: str, keys: Iterable[str]
+) -> TaskStats:
+    """Read a statistics file and check it belongs to this base, expert and tensor set.
+
+    Raises:
+        SpliceError: not a splice statistics file, another kind, another base model, another
+            expert, or another set of tensors (one line naming the file).
+    """
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise SpliceError("statistics file does not exist", where=str(path))
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+        values = {k: f.get_tensor(k).double() for k in f.keys()}  # noqa: SIM118
+    if meta.get("format") != FORMAT:
+        got = meta.get("format")
+        raise SpliceError(f"not a splice statistics file (format {got!r})", where=str(path))
+    if meta.get("kind") != kind:
+        raise SpliceError(f"statistics of kind {meta.get('kind')!r}, not {kind!r}", where=str(path))
+    if meta.get("base") != base:
+        raise SpliceError(
+            f"statistics were collected on another base model ({meta.get('base')}, this base is "
+            f"{base})",
+            where=str(path),
+            fix="collect them again on this base (delete the file)",
+        )
+    if meta.get("expert") != expert:
+        raise SpliceError(
+            f"statistics were collected for other task deltas ({meta.get('expert')}, these "
+            f"are {expert})",
+            where=str(path),
+            fix="collect them again for these deltas (delete the file)",
+        )
+    want = sorted(keys)
+    if meta.get("tensors") != _keys_hash(want) or sorted(values) != want:
+        raise SpliceError(
+            f"statistics cover another set of tensors ({len(values)} stored, {len(want)} needed)",
+            where=str(path),
+            fix="collect them again for this tensor set (delete the file)",
+        )
+    rows = {k: int(v) for k, v in json.loads(meta.get("rows", "{}")).items()}
+    return TaskStats(
+        kind, meta.get("task", ""), base, expert, int(meta.get("samples", 0)), values, rows
+    )
