@@ -61,6 +61,9 @@ class TaskStats:
     samples: int
     values: dict[str, Tensor]
     rows: dict[str, int]
+    keys: tuple[str, ...] = ()
+    """The tensor set the statistics were collected for (default: the keys of ``values``;
+    a layer that never ran has no value but is part of the set)."""
 
 
 def stats_path(directory: str | Path, task: str, kind: str) -> Path:
@@ -80,7 +83,7 @@ def save_stats(path: str | Path, stats: TaskStats) -> Path:
         "task": stats.task,
         "base": stats.base,
         "expert": stats.expert,
-        "tensors": _keys_hash(stats.values),
+        "tensors": _keys_hash(stats.keys or stats.values),
         "samples": str(stats.samples),
         "rows": json.dumps(stats.rows, sort_keys=True),
     }
@@ -119,6 +122,13 @@ def load_stats(
             where=str(path),
             fix="collect them again on this base (delete the file)",
         )
+    want = sorted(keys)
+    if meta.get("tensors") != _keys_hash(want) or not set(values) <= set(want):
+        raise SpliceError(
+            f"statistics cover another set of tensors than the {len(want)} needed",
+            where=str(path),
+            fix="collect them again for this tensor set (delete the file)",
+        )
     if meta.get("expert") != expert:
         raise SpliceError(
             f"statistics were collected for other task deltas ({meta.get('expert')}, these "
@@ -126,14 +136,6 @@ def load_stats(
             where=str(path),
             fix="collect them again for these deltas (delete the file)",
         )
-    want = sorted(keys)
-    if meta.get("tensors") != _keys_hash(want) or sorted(values) != want:
-        raise SpliceError(
-            f"statistics cover another set of tensors ({len(values)} stored, {len(want)} needed)",
-            where=str(path),
-            fix="collect them again for this tensor set (delete the file)",
-        )
     rows = {k: int(v) for k, v in json.loads(meta.get("rows", "{}")).items()}
-    return TaskStats(
-        kind, meta.get("task", ""), base, expert, int(meta.get("samples", 0)), values, rows
-    )
+    task, samples = meta.get("task", ""), int(meta.get("samples", 0))
+    return TaskStats(kind, task, base, expert, samples, values, rows, tuple(want))
