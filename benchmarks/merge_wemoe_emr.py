@@ -4,7 +4,8 @@
         [--steps 100] [--router-steps 30] [--threads 2]
 
 MiniLM-L6 experts of the quick bench's four text tasks (``--finetune full`` by default: WEMoE
-routes MLP task vectors, which LoRA on query/value leaves at zero), seed 0, val 150 / test
+routes the feed-forward task vectors — BERT's ``intermediate`` and ``output`` blocks — which
+LoRA on query/value leaves at zero), seed 0, val 150 / test
 400 examples per task. Rows: each expert on its own task (the reference of the normalized
 column), task arithmetic at λ = 0.3 (FusionBench's fixed value), EMR-Merging (each task's
 model rebuilt from the unified vector, its mask and rescaler), WEMoE with routers trained by
@@ -70,7 +71,8 @@ def main() -> None:
     size = emr.nbytes()
     extra = {"EMR-Merging": (size["masks"] + size["scales"]) / 4, "task arithmetic λ=0.3": 0}
     seconds = {"EMR-Merging": 1.0, "task arithmetic λ=0.3": 1.0}
-    moe = upcycle(enc.module, deltas, init_lambda=0.3)
+    ffn = r"layer\.\d+\.(intermediate|output)$"  # BERT's two feed-forward halves
+    moe = upcycle(enc.module, deltas, init_lambda=0.3, pattern=ffn)
     moe.eval()
 
     def score(label: str) -> None:

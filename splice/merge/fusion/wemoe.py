@@ -73,7 +73,9 @@ class WEMoEMLP(nn.Module):
         r = self.router(x)
         return r.reshape(r.shape[0], -1, r.shape[-1]).mean(1)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, *rest: Any) -> Tensor:
+        """Route on ``x``; further arguments (e.g. the residual input of a BERT output
+        block) are sliced per sample when they share ``x``'s batch size."""
         r = self.routing(x)
         own = dict(self.base.named_parameters())
         outs = []
@@ -82,8 +84,13 @@ class WEMoEMLP(nn.Module):
                 n: own[n] + torch.tensordot(r[b].to(own[n].dtype), getattr(self, f"tv{i}"), 1)
                 for i, n in enumerate(self.names)
             }
-            outs.append(functional_call(self.base, weights, (x[b : b + 1],)))
+            args = [x[b : b + 1], *(_row(a, b, x.shape[0]) for a in rest)]
+            outs.append(functional_call(self.base, weights, tuple(args)))
         return torch.cat(outs)
+
+
+def _row(a: Any, b: int, batch: int) -> Any:
+    return a[b : b + 1] if isinstance(a, Tensor) and a.dim() and a.shape[0] == batch else a
 
 
 def _input_width(mod: nn.Module) -> int:
