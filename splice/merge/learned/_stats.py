@@ -18,16 +18,26 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from splice.errors import SpliceError
+from splice.merge.learned._data import Samples, as_samples
 
-__all__ = ["FORMAT", "TaskStats", "fingerprint", "load_stats", "save_stats", "stats_path"]
+__all__ = [
+    "FORMAT",
+    "TaskStats",
+    "fingerprint",
+    "load_stats",
+    "save_stats",
+    "stats_path",
+    "task_statistics",
+]
 
 FORMAT = "splice-merge-stats/1"
 _PROBES = 64  # values sampled per tensor for the fingerprint
@@ -93,6 +103,50 @@ def save_stats(path: str | Path, stats: TaskStats) -> Path:
     return path
 
 
+def _same(path: Path, what: str, stored: str | None, here: str, again: str) -> None:
+    if stored != here:
+        raise SpliceError(
+            f"statistics were collected for {what} ({stored}; here: {here})",
+            where=str(path),
+            fix=f"collect them again {again} (delete the file)",
+        )
+
+
+def task_statistics(
+    kind: str,
+    method: str,
+    directory: str | None,
+    task: str,
+    ids: tuple[str, str],
+    keys: Iterable[str],
+    data: Mapping[str, Any] | None,
+    compute: Callable[[Samples], tuple[dict[str, Tensor], dict[str, int], int]],
+) -> tuple[dict[str, Tensor], dict[str, int], bool]:
+    """A task's statistics: read from ``directory`` if its file exists, else ``compute``d
+    from ``data[task]`` (returning values, rows per key and examples seen) and written there
+    when ``directory`` is set. ``ids`` are the (base, expert) fingerprints. Returns
+    ``(values, rows, loaded)``.
+
+    Raises:
+        SpliceError: neither a file nor data for the task, or a file that does not belong.
+    """
+    keys = tuple(keys)
+    path = stats_path(directory, task, kind) if directory else None
+    if path is not None and path.exists():
+        got = load_stats(path, kind=kind, base=ids[0], expert=ids[1], keys=keys)
+        return got.values, got.rows, True
+    if data is None or task not in data:
+        raise SpliceError(
+            f"{method}: no data and no statistics file for task {task!r}",
+            fix=f"pass data={{task: inputs}} or stats=<dir with {task}.{kind}.safetensors>",
+        )
+    values, rows, count = compute(as_samples(data[task], task))
+    if path is not None:
+        cpu = {k: v.cpu() for k, v in values.items()}
+        save_stats(path, TaskStats(kind, task, ids[0], ids[1], count, cpu, rows, keys))
+    return values, rows, False
+
+
 def load_stats(
     path: str | Path, *, kind: str, base: str, expert: str, keys: Iterable[str]
 ) -> TaskStats:
@@ -115,13 +169,7 @@ def load_stats(
         raise SpliceError(f"not a splice statistics file (format {got!r})", where=str(path))
     if meta.get("kind") != kind:
         raise SpliceError(f"statistics of kind {meta.get('kind')!r}, not {kind!r}", where=str(path))
-    if meta.get("base") != base:
-        raise SpliceError(
-            f"statistics were collected on another base model ({meta.get('base')}, this base is "
-            f"{base})",
-            where=str(path),
-            fix="collect them again on this base (delete the file)",
-        )
+    _same(path, "another base model", meta.get("base"), base, "on this base")
     want = sorted(keys)
     if meta.get("tensors") != _keys_hash(want) or not set(values) <= set(want):
         raise SpliceError(
@@ -129,13 +177,7 @@ def load_stats(
             where=str(path),
             fix="collect them again for this tensor set (delete the file)",
         )
-    if meta.get("expert") != expert:
-        raise SpliceError(
-            f"statistics were collected for other task deltas ({meta.get('expert')}, these "
-            f"are {expert})",
-            where=str(path),
-            fix="collect them again for these deltas (delete the file)",
-        )
+    _same(path, "other task deltas", meta.get("expert"), expert, "for these deltas")
     rows = {k: int(v) for k, v in json.loads(meta.get("rows", "{}")).items()}
     task, samples = meta.get("task", ""), int(meta.get("samples", 0))
     return TaskStats(kind, task, base, expert, samples, values, rows, tuple(want))

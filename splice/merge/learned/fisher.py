@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from splice.errors import SpliceError
 from splice.merge.base import HyperParams
 from splice.merge.learned._base import LearnedMerge, LearnedMethod, learned
-from splice.merge.learned._data import Progress, Samples, as_samples, progress_bar
+from splice.merge.learned._data import Progress, Samples, progress_bar
 from splice.merge.learned._functional import (
     Forward,
     Head,
@@ -38,11 +38,12 @@ from splice.merge.learned._functional import (
     resolve_device,
     to_cpu,
 )
-from splice.merge.learned._stats import TaskStats, fingerprint, load_stats, save_stats, stats_path
+from splice.merge.learned._stats import fingerprint, task_statistics
 
 __all__ = ["Params", "diagonal_fisher", "fisher", "fisher_average"]
 
 Target = Literal["sampled", "predicted", "labels"]
+Stats = tuple[dict[str, Tensor], dict[str, int], int]
 
 
 class Params(HyperParams):
@@ -134,31 +135,22 @@ def fisher(
     with net.frozen(), progress_bar("Fisher statistics", len(tv.tasks), progress, None) as up:
         for i, task in enumerate(tv.tasks):
             expert = {n: tv.base[n] + tv.stacked[n][i] for n in tv.names}
-            expert_id = fingerprint({n: tv.stacked[n][i] for n in tv.names})
-            path = stats_path(stats, task, "fisher") if stats else None
-            t0 = time.perf_counter()
-            if path is not None and path.exists():
-                got = load_stats(path, kind="fisher", base=base_id, expert=expert_id, keys=tv.names)
-                fishers.append(got.values)
-                loaded.append(task)
-            else:
-                if data is None or task not in data:
-                    raise SpliceError(
-                        f"Fisher merging: no data and no statistics file for task {task!r}",
-                        fix="pass data={task: inputs} or stats=<dir with its Fisher file>",
-                    )
-                s = as_samples(data[task], task)
+            ids = (base_id, fingerprint({n: tv.stacked[n][i] for n in tv.names}))
+
+            def compute(s: Samples, task: str = task, expert: dict = expert) -> Stats:
                 if target == "labels" and s.labels is None:
                     raise SpliceError(f"Fisher target 'labels': task {task!r} has no labels")
                 count = min(num_samples, len(s))
                 f = diagonal_fisher(net, task, expert, s, count, target, dev, gen)
-                fishers.append(f)
-                if path is not None:
-                    values = {n: v.cpu() for n, v in f.items()}
-                    rows = {n: count for n in f}
-                    save_stats(
-                        path, TaskStats("fisher", task, base_id, expert_id, count, values, rows)
-                    )
+                return f, dict.fromkeys(f, count), count
+
+            t0 = time.perf_counter()
+            values, _, was_loaded = task_statistics(
+                "fisher", "Fisher merging", stats, task, ids, tv.names, data, compute
+            )
+            fishers.append(values)
+            if was_loaded:
+                loaded.append(task)
             stat_seconds += time.perf_counter() - t0
             up(i + 1, 0.0)
     with torch.no_grad():

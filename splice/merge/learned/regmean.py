@@ -32,16 +32,17 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
-from splice.errors import SpliceError
 from splice.merge.base import HyperParams
 from splice.merge.learned._base import LearnedMerge, LearnedMethod, learned
-from splice.merge.learned._data import Progress, as_samples, progress_bar
+from splice.merge.learned._data import Progress, Samples, progress_bar
 from splice.merge.learned._functional import Forward, Network, TaskVectors, resolve_device, to_cpu
 from splice.merge.learned._lot_layers import Layer, feed, find_layers
-from splice.merge.learned._stats import TaskStats, fingerprint, load_stats, save_stats, stats_path
+from splice.merge.learned._stats import fingerprint, task_statistics
 from splice.merge.learned.lot import _assemble, _close_task
 
 __all__ = ["Params", "regmean", "shrink"]
+
+Stats = tuple[dict[str, Tensor], dict[str, int], int]
 
 
 class Params(HyperParams):
@@ -73,11 +74,10 @@ def _collect(
     batch_size: int,
     device: torch.device,
     rows: Callable[[Any], Tensor] | None,
-    on_batch: Callable[[int], None],
 ) -> dict[str, tuple[Tensor, int]]:
     """One pass of the expert over ``count`` examples: ``{layer key: (G_t, rows)}``."""
     run = partial(net.features, dict(expert))
-    feed(module, layers, run, samples, count, batch_size, device, rows, on_batch)
+    feed(module, layers, run, samples, count, batch_size, device, rows)
     out = {}
     for key, lay in layers.items():
         if lay.task_stat is not None:
@@ -121,43 +121,36 @@ def regmean(
     stat_seconds = 0.0
     with torch.no_grad(), progress_bar("RegMean statistics", len(tv.tasks), progress, None) as up:
         for i, task in enumerate(tv.tasks):
-            expert_id = fingerprint({n: tv.stacked[n][i] for n in tv.names})
-            path = stats_path(stats, task, "gram") if stats else None
-            t0 = time.perf_counter()
-            if path is not None and path.exists():
-                got = load_stats(path, kind="gram", base=base_id, expert=expert_id, keys=layers)
-                grams = {k: (v.to(dev), got.rows.get(k, 0)) for k, v in got.values.items()}
-                loaded.append(task)
-            else:
-                if data is None or task not in data:
-                    raise SpliceError(
-                        f"RegMean: no data and no statistics file for task {task!r}",
-                        fix="pass data={task: inputs} or stats=<dir with its Gram file>",
-                    )
-                s = as_samples(data[task], task)
-                expert = {n: tv.base[n] + tv.stacked[n][i] for n in tv.names}
+            ids = (base_id, fingerprint({n: tv.stacked[n][i] for n in tv.names}))
+            expert = {n: tv.base[n] + tv.stacked[n][i] for n in tv.names}
+
+            def compute(s: Samples, expert: dict[str, Tensor] = expert) -> Stats:
                 count = min(num_samples, len(s))
-                grams = _collect(
-                    module, net, layers, expert, s, count, batch_size, dev, rows, lambda n: None
+                grams = _collect(module, net, layers, expert, s, count, batch_size, dev, rows)
+                return (
+                    {k: g for k, (g, _) in grams.items()},
+                    {k: r for k, (_, r) in grams.items()},
+                    count,
                 )
-                if path is not None:
-                    values = {k: g.cpu() for k, (g, _) in grams.items()}
-                    counts = {k: r for k, (_, r) in grams.items()}
-                    got = TaskStats("gram", task, base_id, expert_id, count, values, counts)
-                    got.keys = tuple(layers)
-                    save_stats(path, got)
+
+            t0 = time.perf_counter()
+            grams, counts, was_loaded = task_statistics(
+                "gram", "RegMean", stats, task, ids, layers, data, compute
+            )
+            if was_loaded:
+                loaded.append(task)
             stat_seconds += time.perf_counter() - t0
             for key, lay in layers.items():
                 if key in grams:
-                    g, n_rows = grams[key]
-                    lay.task_stat, lay.task_rows = shrink(g, alpha), n_rows
+                    lay.task_stat = shrink(grams[key].to(dev), alpha)
+                    lay.task_rows = counts.get(key, 0)
                 _close_task(lay, tv, i)
             up(i + 1, 0.0)
-        merged, counts, averaged = _assemble(tv, layers, 0.0, rtol)
+        merged, solved, averaged = _assemble(tv, layers, 0.0, rtol)
         weights = {n: tv.base[n] + merged[n].to(tv.base[n].dtype) for n in tv.names}
     info = {
         "tasks": list(tv.tasks),
-        "solved": counts,
+        "solved": solved,
         "averaged": averaged,
         "num_samples": num_samples,
         "stats_seconds": stat_seconds,
