@@ -1,16 +1,17 @@
 """EMR-Merging and WEMoE against task arithmetic on the quick text tasks, with their costs.
 
     PYTHONPATH=. .venv/bin/python benchmarks/merge_wemoe_emr.py [--finetune full]
-        [--steps 100] [--router-steps 30] [--threads 2]
+        [--steps 100] [--router-steps 30] [--lr 1e-3] [--threads 2]
 
 MiniLM-L6 experts of the quick bench's four text tasks (``--finetune full`` by default: WEMoE
 routes the feed-forward task vectors — BERT's ``intermediate`` and ``output`` blocks — which
 LoRA on query/value leaves at zero), seed 0, val 150 / test
 400 examples per task. Rows: each expert on its own task (the reference of the normalized
 column), task arithmetic at λ = 0.3 (FusionBench's fixed value), EMR-Merging (each task's
-model rebuilt from the unified vector, its mask and rescaler), WEMoE with routers trained by
-entropy on the tasks' *validation* inputs (not the paper's test-time adaptation), and the
-same WEMoE before training (routing = task arithmetic). Extra columns: stored parameters
+model rebuilt from the unified vector, its mask and rescaler), and WEMoE before training
+(routing = task arithmetic), with routers trained by entropy on the tasks' *validation*
+inputs (not the paper's test-time adaptation on test inputs), and by cross-entropy on the
+validation labels. Extra columns: stored parameters
 beyond one dense model and the seconds of one evaluation pass relative to the dense model.
 """
 
@@ -38,6 +39,7 @@ def main() -> None:
     ap.add_argument("--finetune", default="full")
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--router-steps", type=int, default=30)
+    ap.add_argument("--lr", type=float, default=1e-3, help="router Adam learning rate")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -72,33 +74,37 @@ def main() -> None:
     extra = {"EMR-Merging": (size["masks"] + size["scales"]) / 4, "task arithmetic λ=0.3": 0}
     seconds = {"EMR-Merging": 1.0, "task arithmetic λ=0.3": 1.0}
     ffn = r"layer\.\d+\.(intermediate|output)$"  # BERT's two feed-forward halves
-    moe = upcycle(enc.module, deltas, init_lambda=0.3, pattern=ffn)
-    moe.eval()
-
-    def score(label: str) -> None:
-        accs = {t: accuracy(t, module=moe) for t in QUICK}
-        rows[label] = {t: a for t, (a, _) in accs.items()}
-        extra[label] = cost(moe)["extra"]
-        seconds[label] = sum(s for _, s in accs.values()) / dense_s
-
-    score("WEMoE (untrained routers)")
     val = {t: enc.prepare(d.val.x) for t, d in data.items()}
     parts = [val[t].batch(np.arange(len(val[t])), cpu) for t in QUICK]
     pool = {k: torch.cat([_pad(p[k], 32) for p in parts]) for k in parts[0]}
     offsets = np.cumsum([0] + [len(val[t]) for t in QUICK])
-    start = time.perf_counter()  # the routers see global row indices; forward picks the rows
-    losses = train_routers(
-        moe,
-        {t: torch.arange(offsets[i], offsets[i + 1]) for i, t in enumerate(QUICK)},
-        {t: runs[t].head for t in QUICK},
-        forward=lambda m, i: enc.features(_rows(pool, i), module=m),
-        steps=args.router_steps,
-        lr=5e-3,
-        batch_size=16,
-    )
-    print(f"routers: {len(losses)} steps, entropy {losses[0]:.3f} → {losses[-1]:.3f}, "
-          f"{time.perf_counter() - start:.0f} s", flush=True)  # fmt: skip
-    score("WEMoE (entropy, val)")
+    rows_of = {t: torch.arange(offsets[i], offsets[i + 1]) for i, t in enumerate(QUICK)}
+    labels = {t: torch.from_numpy(d.val.y) for t, d in data.items()}
+    variants = [("untrained routers", None, 0.0), ("entropy, val inputs", "entropy", args.lr)]
+    variants.append(("cross-entropy, val labels", "ce", args.lr))
+    for label, objective, lr in variants:
+        label = f"WEMoE ({label})"
+        moe = upcycle(enc.module, deltas, init_lambda=0.3, pattern=ffn)
+        moe.eval()
+        if objective is not None:
+            start = time.perf_counter()  # routers see global row indices; forward picks rows
+            losses = train_routers(
+                moe,
+                rows_of,
+                {t: runs[t].head for t in QUICK},
+                labels=labels,
+                objective=objective,
+                forward=lambda m, i: enc.features(_rows(pool, i), module=m),
+                steps=args.router_steps,
+                lr=lr,
+                batch_size=16,
+            )
+            print(f"{label}: {len(losses)} steps, lr {lr}, loss {losses[0]:.3f} → "
+                  f"{losses[-1]:.3f}, {time.perf_counter() - start:.0f} s", flush=True)  # fmt: skip
+        accs = {t: accuracy(t, module=moe) for t in QUICK}
+        rows[label] = {t: a for t, (a, _) in accs.items()}
+        extra[label] = cost(moe)["extra"]
+        seconds[label] = sum(s for _, s in accs.values()) / dense_s
     print(
         "| method | " + " | ".join(QUICK) + " | avg | normalized % | extra params | eval time × |"
     )
