@@ -30,10 +30,13 @@ __all__ = ["ExitStats", "generate_early_exit"]
 
 @dataclass
 class ExitStats:
-    """Tokens emitted after each loop (index = loop) and the ticks (shared-block runs) taken."""
+    """Tokens emitted after each loop (index = loop; prompt-prefill tokens count as the last
+    loop's), the ticks (shared-block runs) taken, and the ticks whose rows sat at different
+    loops."""
 
     exits: list[int] = field(default_factory=list)
     ticks: int = 0
+    mixed_ticks: int = 0
 
     @property
     def mean_loops(self) -> float:
@@ -78,6 +81,7 @@ def generate_early_exit(
             depth = b * k + j
             x = _tick_depth(m, x, depth, idx, p, cos, sin, mask, keys, values)
         stats.ticks += 1
+        stats.mixed_ticks += int(bool((b != b[0]).any()))
         logits = model.logits_at(x)[:, 0].float()
         conf = logits.softmax(-1).amax(-1)
         emit = (b == loops - 1) | (conf >= threshold)
