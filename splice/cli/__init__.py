@@ -39,6 +39,7 @@ for _command in (
     "search",
     "merge",
     "quantize",
+    "convert",
     "generate",
     "analyze",
 ):

@@ -6,14 +6,16 @@
 One method per file: :mod:`.recursive` (Relaxed Recursive Transformers: CYCLE tying, the
 three initialisations, SVD relaxation), :mod:`.modeling_recursive` (the HF model class, copied
 next to the weights on save), :mod:`.early_exit` (depth-wise batched generation with early
-exit). Importing this package registers the recursive model with the ``transformers`` Auto
-classes, so converted directories load without ``trust_remote_code``.
+exit), :mod:`.prune` (depth pruning, the equal-size baseline). Importing this package
+registers the recursive model with the ``transformers`` Auto classes, so converted
+directories load without ``trust_remote_code``.
 """
 
 from __future__ import annotations
 
 from .early_exit import ExitStats, generate_early_exit
 from .modeling_recursive import LoopLoRALinear, RecursiveLlamaConfig, RecursiveLlamaForCausalLM
+from .prune import depth_prune, stepwise_layers
 from .recursive import INITS, convert_recursive, cycle_map, init_shared, save_recursive, svd_relax
 
 __all__ = [
@@ -24,10 +26,12 @@ __all__ = [
     "RecursiveLlamaForCausalLM",
     "convert_recursive",
     "cycle_map",
+    "depth_prune",
     "generate_early_exit",
     "init_shared",
     "register",
     "save_recursive",
+    "stepwise_layers",
     "svd_relax",
 ]
 

@@ -110,14 +110,20 @@ def test_relaxation_error_decreases_with_rank(llama):
     assert lin.rank == 32 and rec_weights[-1] < 1e-4  # full rank: exact
 
 
-def test_svd_relax_is_the_truncated_svd():
+@pytest.mark.parametrize("shape", [(12, 7), (7, 12)])
+def test_svd_relax_is_the_truncated_svd(shape):
     g = torch.Generator().manual_seed(1)
-    r = torch.randn(12, 7, generator=g)
+    r = torch.randn(*shape, generator=g)
     a, b = svd_relax(r, 3)
-    assert a.shape == (3, 7) and b.shape == (12, 3)
+    assert a.shape == (3, shape[1]) and b.shape == (shape[0], 3)
     u, s, vh = torch.linalg.svd(r.double())
     best = (u[:, :3] * s[:3]) @ vh[:3]
     torch.testing.assert_close((b @ a).double(), best, atol=1e-5, rtol=0)
+    torch.testing.assert_close(a.double() @ a.double().T, torch.eye(3, dtype=torch.float64))
+    a, b = svd_relax(r, 7)  # full rank: exact
+    torch.testing.assert_close(b @ a, r, atol=1e-5, rtol=0)
+    a, b = svd_relax(torch.zeros(shape), 2)  # a zero residual: a zero update, no NaN
+    assert torch.equal(b @ a, torch.zeros(shape))
 
 
 def test_per_row_loop_indices_match_one_loop_at_a_time():
