@@ -103,3 +103,38 @@ def test_different_tokenizers_are_refused(tmp_path):
     check_same_tokenizer(toks[0], toks[0])
     with pytest.raises(SpliceError, match=r"tokenizers differ \(vocab sizes 7 vs 8"):
         check_same_tokenizer(*toks)
+
+
+def test_postpkt_extracts_top_rows_and_cols_and_inits_lora(pair):
+    from splice.convert.postpkt import LowRankDelta, extract_slice, inject_postpkt
+
+    w = torch.arange(20.0).reshape(4, 5)
+    score = torch.zeros(4, 5)
+    score[3, 1] = score[1, 4] = 5.0
+    assert torch.equal(extract_slice(w, score, (2, 2)), w[[1, 3]][:, [1, 4]])
+    with pytest.raises(SpliceError, match=r"larger than the teacher's \(4, 5\)"):
+        extract_slice(w, score, (5, 2))
+
+    teacher, _, _, _ = pair
+    student = tiny_llama(3, seed=9)
+    scores = {n: p.detach().abs() for n, p in teacher.named_parameters()}
+    ids = torch.tensor([1, 2, 3, 4])
+    replaced = inject_postpkt(teacher, student, scores, [(1, 0), (4, 2)], rank=32)
+    assert replaced == [
+        f"model.layers.{s}.{p}"
+        for s in (0, 2)
+        for p in ("mlp.up_proj", "mlp.down_proj", "self_attn.o_proj")
+    ]
+    layer = student.get_submodule("model.layers.2.mlp.up_proj")
+    assert isinstance(layer, LowRankDelta)
+    # full rank (32 = min(48, 32)): B A is the teacher's slice (same shapes here: all rows/cols)
+    torch.testing.assert_close(
+        layer.lora_B @ layer.lora_A,
+        teacher.get_submodule("model.layers.4.mlp.up_proj").weight.detach(),
+        atol=1e-5, rtol=0,
+    )  # fmt: skip
+    trainable = [n for n, p in student.named_parameters() if p.requires_grad]
+    assert len(trainable) == 12 and all("lora_" in n for n in trainable)
+    before = logits(student, ids)
+    student.get_submodule("model.layers.2.mlp").up_proj = layer.merged()
+    torch.testing.assert_close(logits(student, ids), before, atol=1e-4, rtol=1e-4)
