@@ -6,9 +6,11 @@
 One method per file: :mod:`.recursive` (Relaxed Recursive Transformers: CYCLE tying, the
 three initialisations, SVD relaxation), :mod:`.modeling_recursive` (the HF model class, copied
 next to the weights on save), :mod:`.early_exit` (depth-wise batched generation with early
-exit), :mod:`.prune` (depth pruning, the equal-size baseline). Importing this package
-registers the recursive model with the ``transformers`` Auto classes, so converted
-directories load without ``trust_remote_code``.
+exit), :mod:`.prune` (depth pruning, the equal-size baseline), :mod:`.widenet` (WideNet /
+ViT / ViT-MoE), and for cross-scale transfer (spec other.md §5) :mod:`.attribution`,
+:mod:`.slicer`, :mod:`.laten` and :mod:`.postpkt`. Importing this package registers the
+recursive model with the ``transformers`` Auto classes, so converted directories load
+without ``trust_remote_code``.
 """
 
 from __future__ import annotations
