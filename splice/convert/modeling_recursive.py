@@ -13,7 +13,9 @@ Its loop index may be one int for the whole batch or one per row — rows at dif
 depths in one batch (continuous depth-wise batching) gather their own residuals. RMSNorm
 weights are private per depth unless ``private_norms`` is off (then tied like the linears).
 
-The forward pass returns the last loop's logits; with ``labels`` the loss adds
+The forward pass takes whole sequences (no KV cache, so no ``generate()``; decoding with
+per-depth caches is :func:`splice.convert.generate_early_exit`) and returns the last loop's
+logits; with ``labels`` the loss adds
 ``exit_loss_weight`` × the mean loss of the shared head applied after each earlier loop
 (the intermediate-exit losses that train early exit).
 """
@@ -264,6 +266,11 @@ class RecursiveLlamaForCausalLM(PreTrainedModel):
         labels: Tensor | None = None,
         **kwargs: object,
     ) -> CausalLMOutputWithPast:
+        if kwargs.get("past_key_values") is not None or kwargs.get("cache") is not None:
+            raise ValueError(
+                "RecursiveLlamaForCausalLM keeps no KV cache in forward(): pass whole sequences, "
+                "or decode with splice.convert.generate_early_exit"
+            )
         states = self.hidden_states_per_loop(input_ids, attention_mask)
         logits = self.logits_at(states[-1])
         loss = None
