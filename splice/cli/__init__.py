@@ -42,6 +42,7 @@ for _command in (
     "moe",
     "evolve",
     "quantize",
+    "convert",
     "generate",
     "analyze",
 ):

@@ -227,6 +227,9 @@ def _run(
     )
     import transformers
 
+    from splice.convert import register
+
+    register()  # converted recursive models (splice convert) load without remote code
     objective = _objective(
         cfg, transformers.AutoConfig.from_pretrained(cfg.model, local_files_only=True)
     )
