@@ -26,6 +26,9 @@ REFUSED = {
 }
 if "passthrough" in methods.names():  # slices/passthrough landed (issue #31 item 2)
     del REFUSED["ex_orcamini_platy_44layer.yml"]
+    del REFUSED["ex_multimerge.yml"]  # multi-document recipes landed with it
+ARGS = {"ex_multimerge.yml": ["--intermediates", "stages"]}  # mergekit-multi's intermediates
+STACKED = {"ex_orcamini_platy_44layer.yml": [("ft0", 0), ("ft0", 1), ("ft1", 1), ("ft1", 2)]}
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +56,7 @@ def test_corpus_recipe_runs_or_is_refused_in_one_line(models, recipe, monkeypatc
         (work / d).symlink_to(root / d)
     shutil.copy(CORPUS / recipe, work / recipe)
     monkeypatch.chdir(work)
-    code, _, err = run_cli(monkeypatch, capsys, "merge", recipe, "out")
+    code, _, err = run_cli(monkeypatch, capsys, "merge", recipe, "out", *ARGS.get(recipe, []))
     if recipe in REFUSED:
         assert code == 1 and err.count("\n") == 1, err
         assert REFUSED[recipe] in err and "Traceback" not in err
@@ -61,10 +64,25 @@ def test_corpus_recipe_runs_or_is_refused_in_one_line(models, recipe, monkeypatc
         return
     assert code == 0, err
     out = _load(work / "out")
+    if recipe in STACKED:  # passthrough stacking: each output layer is one source layer
+        _check_stacked(out, base, root, STACKED[recipe])
+        return
     assert set(out) == set(base)
     floats = [n for n in base if base[n].is_floating_point()]
     assert all(torch.isfinite(out[n].float()).all() for n in floats)
     assert any(not torch.equal(out[n].float(), base[n]) for n in floats)
+
+
+def _check_stacked(out: dict, base: dict, root: Path, layers: list[tuple[str, int]]) -> None:
+    prefix = "model.layers."
+    shared = {n for n in base if not n.startswith(prefix)}
+    assert {n for n in out if not n.startswith(prefix)} == shared
+    for i, (model, j) in enumerate(layers):
+        src = _load(root / model)
+        for name in (n for n in src if n.startswith(f"{prefix}{j}.")):
+            mine = name.replace(f"{prefix}{j}.", f"{prefix}{i}.", 1)
+            assert torch.equal(out[mine], src[name].to(out[mine].dtype)), mine
+    assert not any(n.startswith(f"{prefix}{len(layers)}.") for n in out)
 
 
 W = [0.5, 0.3, 0.2]
