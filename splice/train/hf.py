@@ -115,6 +115,14 @@ def _adapt(cfg: TrainConfig, model: nn.Module, new_modules: list[str]) -> None:
     inject(
         model, cfg.method, targets, layers=cfg.layers, modules_to_save=new_modules, **cfg.adapter
     )
+    if cfg.format == "peft":  # a method with no PEFT form fails now, not after training
+        import tempfile
+        from pathlib import Path
+
+        from splice.adapters import save_adapter
+
+        with tempfile.TemporaryDirectory() as tmp:
+            save_adapter(model, Path(tmp) / "check", "peft")
 
 
 # Evaluation ------------------------------------------------------------------------------------

@@ -386,6 +386,18 @@ def test_multi_task_errors(bert_dir, tmp_path):
         run(bert_dir, bad, tmp_path / "c")
 
 
+def test_a_method_without_a_peft_form_fails_before_the_first_step(bert_dir, csv_file, tmp_path):
+    steps = []
+    config = TrainConfig(
+        model=bert_dir, data=str(csv_file), out=tmp_path / "o", method="parallel", format="peft",
+        steps=4, batch_size=8, progress=False,
+    )  # fmt: skip
+    with pytest.raises(SpliceError, match="parallel has no PEFT adapter format"):
+        train(config, on_step=lambda step, loss: steps.append(step))
+    assert steps == []
+    assert not (tmp_path / "o" / "adapter").exists()
+
+
 def test_methods_without_tasks_train_as_before_and_evaluate_per_task(bert_dir, tmp_path):
     data = _two_task_csv(tmp_path / "two.csv")
     plain = tmp_path / "plain.csv"
