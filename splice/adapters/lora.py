@@ -15,7 +15,7 @@ import pydantic
 import torch
 from torch import Tensor, nn
 
-from splice.io.peft import _pattern_value
+from splice.io.peft import pattern_value
 
 from ._primitives import scaling, uniform_parameter
 from ._sites import Site
@@ -39,8 +39,8 @@ class RankConfig(MethodConfig):
         (``re.match("(.*\\.)?(key)$", name)``, as peft matches them)."""
         if not self.rank_pattern and not self.alpha_pattern:
             return self
-        r = _pattern_value(self.rank_pattern, site.name, self.r)
-        alpha = _pattern_value(self.alpha_pattern, site.name, self.alpha)
+        r = pattern_value(self.rank_pattern, site.name, self.r)
+        alpha = pattern_value(self.alpha_pattern, site.name, self.alpha)
         return self.model_copy(update={"r": r, "alpha": alpha})
 
 

@@ -30,6 +30,7 @@ __all__ = [
     "PEFT_PREFIX",
     "LoraFactors",
     "conv1d_modules",
+    "pattern_value",
     "peft_full_tensors",
     "peft_lora_factors",
     "peft_target_name",
@@ -60,7 +61,7 @@ def _strip(name: str) -> str:
     return name.removesuffix(".weight") if ".lora_" in name else name
 
 
-def _pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
+def pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
     for key, value in patterns.items():
         if re.match(rf"(.*\.)?({key})$", module):
             return value
@@ -213,14 +214,14 @@ def peft_lora_factors(ckpt: Checkpoint, *, model_type: str | None = None) -> dic
                 f"LoRA rank mismatch on {module!r}: A has rank {r}, B has {b.shape[1]}",
                 where=where,
             )
-        expected_r = _pattern_value(cfg.get("rank_pattern") or {}, module, cfg["r"])
+        expected_r = pattern_value(cfg.get("rank_pattern") or {}, module, cfg["r"])
         if r != expected_r:
             raise SpliceError(
                 f"LoRA rank of {module!r} is {r} but adapter_config.json says {expected_r}",
                 where=where,
                 fix="the config does not belong to these weights",
             )
-        alpha = _pattern_value(cfg.get("alpha_pattern") or {}, module, cfg["lora_alpha"])
+        alpha = pattern_value(cfg.get("alpha_pattern") or {}, module, cfg["lora_alpha"])
         target_shape = (b.shape[0], *a.shape[1:]) if a.dim() > 2 else None
         transpose: bool | None = True  # embeddings are stored (in, out) by peft
         if not emb:
