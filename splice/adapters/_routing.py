@@ -83,12 +83,16 @@ class Rows:
 
     def gather(self, x: Tensor, order: Tensor) -> Tensor:
         """``x`` with its rows sorted by slot; the last input is reused (query, key and value
-        projections read the same hidden states)."""
+        projections read the same hidden states) while it is unchanged: same tensor, same
+        version counter. Tensors made under ``torch.inference_mode`` have no version counter;
+        for them the storage pointer stands in, which misses an in-place change between two
+        projections of one input (no transformers model makes one)."""
+        version = x.data_ptr() if x.is_inference() else x._version
         last = self._last
-        if last is not None and last[0] is x and last[1] == x._version:
+        if last is not None and last[0] is x and last[1] == version:
             return last[2]
         xs = x.index_select(0, order)
-        self._last = (x, x._version, xs)
+        self._last = (x, version, xs)
         return xs
 
     def order(self, device: torch.device) -> tuple[Tensor, Tensor]:

@@ -284,3 +284,13 @@ def test_a_virtual_token_method_refuses_to_share_the_model(case):
     add_adapter(model, "a", "lora", ["query"], r=2)
     with pytest.raises(SpliceError, match="cannot share a model with other named adapters"):
         add_adapter(model, "b", method, ["proj"], **cfg)
+
+
+def test_mixed_batch_under_inference_mode_equals_no_grad():
+    """Inference tensors have no version counter; the shared sorted input must still work."""
+    model, x = two_adapters("lora")
+    with torch.no_grad():
+        expected = model(x, adapter_names=ROW_NAMES)
+    with torch.inference_mode():
+        got = model(x.clone(), adapter_names=ROW_NAMES)  # an inference tensor reaches the layers
+    assert torch.equal(got, expected)
