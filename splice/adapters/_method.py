@@ -63,6 +63,16 @@ class Method:
     # model-wide hook, so it cannot share a model with other named adapters (mixed batches)
     shares_model: ClassVar[bool] = True
 
+    def sharing_refused(self, cfg: Any) -> str | None:
+        """Why an adapter of this config cannot share a model with other named adapters
+        (one line), or None when it can."""
+        if self.shares_model:
+            return None
+        return (
+            f"{self.pretty_name} changes the backbone's inputs through one model-wide hook, so "
+            "it cannot share a model with other named adapters"
+        )
+
     def find(
         self, model: nn.Module, targets: Any, layers: Any, cfg: Any
     ) -> list[tuple[str, nn.Module, Any]] | None:

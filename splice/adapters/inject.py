@@ -192,17 +192,15 @@ def add_adapter(
             fix="save the head with the first adapter, or load this one into its own model",
         )
     cls = METHODS.get(method)
-    if loaded:
-        first = METHODS.get(_record(model)[0].method)
-        for other in (cls, first):
-            if not other.shares_model:
-                raise SpliceError(
-                    f"adapter {name!r}: {other.pretty_name} changes the backbone's inputs "
-                    "through one model-wide hook, so it cannot share a model with other "
-                    "named adapters",
-                    fix="load it into a model of its own",
-                )
     cfg = _config(cls, method, config)
+    if loaded:
+        record = _record(model)[0]
+        for why in (
+            cls().sharing_refused(cfg),
+            METHODS.get(record.method)().sharing_refused(record.config),
+        ):
+            if why is not None:
+                raise SpliceError(f"adapter {name!r}: {why}", fix="load it into a model of its own")
     impl = cls()
     found = impl.find(model, targets, layers, cfg)
     if found is None:  # a method with its own find checks its sites itself

@@ -17,7 +17,7 @@ quantise) and :class:`ParallelAdapter` are meant to be built on by other methods
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
+from typing import Any, Literal
 
 import pydantic
 import torch
@@ -152,7 +152,8 @@ def sublayer_sites(
         if keep is not None and layer_index(dst) not in keep:
             continue
         module = model.get_submodule(dst)
-        site = make_site(dst, module, layer_index(dst), dst.rsplit(".", 1)[-1])
+        base = getattr(module, "base_layer", module)  # already adapted by a named adapter
+        site = make_site(dst, base, layer_index(dst), dst.rsplit(".", 1)[-1])
         source = make_site(src, model.get_submodule(src), None, "")
         if site is None or site.kind != "linear" or source is None:
             raise SpliceError(f"{type(module).__name__} is not a Linear sublayer output", where=dst)
@@ -187,6 +188,15 @@ class _BottleneckMethod(Method):
 
     def __init__(self) -> None:
         self.sources: dict[str, str] = {}
+
+    def sharing_refused(self, cfg: Any) -> str | None:
+        if self.tap and cfg.sublayer != "site":
+            return (
+                f"{self.pretty_name} reads its sublayer's input through a hook, which a mixed "
+                "batch does not route, so it cannot share a model with other named adapters "
+                "(sublayer='site' can)"
+            )
+        return None
 
     def find(self, model, targets, layers, cfg):
         side = "in" if self.tap else "out"

@@ -294,3 +294,25 @@ def test_mixed_batch_under_inference_mode_equals_no_grad():
     with torch.inference_mode():
         got = model(x.clone(), adapter_names=ROW_NAMES)  # an inference tensor reaches the layers
     assert torch.equal(got, expected)
+
+
+def test_a_parallel_adapter_on_a_sublayer_refuses_to_share_but_a_serial_one_shares():
+    """PA reads its sublayer's input through a hook that a mixed batch does not route."""
+    model, _ = make_model("attention")
+    add_adapter(model, "lora", "lora", ["query"], r=2)
+    perturb(model, seed=1)
+    with pytest.raises(SpliceError, match="reads its sublayer's input through a hook"):
+        add_adapter(model, "pa", "parallel", ["query"], r=2, sublayer="ffn")
+    add_adapter(model, "serial", "houlsby", ["query"], r=2, sublayer="ffn")
+    perturb(model, seed=2)
+    add_adapter(model, "serial2", "houlsby", ["query"], r=2, sublayer="ffn")  # a wrapped layer
+    perturb(model, seed=3)
+    x = KINDS["attention"][1]()
+    x = torch.cat([x, x])
+    names = ["serial", "serial2", "base", "lora"]  # rows 0/2 and 1/3 are the same input
+    with torch.no_grad():
+        mixed = model(x, adapter_names=names)
+        reference = alone(model, x, names)
+    assert torch.allclose(mixed, reference, atol=1e-5)
+    assert not torch.allclose(reference[0], reference[2], atol=1e-4)  # serial acts
+    assert not torch.allclose(reference[1], reference[3], atol=1e-4)  # serial2 ≠ lora
