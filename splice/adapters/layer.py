@@ -172,7 +172,8 @@ class AdaptedLayer(nn.Module):
         # x None: called by keyword only (HF attention modules); prefix adapters ignore x
         active = self._bank.active
         rows = self._bank.rows
-        single = self.get(active[0][0]) if len(active) == 1 and active[0][1] == 1.0 else None
+        one = self._one_active()
+        single = self.get(active[0][0]) if one else None
         if rows is None and not self.merged and single is not None and single.wraps_base:
             return single.around(self.base_layer, x, *args, **kwargs)
         y = self.base_layer(*args, **kwargs) if x is None else self.base_layer(x, *args, **kwargs)
@@ -180,7 +181,7 @@ class AdaptedLayer(nn.Module):
             return self._routed(x, y, rows, args, kwargs)
         if self.merged:
             return y
-        if len(active) == 1 and active[0][1] == 1.0:
+        if one:
             return y if single is None else single(x, y)
         return self._mixed(x, y, [(self.get(n), w) for n, w in active], args, kwargs)
 
@@ -260,11 +261,13 @@ class AdaptedLayer(nn.Module):
         w, b = self._unmerged_base(adapter)
         return Dense(adapter.merged(w, b)[0] - w)
 
-    def _single_active(self) -> Adapter | None:
+    def _one_active(self) -> bool:
+        """One adapter acts, at weight 1 (it may be absent from this layer)."""
         active = self._bank.active
-        if len(active) == 1 and active[0][1] == 1.0:
-            return self.get(active[0][0])
-        return None
+        return len(active) == 1 and active[0][1] == 1.0
+
+    def _single_active(self) -> Adapter | None:
+        return self.get(self._bank.active[0][0]) if self._one_active() else None
 
     def bias_delta(self, adapter: Adapter | None = None) -> Delta | None:
         """Δb for a method that changes the bias too (IA³ on outputs), else None: of
