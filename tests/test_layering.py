@@ -4,7 +4,8 @@ Stages, in order; a module may import its own stage package and stages to its le
 to its right:
 
     foundation (splice/__init__, errors, _registry, _yaml, _schema, _names) → io → deltas
-    → {adapters, merge, select, continual, convert, compress, decode, probe, analysis}
+    → {adapters, merge, select, continual, convert, compress, decode, probe, analysis,
+       domains}
     → data → train → bench → cli
 
 Among the siblings in braces only the edges in ``SIBLINGS`` are allowed (merge → adapters;
@@ -43,7 +44,7 @@ STAGE = {
     "io": "io",
     "deltas": "deltas",
     **{s: "siblings" for s in ["adapters", "merge", "select", "continual", "convert"]},
-    **{s: "siblings" for s in ["compress", "decode", "probe", "analysis"]},
+    **{s: "siblings" for s in ["compress", "decode", "probe", "analysis", "domains"]},
     "data": "data",
     "train": "train",
     "bench": "bench",
@@ -55,7 +56,7 @@ SIBLINGS = {
     "probe": set(),
     "merge": {"adapters"},
     **{s: {"adapters", "probe"} for s in ["select", "continual", "convert", "compress"]},
-    **{s: {"adapters", "probe"} for s in ["decode", "analysis"]},
+    **{s: {"adapters", "probe"} for s in ["decode", "analysis", "domains"]},
 }
 MAX_LINES = 450
 MAX_MERGE_TOP = 5
