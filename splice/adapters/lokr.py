@@ -5,8 +5,11 @@ d_out = a·b and the input channels c·d split by peft's ``factorization`` (the 
 nearest √n, or ``decompose_factor``); W1 (a, c) and W2 (b, d·k) where k is the kernel size.
 W2 is W2a@W2b of rank r unless r ≥ max(b, d)/2; with ``decompose_both`` W1 likewise. Init as
 peft: W1 (or W1a) = 0, so ΔW = 0. Linear layers never build ΔW: (W1 ⊗ W2)·x is W1·X·W2ᵀ with
-x viewed as the (c, d) matrix X; conv layers convolve with the dense ΔW. Not low-rank (rank
-of W1 times rank of W2): exported as a dense delta. Trainable parameters: the factors' sizes.
+x viewed as the (c, d) matrix X, and the backward recomputes W1·X from X instead of keeping it
+(an activation-sized tensor per layer: peft keeps the weight-sized ΔW instead, so keeping W1·X
+put splice's peak memory above peft's); conv layers convolve with the dense ΔW. Not low-rank
+(rank of W1 times rank of W2): exported as a dense delta. Trainable parameters: the factors'
+sizes.
 """
 
 from __future__ import annotations
@@ -58,6 +61,29 @@ def shapes(site: Site, cfg: LoKrConfig) -> tuple[tuple[int, int], tuple[int, int
     return out, inn, kernel
 
 
+class _KronApply(torch.autograd.Function):
+    """H = W1·X·W2ᵀ for X (N, c, d), W1 (a, c), W2 (b, d); saves X, W1, W2 only and
+    recomputes P = W1·X in the backward (one extra (a, c)·(c, d) product per example)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, w1: Tensor, w2: Tensor) -> Tensor:
+        ctx.save_for_backward(x, w1, w2)
+        return torch.matmul(torch.matmul(w1, x), w2.t())
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:
+        x, w1, w2 = ctx.saved_tensors
+        need_x, need_w1, need_w2 = ctx.needs_input_grad
+        dp = torch.matmul(g, w2)  # ∂L/∂P (N, a, d)
+        gx = torch.matmul(w1.t(), dp) if need_x else None
+        gw1 = torch.einsum("nad,ncd->ac", dp, x) if need_w1 else None
+        gw2 = None
+        if need_w2:
+            p = torch.matmul(w1, x)
+            gw2 = g.reshape(-1, g.shape[-1]).t() @ p.reshape(-1, p.shape[-1])
+        return gx, gw1, gw2
+
+
 def _factor(rows: int, cols: int, low: bool, r: int) -> dict[str, nn.Parameter]:
     """A full (rows, cols) factor, or a rank-r pair (name suffixes ``_a``, ``_b``)."""
     if low:
@@ -87,7 +113,7 @@ class LoKrAdapter(Adapter):
         x = self.dropout(x)
         if self.site.kind in ("linear", "conv1d_gpt2"):
             _, (c, d), _ = self.dims
-            h = torch.matmul(torch.matmul(w1.to(x.dtype), x.reshape(-1, c, d)), w2.t().to(x.dtype))
+            h = _KronApply.apply(x.reshape(-1, c, d), w1.to(x.dtype), w2.to(x.dtype))
             return y.add(h.reshape(y.shape), alpha=self.scale)
         return y.add(self.site.down(x, torch.kron(w1, w2)), alpha=self.scale)
 
