@@ -159,9 +159,19 @@ def ensure_mergekit() -> Path:
         return exe
     print(f"installing mergekit into {VENV} ...", flush=True)
     subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
-    pip = [str(VENV / "bin" / "python"), "-m", "pip", "install", "-q"]
-    subprocess.run([*pip, "torch==2.13.0"], check=True)
-    subprocess.run([*pip, "mergekit"], check=True)
+    # The same torch build as splice's (PyPI's torch wheel for Linux is a CUDA build of several
+    # GB): this interpreter's site-packages go on the bench venv's path *after* its own, so
+    # mergekit and its pins install into the bench venv and torch comes from here.
+    bench_python = VENV / "bin" / "python"
+    site = subprocess.run(
+        [str(bench_python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    ours = [p for p in sys.path if p.endswith("site-packages") and "torch" in os.listdir(p)]
+    Path(site, "zz-splice-torch.pth").write_text("\n".join(ours) + "\n")
+    subprocess.run([str(bench_python), "-m", "pip", "install", "-q", "mergekit==0.1.5"], check=True)
     return exe
 
 
