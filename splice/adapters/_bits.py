@@ -3,22 +3,29 @@
 Bi-adapters (§14) store each adapter matrix as ``b``-bit codes of its standardised entries
 plus (μ, σ); R-AMT (§13) stores one bit per masked weight. Both pack with :func:`pack_codes`,
 ``b`` bits per entry, little-endian, with no padding but the last byte's.
+:class:`PackedMatrices` is the save/load and forward-weight logic the 1-bit adapters share
+(Bi-LoRA, Bi-head, Bi-AdaptFormer).
 """
 
 from __future__ import annotations
 
 import functools
+from typing import ClassVar
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+
+from splice.errors import SpliceError
 
 __all__ = [
     "STD_EPS",
+    "PackedMatrices",
     "expand",
     "normal_codebook",
     "pack_codes",
     "packed_bytes",
     "quantize_ste",
+    "small_nonzero_",
     "standardise",
     "unpack_codes",
 ]
@@ -107,3 +114,68 @@ def unpack_codes(packed: Tensor, bits: int, count: int) -> Tensor:
     stream = ((packed.reshape(-1, 1) >> torch.arange(8, dtype=torch.uint8)) & 1).reshape(-1)
     planes = stream[: count * bits].reshape(count, bits)
     return (planes << torch.arange(bits, dtype=torch.uint8)).sum(1, dtype=torch.uint8)
+
+
+def small_nonzero_(w: Tensor, std: float) -> Tensor:
+    """Up's init for a quantised adapter: TruncNormal(0, std², ±2·std), in place (§14: Up must
+    be non-zero, as standardising a zero matrix divides by zero)."""
+    return nn.init.trunc_normal_(w, 0.0, std, -2 * std, 2 * std)
+
+
+class PackedMatrices:
+    """Mixin for a module whose matrices ``packed_roles`` (parameter paths, e.g. ``"up"``)
+    are used and stored at ``self.bits`` bits.
+
+    :meth:`quantised` is the matrix the forward uses (Q_b(·)·σ + μ, straight-through). The
+    saved form (:meth:`saved_tensors`) is one uint8 tensor ``packed``: each matrix's packed
+    codes in turn (each from a byte boundary), then the float32 bytes of (μ, σ) of each — one
+    header entry per site; any other trainable parameter (a learned scale) is saved as
+    itself. :meth:`load_saved` expands the codes once; the module then uses the expanded
+    matrices as they are (a loaded adapter is not re-quantised).
+    """
+
+    packed_roles: ClassVar[tuple[str, ...]] = ()
+    bits: int
+    _loaded: Tensor | None = None  # the file's packed bytes once loaded
+
+    def quantised(self, role: str) -> Tensor:
+        param = self.get_parameter(role)
+        return param if self._loaded is not None else quantize_ste(param, self.bits)[0]
+
+    def _others(self) -> dict[str, Tensor]:
+        return {n: p for n, p in self.named_parameters() if n not in self.packed_roles}
+
+    def saved_tensors(self) -> dict[str, Tensor]:
+        packed = self._loaded
+        if packed is None:
+            codes, stats = [], []
+            for role in self.packed_roles:
+                _, q, mu, sigma = quantize_ste(self.get_parameter(role), self.bits)
+                codes.append(pack_codes(q, self.bits))
+                stats += [mu, sigma]
+            raw = torch.stack(stats).detach().float().cpu().view(torch.uint8)
+            packed = torch.cat([*codes, raw])
+        return {"packed": packed.clone(), **{n: p.detach() for n, p in self._others().items()}}
+
+    def load_saved(self, tensors: dict[str, Tensor], where: str) -> None:
+        packed = tensors["packed"]
+        params = [self.get_parameter(role) for role in self.packed_roles]
+        sizes = [packed_bytes(p.numel(), self.bits) for p in params]
+        need = sum(sizes) + 8 * len(params)
+        if packed.dtype != torch.uint8 or packed.numel() != need:
+            shapes = " and ".join(str(tuple(p.shape)) for p in params)
+            raise SpliceError(
+                f"the file holds {packed.numel()} bytes; a {1 << self.bits}-level codebook for "
+                f"{shapes} needs {need} (codes, then μ and σ of each)",
+                where=where,
+                fix="load the adapter with the bits it was saved with",
+            )
+        *parts, raw = packed.split([*sizes, 8 * len(params)])
+        stats = raw.clone().view(torch.float32)
+        with torch.no_grad():
+            for i, (param, part) in enumerate(zip(params, parts, strict=True)):
+                q = unpack_codes(part, self.bits, param.numel()).reshape(param.shape)
+                param.copy_(expand(q.to(param.device), self.bits, stats[2 * i], stats[2 * i + 1]))
+            for name, param in self._others().items():
+                param.copy_(tensors[name])
+        self._loaded = packed.clone()

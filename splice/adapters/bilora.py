@@ -12,8 +12,9 @@ them once into the factors used from then on (a loaded adapter is not re-quantis
 r·(d_in + d_out) latent fp32 entries per site. ``head`` names targets that are a "Bi-head"
 instead (the paper's 1-bit classifier): the whole weight trains as a latent copy of W₀, used and
 stored at b bits (d_in·d_out entries; ΔW = Q(W) − W₀ is dense, so such a model merges but
-exports no PEFT LoRA). Bi-AdaptFormer is not here: it needs the parallel adapter, not yet in
-splice.
+exports no PEFT LoRA). Bi-AdaptFormer (the same quantiser on the parallel adapter's
+bottleneck) is :mod:`splice.adapters.biadaptformer`; both pack through
+:class:`splice.adapters._bits.PackedMatrices`.
 """
 
 from __future__ import annotations
@@ -23,9 +24,8 @@ import torch
 from torch import Tensor, nn
 
 from splice.deltas import Delta, Dense
-from splice.errors import SpliceError
 
-from ._bits import expand, pack_codes, packed_bytes, quantize_ste, unpack_codes
+from ._bits import PackedMatrices, small_nonzero_
 from ._primitives import scaling, uniform_parameter
 from ._sites import Site
 from .layer import METHODS, Adapter, Method, MethodConfig
@@ -47,65 +47,21 @@ class BiLoRAConfig(MethodConfig):
     )
 
 
-class _Quantised(Adapter):
-    """An adapter whose matrices ``self.roles`` are used and stored at ``bits`` bits."""
-
-    roles: tuple[str, ...] = ()
+class _Quantised(PackedMatrices, Adapter):
+    """An adapter whose matrices ``packed_roles`` are used and stored at ``bits`` bits."""
 
     def __init__(self, site: Site, scale: float, cfg: BiLoRAConfig) -> None:
         super().__init__(site, scale, cfg.dropout)
         self.bits = cfg.bits
-        self._loaded: dict[str, Tensor] | None = None  # the file's tensors once loaded
-
-    def quantised(self, role: str) -> Tensor:
-        """The matrix the forward uses: Q_b(·)·σ + μ, or as expanded once at load."""
-        param = getattr(self, role)
-        return param if self._loaded is not None else quantize_ste(param, self.bits)[0]
-
-    def saved_tensors(self) -> dict[str, Tensor]:
-        """``packed`` (uint8): each matrix's packed codes in turn (each from a byte boundary),
-        then the float32 bytes of (μ, σ) of each — one tensor, so one header entry, per site."""
-        if self._loaded is not None:
-            return dict(self._loaded)
-        codes, stats = [], []
-        for role in self.roles:
-            _, q, mu, sigma = quantize_ste(getattr(self, role), self.bits)
-            codes.append(pack_codes(q, self.bits))
-            stats += [mu, sigma]
-        raw = torch.stack(stats).detach().float().cpu().view(torch.uint8)
-        return {"packed": torch.cat([*codes, raw])}
-
-    def load_saved(self, tensors: dict[str, Tensor], where: str) -> None:
-        packed = tensors["packed"]
-        params = [getattr(self, role) for role in self.roles]
-        sizes = [packed_bytes(p.numel(), self.bits) for p in params]
-        need = sum(sizes) + 8 * len(params)
-        if packed.dtype != torch.uint8 or packed.numel() != need:
-            shapes = " and ".join(str(tuple(p.shape)) for p in params)
-            raise SpliceError(
-                f"the file holds {packed.numel()} bytes; a {1 << self.bits}-level codebook for "
-                f"{shapes} needs {need} (codes, then μ and σ of each)",
-                where=where,
-                fix="load the adapter with the bits it was saved with",
-            )
-        *parts, raw = packed.split([*sizes, 8 * len(params)])
-        stats = raw.clone().view(torch.float32)
-        for i, (param, part) in enumerate(zip(params, parts, strict=True)):
-            q = unpack_codes(part, self.bits, param.numel()).reshape(param.shape)
-            with torch.no_grad():
-                param.copy_(expand(q.to(param.device), self.bits, stats[2 * i], stats[2 * i + 1]))
-        self._loaded = {k: v.clone() for k, v in tensors.items()}
 
 
 class BiLoRAAdapter(_Quantised):
-    roles = ("lora_A", "lora_B")
+    packed_roles = ("lora_A", "lora_B")
 
     def __init__(self, site: Site, cfg: BiLoRAConfig) -> None:
         super().__init__(site, scaling(cfg.alpha, cfg.r), cfg)
         self.lora_A = uniform_parameter(cfg.r, site.d_in)
-        up = torch.empty(site.d_out, cfg.r)
-        nn.init.trunc_normal_(up, 0.0, cfg.up_std, -2 * cfg.up_std, 2 * cfg.up_std)
-        self.lora_B = nn.Parameter(up)
+        self.lora_B = nn.Parameter(small_nonzero_(torch.empty(site.d_out, cfg.r), cfg.up_std))
 
     def factors(self) -> tuple[Tensor, Tensor]:
         return self.quantised("lora_B"), self.quantised("lora_A")
@@ -115,7 +71,7 @@ class BiHeadAdapter(_Quantised):
     """The paper's "Bi-head": the whole weight of a (new) head layer trains as a latent copy
     of W₀ and is used at ``bits`` bits; y = x·Q(W)ᵀ + b, as y + x·(Q(W) − W₀)ᵀ."""
 
-    roles = ("weight",)
+    packed_roles = ("weight",)
 
     def __init__(self, site: Site, cfg: BiLoRAConfig) -> None:
         super().__init__(site, 1.0, cfg)

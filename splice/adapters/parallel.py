@@ -11,7 +11,8 @@ Up = 0, biases 0 (output = base at step 0); ``"bert"``: N(0, 0.02²) everywhere.
 (``2·d·r + r + d`` at d_in = d_out = d), plus 1 with ``learn_scale``.
 
 :class:`Bottleneck` (the Down/f/Up block, with :meth:`Bottleneck.weights` to override, e.g. to
-quantise) and :class:`ParallelAdapter` are meant to be built on by other methods.
+quantise) and :class:`ParallelAdapter` (whose :meth:`ParallelAdapter.make_bottleneck` builds
+it) are meant to be built on by other methods (:mod:`.biadaptformer`).
 """
 
 from __future__ import annotations
@@ -60,15 +61,19 @@ class ParallelConfig(BottleneckConfig):
 
 
 class Bottleneck(nn.Module):
-    """``x ↦ s·Up(f(Down(x)))`` with biases; ``down`` (r, d_in), ``up`` (d_out, r)."""
+    """``x ↦ s·Up(Dropout(f(Down(x))))``; ``down`` (r, d_in), ``up`` (d_out, r), with biases
+    unless ``bias=False``; ``dropout`` acts on the hidden code (0: none)."""
 
-    def __init__(self, d_in: int, d_out: int, cfg: BottleneckConfig) -> None:
+    def __init__(
+        self, d_in: int, d_out: int, cfg: BottleneckConfig, bias: bool = True, dropout: float = 0.0
+    ) -> None:
         super().__init__()
         r = cfg.r
         self.down = nn.Parameter(torch.empty(r, d_in))
-        self.down_bias = nn.Parameter(torch.zeros(r))
+        self.down_bias = nn.Parameter(torch.zeros(r)) if bias else None
         self.up = nn.Parameter(torch.zeros(d_out, r))
-        self.up_bias = nn.Parameter(torch.zeros(d_out))
+        self.up_bias = nn.Parameter(torch.zeros(d_out)) if bias else None
+        self.hidden_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         if cfg.init == "lora":
             kaiming_uniform(self.down)
         else:
@@ -87,12 +92,17 @@ class Bottleneck(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         down, up = self.weights()
-        h = self.act(F.linear(x, down.to(x.dtype), self.down_bias.to(x.dtype)))
-        return F.linear(h, up.to(x.dtype), self.up_bias.to(x.dtype)) * self.scale.to(x.dtype)
+        h = self.act(F.linear(x, down.to(x.dtype), _cast(self.down_bias, x)))
+        h = self.hidden_dropout(h)
+        return F.linear(h, up.to(x.dtype), _cast(self.up_bias, x)) * self.scale.to(x.dtype)
 
     @staticmethod
     def count(d_in: int, d_out: int, cfg: BottleneckConfig) -> int:
         return cfg.r * d_in + cfg.r + cfg.r * d_out + d_out + int(cfg.learn_scale)
+
+
+def _cast(bias: Tensor | None, x: Tensor) -> Tensor | None:
+    return None if bias is None else bias.to(x.dtype)
 
 
 class ParallelAdapter(Adapter):
@@ -104,8 +114,12 @@ class ParallelAdapter(Adapter):
     def __init__(self, site: Site, cfg: BottleneckConfig) -> None:
         super().__init__(site, 1.0, cfg.dropout)
         d_in = site.d_in if self.reads == "input" else site.d_out
-        self.bottleneck = Bottleneck(d_in, site.d_out, cfg)
+        self.bottleneck = self.make_bottleneck(d_in, site.d_out, cfg)
         self.tap: InputTap | None = None
+
+    def make_bottleneck(self, d_in: int, d_out: int, cfg: BottleneckConfig) -> Bottleneck:
+        """The Down/f/Up block; a subclass returns its own (Bi-AdaptFormer: 1-bit matrices)."""
+        return Bottleneck(d_in, d_out, cfg)
 
     def source(self, x: Tensor, y: Tensor) -> Tensor:
         if self.reads == "output":

@@ -21,9 +21,9 @@ def train(
     method: Annotated[
         str,
         typer.Option(
-            help="Adapter method (adalora, bilora, dora, ept, houlsby, ia3, loha, lokr, lora, mam, "
-            "mola, mos, nola, oft, parallel, prefix, prefix_nomlp, prompt, ptuning, "
-            "querylora, ramt, scaled_parallel, sparse, vera), 'full', or 'head'"
+            help="Adapter method (adalora, biadaptformer, bilora, dora, ept, houlsby, ia3, "
+            "loha, lokr, lora, mam, mola, mos, nola, oft, parallel, prefix, prefix_nomlp, "
+            "prompt, ptuning, querylora, ramt, scaled_parallel, sparse, vera), 'full', or 'head'"
             " (linear probe: only the new classification head trains)."
         ),
     ] = "lora",

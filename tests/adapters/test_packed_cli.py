@@ -34,6 +34,8 @@ def _two_bit_config(adapter_dir) -> None:
 
 @pytest.mark.parametrize(("method", "options", "corrupt", "message"), [
     ("bilora", {"r": 2}, _two_bit_config, "the file holds 24 bytes; a 4-level codebook"),
+    ("biadaptformer", {"r": 2, "sublayer": "site"}, _two_bit_config,
+     "the file holds 24 bytes; a 4-level codebook"),
     ("ramt", {}, _shorter_mask, "mask file holds 248 bits (saved for a (16, 16) weight)"),
 ])  # fmt: skip
 def test_mismatched_packed_file_exits_1_naming_file_and_module(
