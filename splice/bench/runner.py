@@ -191,13 +191,24 @@ def _mean(acc: Mapping[str, list[float]]) -> float:
     return float(np.mean([v[-1] for v in acc.values()]))
 
 
-def _learn(suite: Suite, spec: MergeSpec, seed: int) -> tuple[dict[str, Tensor], float]:
-    """Run a learned merge on the validation splits (labels only if it needs them)."""
+def _learn(
+    suite: Suite, spec: MergeSpec, seed: int, split: str = "val"
+) -> tuple[dict[str, Tensor], float]:
+    """Run a learned merge on the validation splits (labels only if it needs them), or with
+    ``split="test"`` on the unlabeled test inputs (transductive; a method that needs labels
+    is refused)."""
+    from splice.errors import SpliceError
     from splice.merge.learned import learned
 
     method = learned.get(spec.method)
     labeled = method.needs_labels(method.params(spec.params))
-    data = {t: (suite.val[t], suite.data[t].val.y) if labeled else suite.val[t] for t in suite.data}
+    if split == "test":
+        if labeled:
+            raise SpliceError(f"{spec.method}: a transductive run never sees test labels")
+        data = dict(suite.test)
+    else:
+        val = suite.val
+        data = {t: (val[t], suite.data[t].val.y) if labeled else val[t] for t in suite.data}
     encoder = suite.encoder
     start = time.perf_counter()
     out = method.run(

@@ -66,8 +66,23 @@ def bench(
     ] = None,
     set_: Annotated[
         list[str] | None,
-        typer.Option("--set", help="peft: a method's option, METHOD.KEY=VALUE (JSON), repeatable."),
+        typer.Option(
+            "--set",
+            help="peft: a method's option, METHOD.KEY=VALUE (JSON), repeatable; "
+            "--protocol paper: a task's fine-tune setting, TASK.KEY=VALUE.",
+        ),
     ] = None,
+    protocol: Annotated[
+        str,
+        typer.Option(
+            help="default, or paper: full fine-tunes per task, λ=0.3 and λ tuned, RegMean, "
+            "Fisher, EMR, WEMoE, transductive rows apart (docs/bench.md)."
+        ),
+    ] = "default",
+    estimate: Annotated[
+        bool,
+        typer.Option("--estimate", help="--protocol paper: print the predicted time, run nothing."),
+    ] = False,
 ) -> None:
     """Fine-tune tasks from packaged data, merge them (--full: every registered way), report a
     table; an estimate first, then a line per phase with the time left. --track peft compares
@@ -82,6 +97,13 @@ def bench(
 
     common = {"suite": suite, "tasks": _split(tasks), "methods": _split(methods), "steps": steps,
               "seed": seed, "device": device, "text_model": text_model}  # fmt: skip
+    if protocol not in ("default", "paper"):
+        raise UsageError(f"unknown protocol {protocol!r}", fix="use default or paper")
+    if protocol == "paper":
+        _paper(profile, common, finetune, set_ or [], estimate, track, budget, out, as_json)
+        return
+    if estimate:
+        raise UsageError("--estimate belongs to --protocol paper", fix="add --protocol paper")
     if track not in ("merge", "peft", "continual"):
         raise UsageError(f"unknown track {track!r}", fix="use merge, peft or continual")
     if track != "peft" and (budget is not None or set_):
@@ -150,6 +172,40 @@ def _run(
         # Piped output (CI logs) gets a wide table rather than rich's 80 columns.
         table(results, Console() if sys.stdout.isatty() else Console(width=200))
     err.print("wrote " + ", ".join(str(p) for p in paths), soft_wrap=True)
+
+
+def _paper(
+    profile: str,
+    common: dict[str, Any],
+    finetune: str | None,
+    items: list[str],
+    estimate: bool,
+    track: str,
+    budget: int | None,
+    out: Path,
+    as_json: bool,
+) -> None:
+    """``--protocol paper``: configure, then estimate only or run and report."""
+    from splice.errors import UsageError
+
+    if track != "merge" or budget is not None or finetune is not None:
+        raise UsageError(
+            "--protocol paper fine-tunes all weights on the merge track",
+            fix="drop --track, --budget and --finetune",
+        )
+    from splice.bench.paper import configure_paper, estimate_text
+    from splice.bench.paper import estimate as predict
+
+    cfg = configure_paper(profile, per_task=_options(items), **common)
+    if estimate:
+        seconds, plan = predict(cfg)
+        typer.echo(estimate_text(cfg, seconds, plan))
+        return
+    from splice.bench.paper import run_paper
+    from splice.bench.paper_report import print_paper_table, write_paper_report
+
+    title = f"splice bench --protocol paper[/] {profile}"
+    _run(title, cfg, run_paper, write_paper_report, print_paper_table, out, as_json)
 
 
 def _options(items: list[str]) -> dict[str, dict[str, object]]:
