@@ -54,7 +54,11 @@ def load_scorer(spec: str) -> Callable[[Path], float]:
         raise SpliceError(f"cannot load scorer {spec!r}: {e}", fix="check the name") from None
 
 
-def _trial(raw: dict[str, Any], out: str, scorer: str, env: dict[str, str]) -> float:
+Scorer = str | Callable[[Path], float]
+"""``module:function``, ``file.py:function``, or a picklable callable (model dir → float)."""
+
+
+def _trial(raw: dict[str, Any], out: str, scorer: Scorer, env: dict[str, str]) -> float:
     """One trial: merge ``raw`` into ``out``, score it, delete it (runs in a Ray worker too)."""
     for key, value in env.items():
         if key == "PYTHONPATH":
@@ -65,7 +69,8 @@ def _trial(raw: dict[str, Any], out: str, scorer: str, env: dict[str, str]) -> f
 
     try:
         merge(raw, out, force=True, progress=False, checksums=False)
-        return float(load_scorer(scorer)(Path(out)))
+        fn = load_scorer(scorer) if isinstance(scorer, str) else scorer
+        return float(fn(Path(out)))
     finally:
         shutil.rmtree(out, ignore_errors=True)
 
@@ -137,7 +142,7 @@ def _study(storage: Path, genome: Any) -> Any:
 def evolve(
     genome_path: str | Path,
     storage: str | Path,
-    scorer: str,
+    scorer: Scorer,
     *,
     executor: str = "ray",
     address: str | None = None,
@@ -155,7 +160,8 @@ def evolve(
     import yaml
 
     genome, raw = load_genome(genome_path)
-    load_scorer(scorer)  # fail before the first merge
+    if isinstance(scorer, str):
+        load_scorer(scorer)  # fail before the first merge
     if executor not in ("ray", "local"):
         raise SpliceError(f"executor {executor!r}", fix="use ray or local")
     storage = Path(storage)
