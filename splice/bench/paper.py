@@ -38,7 +38,7 @@ __all__ = ["PAPER_PROFILES", "PaperConfig", "configure_paper", "estimate", "run_
 QUICK_TEXT = ("rt_sentiment", "tweet_sentiment", "fortune_topic", "wordnet_supersense")
 # Dense merges, then the data-driven ones (fitted on validation inputs).
 DENSE = ("linear", "task_arithmetic", "ties")
-LEARNED = ("fisher", "regmean", "adamerging")
+LEARNED = ("fisher", "regmean", "regmean_plusplus", "adamerging")
 
 
 class WEMoESettings(Strict):

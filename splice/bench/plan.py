@@ -34,6 +34,11 @@ LEARNED_COST = {
     "lot": (1.5, 0.0),
     "opcm": (0.25, 0.0),
     "continual_task_arithmetic": (0.0, 0.0),
+    # closed forms after statistics passes: Fisher a backward per example of 64, RegMean++ a
+    # pass per block stopped after it (about (blocks + 1) / 2 passes on MiniLM's 6 + pooler)
+    "fisher": (1.0, 0.0),
+    "regmean": (1.0, 0.0),
+    "regmean_plusplus": (4.0, 0.0),
 }
 _UNKNOWN_LEARNED = (1.0, 45.0)
 

@@ -1,5 +1,5 @@
 """Data-driven and continual merging: AdaMerging, aTLAS, Concrete subspace, Fisher merging,
-LOT, OPCM, RegMean.
+LOT, OPCM, RegMean, RegMean++.
 
 Each method is one file here and registers itself in :data:`learned`; every one works on a
 base ``nn.Module``, per-task deltas ``{task: {tensor name: ΔW}}`` and, where it needs them,
@@ -24,6 +24,7 @@ from splice.merge.learned.fisher import fisher
 from splice.merge.learned.lot import lot
 from splice.merge.learned.opcm import opcm
 from splice.merge.learned.regmean import regmean
+from splice.merge.learned.regmean_plusplus import regmean_plusplus
 
 __all__ = [
     "ContinualStep",
@@ -39,4 +40,5 @@ __all__ = [
     "lot",
     "opcm",
     "regmean",
+    "regmean_plusplus",
 ]
