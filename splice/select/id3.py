@@ -5,13 +5,22 @@ each of the first ``horizon`` (T) steps the wrapper scores every still-masked sc
 ``H(θ) = |g| / (|θ| + ε)^β``, unmasks the global top ``⌊B/T⌋`` (one more during the first
 ``B mod T`` steps: the increment-S schedule, exactly B after T steps), zeroes the gradient of
 every masked scalar and steps. After T the mask is frozen. Masked scalars never move: their
-Adam moments stay zero, and weight decay is applied by the wrapper to unmasked entries only
-(decoupled as AdamW, or L2 into the gradient), with the inner optimizer's decay set to 0.
-Each entry's original value is kept when it is unmasked, so :func:`export` writes the result
-as (indices, values) — O(B) — in a ``sparse`` adapter (:mod:`splice.adapters.sparse`).
-Masks cost 5 bytes per maskable scalar (a bool mask for the scores, a 0/1 copy in the
-parameter's dtype for the fused gradient mask and decay); scores are taken per tensor (top
-``⌊B/T⌋`` each, then the global top among those), one tensor's worth of memory at a time.
+gradient is zeroed (so Adam's first moment stays 0 and their update is exactly 0), and weight
+decay is applied by the wrapper to unmasked entries only (decoupled as AdamW, or L2
+into the gradient), with the inner optimizer's decay set to 0. Each entry's original value is
+kept when it is unmasked, so :func:`export` writes the result as (indices, values) — O(B) — in
+a ``sparse`` adapter (:mod:`splice.adapters.sparse`).
+
+Speed (splice's choices, not the paper's; docs/select.md): the global top-k is exact without
+ranking every scalar — the unmasked entries' gradients are set to 0 (they score 0), each row
+of ``BLOCK`` entries gets its highest score, and the k best entries lie in the rows reaching
+the k-th highest row maximum. The inner step gets a gradient tensor kept by the wrapper, 0
+but at the unmasked entries (copied in by index, O(B)); decay is applied by index. Under
+torch's Adam/AdamW the masked entries' second moment is set to 1 once after the first step
+and reset to 0 when an entry is unmasked: their update stays exactly 0 (the first moment is
+0), the unmasked entries' state is what it would be from zeros, and the inner ``sqrt`` runs
+on normal numbers instead of zeros (its slow path). Memory: the kept gradient (one value per
+maskable scalar), row maxima (1/``BLOCK`` of that) and O(B) indices and values.
 """
 
 from __future__ import annotations
@@ -28,6 +37,9 @@ from splice.errors import SpliceError
 from ._common import budget_error
 
 __all__ = ["ID3", "export"]
+
+CHUNK = 1 << 18  # scores computed at a time when β ≠ 0 (1 MiB of float32)
+BLOCK = 64  # entries per row of the row-maximum filter
 
 
 class ID3(torch.optim.Optimizer):
@@ -64,9 +76,22 @@ class ID3(torch.optim.Optimizer):
         self.named = dict(params)
         self.budget, self.horizon, self.eps, self.exp = budget, horizon, eps, exp
         self.t = 0
-        self.masks = {n: torch.zeros_like(p, dtype=torch.bool) for n, p in params.items()}
-        self.keep = {n: torch.zeros_like(p) for n, p in params.items()}  # the masks as 0/1
-        self.origin: dict[str, list[tuple[Tensor, Tensor]]] = {n: [] for n in params}
+        self.size = size
+        self.index = {n: torch.zeros(0, dtype=torch.long) for n in params}  # unmasked, flat
+        self.origin: dict[str, list[Tensor]] = {n: [] for n in params}  # their first values
+        # the masked gradient handed to the inner step: 0 but at the unmasked entries
+        self.grads = {n: torch.zeros_like(p) for n, p in params.items()}
+        # Adam's second moment of masked entries is 1 (see the module docstring)
+        self.ones_v = type(optimizer) in (torch.optim.Adam, torch.optim.AdamW)
+
+    @property
+    def masks(self) -> dict[str, Tensor]:
+        """name → bool mask of the unmasked (trainable) entries."""
+        out = {}
+        for n, p in self.named.items():
+            out[n] = torch.zeros(p.shape, dtype=torch.bool)
+            out[n].view(-1)[self.index[n]] = True
+        return out
 
     def increment(self, t: int) -> int:
         """Entries unmasked at step ``t`` (increment-S: Σ over t < T is exactly B)."""
@@ -75,39 +100,126 @@ class ID3(torch.optim.Optimizer):
         return self.budget // self.horizon + (1 if t < self.budget % self.horizon else 0)
 
     def unmasked(self) -> int:
-        return sum(int(m.sum()) for m in self.masks.values())
+        return sum(len(i) for i in self.index.values())
+
+    def _d3(self, g: Tensor, name: str, where: slice | Tensor) -> Tensor:
+        """D³ scores of gradient entries ``g`` (flat, at ``where`` in parameter ``name``)."""
+        s = g.float().abs()
+        if self.exp:
+            flat = self.named[name].detach().view(-1)
+            theta = flat.index_select(0, where) if isinstance(where, Tensor) else flat[where]
+            s.div_(theta.float().abs().add_(self.eps).pow_(self.exp))
+        return s
+
+    def _rows(self, name: str, g: Tensor) -> Tensor:
+        """The highest score of each BLOCK entries of ``g`` (the last row may be shorter)."""
+        m = len(g) // BLOCK * BLOCK
+        if not self.exp:
+            rows = g[:m].view(-1, BLOCK)
+            parts = [torch.maximum(rows.amax(1), rows.amin(1).neg_())]
+        else:
+            parts = [self._d3(g[lo : min(lo + CHUNK, m)], name, slice(lo, min(lo + CHUNK, m)))
+                     .view(-1, BLOCK).amax(1) for lo in range(0, m, CHUNK)]  # fmt: skip
+        if m < len(g):
+            parts.append(self._d3(g[m:], name, slice(m, None)).amax().view(1))
+        return torch.cat(parts)
+
+    def _candidates(self, grads: dict[str, Tensor], count: int):
+        """(name, flat indices) per tensor and their scores, holding the ``count`` highest of
+        the masked entries: those scoring ≥ the ``count``-th highest row maximum (at least
+        ``count`` rows reach it, so at least ``count`` entries do), or, where that is 0 or
+        there are fewer rows than ``count``, every masked entry."""
+        rows = {n: self._rows(n, g) for n, g in grads.items()}
+        every = torch.cat(list(rows.values())) if rows else torch.zeros(0)
+        thr = float(torch.topk(every, count).values[-1]) if len(every) >= count else 0.0
+        where, values = [], []
+        for name, p in self.named.items():
+            g = grads.get(name)
+            if thr <= 0:  # unmasked entries score 0 here: rank every entry, leaving them out
+                s = torch.zeros(p.numel()) if g is None else self._d3(g, name, slice(None))
+                s.index_fill_(0, self.index[name], float("-inf"))
+                where.append((name, torch.arange(p.numel())))
+                values.append(s)
+                continue
+            if g is None:
+                continue
+            hot = torch.nonzero(rows[name] >= thr).view(-1)
+            at = (hot[:, None] * BLOCK + torch.arange(BLOCK)).view(-1)
+            at = at[at < len(g)]  # the last row may be shorter
+            s = self._d3(g.index_select(0, at), name, at)
+            hit = torch.nonzero(s >= thr).view(-1)
+            where.append((name, at[hit]))
+            values.append(s[hit])
+        return where, torch.cat(values)
 
     @torch.no_grad()
-    def _unmask(self, count: int) -> None:
-        """Unmask the ``count`` highest D³ scores: each tensor's top ``count`` first, then the
-        global top among those (no concatenation of every score)."""
-        values, where = [], []
+    def _unmask(self, count: int) -> dict[str, Tensor]:
+        """Unmask the ``count`` highest D³ scores among the masked entries (exact); returns
+        the new indices per tensor. Reads the unmasked entries' gradients first and sets them
+        to 0 in ``p.grad`` (they score 0), so the masked gradient must be built after."""
+        grads = {}
         for name, p in self.named.items():
-            g = torch.zeros_like(p) if p.grad is None else p.grad
-            s = g.float().abs()
-            if self.exp:
-                s.div_((p.detach().float().abs() + self.eps).pow_(self.exp))
-            s = s.masked_fill_(self.masks[name], float("-inf")).view(-1)
-            top = torch.topk(s, min(count, s.numel()), sorted=False)
-            values.append(top.values)
-            where += [(name, top.indices)]
-        best = torch.topk(torch.cat(values), count, sorted=False).indices
-        start = 0
+            if p.grad is not None:
+                grads[name] = p.grad.view(-1)
+                grads[name].index_fill_(0, self.index[name], 0)
+        where, values = self._candidates(grads, count)
+        best = torch.topk(values, count, sorted=False).indices
+        start, picks = 0, {}
         for name, idx in where:
-            n = len(idx)
-            pick = idx[best[(best >= start) & (best < start + n)] - start]
-            self.masks[name].view(-1)[pick] = True
-            self.keep[name].view(-1)[pick] = 1
-            flat = self.named[name].detach().reshape(-1)
-            self.origin[name].append((pick.clone(), flat[pick].clone()))
-            start += n
+            sel = best[(best >= start) & (best < start + len(idx))] - start
+            picks.setdefault(name, []).append(idx[sel])
+            start += len(idx)
+        out = {}
+        for name, parts in picks.items():
+            pick = out[name] = torch.cat(parts)
+            self.origin[name].append(self.named[name].detach().view(-1).index_select(0, pick))
+            state = self.inner.state.get(self.named[name], {})
+            for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+                if isinstance(state.get(key), Tensor):
+                    state[key].view(-1).index_fill_(0, pick, 0)
+        return out
+
+    @torch.no_grad()
+    def _mask_grads(self, count: int) -> None:
+        """Unmask ``count`` entries, then hand the inner step gradients that are 0 at every
+        masked entry: the unmasked entries copied into :attr:`grads` (O(B)), or, when the
+        caller accumulated into that tensor itself, it zeroed but there (one pass)."""
+        kept = {n: p.grad.view(-1).index_select(0, self.index[n]) for n, p in self.named.items()
+                if p.grad is not None}  # fmt: skip
+        new = self._unmask(count) if count else {}
+        for name, p in self.named.items():
+            old, pick = self.index[name], new.get(name)
+            idx = self.index[name] = old if pick is None else torch.cat([old, pick])
+            if p.grad is None:
+                continue
+            values = (
+                kept[name]
+                if pick is None
+                else torch.cat([kept[name], p.grad.view(-1).index_select(0, pick)])
+            )
+            z = self.grads[name]
+            if p.grad is z:
+                z.zero_()
+            z.view(-1).index_copy_(0, idx, values)
+            p.grad = z
+
+    @torch.no_grad()
+    def _ones_v(self) -> None:
+        """After the first inner step: masked entries' second moments (0 so far) become 1."""
+        for name, p in self.named.items():
+            state = self.inner.state.get(p, {})
+            for key in ("exp_avg_sq", "max_exp_avg_sq"):
+                if isinstance(state.get(key), Tensor):
+                    v = state[key].view(-1)
+                    kept = v.index_select(0, self.index[name])
+                    v.fill_(1.0).index_copy_(0, self.index[name], kept)
 
     @torch.no_grad()
     def _decay(self) -> list[float]:
-        """Weight decay on unmasked entries only (in place, one fused pass: masked entries
-        gain exactly 0); returns the groups' rates and sets them to 0 for the inner step."""
+        """Weight decay on unmasked entries only (by index: masked entries gain exactly 0);
+        returns the groups' rates and sets them to 0 for the inner step."""
         decoupled = isinstance(self.inner, torch.optim.AdamW)
-        keep = {id(p): self.keep[n] for n, p in self.named.items()}
+        index = {id(p): self.index[n] for n, p in self.named.items()}
         rates = []
         for group in self.param_groups:
             wd = group.get("weight_decay", 0.0)
@@ -119,12 +231,17 @@ class ID3(torch.optim.Optimizer):
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                k = keep.get(id(p))
-                target = p if decoupled_here else p.grad
-                if k is not None:
-                    target.addcmul_(p, k, value=-rate if decoupled_here else rate)
+                idx = index.get(id(p))
+                if idx is not None:
+                    flat = p.view(-1)
+                    if decoupled_here:
+                        flat.index_copy_(
+                            0, idx, flat.index_select(0, idx).mul_(1 - rate)
+                        )  # as AdamW
+                    else:
+                        p.grad.view(-1).index_add_(0, idx, flat.index_select(0, idx), alpha=rate)
                 elif decoupled_here:
-                    p.mul_(1 - rate)  # as AdamW does
+                    p.mul_(1 - rate)
                 else:
                     p.grad.add_(p, alpha=rate)
             group["weight_decay"] = 0.0
@@ -136,18 +253,15 @@ class ID3(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if count := self.increment(self.t):
-            self._unmask(count)
-        with torch.no_grad():
-            pairs = [(p.grad, self.keep[n]) for n, p in self.named.items() if p.grad is not None]
-            if pairs:
-                torch._foreach_mul_([g for g, _ in pairs], [k for _, k in pairs])
+        self._mask_grads(self.increment(self.t))
         rates = self._decay()
         try:
             self.inner.step()
         finally:
             for group, wd in zip(self.param_groups, rates, strict=True):
                 group["weight_decay"] = wd
+        if self.t == 0 and self.ones_v:
+            self._ones_v()
         self.t += 1
         return loss
 
@@ -166,8 +280,7 @@ class ID3(torch.optim.Optimizer):
         for name, p in self.named.items():
             if not self.origin[name]:
                 continue
-            idx = torch.cat([i for i, _ in self.origin[name]])
-            orig = torch.cat([v for _, v in self.origin[name]])
+            idx, orig = self.index[name], torch.cat(self.origin[name])
             order = torch.argsort(idx)
             idx, orig = idx[order], orig[order]
             out[name] = (idx, orig, p.detach().reshape(-1)[idx].clone())

@@ -58,8 +58,12 @@ def test_masked_entries_are_bit_identical_after_50_adamw_steps_with_weight_decay
     assert not torch.equal(model.head.weight, head)  # the head trains in full, decayed too
 
 
-def test_unmasked_entries_follow_adamw_with_its_weight_decay():
-    model, named, opt = setup(budget=30, horizon=1, wd=0.3)
+@pytest.mark.parametrize("horizon", [1, 3])
+def test_unmasked_entries_follow_adamw_with_its_weight_decay(horizon):
+    """Against plain AdamW fed the gradients masked as ID³ masked them at each step (so an
+    entry unmasked at step t starts from zero moments then): the masked entries' second
+    moments set to 1 and reset on unmasking change nothing."""
+    model, named, opt = setup(budget=30, horizon=horizon, wd=0.3)
     ref = Tiny()
     ref.load_state_dict(model.state_dict())
     ref_named = {n: ref.get_parameter(n) for n in named}
@@ -73,7 +77,7 @@ def test_unmasked_entries_follow_adamw_with_its_weight_decay():
             F.cross_entropy(m_(x), y).backward()
             if o is ref_opt:
                 for n, p in ref_named.items():
-                    p.grad.mul_(opt.masks[n])  # opt already chose its mask at step 0
+                    p.grad.mul_(opt.masks[n])  # the mask opt used at this step
             o.step()
             o.zero_grad()
             if o is ref_opt:  # the reference: plain AdamW, masked entries put back after
@@ -124,3 +128,53 @@ def test_export_stores_b_entries_and_reloads_to_the_trained_outputs(tmp_path):
 def test_budget_outside_the_maskable_weights_is_refused(budget):
     with pytest.raises(SpliceError, match=rf"budget {budget} is outside 1\.\.432"):
         setup(budget=budget, horizon=3)
+
+
+def brute_force_picks(opt, grads, count):
+    """The ``count`` highest D³ scores among masked entries, by ranking every entry."""
+    scores = []
+    for n, p in opt.named.items():
+        s = grads[n].abs() / (p.detach().abs() + opt.eps) ** opt.exp
+        scores.append(s.reshape(-1).masked_fill(opt.masks[n].reshape(-1), float("-inf")))
+    return set(torch.topk(torch.cat(scores), count).indices.tolist())
+
+
+@pytest.mark.parametrize("exp", [0.0, 1.0])
+def test_each_unmasking_is_the_exact_top_among_masked_entries(exp):
+    """Tensors of 4,800 and 3,003 entries (rows of 64 and a shorter last row), fresh random
+    gradients each step: every step's picks are the global top-k over all masked entries."""
+    torch.manual_seed(0)
+    named = {"a.weight": torch.nn.Parameter(torch.randn(60, 80)),
+             "b.weight": torch.nn.Parameter(torch.randn(91, 33))}  # fmt: skip
+    inner = torch.optim.AdamW(list(named.values()), lr=1e-2, weight_decay=0.1)
+    opt = ID3(inner, named, budget=700, horizon=7, exp=exp)
+    for _ in range(7):
+        grads = {n: torch.randn_like(p) for n, p in named.items()}
+        before = torch.cat([m.reshape(-1) for m in opt.masks.values()])
+        expected = brute_force_picks(opt, grads, opt.increment(opt.t))
+        for n, p in named.items():
+            p.grad = grads[n].clone()
+        opt.step()
+        after = torch.cat([m.reshape(-1) for m in opt.masks.values()])
+        assert set(torch.nonzero(after & ~before).reshape(-1).tolist()) == expected
+    assert opt.unmasked() == 700
+
+
+def test_gradients_accumulated_in_place_are_masked_too():
+    """zero_grad(set_to_none=False) keeps the gradient tensor ID³ handed the inner step, so
+    the next backward adds into it: the step still sees 0 at every masked entry."""
+    runs = []
+    for set_to_none in (True, False):
+        model, named, opt = setup(budget=40, horizon=4, wd=0.2)
+        before = {n: p.detach().clone() for n, p in named.items()}
+        x, y = data()
+        for _ in range(8):
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=set_to_none)
+        for n, p in named.items():
+            m = opt.masks[n]
+            assert torch.equal(p[~m], before[n][~m])
+        runs.append({n: p.detach().clone() for n, p in named.items()})
+    for n in runs[0]:
+        assert torch.allclose(runs[0][n], runs[1][n], atol=1e-6)
