@@ -124,7 +124,7 @@ class Polyhistor(_Generated):
         ratio: int = 8,
         k: int = 2,
         emb: int = 16,
-        hidden: int = 16,
+        hidden: int = 8,
         classes: int = 10,
     ):
         super().__init__(backbone, tasks, ratio, emb, classes)
@@ -149,7 +149,7 @@ class PolyhistorLite(_Generated):
         template: tuple[int, int] | None = None,
         k: int = 2,
         emb: int = 16,
-        hidden: int = 16,
+        hidden: int = 8,
         classes: int = 10,
     ):
         super().__init__(backbone, tasks, ratio, emb, classes)

@@ -24,7 +24,38 @@ from splice.io import atomic_dir
 from splice.train.loop import LoopState, TrainStep, fit
 from splice.train.schedule import linear_warmup_decay
 
-__all__ = ["Row", "batch_order", "cached_pretrain", "format_rows", "train"]
+__all__ = [
+    "Row",
+    "Setup",
+    "batch_order",
+    "cached_pretrain",
+    "format_rows",
+    "parse_setup",
+    "plot_rows",
+    "report",
+    "train",
+]
+
+
+@dataclass(frozen=True)
+class Setup:
+    """Steps, sizes and learning rates every domain benchmark has (defaults: minutes on one
+    core); ``full_lr`` is full fine-tuning's, ``lr`` every adapter's."""
+
+    pretrain_steps: int = 600
+    pretrain_lr: float = 1e-3
+    train: int = 4000
+    test: int = 1000
+    steps: int = 300
+    batch: int = 32
+    lr: float = 1e-3
+    full_lr: float = 3e-4
+    seed: int = 0
+
+    def pretrain_key(self, *names: str) -> dict[str, Any]:
+        """The settings that determine the pretrained backbone: ``pretrain*``, seed, ``names``."""
+        keep = {"seed", *names}
+        return {k: v for k, v in asdict(self).items() if k.startswith("pretrain") or k in keep}
 
 
 def cached_pretrain(
@@ -93,6 +124,10 @@ def train(
     return fit(TrainStep(loss, opt, sched, grad_clip=grad_clip), steps)
 
 
+def _is_head(name: str) -> bool:
+    return name.startswith(("head.", "heads.")) or ".head." in name
+
+
 @dataclass
 class Row:
     """One method's result: its score, trainable/total parameters and wall time."""
@@ -103,35 +138,94 @@ class Row:
     total: int
     seconds: float
     detail: dict[str, float] = field(default_factory=dict)
+    own: int = 0
+    """Trainable parameters outside the task heads (every method trains its own heads)."""
 
     @classmethod
     def of(
         klass, method: str, model: nn.Module, score: float, start: float, detail: dict | None = None
     ) -> Row:
         count = trainable_parameters(model)
-        return klass(
-            method, score, count.trainable, count.total, time.perf_counter() - start, detail or {}
+        own = sum(
+            p.numel() for n, p in model.named_parameters() if p.requires_grad and not _is_head(n)
         )
+        seconds = time.perf_counter() - start
+        return klass(method, score, count.trainable, count.total, seconds, detail or {}, own)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
 def format_rows(rows: list[Row], ref: str, ref_params: str | None = None) -> str:
-    """A markdown table; ``score/ref`` and ``params/ref`` are ratios to the row named ``ref``
-    (``ref_params``: the row whose trainable count the param ratio divides by)."""
+    """A markdown table: each row's score and its difference to the row named ``ref``, its
+    trainable parameters with and without the task heads, and both as % of ``ref_params``'s
+    (default ``ref``)."""
     by = {r.method: r for r in rows}
     base, pbase = by[ref], by[ref_params or ref]
     keys = sorted({k for r in rows for k in r.detail})
-    head = ["method", "score", f"score − {ref}", *keys, "trainable", f"% of {pbase.method}", "s"]
+    head = ["method", "score", f"Δ {ref}", *keys, "trainable", "w/o heads"]
+    head += [f"% of {pbase.method}", f"w/o heads, % of {pbase.method}", "s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r.method, f"{r.score:.2f}", f"{r.score - base.score:+.2f}"]
         cells += [f"{r.detail[k]:.2f}" if k in r.detail else "" for k in keys]
-        cells += [
-            f"{r.trainable:,}",
-            f"{100 * r.trainable / pbase.trainable:.1f}",
-            f"{r.seconds:.0f}",
-        ]
+        cells += [f"{r.trainable:,}", f"{r.own:,}", f"{100 * r.trainable / pbase.trainable:.1f}"]
+        cells += [f"{100 * r.own / max(pbase.own, 1):.1f}", f"{r.seconds:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def parse_setup(doc: str, setup: Setup, methods: tuple[str, ...]) -> tuple[Setup, Any]:
+    """The benchmark scripts' common options (steps, LRs, methods, seed, outputs) applied to
+    ``setup``; returns it and the parsed arguments (``methods`` as a tuple)."""
+    import argparse
+    from dataclasses import replace
+
+    ap = argparse.ArgumentParser(description=doc.split("\n")[0])
+    ap.add_argument("--steps", type=int, default=setup.steps)
+    ap.add_argument("--pretrain-steps", type=int, default=setup.pretrain_steps)
+    ap.add_argument("--lr", type=float, default=setup.lr)
+    ap.add_argument("--full-lr", type=float, default=setup.full_lr)
+    ap.add_argument("--methods", default=",".join(methods))
+    ap.add_argument("--seed", type=int, default=setup.seed)
+    ap.add_argument("--study", action="store_true", help="add the study's variants")
+    ap.add_argument("--json", help="write the rows here")
+    ap.add_argument("--plot", help="write the plot (PNG) here")
+    args = ap.parse_args()
+    args.methods = tuple(args.methods.split(","))
+    keys = ("steps", "pretrain_steps", "lr", "full_lr", "seed")
+    return replace(setup, **{k: getattr(args, k) for k in keys}), args
+
+
+def report(rows: list[Row], facts: dict, setup: Setup, args: Any, ref: str, title: str) -> None:
+    """Print the table (differences and parameter shares against ``ref``), write the JSON and
+    the plot where ``args`` asks for them."""
+    print(f"\nsteps {setup.steps}, pretrain steps {setup.pretrain_steps}, seed {setup.seed}")
+    print(format_rows(rows, ref, ref))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"pretrain": facts, "rows": [r.to_dict() for r in rows]}, f, indent=2)
+    if args.plot:
+        plot_rows(rows, args.plot, f"{title} ({setup.steps} steps)")
+
+
+def plot_rows(rows: list[Row], path: str, title: str) -> None:
+    """Score against trainable parameters outside the heads (log scale), one labelled point
+    per row, saved as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in rows:
+        ax.scatter(max(r.own, 1), r.score)
+        ax.annotate(r.method, (max(r.own, 1), r.score), textcoords="offset points", xytext=(4, 4))
+    ax.set_xscale("log")
+    ax.set_xlabel("trainable parameters outside the task heads")
+    ax.set_ylabel("test score")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from splice.bench.domains.common import Row, batch_order, cached_pretrain, train
+from splice.bench.domains.common import Row, Setup, batch_order, cached_pretrain, train
 from splice.data.synthetic.dense import cluttered_digits, garments
 from splice.domains.backbones.hier import HierBackbone, HierConfig
 from splice.domains.dense import MultiTask, PerTaskAdapters, task_loss, task_score
@@ -36,29 +36,18 @@ METHODS = ("full", "per-task", "polyhistor", "polyhistor-lite", "tap-slf", "tap-
 
 
 @dataclass(frozen=True)
-class DenseSetup:
-    """Sizes, steps and learning rates (defaults: a run of a few minutes on one core)."""
+class DenseSetup(Setup):
+    """:class:`~splice.bench.domains.common.Setup` plus the backbone and its pretraining set."""
 
+    pretrain_steps: int = 800
+    steps: int = 400
     backbone: HierConfig = field(default_factory=HierConfig)
     pretrain_images: int = 20000
-    pretrain_steps: int = 800
-    pretrain_lr: float = 1e-3
-    train: int = 4000
-    test: int = 1000
-    steps: int = 400
-    batch: int = 32
-    lr: float = 1e-3
-    full_lr: float = 3e-4
-    seed: int = 0
 
 
 def pretrained(setup: DenseSetup) -> tuple[HierBackbone, dict[str, Any]]:
     """The backbone pretrained on garments (cached); facts hold its held-out accuracy."""
-    key = {
-        k: v
-        for k, v in asdict(setup).items()
-        if k.startswith("pretrain") or k in ("seed", "backbone")
-    }
+    key = setup.pretrain_key("backbone")
 
     def build(model: HierBackbone) -> dict[str, Any]:
         x, y = garments(setup.pretrain_images + 1000, seed=setup.seed + 100)
@@ -142,8 +131,10 @@ def run_method(
     backbone: HierBackbone,
     data_,
     name: str | None = None,
+    lr: float | None = None,
     **options,
 ) -> Row:
+    """Adapt, train ``setup.steps`` steps (tasks in turn), score every task on the test set."""
     x, t, xt, tt = data_
     start = time.perf_counter()
     model = build(method, backbone, setup, **options)
@@ -152,7 +143,7 @@ def run_method(
         x,
         t,
         setup.steps,
-        setup.full_lr if method == "full" else setup.lr,
+        lr or (setup.full_lr if method == "full" else setup.lr),
         setup.batch,
         setup.seed,
     )

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from splice.adapters import inject, trainable_parameters
-from splice.bench.domains.common import Row, batch_order, cached_pretrain, train
+from splice.bench.domains.common import Row, Setup, batch_order, cached_pretrain, train
 from splice.data.synthetic.points import digit_clouds, primitives
 from splice.domains.backbones.points import Groups, PointConfig, PointTransformer, group
 from splice.domains.point_peft import PointPEFT, memory_bank
@@ -32,23 +32,15 @@ METHODS = ("full", "lora", "point-peft", "linear")
 
 
 @dataclass(frozen=True)
-class PointsSetup:
-    """Sizes, steps and learning rates (defaults: a run of a few minutes on one core)."""
+class PointsSetup(Setup):
+    """:class:`~splice.bench.domains.common.Setup` plus the clouds, the backbone and
+    Point-PEFT's prompt tokens and adapter rank."""
 
     points: int = 256
     backbone: PointConfig = field(default_factory=PointConfig)
     pretrain_clouds: int = 4000
-    pretrain_steps: int = 600
-    pretrain_lr: float = 1e-3
-    train: int = 4000
-    test: int = 1000
-    steps: int = 300
-    batch: int = 32
-    lr: float = 1e-3
-    full_lr: float = 3e-4
     tokens: int = 10
     r: int = 8
-    seed: int = 0
 
 
 def _groups(xyz: np.ndarray, cfg: PointConfig) -> Groups:
@@ -95,11 +87,7 @@ def accuracy(model: torch.nn.Module, g: Groups, y: Tensor) -> float:
 def pretrained(setup: PointsSetup) -> tuple[PointTransformer, dict[str, Any]]:
     """The backbone pretrained on primitives (cached); facts hold its held-out accuracy."""
     cfg = setup.backbone
-    key = {
-        k: v
-        for k, v in asdict(setup).items()
-        if k.startswith("pretrain") or k in ("points", "seed", "backbone")
-    }
+    key = setup.pretrain_key("points", "backbone")
 
     def build(model: PointTransformer) -> dict[str, Any]:
         xyz, lab = primitives(setup.pretrain_clouds + 500, setup.points, seed=setup.seed + 100)
@@ -166,7 +154,8 @@ def build(
             bank = memory_bank(
                 net, (_take(train_g, slice(i, i + 256)) for i in range(0, 1024, 256)), 1024
             )
-        return PointPEFT(net, 10, tokens=setup.tokens, r=setup.r, bank=bank, **options)
+        tokens, r = options.pop("tokens", setup.tokens), options.pop("r", setup.r)
+        return PointPEFT(net, 10, tokens=tokens, r=r, bank=bank, **options)
     net = _with_head(net)
     if method == "full":
         return net
@@ -187,13 +176,15 @@ def run_method(
     backbone: PointTransformer,
     data,
     name: str | None = None,
+    lr: float | None = None,
     **options,
 ) -> Row:
-    """Adapt, train ``setup.steps`` steps, score on the test clouds."""
+    """Adapt, train ``setup.steps`` steps, score on the test clouds; ``options`` go to
+    :func:`build` (Point-PEFT's: ``tokens``, ``r``, ``k``, ``bank``, ``tau``, ``bank_weight``)."""
     train_g, train_y, test_g, test_y = data
     start = time.perf_counter()
     model = build(method, backbone, setup, train_g, **options)
-    lr = setup.full_lr if method == "full" else setup.lr
+    lr = lr or (setup.full_lr if method == "full" else setup.lr)
     _fit(model, train_g, train_y, setup.steps, lr, setup.batch, setup.seed)
     return Row.of(name or method, model, accuracy(model, test_g, test_y), start)
 
