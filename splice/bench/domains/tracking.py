@@ -22,7 +22,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from splice.bench.domains._store import cached_module
+from splice.bench.domains.common import cached_pretrain
+from splice.bench.domains.common import train as train_loop
 from splice.data.synthetic.tracking import Sequences, TrackingConfig, tracking_sequences
 from splice.domains.backbones.vit import ViT, ViTConfig
 from splice.domains.lorat import OneStreamTracker, add_lora, merge_lora
@@ -36,8 +37,7 @@ from splice.domains.tracking import (
     success_auc,
     track,
 )
-from splice.train.loop import TrainStep, fit
-from splice.train.schedule import linear_warmup_decay
+from splice.train.loop import TrainStep
 
 __all__ = ["TrackingBench", "pretrain_vit", "run_tracking"]
 
@@ -75,31 +75,23 @@ def pretrain_vit(steps: int, seed: int = 0, log: Log = print) -> tuple[ViT, dict
         x = torch.from_numpy(data.train.x).float() / 255
         y = torch.from_numpy(data.train.y)
         g = torch.Generator().manual_seed(seed)
-        opt = torch.optim.AdamW(model.parameters(), 1e-3, weight_decay=0.05)
 
         def loss(i: int) -> tuple[Tensor, int]:
             idx = torch.randint(len(y), (64,), generator=g)
             return nn.functional.cross_entropy(model(x[idx]), y[idx]), 64
 
-        state = fit(TrainStep(loss, opt, grad_clip=1.0), steps, on_step=_every(log, "pretrain"))
+        state = train_loop(model, loss, steps, 1e-3)
         with torch.no_grad():
             xt, yt = torch.from_numpy(data.test.x).float() / 255, torch.from_numpy(data.test.y)
             acc = float((model(xt).argmax(-1) == yt).float().mean())
         log(f"pretrain: fashion_mnist test accuracy {acc:.3f} in {state.seconds:.0f}s")
         return {"accuracy": acc, "seconds": state.seconds}
 
-    meta = cached_module(
-        "vit", {"cfg": cfg.to_dict(), "steps": steps, "seed": seed}, vit, train, log
-    )
+    key = {"cfg": cfg.to_dict(), "steps": steps, "seed": seed}
+    vit, meta = cached_pretrain("vit", key, vit, train)
+    if meta["cached"]:
+        log(f"pretrain: cached (fashion_mnist test accuracy {meta['accuracy']:.3f})")
     return vit, meta
-
-
-def _every(log: Log, what: str, n: int = 100) -> Callable[[int, float], None]:
-    def on_step(step: int, loss: float) -> None:
-        if step % n == 0:
-            log(f"{what}: step {step} loss {loss:.3f}")
-
-    return on_step
 
 
 def sample_pairs(
@@ -151,10 +143,8 @@ def train(
     lr: float, what: str, log: Log,
 ) -> dict:  # fmt: skip
     torch.manual_seed(b.seed)
-    opt = _optimizer(model, lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, linear_warmup_decay(steps, steps // 10))
-    step = TrainStep(_loss_fn(model, seqs, streams, b, b.seed), opt, sched, grad_clip=1.0)
-    state = fit(step, steps, on_step=_every(log, what))
+    loss = _loss_fn(model, seqs, streams, b, b.seed)
+    state = train_loop(model, loss, steps, lr, weight_decay=0.0, warmup=0.1)
     log(f"{what}: {steps} steps in {state.seconds:.0f}s, final loss {state.history[-1]:.3f}")
     return {"seconds": state.seconds, "loss": state.history[-1]}
 
