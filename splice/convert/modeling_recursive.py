@@ -13,11 +13,17 @@ Its loop index may be one int for the whole batch or one per row — rows at dif
 depths in one batch (continuous depth-wise batching) gather their own residuals. RMSNorm
 weights are private per depth unless ``private_norms`` is off (then tied like the linears).
 
-The forward pass takes whole sequences (no KV cache, so no ``generate()``; decoding with
-per-depth caches is :func:`splice.convert.generate_early_exit`) and returns the last loop's
-logits; with ``labels`` the loss adds
+The forward pass returns the last loop's logits; with ``labels`` the loss adds
 ``exit_loss_weight`` × the mean loss of the shared head applied after each earlier loop
-(the intermediate-exit losses that train early exit).
+(the intermediate-exit losses that train early exit). It keeps a KV cache
+(``cache``, or ``past_key_values``: a ``transformers`` ``Cache``) with one cache layer per
+*depth*, not per shared layer: shared layer ``j`` runs at depths ``j, j+K, …`` on different
+inputs, so each loop caches its own keys and values (cache layer ``ℓ`` = depth ``ℓ``, N in
+all — ``DynamicCache(config=config)`` sizes itself from ``num_hidden_layers`` = N). With the
+cache the model is a ``GenerationMixin``: ``model.generate()`` works, and so does
+:class:`splice.decode.lm.CachedLM` (speculative decoding's rollback crops every depth's
+layer alike). Early-exit decoding, where tokens leave at different loops, is
+:func:`splice.convert.generate_early_exit` (its own per-depth caches).
 """
 
 from __future__ import annotations
@@ -29,7 +35,8 @@ import torch
 import torch.nn.functional as F
 from huggingface_hub.dataclasses import strict
 from torch import Tensor, nn
-from transformers import LlamaConfig, PreTrainedModel
+from transformers import DynamicCache, GenerationMixin, LlamaConfig, PreTrainedModel
+from transformers.cache_utils import Cache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
 
@@ -197,7 +204,7 @@ class RecursiveLlamaModel(nn.Module):
         return rms_norm(h, self.norm, self.config.rms_norm_eps)
 
 
-class RecursiveLlamaForCausalLM(PreTrainedModel):
+class RecursiveLlamaForCausalLM(PreTrainedModel, GenerationMixin):
     """The recursive causal LM; the head is tied to the embeddings when the config says so."""
 
     config_class = RecursiveLlamaConfig
@@ -237,20 +244,37 @@ class RecursiveLlamaForCausalLM(PreTrainedModel):
         return self.lm_head
 
     def hidden_states_per_loop(
-        self, input_ids: Tensor, attention_mask: Tensor | None = None
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        cache: Cache | None = None,
+        position_ids: Tensor | None = None,
     ) -> list[Tensor]:
-        """The (un-normed) hidden states after each loop, last loop last."""
+        """The (un-normed) hidden states after each loop, last loop last. With ``cache``, the
+        tokens follow the ``cache.get_seq_length()`` cached ones, whose keys/values they
+        attend to, and their own are appended (depth ``ℓ`` in cache layer ``ℓ``);
+        ``attention_mask`` then covers cached + new tokens."""
         m, (b, t) = self.model, input_ids.shape
+        past = 0 if cache is None else cache.get_seq_length()
         h = m.embed_tokens(input_ids)
-        pos = torch.arange(t, device=h.device)[None].expand(b, t)
+        dev = h.device
+        here = torch.arange(past, past + t, device=dev)
+        pos = here[None].expand(b, t) if position_ids is None else position_ids
         cos, sin = m.rotary_emb(h, pos)
-        mask = torch.ones(t, t, dtype=torch.bool, device=h.device).tril()[None, None]
+        keys = torch.arange(past + t, device=dev)
+        mask = (keys[None, :] <= here[:, None])[None, None]  # (1, 1, t, T): causal
         if attention_mask is not None:
+            if attention_mask.shape[-1] != past + t:
+                raise ValueError(
+                    f"attention_mask covers {attention_mask.shape[-1]} tokens; the cache holds "
+                    f"{past} and the input {t}: pass the mask of all {past + t}"
+                )
             mask = mask & attention_mask.bool()[:, None, None, :]
-            mask = mask | torch.eye(t, dtype=torch.bool, device=h.device)  # no all-masked rows
+            mask = mask | (keys[None, :] == here[:, None])  # no all-masked rows
         outs, k_shared = [], self.config.num_shared_layers
         for depth in range(self.config.num_hidden_layers):
-            h = m.block(h, depth, cos, sin, mask)[0]
+            store = None if cache is None else _store(cache, depth)
+            h = m.block(h, depth, cos, sin, mask, store)[0]
             if depth % k_shared == k_shared - 1:
                 outs.append(h)
         return outs
@@ -264,15 +288,25 @@ class RecursiveLlamaForCausalLM(PreTrainedModel):
         input_ids: Tensor,
         attention_mask: Tensor | None = None,
         labels: Tensor | None = None,
+        cache: Cache | None = None,
+        use_cache: bool | None = None,
+        position_ids: Tensor | None = None,
+        logits_to_keep: int = 0,
+        past_key_values: Cache | None = None,
         **kwargs: object,
     ) -> CausalLMOutputWithPast:
-        if kwargs.get("past_key_values") is not None or kwargs.get("cache") is not None:
-            raise ValueError(
-                "RecursiveLlamaForCausalLM keeps no KV cache in forward(): pass whole sequences, "
-                "or decode with splice.convert.generate_early_exit"
-            )
-        states = self.hidden_states_per_loop(input_ids, attention_mask)
-        logits = self.logits_at(states[-1])
+        """``cache`` (or ``past_key_values``, its name before transformers 5.x) is extended
+        in place and returned as ``.cache``; ``use_cache`` (default: the config's, off in
+        training) starts one when none is given. ``logits_to_keep`` > 0: logits of the last
+        that many positions only."""
+        cache = cache if cache is not None else past_key_values
+        if use_cache is None:
+            use_cache = bool(getattr(self.config, "use_cache", False)) and not self.training
+        if cache is None and use_cache:
+            cache = DynamicCache(config=self.config)
+        states = self.hidden_states_per_loop(input_ids, attention_mask, cache, position_ids)
+        keep = slice(-logits_to_keep, None) if logits_to_keep else slice(None)
+        logits = self.logits_at(states[-1][:, keep])
         loss = None
         if labels is not None:
             loss = _lm_loss(logits, labels)
@@ -280,7 +314,12 @@ class RecursiveLlamaForCausalLM(PreTrainedModel):
             if w > 0 and len(states) > 1:
                 early = [_lm_loss(self.logits_at(s), labels) for s in states[:-1]]
                 loss = loss + w * torch.stack(early).mean()
-        return CausalLMOutputWithPast(loss=loss, logits=logits)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache)
+
+
+def _store(cache: Cache, depth: int) -> Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]:
+    """Append one depth's keys/values to its own cache layer; the layer's keys/values."""
+    return lambda k, v: cache.update(k, v, depth)
 
 
 def _lm_loss(logits: Tensor, labels: Tensor) -> Tensor:

@@ -215,9 +215,3 @@ def test_save_load_round_trip_untied_head(tmp_path):
     linears = 2 * (d * d + 2 * d * 16 + d * d) // 2 + 3 * d * ff  # q, k, v (2 kv heads), o, mlp
     lora = 2 * 2 * 3 * ((d + d) * 2 + (d + 16) * 2 + (d + ff) * 3)  # K × loops × r(in + out)
     assert n_params == 2 * v * d + 2 * linears + lora + 2 * 2 * d + d
-
-
-def test_forward_refuses_a_kv_cache(llama):
-    rec = convert_recursive(llama, 2, rank=0)
-    with pytest.raises(ValueError, match="no KV cache"):
-        rec(torch.tensor([[1, 2]]), past_key_values=object())
