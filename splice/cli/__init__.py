@@ -41,6 +41,7 @@ for _command in (
     "extract",
     "moe",
     "evolve",
+    "fuse",
     "quantize",
     "convert",
     "generate",
