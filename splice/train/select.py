@@ -42,6 +42,9 @@ class ID3Options(Strict):
     horizon: int | None = pydantic.Field(None, gt=0, description="unmasking steps T (default: ½)")
     eps: float = pydantic.Field(1e-3, gt=0, description="ε of the D³ score")
     exp: float = pydantic.Field(0.0, ge=0, description="β of the D³ score")
+    mask: Literal["d3", "random"] = pydantic.Field(
+        "d3", description="random: a static random mask of B entries (the baseline)"
+    )
 
 
 SELECTORS: dict[str, type[Strict]] = {"spt": SPTOptions, "rdp": RDPOptions, "id3": ID3Options}
@@ -119,7 +122,7 @@ def select(
     holder: dict[str, ID3] = {}
 
     def wrap(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
-        holder["opt"] = ID3(optimizer, named, cfg.budget, horizon, opts.eps, opts.exp)
+        holder["opt"] = ID3(optimizer, named, cfg.budget, horizon, opts.eps, opts.exp, opts.mask)
         return holder["opt"]
 
     def finish(m: nn.Module) -> None:

@@ -178,3 +178,27 @@ def test_gradients_accumulated_in_place_are_masked_too():
         runs.append({n: p.detach().clone() for n, p in named.items()})
     for n in runs[0]:
         assert torch.allclose(runs[0][n], runs[1][n], atol=1e-6)
+
+
+def test_random_mask_is_static_uniform_and_of_the_budget():
+    """mask="random": B entries at the first step, none after; masked entries frozen; the
+    draw follows torch's generator (two seeds differ, one seed repeats)."""
+    picks = []
+    for seed in (0, 0, 1):
+        model, named, _ = setup(budget=50, horizon=5, wd=0.5)
+        inner = torch.optim.AdamW(list(named.values()), lr=5e-2, weight_decay=0.5)
+        torch.manual_seed(seed)
+        opt = ID3(inner, named, budget=50, horizon=5, mask="random")
+        before = {n: p.detach().clone() for n, p in named.items()}
+        train(model, opt, 1)
+        first = torch.cat([m.reshape(-1) for m in opt.masks.values()])
+        train(model, opt, 6)
+        assert opt.unmasked() == 50
+        assert torch.equal(torch.cat([m.reshape(-1) for m in opt.masks.values()]), first)
+        for n, p in named.items():
+            m = opt.masks[n]
+            assert torch.equal(p[~m], before[n][~m])
+        picks.append(set(torch.nonzero(first).reshape(-1).tolist()))
+    assert picks[0] == picks[1] != picks[2]
+    with pytest.raises(SpliceError, match="mask 'top' is not d3 or random"):
+        ID3(inner, named, budget=5, horizon=1, mask="top")
