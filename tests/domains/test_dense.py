@@ -225,7 +225,14 @@ def test_bench_driver_runs_every_method(tmp_path, monkeypatch):
 
     cfg = HierConfig(widths=(8, 16, 32), depths=(1, 1, 2), heads=(1, 2, 2))
     setup = DenseSetup(
-        backbone=cfg, pretrain_images=64, pretrain_steps=2, train=16, test=8, steps=4, batch=4
+        backbone=cfg,
+        pretrain_images=64,
+        pretrain_steps=2,
+        train=16,
+        val=4,
+        test=8,
+        steps=4,
+        batch=4,
     )
     rows, _facts = run(setup, METHODS, log=lambda s: None)
     by = {r.method: r for r in rows}

@@ -149,6 +149,7 @@ def test_bench_driver_trains_caches_and_compares(tmp_path, monkeypatch):
         pretrain_clouds=64,
         pretrain_steps=3,
         train=40,
+        val=8,
         test=20,
         steps=2,
         batch=8,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from splice.adapters import trainable_parameters
 from splice.data.cache import cache_root, stable_hash
+from splice.errors import SpliceError
 from splice.io import atomic_dir
 from splice.train.loop import LoopState, TrainStep, fit
 from splice.train.schedule import linear_warmup_decay
@@ -33,6 +34,7 @@ __all__ = [
     "parse_setup",
     "plot_rows",
     "report",
+    "run_grid",
     "train",
 ]
 
@@ -40,17 +42,26 @@ __all__ = [
 @dataclass(frozen=True)
 class Setup:
     """Steps, sizes and learning rates every domain benchmark has (defaults: minutes on one
-    core); ``full_lr`` is full fine-tuning's, ``lr`` every adapter's."""
+    core); ``full_lr`` is full fine-tuning's, ``lr`` every adapter's. The last ``val`` of the
+    ``train`` examples are held out for choosing a learning rate, not trained on."""
 
     pretrain_steps: int = 600
     pretrain_lr: float = 1e-3
     train: int = 4000
+    val: int = 500
     test: int = 1000
     steps: int = 300
     batch: int = 32
     lr: float = 1e-3
     full_lr: float = 3e-4
     seed: int = 0
+
+    def splits(self) -> tuple[slice, slice, slice]:
+        """Train, validation and test slices of the ``train + test`` downstream examples."""
+        if not 0 < self.val < self.train:
+            raise SpliceError(f"val={self.val} of train={self.train}", fix="0 < val < train")
+        cut = self.train - self.val
+        return slice(0, cut), slice(cut, self.train), slice(self.train, self.train + self.test)
 
     def pretrain_key(self, *names: str) -> dict[str, Any]:
         """The settings that determine the pretrained backbone: ``pretrain*``, seed, ``names``."""
@@ -168,7 +179,7 @@ def format_rows(rows: list[Row], ref: str, ref_params: str | None = None) -> str
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r.method, f"{r.score:.2f}", f"{r.score - base.score:+.2f}"]
-        cells += [f"{r.detail[k]:.2f}" if k in r.detail else "" for k in keys]
+        cells += [f"{r.detail[k]:.3g}" if k in r.detail else "" for k in keys]
         cells += [f"{r.trainable:,}", f"{r.own:,}", f"{100 * r.trainable / pbase.trainable:.1f}"]
         cells += [f"{100 * r.own / max(pbase.own, 1):.1f}", f"{r.seconds:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
@@ -179,7 +190,6 @@ def parse_setup(doc: str, setup: Setup, methods: tuple[str, ...]) -> tuple[Setup
     """The benchmark scripts' common options (steps, LRs, methods, seed, outputs) applied to
     ``setup``; returns it and the parsed arguments (``methods`` as a tuple)."""
     import argparse
-    from dataclasses import replace
 
     ap = argparse.ArgumentParser(description=doc.split("\n")[0])
     ap.add_argument("--steps", type=int, default=setup.steps)
@@ -188,23 +198,65 @@ def parse_setup(doc: str, setup: Setup, methods: tuple[str, ...]) -> tuple[Setup
     ap.add_argument("--full-lr", type=float, default=setup.full_lr)
     ap.add_argument("--methods", default=",".join(methods))
     ap.add_argument("--seed", type=int, default=setup.seed)
+    ap.add_argument("--lr-grid", default="1", help="multipliers of each method's LR, e.g. 1,3,10")
     ap.add_argument("--study", action="store_true", help="add the study's variants")
     ap.add_argument("--json", help="write the rows here")
     ap.add_argument("--plot", help="write the plot (PNG) here")
     args = ap.parse_args()
     args.methods = tuple(args.methods.split(","))
+    args.lr_grid = tuple(float(v) for v in args.lr_grid.split(","))
     keys = ("steps", "pretrain_steps", "lr", "full_lr", "seed")
     return replace(setup, **{k: getattr(args, k) for k in keys}), args
 
 
-def report(rows: list[Row], facts: dict, setup: Setup, args: Any, ref: str, title: str) -> None:
-    """Print the table (differences and parameter shares against ``ref``), write the JSON and
-    the plot where ``args`` asks for them."""
+def run_grid(
+    methods: tuple[str, ...],
+    grid: tuple[float, ...],
+    base_lr: Callable[[str], float],
+    run: Callable[[str, str, float], Row],
+    log: Callable[[str], None] = print,
+) -> tuple[list[Row], list[Row]]:
+    """``run(method, name, lr)`` for every method at ``base_lr(method) × g`` for ``g`` in
+    ``grid``; returns every row and, per method, the row of best validation score (named
+    after the method, its LR in ``detail["lr"]``)."""
+    every, best = [], []
+    for m in methods:
+        mine = []
+        for g in grid:
+            lr = base_lr(m) * g
+            row = run(m, m if len(grid) == 1 else f"{m} lr={lr:g}", lr)
+            row.detail["lr"] = lr
+            log(
+                f"{row.method}: test {row.score:.2f}, val {row.detail.get('val', float('nan')):.2f}"
+            )
+            mine.append(row)
+        every += mine
+        top = max(mine, key=lambda r: r.detail.get("val", r.score))
+        best.append(replace(top, method=m, detail=dict(top.detail)))
+    return every, best
+
+
+def report(
+    rows: list[Row],
+    facts: dict,
+    setup: Setup,
+    args: Any,
+    ref: str,
+    title: str,
+    every: list[Row] | None = None,
+) -> None:
+    """Print the table (differences and parameter shares against ``ref``) — first of
+    ``every`` row of an LR grid if given — and write the JSON and the plot of ``rows`` where
+    ``args`` asks for them."""
     print(f"\nsteps {setup.steps}, pretrain steps {setup.pretrain_steps}, seed {setup.seed}")
+    if every and len(every) > len(rows):
+        print(format_rows(every, every[0].method, every[0].method), "\n\nbest LR by validation:")
     print(format_rows(rows, ref, ref))
     if args.json:
+        out = {"pretrain": facts, "rows": [r.to_dict() for r in rows]}
+        out["every"] = [r.to_dict() for r in every or rows]
         with open(args.json, "w") as f:
-            json.dump({"pretrain": facts, "rows": [r.to_dict() for r in rows]}, f, indent=2)
+            json.dump(out, f, indent=2, default=str)
     if args.plot:
         plot_rows(rows, args.plot, f"{title} ({setup.steps} steps)")
 

@@ -73,14 +73,11 @@ def pretrained(setup: DenseSetup) -> tuple[HierBackbone, dict[str, Any]]:
     return cached_pretrain("hier", key, HierBackbone(setup.backbone), build)
 
 
-def data(setup: DenseSetup) -> tuple[Tensor, dict[str, Tensor], Tensor, dict[str, Tensor]]:
+def data(setup: DenseSetup) -> list[tuple[Tensor, dict[str, Tensor]]]:
+    """(images, targets) of the cluttered digits: train, validation, test (``setup.splits()``)."""
     images, targets = cluttered_digits(setup.train + setup.test, seed=setup.seed + 1)
-    x, t, n = (
-        torch.from_numpy(images),
-        {k: torch.from_numpy(v) for k, v in targets.items()},
-        setup.train,
-    )
-    return x[:n], {k: v[:n] for k, v in t.items()}, x[n:], {k: v[n:] for k, v in t.items()}
+    x, t = torch.from_numpy(images), {k: torch.from_numpy(v) for k, v in targets.items()}
+    return [(x[s], {k: v[s] for k, v in t.items()}) for s in setup.splits()]
 
 
 def build(method: str, backbone: HierBackbone, setup: DenseSetup, **options: Any) -> MultiTask:
@@ -135,7 +132,7 @@ def run_method(
     **options,
 ) -> Row:
     """Adapt, train ``setup.steps`` steps (tasks in turn), score every task on the test set."""
-    x, t, xt, tt = data_
+    (x, t), (xv, tv), (xt, tt) = data_
     start = time.perf_counter()
     model = build(method, backbone, setup, **options)
     fit(
@@ -148,7 +145,7 @@ def run_method(
         setup.seed,
     )
     s = scores(model, xt, tt)
-    detail = dict(s)
+    detail = {**s, "val": float(np.mean(list(scores(model, xv, tv).values())))}
     if isinstance(model, TapSlf) and len(model.prompt_groups):
         model.ablate = True
         detail["prompts removed"] = float(np.mean(list(scores(model, xt, tt).values())))

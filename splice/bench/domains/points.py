@@ -114,16 +114,15 @@ def pretrained(setup: PointsSetup) -> tuple[PointTransformer, dict[str, Any]]:
     return cached_pretrain("points", key, PointTransformer(cfg), build)
 
 
-def digits(setup: PointsSetup) -> tuple[Groups, Tensor, Groups, Tensor]:
-    """(train groups, labels, test groups, labels) of the digit clouds."""
+def digits(setup: PointsSetup) -> list[tuple[Groups, Tensor]]:
+    """(groups, labels) of the digit clouds: train, validation, test (``setup.splits()``)."""
     from splice.data import TASKS
 
     images, labels, _ = TASKS.get("mnist_5k").read()
     order = np.random.default_rng(setup.seed).permutation(len(images))[: setup.train + setup.test]
     xyz, lab = digit_clouds(images[order], labels[order], setup.points, seed=setup.seed + 1)
     g, y = _groups(xyz, setup.backbone), torch.from_numpy(lab)
-    n = setup.train
-    return _take(g, slice(0, n)), y[:n], _take(g, slice(n, None)), y[n:]
+    return [(_take(g, s), y[s]) for s in setup.splits()]
 
 
 def _lora_rank(backbone: PointTransformer, target: int) -> int:
@@ -181,12 +180,14 @@ def run_method(
 ) -> Row:
     """Adapt, train ``setup.steps`` steps, score on the test clouds; ``options`` go to
     :func:`build` (Point-PEFT's: ``tokens``, ``r``, ``k``, ``bank``, ``tau``, ``bank_weight``)."""
-    train_g, train_y, test_g, test_y = data
+    (train_g, train_y), val, test = data
     start = time.perf_counter()
     model = build(method, backbone, setup, train_g, **options)
     lr = lr or (setup.full_lr if method == "full" else setup.lr)
     _fit(model, train_g, train_y, setup.steps, lr, setup.batch, setup.seed)
-    return Row.of(name or method, model, accuracy(model, test_g, test_y), start)
+    return Row.of(
+        name or method, model, accuracy(model, *test), start, {"val": accuracy(model, *val)}
+    )
 
 
 def run(
