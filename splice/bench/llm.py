@@ -53,6 +53,7 @@ LEARNED_WHY = {
     "lot": "solves per-layer feature alignment through the pooled-feature forward only",
     "regmean": "defined for any linear layer's inputs, but only wired to the pooled-feature "
     "forward of the classification suites",
+    "regmean_plusplus": "like regmean: only wired to the pooled-feature forward",
     "fisher": "needs the Fisher of a classification head's loss; the answer-token analogue is "
     "not wired",
     "opcm": "continual merge run on the classification suites' task sequences only",
@@ -281,7 +282,8 @@ def run_llm(cfg: LLMBenchConfig, say: Callable[[str], None] = print) -> dict[str
     mkey = model_key(cfg.model)
     entries = {(t, s): lm_entry(mkey, d.key, t, cfg.train, s) for t, d in data.items()
                for s in cfg.seeds}  # fmt: skip
-    clock.loaded(cfg, encoded, entries, len(full) + len(adapter))
+    runnable = sum(1 for s in full + adapter if not unsupported(s, len(cfg.tasks)))
+    clock.loaded(cfg, encoded, entries, runnable)
     scorer = _Scorer(model, tok, encoded, cfg, clock.tick)
     tasks = list(cfg.tasks)
     rows: dict[str, dict[str, Any]] = {}

@@ -16,8 +16,10 @@ from splice.bench.progress import clock
 
 __all__ = ["EXAMPLE_S", "STEP_S", "Clock", "model_key"]
 
-STEP_S = 3.0  # one LoRA step, batch 8, ~60 tokens
-EXAMPLE_S = 0.3  # one example scored: prompt, free and constrained decoding, gold answer
+# Measured by the first quick run (docs/bench.md, "LLM suite"): 372 s for 4 × 30 steps,
+# 197 s for 1,120 scored examples.
+STEP_S = 3.1  # one LoRA step, batch 8, ~60 tokens
+EXAMPLE_S = 0.18  # one example scored: prompt, free and constrained decoding, gold answer
 
 
 def model_key(name: str) -> str:
