@@ -2,13 +2,8 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any
-
-import typer
-
-from splice.cli._printers import print_json
 
 
 def run_llm_suite(
@@ -25,11 +20,9 @@ def run_llm_suite(
     out: Path,
     as_json: bool,
     suite: str | None = None,
-) -> dict[str, Any]:
+) -> None:
     """Run the LLM suite's merge track, print its table (or JSON), write ``llm-results.*``.
     ``text_model`` names a causal-LM dir here (default: the packaged SmolLM2)."""
-    from rich.console import Console
-
     from splice.errors import UsageError
 
     del suite  # "llm", or None when the full profile runs it after the others
@@ -45,15 +38,12 @@ def run_llm_suite(
 
     cfg = configure_llm(profile, tasks=tasks, methods=methods, steps=steps, seed=seed,
                         device=device, model=text_model)  # fmt: skip
-    err = Console(stderr=True)
-    err.print(
-        f"[bold]splice bench --suite llm[/] {profile}: {', '.join(cfg.tasks)}", soft_wrap=True
-    )
-    results = run_llm(cfg, say=lambda line: err.print(line, soft_wrap=True, highlight=False))
-    paths = write_llm_report(results, out)
-    if as_json:
-        print_json(results)
-    else:
-        print_llm_table(results, Console() if sys.stdout.isatty() else Console(width=200))
-    typer.echo("wrote " + ", ".join(str(p) for p in paths), err=True)
-    return results
+    from splice.cli.bench import _run
+
+    def run(config: Any, console: Any) -> dict[str, Any]:
+        return run_llm(
+            config, say=lambda line: console.print(line, soft_wrap=True, highlight=False)
+        )
+
+    title = f"splice bench --suite llm[/] {profile}"
+    _run(title, cfg, run, write_llm_report, print_llm_table, out, as_json)

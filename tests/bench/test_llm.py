@@ -147,3 +147,17 @@ def test_configure_llm_and_cli_usage_errors(monkeypatch, capsys):
     assert code == 2 and "unknown llm task 'nope'" in err
     code, _, err = run_cli(monkeypatch, capsys, "bench", "--suite", "llm", "--track", "peft")
     assert code == 2 and "merge track" in err
+
+
+def test_cli_runs_the_llm_suite_and_writes_its_report(lm, tmp_path, monkeypatch, capsys):
+    root, *_ = lm
+    monkeypatch.setenv("SPLICE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setitem(LLM_TASKS, "syn", gen_task("syn"))
+    monkeypatch.setitem(LLM_TASKS, "syn_open", gen_task("syn_open", labels=False))
+    code, out, err = run_cli(monkeypatch, capsys, "bench", "--suite", "llm", "--text-model",
+                             str(root), "--tasks", "syn,syn_open", "--steps", "3", "--methods",
+                             "ties,adamerging", "--out", str(tmp_path / "out"))  # fmt: skip
+    assert code == 0, err
+    assert "ETA" in err and "ties → adapter r8" in out
+    md = (tmp_path / "out" / "llm-results.md").read_text()
+    assert "| zero-shot |" in md and "adamerging: objective" in md
