@@ -7,7 +7,7 @@ tensor or, with ``filter_wise``, per vector along the last axis (a 1-D tensor is
 t = N·c / (1 + (N − 1)·c): θ = t · mean_i θ_i + (1 − t) · θ₀, and θ₀ where the denominator is
 below 1e-6 (mergekit 0.1.5). The paper derives t for two models from their angle; for more
 it uses one angle, which mergekit (and splice) take as the mean pairwise cosine.
-Dot products and norms are accumulated in float64 chunk by chunk (mergekit reduces whole
+Dot products and norms are float32 per chunk, accumulated in float64 (mergekit reduces whole
 tensors in the compute dtype), so results agree to rounding, not bit for bit.
 """
 
