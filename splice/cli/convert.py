@@ -1,4 +1,5 @@
-"""``splice convert recursive|prune``: change a causal LM's architecture (splice.convert).
+"""``splice convert recursive|prune|transfer``: change a causal LM's architecture, or move
+parametric knowledge into a smaller one (splice.convert, splice.train.transfer).
 
 Each writes an HF model directory (atomically: a failed run leaves nothing) with the
 tokenizer, and prints what it wrote. Bad input — K not dividing the depth, a rank above
@@ -35,21 +36,7 @@ def _causal_lm(name: str, check: Callable[[dict[str, Any]], None] = lambda c: No
     """Load ``name`` after checking its config names a causal LM (one-line error if not) and
     passes ``check`` (the dir's config; the packaged model is checked after loading)."""
     if name != "smollm2":
-        config = Path(name) / "config.json"
-        if not config.is_file():
-            raise SpliceError(
-                "not a model dir (no config.json)",
-                where=name,
-                fix="pass a causal-LM dir, or 'smollm2'",
-            )
-        archs = json.loads(config.read_text()).get("architectures") or []
-        if not any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
-            raise SpliceError(
-                f"not a causal LM (architectures {archs})",
-                where=name,
-                fix="convert a *ForCausalLM model",
-            )
-        check(json.loads(config.read_text()))
+        check(_causal_lm_config(name))
     from transformers.utils import logging
 
     from splice.data.causal_lm import load_causal_lm
@@ -58,6 +45,24 @@ def _causal_lm(name: str, check: Callable[[dict[str, Any]], None] = lambda c: No
     model, tokenizer = load_causal_lm(name)
     check(model.config.to_dict())
     return model, tokenizer
+
+
+def _causal_lm_config(name: str) -> dict[str, Any]:
+    """The config of the model dir ``name``; a one-line error unless it is a causal LM."""
+    config = Path(name) / "config.json"
+    if not config.is_file():
+        raise SpliceError(
+            "not a model dir (no config.json)", where=name, fix="pass a causal-LM dir, or 'smollm2'"
+        )
+    loaded = json.loads(config.read_text())
+    archs = loaded.get("architectures") or []
+    if not any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
+        raise SpliceError(
+            f"not a causal LM (architectures {archs})",
+            where=name,
+            fix="convert a *ForCausalLM model",
+        )
+    return loaded
 
 
 def _summary(out: Path, model: Any, source: Any, seconds: float) -> dict[str, Any]:
@@ -142,3 +147,54 @@ def prune(
         tokenizer.save_pretrained(tmp)
     summary = _summary(out, pruned, source, time.perf_counter() - start)
     _report(summary | {"layers": layers}, as_json)
+
+
+@convert_app.command()
+def transfer(
+    teacher: Model,
+    student: Annotated[str, typer.Argument(help="A smaller causal-LM dir of the same family.")],
+    out: Out,
+    method: Annotated[str, typer.Option(help="laten or postpkt.")] = "laten",
+    data: Annotated[
+        str, typer.Option(help="'glosses' (WordNet noun glosses) or a .jsonl/.csv text file.")
+    ] = "glosses",
+    steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 16,
+    extract: Annotated[int, typer.Option(help="Documents that locate the knowledge.")] = 8,
+    align: Annotated[int, typer.Option(help="Documents the transfer trains on.")] = 16,
+    heldout: Annotated[int, typer.Option(help="Documents perplexity is measured on.")] = 64,
+    lr: Annotated[float | None, typer.Option(help="Default: laten 3e-4, postpkt 1e-4.")] = None,
+    rate: Annotated[float, typer.Option(help="LaTen: share of neurons/dims moved.")] = 0.1,
+    rank: Annotated[int, typer.Option(help="PostPKT: LoRA rank.")] = 16,
+    max_length: Annotated[int, typer.Option(help="Tokens per document.")] = 48,
+    force: Annotated[bool, typer.Option(help="Replace an existing output dir.")] = False,
+    as_json: AsJson = False,
+) -> None:
+    """Cross-scale knowledge transfer (LaTen or PostPKT) from TEACHER into STUDENT; saves the
+    student with the transfer merged, and held-out perplexity before/after."""
+    from splice.train.transfer import TransferConfig
+    from splice.train.transfer import transfer as run
+
+    if method not in ("laten", "postpkt"):
+        raise SpliceError(f"unknown --method {method!r}", fix="choose laten or postpkt")
+    for name in (teacher, student):
+        if name != "smollm2":
+            _causal_lm_config(name)
+    cfg = TransferConfig(teacher=teacher, student=student, out=out, method=method, data=data,
+                         steps=steps, extract=extract, align=align, heldout=heldout, lr=lr,
+                         rate=rate, rank=rank, max_length=max_length, force=force)  # fmt: skip
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+    metrics = run(cfg, log=(lambda s: None) if as_json else typer.echo)
+    summary = {"out": str(out), "method": method} | {
+        k: metrics[k] for k in ("before_perplexity", "after_perplexity", "seconds")
+    }
+    summary["teacher_perplexity"] = metrics.get("teacher_perplexity")
+    if as_json:
+        print_json(summary)
+        return
+    typer.echo(
+        f"wrote {out}: held-out perplexity {summary['before_perplexity']:.2f} → "
+        f"{summary['after_perplexity']:.2f} (teacher {summary['teacher_perplexity']:.2f}) "
+        f"in {summary['seconds']:.1f} s"
+    )

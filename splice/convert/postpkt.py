@@ -7,9 +7,10 @@ Nuggets"): extract → SVD → LoRA → fine-tune.
   student's shape.
 - SVD → LoRA: the slice's best rank-r factors ``B A`` (:func:`splice.convert.svd_relax`).
 - Inject: ``W_s + B A`` where ``B, A`` are trainable (the student's weights stay frozen);
-  fine-tuning them is the ordinary training loop's job. [recon] the spec's formula
-  ``Θ_s − ΔΘ + BA`` is read as: the extracted ΔΘ is replaced by its trainable low-rank
-  factors, which on top of the unchanged student is ``W_s + BA``.
+  fine-tuning them is the ordinary training loop's job; :func:`merge_postpkt` then writes
+  ``B A`` into the weights and puts the plain linears back (a saved student keeps it).
+  [recon] the spec's formula ``Θ_s − ΔΘ + BA`` is read as: the extracted ΔΘ is replaced
+  by its trainable low-rank factors, which on top of the unchanged student is ``W_s + BA``.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from torch import Tensor, nn
 from splice.convert.recursive import svd_relax
 from splice.errors import SpliceError
 
-__all__ = ["LowRankDelta", "extract_slice", "inject_postpkt"]
+__all__ = ["LowRankDelta", "extract_slice", "inject_postpkt", "merge_postpkt"]
 
 
 def extract_slice(weight: Tensor, score: Tensor, shape: tuple[int, int]) -> Tensor:
@@ -82,3 +83,14 @@ def inject_postpkt(
             setattr(student.get_submodule(parent), leaf, LowRankDelta(base, a, b))
             done.append(s_name)
     return done
+
+
+def merge_postpkt(student: nn.Module) -> list[str]:
+    """Replace every :class:`LowRankDelta` of ``student`` by its base linear with ``B A``
+    added to the weight; returns the merged module names (the model saves as its own class)."""
+    names = [n for n, m in student.named_modules() if isinstance(m, LowRankDelta)]
+    for name in names:
+        parent, _, leaf = name.rpartition(".")
+        owner = student.get_submodule(parent) if parent else student
+        setattr(owner, leaf, student.get_submodule(name).merged())
+    return names

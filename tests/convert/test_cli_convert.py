@@ -9,22 +9,10 @@ import torch
 
 from splice.train import TrainConfig, train
 from tests.cli._run import run_cli
-from tests.convert.test_recursive import tiny_llama
+
+from .conftest import WORDS
 
 transformers = pytest.importorskip("transformers")
-
-WORDS = ["the", "cat", "dog", "sat", "ran", "on", "a", "mat", "log", "and"]
-
-
-@pytest.fixture(scope="module")
-def llama_dir(tmp_path_factory):
-    """A tiny Llama causal LM with a word-level tokenizer (vocab 64 ≥ the 15 tokens)."""
-    path = tmp_path_factory.mktemp("llama")
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
-    (path / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    transformers.BertTokenizerFast(vocab=str(path / "vocab.txt")).save_pretrained(path)
-    tiny_llama(6).save_pretrained(path)
-    return path
 
 
 def test_recursive_full_rank_cli_reproduces_and_uptrains(llama_dir, tmp_path, monkeypatch, capsys):
