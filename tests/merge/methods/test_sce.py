@@ -52,3 +52,21 @@ def test_selection_zeroes_low_variance_positions(models):
     name = "model.layers.0.mlp.up_proj.weight"
     moved = (got[name] != base[name]).float().mean()
     assert 0.05 < float(moved) <= 0.1
+
+
+def test_positions_tied_with_the_variance_cut_are_all_kept():
+    """mergekit's ``topk`` keeps exactly k positions and picks an arbitrary subset of those
+    whose variance ties with the k-th; splice keeps every tied position (the one difference
+    from mergekit on the 168M benchmark, docs/merging-methods.md)."""
+    base = torch.zeros(1, 8)
+    # variances per position: 4 distinct large ones, then 4 equal ones at the cut
+    big = torch.tensor([[8.0, 7.0, 6.0, 5.0, 1.0, 1.0, 1.0, 1.0]])
+    fts = [base + big, base - big]
+    got = merge_state_dicts("sce", [{"w": f} for f in fts], base={"w": base},
+                            params={"select_topk": 5 / 8})["w"]  # fmt: skip
+    # k = 5 of 8 non-zero variances; the 5th ties with three more: all 8 stay selected
+    sel = merge_state_dicts("sce", [{"w": f} for f in fts], base={"w": base},
+                            params={"select_topk": 3 / 8})["w"]  # fmt: skip
+    # sign election over ±τ sums to 0 → +; the + model's entries survive
+    assert torch.equal(got, big)
+    assert torch.equal(sel, torch.tensor([[8.0, 7.0, 6.0, 0, 0, 0, 0, 0]]))
