@@ -2,7 +2,7 @@
 (issue #34, item 4).
 
     flock /tmp/splice-heavy.lock python benchmarks/domains_dense.py [--steps 400]
-        [--pretrain-steps 800] [--json out.json] [--plot docs/img/domains-dense.png]
+        [--pretrain-steps 800] [--out out.json] [--plot docs/img/domains-dense.png]
 
 A hierarchical backbone (:mod:`splice.domains.backbones.hier`) pretrained on garments
 (cached), adapted to four tasks on cluttered digits (mask, saliency, edges, class; 4,000
@@ -27,10 +27,13 @@ torch.set_num_threads(1)
 
 
 def main() -> None:
-    from splice.bench.domains.common import parse_setup, report, run_grid
+    from _domains import parser, settings
+
+    from splice.bench.domains.common import grid_options, report, run_grid
     from splice.bench.domains.dense import METHODS, DenseSetup, data, pretrained, run_method
 
-    setup, args = parse_setup(__doc__, DenseSetup(), METHODS)
+    args = grid_options(parser(__doc__, DenseSetup()), METHODS).parse_args()
+    setup = settings(args, DenseSetup())
     start = time.perf_counter()
     backbone, facts = pretrained(setup)
     how = "cached" if facts["cached"] else f"{facts['seconds']:.0f} s"

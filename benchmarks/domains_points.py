@@ -1,7 +1,7 @@
 """Point-PEFT vs full fine-tuning and LoRA at its parameter count (issue #34, item 3).
 
     flock /tmp/splice-heavy.lock python benchmarks/domains_points.py [--steps 300]
-        [--pretrain-steps 600] [--study] [--json out.json] [--plot docs/img/domains-points.png]
+        [--pretrain-steps 600] [--study] [--out out.json] [--plot docs/img/domains-points.png]
 
 A point transformer (:mod:`splice.domains.backbones.points`) pretrained on primitive shapes
 (cached), adapted to mnist_5k digits as 3-D clouds (4,000 train / 1,000 test), seed 0; see
@@ -24,10 +24,13 @@ torch.set_num_threads(1)
 
 
 def main() -> None:
-    from splice.bench.domains.common import parse_setup, report, run_grid
+    from _domains import parser, settings
+
+    from splice.bench.domains.common import grid_options, report, run_grid
     from splice.bench.domains.points import METHODS, PointsSetup, digits, pretrained, run_method
 
-    setup, args = parse_setup(__doc__, PointsSetup(), METHODS)
+    args = grid_options(parser(__doc__, PointsSetup()), METHODS).parse_args()
+    setup = settings(args, PointsSetup())
     start = time.perf_counter()
     backbone, facts = pretrained(setup)
     how = "cached" if facts["cached"] else f"{facts['seconds']:.0f} s"
@@ -49,7 +52,8 @@ def main() -> None:
             rows.append(run_method("point-peft", setup, backbone, data, name=name, lr=lr, **opts))
             rows[-1].detail["lr"] = lr
             print(f"{name}: {rows[-1].score:.2f} (lr {lr:g})", flush=True)
-    report(rows, facts, setup, args, "full", "Point-PEFT on digit clouds", every)
+    ref = "full" if "full" in args.methods else rows[0].method
+    report(rows, facts, setup, args, ref, "Point-PEFT on digit clouds", every)
     print(f"wall time {time.perf_counter() - start:.0f} s")
 
 

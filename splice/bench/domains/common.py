@@ -31,7 +31,7 @@ __all__ = [
     "batch_order",
     "cached_pretrain",
     "format_rows",
-    "parse_setup",
+    "grid_options",
     "plot_rows",
     "report",
     "run_grid",
@@ -186,27 +186,17 @@ def format_rows(rows: list[Row], ref: str, ref_params: str | None = None) -> str
     return "\n".join(lines)
 
 
-def parse_setup(doc: str, setup: Setup, methods: tuple[str, ...]) -> tuple[Setup, Any]:
-    """The benchmark scripts' common options (steps, LRs, methods, seed, outputs) applied to
-    ``setup``; returns it and the parsed arguments (``methods`` as a tuple)."""
-    import argparse
+def grid_options(parser: Any, methods: tuple[str, ...]) -> Any:
+    """Add ``--methods``, ``--lr-grid`` and ``--study`` to a benchmark script's ``parser``
+    (``benchmarks/_domains.py`` gives the setup's own options); returns it."""
 
-    ap = argparse.ArgumentParser(description=doc.split("\n")[0])
-    ap.add_argument("--steps", type=int, default=setup.steps)
-    ap.add_argument("--pretrain-steps", type=int, default=setup.pretrain_steps)
-    ap.add_argument("--lr", type=float, default=setup.lr)
-    ap.add_argument("--full-lr", type=float, default=setup.full_lr)
-    ap.add_argument("--methods", default=",".join(methods))
-    ap.add_argument("--seed", type=int, default=setup.seed)
-    ap.add_argument("--lr-grid", default="1", help="multipliers of each method's LR, e.g. 1,3,10")
-    ap.add_argument("--study", action="store_true", help="add the study's variants")
-    ap.add_argument("--json", help="write the rows here")
-    ap.add_argument("--plot", help="write the plot (PNG) here")
-    args = ap.parse_args()
-    args.methods = tuple(args.methods.split(","))
-    args.lr_grid = tuple(float(v) for v in args.lr_grid.split(","))
-    keys = ("steps", "pretrain_steps", "lr", "full_lr", "seed")
-    return replace(setup, **{k: getattr(args, k) for k in keys}), args
+    def floats(s: str) -> tuple[float, ...]:
+        return tuple(float(v) for v in s.split(","))
+
+    parser.add_argument("--methods", type=lambda s: tuple(s.split(",")), default=methods)
+    parser.add_argument("--lr-grid", type=floats, default=(1.0,), help="LR multiples, e.g. 1,3,10")
+    parser.add_argument("--study", action="store_true", help="add the study's variants")
+    return parser
 
 
 def run_grid(
@@ -252,10 +242,10 @@ def report(
     if every and len(every) > len(rows):
         print(format_rows(every, every[0].method, every[0].method), "\n\nbest LR by validation:")
     print(format_rows(rows, ref, ref))
-    if args.json:
+    if args.out:
         out = {"pretrain": facts, "rows": [r.to_dict() for r in rows]}
         out["every"] = [r.to_dict() for r in every or rows]
-        with open(args.json, "w") as f:
+        with open(args.out, "w") as f:
             json.dump(out, f, indent=2, default=str)
     if args.plot:
         plot_rows(rows, args.plot, f"{title} ({setup.steps} steps)")
