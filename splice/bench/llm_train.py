@@ -19,7 +19,7 @@ from __future__ import annotations
 import copy
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,7 @@ __all__ = [
     "finetune_lm_cached",
     "lm_entry",
     "load_entry",
+    "train_lm",
 ]
 
 
@@ -76,6 +77,46 @@ def answer_loss(
     return loss, int(keep.sum())
 
 
+def train_lm(
+    model: nn.Module,
+    enc: Encoded,
+    cfg: LMTrainConfig,
+    seed: int,
+    pad: int,
+    on_step: Callable[[int, float], None] | None = None,
+    options: Mapping[str, Any] | None = None,
+) -> tuple[nn.Module, list[nn.Parameter], Any]:
+    """Train ``cfg.finetune`` (an adapter method, or ``"full"``) on a copy of ``model`` with the
+    answer-token loss; returns the copy, its trainable parameters and the loop's state.
+    ``options``: the adapter's (default: ``cfg``'s r and alpha where the method has them)."""
+    from splice.bench.finetune import _aux_loss, _guide, _trainable
+    from splice.errors import SpliceError
+
+    torch.manual_seed(seed)
+    tuned = copy.deepcopy(model)
+    tuned.requires_grad_(False)
+    params = _trainable(tuned, cfg, cfg.targets, options)  # type: ignore[arg-type]
+    if cfg.finetune != "full" and _guide(tuned) is not None:
+        raise SpliceError(
+            f"{cfg.finetune} trains with a teacher-gated gradient on classification logits",
+            fix="not wired to the answer-token loss of a causal LM",
+        )
+    tuned.eval()  # no dropout
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    next_batch = batch_stream(len(enc), cfg.batch_size, seed)
+
+    def micro_loss(step: int) -> tuple[torch.Tensor, int]:
+        idx = next_batch()
+        loss, _ = answer_loss(tuned, enc, [int(i) for i in idx], pad)
+        if cfg.finetune != "full" and (aux := _aux_loss(tuned)) is not None:
+            loss = loss + aux
+        return loss, len(idx)
+
+    device = next(model.parameters()).device
+    state = fit(TrainStep(micro_loss, opt, device=device), cfg.steps, on_step=on_step)
+    return tuned, params, state
+
+
 def finetune_lm(
     model: nn.Module,
     enc: Encoded,
@@ -84,25 +125,11 @@ def finetune_lm(
     pad: int,
     on_step: Callable[[int, float], None] | None = None,
 ) -> tuple[dict[str, Delta], dict[str, Any]]:
-    """Train a LoRA on a copy of ``model``; returns its ΔW per base tensor and metadata."""
+    """Train a LoRA on a copy of ``model`` (:func:`train_lm`); returns its ΔW per base tensor
+    and metadata."""
     from splice import adapters
 
-    torch.manual_seed(seed)
-    tuned = copy.deepcopy(model)
-    tuned.requires_grad_(False)
-    adapters.inject(tuned, cfg.finetune, targets=list(cfg.targets), r=cfg.r, alpha=cfg.alpha)
-    params = [p for p in tuned.parameters() if p.requires_grad]
-    tuned.eval()  # no dropout
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-    next_batch = batch_stream(len(enc), cfg.batch_size, seed)
-
-    def micro_loss(step: int) -> tuple[torch.Tensor, int]:
-        idx = next_batch()
-        loss, _ = answer_loss(tuned, enc, [int(i) for i in idx], pad)
-        return loss, len(idx)
-
-    device = next(model.parameters()).device
-    state = fit(TrainStep(micro_loss, opt, device=device), cfg.steps, on_step=on_step)
+    tuned, params, state = train_lm(model, enc, cfg, seed, pad, on_step)
     deltas = {n: d for n, d in adapters.adapter_deltas(tuned).items()}
     meta = {
         "train_s": round(state.seconds, 2),

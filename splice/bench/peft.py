@@ -35,7 +35,7 @@ from pydantic import Field
 
 from splice._schema import Strict
 from splice.bench.peft_budget import fit_budget
-from splice.bench.peft_rows import Task, cached, run_row
+from splice.bench.peft_rows import Task, run_cached, run_row
 from splice.bench.plan import FACTORS, calibrate
 from splice.bench.progress import Phase, Progress, clock
 from splice.bench.runner import load_backbone, profile_update
@@ -293,15 +293,8 @@ def run_peft(cfg: PeftConfig, console: Any | None = None) -> dict[str, Any]:
                     def compute(t: Task = task, p: dict = plan, lr: float = head_lr) -> dict:
                         return run_row(t, p, lr, say)
 
-                    try:
-                        out, was = cached(_row_path(cfg, g, name, plan), compute)
-                    except SpliceError as e:  # a structure the method rejects on this model
-                        row |= {"status": "n/a", "reason": f"{plan['key']} rejects it: {e}"}
-                        out, was = {}, False
-                    except Exception as e:  # the row's error; the other rows still run
-                        row |= {"status": "error", "error": f"{type(e).__name__}: {e}"}
-                        out, was = {}, False
-                    row |= out | {"cached": was, "head_lr": out.get("lr", head_lr)}
+                    out = run_cached(row, _row_path(cfg, g, name, plan), compute)
+                    row["head_lr"] = out.get("lr", head_lr)
                     if plan["key"] == "probe" and out:
                         head_lr = out["lr"]
                     else:

@@ -121,7 +121,7 @@ def _table(results: dict[str, Any], suite: str) -> tuple[list[str], list[list[st
 
 
 def _suite(modality: str) -> str:
-    return "text" if modality == "text" else "image"
+    return modality if modality in ("text", "llm") else "image"
 
 
 def _suites(results: dict[str, Any]) -> list[str]:
@@ -149,7 +149,8 @@ def to_markdown(results: dict[str, Any]) -> str:
         "",
         f"**Protocol.** {results['protocol']}",
         "",
-        "Accuracy (%) on each task's test split. Trainable parameters: the adapter's (unique "
+        f"{results.get('metric', 'accuracy').capitalize()} (%) on each task's test split. "
+        "Trainable parameters: the adapter's (unique "
         "tensors) and the head's, separately; s/step and saved bytes: mean over tasks; peak "
         "RSS: the process's peak during the picked run, max over tasks; lr: the pick per task.",
     ]

@@ -27,7 +27,7 @@ from splice.bench.finetune import FinetuneConfig, Trained, batch_stream, train
 from splice.bench.suite import _features
 from splice.train.loop import TrainStep, fit
 
-__all__ = ["cached", "run_row"]
+__all__ = ["cached", "run_cached", "run_row"]
 
 
 def _grow(lr: float, way: int) -> float:
@@ -205,3 +205,21 @@ def cached(path: Path, compute: Callable[[], dict]) -> tuple[dict, bool]:
     tmp.write_text(json.dumps(out))
     tmp.replace(path)
     return out, False
+
+
+def run_cached(row: dict, path: Path, compute: Callable[[], dict]) -> dict:
+    """Fill ``row`` with :func:`cached`'s outcome (and ``cached``); a method that rejects the
+    model (SpliceError) makes it an n/a row, any other exception an error row. Returns the
+    outcome ({} when it failed)."""
+    from splice.errors import SpliceError
+
+    try:
+        out, was = cached(path, compute)
+    except SpliceError as e:  # a structure the method rejects on this model
+        row |= {"status": "n/a", "reason": f"{row['key']} rejects it: {e}"}
+        out, was = {}, False
+    except Exception as e:  # the row's error; the other rows still run
+        row |= {"status": "error", "error": f"{type(e).__name__}: {e}"}
+        out, was = {}, False
+    row |= out | {"cached": was}
+    return out

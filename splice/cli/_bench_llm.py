@@ -1,4 +1,5 @@
-"""``splice bench --suite llm``: the LLM suite's command-line glue (docs/bench.md, "LLM suite")."""
+"""``splice bench --suite llm [--track peft]``: the LLM suite's command-line glue (docs/bench.md,
+"LLM suite")."""
 
 from __future__ import annotations
 
@@ -20,17 +21,36 @@ def run_llm_suite(
     out: Path,
     as_json: bool,
     suite: str | None = None,
+    budget: int | None = None,
+    options: dict[str, dict[str, Any]] | None = None,
 ) -> None:
-    """Run the LLM suite's merge track, print its table (or JSON), write ``llm-results.*``.
-    ``text_model`` names a causal-LM dir here (default: the packaged SmolLM2)."""
+    """Run the LLM suite's merge track (or ``track="peft"``: its PEFT track), print its table
+    (or JSON), write the report. ``text_model`` names a causal-LM dir here (default: the
+    packaged SmolLM2)."""
     from splice.errors import UsageError
 
     del suite  # "llm", or None when the full profile runs it after the others
-    if track != "merge":
+    if track not in ("merge", "peft"):
         raise UsageError(
-            f"--suite llm runs the merge track, not --track {track}",
-            fix="drop --track (the llm PEFT track is not implemented)",
+            f"--suite llm runs the merge and peft tracks, not --track {track}",
+            fix="use --track merge or --track peft",
         )
+    from splice.cli.bench import _run
+
+    if track == "peft":
+        if finetune is not None:
+            raise UsageError("--finetune belongs to --track merge", fix="drop it")
+        from splice.bench.llm_peft import configure_llm_peft, run_llm_peft
+        from splice.bench.peft_report import print_peft_table, write_peft_report
+
+        pcfg = configure_llm_peft(profile, tasks=tasks, methods=methods, steps=steps, seed=seed,
+                                  budget=budget, options=options, device=device,
+                                  model=text_model)  # fmt: skip
+        title = f"splice bench --suite llm --track peft[/] {profile}"
+        _run(title, pcfg, run_llm_peft, write_peft_report, print_peft_table, out, as_json)
+        return
+    if budget is not None or options:
+        raise UsageError("--budget and --set belong to --track peft", fix="add --track peft")
     if finetune not in (None, "lora"):
         raise UsageError("--suite llm fine-tunes with LoRA only", fix="drop --finetune")
     from splice.bench.llm import configure_llm, run_llm
@@ -38,7 +58,6 @@ def run_llm_suite(
 
     cfg = configure_llm(profile, tasks=tasks, methods=methods, steps=steps, seed=seed,
                         device=device, model=text_model)  # fmt: skip
-    from splice.cli.bench import _run
 
     def run(config: Any, console: Any) -> dict[str, Any]:
         return run_llm(

@@ -108,7 +108,8 @@ def bench(
     if suite == "llm":  # the LLM suite (splice/cli/_bench_llm.py)
         from splice.cli._bench_llm import run_llm_suite
 
-        run_llm_suite(profile, track=track, finetune=finetune, out=out, as_json=as_json, **common)
+        run_llm_suite(profile, track=track, finetune=finetune, out=out, as_json=as_json,
+                      budget=budget, options=_options(set_ or []), **common)  # fmt: skip
         return
     if track not in ("merge", "peft", "continual"):
         raise UsageError(f"unknown track {track!r}", fix="use merge, peft or continual")

@@ -145,8 +145,8 @@ def test_configure_llm_and_cli_usage_errors(monkeypatch, capsys):
     assert configure_llm("full").methods is None
     code, _, err = run_cli(monkeypatch, capsys, "bench", "--suite", "llm", "--tasks", "nope")
     assert code == 2 and "unknown llm task 'nope'" in err
-    code, _, err = run_cli(monkeypatch, capsys, "bench", "--suite", "llm", "--track", "peft")
-    assert code == 2 and "merge track" in err
+    code, _, err = run_cli(monkeypatch, capsys, "bench", "--suite", "llm", "--track", "continual")
+    assert code == 2 and "merge and peft tracks" in err
 
 
 def test_cli_runs_the_llm_suite_and_writes_its_report(lm, tmp_path, monkeypatch, capsys):
