@@ -17,7 +17,12 @@ def extract_lora(
     base: Annotated[Path, typer.Argument(help="The base model it was fine-tuned from.")],
     out: Annotated[Path, typer.Argument(help="Output PEFT LoRA dir.")],
     max_rank: Annotated[int, typer.Option(help="Largest LoRA rank per module.")] = 128,
-    sv_epsilon: Annotated[float, typer.Option(help="Drop singular values at or below this.")] = 0.0,
+    sv_epsilon: Annotated[
+        float,
+        typer.Option(
+            help="Drop singular values at or below this (0: keep every direction up to --max-rank)."
+        ),
+    ] = 0.0,
     include: Annotated[
         list[str] | None, typer.Option("--include", "-i", help="Regex: only these modules.")
     ] = None,

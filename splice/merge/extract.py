@@ -1,7 +1,10 @@
 """LoRA extraction: a full fine-tune minus its base, as a PEFT LoRA dir (mergekit-extract-lora).
 
 For every linear weight that changed, ``ΔW = θ_ft − θ_base`` is replaced by its best rank-``r``
-approximation ``B·A`` (Eckart–Young): ``r = min(max_rank, #{σ_i > sv_epsilon})``. splice
+approximation ``B·A`` (Eckart–Young): ``r = min(max_rank, k)``, or ``min(max_rank,
+#{σ_i > sv_epsilon})`` with a positive ``sv_epsilon`` (in float32 the Gram's eigenvalues
+cannot tell a zero ``σ_i`` from one below ``≈ 3e-4·σ_max``: some come out negative, so
+``sv_epsilon = 0`` keeps every direction up to the cap instead of dropping those). splice
 finds the top singular subspace from the Gram matrix of ΔW's shorter side (``ΔW·ΔWᵀ``,
 ``k × k`` with ``k = min(out, in)``; ``torch.linalg.eigh``) rather than a full SVD of ΔW
 (mergekit's ``torch.linalg.svd``): ``B = U_r·√Σ_r`` and ``A = Σ_r^{-½}·U_rᵀ·ΔW`` (the
@@ -72,7 +75,7 @@ def lowrank_factors(
     m = d if wide else d.T  # k × n with k = min(out, in)
     lam, u = torch.linalg.eigh(m @ m.T)  # ascending
     s = lam.flip(0).clamp_min(0).sqrt()
-    r = min(max_rank, int((s > sv_epsilon).sum()))
+    r = min(max_rank, int((s > sv_epsilon).sum()) if sv_epsilon > 0 else s.numel())
     ur = u.flip(1)[:, :r].contiguous()
     proj = ur.T @ m  # r × n: rows of norm σ_i
     norm = float(m.double().norm())
