@@ -4,8 +4,13 @@ A learned vector scales each adapted layer per channel: the output (keys, values
 bias scaled with it, as in peft) or, on the modules listed in ``feedforward``, the input (the
 FFN's second matrix: W·(x ⊙ l) + b). l starts at 1, so the model is unchanged at step 0.
 ΔW = W·(l − 1) per row or per column, and Δb = b·(l − 1) on output-scaled layers: both are
-exported as dense deltas and merged exactly. Trainable parameters: d_out per output-scaled
-matrix, d_in (input channels) per feed-forward one.
+exported as dense deltas and merged exactly. On a frozen ``nn.Linear`` the scaling and the
+layer are one autograd function (:class:`_ScaledLinear`): an input-scaled layer scales W's
+columns (d_out·d_in products) instead of the activations (batch·d_in), an output-scaled one
+passes x's gradient through W with its rows scaled instead of scaling the activations'
+gradient; both keep what autograd would (x, or the unscaled output), so memory is unchanged.
+Trainable parameters: d_out per output-scaled matrix, d_in (input channels) per feed-forward
+one.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from typing import Any
 
 import pydantic
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from splice.errors import SpliceError
@@ -30,6 +36,42 @@ class IA3Config(MethodConfig):
     )
 
 
+class _ScaledLinear(torch.autograd.Function):
+    """IA³ on a frozen Linear: x·(W ⊙ v)ᵀ + b (``inputs``: v scales x's channels, i.e. W's
+    columns) or (x·Wᵀ + b) ⊙ v (outputs, the bias scaled with them)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, v: Tensor, w: Tensor, b: Tensor | None, inputs: bool):
+        ctx.inputs = inputs
+        if inputs:
+            ctx.save_for_backward(x, v, w)
+            return F.linear(x, w * v, b)
+        y = F.linear(x, w, b)
+        ctx.save_for_backward(y, v, w)
+        return y * v
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:
+        kept, v, w = ctx.saved_tensors  # x (inputs), or the unscaled output
+        need_x, need_v = ctx.needs_input_grad[:2]
+        if ctx.inputs:
+            gxv = torch.matmul(g, w)  # ∂L/∂(x ⊙ v)
+            gx = gxv * v if need_x else None
+            gv = (gxv * kept).reshape(-1, v.numel()).sum(0) if need_v else None
+        else:
+            gx = torch.matmul(g, w * v[:, None]) if need_x else None
+            gv = (g * kept).reshape(-1, v.numel()).sum(0) if need_v else None
+        return gx, gv, None, None, None
+
+
+def _fusable(base: nn.Module, x: Tensor, v: Tensor) -> bool:
+    """Whether ``base`` is a frozen Linear that :class:`_ScaledLinear` can run with ``v``."""
+    if type(base) is not nn.Linear or base.weight.requires_grad:
+        return False
+    bias = base.bias
+    return (bias is None or not bias.requires_grad) and x.dtype == base.weight.dtype == v.dtype
+
+
 def _in_channels(site: Site) -> int:
     return site.weight_shape[1] if site.kind == "conv" else site.d_in
 
@@ -43,31 +85,37 @@ class IA3Adapter(Adapter):
 
     def __init__(self, site: Site, feedforward: bool) -> None:
         super().__init__(site, 1.0)
-        self.wraps_base = feedforward
+        self.feedforward = feedforward
+        # a Linear runs through around() either way (the fused function); others scale y
+        self.wraps_base = feedforward or site.kind == "linear"
         self.ia3_l = nn.Parameter(torch.ones(_in_channels(site) if feedforward else site.d_out))
 
     def forward(self, x: Tensor, y: Tensor) -> Tensor:
         return y * self.site.per_out(self.ia3_l, y)
 
     def around(self, base: nn.Module, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        if not args and not kwargs and _fusable(base, x, self.ia3_l):
+            return _ScaledLinear.apply(x, self.ia3_l, base.weight, base.bias, self.feedforward)
+        if not self.feedforward:
+            return self.forward(x, base(x, *args, **kwargs))
         return base(x * self.site.per_out(self.ia3_l, x), *args, **kwargs)
 
     def _factor(self) -> Tensor:
         """l over the canonical (d_out, d_in) weight: a column, or a row (kernel-repeated)."""
         lv = self.ia3_l.detach().float()
-        if not self.wraps_base:
+        if not self.feedforward:
             return lv[:, None]
         return lv.repeat_interleave(self.site.d_in // lv.numel())[None, :]
 
     def merged(self, w: Tensor, b: Tensor | None) -> tuple[Tensor, Tensor | None]:
         new_w = self.site.stored(self.site.canonical(w) * self._factor())
-        if b is None or self.wraps_base:
+        if b is None or self.feedforward:
             return new_w, b
         return new_w, b * self.ia3_l.detach().float()
 
     def unmerged(self, w: Tensor, b: Tensor | None) -> tuple[Tensor, Tensor | None]:
         new_w = self.site.stored(self.site.canonical(w) / self._factor())
-        if b is None or self.wraps_base:
+        if b is None or self.feedforward:
             return new_w, b
         return new_w, b / self.ia3_l.detach().float()
 
@@ -94,7 +142,7 @@ class IA3(Method):
         n, site = adapter.ia3_l.numel(), adapter.site
         if site.kind == "conv":
             return (1, n, *[1] * (len(site.weight_shape) - 2))
-        return (1, n) if adapter.wraps_base else (n, 1)
+        return (1, n) if adapter.feedforward else (n, 1)
 
     def build(self, sites: list[Site], cfg: IA3Config) -> list[Adapter]:
         for f in cfg.feedforward:

@@ -7,8 +7,12 @@ exactly, (I − Q)(I + Q)⁻¹, or as peft computes it by default, by the Neuman
 I + 2Q + 2Q² + … + Q^{n−1} (``neumann_terms`` = n). COFT (``constrained``) projects each Q
 into the ball ‖Q‖ ≤ ε/√blocks (peft overwrites the parameter with the projection at each
 forward; splice projects functionally, gradients passed straight through, so the delta and
-the forward always agree). Q = 0 at init: R = I, the model is
-unchanged. Merged: W' = W·Rᵀ (unmerged with the blocks' inverses); ΔW = W·(Rᵀ − I) is dense.
+the forward always agree). Q = 0 at init: R = I, the model is unchanged. The rotation is one
+autograd function (:class:`_BlockRotate`): batched GEMMs on strided views of x (no permuted
+copy of the input in the forward or for R's gradient), keeping x itself for the backward —
+one tensor for all the adapted layers that read the same input (query and value) — where
+einsum's autograd (and peft) keep a permuted copy per layer. Merged: W' = W·Rᵀ (unmerged with
+the blocks' inverses); ΔW = W·(Rᵀ − I) is dense.
 Trainable parameters: blocks·b(b−1)/2 per adapted matrix (b(b−1)/2 when shared).
 """
 
@@ -35,6 +39,31 @@ class OFTConfig(MethodConfig):
     neumann_terms: int = pydantic.Field(5, gt=0, description="terms of the Neumann series")
     constrained: bool = pydantic.Field(False, description="COFT: keep ‖Q‖ ≤ eps")
     eps: float = pydantic.Field(6e-5, gt=0, description="COFT radius")
+
+
+class _BlockRotate(torch.autograd.Function):
+    """x ↦ x·blockdiag(R): row r of each (n, b) view of x times R[r], for R (n, b, b).
+
+    Saves x and R only; every product is a ``bmm`` over the n blocks of a strided view."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, blocks: Tensor) -> Tensor:
+        ctx.save_for_backward(x, blocks)
+        n, b = blocks.shape[0], blocks.shape[1]
+        rows = x.reshape(-1, n, b).transpose(0, 1)  # (n, N, b), a view of x
+        return torch.bmm(rows, blocks).transpose(0, 1).reshape(x.shape)
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        x, blocks = ctx.saved_tensors
+        n, b = blocks.shape[0], blocks.shape[1]
+        gv = g.reshape(-1, n, b).transpose(0, 1)  # (n, N, b)
+        gx = gblocks = None
+        if ctx.needs_input_grad[0]:
+            gx = torch.bmm(gv, blocks.transpose(1, 2)).transpose(0, 1).reshape(x.shape)
+        if ctx.needs_input_grad[1]:
+            gblocks = torch.bmm(x.reshape(-1, n, b).permute(1, 2, 0), gv)  # Σ_N xᵀ·g per block
+        return gx, gblocks
 
 
 def _blocks(site: Site, cfg: OFTConfig) -> int:
@@ -91,8 +120,7 @@ class OFTAdapter(Adapter):
     def _rotate(self, x: Tensor, blocks: Tensor) -> Tensor:
         n = self.site.d_in // self.cfg.block_size
         blocks = (blocks if blocks.shape[0] == n else blocks.expand(n, -1, -1)).to(x.dtype)
-        xr = x.reshape(*x.shape[:-1], n, self.cfg.block_size)
-        return torch.einsum("...rk,rkc->...rc", xr, blocks).reshape(x.shape)
+        return _BlockRotate.apply(x, blocks)
 
     def around(self, base: nn.Module, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         return base(self._rotate(x, self.rotation()), *args, **kwargs)

@@ -48,3 +48,31 @@ def test_feedforward_must_be_adapted_and_count_follows_the_side():
     inject(model, "ia3", ["proj"], feedforward=["proj"])
     assert trainable_parameters(model).trainable == 3 * 8  # d_in per FF layer
     merge_adapters(model)
+
+
+@pytest.mark.parametrize("inputs", [True, False])
+def test_fused_linear_backward_matches_autograd(inputs):
+    from splice.adapters.ia3 import _ScaledLinear
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, 6, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(4, 6, dtype=torch.float64, generator=g)
+    b = torch.randn(4, dtype=torch.float64, generator=g)
+    v = 1 + 0.3 * torch.randn(6 if inputs else 4, dtype=torch.float64, generator=g)
+    v.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda x, v: _ScaledLinear.apply(x, v, w, b, inputs), (x, v))
+    ref = torch.nn.functional.linear(x * v, w, b) if inputs else (x @ w.t() + b) * v
+    up = torch.randn(ref.shape, dtype=torch.float64, generator=g)
+    want = torch.autograd.grad((ref * up).sum(), (x, v))
+    got = torch.autograd.grad((_ScaledLinear.apply(x, v, w, b, inputs) * up).sum(), (x, v))
+    for a, c in zip(got, want, strict=True):
+        torch.testing.assert_close(a, c)
+
+
+def test_a_trainable_base_linear_takes_the_unfused_path_and_gets_its_gradient():
+    model, x = make_model("linear")
+    inject(model, "ia3", ["proj"], feedforward=["proj"])
+    layer = model.layers[0]["proj"]
+    layer.base_layer.weight.requires_grad_(True)  # e.g. modules_to_save / full fine-tuning
+    layer(x).sum().backward()
+    assert layer.base_layer.weight.grad is not None and layer.adapter.ia3_l.grad is not None

@@ -60,3 +60,40 @@ def test_block_size_must_divide_the_input():
     model, _ = make_model("linear")
     with pytest.raises(SpliceError, match="block_size=3 is not ≥ 2 or does not divide the input"):
         inject(model, "oft", ["proj"], block_size=3)
+
+
+def test_rotation_backward_matches_einsum_and_keeps_only_x_and_r():
+    from splice.adapters.oft import _BlockRotate
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 5, 12, dtype=torch.float64, generator=g, requires_grad=True)
+    r = torch.randn(3, 4, 4, dtype=torch.float64, generator=g, requires_grad=True)
+    assert torch.autograd.gradcheck(_BlockRotate.apply, (x, r))
+    # against the definition x_rot[..., k, :] = x[..., k, :] @ R[k] with autograd's backward
+    up = torch.randn(3, 5, 12, dtype=torch.float64, generator=g)
+    ref = torch.einsum("...rk,rkc->...rc", x.reshape(3, 5, 3, 4), r).reshape(3, 5, 12)
+    want = torch.autograd.grad((ref * up).sum(), (x, r))
+    got = torch.autograd.grad((_BlockRotate.apply(x, r) * up).sum(), (x, r))
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b)
+    # one shared block expanded over the input (block_share) gets the summed gradient
+    one = r[:1].detach().clone().requires_grad_(True)
+    (_BlockRotate.apply(x, one.expand(3, -1, -1)) * up).sum().backward()
+    ref = torch.einsum("...rk,kc->...rc", x.reshape(3, 5, 3, 4), one[0]).reshape(3, 5, 12)
+    torch.testing.assert_close(one.grad[0], torch.autograd.grad((ref * up).sum(), one)[0][0])
+    # what the forward keeps: x itself and the blocks, no permuted copy of x
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        _BlockRotate.apply(x, r)
+    assert len(saved) == 2 and saved[0].data_ptr() == x.data_ptr()
+
+
+def test_query_and_value_keep_one_copy_of_their_shared_input():
+    model, x = make_model("linear")
+    inject(model, "oft", ["proj"], block_size=4)
+    layer = model.layers[0]["proj"]
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        layer(x), layer(x)  # two adapted layers reading the same input
+    inputs = [t for t in saved if t.shape == x.shape]
+    assert {t.data_ptr() for t in inputs} == {x.data_ptr()}
