@@ -136,6 +136,7 @@ class Trained:
     head: nn.Linear
     state: LoopState
     params: list[nn.Parameter]
+    selection: dict[str, Any] | None = None  # a selector row's choice (peft_select)
 
 
 def batch_stream(n: int, batch_size: int, seed: int) -> Callable[[], np.ndarray]:
@@ -160,29 +161,50 @@ def train(
     seed: int,
     on_step: Callable[[int, float], None] | None = None,
     options: Mapping[str, Any] | None = None,
+    select: Mapping[str, Any] | None = None,
 ) -> Trained:
     """Train ``cfg.steps`` AdamW steps on shuffled train batches; the backbone stays in eval
     mode (no dropout, frozen BatchNorm statistics). ``options``: the adapter's (default:
-    ``cfg``'s r and alpha where the method has them)."""
+    ``cfg``'s r and alpha where the method has them). ``select``: a selector row's settings
+    (:mod:`splice.bench.peft_select`) that decide what trains instead of ``cfg.finetune``."""
     device = next(encoder.module.parameters()).device
     torch.manual_seed(seed)
     model = copy.deepcopy(encoder.module)
     model.requires_grad_(False)
-    params = _trainable(model, cfg, cfg.targets or encoder.default_targets, options)
-    model.eval()
-    head = nn.Linear(encoder.dim, len(data.classes)).to(device)
-    opt = torch.optim.AdamW(
+    targets = cfg.targets or encoder.default_targets
+    prepared = encoder.prepare(data.train.x)
+    labels = torch.as_tensor(data.train.y, device=device)
+    chosen = None
+    if select is None:
+        params = _trainable(model, cfg, targets, options)
+        model.eval()
+        head = nn.Linear(encoder.dim, len(data.classes)).to(device)
+    else:  # the head first: SPT's sensitivity pass runs the loss through it
+        from splice.bench.peft_select import prepare
+
+        model.eval()
+        head = nn.Linear(encoder.dim, len(data.classes)).to(device)
+        calib = batch_stream(len(prepared), cfg.batch_size, seed)  # as the training stream
+
+        def calib_batch() -> tuple[Any, Tensor]:
+            idx = calib()
+            return prepared.batch(idx, device), labels[torch.as_tensor(idx, device=device)]
+
+        chosen = prepare(select, model, head, encoder, calib_batch, targets, cfg.steps)
+        params = chosen.params
+    opt: torch.optim.Optimizer = torch.optim.AdamW(
         [
             {"params": params, "lr": cfg.effective_lr},
             {"params": head.parameters(), "lr": cfg.head_lr},
         ],
         weight_decay=0.0,
     )
-    prepared = encoder.prepare(data.train.x)
-    labels = torch.as_tensor(data.train.y, device=device)
+    if chosen is not None:
+        opt = chosen.wrap(opt)
     next_batch = batch_stream(len(prepared), cfg.batch_size, seed)
 
-    gdr = None if cfg.finetune == "full" else _guide(model)  # R-AMT's teacher-gated gradient
+    adapted = cfg.finetune != "full" and chosen is None  # selectors: no aux loss, no guide
+    gdr = _guide(model) if adapted else None  # R-AMT's teacher-gated gradient
 
     def micro_loss(i: int) -> tuple[Tensor, int]:
         idx = next_batch()
@@ -194,12 +216,14 @@ def train(
             gdr(logits, teacher)
         loss = nn.functional.cross_entropy(logits, labels[torch.as_tensor(idx, device=device)])
         # the logged loss includes the adapter's auxiliary term, as cached runs' final_loss has
-        if cfg.finetune != "full" and (aux := _aux_loss(model)) is not None:
+        if adapted and (aux := _aux_loss(model)) is not None:
             loss = loss + aux
         return loss, len(idx)
 
     state = fit(TrainStep(micro_loss, opt, device=device), cfg.steps, on_step=on_step)
-    return Trained(model, head, state, params)
+    if chosen is not None:  # ID³ exports its entries as an adapter here
+        params = chosen.finish()
+    return Trained(model, head, state, params, chosen.info if chosen is not None else None)
 
 
 def finetune(

@@ -130,7 +130,7 @@ class LLMTask:
         self.model, self.tok, self.encoded, self.cfg = model, tok, encoded, cfg
         self.pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
 
-    def run(self, key: str, lr: float, head_lr: float, seed: int, options: dict) -> dict:
+    def run(self, key: str, lr: float, head_lr: float, seed: int, plan: dict) -> dict:
         from splice.bench.llm_train import LMTrainConfig, train_lm
 
         del head_lr  # no head
@@ -138,7 +138,7 @@ class LLMTask:
         cfg = self.cfg
         train = LMTrainConfig(finetune=key, targets=cfg.targets, steps=cfg.steps,
                               batch_size=cfg.batch_size, lr=lr)  # fmt: skip
-        opts = None if key == "full" else options
+        opts = None if key == "full" else plan.get("options", {})
         tuned, params, state = train_lm(self.model, self.encoded["train"], train, seed,
                                         self.pad, options=opts)  # fmt: skip
         return {
@@ -168,6 +168,11 @@ def _plans(cfg: LLMPeftConfig, model: Any) -> list[dict[str, Any]]:
     for p in plans:
         if p["key"] == "full" and not cfg.full:
             p["reason"] = "full fine-tuning runs in the full profile (--full)"
+        elif p.get("select") and not p.get("reason"):  # train_lm takes no selector
+            p["reason"] = (
+                f"the {p['key']} selector row runs in the text suite (splice.bench.finetune); "
+                f"on a causal LM use splice train --select {p['key']}"
+            )
     zero = {"key": "zero_shot", "label": "zero-shot", "kind": "reference", "family": "–"}
     return [zero, *plans]
 

@@ -36,6 +36,7 @@ from pydantic import Field
 from splice._schema import Strict
 from splice.bench.peft_budget import fit_budget
 from splice.bench.peft_rows import Task, run_cached, run_row
+from splice.bench.peft_select import SELECTOR_ROWS, selector_plans
 from splice.bench.plan import FACTORS, calibrate
 from splice.bench.progress import Phase, Progress, clock
 from splice.bench.runner import load_backbone, profile_update
@@ -117,7 +118,8 @@ def configure_peft(
     cfg, update = profile_update(PEFT_PROFILES, profile, suite, tasks, seed)
     if methods is not None and list(methods) != ["all"]:
         for name in methods:
-            METHODS.get(name)  # an unknown name fails here, with a "did you mean"
+            if name not in SELECTOR_ROWS:
+                METHODS.get(name)  # an unknown name fails here, with a "did you mean"
         update["methods"] = tuple(methods)
     from splice.adapters.inject import _config
 
@@ -142,6 +144,13 @@ def _row_plans(cfg: PeftConfig, encoder: Any) -> list[dict[str, Any]]:
     sites = [site for _, _, site in found]
     kinds = sorted({s.kind for s in sites})
     names = list(cfg.methods) if cfg.methods is not None else METHODS.names()
+    # a method that a selector configures (sparse) is trained by its selectors' rows (all
+    # selector rows when every method runs), after the other methods
+    wanted = {*names} if cfg.methods is not None else {*names, *SELECTOR_ROWS}
+    for n in [n for n in names if n not in SELECTOR_ROWS]:
+        wanted.update(METHODS.get(n).selected_by)
+    selectors = [k for k in SELECTOR_ROWS if k in wanted]
+    names = [n for n in names if n not in SELECTOR_ROWS and not METHODS.get(n).selected_by]
     plans = [{"key": "probe", "label": "linear probe", "kind": "reference", "family": "–"}]
     for name in names:
         cls = METHODS.get(name)
@@ -156,11 +165,6 @@ def _row_plans(cfg: PeftConfig, encoder: Any) -> list[dict[str, Any]]:
         missing = [k for k in kinds if k not in cls.kinds] if own is None else []
         if isinstance(own, str):  # where the method's sites are found: none on this backbone
             plan["reason"] = f"{name} does not apply to {type(encoder.module).__name__}: {own}"
-        elif cls.selected_by:
-            plan["reason"] = (
-                f"{name} trains the entries a selector chooses "
-                f"(splice train --select {'|'.join(cls.selected_by)})"
-            )
         elif missing:
             plan["reason"] = (
                 f"{name} adapts {', '.join(sorted(cls.kinds))} layers; "
@@ -177,8 +181,23 @@ def _row_plans(cfg: PeftConfig, encoder: Any) -> list[dict[str, Any]]:
                 plan["budget"] = {"count": sizing.count, "step": sizing.step,
                                   "knob": list(sizing.knob), "floor": sizing.floor}  # fmt: skip
         plans.append(plan)
+    if selectors:
+        plans += selector_plans(selectors, encoder, *_lora_budget(cfg, sites))
     plans.append({"key": "full", "label": "full fine-tune", "kind": "reference", "family": "–"})
     return plans
+
+
+def _lora_budget(cfg: PeftConfig, sites: list) -> tuple[dict[str, Any], int]:
+    """The LoRA row's options and trainable count: the selector rows' budget (or ``--budget``)."""
+    from splice.adapters import METHODS
+    from splice.adapters.inject import _config
+
+    lora, options = METHODS.get("lora"), dict(cfg.options.get("lora", {}))
+    if cfg.budget is not None:
+        sizing = fit_budget(lora, sites, options, cfg.budget)
+        options = sizing.options if sizing is not None else options
+    count = lora().num_parameters(sites, _config(lora, "lora", options))
+    return options, cfg.budget or count
 
 
 def _own_sites(cls: Any, encoder: Any, options: dict[str, Any]) -> list | str | None:
@@ -206,6 +225,7 @@ def _row_path(cfg: PeftConfig, group: Any, task: str, plan: dict) -> Path:
             "data": group.data[task].key,
             "row": plan["key"],
             "options": plan.get("options"),
+            **({"select": plan["select"]} if plan.get("select") else {}),
             "cfg": {f: getattr(cfg, f) for f in fields},
         }
     )

@@ -117,7 +117,7 @@ class Task:
             self.frozen[split] = _features(self.encoder, x, None, self.cfg.eval_batch_size)
         return self.frozen[split]
 
-    def run(self, key: str, lr: float, head_lr: float, seed: int, options: dict) -> dict:
+    def run(self, key: str, lr: float, head_lr: float, seed: int, plan: dict) -> dict:
         """Train one row at one lr and seed; its model and head, and what was measured."""
         _reset_peak()
         cfg = self.cfg
@@ -127,9 +127,11 @@ class Task:
             method = "full" if key == "full" else key
             ft = FinetuneConfig(finetune=method, steps=cfg.steps, batch_size=cfg.batch_size,
                                 lr=lr, head_lr=head_lr)  # fmt: skip
-            trained = train(self.encoder, self.data, ft, seed, options=options)
+            trained = train(self.encoder, self.data, ft, seed, options=plan.get("options", {}),
+                            select=plan.get("select"))  # fmt: skip
         state, params = trained.state, {id(p): p for p in trained.params}
         return {
+            "selection": trained.selection,
             "model": trained.model,
             "head": trained.head,
             "s_per_step": state.seconds / max(1, cfg.steps),
@@ -172,7 +174,7 @@ def run_row(task: Task, plan: dict, head_lr: float, say: Callable[[str], None]) 
 
     def score(lr: float) -> float:
         start = time.perf_counter()
-        out = task.run(key, lr, lr if key == "probe" else head_lr, seed0, plan.get("options", {}))
+        out = task.run(key, lr, lr if key == "probe" else head_lr, seed0, plan)
         acc = task.score(out, "val")
         if not best or acc > best["val"] or (acc == best["val"] and lr < best["lr"]):
             best.clear()
@@ -182,12 +184,14 @@ def run_row(task: Task, plan: dict, head_lr: float, say: Callable[[str], None]) 
 
     lr, val = _pick(grid, cfg.grow, score)
     measured = {k: best[k] for k in ("s_per_step", "peak_rss_mb", "adapter_params", "head_params")}
+    if best.get("selection") is not None:  # a selector row's choice (layers, entries)
+        measured["selection"] = best["selection"]
     measured["saved_bytes"] = _saved_bytes(key, best["model"], best["head"])
     acc = [task.score(best, "test")]
     best.clear()
     for seed in cfg.seeds[1:]:
         start = time.perf_counter()
-        out = task.run(key, lr, lr if key == "probe" else head_lr, seed, plan.get("options", {}))
+        out = task.run(key, lr, lr if key == "probe" else head_lr, seed, plan)
         acc.append(task.score(out, "test"))
         say(f"{key} seed {seed}: test {acc[-1]:.1%} ({time.perf_counter() - start:.1f} s)")
     return {"lr": lr, "val": {f"{k:g}": v for k, v in val.items()}, "acc": acc, **measured}

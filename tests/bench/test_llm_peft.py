@@ -30,8 +30,8 @@ def test_peft_rows_on_a_tiny_llama_train_measure_and_rerun_from_cache(llama):
     second = run_llm_peft(cfg)
     model, _ = load_causal_lm(llama)  # every parameter, the tied embedding once
     rows = {(r["task"], r["key"]): r for r in first["rows"]}
-    assert [r["key"] for r in first["rows"][:6]] == [
-        "zero_shot", "lora", "ia3", "ramt", "sparse", "full"]  # fmt: skip
+    assert [r["key"] for r in first["rows"][:7]] == [
+        "zero_shot", "lora", "ia3", "ramt", "spt", "id3", "full"]  # fmt: skip
     for task in ("syn", "syn_open"):
         zero, lora, full = rows[task, "zero_shot"], rows[task, "lora"], rows[task, "full"]
         assert lora["status"] == full["status"] == "ok"
@@ -49,8 +49,9 @@ def test_peft_rows_on_a_tiny_llama_train_measure_and_rerun_from_cache(llama):
         assert full["adapter_params"] == sum(p.numel() for p in model.parameters())
         assert full["saved_bytes"] > 4 * full["adapter_params"]
         # methods that cannot run here: their rows say why
-        assert rows[task, "ramt"]["status"] == rows[task, "sparse"]["status"] == "n/a"
-        assert "selector" in rows[task, "sparse"]["reason"]
+        assert rows[task, "ramt"]["status"] == rows[task, "spt"]["status"] == "n/a"
+        assert rows[task, "id3"]["status"] == "n/a"  # sparse: its selectors' rows
+        assert "selector" in rows[task, "spt"]["reason"]
         assert "teacher-gated gradient" in rows[task, "ramt"]["reason"]
     assert not any(r.get("cached") for r in first["rows"])
     again = [r for r in second["rows"] if r["status"] == "ok"]

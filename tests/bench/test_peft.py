@@ -130,17 +130,16 @@ def test_registered_method_appears_and_a_raising_method_gets_an_error_row(tiny, 
     cfg = _config(tiny, methods=None, tasks=tiny[1][:1], options={"mos": {"r": 4}})
     results = run_peft(cfg)
     keys = [r["key"] for r in results["rows"]]
-    assert keys == ["probe", *METHODS.names(), "full"]
+    # sparse (configured by a selector) is trained by the selector rows, after the others
+    methods = [n for n, c in METHODS.items() if not c.selected_by]
+    assert keys == ["probe", *methods, "spt", "rdp", "id3", "full"]
     assert "zz_test_lora" in keys
     row = _rows(results, "zz_test_lora")[0]
     assert row["status"] == "ok" and row["family"] == "reparameterized" and row["acc"]
     broken = _rows(results, "zz_broken")[0]
     assert broken["status"] == "error" and "RuntimeError: kaboom in forward" in broken["error"]
-    selected = {n for n, c in METHODS.items() if c.selected_by}  # n/a: a selector sizes them
     for r in results["rows"]:
-        if r["key"] in selected:
-            assert r["status"] == "n/a" and "--select" in r["reason"], r
-        elif r["key"] != "zz_broken":
+        if r["key"] != "zz_broken":
             assert r["status"] == "ok", r
     summary = {s["key"]: s for s in summarize(results)}
     assert summary["zz_broken"]["note"].startswith("error: RuntimeError: kaboom")
@@ -211,3 +210,49 @@ def test_conv_only_backbone_marks_linear_only_methods_not_applicable():
     assert "reason" not in plans["lora"]
     for name in ("prefix", "mam", "prompt", "parallel"):  # they find no transformer there
         assert plans[name]["reason"].startswith(f"{name} does not apply to Sequential: ")
+
+
+def test_selector_rows_train_through_the_loop_at_loras_count(tiny):
+    from splice.select._common import matrix_sites
+
+    results = run_peft(_config(tiny, methods=("lora", "spt", "rdp", "id3"), tasks=tiny[1][:1]))
+    assert [r["key"] for r in results["rows"]] == ["probe", "lora", "spt", "rdp", "id3", "full"]
+    rows = {r["key"]: r for r in results["rows"]}
+    lora = rows["lora"]["adapter_params"]
+    assert lora == 4 * 8 * 64  # the selectors' budget: LoRA's count
+    for key in ("spt", "rdp", "id3"):
+        r = rows[key]
+        assert r["status"] == "ok" and r["kind"] == "selector" and r["select"]["budget"] == lora
+        assert r["head_lr"] == rows["probe"]["lr"] and r["lr"] in (1e-3, 1e-2)
+        assert 0.0 <= r["acc"][0] <= 1.0 and r["saved_bytes"] > 0 and r["s_per_step"] > 0
+    # ID³: exactly B entries of the stack's Linear weights, saved as a sparse adapter
+    assert rows["id3"]["adapter_params"] == lora and rows["id3"]["selection"]["horizon"] == 6
+    # RDP: K = ⌈2/2⌉ = 1 of the 2 layers, LoRA rank doubled to 16 on query/value: LoRA's count
+    rdp = rows["rdp"]
+    assert len(rdp["selection"]["layers"]) == 1 and rdp["selection"]["layers"][0] in (0, 1)
+    assert rdp["select"]["r"] == 16 and rdp["adapter_params"] == 2 * 16 * (32 + 32)
+    # SPT: the τ′ sweep's total is what trains; LoRA r=8 matrices and sparse entries
+    spt = rows["spt"]
+    assert spt["adapter_params"] == spt["selection"]["total"]
+    assert abs(spt["adapter_params"] - lora) <= 512  # one structured module (8·(32+32))
+    from transformers import BertModel
+
+    total = sum(
+        m.weight.numel() for m, _ in matrix_sites(BertModel.from_pretrained(str(tiny[0]))).values()
+    )
+    assert spt["adapter_params"] < total
+    md = summarize(results)
+    assert {s["key"]: s["label"] for s in md}["id3"] == "ID³ (selector)"
+
+
+def test_sparse_expands_to_its_selectors_and_a_conv_net_states_why_not(tiny):
+    from splice.bench.peft import _row_plans
+
+    cfg = _config(tiny, methods=("sparse",))
+    conv = type(
+        "Encoder", (), {"module": nn.Sequential(nn.Conv2d(3, 8, 3)), "default_targets": ["0"]}
+    )
+    plans = _row_plans(cfg, conv)
+    assert [p["key"] for p in plans] == ["probe", "spt", "id3", "full"]
+    for p in plans[1:3]:
+        assert "does not apply to Sequential" in p["reason"] and "Linear" in p["reason"]

@@ -1,0 +1,156 @@
+"""The PEFT track's selector rows (issue #23): SPT-LoRA, RDP-LoRA, ID³ (:mod:`splice.select`).
+
+They decide *where* the trainable parameters go, at LoRA's trainable count on the same
+backbone (``--budget N``: at N), and train through the same loop and protocol as every other
+row (:func:`splice.bench.finetune.train` with ``select=``): same seeded batches, AdamW, head
+at the probe's lr, lr picked on validation. Settings (those of ``splice train --select``):
+
+- ``spt``: sensitivity Σ_b (∂ℒ_b/∂w)² over 16 training mini-batches (the row's batch size,
+  through the row's new head), τ′ swept to the budget over every Linear weight of the layer
+  stack, LoRA r=8 (scale 1) where ``n_W ≥ P_struct/10``, the chosen entries elsewhere;
+- ``rdp``: the frozen model's mean-pooled hidden states over 8 training mini-batches, K = ⌈L/2⌉
+  layers by Ramer–Douglas–Peucker (producer mapping), LoRA on the backbone's targets of
+  those layers with its rank raised to the count nearest the budget (α = 2r, as LoRA's 16/8);
+- ``id3``: the ID³ optimizer wrapper on every Linear weight of the layer stack, B = budget
+  entries unmasked over the first half of the steps (ε = 1e-3, β = 0), exported after
+  training as a ``sparse`` adapter of exactly B entries.
+
+The ``sparse`` method is what SPT and ID³ train, so it has no row of its own: they are its
+rows. A backbone a selector cannot read (no Linear weights in a numbered layer stack, or no
+hidden states for RDP) gets a "not applicable" row with the reason.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from splice.errors import SpliceError
+
+__all__ = ["SELECTOR_ROWS", "Selected", "prepare", "selector_plans"]
+
+SELECTOR_ROWS: dict[str, tuple[str, str]] = {  # key → (label, family)
+    "spt": ("SPT-LoRA (selector)", "hybrid"),
+    "rdp": ("RDP-LoRA (selector)", "reparameterized"),
+    "id3": ("ID³ (selector)", "selective"),
+}
+SPT = {"batches": 16, "r": 8, "alpha": 10.0, "beta": 5.0}
+RDP_CALIBRATION = 8
+
+
+def selector_plans(
+    keys: Sequence[str], encoder: Any, lora: Mapping[str, Any], budget: int
+) -> list[dict[str, Any]]:
+    """The rows of ``keys`` on ``encoder`` at ``budget`` trainable parameters; ``lora``: the
+    LoRA row's options (RDP's rank and α start from them)."""
+    from splice.adapters import METHODS
+    from splice.adapters.inject import _config, find_sites
+    from splice.select._common import layer_count, matrix_sites
+
+    module, name = encoder.module, type(encoder.module).__name__
+    plans = []
+    for key in keys:
+        label, family = SELECTOR_ROWS[key]
+        plan: dict[str, Any] = {"key": key, "label": label, "kind": "selector",
+                                "family": family, "options": {}}  # fmt: skip
+        try:
+            if key == "rdp":
+                if getattr(getattr(module, "config", None), "output_hidden_states", None) is None:
+                    raise SpliceError(f"{name} returns no hidden states (transformers models do)")
+                sites = [s for _, _, s in find_sites(module, list(encoder.default_targets))]
+                layers = layer_count(module)
+                k = math.ceil(layers / 2)
+                per_rank = sum(s.d_in + s.d_out for s in sites) / layers  # one layer, rank 1
+                r = max(1, round(budget / (k * per_rank)))
+                cfg = _config(METHODS.get("lora"), "lora", dict(lora))
+                alpha = cfg.alpha * r / cfg.r
+                plan["select"] = {"name": "rdp", "k": k, "r": r, "alpha": alpha, "budget": budget}
+            else:
+                matrix_sites(module)  # raises where there is nothing to rank
+                plan["select"] = {"name": key, "budget": budget}
+        except SpliceError as e:
+            plan["reason"] = f"{key} does not apply to {name}: {e.what}"
+        plans.append(plan)
+    return plans
+
+
+@dataclass
+class Selected:
+    """What a selector hands the training loop: the parameters to train (besides the head),
+    an optimizer wrapper, and the step after training that returns the adapter's parameters."""
+
+    params: list[nn.Parameter]
+    info: dict[str, Any]
+    finish: Callable[[], list[nn.Parameter]]
+    wrap: Callable[[torch.optim.Optimizer], torch.optim.Optimizer] = lambda o: o
+
+
+def _trainable(model: nn.Module) -> list[nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def prepare(
+    select: Mapping[str, Any],
+    model: nn.Module,
+    head: nn.Module,
+    encoder: Any,
+    batches: Callable[[], tuple[Any, Tensor]],
+    targets: Sequence[str],
+    steps: int,
+) -> Selected:
+    """Run the selector ``select`` (a plan's ``select`` entry) on ``model`` (frozen, in eval
+    mode) with ``batches()`` → (model inputs, labels) from the training split."""
+    from splice.adapters import inject
+
+    name, budget = select["name"], int(select["budget"])
+    if name == "rdp":
+        from splice.select import rdp
+
+        calib = [batches()[0] for _ in range(RDP_CALIBRATION)]
+        points = rdp.trajectory(model, calib, "mean")
+        chosen = rdp.select_layers(points, k=int(select["k"]))
+        inject(model, "lora", list(targets), layers=chosen["layers"], r=int(select["r"]),
+               alpha=float(select["alpha"]))  # fmt: skip
+        params = _trainable(model)
+        info = {"layers": chosen["layers"], "r": select["r"]}
+        return Selected(params, info, lambda: params)
+    from splice.select._common import matrix_sites
+
+    sites = matrix_sites(model)
+    if name == "spt":
+        from splice.select import spt
+
+        def loss(_: int) -> Tensor:
+            x, y = batches()
+            return nn.functional.cross_entropy(head(encoder.features(x, module=model)), y)
+
+        plan = spt.select(model, loss, budget, batches=SPT["batches"], r=SPT["r"],
+                          alpha=SPT["alpha"], beta=SPT["beta"])  # fmt: skip
+        spt.apply(model, plan, r=SPT["r"])
+        params = _trainable(model)
+        info = {"lowrank": len(plan.lowrank), "sparse": len(plan.entries), "total": plan.total}
+        return Selected(params, info, lambda: params)
+    if name != "id3":
+        raise SpliceError(f"unknown selector row {name!r}", fix=f"one of {sorted(SELECTOR_ROWS)}")
+    from splice.select.id3 import ID3, export
+
+    named = {f"{n}.weight": m.weight.requires_grad_(True) for n, (m, _) in sites.items()}
+    holder: dict[str, ID3] = {}
+
+    def wrap(opt: torch.optim.Optimizer) -> torch.optim.Optimizer:
+        holder["opt"] = ID3(opt, named, budget, max(1, steps // 2), 1e-3, 0.0)
+        return holder["opt"]
+
+    def finish() -> list[nn.Parameter]:
+        transposed = [n for n, (_, t) in sites.items() if t]
+        export(model, holder["opt"], transposed=transposed)
+        for w in named.values():
+            w.requires_grad_(False)
+        return _trainable(model)
+
+    return Selected(list(named.values()), {"horizon": max(1, steps // 2)}, finish, wrap)
