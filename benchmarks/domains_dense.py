@@ -29,26 +29,15 @@ torch.set_num_threads(1)
 def main() -> None:
     from _domains import parser, settings
 
-    from splice.bench.domains.common import grid_options, report, run_grid
+    from splice.bench.domains.common import grid_options, report, run_study
     from splice.bench.domains.dense import METHODS, DenseSetup, data, pretrained, run_method
 
     args = grid_options(parser(__doc__, DenseSetup()), METHODS).parse_args()
     setup = settings(args, DenseSetup())
     start = time.perf_counter()
-    backbone, facts = pretrained(setup)
-    how = "cached" if facts["cached"] else f"{facts['seconds']:.0f} s"
-    print(f"backbone: {facts['accuracy']:.1f}% on held-out garments ({how})", flush=True)
-    d = data(setup)
-    every, rows = run_grid(
-        args.methods,
-        args.lr_grid,
-        lambda m: setup.full_lr if m == "full" else setup.lr,
-        lambda m, name, lr: run_method(m, setup, backbone, d, name=name, lr=lr),
-    )
+    facts, every, rows, again = run_study(args, setup, pretrained, data, run_method, "garments")
     if args.study and "tap-slf" in args.methods:
-        lr = next(r.detail["lr"] for r in rows if r.method == "tap-slf")
-        rows.append(run_method("tap-slf", setup, backbone, d, "tap-slf code", lr, fidelity="code"))
-        rows[-1].detail["lr"] = lr
+        again("tap-slf", "tap-slf code", fidelity="code")
     ref = "per-task" if "per-task" in args.methods else rows[0].method
     report(rows, facts, setup, args, ref, "Multi-task dense adapters", every)
     print(f"wall time {time.perf_counter() - start:.0f} s")

@@ -26,32 +26,17 @@ torch.set_num_threads(1)
 def main() -> None:
     from _domains import parser, settings
 
-    from splice.bench.domains.common import grid_options, report, run_grid
+    from splice.bench.domains.common import grid_options, report, run_study
     from splice.bench.domains.points import METHODS, PointsSetup, digits, pretrained, run_method
 
     args = grid_options(parser(__doc__, PointsSetup()), METHODS).parse_args()
     setup = settings(args, PointsSetup())
     start = time.perf_counter()
-    backbone, facts = pretrained(setup)
-    how = "cached" if facts["cached"] else f"{facts['seconds']:.0f} s"
-    print(f"backbone: {facts['accuracy']:.1f}% on held-out primitives ({how})", flush=True)
-    data = digits(setup)
-    every, rows = run_grid(
-        args.methods,
-        args.lr_grid,
-        lambda m: setup.full_lr if m == "full" else setup.lr,
-        lambda m, name, lr: run_method(m, setup, backbone, data, name=name, lr=lr),
-    )
+    facts, every, rows, again = run_study(args, setup, pretrained, digits, run_method, "primitives")
     if args.study and "point-peft" in args.methods:
-        lr = next(r.detail["lr"] for r in rows if r.method == "point-peft")
-        for name, opts in [
-            ("pp no bank", {"bank": False}),
-            ("pp no prompts", {"tokens": 0}),
-            ("pp no kNN (k=1)", {"k": 1}),
-        ]:
-            rows.append(run_method("point-peft", setup, backbone, data, name=name, lr=lr, **opts))
-            rows[-1].detail["lr"] = lr
-            print(f"{name}: {rows[-1].score:.2f} (lr {lr:g})", flush=True)
+        again("point-peft", "pp no bank", bank=False)
+        again("point-peft", "pp no prompts", tokens=0)
+        again("point-peft", "pp no kNN (k=1)", k=1)
     ref = "full" if "full" in args.methods else rows[0].method
     report(rows, facts, setup, args, ref, "Point-PEFT on digit clouds", every)
     print(f"wall time {time.perf_counter() - start:.0f} s")

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
+
 import pytest
 
-from splice.bench.domains.common import Row, Setup, format_rows, run_grid
+from splice.bench.domains.common import Row, Setup, format_rows, run_grid, run_study
 from splice.errors import SpliceError
 
 
@@ -27,3 +29,29 @@ def test_grid_keeps_the_best_validation_row_not_the_best_test_row():
     table = format_rows(best, "a").splitlines()
     assert table[0].startswith("| method | score | Δ a | lr | val |")
     assert table[3].startswith("| b | 1.00 | -59.00 | 0.5 | 10 |")
+
+
+def test_study_variants_train_at_the_lr_the_grid_chose():
+    calls = []
+
+    def run_method(m, setup, backbone, data, name, lr, **options):
+        calls.append((m, name, lr, backbone, data, options))
+        return Row(name, 10 * lr, 1, 2, 0.0, {"val": {0.001: 1, 0.003: 9}.get(lr, 0)}, 1)
+
+    args = argparse.Namespace(methods=("pp", "full"), lr_grid=(1.0, 3.0))
+    setup = Setup(lr=1e-3, full_lr=1e-4)
+    facts = {"cached": True, "accuracy": 50.0}
+    got, every, best, again = run_study(
+        args, setup, lambda s: ("bb", facts), lambda s: "data", run_method, "shapes"
+    )
+    assert got is facts and len(every) == 4
+    assert {c[3:5] for c in calls} == {("bb", "data")}
+    assert [(c[0], pytest.approx(c[2])) for c in calls] == [
+        ("pp", 1e-3),
+        ("pp", 3e-3),
+        ("full", 1e-4),
+        ("full", 3e-4),
+    ]
+    row = again("pp", "pp no bank", bank=False)
+    assert calls[-1] == ("pp", "pp no bank", 3e-3, "bb", "data", {"bank": False})
+    assert best[-1] is row and row.detail["lr"] == 3e-3

@@ -226,6 +226,41 @@ def run_grid(
     return every, best
 
 
+def run_study(
+    args: Any,
+    setup: Setup,
+    pretrained: Callable[[Any], tuple[Any, dict]],
+    load: Callable[[Any], Any],
+    run_method: Callable[..., Row],
+    held_out: str,
+) -> tuple[dict, list[Row], list[Row], Callable[..., Row]]:
+    """The shared body of the grid benchmarks: the (cached) pretrained backbone, the data, and
+    :func:`run_grid` over ``args.methods`` at ``args.lr_grid`` (``full`` at ``setup.full_lr``,
+    the rest at ``setup.lr``). Returns ``(facts, every, best, again)`` where
+    ``again(method, name, **options)`` trains one more variant of ``method`` at the LR its
+    grid chose and appends it to ``best``."""
+    backbone, facts = pretrained(setup)
+    how = "cached" if facts["cached"] else f"{facts['seconds']:.0f} s"
+    print(f"backbone: {facts['accuracy']:.1f}% on held-out {held_out} ({how})", flush=True)
+    data = load(setup)
+    every, best = run_grid(
+        args.methods,
+        args.lr_grid,
+        lambda m: setup.full_lr if m == "full" else setup.lr,
+        lambda m, name, lr: run_method(m, setup, backbone, data, name=name, lr=lr),
+    )
+
+    def again(method: str, name: str, **options: Any) -> Row:
+        lr = next(r.detail["lr"] for r in best if r.method == method)
+        row = run_method(method, setup, backbone, data, name=name, lr=lr, **options)
+        row.detail["lr"] = lr
+        best.append(row)
+        print(f"{name}: {row.score:.2f} (lr {lr:g})", flush=True)
+        return row
+
+    return facts, every, best, again
+
+
 def report(
     rows: list[Row],
     facts: dict,
