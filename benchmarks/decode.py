@@ -1,21 +1,23 @@
 """Speculative vs plain decoding on SmolLM2-135M-Instruct (CPU), and AMBEDKAR's IIR on the
 project's probe set (issue #29).
 
-    flock /tmp/splice-heavy.lock env PYTHONPATH=$PWD HF_HUB_OFFLINE=1 \
-        python benchmarks/decode.py --part speculative --prompts 4 --max-new-tokens 48
+    flock /tmp/splice-heavy.lock env PYTHONPATH=$PWD HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 \
+        python benchmarks/decode.py --part speculative --prompts 6 --max-new-tokens 48
 
 Part ``speculative``: greedy decoding (so equal output is checkable token for token) of chat
-prompts with plain decoding, self-speculation (the target's first K of 30 blocks with its own
-head) and n-gram prompt lookup, for several γ. Printed side by side: tokens/s, the ratio to
-plain decoding timed in the same process, α (mean β, §1.6), acceptance rate, tokens per
-target call, and whether every output equals plain greedy. There is no smaller same-tokenizer
-SmolLM2 offline; the drafters are the target's own early blocks (size ratio 30/K in blocks,
-less in compute: the 49,152 × 576 head is shared) and the n-gram proposer.
+prompts, plain and speculative interleaved prompt by prompt (the same CPU load for both), for
+each drafter and γ. Drafters: n-gram prompt lookup; the target's first K of 30 blocks with its
+own norm and head (``self:K``); an int8 copy of the target's own weights (``int8``) or of its
+first K blocks (``int8:K``). There is no smaller same-tokenizer SmolLM2 offline. Printed side
+by side: the matrix-weight bytes a drafter step reads and its measured step time, both as a
+fraction of the target's (the size ratio), tokens/s of plain and speculative decoding, their
+ratio, α (mean β, §1.6), acceptance rate, tokens per target call, and whether every output
+equals plain greedy.
 
 Part ``ambedkar``: IIR (spec §2.7) of the drafter alone (SmolLM2 greedy) vs AMBEDKAR
 (drafter top-k re-ranked by SmolLM2 with the constitution preamble as verifier, js_term,
-α = ``--alpha``) on the probe set of ``splice.decode.iir`` (ours, not the paper's), with the
-latency overhead.
+α in ``--alphas``) on the probe set of ``splice.decode.iir`` (ours, not the paper's), with the
+share of steps where the re-ranking left the drafter's top-1 and the latency overhead.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from splice.decode import (
     Sampling,
     early_exit,
     generate,
+    int8_draft,
 )
 from splice.decode.ambedkar import CONSTITUTION, CounterfactualDivergenceScorer
 from splice.decode.counterfactual import Counterfactual
@@ -57,116 +60,160 @@ def _chat(tok, text: str) -> list[int]:
     return list(tok.encode(s, add_special_tokens=False))
 
 
-def _run(prompts, n, eos, target, proposer=None, gamma=4):
-    outs, toks, secs, calls, acc, drafted, betas = [], 0, 0.0, 0, 0, 0, []
-    for ids in prompts:
-        g = generate(
-            ids,
-            target=target,
-            proposer=proposer,
-            sampling=GREEDY,
-            gamma=gamma,
-            max_new_tokens=n,
-            eos=eos,
-        )
-        m = g.metrics
-        outs.append(g.tokens)
-        toks += m["new_tokens"]
-        secs += m["seconds"]
-        calls += m["target_calls"]
-        acc += m["accepted"]
-        drafted += m["drafted"]
-        if m["alpha"] is not None:
-            betas.append(m["alpha"])
-    return outs, {
-        "tok_s": toks / secs,
-        "alpha": sum(betas) / len(betas) if betas else None,
-        "acc": acc / drafted if drafted else None,
-        "per_call": toks / calls,
-        "tokens": toks,
-    }
+def _linear_bytes(model) -> int:
+    """Bytes of the matrix weights a decoding step reads (fp32 Linear; int8 quantised Linear)."""
+    total = 0
+    for m in model.modules():
+        if isinstance(m, torch.nn.Linear):
+            total += m.weight.numel() * m.weight.element_size()
+        elif callable(getattr(m, "weight", None)):  # torch.ao dynamic-quantised Linear
+            total += m.weight().numel()
+    return total
+
+
+def _step_ms(model, ids, reps: int = 8) -> float:
+    """Median time of a one-token cached step after ``ids``."""
+    lm, times = CachedLM(model), []
+    lm.logits(ids, 1)
+    for _ in range(reps):
+        t = time.perf_counter()
+        lm.logits([*ids, 1], 1)
+        times.append(time.perf_counter() - t)
+    return 1000 * sorted(times)[reps // 2]
+
+
+def _drafter(spec: str, model):
+    """``ngram`` | ``self:K`` | ``int8`` | ``int8:K`` -> (label, proposer, drafter model)."""
+    kind, _, k = spec.partition(":")
+    if kind == "ngram":
+        return "n-gram n<=3", NgramProposer(model.config.vocab_size, 3), None
+    if kind == "self":
+        m = early_exit(model, int(k))
+        return f"self, first {k} of 30 blocks", ModelProposer(m, spec), m
+    m = int8_draft(model, int(k) if k else None)
+    return (
+        (f"int8 self, first {k} blocks" if k else "int8 self (all 30 blocks)"),
+        (ModelProposer(m, spec)),
+        m,
+    )
 
 
 def speculative(args) -> None:
     model, tok = load_causal_lm("smollm2")
     prompts = [_chat(tok, p) for p in PROMPTS[: args.prompts]]
-    eos = [tok.eos_token_id]
+    eos, n = [tok.eos_token_id], args.max_new_tokens
     target = CachedLM(model, "target")
-    _run(prompts[:1], 4, eos, target)  # warm-up
-    rows = []
-    t0 = time.time()
-    ref, base = _run(prompts, args.max_new_tokens, eos, target)
-    rows.append(("plain", "-", base, True))
-    configs = [("ngram n<=3", NgramProposer(model.config.vocab_size, 3), g) for g in args.gammas]
-    for k in args.self_k:
-        proposer = ModelProposer(early_exit(model, k), "self")
-        configs += [(f"self K={k}", proposer, g) for g in args.gammas]
-    for i, (name, proposer, g) in enumerate(configs, 1):
-        outs, r = _run(prompts, args.max_new_tokens, eos, target, proposer, g)
-        rows.append((name, g, r, outs == ref))
-        eta = (time.time() - t0) / (i + 1) * (len(configs) - i)
-        print(
-            f"  [{i}/{len(configs)}] {name} γ={g}: {r['tok_s']:.2f} tok/s (ETA {eta:.0f} s)",
-            file=sys.stderr,
-            flush=True,
-        )
+    generate(prompts[0], target=target, sampling=GREEDY, max_new_tokens=4)  # warm-up
+    t_step, w_bytes = _step_ms(model, prompts[0]), _linear_bytes(model)
+    rows, t0 = [], time.time()
+    configs = []  # "int8@2,3" gives that drafter its own γ list
+    for d in args.drafters:
+        d, _, gs = d.partition("@")
+        configs += [(d, g) for g in ([int(x) for x in gs.split(",")] if gs else args.gammas)]
+    for i, (spec, g) in enumerate(configs, 1):
+        label, proposer, dm = _drafter(spec, model)
+        plain_s = spec_s = 0.0
+        toks, calls, acc, drafted, betas, same = 0, 0, 0, 0, [], True
+        for ids in prompts:  # plain and speculative interleaved per prompt: same CPU load
+            ref = generate(ids, target=target, sampling=GREEDY, max_new_tokens=n, eos=eos)
+            out = generate(ids, target=target, proposer=proposer, sampling=GREEDY, gamma=g,
+                           max_new_tokens=n, eos=eos)  # fmt: skip
+            m = out.metrics
+            plain_s, spec_s = plain_s + ref.metrics["seconds"], spec_s + m["seconds"]
+            toks, calls = toks + m["new_tokens"], calls + m["target_calls"]
+            acc, drafted = acc + m["accepted"], drafted + m["drafted"]
+            betas += [m["alpha"]] if m["alpha"] is not None else []
+            same &= out.tokens == ref.tokens
+        c = _step_ms(dm, prompts[0]) / t_step if dm is not None else 0.0
+        size = _linear_bytes(dm) / w_bytes if dm is not None else 0.0
+        rows.append((label, g, toks / plain_s, toks / spec_s, betas, acc, drafted,
+                     toks / calls, c, size, same))  # fmt: skip
+        eta = (time.time() - t0) / i * (len(configs) - i)
+        print(f"  [{i}/{len(configs)}] {label} γ={g}: {plain_s / spec_s:.2f}× (ETA {eta:.0f} s)",
+              file=sys.stderr, flush=True)  # fmt: skip
     print(
-        f"\nSmolLM2-135M-Instruct, greedy, {len(prompts)} prompts × ≤{args.max_new_tokens} "
-        f"tokens, torch threads {torch.get_num_threads()}\n"
+        f"\nSmolLM2-135M-Instruct, greedy, {len(prompts)} prompts × ≤{n} tokens, torch threads "
+        f"{torch.get_num_threads()}; target step {t_step:.1f} ms, {w_bytes / 1e6:.0f} MB of "
+        f"matrix weights; plain and speculative interleaved per prompt\n"
     )
-    print("| drafter | γ | tokens/s | × plain | α | acceptance | tokens/target call | = plain |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| drafter | weights read vs target | c = step time vs target | γ | plain tok/s | "
+          "spec tok/s | × plain | α | acceptance | tokens/target call | = plain |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     f = lambda x: "-" if x is None else f"{x:.3f}"  # noqa: E731
-    for name, g, r, same in rows:
-        ratio = r["tok_s"] / base["tok_s"]
+    for label, g, tp, ts, betas, acc, drafted, per_call, c, size, same in rows:
+        alpha = sum(betas) / len(betas) if betas else None
         print(
-            f"| {name} | {g} | {r['tok_s']:.2f} | {ratio:.2f} | {f(r['alpha'])} | "
-            f"{f(r['acc'])} | {r['per_call']:.2f} | {'yes' if same else 'NO'} |"
+            f"| {label} | {size:.2f} | {c:.2f} | {g} | {tp:.2f} | {ts:.2f} | {ts / tp:.2f} | "
+            f"{f(alpha)} | {f(acc / drafted if drafted else None)} | {per_call:.2f} | "
+            f"{'yes' if same else 'NO'} |"
         )
+
+
+class _Changed:
+    """Scorer wrapper: counts the steps where ``log q + α·score`` moves off the drafter's top-1."""
+
+    def __init__(self, inner, alpha: float) -> None:
+        self.inner, self.alpha, self.name = inner, alpha, inner.name
+        self.steps = self.changed = 0
+
+    @property
+    def calls(self) -> int:
+        return self.inner.calls
+
+    def score(self, ids, prompt_len, cand):
+        s = self.inner.score(ids, prompt_len, cand)
+        self.steps += 1
+        self.changed += int((cand.logq + self.alpha * s).argmax() != cand.logq.argmax())
+        return s
 
 
 def ambedkar(args) -> None:
     model, tok = load_causal_lm("smollm2")
-    prompts = PROBE_PROMPTS[: args.probe]
+    prompts = PROBE_PROMPTS[:: args.probe_stride]
     ids = [list(tok.encode(p, add_special_tokens=False)) for p in prompts]
-    eos = [tok.eos_token_id]
+    eos, n = [tok.eos_token_id], args.max_new_tokens
     drafter = ModelProposer(model, "drafter")
-    scorer = CounterfactualDivergenceScorer(
-        model, tok, Counterfactual(protected=PROTECTED, mode="framing"), constitution=CONSTITUTION
-    )
-    policy = RerankTopK(k=args.k, weight=args.alpha)
-    base, amb, t_base, t_amb = [], [], 0.0, 0.0
-    for i, x in enumerate(ids, 1):
-        g = generate(
-            x, target=CachedLM(model), sampling=GREEDY, max_new_tokens=args.max_new_tokens, eos=eos
-        )
-        a = generate(
-            x,
-            proposer=drafter,
-            scorer=scorer,
-            policy=policy,
-            max_new_tokens=args.max_new_tokens,
-            eos=eos,
-        )
+    base, t_base = [], 0.0
+    for x in ids:
+        g = generate(x, target=CachedLM(model), sampling=GREEDY, max_new_tokens=n, eos=eos)
         base.append(tok.decode(g.tokens, skip_special_tokens=True))
-        amb.append(tok.decode(a.tokens, skip_special_tokens=True))
         t_base += g.metrics["seconds"] / max(g.metrics["new_tokens"], 1)
-        t_amb += a.metrics["seconds"] / max(a.metrics["new_tokens"], 1)
-        print(f"  [{i}/{len(ids)}]", file=sys.stderr, flush=True)
-    rb, ra = iir(prompts, base), iir(prompts, amb)
-    print(
-        f"\nIIR on our probe set ({len(prompts)} prompts, ≤{args.max_new_tokens} tokens; "
-        f"drafter = verifier model = SmolLM2-135M-Instruct, verifier with the constitution "
-        f"preamble; k={args.k}, α={args.alpha}, js_term, cf_scope=prompt)\n"
-    )
-    print("| decoding | IIR religion % | IIR caste % | IIR overall % | s/token |")
-    print("|---|---|---|---|---|")
-    for name, r, t in (("drafter alone (greedy)", rb, t_base), ("AMBEDKAR", ra, t_amb)):
-        print(
-            f"| {name} | {r['iir_religion']:.1f} | {r['iir_caste']:.1f} | {r['iir']:.1f} | "
-            f"{t / len(ids):.4f} |"
+    rows = [("drafter alone (greedy)", "-", iir(prompts, base), t_base, None, base)]
+    for alpha in args.alphas:
+        cf = Counterfactual(protected=PROTECTED, mode="framing")
+        scorer = _Changed(
+            CounterfactualDivergenceScorer(model, tok, cf, constitution=CONSTITUTION), alpha
         )
-    print(f"\nlatency overhead: {100 * (t_amb / t_base - 1):.0f} % per token")
+        policy, outs, t_amb = RerankTopK(k=args.k, weight=alpha), [], 0.0
+        for i, x in enumerate(ids, 1):
+            a = generate(
+                x, proposer=drafter, scorer=scorer, policy=policy, max_new_tokens=n, eos=eos
+            )
+            outs.append(tok.decode(a.tokens, skip_special_tokens=True))
+            t_amb += a.metrics["seconds"] / max(a.metrics["new_tokens"], 1)
+            print(f"  α={alpha} [{i}/{len(ids)}]", file=sys.stderr, flush=True)
+        rows.append(
+            ("AMBEDKAR", alpha, iir(prompts, outs), t_amb, scorer.changed / scorer.steps, outs)
+        )
+    print(
+        f"\nIIR on our probe set ({len(prompts)} prompts, ≤{n} tokens; drafter = verifier model "
+        f"= SmolLM2-135M-Instruct, verifier with the constitution preamble; k={args.k}, "
+        f"js_term, cf framing, cf_scope=prompt)\n"
+    )
+    print("| decoding | α | IIR religion % | IIR caste % | IIR overall % | steps off top-1 | "
+          "s/token | overhead |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|")
+    for name, alpha, r, t, ch, _ in rows:
+        off = "-" if ch is None else f"{100 * ch:.1f} %"
+        print(
+            f"| {name} | {alpha} | {r['iir_religion']:.1f} | {r['iir_caste']:.1f} | "
+            f"{r['iir']:.1f} | {off} | {t / len(ids):.4f} | {100 * (t / t_base - 1):+.0f} % |"
+        )
+    for name, alpha, r, *_, outs in rows:
+        hits = [(p, o) for p, o in zip(prompts, outs, strict=True) if iir([p], [o])["iir"]]
+        print(f"\n{name} α={alpha}: per group {r['per_group']}")
+        for p, o in hits:
+            print(f"  {p!r} -> {o!r}")
 
 
 def main() -> None:
@@ -175,11 +222,14 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=4)
     ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--gammas", type=int, nargs="+", default=[2, 4])
-    ap.add_argument("--self-k", type=int, nargs="+", default=[8, 16, 24])
-    ap.add_argument("--probe", type=int, default=40, help="probe prompts for IIR")
+    ap.add_argument(
+        "--drafters", nargs="+", default=["ngram", "self:24", "int8", "int8:24"],
+        help="ngram | self:K (first K blocks) | int8 (int8 copy) | int8:K; @g,g: own γ list",
+    )  # fmt: skip
+    ap.add_argument("--probe-stride", type=int, default=1, help="every n-th probe prompt")
     ap.add_argument("--k", type=int, default=5)
-    ap.add_argument("--alpha", type=float, default=1.0)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--alphas", type=float, nargs="+", default=[1.0, 10.0])
+    ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.part in ("speculative", "all"):

@@ -24,6 +24,13 @@ def generate(
         int | None, typer.Option(help="Drafter: the target's first K blocks.")
     ] = None,
     ngram: Annotated[int | None, typer.Option(help="Drafter: n-gram prompt lookup, n≤N.")] = None,
+    int8: Annotated[
+        bool,
+        typer.Option(
+            "--int8",
+            help="Drafter: an int8 copy of the target (CPU; K blocks with --self-draft K).",
+        ),
+    ] = False,
     gamma: Annotated[int, typer.Option(help="Tokens drafted per target call (γ ≥ 1).")] = 4,
     temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 1.0,
     top_k: Annotated[int | None, typer.Option(help="Top-k of φ (both models).")] = None,
@@ -74,6 +81,8 @@ def generate(
         raise SpliceError(f"--gamma {gamma} must be >= 1")
     if sum(x is not None for x in (draft, self_draft, ngram)) > 1:
         raise SpliceError("give at most one of --draft, --self-draft, --ngram")
+    if int8 and (draft is not None or ngram is not None):
+        raise SpliceError("--int8 quantises the target's own weights: not with --draft or --ngram")
     try:
         sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p)
     except pydantic.ValidationError as e:
@@ -149,7 +158,14 @@ def generate(
 def _build(o: dict[str, Any]) -> dict[str, Any]:
     """Load the models and assemble proposer, scorer and policy from the options."""
     from splice.data.causal_lm import load_causal_lm
-    from splice.decode import CachedLM, ModelProposer, NgramProposer, RerankTopK, early_exit
+    from splice.decode import (
+        CachedLM,
+        ModelProposer,
+        NgramProposer,
+        RerankTopK,
+        early_exit,
+        int8_draft,
+    )
     from splice.decode.ambedkar import require_same_vocab
 
     target, tok = load_causal_lm(o["model"], o["device"])
@@ -167,6 +183,10 @@ def _build(o: dict[str, Any]) -> dict[str, Any]:
         if o["policy"] == "speculative":
             require_same_vocab(tok, dtok)
         parts["drafter"] = f"model {o['draft']}"
+    elif o["int8"]:
+        draft_model = int8_draft(target, o["self_draft"])
+        blocks = "all blocks" if o["self_draft"] is None else f"first {o['self_draft']} blocks"
+        parts["drafter"] = f"int8 self, {blocks}"
     elif o["self_draft"] is not None:
         draft_model = early_exit(target, o["self_draft"])
         parts["drafter"] = f"self, first {o['self_draft']} blocks"

@@ -7,7 +7,8 @@
     out.tokens, out.lossless, out.metrics["alpha"]
 
 Pieces, one per file: :mod:`.sampling` (the logit processor φ), :mod:`.lm` (a model behind a
-KV cache with rollback), proposers (:mod:`.draft`, :mod:`.selfdraft`, :mod:`.ngram`), policies
+KV cache with rollback), proposers (:mod:`.draft`, :mod:`.selfdraft`, :mod:`.qdraft`,
+:mod:`.ngram`), policies
 (:mod:`.lossless`, :mod:`.rerank`), scorers (:mod:`.ambedkar`, :mod:`.tq`), and
 :mod:`.engine`, the one decoding loop. Nothing here updates a model's weights.
 """
@@ -20,6 +21,7 @@ from .engine import Generation, generate
 from .lm import CachedLM
 from .lossless import GreedyMatch, LosslessRejection
 from .ngram import NgramProposer
+from .qdraft import int8_draft
 from .rerank import RerankTopK
 from .sampling import Sampling, sample, warp
 from .selfdraft import early_exit
@@ -39,6 +41,7 @@ __all__ = [
     "Scorer",
     "early_exit",
     "generate",
+    "int8_draft",
     "sample",
     "warp",
 ]

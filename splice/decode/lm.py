@@ -8,8 +8,9 @@ policy never has to manage caches itself. Nothing here updates the model's weigh
 
 from __future__ import annotations
 
+import copy
 import inspect
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -68,6 +69,35 @@ class CachedLM:
         self.calls += 1
         self.ids = list(ids)
         return out.logits[0, -n:].float()
+
+    @torch.inference_mode()
+    def rollout(
+        self,
+        prefix: Sequence[int],
+        firsts: Sequence[int],
+        steps: int,
+        pick: Callable[[Tensor], Tensor],
+    ) -> Tensor:
+        """Continue ``prefix + [f]`` for every ``f`` in ``firsts`` as one batch, ``steps`` tokens.
+
+        The prefix is run once (through this cache, which keeps it for the next call); a copy of
+        its cache repeated per row serves the batch. ``pick(logits (rows, V)) -> (rows,)``
+        chooses each next token. Returns the ``(rows, steps)`` continuation tokens.
+        """
+        self.logits(prefix, 1)
+        cache = copy.deepcopy(self.cache)
+        cache.batch_repeat_interleave(len(firsts))  # type: ignore[attr-defined]
+        kwargs: dict[str, object] = {self._cache_kw: cache, "use_cache": True}
+        if self._keep_kw:
+            kwargs["logits_to_keep"] = 1
+        x = torch.tensor(list(firsts), device=_device(self.model))[:, None]
+        out = []
+        for _ in range(steps):
+            logits = self.model(input_ids=x, **kwargs).logits[:, -1].float()
+            self.calls += 1
+            x = pick(logits).reshape(-1, 1).to(x.device)
+            out.append(x)
+        return torch.cat(out, 1).cpu() if out else torch.empty(len(firsts), 0, dtype=torch.long)
 
 
 def _device(model: nn.Module) -> torch.device:

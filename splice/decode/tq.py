@@ -15,7 +15,10 @@ reward ``r`` and baseline reward ``r_BL``.
 * **ARGS** — no rollout (``horizon=0``): the reward of the partial sequence ``[s_t, z]``.
 
 ``horizon=None`` rolls out to EOS or ``max_rollout_tokens``; 20 is the released direct
-script's budget. The rollouts run on the engine itself (plain decoding, KV-cached).
+script's budget. The ``k·M`` rollouts of a step run as one batch from the rollout policy's
+cached context (:meth:`CachedLM.rollout`). ``rollout_prompt`` gives the rollout policy its own
+prompt (e.g. a prompted aligned baseline): it continues ``rollout_prompt + y_<t + z``, while
+the reward still reads the policy's prompt and response.
 """
 
 from __future__ import annotations
@@ -28,9 +31,8 @@ import torch
 from torch import Tensor, nn
 
 from splice.decode.base import Candidates
-from splice.decode.engine import generate
 from splice.decode.lm import CachedLM
-from splice.decode.sampling import Sampling
+from splice.decode.sampling import Sampling, warp
 from splice.errors import SpliceError
 
 __all__ = ["RolloutValueScorer", "args_scorer", "cd_scorer", "tq_scorer"]
@@ -55,6 +57,7 @@ class RolloutValueScorer:
         beta: float = 2.0,
         eos: Sequence[int] = (),
         seed: int = 42,
+        rollout_prompt: Sequence[int] | None = None,
         name: str = "tq",
     ) -> None:
         if n_rollouts < 1:
@@ -74,6 +77,8 @@ class RolloutValueScorer:
         self.norm, self.beta, self.eos, self.seed, self.name = (
             is_normalization, beta, tuple(eos), seed, name,
         )  # fmt: skip
+        self.prompt = list(rollout_prompt) if rollout_prompt is not None else None
+        self.gen = torch.Generator().manual_seed(seed)
         self.reward_calls = 0
 
     @property
@@ -82,19 +87,41 @@ class RolloutValueScorer:
 
     def rollouts(self, ids: Sequence[int]) -> list[list[int]]:
         """``M`` completed token sequences starting with ``ids``."""
-        if self.horizon == 0 or (ids and ids[-1] in self.eos):
-            return [list(ids)] * self.m
+        return self._batch(ids[:-1], [ids[-1]], len(ids))[0]
+
+    def _batch(
+        self, ids: Sequence[int], cands: Sequence[int], prompt_len: int
+    ) -> list[list[list[int]]]:
+        """Per candidate ``c``, ``M`` sequences ``[*ids, c, *τ_m]``; all ``k·M`` rollouts run
+        as one batch from the cached context (spec §3.8's performance note)."""
+        done = [[*ids, c] for c in cands]
+        if self.horizon == 0:
+            return [[d] * self.m for d in done]
         n = self.horizon if self.horizon is not None else self.cap
-        outs = []
-        for m in range(self.m):
-            g = generate(ids, target=self.lm, sampling=self.sampling, max_new_tokens=n,
-                         eos=self.eos, seed=self.seed + m)  # fmt: skip
-            outs.append([*ids, *g.tokens])
-        return outs
+        ctx = [*self.prompt, *ids[prompt_len:]] if self.prompt is not None else list(ids)
+        firsts = [c for c in cands for _ in range(self.m)]
+        self.gen.manual_seed(self.seed)  # the same random numbers at every step and call
+        tau = self.lm.rollout(ctx, firsts, n, self._pick).tolist()  # type: ignore[union-attr]
+        out = []
+        for i, c in enumerate(cands):
+            rows = []
+            for row in tau[i * self.m : (i + 1) * self.m]:
+                stop = next((j for j, t in enumerate(row) if t in self.eos), None)
+                rows.append([*ids, c] + ([] if c in self.eos else row[: _end(stop)]))
+            out.append(rows)
+        return out
+
+    def _pick(self, logits: Tensor) -> Tensor:
+        p = warp(logits, self.sampling)
+        if self.sampling.greedy:
+            return p.argmax(-1)
+        return torch.multinomial(p, 1, generator=self.gen)[:, 0]
 
     def value(self, ids: Sequence[int], prompt_len: int) -> float:
         """Q̂ for the state-action ``ids`` (the candidate is its last token)."""
-        seqs = self.rollouts(ids)
+        return self._q(self._batch(ids[:-1], [ids[-1]], prompt_len)[0], prompt_len)
+
+    def _q(self, seqs: list[list[int]], prompt_len: int) -> float:
         r = [self.reward(s, prompt_len) for s in seqs]
         self.reward_calls += len(seqs)
         if self.baseline_reward is None:
@@ -108,7 +135,12 @@ class RolloutValueScorer:
         return sum(x * y for x, y in zip(w, r, strict=True)) / len(r)
 
     def score(self, ids: Sequence[int], prompt_len: int, cand: Candidates) -> Tensor:
-        return torch.tensor([self.value([*ids, c], prompt_len) for c in cand.tokens.tolist()])
+        batch = self._batch(ids, cand.tokens.tolist(), prompt_len)
+        return torch.tensor([self._q(seqs, prompt_len) for seqs in batch])
+
+
+def _end(stop: int | None) -> int | None:
+    return None if stop is None else stop + 1
 
 
 def args_scorer(reward: Reward) -> RolloutValueScorer:

@@ -54,6 +54,9 @@ def test_self_draft_greedy_equals_plain_and_reports_metrics(dirs: dict[str, Path
     assert spec["text"] == plain["text"] and spec["lossless"] and plain["lossless"]
     assert spec["metrics"]["gamma"] == 3 and spec["metrics"]["alpha"] is not None
     assert plain["metrics"]["tokens_per_target_call"] == 1.0
+    for extra in (("--int8",), ("--int8", "--self-draft", "2")):  # int8 copy of the target
+        q = _json(*common, *extra, "--gamma", "3")
+        assert q["text"] == plain["text"] and q["lossless"] and q["drafter"].startswith("int8")
     amb = _json(*common, "--policy", "ambedkar", "--k", "3")
     assert not amb["lossless"] and amb["metrics"]["scorer_calls"] > 0
 
@@ -72,6 +75,7 @@ def test_streams_text_to_the_terminal(dirs: dict[str, Path]) -> None:
         (("--prompt", "the", "--top-p", "1.5"), r"top_p=1.5 is outside \(0, 1\]"),
         (("--prompt", "the", "--top-p", "0"), r"top_p=0.0 is outside \(0, 1\]"),
         (("--prompt", "the", "--policy", "fast"), "unknown --policy 'fast'"),
+        (("--prompt", "the", "--int8", "--ngram", "2"), "--int8 quantises the target's own"),
     ],
 )
 def test_bad_input_is_one_line_exit_1(dirs: dict[str, Path], args: tuple, message: str) -> None:

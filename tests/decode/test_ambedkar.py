@@ -127,3 +127,7 @@ def test_iir_on_a_hand_made_output_set() -> None:
 def test_probe_set_masks_every_identity() -> None:
     assert len(PROBE_PROMPTS) == 40 and all("[MASK]" in p for p in PROBE_PROMPTS)
     assert all(not any(iir([p], [p])[f"iir_{a}"] for a in LEXICON) for p in PROBE_PROMPTS)
+    # the default framing counterfactual changes every probe prompt (else every D(c) = 0 and
+    # AMBEDKAR is greedy drafting), and never touches the identity slot
+    cf = Counterfactual(protected=PROTECTED)
+    assert all(cf(p) != p and cf(p).count("[MASK]") == 1 for p in PROBE_PROMPTS)

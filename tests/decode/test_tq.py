@@ -102,3 +102,32 @@ def test_coherence_is_the_mean_row_cosine() -> None:
 
     assert coherence(["x", "x"], ["x", "y"], embed) == pytest.approx(0.5)
     assert coherence(["z"], ["x"], embed) == pytest.approx(2**-0.5)
+
+
+def _greedy_rollout(model, ctx: list[int], n: int, eos: int) -> list[int]:
+    out: list[int] = []
+    with torch.no_grad():
+        for _ in range(n):
+            t = int(model(torch.tensor([ctx + out])).logits[0, -1].argmax())
+            out.append(t)
+            if t == eos:
+                break
+    return out
+
+
+def test_batched_rollouts_equal_one_by_one_rollouts_from_the_baselines_own_prompt() -> None:
+    baseline = tiny_llama(vocab=12, seed=24, sharpen=3.0)
+    rewards: list[tuple[int, ...]] = []
+
+    def reward(ids, prompt_len):
+        rewards.append(tuple(ids))
+        return float(len(ids))
+
+    own = [9, 9, 1]  # the rollout policy's prompt, in place of the policy's [1, 2]
+    s = tq_scorer(baseline, reward, horizon=5, eos=[3], rollout_prompt=own)
+    ids, cands = [1, 2, 5, 6], torch.tensor([4, 3, 0, 7])
+    s.score(ids, 2, Candidates(cands, torch.zeros(4)))
+    for c, seq in zip(cands.tolist(), rewards, strict=True):
+        tau = [] if c == 3 else _greedy_rollout(baseline, [*own, 5, 6, c], 5, eos=3)
+        assert list(seq) == [*ids, c, *tau]  # the reward reads the policy's prompt
+    assert s.lm.calls == 1 + 5  # the context once, then one batched call per rollout step
