@@ -20,18 +20,16 @@ The results are the PEFT track's (``track: peft``, suite ``llm``), so its report
 
 from __future__ import annotations
 
-import platform
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-import torch
 from pydantic import Field
 
 from splice._schema import Strict
-from splice.bench.peft_rows import _peak_mb, _reset_peak, run_cached, run_row
+from splice.bench.peft_rows import _peak_mb, _reset_peak, run_cached, run_row, start_row
 
 __all__ = ["LLM_PEFT_PROFILES", "LLMPeftConfig", "configure_llm_peft", "run_llm_peft"]
 
@@ -85,41 +83,30 @@ LLM_PEFT_PROFILES: dict[str, LLMPeftConfig] = {
 def configure_llm_peft(
     profile: str = "quick",
     *,
-    tasks: Sequence[str] | None = None,
     methods: Sequence[str] | None = None,
-    steps: int | None = None,
-    seed: int | None = None,
-    budget: int | None = None,
     options: Mapping[str, Mapping[str, Any]] | None = None,
-    device: str | None = None,
-    model: str | None = None,
+    **overrides: Any,
 ) -> LLMPeftConfig:
-    """A profile's config with command-line overrides (``methods == ["all"]``: every one)."""
-    from splice.adapters import METHODS
-    from splice.adapters.inject import _config
+    """A profile's config with command-line overrides: ``methods`` (``["all"]``: every one),
+    ``options`` (per method), and any of ``tasks``, ``steps``, ``seed``, ``budget``,
+    ``device``, ``model`` (None: the profile's)."""
     from splice.bench.llm import configure_llm
-    from splice.errors import SpliceError, UsageError
+    from splice.bench.peft import method_update
 
+    tasks = overrides.pop("tasks", None)
     base = configure_llm(tasks=tasks)  # validates the task names (a UsageError names them)
     if profile not in LLM_PEFT_PROFILES:
         configure_llm(profile)  # the same error as the merge track's
     update: dict[str, Any] = {"tasks": base.tasks} if tasks else {}
-    try:  # unknown methods and options fail here (exit 2), with a "did you mean"
-        for name in [m for m in methods or () if m != "all"]:
-            METHODS.get(name)
-        for name, values in (options or {}).items():
-            _config(METHODS.get(name), name, dict(values))
-    except SpliceError as e:
-        raise UsageError(e.what, where=e.where, fix=e.fix) from None
-    if methods is not None:
-        update["methods"] = None if list(methods) == ["all"] else tuple(methods)
-    if options:
-        update["options"] = {k: dict(v) for k, v in options.items()}
-    if seed is not None:
+    if methods is not None and list(methods) == ["all"]:
+        update["methods"] = None
+    update |= method_update(methods, options)
+    if (seed := overrides.pop("seed", None)) is not None:
         update["seeds"] = (seed,)
-    values = {"steps": steps, "budget": budget, "device": device, "model": model}
-    update |= {k: v for k, v in values.items() if v is not None}
-    return LLM_PEFT_PROFILES[profile].model_copy(update=update)
+    update |= {k: v for k, v in overrides.items() if v is not None}
+    return LLM_PEFT_PROFILES[profile].model_validate(
+        LLM_PEFT_PROFILES[profile].model_dump() | update
+    )
 
 
 class LLMTask:
@@ -168,6 +155,12 @@ def _plans(cfg: LLMPeftConfig, model: Any) -> list[dict[str, Any]]:
     for p in plans:
         if p["key"] == "full" and not cfg.full:
             p["reason"] = "full fine-tuning runs in the full profile (--full)"
+        elif p["kind"] == "selector" and not p.get("reason"):
+            p["reason"] = (
+                f"the {p['key']} selector's calibration runs through the classification "
+                "tracks' head loss (splice.bench.finetune.train); not wired to the answer-token "
+                "loss of a causal LM"
+            )
         elif p.get("select") and not p.get("reason"):  # train_lm takes no selector
             p["reason"] = (
                 f"the {p['key']} selector row runs in the text suite (splice.bench.finetune); "
@@ -199,6 +192,7 @@ def run_llm_peft(cfg: LLMPeftConfig, console: Any | None = None) -> dict[str, An
     """Run the LLM suite's PEFT track; returns results for :mod:`splice.bench.peft_report`."""
     from splice.bench.llm_eval import encode
     from splice.bench.llm_plan import EXAMPLE_S, STEP_S, model_key
+    from splice.bench.peft import run_meta
     from splice.bench.progress import Phase, Progress, clock
     from splice.data.causal_lm import load_causal_lm
     from splice.data.llm_tasks import load_gen_task
@@ -233,10 +227,7 @@ def run_llm_peft(cfg: LLMPeftConfig, console: Any | None = None) -> dict[str, An
         )
         for t, task in tasks.items():
             for plan in plans:
-                row = {**plan, "suite": "llm", "task": t, "status": "ok"}
-                rows.append(row)
-                if plan.get("reason") or plan.get("error"):
-                    row["status"] = "n/a" if plan.get("reason") else "error"
+                if (row := start_row(rows, plan, "llm", t)) is None:
                     continue
                 start = time.perf_counter()
 
@@ -262,13 +253,5 @@ def run_llm_peft(cfg: LLMPeftConfig, console: Any | None = None) -> dict[str, An
         "protocol": PROTOCOL,
         "tasks": {t: {"modality": "llm", "about": d.task.description} for t, d in data.items()},
         "rows": rows,
-        "meta": {
-            "wall_s": round(time.perf_counter() - t0, 1),
-            "estimate_s": round(load_s + total, 1),
-            "load_s": round(load_s, 1),
-            "torch": torch.__version__,
-            "python": platform.python_version(),
-            "threads": torch.get_num_threads(),
-            "device": cfg.device,
-        },
+        "meta": run_meta(t0, load_s, load_s + total, cfg.device),
     }

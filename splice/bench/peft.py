@@ -35,7 +35,7 @@ from pydantic import Field
 
 from splice._schema import Strict
 from splice.bench.peft_budget import fit_budget
-from splice.bench.peft_rows import Task, run_cached, run_row
+from splice.bench.peft_rows import Task, run_cached, run_row, start_row
 from splice.bench.peft_select import SELECTOR_ROWS, selector_plans
 from splice.bench.plan import FACTORS, calibrate
 from splice.bench.progress import Phase, Progress, clock
@@ -43,7 +43,7 @@ from splice.bench.runner import load_backbone, profile_update
 from splice.data.cache import cache_root, stable_hash
 from splice.errors import SpliceError
 
-__all__ = ["PEFT_PROFILES", "PROTOCOL", "PeftConfig", "configure_peft", "run_peft"]
+__all__ = ["PEFT_PROFILES", "PROTOCOL", "PeftConfig", "configure_peft", "method_update", "run_peft"]
 
 PROTOCOL = (
     "Per task: the head's lr is the linear probe's, picked on the validation split (first "
@@ -113,23 +113,45 @@ def configure_peft(
     text_model: str | None = None,
 ) -> PeftConfig:
     """A profile's config with command-line overrides (as :func:`splice.bench.runner.configure`)."""
-    from splice.adapters import METHODS
-
     cfg, update = profile_update(PEFT_PROFILES, profile, suite, tasks, seed)
+    update |= method_update(methods, options)
+    values = {"steps": steps, "budget": budget, "device": device, "text_model": text_model}
+    update |= {k: v for k, v in values.items() if v is not None}
+    return PeftConfig.model_validate(cfg.model_dump() | update)
+
+
+def method_update(
+    methods: Sequence[str] | None, options: Mapping[str, Mapping[str, Any]] | None
+) -> dict[str, Any]:
+    """The config update for ``--methods`` (``["all"]``: none) and ``--set``; an unknown
+    method or option fails here, with a "did you mean", not mid-run."""
+    from splice.adapters import METHODS
+    from splice.adapters.inject import _config
+
+    update: dict[str, Any] = {}
     if methods is not None and list(methods) != ["all"]:
         for name in methods:
             if name not in SELECTOR_ROWS:
                 METHODS.get(name)  # an unknown name fails here, with a "did you mean"
         update["methods"] = tuple(methods)
-    from splice.adapters.inject import _config
-
     for name, values in (options or {}).items():
-        _config(METHODS.get(name), name, dict(values))  # unknown options fail here, not mid-run
+        _config(METHODS.get(name), name, dict(values))
     if options:
         update["options"] = {k: dict(v) for k, v in options.items()}
-    values = {"steps": steps, "budget": budget, "device": device, "text_model": text_model}
-    update |= {k: v for k, v in values.items() if v is not None}
-    return PeftConfig.model_validate(cfg.model_dump() | update)
+    return update
+
+
+def run_meta(t0: float, load_s: float, estimate_s: float, device: str) -> dict[str, Any]:
+    """The run's ``meta``: wall time since ``t0``, estimate, load time, versions, threads."""
+    return {
+        "wall_s": round(time.perf_counter() - t0, 1),
+        "estimate_s": round(estimate_s, 1),
+        "load_s": round(load_s, 1),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "threads": torch.get_num_threads(),
+        "device": device,
+    }
 
 
 # Rows ------------------------------------------------------------------------------------------
@@ -300,10 +322,7 @@ def run_peft(cfg: PeftConfig, console: Any | None = None) -> dict[str, Any]:
             for name in g.data:
                 task, head_lr = Task(g, name, cfg), 1e-2  # the probe's pick replaces it
                 for plan in plans[mod]:
-                    row = {**plan, "suite": mod, "task": name, "status": "ok"}
-                    rows.append(row)
-                    if plan.get("reason") or plan.get("error"):
-                        row["status"] = "n/a" if plan.get("reason") else "error"
+                    if (row := start_row(rows, plan, mod, name)) is None:
                         continue
                     start = time.perf_counter()
 
@@ -327,13 +346,5 @@ def run_peft(cfg: PeftConfig, console: Any | None = None) -> dict[str, Any]:
         "protocol": PROTOCOL,
         "tasks": {t.name: {"modality": t.modality, "about": t.description} for t in task_objs},
         "rows": rows,
-        "meta": {
-            "wall_s": round(time.perf_counter() - t0, 1),
-            "estimate_s": round(load_s + total, 1),
-            "load_s": round(load_s, 1),
-            "torch": torch.__version__,
-            "python": platform.python_version(),
-            "threads": torch.get_num_threads(),
-            "device": cfg.device,
-        },
+        "meta": run_meta(t0, load_s, load_s + total, cfg.device),
     }

@@ -27,7 +27,7 @@ from splice.bench.finetune import FinetuneConfig, Trained, batch_stream, train
 from splice.bench.suite import _features
 from splice.train.loop import TrainStep, fit
 
-__all__ = ["cached", "run_cached", "run_row"]
+__all__ = ["cached", "run_cached", "run_row", "start_row"]
 
 
 def _grow(lr: float, way: int) -> float:
@@ -227,3 +227,14 @@ def run_cached(row: dict, path: Path, compute: Callable[[], dict]) -> dict:
         out, was = {}, False
     row |= out | {"cached": was}
     return out
+
+
+def start_row(rows: list[dict], plan: dict, suite: str, task: str) -> dict | None:
+    """Append the row of ``plan`` on ``task`` to ``rows``; None when it does not run (its
+    plan has a reason, n/a, or an error)."""
+    row = {**plan, "suite": suite, "task": task, "status": "ok"}
+    rows.append(row)
+    if plan.get("reason") or plan.get("error"):
+        row["status"] = "n/a" if plan.get("reason") else "error"
+        return None
+    return row

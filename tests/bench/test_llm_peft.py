@@ -71,10 +71,10 @@ def test_configure_llm_peft_and_usage_errors(monkeypatch, capsys):
     assert (cfg.options, cfg.steps, cfg.budget) == ({"lora": {"r": 4}}, 5, 1000)
     code, _, err = run_cli(monkeypatch, capsys, "bench", "--suite", "llm", "--track", "peft",
                            "--methods", "lorra")  # fmt: skip
-    assert code == 2 and "lora" in err
+    assert code == 1 and "did you mean 'lora'" in err  # as the PEFT track's
     code, _, err = run_cli(monkeypatch, capsys, "bench", "--suite", "llm", "--track", "peft",
                            "--set", "lora.nope=1")  # fmt: skip
-    assert code == 2 and "nope" in err
+    assert code == 1 and "nope" in err
     code, _, err = run_cli(monkeypatch, capsys, "bench", "--suite", "llm", "--budget", "100")
     assert code == 2 and "--track peft" in err
 
