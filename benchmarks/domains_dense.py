@@ -35,7 +35,10 @@ def main() -> None:
     args = grid_options(parser(__doc__, DenseSetup()), METHODS).parse_args()
     setup = settings(args, DenseSetup())
     start = time.perf_counter()
-    facts, every, rows, again = run_study(args, setup, pretrained, data, run_method, "garments")
+    bench = (pretrained, data, run_method)
+    facts, every, rows, again = run_study(
+        setup, args.methods, args.lr_grid, bench, "garments", log=lambda s: print(s, flush=True)
+    )
     if args.study and "tap-slf" in args.methods:
         again("tap-slf", "tap-slf code", fidelity="code")
     ref = "per-task" if "per-task" in args.methods else rows[0].method

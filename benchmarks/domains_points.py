@@ -32,7 +32,10 @@ def main() -> None:
     args = grid_options(parser(__doc__, PointsSetup()), METHODS).parse_args()
     setup = settings(args, PointsSetup())
     start = time.perf_counter()
-    facts, every, rows, again = run_study(args, setup, pretrained, digits, run_method, "primitives")
+    bench = (pretrained, digits, run_method)
+    facts, every, rows, again = run_study(
+        setup, args.methods, args.lr_grid, bench, "primitives", log=lambda s: print(s, flush=True)
+    )
     if args.study and "point-peft" in args.methods:
         again("point-peft", "pp no bank", bank=False)
         again("point-peft", "pp no prompts", tokens=0)

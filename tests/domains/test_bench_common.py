@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
-
 import pytest
 
 from splice.bench.domains.common import Row, Setup, format_rows, run_grid, run_study
@@ -38,12 +36,11 @@ def test_study_variants_train_at_the_lr_the_grid_chose():
         calls.append((m, name, lr, backbone, data, options))
         return Row(name, 10 * lr, 1, 2, 0.0, {"val": {0.001: 1, 0.003: 9}.get(lr, 0)}, 1)
 
-    args = argparse.Namespace(methods=("pp", "full"), lr_grid=(1.0, 3.0))
     setup = Setup(lr=1e-3, full_lr=1e-4)
     facts = {"cached": True, "accuracy": 50.0}
-    got, every, best, again = run_study(
-        args, setup, lambda s: ("bb", facts), lambda s: "data", run_method, "shapes"
-    )
+    bench = (lambda s: ("bb", facts), lambda s: "data", run_method)
+    log = []
+    got, every, best, again = run_study(setup, ("pp", "full"), (1, 3), bench, "shapes", log.append)
     assert got is facts and len(every) == 4
     assert {c[3:5] for c in calls} == {("bb", "data")}
     assert [(c[0], pytest.approx(c[2])) for c in calls] == [
@@ -55,3 +52,6 @@ def test_study_variants_train_at_the_lr_the_grid_chose():
     row = again("pp", "pp no bank", bank=False)
     assert calls[-1] == ("pp", "pp no bank", 3e-3, "bb", "data", {"bank": False})
     assert best[-1] is row and row.detail["lr"] == 3e-3
+    assert log[0] == "backbone: 50.0% on held-out shapes (cached)" and log[-1].startswith(
+        "pp no bank"
+    )

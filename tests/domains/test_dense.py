@@ -221,7 +221,8 @@ def test_cluttered_digits_targets_agree_and_are_seeded():
 
 def test_bench_driver_runs_every_method(tmp_path, monkeypatch):
     monkeypatch.setenv("SPLICE_CACHE", str(tmp_path))
-    from splice.bench.domains.dense import METHODS, DenseSetup, run
+    from splice.bench.domains.common import run_study
+    from splice.bench.domains.dense import METHODS, DenseSetup, data, pretrained, run_method
 
     cfg = HierConfig(widths=(8, 16, 32), depths=(1, 1, 2), heads=(1, 2, 2))
     setup = DenseSetup(
@@ -234,7 +235,8 @@ def test_bench_driver_runs_every_method(tmp_path, monkeypatch):
         steps=4,
         batch=4,
     )
-    rows, _facts = run(setup, METHODS, log=lambda s: None)
+    bench = (pretrained, data, run_method)
+    _facts, _, rows, _ = run_study(setup, METHODS, (1.0,), bench, "", print)
     by = {r.method: r for r in rows}
     assert set(by) == set(METHODS) and "prompts removed" in by["tap-slf"].detail
     assert by["polyhistor-lite"].trainable < by["per-task"].trainable < by["full"].trainable

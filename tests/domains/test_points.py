@@ -141,7 +141,8 @@ def test_digit_clouds_follow_the_ink():
 
 def test_bench_driver_trains_caches_and_compares(tmp_path, monkeypatch):
     monkeypatch.setenv("SPLICE_CACHE", str(tmp_path))
-    from splice.bench.domains.points import PointsSetup, pretrained, run
+    from splice.bench.domains.common import run_study
+    from splice.bench.domains.points import PointsSetup, digits, pretrained, run_method
 
     setup = PointsSetup(
         points=64,
@@ -154,7 +155,8 @@ def test_bench_driver_trains_caches_and_compares(tmp_path, monkeypatch):
         steps=2,
         batch=8,
     )
-    rows, facts = run(setup, ("full", "lora", "point-peft"), log=lambda s: None)
+    bench = (pretrained, digits, run_method)
+    facts, _, rows, _ = run_study(setup, ("full", "lora", "point-peft"), (1.0,), bench, "", print)
     assert not facts["cached"] and pretrained(setup)[1]["cached"]
     by = {r.method: r for r in rows}
     assert by["point-peft"].trainable < 0.2 * by["full"].trainable  # ~5 % at the default size

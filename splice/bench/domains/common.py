@@ -227,27 +227,30 @@ def run_grid(
 
 
 def run_study(
-    args: Any,
     setup: Setup,
-    pretrained: Callable[[Any], tuple[Any, dict]],
-    load: Callable[[Any], Any],
-    run_method: Callable[..., Row],
+    methods: tuple[str, ...],
+    grid: tuple[float, ...],
+    bench: tuple[Callable[[Any], tuple[Any, dict]], Callable[[Any], Any], Callable[..., Row]],
     held_out: str,
+    log: Callable[[str], None] = print,
 ) -> tuple[dict, list[Row], list[Row], Callable[..., Row]]:
-    """The shared body of the grid benchmarks: the (cached) pretrained backbone, the data, and
-    :func:`run_grid` over ``args.methods`` at ``args.lr_grid`` (``full`` at ``setup.full_lr``,
-    the rest at ``setup.lr``). Returns ``(facts, every, best, again)`` where
-    ``again(method, name, **options)`` trains one more variant of ``method`` at the LR its
-    grid chose and appends it to ``best``."""
+    """The shared body of the domain benchmarks. ``bench = (pretrained, load, run_method)``
+    of a bench module: the (cached) pretrained backbone, the data, and :func:`run_grid` over
+    ``methods`` at the LR multiples ``grid`` (``full`` at ``setup.full_lr``, the rest at
+    ``setup.lr``). Returns ``(facts, every, best, again)`` where ``again(method, name,
+    **options)`` trains one more variant of ``method`` at the LR its grid chose and appends it
+    to ``best``."""
+    pretrained, load, run_method = bench
     backbone, facts = pretrained(setup)
     how = "cached" if facts["cached"] else f"{facts['seconds']:.0f} s"
-    print(f"backbone: {facts['accuracy']:.1f}% on held-out {held_out} ({how})", flush=True)
+    log(f"backbone: {facts['accuracy']:.1f}% on held-out {held_out} ({how})")
     data = load(setup)
     every, best = run_grid(
-        args.methods,
-        args.lr_grid,
+        methods,
+        grid,
         lambda m: setup.full_lr if m == "full" else setup.lr,
         lambda m, name, lr: run_method(m, setup, backbone, data, name=name, lr=lr),
+        log,
     )
 
     def again(method: str, name: str, **options: Any) -> Row:
@@ -255,7 +258,7 @@ def run_study(
         row = run_method(method, setup, backbone, data, name=name, lr=lr, **options)
         row.detail["lr"] = lr
         best.append(row)
-        print(f"{name}: {row.score:.2f} (lr {lr:g})", flush=True)
+        log(f"{name}: {row.score:.2f} (lr {lr:g})")
         return row
 
     return facts, every, best, again

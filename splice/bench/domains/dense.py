@@ -30,7 +30,7 @@ from splice.domains.dense import MultiTask, PerTaskAdapters, task_loss, task_sco
 from splice.domains.polyhistor import Polyhistor, PolyhistorLite
 from splice.domains.tap_slf import TapSlf
 
-__all__ = ["METHODS", "DenseSetup", "build", "pretrained", "run", "run_method", "scores"]
+__all__ = ["METHODS", "DenseSetup", "build", "pretrained", "run_method", "scores"]
 
 METHODS = ("full", "per-task", "polyhistor", "polyhistor-lite", "tap-slf", "tap-slf-noprompt")
 
@@ -151,21 +151,3 @@ def run_method(
         detail["prompts removed"] = float(np.mean(list(scores(model, xt, tt).values())))
         model.ablate = False
     return Row.of(name or method, model, float(np.mean(list(s.values()))), start, detail)
-
-
-def run(
-    setup: DenseSetup, methods: tuple[str, ...] = METHODS, log=print
-) -> tuple[list[Row], dict[str, Any]]:
-    backbone, facts = pretrained(setup)
-    how = "cached" if facts["cached"] else f"{facts['seconds']:.0f} s"
-    log(f"pretrained on garments: {facts['accuracy']:.1f}% held-out ({how})")
-    d = data(setup)
-    rows = []
-    for m in methods:
-        rows.append(run_method(m, setup, backbone, d))
-        r = rows[-1]
-        log(
-            f"{m}: {r.score:.2f} { ({k: round(v, 1) for k, v in r.detail.items()}) } "
-            f"({r.trainable:,} trainable, {r.seconds:.0f} s)"
-        )
-    return rows, facts

@@ -26,7 +26,7 @@ from splice.data.synthetic.points import digit_clouds, primitives
 from splice.domains.backbones.points import Groups, PointConfig, PointTransformer, group
 from splice.domains.point_peft import PointPEFT, memory_bank
 
-__all__ = ["METHODS", "PointsSetup", "digits", "pretrained", "run", "run_method"]
+__all__ = ["METHODS", "PointsSetup", "digits", "pretrained", "run_method"]
 
 METHODS = ("full", "lora", "point-peft", "linear")
 
@@ -188,21 +188,3 @@ def run_method(
     return Row.of(
         name or method, model, accuracy(model, *test), start, {"val": accuracy(model, *val)}
     )
-
-
-def run(
-    setup: PointsSetup, methods: tuple[str, ...] = METHODS, log=print
-) -> tuple[list[Row], dict[str, Any]]:
-    """Every method on one pretrained backbone; returns the rows and the pretraining facts."""
-    backbone, facts = pretrained(setup)
-    how = "cached" if facts["cached"] else f"{facts['seconds']:.0f} s"
-    log(f"pretrained on primitives: {facts['accuracy']:.1f}% held-out ({how})")
-    data = digits(setup)
-    rows = []
-    for m in methods:
-        rows.append(run_method(m, setup, backbone, data))
-        log(
-            f"{m}: {rows[-1].score:.2f} "
-            f"({rows[-1].trainable:,} trainable, {rows[-1].seconds:.0f} s)"
-        )
-    return rows, facts
