@@ -10,16 +10,14 @@ buffers are copied from the base.
 
 from __future__ import annotations
 
-import ctypes
-import functools
 import math
-import sys
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from splice._lazy import lazy_import
+from splice._memory import return_freed_memory
 from splice.errors import SpliceError
 from splice.io import to_torch
 from splice.io._pool import pooled_reads
@@ -180,29 +178,13 @@ def execute(
     """
     if job.device.startswith("cuda") and not torch.cuda.is_available():
         raise SpliceError("--device cuda but no CUDA device is available", fix="use --device cpu")
-    _return_freed_memory()
+    return_freed_memory()
     # The work is memory-bound and chunked to stay in cache; one thread avoids intra-op
     # barriers that stall badly on a busy machine.
     from splice.merge.engine.memory import pool_budget
 
     with one_thread(), pooled_reads(pool_budget(job, tasks)):
         return _execute(job, tasks, sink, progress, on_output)
-
-
-@functools.cache
-def _return_freed_memory() -> None:
-    """On glibc, serve allocations ≥ 1 MB by mmap so a freed input returns to the OS at once.
-
-    glibc otherwise raises its mmap threshold after the first large free and keeps freed
-    tensors of up to 32 MB in the heap, so peak RSS drifts far above the live working set.
-    """
-    if sys.platform != "linux":
-        return
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        return
 
 
 def _execute(

@@ -1,0 +1,31 @@
+"""Process memory policy: freed large buffers go back to the OS at once (glibc only).
+
+glibc serves an allocation by ``mmap`` only above its mmap threshold, and it *raises* that
+threshold (up to 32 MB) each time a larger mmapped block is freed. After the first few
+large frees, tensors of up to 32 MB come from the heap, and freeing them does not return
+the pages: peak RSS drifts far above the live working set. Pinning the threshold at 1 MB
+keeps every tensor of 1 MB and more in its own mapping, released on free. Used by the
+streaming merge executor and by LAPT's full fine-tune (issue #30: peak RSS ≤ 3 GB).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import sys
+
+__all__ = ["return_freed_memory"]
+
+_M_MMAP_THRESHOLD = -3
+
+
+def return_freed_memory(threshold: int = 1 << 20) -> bool:
+    """Serve allocations ≥ ``threshold`` bytes by mmap for the rest of the process (the last
+    call's threshold holds); returns whether the policy is in force (False off Linux/glibc).
+    Results are unchanged: only where the allocator puts buffers."""
+    if sys.platform != "linux":
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(_M_MMAP_THRESHOLD, threshold))
+    except (OSError, AttributeError):
+        return False
