@@ -59,6 +59,26 @@ def _boosts(flat: list[Tensor], params: Params) -> list[Tensor]:
     return list(1 + params.r * (sh / un).clamp(min=0, max=params.alpha))
 
 
+def _ram_(flat: list[Tensor], b: Tensor, eps: float, out: Tensor) -> Tensor:
+    """RAM into ``flat[0]`` (then ``out``): Σ_t z_t / max(c, 1), z_t = τ_t·[|τ_t| > ε].
+
+    The same floats as mergekit's z·u + z·o/c per model (u, o exclusive 0/1 masks): where
+    c = 1 that is z / 1 = z, elsewhere ±0 + z/c; only the sign of a zero may differ, which
+    the final θ₀ + Σ removes. Four element-wise ops per model instead of nine.
+    """
+    for s in chunk_slices(b.numel()):
+        z = [torch.nn.functional.hardshrink(f[s], eps) for f in flat]  # keeps |τ| > ε
+        count = z[0].ne(0).to(z[0].dtype)
+        for x in z[1:]:
+            count += x.ne(0)
+        count.clamp_(min=1)
+        acc = z[0].div_(count)
+        for x in z[1:]:
+            acc += x.div_(count)
+        flat[0][s] = b[s] + acc
+    return out
+
+
 @methods.register("ram")
 class Ram(MergeMethod):
     """Unique active entries kept, overlapping ones averaged (RAM); RAM+ boosts the unique."""
@@ -83,7 +103,9 @@ class Ram(MergeMethod):
     ) -> Tensor:
         assert base is not None
         flat, b = [t.reshape(-1).sub_(base.reshape(-1)) for t in tensors], base.reshape(-1)
-        boosts = _boosts(flat, params) if params.plus else None
+        if not params.plus:
+            return _ram_(flat, b, params.epsilon, tensors[0])
+        boosts = _boosts(flat, params)
         for s in chunk_slices(b.numel()):
             chunk = [f[s] for f in flat]
             active, count = _masks(chunk, params.epsilon)
@@ -91,7 +113,7 @@ class Ram(MergeMethod):
             acc = None
             for i, (c, m) in enumerate(zip(chunk, active, strict=True)):
                 z = c * m
-                kept = z * unique if boosts is None else z * unique * boosts[i]
+                kept = z * unique * boosts[i]
                 term = kept + z * overlap / divisor
                 acc = term if acc is None else acc.add_(term)
             assert acc is not None

