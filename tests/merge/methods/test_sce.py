@@ -79,6 +79,6 @@ def test_variance_is_torch_var_bit_for_bit(count):
     from splice.merge.methods.sce import _variance
 
     g = torch.Generator().manual_seed(count)
-    chunk = [torch.randn(1 << 16, generator=g) * 10.0 ** -i + i * 1e-3 for i in range(count)]
+    chunk = [torch.randn(1 << 16, generator=g) * 10.0**-i + i * 1e-3 for i in range(count)]
     chunk[0][:100] = chunk[1][:100]  # equal entries: a zero term in the update
     assert torch.equal(_variance(chunk), torch.var(torch.stack(chunk), dim=0, unbiased=False))
