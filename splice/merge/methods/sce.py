@@ -6,8 +6,13 @@ only the positions whose variance across the task vectors (population variance) 
 per task vector, α_t = mean(τ_t²) / Σ_j mean(τ_j²) (uniform if that sum is below 1e-6);
 **erase** — the TIES sign election over Σ_t τ_t (a zero sum counts as +) drops the entries
 that disagree. θ = θ₀ + Σ_t α_t m_t τ_t / max(Σ_t α_t m_t, 1e-6). There are no per-model
-weights and no λ: the paper's method and mergekit's are the same here. Positions tied with
-the variance cut are all kept (mergekit's ``topk`` keeps an arbitrary subset of them).
+weights and no λ: the paper's method and mergekit's are the same here. Two things make
+mergekit's floats differ: positions tied with the variance cut (splice keeps them all;
+mergekit's ``torch.topk`` keeps exactly k, some of the tied ones) and the mean squares
+(splice sums them in float64 chunk by chunk; mergekit takes float32 whole-tensor means, ~1e-7
+apart). ``mergekit_exact`` (set by mergekit recipes) does both as mergekit does: bit for bit
+the same output, ``torch.topk`` called only for tensors whose cut splits a tie. The variance
+is torch's in both modes.
 """
 
 from __future__ import annotations
@@ -34,6 +39,11 @@ class Params(HyperParams):
     select_topk: float = Field(
         1.0, ge=0, le=1, description="fraction of highest-variance positions kept"
     )
+    mergekit_exact: bool = Field(
+        False,
+        description="mergekit's floats bit for bit: torch.topk's pick where the variance cut "
+        "splits a tie, float32 whole-tensor mean squares (mergekit recipes set it)",
+    )
 
 
 def _variance(chunk: list[Tensor]) -> Tensor:
@@ -52,32 +62,56 @@ def _variance(chunk: list[Tensor]) -> Tensor:
     return m2.div_(len(chunk)).to(chunk[0].dtype)
 
 
-def _select_(taus: list[Tensor], topk: float) -> None:
-    """Zero, in every task vector, the positions outside the top-variance fraction."""
+def _select_(taus: list[Tensor], topk: float, exact: bool) -> Tensor | None:
+    """Zero, in every task vector, the positions outside the top-variance fraction; return
+    a free float buffer of the tensor's size (None if none was needed).
+
+    k = ⌊topk · #nonzero variances⌋ positions are kept, and every position tied with the k-th
+    largest variance. ``exact`` keeps exactly k: where the cut splits a tie it asks
+    ``torch.topk`` of the whole variance tensor, as mergekit does, which picks the tied
+    positions its selection algorithm meets first (the same on the same floats)."""
     flat = [t.reshape(-1) for t in taus]
     if topk <= 0:
         for f in flat:
             f.zero_()
-        return
+        return None
     var = torch.empty_like(flat[0])
     for s in chunk_slices(var.numel()):
         var[s] = _variance([f[s] for f in flat])
     k = int(int(torch.count_nonzero(var)) * topk)
-    keep = torch.zeros_like(var) if k == 0 else (var >= kth_largest(var, k)).to(var.dtype)
+    if k == 0:
+        keep = torch.zeros_like(var)
+    else:
+        keep = (var >= kth_largest(var, k)).to(var.dtype)
+        if exact and int(keep.sum(dtype=torch.int64)) > k:
+            keep.zero_()[torch.topk(var.abs(), k=k, largest=True).indices] = 1
     for f in flat:
         f.mul_(keep)
+    return var
 
 
-def _weights(taus: list[Tensor]) -> list[float]:
+def _weights(taus: list[Tensor], dtype: torch.dtype) -> list[Tensor]:
+    """α_t = mean(τ_t²) / Σ_j mean(τ_j²), sums in float64 chunk by chunk."""
     means = [
         sum(float(f.square().sum(dtype=torch.float64)) for f in t.reshape(-1).split(1 << 20))
         / max(1, t.numel())
         for t in taus
     ]
     total = sum(means)
+    alphas = [1.0 / len(taus)] * len(taus) if abs(total) < 1e-6 else [m / total for m in means]
+    return [torch.tensor(a, dtype=dtype) for a in alphas]
+
+
+def _weights_mergekit(taus: list[Tensor], buf: Tensor | None) -> list[Tensor]:
+    """mergekit's α_t: float32 whole-tensor means of τ_t² (squares in ``buf``), divided by
+    their float32 sum (as a Python float)."""
+    if buf is None:
+        buf = torch.empty_like(taus[0].reshape(-1))
+    means = torch.stack([torch.mul(t, t, out=buf.view_as(t)).mean() for t in taus])
+    total = torch.sum(means).item()
     if abs(total) < 1e-6:
-        return [1.0 / len(taus)] * len(taus)
-    return [m / total for m in means]
+        return list(torch.ones_like(means) / means.shape[0])
+    return list(means / total)
 
 
 @methods.register("sce")
@@ -104,9 +138,10 @@ class Sce(MergeMethod):
     ) -> Tensor:
         assert base is not None
         taus = [t.sub_(base) for t in tensors]
-        if params.select_topk < 1:
-            _select_(taus, params.select_topk)
-        alphas = [torch.tensor(a, dtype=base.dtype) for a in _weights(taus)]
+        exact = params.mergekit_exact
+        buf = _select_(taus, params.select_topk, exact) if params.select_topk < 1 else None
+        alphas = _weights_mergekit(taus, buf) if exact else _weights(taus, base.dtype)
+        del buf
         flat, b = [t.reshape(-1) for t in taus], base.reshape(-1)
         for s in chunk_slices(b.numel()):
             chunk = [f[s] for f in flat]

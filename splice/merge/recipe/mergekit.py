@@ -131,7 +131,8 @@ _MERGEKIT = {
         "dare", {"consensus": None, "rescale": "l1", "aggregate": "sum", "p": 0}, _DARE_RENAMES
     ),
     # mergekit 0.1.5's other methods: splice's files of the same names (issue #31)
-    **{m: _Alias(m) for m in ("sce", "model_stock", "nearswap", "arcee_fusion", "multislerp")},
+    "sce": _Alias("sce", {"mergekit_exact": True}),
+    **{m: _Alias(m) for m in ("model_stock", "nearswap", "arcee_fusion", "multislerp")},
     **{m: _Alias(m) for m in ("nuslerp", "breadcrumbs", "ram")},
     "breadcrumbs_ties": _Alias("breadcrumbs", {"consensus": "ties"}),
     "della": _Alias("della", {"rescale": "l1"}, _DELLA_RENAMES),

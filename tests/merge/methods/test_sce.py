@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from splice.merge import merge_state_dicts
+from splice.merge.recipe import load_recipe
 from tests.merge._ckpt import finetune, tiny_llama
+from tests.merge._recipes import base_and_finetunes, write_recipe
 
 
 def sce_ref(base, fts, topk):
@@ -82,3 +84,55 @@ def test_variance_is_torch_var_bit_for_bit(count):
     chunk = [torch.randn(1 << 16, generator=g) * 10.0**-i + i * 1e-3 for i in range(count)]
     chunk[0][:100] = chunk[1][:100]  # equal entries: a zero term in the update
     assert torch.equal(_variance(chunk), torch.var(torch.stack(chunk), dim=0, unbiased=False))
+
+
+def sce_mergekit(base, fts, topk):
+    """mergekit 0.1.5's sce_merge as it is written: float32 stacked task vectors, torch.var,
+    torch.topk of the variance, float32 whole-tensor mean squares."""
+    tvs = torch.stack([f - base for f in fts], dim=0)
+    if topk < 1:
+        var = torch.var(tvs, dim=0, unbiased=False)
+        k = int(torch.count_nonzero(var) * topk)
+        _, indices = torch.topk(var.abs().view(-1), k=k, largest=True)
+        mask = torch.zeros_like(var)
+        mask.view(-1)[indices] = 1
+        tvs = tvs * mask.unsqueeze(0)
+    sign = tvs.sign()
+    erase = sign == ((tvs.sum(dim=0) >= 0).to(tvs.dtype) * 2 - 1)
+    w = tvs.square().reshape(tvs.shape[0], -1).mean(dim=1)
+    total = torch.sum(w).item()
+    w = torch.ones_like(w) / w.shape[0] if abs(total) < 1e-6 else w / total
+    erased = w.view(-1, *[1] * base.dim()) * erase
+    return base + (tvs * erased).sum(dim=0) / torch.sum(erased, dim=0).clamp(min=1e-6)
+
+
+def _tied_inputs():
+    """Three 300×700 fine-tunes (several chunks) on a 1/64 grid: many variances tie with the
+    cut, so mergekit's torch.topk keeps only some of the tied positions."""
+    g = torch.Generator().manual_seed(7)
+    base = torch.randn(300, 700, generator=g) * 0.02
+    fts = [base + torch.randint(-3, 4, (300, 700), generator=g) / 64 for _ in range(3)]
+    return base, fts
+
+
+def test_mergekit_exact_is_mergekits_output_bit_for_bit():
+    base, fts = _tied_inputs()
+    for topk in (0.3, 1.0):
+        ref = sce_mergekit(base, fts, topk)
+        params = {"select_topk": topk, "mergekit_exact": True}
+        got = merge_state_dicts("sce", [{"w": f} for f in fts], base={"w": base}, params=params)
+        assert torch.equal(got["w"], ref)
+    # the default keeps every position tied with the cut: more than mergekit's k
+    ref = sce_mergekit(base, fts, 0.3)
+    all_tied = merge_state_dicts("sce", [{"w": f} for f in fts], base={"w": base},
+                                 params={"select_topk": 0.3})["w"]  # fmt: skip
+    assert int((all_tied != base).sum()) > int((ref != base).sum())
+
+
+def test_mergekit_recipes_ask_for_mergekits_floats(tmp_path):
+    paths, _, _ = base_and_finetunes(tmp_path / "models")
+    text = "merge_method: sce\nbase_model: {base}\nmodels:\n  - model: {ft0}\n  - model: {ft1}\n"
+    recipe = load_recipe(
+        write_recipe(tmp_path, text + "parameters: {{select_topk: 0.5}}\n", **paths)
+    )
+    assert recipe.flat_settings()["mergekit_exact"] is True

@@ -116,7 +116,7 @@ MAPPINGS = {
         {"consensus": None, "normalize": False, "rescale": "off"},
         {"density": 0.6},
     ),
-    "sce": ({"select_topk": 0.5}, None, "sce", {"select_topk": 0.5}, None),
+    "sce": ({"select_topk": 0.5}, None, "sce", {"select_topk": 0.5, "mergekit_exact": True}, None),
     "model_stock": ({}, None, "model_stock", {}, None),
     "multislerp": ({}, {}, "multislerp", {}, {}),
     "ram": ({}, None, "ram", {}, None),
