@@ -19,14 +19,14 @@ def run_llm_suite(
     text_model: str | None,
     finetune: str | None,
     out: Path,
-    as_json: bool,
+    as_json: bool | None,
     suite: str | None = None,
     budget: int | None = None,
     options: dict[str, dict[str, Any]] | None = None,
-) -> None:
+) -> dict[str, Any]:
     """Run the LLM suite's merge track (or ``track="peft"``: its PEFT track), print its table
-    (or JSON), write the report. ``text_model`` names a causal-LM dir here (default: the
-    packaged SmolLM2)."""
+    (or JSON; neither for ``as_json=None``), write the report and return the results.
+    ``text_model`` names a causal-LM dir here (default: the packaged SmolLM2)."""
     from splice.errors import UsageError
 
     del suite  # "llm", or None when the full profile runs it after the others
@@ -47,8 +47,7 @@ def run_llm_suite(
                                   budget=budget, options=options, device=device,
                                   model=text_model)  # fmt: skip
         title = f"splice bench --suite llm --track peft[/] {profile}"
-        _run(title, pcfg, run_llm_peft, write_peft_report, print_peft_table, out, as_json)
-        return
+        return _run(title, pcfg, run_llm_peft, write_peft_report, print_peft_table, out, as_json)
     if budget is not None or options:
         raise UsageError("--budget and --set belong to --track peft", fix="add --track peft")
     if finetune not in (None, "lora"):
@@ -65,4 +64,4 @@ def run_llm_suite(
         )
 
     title = f"splice bench --suite llm[/] {profile}"
-    _run(title, cfg, run, write_llm_report, print_llm_table, out, as_json)
+    return _run(title, cfg, run, write_llm_report, print_llm_table, out, as_json)

@@ -154,12 +154,17 @@ def bench(
     from splice.bench.runner import configure, run_bench
 
     cfg = configure(profile, finetune=finetune, **common)
-    _run(f"splice bench[/] {profile}", cfg, run_bench, write_report, print_table, out, as_json)
-    if full and suite is None and tasks is None:  # the full profile includes the LLM suite
+    with_llm = full and suite is None and tasks is None  # the full profile includes the LLM suite
+    show = None if with_llm and as_json else as_json  # --json: one document for both
+    title = f"splice bench[/] {profile}"
+    results = _run(title, cfg, run_bench, write_report, print_table, out, show)
+    if with_llm:
         from splice.cli._bench_llm import run_llm_suite
 
-        run_llm_suite("full", track=track, finetune=None, out=out, as_json=as_json,
-                      **{**common, "tasks": None, "methods": None, "text_model": None})  # fmt: skip
+        everything = {**common, "tasks": None, "methods": None, "text_model": None}
+        llm = run_llm_suite("full", track=track, finetune=None, out=out, as_json=show, **everything)
+        if as_json:
+            print_json({"merge": results, "llm": llm})
 
 
 def _run(
@@ -169,9 +174,10 @@ def _run(
     write: Callable[[dict[str, Any], Path], list[Path]],
     table: Callable[[dict[str, Any], Any], None],
     out: Path,
-    as_json: bool,
-) -> None:
-    """Run with progress on stderr, write the files, print the table (or JSON) on stdout."""
+    as_json: bool | None,
+) -> dict[str, Any]:
+    """Run with progress on stderr, write the files, print the table (or JSON; neither for
+    ``as_json=None``) on stdout; return the results."""
     from rich.console import Console
 
     err = Console(stderr=True)
@@ -180,10 +186,11 @@ def _run(
     paths = write(results, out)
     if as_json:
         print_json(results)
-    else:
+    elif as_json is not None:
         # Piped output (CI logs) gets a wide table rather than rich's 80 columns.
         table(results, Console() if sys.stdout.isatty() else Console(width=200))
     err.print("wrote " + ", ".join(str(p) for p in paths), soft_wrap=True)
+    return results
 
 
 def _paper(

@@ -79,3 +79,27 @@ def test_bench_cli_peft_errors_are_one_line(args, code, message, tmp_path, monke
     errors = [line for line in stderr.splitlines() if line.startswith("error:")]
     assert got == code and len(errors) == 1 and message in errors[0], stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_full_profile_json_is_one_document_with_the_llm_suite(tmp_path, monkeypatch, capsys):
+    """``--full --json`` runs the merge profile and then the LLM suite: stdout must be one JSON
+    document holding both (it used to print two documents back to back)."""
+    import types
+
+    import splice.bench.llm as llm
+    import splice.bench.llm_report as llm_report
+    import splice.bench.report as report
+    import splice.bench.runner as runner
+
+    cfg = types.SimpleNamespace(tasks=["t"])
+    monkeypatch.setattr(runner, "configure", lambda profile, **kw: cfg)
+    monkeypatch.setattr(runner, "run_bench", lambda c, console: {"rows": [1]})
+    monkeypatch.setattr(report, "write_report", lambda r, out: [out / "results.md"])
+    monkeypatch.setattr(llm, "configure_llm", lambda profile, **kw: cfg)
+    monkeypatch.setattr(llm, "run_llm", lambda c, say: {"rows": [2]})
+    monkeypatch.setattr(llm_report, "write_llm_report", lambda r, out: [out / "llm.md"])
+    code, out, err = run_cli(
+        monkeypatch, capsys, "bench", "--full", "--json", "--out", str(tmp_path)
+    )
+    assert code == 0, err
+    assert json.loads(out) == {"merge": {"rows": [1]}, "llm": {"rows": [2]}}
