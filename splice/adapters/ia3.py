@@ -85,9 +85,8 @@ class IA3Adapter(Adapter):
 
     def __init__(self, site: Site, feedforward: bool) -> None:
         super().__init__(site, 1.0)
-        self.feedforward = feedforward
-        # a Linear runs through around() either way (the fused function); others scale y
-        self.wraps_base = feedforward or site.kind == "linear"
+        self.feedforward = self.wraps_base = feedforward
+        self.fuses_base = site.kind == "linear"  # alone, a Linear runs the fused function
         self.ia3_l = nn.Parameter(torch.ones(_in_channels(site) if feedforward else site.d_out))
 
     def forward(self, x: Tensor, y: Tensor) -> Tensor:

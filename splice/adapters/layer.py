@@ -44,11 +44,14 @@ class Adapter(nn.Module):
     A method whose change is not additive (DoRA rescales, IA³ scales, OFT rotates the base
     weight) sets ``reads_base`` and implements :meth:`merged` and :meth:`unmerged` on the base
     (weight, bias) instead; one that must see the input before the base layer does (IA³ on a
-    feed-forward layer, OFT) sets ``wraps_base`` and implements :meth:`around`.
+    feed-forward layer, OFT) sets ``wraps_base`` and implements :meth:`around`; one whose
+    :meth:`around` is only a faster form of ``forward(x, base(x))`` sets ``fuses_base`` (used
+    when it acts alone; mixed and routed batches reuse the base output).
     """
 
     reads_base: ClassVar[bool] = False
     wraps_base: ClassVar[bool] = False
+    fuses_base: ClassVar[bool] = False
 
     def __init__(self, site: Site, scale: float, dropout: float = 0.0) -> None:
         super().__init__()
@@ -174,7 +177,8 @@ class AdaptedLayer(nn.Module):
         rows = self._bank.rows
         one = self._one_active()
         single = self.get(active[0][0]) if one else None
-        if rows is None and not self.merged and single is not None and single.wraps_base:
+        alone = rows is None and not self.merged and single is not None
+        if alone and (single.wraps_base or single.fuses_base):
             return single.around(self.base_layer, x, *args, **kwargs)
         y = self.base_layer(*args, **kwargs) if x is None else self.base_layer(x, *args, **kwargs)
         if rows is not None:

@@ -56,7 +56,8 @@ def bench(
         str,
         typer.Option(
             help="merge (fine-tune, then merge), peft (every adapter method against a linear "
-            "probe and full fine-tuning; --methods then names adapter methods) or continual "
+            "probe and full fine-tuning; --methods then names adapter methods or the "
+            "selector rows spt, rdp, id3) or continual "
             "(Share, iGSP, sequential LoRA, one LoRA per task, OPCM and continual TA on task "
             "sequences; quick: 4 image tasks)."
         ),
