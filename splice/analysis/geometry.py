@@ -34,6 +34,7 @@ def fit_tokenwise(
     rank: int = 8,
     target: Literal["transition", "update"] = "transition",
     center: bool = False,
+    leave_one_out: bool = True,
     chunk: int = 256,
 ) -> Tensor:
     """The tokenwise component ``t`` ``[N, d]`` of the transition ``x → y`` (§6.3).
@@ -42,12 +43,23 @@ def fit_tokenwise(
     result is always on the transition scale. ``ridge`` is relative to the mean squared
     norm of the rows of ``x`` (scale-free). ``center`` fits on mean-centred ``x`` and target
     (an affine tokenwise map: ``t = A(x − x̄) + ȳ``), which also centres the kNN search.
+    ``leave_one_out=False`` puts each token in its own neighbourhood (itself + its ``k − 1``
+    nearest others): an in-sample fit that can partly memorise the token, for comparison
+    with the [lib] default; the global class is always leave-one-out.
     """
     x, y = x.double(), y.double()
     if center:
         mx, my = x.mean(0), y.mean(0)
         t = fit_tokenwise(
-            x - mx, y - my, fit=fit, k=k, ridge=ridge, rank=rank, target=target, chunk=chunk
+            x - mx,
+            y - my,
+            fit=fit,
+            k=k,
+            ridge=ridge,
+            rank=rank,
+            target=target,
+            leave_one_out=leave_one_out,
+            chunk=chunk,
         )
         return t + my
     goal = y - x if target == "update" else y
@@ -55,13 +67,19 @@ def fit_tokenwise(
     if fit == "global":
         t = _global_loo(x, goal, lam)
     else:
-        nb = knn_loo(x, k)
+        nb = knn_loo(x, k) if leave_one_out else _with_self(x, k)
         parts = []
         for s in range(0, x.shape[0], chunk):
             xs, xn, yn = x[s : s + chunk], x[nb[s : s + chunk]], goal[nb[s : s + chunk]]
             parts.append(_diag(xs, xn, yn, lam) if fit == "diag" else _rank(xs, xn, yn, lam, rank))
         t = torch.cat(parts)
     return t + x if target == "update" else t
+
+
+def _with_self(x: Tensor, k: int) -> Tensor:
+    """Each row's own index, then its ``k − 1`` nearest other rows."""
+    own = torch.arange(x.shape[0])[:, None]
+    return own if k == 1 else torch.cat([own, knn_loo(x, k - 1)], 1)
 
 
 def _diag(xs: Tensor, xn: Tensor, yn: Tensor, lam: Tensor) -> Tensor:
@@ -98,7 +116,8 @@ def layer_metrics(x: Tensor, y: Tensor, t: Tensor, *, energy: float = 0.9) -> di
     """Per-token metrics of §6.4 (alignment, angles, subspace projection, error).
 
     The dominant tokenwise subspace is spanned by the top right singular vectors of the
-    stacked ``tᵘ`` that hold ``energy`` of its squared norm.
+    stacked ``tᵘ`` that hold ``energy`` of its squared norm. ``cos_y_t`` / ``cos_y_r`` are the
+    alignments on the transition scale (the next state ``y`` against ``t`` and ``r``).
     """
     x, y, t = x.double(), y.double(), t.double()
     u, tu = y - x, t - x
@@ -124,6 +143,7 @@ def layer_metrics(x: Tensor, y: Tensor, t: Tensor, *, energy: float = 0.9) -> di
         "subspace_dim": torch.tensor(float(m)),
         "energy": r.pow(2).sum() / u.pow(2).sum().clamp_min(1e-300),
         "cos_y_t": _cos(y, t),
+        "cos_y_r": _cos(y, r),
     }
 
 

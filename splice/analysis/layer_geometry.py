@@ -80,7 +80,7 @@ def geometry_study(
         t = fit_tokenwise(x, y, fit=fit, k=k, ridge=ridge, rank=rank, target=target, center=center)
         met = layer_metrics(x, y, t)
         change = _replace_run(model, batches, masks, finals, layer, t, is_logits)
-        row = {key: summarize(met[key]) for key in (*GEOMETRY_KEYS, "error", "cos_y_t")}
+        row = {key: summarize(met[key]) for key in (*GEOMETRY_KEYS, "error", "cos_y_t", "cos_y_r")}
         row["energy"] = met["energy"].item()
         row["subspace_dim"] = int(met["subspace_dim"].item())
         row["output_change"] = summarize(change)

@@ -75,6 +75,21 @@ def test_update_target_is_on_the_transition_scale():
     torch.testing.assert_close(t, y)
 
 
+def test_in_sample_fit_memorises_and_leave_one_out_does_not():
+    torch.manual_seed(6)
+    x, y = torch.randn(40, 5).double(), torch.randn(40, 5).double()
+    own = fit_tokenwise(x, y, fit="diag", k=1, ridge=0.0, leave_one_out=False)
+    torch.testing.assert_close(own, y)  # its own neighbourhood: y_c / x_c exactly
+    assert (fit_tokenwise(x, y, fit="diag", k=1, ridge=0.0) - y).norm() > 0.5 * y.norm()
+    # k > 1: the token plus its k − 1 nearest others, in the per-coordinate closed form
+    t = fit_tokenwise(x, y, fit="diag", k=4, ridge=0.0, leave_one_out=False)
+    nb = knn_loo(x, 3)
+    for i in (0, 21):
+        rows = torch.cat([torch.tensor([i]), nb[i]])
+        a = (x[rows] * y[rows]).sum(0) / x[rows].pow(2).sum(0)
+        torch.testing.assert_close(t[i], a * x[i])
+
+
 def test_metrics_by_hand():
     x = torch.zeros(3, 2).double()
     y = torch.tensor([[1.0, 1.0], [2.0, 0.0], [0.0, 3.0]]).double()
@@ -82,6 +97,7 @@ def test_metrics_by_hand():
     m = layer_metrics(x, y, t)
     torch.testing.assert_close(m["cos_u_t"], torch.tensor([2**-0.5, 1.0, 1.0]).double())
     torch.testing.assert_close(m["angle_u_t"][0], torch.tensor(45.0).double())
+    torch.testing.assert_close(m["cos_y_r"], torch.tensor([2**-0.5, 0.0, 1.0]).double())
     torch.testing.assert_close(m["error"], torch.tensor([0.5, 0.0, 4 / 9]).double())
     torch.testing.assert_close(m["energy"], torch.tensor(5 / 15).double())
     assert int(m["subspace_dim"]) == 2  # tᵘ spans both axes with 5:1 energy split < 90 %
