@@ -80,13 +80,16 @@ def _select_(taus: list[Tensor], topk: float, exact: bool) -> Tensor | None:
         var[s] = _variance([f[s] for f in flat])
     k = int(int(torch.count_nonzero(var)) * topk)
     if k == 0:
-        keep = torch.zeros_like(var)
+        var.zero_()
     else:
-        keep = (var >= kth_largest(var, k)).to(var.dtype)
-        if exact and int(keep.sum(dtype=torch.int64)) > k:
-            keep.zero_()[torch.topk(var.abs(), k=k, largest=True).indices] = 1
+        cut = kth_largest(var, k)
+        if exact and int(torch.count_nonzero(var >= cut)) > k:
+            top = torch.topk(var.abs(), k=k, largest=True).indices
+            var.zero_()[top] = 1
+        else:
+            var.ge_(cut)  # the 0/1 mask, in place of the variances
     for f in flat:
-        f.mul_(keep)
+        f.mul_(var)
     return var
 
 
@@ -126,7 +129,7 @@ class Sce(MergeMethod):
     throughput: ClassVar[float] = 60e6
 
     def scratch_tensors(self, num_models: int) -> float:
-        return 2.3  # the variance, keep mask and a comparison when selecting
+        return 2.3  # the variance (then the mask); mergekit_exact: torch.topk where tied
 
     def merge(
         self,
