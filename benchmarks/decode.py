@@ -51,6 +51,18 @@ PROMPTS = [
     "What is the capital of France? Answer in one sentence.",
     "Write the numbers from one to twenty in words, separated by commas.",
 ]
+COPY_PROMPTS = [  # answers that copy from the prompt: where prompt lookup pays
+    "Repeat this sentence three times: the quick brown fox jumps over the lazy dog.",
+    "Correct the spelling and write the sentence out again: 'The comittee will meet on "
+    "Wendesday to discus the new budjet for the libary.'",
+    "Add a docstring to this function and write the whole function out:\n"
+    "def add_numbers(a, b):\n    total = a + b\n    return total",
+    "Write this list as a numbered list: apple, banana, cherry, date, elderberry, fig, grape.",
+    "Replace every 'cat' with 'dog' and write the text out: 'The cat sat on the mat. The cat "
+    "was happy. Later the cat went to sleep on the mat.'",
+    "Quote the first sentence of this paragraph exactly: 'Rayleigh scattering makes the sky "
+    "look blue during the day. At sunset the light passes through more air.'",
+]
 GREEDY = Sampling(temperature=0)
 
 
@@ -100,7 +112,8 @@ def _drafter(spec: str, model):
 
 def speculative(args) -> None:
     model, tok = load_causal_lm("smollm2")
-    prompts = [_chat(tok, p) for p in PROMPTS[: args.prompts]]
+    texts = COPY_PROMPTS if args.prompt_set == "copy" else PROMPTS
+    prompts = [_chat(tok, p) for p in texts[: args.prompts]]
     eos, n = [tok.eos_token_id], args.max_new_tokens
     target = CachedLM(model, "target")
     generate(prompts[0], target=target, sampling=GREEDY, max_new_tokens=4)  # warm-up
@@ -132,7 +145,8 @@ def speculative(args) -> None:
         print(f"  [{i}/{len(configs)}] {label} γ={g}: {plain_s / spec_s:.2f}× (ETA {eta:.0f} s)",
               file=sys.stderr, flush=True)  # fmt: skip
     print(
-        f"\nSmolLM2-135M-Instruct, greedy, {len(prompts)} prompts × ≤{n} tokens, torch threads "
+        f"\nSmolLM2-135M-Instruct, greedy, {len(prompts)} {args.prompt_set} prompts × ≤{n} "
+        f"tokens, torch threads "
         f"{torch.get_num_threads()}; target step {t_step:.1f} ms, {w_bytes / 1e6:.0f} MB of "
         f"matrix weights; plain and speculative interleaved per prompt\n"
     )
@@ -219,7 +233,8 @@ def ambedkar(args) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--part", choices=["speculative", "ambedkar", "all"], default="all")
-    ap.add_argument("--prompts", type=int, default=4)
+    ap.add_argument("--prompts", type=int, default=6)
+    ap.add_argument("--prompt-set", choices=["chat", "copy"], default="chat")
     ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--gammas", type=int, nargs="+", default=[2, 4])
     ap.add_argument(

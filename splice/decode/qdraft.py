@@ -2,13 +2,14 @@
 
 The drafter is a copy of the target (or of its first ``k`` blocks, :func:`early_exit`) whose
 ``nn.Linear`` layers, the 49,152 × 576 head of SmolLM2 included, are dynamically quantised to
-int8 (per-tensor weights, activations quantised per call; ``torch.ao`` with the fbgemm/qnnpack
-CPU kernels). It shares the target's tokenizer and nearly all of its argmaxes, and on a CPU,
-where a decoding step is bound by reading the weights, it reads a quarter of the bytes. The
-lossless and greedy policies then keep the output exactly the target's: the int8 copy only
-proposes. [recon] Quantised self-drafting is our choice for a CPU without a smaller
-same-tokenizer model (QSpec and similar work draft with a low-precision copy of the target);
-the spec's self-speculation (§1.9 (a)) names the target's early layers.
+int8 (per-output-channel weights, activations quantised per call; ``torch.ao`` with the
+fbgemm/qnnpack CPU kernels). It shares the target's tokenizer, reads a quarter of the matrix
+bytes per step and agrees with most of the target's confident argmaxes (activation outliers
+keep it from agreeing with all: per-tensor activation scales). The lossless and greedy
+policies keep the output exactly the target's: the int8 copy only proposes. [recon]
+Quantised self-drafting is our choice for a CPU without a smaller same-tokenizer model (QSpec
+and similar work draft with a low-precision copy of the target); the spec's self-speculation
+(§1.9 (a)) names the target's early layers.
 """
 
 from __future__ import annotations
@@ -36,8 +37,9 @@ def int8_draft(model: nn.Module, k: int | None = None) -> nn.Module:
             fix="use --self-draft K or --draft DIR on an accelerator",
         )
     src = model if k is None else early_exit(model, k)
-    from torch.ao.quantization import quantize_dynamic
+    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.ao's deprecation notes
-        return quantize_dynamic(src, {nn.Linear}, dtype=torch.qint8, inplace=False).eval()
+        spec = {nn.Linear: per_channel_dynamic_qconfig}
+        return quantize_dynamic(src, spec, dtype=torch.qint8, inplace=False).eval()
