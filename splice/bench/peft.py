@@ -274,7 +274,8 @@ def _estimate(cfg: PeftConfig, group: Any, plans: list[dict], rate: float) -> li
             elif plan["key"] == "probe":
                 est = (n_train + n_val + n_test) * evaluate * rate
             else:
-                runs = len(cfg.full_lr_grid if plan["key"] == "full" else cfg.lr_grid)
+                own = plan["key"] == "full" or (plan.get("select") or {}).get("grid") == "full"
+                runs = len(cfg.full_lr_grid if own else cfg.lr_grid)
                 runs += len(cfg.seeds) - 1
                 cost = step * (_FULL_COST if plan["key"] == "full" else 1.0)
                 evals = runs * n_val + len(cfg.seeds) * n_test

@@ -169,7 +169,9 @@ class Task:
 def run_row(task: Task, plan: dict, head_lr: float, say: Callable[[str], None]) -> dict:
     """The row's lr grid at the first seed, the pick on test, then the other seeds."""
     cfg, key = task.cfg, plan["key"]
-    grid = {"probe": cfg.head_lr_grid, "full": cfg.full_lr_grid}.get(key, cfg.lr_grid)
+    # rows that train the backbone's own weights (full fine-tuning, ID³) take the full grid
+    own = key == "full" or (plan.get("select") or {}).get("grid") == "full"
+    grid = cfg.full_lr_grid if own else {"probe": cfg.head_lr_grid}.get(key, cfg.lr_grid)
     seed0, best = cfg.seeds[0], {}
 
     def score(lr: float) -> float:

@@ -223,7 +223,8 @@ def test_selector_rows_train_through_the_loop_at_loras_count(tiny):
     for key in ("spt", "rdp", "id3"):
         r = rows[key]
         assert r["status"] == "ok" and r["kind"] == "selector" and r["select"]["budget"] == lora
-        assert r["head_lr"] == rows["probe"]["lr"] and r["lr"] in (1e-3, 1e-2)
+        grid = (1e-4,) if key == "id3" else (1e-3, 1e-2)  # ID³: full fine-tuning's grid
+        assert r["head_lr"] == rows["probe"]["lr"] and set(map(float, r["val"])) == set(grid)
         assert 0.0 <= r["acc"][0] <= 1.0 and r["saved_bytes"] > 0 and r["s_per_step"] > 0
     # ID³: exactly B entries of the stack's Linear weights, saved as a sparse adapter
     assert rows["id3"]["adapter_params"] == lora and rows["id3"]["selection"]["horizon"] == 6
