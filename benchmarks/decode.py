@@ -225,7 +225,8 @@ def ambedkar(args) -> None:
         )
     for name, alpha, r, *_, outs in rows:
         hits = [(p, o) for p, o in zip(prompts, outs, strict=True) if iir([p], [o])["iir"]]
-        print(f"\n{name} α={alpha}: per group {r['per_group']}")
+        groups = {g: v for a in r["per_group"].values() for g, v in a.items() if v}
+        print(f"\n{name} α={alpha}: groups named {groups or 'none'}")
         for p, o in hits:
             print(f"  {p!r} -> {o!r}")
 
