@@ -367,6 +367,18 @@ def _first(model: nn.Module) -> tuple[Method, list[Adapter], MethodConfig]:
     return METHODS.get(record.method)(), [lay.get(name) for lay in layers.values()], record.config
 
 
+def for_run(method: str, options: dict[str, Any], steps: int | None) -> dict[str, Any]:
+    """``options`` with the run's length where the method's schedule needs it and the caller
+    left it unset (AdaLoRA's ``total_step``: without it the rank allocation never runs, and
+    peft refuses such a config). Unchanged for other methods and when ``steps`` is unknown."""
+    from .layer import METHODS
+
+    fields = METHODS.get(method).Config.model_fields
+    if steps is None or "total_step" not in fields or options.get("total_step") is not None:
+        return dict(options)
+    return {**options, "total_step": steps}
+
+
 def aux_loss(model: nn.Module) -> Tensor | None:
     """The method's auxiliary loss from the last training forward (MoLA balance, EPT task
     contrast), already weighted by its coefficient; ``None`` when the method has none."""

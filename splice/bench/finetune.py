@@ -99,14 +99,9 @@ def _trainable(
     if options is None:
         fields = adapters.METHODS.get(cfg.finetune).Config.model_fields
         options = {k: v for k, v in (("r", cfg.r), ("alpha", cfg.alpha)) if k in fields}
+    options = adapters.for_run(cfg.finetune, dict(options), cfg.steps)
     adapters.inject(model, cfg.finetune, targets=list(targets), **options)
     return [p for p in model.parameters() if p.requires_grad]
-
-
-def _aux_loss(model: nn.Module) -> Tensor | None:
-    from splice import adapters
-
-    return adapters.aux_loss(model)
 
 
 def _guide(model: nn.Module) -> Any:
@@ -215,12 +210,12 @@ def train(
                 teacher = head(encoder.features(batch, module=model))
             gdr(logits, teacher)
         loss = nn.functional.cross_entropy(logits, labels[torch.as_tensor(idx, device=device)])
-        # the logged loss includes the adapter's auxiliary term, as cached runs' final_loss has
-        if adapted and (aux := _aux_loss(model)) is not None:
-            loss = loss + aux
         return loss, len(idx)
 
-    state = fit(TrainStep(micro_loss, opt, device=device), cfg.steps, on_step=on_step)
+    # aux: the method's auxiliary loss is minimised (not logged) and its after_step runs
+    # (AdaLoRA's rank allocation), as in splice train
+    step = TrainStep(micro_loss, opt, device=device, aux=model if adapted else None)
+    state = fit(step, cfg.steps, on_step=on_step)
     if chosen is not None:  # ID³ exports its entries as an adapter here
         params = chosen.finish()
     return Trained(model, head, state, params, chosen.info if chosen is not None else None)

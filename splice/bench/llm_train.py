@@ -89,7 +89,7 @@ def train_lm(
     """Train ``cfg.finetune`` (an adapter method, or ``"full"``) on a copy of ``model`` with the
     answer-token loss; returns the copy, its trainable parameters and the loop's state.
     ``options``: the adapter's (default: ``cfg``'s r and alpha where the method has them)."""
-    from splice.bench.finetune import _aux_loss, _guide, _trainable
+    from splice.bench.finetune import _guide, _trainable
     from splice.errors import SpliceError
 
     torch.manual_seed(seed)
@@ -108,12 +108,11 @@ def train_lm(
     def micro_loss(step: int) -> tuple[torch.Tensor, int]:
         idx = next_batch()
         loss, _ = answer_loss(tuned, enc, [int(i) for i in idx], pad)
-        if cfg.finetune != "full" and (aux := _aux_loss(tuned)) is not None:
-            loss = loss + aux
         return loss, len(idx)
 
     device = next(model.parameters()).device
-    state = fit(TrainStep(micro_loss, opt, device=device), cfg.steps, on_step=on_step)
+    aux = tuned if cfg.finetune != "full" else None  # aux loss and after_step (AdaLoRA)
+    state = fit(TrainStep(micro_loss, opt, device=device, aux=aux), cfg.steps, on_step=on_step)
     return tuned, params, state
 
 

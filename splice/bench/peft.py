@@ -159,7 +159,7 @@ def run_meta(t0: float, load_s: float, estimate_s: float, device: str) -> dict[s
 
 def _row_plans(cfg: PeftConfig, encoder: Any) -> list[dict[str, Any]]:
     """Every row of one backbone: key, kind, family, options (sized), or why it cannot run."""
-    from splice.adapters import METHODS
+    from splice.adapters import METHODS, for_run
     from splice.adapters.inject import find_sites
 
     found = find_sites(encoder.module, list(encoder.default_targets))
@@ -181,7 +181,7 @@ def _row_plans(cfg: PeftConfig, encoder: Any) -> list[dict[str, Any]]:
             "label": getattr(cls, "pretty_name", name),
             "kind": "adapter",
             "family": getattr(cls, "family", "undeclared"),
-            "options": dict(cfg.options.get(name, {})),
+            "options": for_run(name, dict(cfg.options.get(name, {})), cfg.steps),
         }
         own = _own_sites(cls, encoder, plan["options"])
         missing = [k for k in kinds if k not in cls.kinds] if own is None else []

@@ -104,7 +104,7 @@ def _freeze_all_but_the_head(model: nn.Module, new_modules: list[str], objective
 
 
 def _adapt(cfg: TrainConfig, model: nn.Module, new_modules: list[str]) -> None:
-    from splice.adapters import inject
+    from splice.adapters import for_run, inject
 
     targets = cfg.targets or DEFAULT_TARGETS.get(model.config.model_type)
     if not targets:
@@ -112,9 +112,8 @@ def _adapt(cfg: TrainConfig, model: nn.Module, new_modules: list[str]) -> None:
             f"no default targets for model type {model.config.model_type!r}",
             fix="pass --targets (module name suffixes, e.g. q_proj,v_proj)",
         )
-    inject(
-        model, cfg.method, targets, layers=cfg.layers, modules_to_save=new_modules, **cfg.adapter
-    )
+    options = for_run(cfg.method, cfg.adapter, cfg.steps)
+    inject(model, cfg.method, targets, layers=cfg.layers, modules_to_save=new_modules, **options)
     if cfg.format == "peft":  # a method with no PEFT form fails now, not after training
         import tempfile
         from pathlib import Path

@@ -80,3 +80,12 @@ def test_peft_pruned_dir_loads_with_its_rank_pattern(tmp_path):
     with torch.no_grad():
         got = model(input_ids=IDS, output_hidden_states=True).hidden_states[-1]
     assert torch.allclose(got, expected, atol=1e-5)
+
+
+def test_for_run_gives_adalora_the_run_length_unless_set():
+    from splice.adapters import for_run
+
+    assert for_run("adalora", {"r": 4}, 40) == {"r": 4, "total_step": 40}
+    assert for_run("adalora", {"total_step": 7}, 40) == {"total_step": 7}
+    assert for_run("adalora", {"r": 4}, None) == {"r": 4}  # epoch-based run: unknown length
+    assert for_run("lora", {"r": 4}, 40) == {"r": 4}

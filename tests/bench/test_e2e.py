@@ -211,3 +211,19 @@ def test_continual_view_reuses_the_merge_rows_evaluation(tiny, tmp_path, monkeyp
         assert curve[-1] == np.mean([a[0] for a in _acc(results, method).values()])
     # zero-shot 2 + individual 2 + two merge rows × 2 tasks + after the first task 1 per method
     assert len(calls) <= 2 + 2 + 2 * 2 + 2 * 1  # without the memo: + 2 × 2 for the last steps
+
+
+def test_adalora_allocates_ranks_in_the_bench_loop(tiny, tmp_path, monkeypatch):
+    """The bench's training gives AdaLoRA the run's length and calls its after_step: by the
+    last step the budget (target_r per matrix) is all that is left of the Λ entries. Before,
+    total_step stayed unset and AdaLoRA trained as a plain SVD-LoRA."""
+    monkeypatch.setenv("SPLICE_CACHE", str(tmp_path / "cache"))
+    from splice.adapters import adapter_layers
+
+    model_dir, paths = tiny
+    data = load_task(local_task(Path(paths[0])), Caps(90, 20, 40))
+    encoder = load_encoder("text", text_model=model_dir)
+    cfg = FinetuneConfig(finetune="adalora", steps=6, batch_size=16)
+    done = finetune.train(encoder, data, cfg, 0, options={"r": 4, "target_r": 2})
+    lams = [layer.adapter.lora_E for layer in adapter_layers(done.model).values()]
+    assert lams and sum(int(e.count_nonzero()) for e in lams) == 2 * len(lams)
