@@ -35,7 +35,7 @@ from pydantic import Field
 
 from splice._schema import Strict
 from splice.bench.peft_budget import fit_budget
-from splice.bench.peft_rows import Task, run_cached, run_row, start_row
+from splice.bench.peft_rows import Task, full_grid, run_cached, run_row, start_row
 from splice.bench.peft_select import SELECTOR_ROWS, selector_plans
 from splice.bench.plan import FACTORS, calibrate
 from splice.bench.progress import Phase, Progress, clock
@@ -274,8 +274,7 @@ def _estimate(cfg: PeftConfig, group: Any, plans: list[dict], rate: float) -> li
             elif plan["key"] == "probe":
                 est = (n_train + n_val + n_test) * evaluate * rate
             else:
-                own = plan["key"] == "full" or (plan.get("select") or {}).get("grid") == "full"
-                runs = len(cfg.full_lr_grid if own else cfg.lr_grid)
+                runs = len(cfg.full_lr_grid if full_grid(plan) else cfg.lr_grid)
                 runs += len(cfg.seeds) - 1
                 cost = step * (_FULL_COST if plan["key"] == "full" else 1.0)
                 evals = runs * n_val + len(cfg.seeds) * n_test

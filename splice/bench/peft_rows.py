@@ -27,7 +27,7 @@ from splice.bench.finetune import FinetuneConfig, Trained, batch_stream, train
 from splice.bench.suite import _features
 from splice.train.loop import TrainStep, fit
 
-__all__ = ["cached", "run_cached", "run_row", "start_row"]
+__all__ = ["cached", "full_grid", "run_cached", "run_row", "start_row"]
 
 
 def _grow(lr: float, way: int) -> float:
@@ -166,12 +166,18 @@ class Task:
         return _accuracy(self.encoder, prepared, labels, out["model"], out["head"], bs)
 
 
+def full_grid(plan: dict) -> bool:
+    """Whether the row trains the backbone's own weights (full fine-tuning, ID³) and so takes
+    the full fine-tuning lr grid."""
+    return plan["key"] == "full" or (plan.get("select") or {}).get("grid") == "full"
+
+
 def run_row(task: Task, plan: dict, head_lr: float, say: Callable[[str], None]) -> dict:
     """The row's lr grid at the first seed, the pick on test, then the other seeds."""
     cfg, key = task.cfg, plan["key"]
-    # rows that train the backbone's own weights (full fine-tuning, ID³) take the full grid
-    own = key == "full" or (plan.get("select") or {}).get("grid") == "full"
-    grid = cfg.full_lr_grid if own else {"probe": cfg.head_lr_grid}.get(key, cfg.lr_grid)
+    grid = (
+        cfg.full_lr_grid if full_grid(plan) else {"probe": cfg.head_lr_grid}.get(key, cfg.lr_grid)
+    )
     seed0, best = cfg.seeds[0], {}
 
     def score(lr: float) -> float:
