@@ -29,7 +29,14 @@ from typing import Any
 from pydantic import Field
 
 from splice._schema import Strict
-from splice.bench.peft_rows import _peak_mb, _reset_peak, run_cached, run_row, start_row
+from splice.bench.peft_rows import (
+    _peak_mb,
+    _reset_peak,
+    full_grid,
+    run_cached,
+    run_row,
+    start_row,
+)
 
 __all__ = ["LLM_PEFT_PROFILES", "LLMPeftConfig", "configure_llm_peft", "run_llm_peft"]
 
@@ -161,11 +168,6 @@ def _plans(cfg: LLMPeftConfig, model: Any) -> list[dict[str, Any]]:
                 "tracks' head loss (splice.bench.finetune.train); not wired to the answer-token "
                 "loss of a causal LM"
             )
-        elif p.get("select") and not p.get("reason"):  # train_lm takes no selector
-            p["reason"] = (
-                f"the {p['key']} selector row runs in the text suite (splice.bench.finetune); "
-                f"on a causal LM use splice train --select {p['key']}"
-            )
     zero = {"key": "zero_shot", "label": "zero-shot", "kind": "reference", "family": "–"}
     return [zero, *plans]
 
@@ -214,7 +216,8 @@ def run_llm_peft(cfg: LLMPeftConfig, console: Any | None = None) -> dict[str, An
             for p in plans:
                 if p.get("reason") or p.get("error"):
                     continue
-                runs = 0 if p["key"] == "zero_shot" else len(cfg.lr_grid) + len(cfg.seeds) - 1
+                grid = cfg.full_lr_grid if full_grid(p) else cfg.lr_grid
+                runs = 0 if p["key"] == "zero_shot" else len(grid) + len(cfg.seeds) - 1
                 n = len(d.test) * len(cfg.seeds) + (len(d.val) * runs if runs else 0)
                 done = _row_path(cfg, mkey, t, d.key, p).is_file()
                 est = 0.0 if done else runs * cfg.steps * STEP_S + n * EXAMPLE_S
