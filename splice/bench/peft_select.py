@@ -34,6 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from splice.errors import SpliceError
+from splice.train.select import ID3Options, RDPOptions, SPTOptions
 
 __all__ = ["SELECTOR_ROWS", "Selected", "prepare", "selector_plans"]
 
@@ -42,8 +43,8 @@ SELECTOR_ROWS: dict[str, tuple[str, str]] = {  # key → (label, family)
     "rdp": ("RDP-LoRA (selector)", "reparameterized"),
     "id3": ("ID³ (selector)", "selective"),
 }
-SPT = {"batches": 16, "r": 8, "alpha": 10.0, "beta": 5.0}
-RDP_CALIBRATION = 8
+# the settings of splice train --select at their defaults (one source for both)
+SPT, RDP, ID3_OPTIONS = SPTOptions(), RDPOptions(), ID3Options()
 
 
 def selector_plans(
@@ -116,8 +117,8 @@ def prepare(
     if name == "rdp":
         from splice.select import rdp
 
-        calib = [batches()[0] for _ in range(RDP_CALIBRATION)]
-        points = rdp.trajectory(model, calib, "mean")
+        calib = [batches()[0] for _ in range(RDP.calibration)]
+        points = rdp.trajectory(model, calib, RDP.pooling)
         chosen = rdp.select_layers(points, k=int(select["k"]))
         inject(model, "lora", list(targets), layers=chosen["layers"], r=int(select["r"]),
                alpha=float(select["alpha"]))  # fmt: skip
@@ -134,9 +135,9 @@ def prepare(
             x, y = batches()
             return nn.functional.cross_entropy(head(encoder.features(x, module=model)), y)
 
-        plan = spt.select(model, loss, budget, batches=SPT["batches"], r=SPT["r"],
-                          alpha=SPT["alpha"], beta=SPT["beta"])  # fmt: skip
-        spt.apply(model, plan, r=SPT["r"])
+        plan = spt.select(model, loss, budget, batches=SPT.batches, r=SPT.r, alpha=SPT.alpha,
+                          beta=SPT.beta)  # fmt: skip
+        spt.apply(model, plan, r=SPT.r)
         params = _trainable(model)
         info = {"lowrank": len(plan.lowrank), "sparse": len(plan.entries), "total": plan.total}
         return Selected(params, info, lambda: params)
@@ -148,7 +149,8 @@ def prepare(
     holder: dict[str, ID3] = {}
 
     def wrap(opt: torch.optim.Optimizer) -> torch.optim.Optimizer:
-        holder["opt"] = ID3(opt, named, budget, max(1, steps // 2), 1e-3, 0.0)
+        horizon = max(1, steps // 2)
+        holder["opt"] = ID3(opt, named, budget, horizon, ID3_OPTIONS.eps, ID3_OPTIONS.exp)
         return holder["opt"]
 
     def finish() -> list[nn.Parameter]:
