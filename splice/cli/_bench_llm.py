@@ -37,9 +37,7 @@ def run_llm_suite(
         )
     from splice.cli.bench import _run
 
-    if track == "peft":
-        if finetune is not None:
-            raise UsageError("--finetune belongs to --track merge", fix="drop it")
+    if track == "peft":  # splice/cli/bench.py refused --finetune here, --budget/--set elsewhere
         from splice.bench.llm_peft import configure_llm_peft, run_llm_peft
         from splice.bench.peft_report import print_peft_table, write_peft_report
 
@@ -48,8 +46,6 @@ def run_llm_suite(
                                   model=text_model)  # fmt: skip
         title = f"splice bench --suite llm --track peft[/] {profile}"
         return _run(title, pcfg, run_llm_peft, write_peft_report, print_peft_table, out, as_json)
-    if budget is not None or options:
-        raise UsageError("--budget and --set belong to --track peft", fix="add --track peft")
     if finetune not in (None, "lora"):
         raise UsageError("--suite llm fine-tunes with LoRA only", fix="drop --finetune")
     from splice.bench.llm import configure_llm, run_llm

@@ -106,6 +106,10 @@ def bench(
         return
     if estimate:
         raise UsageError("--estimate belongs to --protocol paper", fix="add --protocol paper")
+    if track == "peft" and finetune is not None:
+        raise UsageError("--finetune belongs to --track merge", fix="drop it")
+    if track != "peft" and (budget is not None or set_):
+        raise UsageError("--budget and --set belong to --track peft", fix="add --track peft")
     if suite == "llm":  # the LLM suite (splice/cli/_bench_llm.py)
         from splice.cli._bench_llm import run_llm_suite
 
@@ -114,11 +118,7 @@ def bench(
         return
     if track not in ("merge", "peft", "continual"):
         raise UsageError(f"unknown track {track!r}", fix="use merge, peft or continual")
-    if track != "peft" and (budget is not None or set_):
-        raise UsageError("--budget and --set belong to --track peft", fix="add --track peft")
     if track == "peft":
-        if finetune is not None:
-            raise UsageError("--finetune belongs to --track merge", fix="drop it")
         from splice.bench.peft import configure_peft
 
         cfg = configure_peft(profile, budget=budget, options=_options(set_ or []), **common)

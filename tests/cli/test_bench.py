@@ -72,6 +72,9 @@ def test_bench_cli_peft_track_writes_report(tmp_path, monkeypatch, capsys):
         (["--track", "peft", "--set", "mos=1"], 2, "is not METHOD.KEY=VALUE"),
         (["--track", "peft", "--methods", "lorra"], 1, "did you mean 'lora'"),
         (["--track", "lint"], 2, "unknown track 'lint'"),
+        (["--track", "peft", "--finetune", "full"], 2, "--finetune belongs to --track merge"),
+        (["--suite", "llm", "--budget", "100"], 2, "--budget and --set belong to --track peft"),
+        (["--suite", "llm", "--track", "peft", "--finetune", "lora"], 2, "--finetune belongs"),
     ],
 )
 def test_bench_cli_peft_errors_are_one_line(args, code, message, tmp_path, monkeypatch, capsys):
