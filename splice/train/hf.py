@@ -103,7 +103,7 @@ def _freeze_all_but_the_head(model: nn.Module, new_modules: list[str], objective
         p.requires_grad_(_in_new_module(name, new_modules))
 
 
-def _adapt(cfg: TrainConfig, model: nn.Module, new_modules: list[str]) -> None:
+def _adapt(cfg: TrainConfig, model: nn.Module, new_modules: list[str], total: int) -> None:
     from splice.adapters import for_run, inject
 
     targets = cfg.targets or DEFAULT_TARGETS.get(model.config.model_type)
@@ -112,7 +112,7 @@ def _adapt(cfg: TrainConfig, model: nn.Module, new_modules: list[str]) -> None:
             f"no default targets for model type {model.config.model_type!r}",
             fix="pass --targets (module name suffixes, e.g. q_proj,v_proj)",
         )
-    options = for_run(cfg.method, cfg.adapter, cfg.steps)
+    options = for_run(cfg.method, cfg.adapter, total)
     inject(model, cfg.method, targets, layers=cfg.layers, modules_to_save=new_modules, **options)
     if cfg.format == "peft":  # a method with no PEFT form fails now, not after training
         import tempfile
@@ -243,11 +243,6 @@ def _run(
     labels = _label_names(train_rows, eval_rows) if objective == "classification" else None
     tokenizer, model, new_modules = _load_model(cfg, objective, labels)
     full, adapted = cfg.method == "full", cfg.method not in WHOLE
-    if cfg.method == "head":
-        _freeze_all_but_the_head(model, new_modules, objective)
-    elif adapted and not cfg.select:
-        _adapt(cfg, model, new_modules if objective == "classification" else [])
-    model.to(device)
     tasks = task_routing(cfg, train_rows, eval_rows, world)
     route = tasks.route if tasks else None
 
@@ -267,6 +262,11 @@ def _run(
         tasks=tasks.ids(train_rows) if route else None,
     )  # fmt: skip
     total = cfg.steps or max(1, math.ceil(cfg.epochs * batches.per_epoch / cfg.grad_accum))
+    if cfg.method == "head":
+        _freeze_all_but_the_head(model, new_modules, objective)
+    elif adapted and not cfg.select:  # after the batches: schedules (AdaLoRA) need the length
+        _adapt(cfg, model, new_modules if objective == "classification" else [], total)
+    model.to(device)
     selection = None
     if cfg.select:  # where to tune (splice.select): injects, or wraps the optimizer (ID³)
         from splice.train.select import select

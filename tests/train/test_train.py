@@ -335,8 +335,8 @@ def _record_tasks(monkeypatch, seen):
     import splice.train.hf as hf
     from splice.adapters import adapter_layers
 
-    def adapt(cfg, model, new_modules):
-        original(cfg, model, new_modules)
+    def adapt(cfg, model, new_modules, total):
+        original(cfg, model, new_modules, total)
         ept = next(iter(adapter_layers(model).values())).adapter
 
         def hook(module, args, kwargs):
@@ -409,3 +409,12 @@ def test_methods_without_tasks_train_as_before_and_evaluate_per_task(bert_dir, t
     assert with_tasks["eval"]["accuracy"] == pytest.approx(without["eval"]["accuracy"])
     assert with_tasks["eval"]["loss"] == pytest.approx(without["eval"]["loss"], rel=1e-5)
     assert sorted(with_tasks["eval_by_task"]) == ["len", "sent"]
+
+
+def test_an_epoch_based_adalora_run_schedules_its_ranks_over_the_run(bert_dir, csv_file, tmp_path):
+    # No --steps: the run's length comes from --epochs, and AdaLoRA's total_step must be it
+    # (unset, the rank allocation never runs).
+    metrics = run(bert_dir, csv_file, tmp_path / "o", steps=None, epochs=2, method="adalora",
+                  adapter={"r": 4, "target_r": 2, "tinit": 1, "tfinal": 1})  # fmt: skip
+    saved = json.loads((tmp_path / "o" / "adapter" / "splice_adapter.json").read_text())
+    assert metrics["steps"] == 10 and saved["config"]["total_step"] == 10
