@@ -16,16 +16,22 @@ import sys
 __all__ = ["return_freed_memory"]
 
 _M_MMAP_THRESHOLD = -3
+_pinned: list[int] = []  # the threshold in force, once one is
 
 
 def return_freed_memory(threshold: int = 1 << 20) -> bool:
-    """Serve allocations ≥ ``threshold`` bytes by mmap for the rest of the process (the last
-    call's threshold holds); returns whether the policy is in force (False off Linux/glibc).
+    """Serve allocations ≥ ``threshold`` bytes by mmap for the rest of the process; returns
+    whether the policy is in force (False off Linux/glibc). The lowest threshold asked for so
+    far holds, so one caller (the merge's 1 MB) never undoes another's (LAPT's 128 KB).
     Results are unchanged: only where the allocator puts buffers."""
     if sys.platform != "linux":
         return False
+    threshold = min([threshold, *_pinned])
     try:
         libc = ctypes.CDLL("libc.so.6")
-        return bool(libc.mallopt(_M_MMAP_THRESHOLD, threshold))
+        if not libc.mallopt(_M_MMAP_THRESHOLD, threshold):
+            return False
     except (OSError, AttributeError):
         return False
+    _pinned[:] = [threshold]
+    return True
