@@ -19,10 +19,11 @@ import typer
 
 from splice.cli import app
 from splice.cli._printers import print_json
-from splice.errors import SpliceError
+from splice.errors import SpliceError, UsageError
 
 convert_app = typer.Typer(
-    help="Convert a causal LM: recursive (tied, looped layers + LoRA relaxation), depth-pruned.",
+    help="Convert a causal LM: recursive (tied, looped layers + LoRA relaxation), depth-pruned;"
+    " or transfer a teacher's knowledge into a smaller one.",
     no_args_is_help=True,
 )
 app.add_typer(convert_app, name="convert")
@@ -30,6 +31,7 @@ app.add_typer(convert_app, name="convert")
 Model = Annotated[str, typer.Argument(help="'smollm2' (packaged) or a local causal-LM dir.")]
 Out = Annotated[Path, typer.Option(help="Output model directory.")]
 AsJson = Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")]
+RECURSIVE = "splice_recursive_llama"  # the converted model's model_type
 
 
 def _causal_lm(name: str, check: Callable[[dict[str, Any]], None] = lambda c: None):
@@ -171,17 +173,29 @@ def transfer(
 ) -> None:
     """Cross-scale knowledge transfer (LaTen or PostPKT) from TEACHER into STUDENT; saves the
     student with the transfer merged, and held-out perplexity before/after."""
+    import pydantic
+
     from splice.train.transfer import TransferConfig
     from splice.train.transfer import transfer as run
 
     if method not in ("laten", "postpkt"):
         raise SpliceError(f"unknown --method {method!r}", fix="choose laten or postpkt")
     for name in (teacher, student):
-        if name != "smollm2":
-            _causal_lm_config(name)
-    cfg = TransferConfig(teacher=teacher, student=student, out=out, method=method, data=data,
-                         steps=steps, extract=extract, align=align, heldout=heldout, lr=lr,
-                         rate=rate, rank=rank, max_length=max_length, force=force)  # fmt: skip
+        if name != "smollm2" and _causal_lm_config(name).get("model_type") == RECURSIVE:
+            raise SpliceError(
+                "a recursive model cannot be a transfer teacher or student (attribution and "
+                "the injectors read one plain Llama layer per depth)",
+                where=name,
+                fix="use a depth-pruned student: splice convert prune",
+            )
+    try:
+        cfg = TransferConfig(teacher=teacher, student=student, out=out, method=method, data=data,
+                             steps=steps, extract=extract, align=align, heldout=heldout, lr=lr,
+                             rate=rate, rank=rank, max_length=max_length, force=force)  # fmt: skip
+    except pydantic.ValidationError as e:
+        err = e.errors()[0]
+        flag = "--" + str(err["loc"][0]).replace("_", "-")
+        raise UsageError(f"{flag} {err['input']!r}: {err['msg']}") from None
     from transformers.utils import logging
 
     logging.disable_progress_bar()

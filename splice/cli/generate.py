@@ -157,6 +157,7 @@ def generate(
 
 def _build(o: dict[str, Any]) -> dict[str, Any]:
     """Load the models and assemble proposer, scorer and policy from the options."""
+    from splice.convert import register
     from splice.data.causal_lm import load_causal_lm
     from splice.decode import (
         CachedLM,
@@ -168,6 +169,7 @@ def _build(o: dict[str, Any]) -> dict[str, Any]:
     )
     from splice.decode.ambedkar import require_same_vocab
 
+    register()  # recursive models from `splice convert recursive` load without remote code
     target, tok = load_causal_lm(o["model"], o["device"])
     load_named(target, o["adapter"], o["active"])
     text = o["prompt"]

@@ -140,7 +140,8 @@ def convert_recursive(
         exit_loss_weight: weight of the intermediate-loop losses when the result is trained.
 
     Raises:
-        SpliceError: not a causal LM, layers not Llama-shaped, K not dividing N, rank too large.
+        SpliceError: not a causal LM, layers not Llama-shaped, K not dividing N, rank too large,
+            a negative exit loss weight.
     """
     cfg = model.config
     archs = list(getattr(cfg, "architectures", None) or [type(model).__name__])
@@ -150,6 +151,8 @@ def convert_recursive(
         )
     if init not in INITS:
         raise SpliceError(f"unknown init {init!r}", fix=f"choose one of {', '.join(INITS)}")
+    if exit_loss_weight < 0:
+        raise SpliceError(f"exit loss weight {exit_loss_weight} is negative", fix="pass w >= 0")
     n = cfg.num_hidden_layers
     _check_k(n, k)
     state = model.state_dict()

@@ -82,13 +82,59 @@ def test_bad_input_is_one_line_and_writes_nothing(
 
 
 def test_not_a_causal_lm(tmp_path, monkeypatch, capsys):
-    model = transformers.BertModel(
+    _bert_dir(tmp_path / "bert")
+    argv = ["convert", "recursive", str(tmp_path / "bert"), "--out", str(tmp_path / "o"), "-k", "1"]
+    code, _, err = run_cli(monkeypatch, capsys, *argv)
+    assert code == 1 and "not a causal LM (architectures ['BertModel'])" in err
+
+
+def _bert_dir(path):
+    transformers.BertModel(
         transformers.BertConfig(
             vocab_size=32, hidden_size=8, num_hidden_layers=2, num_attention_heads=2,
             intermediate_size=16,
         )
-    )  # fmt: skip
-    model.save_pretrained(tmp_path / "bert")
-    argv = ["convert", "recursive", str(tmp_path / "bert"), "--out", str(tmp_path / "o"), "-k", "1"]
+    ).save_pretrained(path)  # fmt: skip
+    return path
+
+
+def test_prune_and_transfer_refuse_a_non_causal_lm(llama_dir, tmp_path, monkeypatch, capsys):
+    bert = _bert_dir(tmp_path / "bert")
+    for argv in (
+        ["prune", str(bert), "--keep", "1"],
+        ["transfer", str(llama_dir), str(bert)],
+        ["transfer", str(bert), str(llama_dir)],
+    ):
+        code, _, err = run_cli(monkeypatch, capsys, "convert", *argv, "--out", str(tmp_path / "o"))
+        assert code == 1 and "not a causal LM (architectures ['BertModel'])" in err, argv
+        assert str(bert) in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()
+
+
+def test_transfer_refuses_a_recursive_model_and_bad_options_in_one_line(
+    llama_dir, tmp_path, monkeypatch, capsys
+):
+    rec = tmp_path / "rec"
+    argv = ["convert", "recursive", str(llama_dir), "--out", str(rec), "-k", "2", "--rank", "2"]
+    assert run_cli(monkeypatch, capsys, *argv)[0] == 0
+    out = ["--out", str(tmp_path / "o")]
+    argv = ["convert", "transfer", str(llama_dir), str(rec), *out]
     code, _, err = run_cli(monkeypatch, capsys, *argv)
-    assert code == 1 and "not a causal LM (architectures ['BertModel'])" in err
+    assert code == 1 and "a recursive model cannot be a transfer teacher or student" in err
+    assert "splice convert prune" in err and len(err.strip().splitlines()) == 1
+    for flag, value, message in [
+        ("--rate", "2", "--rate 2.0: Input should be less than or equal to 1"),
+        ("--heldout", "0", "--heldout 0: Input should be greater than 0"),
+    ]:
+        argv = ["convert", "transfer", str(llama_dir), str(llama_dir), *out, flag, value]
+        code, _, err = run_cli(monkeypatch, capsys, *argv)
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_negative_exit_loss_weight_is_refused(llama_dir, tmp_path, monkeypatch, capsys):
+    argv = ["convert", "recursive", str(llama_dir), "--out", str(tmp_path / "r"), "-k", "2",
+            "--exit-loss-weight", "-0.5"]  # fmt: skip
+    code, _, err = run_cli(monkeypatch, capsys, *argv)
+    assert code == 1 and "exit loss weight -0.5 is negative" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "r").exists()
