@@ -1,31 +1,36 @@
 """Relaxed Recursive SmolLM2: held-out perplexity against parameters, before and after equal
-uptraining, and early-exit generation speed (issue #27, spec peft.md §8).
+uptraining, early-exit generation speed, and generation with the KV cache against without
+(issue #27, spec peft.md §8).
 
 Corpus: Debian ``fortunes`` (8 topic files) + WordNet noun glosses, split by document
 (seeded): ``--heldout`` documents are evaluated, uptraining reads ``--steps × --batch``
-training documents of at most ``--max-length`` tokens. Rows:
+training documents of at most ``--max-length`` tokens. Rows (K = ``--shared``, B = 30 / K):
 
 - ``original``: SmolLM2-135M-Instruct (30 layers);
-- ``pruned``: every 3rd layer kept (10 layers, the equal-size baseline);
-- ``recursive``: 10 shared layers × 3 loops, stepwise init, no relaxation;
-- ``recursive+lora r``: average init, per-loop LoRA of rank r from the SVD of the residuals.
+- ``pruned``: K layers kept, every B-th (the equal-size baseline: same parameters as ``recursive``);
+- ``recursive``: K shared layers × B loops, stepwise init, no relaxation;
+- ``r<rank>``: average init, per-loop LoRA of that rank from the SVD of the residuals.
 
 Every row is uptrained with ``splice train --method full --objective causal-lm`` (the one
-training loop) for the same steps, batch and LR; perplexity is ``splice train``'s
-evaluation on the held-out documents. ``gap recovered`` = (ppl_pruned − ppl_row) /
-(ppl_pruned − ppl_original) after uptraining (target ≥ 0.5 for the relaxed rows).
+training loop: AdamW, linear warmup then decay) for the same steps, batch, documents and LR;
+perplexity is ``splice train``'s evaluation on the held-out documents. Gap recovered, on
+perplexity and on log perplexity (the mean token loss):
+``(x_pruned − x_row) / (x_pruned − x_original)`` after uptraining (target ≥ 0.5 for the relaxed
+rows). Each row runs on its own (``--rows``) so no run is longer than one row's uptraining;
+results accumulate in ``OUT/results.json`` and ``--report`` prints the table.
 
-Early exit: the uptrained ``recursive+lora`` row with the largest rank decodes
-``--gen-tokens`` greedy tokens for 8 held-out prompts in one depth-wise batch at thresholds
-∞ (never exits), 0.9 and 0.6, printing tokens/s and the ratio against ∞.
-
-    python benchmarks/recursive_smollm2.py --steps 20 --out /tmp/rrt   # about 25 min on 2 cores
+    python benchmarks/recursive_smollm2.py --time-steps          # one step of each row, timed
+    python benchmarks/recursive_smollm2.py --rows original       # then pruned, recursive, r8, …
+    python benchmarks/recursive_smollm2.py --report
+    python benchmarks/recursive_smollm2.py --early-exit r64      # uptrained row, 3 thresholds
+    python benchmarks/recursive_smollm2.py --cache-speed r64     # generate() with/without cache
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import random
 import time
 from pathlib import Path
@@ -52,48 +57,81 @@ def write_jsonl(path: Path, texts: list[str]) -> Path:
     return path
 
 
-def perplexity(model_dir: Path, texts: list[str], max_length: int, batch: int) -> float:
-    """The held-out perplexity exactly as ``splice train`` evaluates it."""
+def load(model_dir: Path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from splice.train.batches import collate
-    from splice.train.hf import evaluate
+    import splice.convert  # noqa: F401  (registers the recursive model class)
 
-    tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    return model, AutoTokenizer.from_pretrained(model_dir)
+
+
+def batches(tok, texts: list[str], max_length: int, batch: int) -> list[dict]:
+    from splice.train.batches import collate
+
     ids = tok(texts, truncation=True, max_length=max_length)["input_ids"]
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     chunks = [list(range(i, min(i + batch, len(ids)))) for i in range(0, len(ids), batch)]
-    batches = [collate(c, ids, None, pad) for c in chunks]
-    return evaluate(model, batches, "causal-lm", lambda: torch.autocast("cpu", enabled=False))[
-        "perplexity"
-    ]
+    return [collate(c, ids, None, pad) for c in chunks]
 
 
-def build(out: Path, source: str, k: int, ranks: list[int]) -> dict[str, Path]:
-    """Convert the source into every row's model dir."""
-    from splice.convert import (
-        convert_recursive,
-        depth_prune,
-        save_recursive,
-        stepwise_layers,
-    )
-    from splice.data.causal_lm import _smollm2_dir, load_causal_lm
+def evaluate(model_dir: Path, texts: list[str], max_length: int, batch: int) -> dict:
+    """The held-out loss and perplexity exactly as ``splice train`` evaluates them."""
+    from splice.train.hf import evaluate as run
+
+    model, tok = load(model_dir)
+    with torch.no_grad():
+        return run(
+            model, batches(tok, texts, max_length, batch), "causal-lm",
+            lambda: torch.autocast("cpu", enabled=False),
+        )  # fmt: skip
+
+
+def row_names(ranks: list[int]) -> list[str]:
+    return ["original", "pruned", "recursive", *(f"r{r}" for r in ranks)]
+
+
+def build(out: Path, source: str, k: int, names: list[str]) -> dict[str, Path]:
+    """Each row's model dir; converts (from one load of the source) only the missing ones."""
+    from splice.data.causal_lm import _smollm2_dir
+
+    dirs = {"original": _smollm2_dir() if source == "smollm2" else Path(source)}
+    dirs |= {n: out / "models" / n for n in names if n != "original"}
+    missing = [n for n in names if n != "original" and not (dirs[n] / "config.json").is_file()]
+    if not missing:
+        return dirs
+    from splice.convert import convert_recursive, depth_prune, save_recursive, stepwise_layers
+    from splice.data.causal_lm import load_causal_lm
 
     model, tok = load_causal_lm(source)
-    dirs = {"original": _smollm2_dir() if source == "smollm2" else Path(source)}
-    pruned = depth_prune(model, stepwise_layers(model.config.num_hidden_layers, k))
-    pruned.save_pretrained(out / "pruned")
-    tok.save_pretrained(out / "pruned")
-    dirs["pruned"] = out / "pruned"
-    rows = [("recursive", "stepwise", 0)] + [(f"recursive+lora r{r}", "average", r) for r in ranks]
-    for name, init, rank in rows:
+    for name in missing:
         start = time.perf_counter()
-        rec = convert_recursive(model, k, init, rank)
-        save_recursive(rec, out / name.replace(" ", "_").replace("+", "_"), tok)
-        print(f"  converted {name}: {time.perf_counter() - start:.1f} s", flush=True)
-        dirs[name] = out / name.replace(" ", "_").replace("+", "_")
+        if name == "pruned":
+            pruned = depth_prune(model, stepwise_layers(model.config.num_hidden_layers, k))
+            pruned.save_pretrained(dirs[name])
+            tok.save_pretrained(dirs[name])
+        else:
+            init, rank = ("stepwise", 0) if name == "recursive" else ("average", int(name[1:]))
+            save_recursive(convert_recursive(model, k, init, rank), dirs[name], tok)
+        print(f"  built {name}: {time.perf_counter() - start:.1f} s", flush=True)
     return dirs
+
+
+def time_steps(model_dir: Path, texts: list[str], args) -> float:
+    """Seconds of one AdamW step (forward, backward, update) on one ``--batch`` of
+    training documents: the median of 3 after a warm-up step."""
+    model, tok = load(model_dir)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
+    data = batches(tok, texts[: 4 * args.batch], args.max_length, args.batch)
+    times = []
+    for b in data:
+        start = time.perf_counter()
+        model(**b).loss.backward()
+        opt.step()
+        opt.zero_grad()
+        times.append(time.perf_counter() - start)
+    return sorted(times[1:])[1]
 
 
 def uptrain(model_dir: Path, data: Path, test: Path, out: Path, args) -> dict:
@@ -108,12 +146,9 @@ def uptrain(model_dir: Path, data: Path, test: Path, out: Path, args) -> dict:
 
 
 def early_exit(model_dir: Path, prompts: list[str], new_tokens: int) -> list[dict]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from splice.convert import generate_early_exit
 
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model, tok = load(model_dir)
     ids = [tok(p)["input_ids"][:8] for p in prompts]
     rows, reference = [], None
     for threshold in (1.1, 0.9, 0.6):
@@ -136,66 +171,111 @@ def early_exit(model_dir: Path, prompts: list[str], new_tokens: int) -> list[dic
     return rows
 
 
+def cache_speed(model_dir: Path, prompts: list[str], new_tokens: int) -> list[dict]:
+    """Greedy ``generate()`` of ``new_tokens`` per prompt (one at a time) with the KV cache
+    and without; the tokens must agree."""
+    model, tok = load(model_dir)
+    ids = [torch.tensor([tok(p)["input_ids"][:16]]) for p in prompts]
+    rows, reference = [], None
+    for use_cache in (False, True):
+        start, outs = time.perf_counter(), []
+        with torch.no_grad():
+            for x in ids:
+                kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+                outs.append(model.generate(x, use_cache=use_cache, pad_token_id=0, **kw))
+        seconds = time.perf_counter() - start
+        reference = reference or outs
+        same = all(torch.equal(a, b) for a, b in zip(reference, outs, strict=True))
+        made = sum(o.shape[1] - x.shape[1] for o, x in zip(outs, ids, strict=True))
+        rows.append({"cache": use_cache, "tokens_per_s": made / seconds, "same_tokens": same})
+    return rows
+
+
+def report(results: dict) -> None:
+    orig, pruned = results.get("original"), results.get("pruned")
+    steps = "/".join(sorted({str(r["settings"]["steps"]) for r in results.values()}))
+    print(f"\n| row | parameters | ppl before | ppl after {steps} steps | gap recovered (ppl) "
+          "| (log ppl) | uptraining s |")  # fmt: skip
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for name, r in results.items():
+        gap = log_gap = float("nan")
+        if orig and pruned and pruned["ppl_after"] != orig["ppl_after"]:
+            p, o, x = pruned["ppl_after"], orig["ppl_after"], r["ppl_after"]
+            gap = (p - x) / (p - o)
+            log_gap = (math.log(p) - math.log(x)) / (math.log(p) - math.log(o))
+        print(
+            f"| {name} | {r['parameters'] / 1e6:.1f} M | {r['ppl_before']:,.1f} | "
+            f"{r['ppl_after']:,.1f} | {gap:.2f} | {log_gap:.2f} | {r['train_seconds']:.0f} |"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="smollm2", help="'smollm2' or a Llama dir")
-    parser.add_argument("--shared", type=int, default=10, help="K shared layers")
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--shared", type=int, default=15, help="K shared layers (B = N / K)")
+    parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--max-length", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--heldout", type=int, default=128)
-    parser.add_argument("--ranks", default="8,32,128")
+    parser.add_argument("--ranks", default="8,64")
+    parser.add_argument("--rows", default=None, help="rows to uptrain (default: all)")
+    parser.add_argument("--time-steps", action="store_true", help="time one step of each row")
+    parser.add_argument("--report", action="store_true", help="print the table of results.json")
+    parser.add_argument("--early-exit", metavar="ROW", help="early-exit table of an uptrained row")
+    parser.add_argument("--cache-speed", metavar="ROW", help="generate() with vs without cache")
     parser.add_argument("--gen-tokens", type=int, default=24)
     parser.add_argument("--out", type=Path, default=Path("/tmp/rrt-bench"))
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    store = args.out / "results.json"
+    results = json.loads(store.read_text()) if store.is_file() else {}
+    if args.report:
+        report(results)
+        return
     train_texts, test_texts = corpus(args.heldout, 0)
+    if args.early_exit or args.cache_speed:
+        row = args.early_exit or args.cache_speed
+        up = args.out / "up" / row / "model"
+        run = early_exit if args.early_exit else cache_speed
+        rows = run(up, test_texts[:8], args.gen_tokens)
+        print(f"{run.__name__} ({row}, uptrained; 8 prompts × {args.gen_tokens} tokens)")
+        for r in rows:
+            print(r)
+        key = "early_exit" if args.early_exit else "cache_speed"
+        (args.out / f"{key}-{row}.json").write_text(json.dumps(rows))
+        return
+    names = args.rows.split(",") if args.rows else row_names(map(int, args.ranks.split(",")))
+    dirs = build(args.out, args.model, args.shared, names)
+    if args.time_steps:
+        for name in names:
+            sec = time_steps(dirs[name], train_texts, args)
+            print(f"  {name}: {sec:.2f} s/step → {args.steps} steps ≈ {sec * args.steps / 60:.1f} "
+                  "min", flush=True)  # fmt: skip
+        return
     data = write_jsonl(args.out / "train.jsonl", train_texts[: args.steps * args.batch])
     test = write_jsonl(args.out / "heldout.jsonl", test_texts)
     print(
         f"corpus: {len(test_texts)} held-out docs, {args.steps}×{args.batch} training docs, "
-        f"≤{args.max_length} tokens each",
+        f"≤{args.max_length} tokens each; lr {args.lr}",
         flush=True,
     )
-    dirs = build(args.out, args.model, args.shared, [int(r) for r in args.ranks.split(",")])
-    results = {}
-    for name, model_dir in dirs.items():
+    for name in names:
         start = time.perf_counter()
-        before = perplexity(model_dir, test_texts, args.max_length, args.batch)
-        metrics = uptrain(model_dir, data, test, args.out / "up" / name.replace(" ", "_"), args)
+        before = evaluate(dirs[name], test_texts, args.max_length, args.batch)
+        metrics = uptrain(dirs[name], data, test, args.out / "up" / name, args)
         results[name] = {
             "parameters": metrics["total_parameters"],
-            "ppl_before": before,
+            "ppl_before": before["perplexity"],
             "ppl_after": metrics["eval"]["perplexity"],
+            "loss_after": metrics["eval"]["loss"],
             "train_seconds": metrics["wall_seconds"],
+            "settings": {k: getattr(args, k) for k in ("shared", "steps", "batch", "lr")}
+            | {"max_length": args.max_length, "heldout": args.heldout},
         }
         print(f"  {name}: {results[name]} ({time.perf_counter() - start:.0f} s)", flush=True)
-    orig, pruned = results["original"]["ppl_after"], results["pruned"]["ppl_after"]
-    print(f"\n| row | parameters | ppl before | ppl after {args.steps} steps | gap recovered |")
-    print("| --- | ---: | ---: | ---: | ---: |")
-    for name, r in results.items():
-        gap = (pruned - r["ppl_after"]) / (pruned - orig) if pruned != orig else float("nan")
-        r["gap_recovered"] = gap
-        print(
-            f"| {name} | {r['parameters'] / 1e6:.1f} M | {r['ppl_before']:.1f} | "
-            f"{r['ppl_after']:.1f} | {gap:.2f} |"
-        )
-    largest = max((n for n in dirs if "lora" in n), key=lambda n: int(n.rsplit("r", 1)[1]))
-    up_dir = args.out / "up" / largest.replace(" ", "_") / "model"
-    exits = early_exit(up_dir, test_texts[:8], args.gen_tokens)
-    base = exits[0]["tokens_per_s"]
-    print(f"\nearly exit ({largest}, uptrained; 8 prompts × {args.gen_tokens} tokens)")
-    print("| threshold | tokens/s | × never | mean loops | exits per loop | same tokens |")
-    print("| --- | ---: | ---: | ---: | --- | ---: |")
-    for r in exits:
-        print(
-            f"| {r['threshold']} | {r['tokens_per_s']:.1f} | {r['tokens_per_s'] / base:.2f} | "
-            f"{r['mean_loops']:.2f} | {r['exits_per_loop']} | {r['same_tokens_as_full']:.0%} |"
-        )
-    (args.out / "results.json").write_text(
-        json.dumps({"args": vars(args) | {"out": str(args.out)}, "rows": results, "exit": exits})
-    )
+        store.write_text(json.dumps(results, indent=1))
+    report(results)
 
 
 if __name__ == "__main__":
