@@ -144,6 +144,11 @@ class MergeMethod:
         ``T + 2``."""
         return num_models + 2
 
+    def scratch_for(self, num_models: int, params: HyperParams) -> float:
+        """:meth:`scratch_tensors` given the method's resolved ``params``, for a method whose
+        scratch depends on them; default: :meth:`scratch_tensors`."""
+        return self.scratch_tensors(num_models)
+
     def gpu_scratch_tensors(self, num_models: int) -> float:
         """Scratch ``merge`` needs on a GPU on top of :meth:`scratch_tensors` (cuSOLVER's SVD
         works on copies of its input and outputs); default none."""

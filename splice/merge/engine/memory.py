@@ -202,10 +202,10 @@ def _costs(job: MergeJob, task: TensorTask, scratch: tuple[float, float]) -> _Co
 def _scratch(job: MergeJob) -> tuple[float, float]:
     """Per-name scratch of the merge pass, and the largest over the statistics passes."""
     t, method = len(job.models), job.method
-    scratch = method.scratch_tensors(t)
+    params0, model_params0 = job.resolve(None, 0.0)
+    scratch = method.scratch_for(t, params0)
     if job.device.startswith("cuda"):
         scratch += method.gpu_scratch_tensors(t)
-    params0, model_params0 = job.resolve(None, 0.0)
     worst = 0.0
     for stat in method.global_stats(params0, model_params0):
         worst = max(worst, method.stat_scratch_tensors(stat.key, t, params0))

@@ -15,8 +15,10 @@ chunks, float64 sums) and the result in a second, without mergekit's stacked cop
 168M benchmark the two tools differ by up to 1.4e-4, which is mergekit's error: its float32
 ``torch.norm`` loses 2e-3 relative on the 32.8M-entry embedding (its formula with exact norms
 lands where splice does, within output rounding of the float64 formula;
-tests/merge/methods/test_spherical.py). There is no mergekit-exact mode: it would reproduce
-a rounding error, and need mergekit's stacked copies.
+tests/merge/methods/test_spherical.py). ``mergekit_exact`` (set by mergekit recipes)
+reproduces mergekit's floats instead, bit for bit: its arithmetic in the inputs' dtype, whole-
+tensor ``torch.norm`` and dot-product reductions included, one input at a time rather than
+stacked (scratch: three tensors of the output's size, not 3N).
 """
 
 from __future__ import annotations
@@ -43,6 +45,12 @@ __all__ = ["MultiSlerp"]
 class Params(HyperParams):
     normalize_weights: bool = Field(True, description="divide the weights by their sum")
     eps: float = Field(1e-8, gt=0, description="ε added to norms")
+    mergekit_exact: bool = Field(
+        False,
+        description="mergekit's floats bit for bit: its arithmetic in the inputs' dtype, with "
+        "float32 whole-tensor norms (off by ~2e-3 relative on 30M entries; mergekit "
+        "recipes set it)",
+    )
 
 
 class ModelParams(HyperParams):
@@ -70,6 +78,55 @@ def _coefficients(g: Tensor, w: Tensor, eps: float, where: str) -> Tensor:
     return float(w @ norms) * (m * math.cos(tn) + a * (math.sin(tn) / tn))
 
 
+def _mergekit_floats(
+    base: Tensor | None, tensors: list[Tensor], weights: list[float], params: Params, where: str
+) -> Tensor:
+    """mergekit's ``multislerp`` as it computes it: every step in the inputs' dtype, the same
+    reductions (``torch.norm`` of a whole vector, ``sum`` of a whole product), so the same
+    bits. Each input's vector and unit vector are recomputed where mergekit reads its stacked
+    copies (the same operations give the same floats)."""
+    dtype, eps = tensors[0].dtype, params.eps
+    w = torch.tensor(weights, dtype=dtype)
+    if params.normalize_weights:
+        w = w / w.sum()
+    flat_base = None if base is None else base.reshape(-1)
+
+    def vector(i: int) -> Tensor:
+        t = tensors[i].reshape(-1)
+        return t if flat_base is None else t - flat_base
+
+    norms = torch.stack([torch.norm(vector(i)) for i in range(len(tensors))])
+    if float((norms * w).sum()) == 0:  # every input is zero: the base, where mergekit raises
+        return tensors[0].new_zeros(tensors[0].shape) if base is None else base.clone()
+
+    def unit(i: int) -> Tensor:
+        return vector(i) / (norms[i] + eps)
+
+    mean = (unit(0) * w[0]).add_(unit(1) * w[1])  # sum(0) of the stacked rows, in order
+    for i in range(2, len(tensors)):
+        mean.add_(unit(i) * w[i])
+    mean_norm = torch.norm(mean)
+    if mean_norm < eps:
+        if len(tensors) > 2:
+            raise SpliceError(
+                "the weighted unit vectors cancel out (antipodal inputs with balancing weights)",
+                where=where,
+                fix="use different weights for these models",
+            )
+        res = vector(0) * w[0] + vector(1) * w[1]
+    else:
+        mean = mean / mean_norm
+        tangent = torch.zeros_like(mean)
+        for i in range(len(tensors)):
+            u = unit(i)
+            tangent.add_(u.sub_((u * mean).sum() * mean).mul_(w[i]))
+            del u
+        tn = torch.norm(tangent) + eps
+        res = mean.mul_(torch.cos(tn)).add_(tangent.mul_(torch.sin(tn) / tn))
+        res.mul_((norms * w).sum())
+    return (res if flat_base is None else res.add_(flat_base)).view_as(tensors[0])
+
+
 @methods.register("multislerp")
 class MultiSlerp(MergeMethod):
     """Weighted spherical barycentre of the inputs (or of their task vectors)."""
@@ -87,6 +144,10 @@ class MultiSlerp(MergeMethod):
     def scratch_tensors(self, num_models: int) -> float:
         return 0.1
 
+    def scratch_for(self, num_models: int, params: HyperParams) -> float:
+        exact = isinstance(params, Params) and params.mergekit_exact
+        return 5.0 if exact else 0.1  # mergekit's floats: mean, tangent, a unit, products
+
     def merge(
         self,
         base: Tensor | None,
@@ -97,6 +158,9 @@ class MultiSlerp(MergeMethod):
     ) -> Tensor:
         if len(tensors) == 1:
             return tensors[0]
+        if params.mergekit_exact:
+            weights = [mp.weight for mp in model_params]
+            return _mergekit_floats(base, tensors, weights, params, ctx.name)
         w = torch.tensor([mp.weight for mp in model_params], dtype=torch.float64)
         if params.normalize_weights:
             w = w / w.sum()

@@ -132,7 +132,8 @@ _MERGEKIT = {
     ),
     # mergekit 0.1.5's other methods: splice's files of the same names (issue #31)
     "sce": _Alias("sce", {"mergekit_exact": True}),
-    **{m: _Alias(m) for m in ("model_stock", "nearswap", "arcee_fusion", "multislerp")},
+    "multislerp": _Alias("multislerp", {"mergekit_exact": True}),
+    **{m: _Alias(m) for m in ("model_stock", "nearswap", "arcee_fusion")},
     **{m: _Alias(m) for m in ("nuslerp", "breadcrumbs", "ram")},
     "breadcrumbs_ties": _Alias("breadcrumbs", {"consensus": "ties"}),
     "della": _Alias("della", {"rescale": "l1"}, _DELLA_RENAMES),

@@ -124,8 +124,9 @@ def test_nuslerp_row_wise_interpolates_each_vector():
 def test_multislerp_of_untouched_tensors_is_the_base():
     """All task vectors zero (mergekit raises here): the weighted mean norm is 0, so θ₀."""
     base = torch.randn(5, 3, generator=torch.Generator().manual_seed(0))
-    got = merge_state_dicts("multislerp", [{"w": base}] * 3, base={"w": base})["w"]
-    assert torch.equal(got, base)
+    for params in ({}, {"mergekit_exact": True}):
+        got = merge_state_dicts("multislerp", [{"w": base}] * 3, base={"w": base}, params=params)
+        assert torch.equal(got["w"], base)
 
 
 def test_gram_matches_float64_and_multislerp_stays_at_float32_rounding():
@@ -175,3 +176,54 @@ def test_multislerp_difference_from_mergekit_is_torch_float32_norm_error():
     mergekit_exact_norms = multislerp_ref(fts, w, base, dtype=torch.float32, norm=exact_norm)
     assert err(out) < 2e-8 and err(mergekit_exact_norms) < 2e-8
     assert err(mergekit) > 10 * err(out)
+
+
+def multislerp_mergekit_floats(tensors, weights, base=None, eps=1e-8):
+    """mergekit 0.1.5's multislerp step by step in float32 on stacked rows (its order of
+    operations, which fixes its floats)."""
+    x = torch.stack(tensors)
+    if base is not None:
+        x -= base
+    flat = x.view(len(tensors), -1)
+    w = torch.tensor(weights, dtype=x.dtype)
+    w = w / w.sum()
+    norms = torch.norm(flat, dim=-1, keepdim=True)
+    units = flat / (norms + eps)
+    mean = (units * w.view(-1, 1)).sum(0)
+    mean = mean / torch.norm(mean)
+    tangent = units - (units * mean).sum(-1, keepdim=True) * mean
+    summed = (tangent * w.view(-1, 1)).sum(0)
+    tn = torch.norm(summed) + eps
+    res = mean * torch.cos(tn) + summed * (torch.sin(tn) / tn)
+    res = (res * (norms.squeeze(-1) * w).sum()).view(x.shape[1:])
+    return res if base is None else res + base
+
+
+@pytest.mark.parametrize(("n", "with_base"), [(2, True), (3, True), (4, False)])
+def test_mergekit_exact_multislerp_is_mergekits_floats_bit_for_bit(n, with_base):
+    """Long rows (2M entries), where torch's float32 norm is already off by ~1e-4 relative:
+    the default stays at the float64 formula, ``mergekit_exact`` lands on mergekit's bits."""
+    g = torch.Generator().manual_seed(5)
+    base = torch.randn(2048, 1024, generator=g) * 0.02
+    fts = [base + 0.01 * torch.randn(2048, 1024, generator=g) for _ in range(n)]
+    w = [0.5, 0.3, 0.2, 0.4][:n]
+    b = base if with_base else None
+    ref = multislerp_mergekit_floats(fts, w, b)
+    sds, mps = [{"w": f} for f in fts], [{"weight": x} for x in w]
+    got = merge_state_dicts("multislerp", sds, base={"w": base} if with_base else None,
+                            model_params=mps, params={"mergekit_exact": True})["w"]  # fmt: skip
+    assert torch.equal(got, ref)
+    default = merge_state_dicts("multislerp", sds, base={"w": base} if with_base else None,
+                                model_params=mps)["w"]  # fmt: skip
+    assert not torch.equal(default, ref)
+
+
+def test_mergekit_recipes_ask_for_mergekits_multislerp_floats(tmp_path):
+    from splice.merge.recipe import load_recipe
+    from tests.merge._recipes import base_and_finetunes, write_recipe
+
+    paths, _, _ = base_and_finetunes(tmp_path / "models")
+    text = "merge_method: multislerp\nbase_model: {base}\nmodels:\n  - model: {ft0}\n"
+    text += "    parameters: {{weight: 0.7}}\n  - model: {ft1}\n    parameters: {{weight: 0.3}}\n"
+    recipe = load_recipe(write_recipe(tmp_path, text, **paths))
+    assert recipe.flat_settings()["mergekit_exact"] is True
