@@ -97,3 +97,61 @@ def test_query_and_value_keep_one_copy_of_their_shared_input():
         layer(x), layer(x)  # two adapted layers reading the same input
     inputs = [t for t in saved if t.shape == x.shape]
     assert {t.data_ptr() for t in inputs} == {x.data_ptr()}
+
+
+def test_rotated_linear_is_the_layer_on_the_rotated_input_with_its_gradients():
+    from splice.adapters.oft import _RotatedLinear
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 5, 12, dtype=torch.float64, generator=g, requires_grad=True)
+    r = torch.randn(3, 4, 4, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(7, 12, dtype=torch.float64, generator=g)
+    b = torch.randn(7, dtype=torch.float64, generator=g)
+    assert torch.autograd.gradcheck(lambda x, r: _RotatedLinear.apply(x, r, w, b), (x, r))
+    up = torch.randn(3, 5, 7, dtype=torch.float64, generator=g)
+    rotated = torch.einsum("...rk,rkc->...rc", x.reshape(3, 5, 3, 4), r).reshape(3, 5, 12)
+    ref = torch.nn.functional.linear(rotated, w, b)
+    got = _RotatedLinear.apply(x, r, w, b)
+    torch.testing.assert_close(got, ref)
+    want = torch.autograd.grad((ref * up).sum(), (x, r))
+    for a, c in zip(torch.autograd.grad((got * up).sum(), (x, r)), want, strict=True):
+        torch.testing.assert_close(a, c)
+    # an input that needs no gradient (the first adapted layer's) gets none, R's is the same
+    only_r = torch.autograd.grad((_RotatedLinear.apply(x.detach(), r, w, b) * up).sum(), r)
+    torch.testing.assert_close(only_r[0], want[1])
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d_gpt2"])
+@pytest.mark.parametrize("tokens", [12, 4])  # W rotated from d_out = 12 tokens on, x below
+def test_fused_layer_equals_the_rotation_then_the_layer(kind, tokens):
+    model, _ = make_model(kind)
+    inject(model, "oft", ["proj"], block_size=4)
+    perturb(model, std=0.05)
+    layer = model.layers[0]["proj"]
+    x = torch.randn(2, tokens // 2, 8, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = layer(x)
+    fused = type(out.grad_fn).__name__.startswith("_RotatedLinear")
+    assert fused == (tokens >= 12)
+    # either way: x, R and the layer's own weight are kept, no rotated copy of the input
+    assert any(t.data_ptr() == layer.base_layer.weight.data_ptr() for t in saved)
+    assert [t for t in saved if t.shape == x.shape and t.data_ptr() != x.data_ptr()] == []
+    r = torch.block_diag(*layer.adapter.rotation())
+    ref = layer.base_layer(x @ r)
+    torch.testing.assert_close(out, ref)
+    up = torch.randn(out.shape)
+    params = (x, layer.adapter.oft_R)
+    want = torch.autograd.grad((ref * up).sum(), params)
+    for a, c in zip(torch.autograd.grad((out * up).sum(), params), want, strict=True):
+        torch.testing.assert_close(a, c)
+
+
+@pytest.mark.parametrize("terms", [1, 2, 3, 4, 5, 6])
+def test_neumann_blocks_equal_peft_for_every_number_of_terms(terms):
+    from peft.tuners.oft.layer import OFTRotationModule
+
+    _, _, layer = _adapter(block_size=4, neumann_terms=terms)
+    vec = layer.adapter.oft_R.detach()
+    theirs = OFTRotationModule(vec.shape[0], vec.shape[1], 4, 8)._cayley_batch(vec, 4, True, terms)
+    torch.testing.assert_close(layer.adapter.rotation().detach(), theirs)
