@@ -19,8 +19,9 @@ from typing import TYPE_CHECKING
 
 from splice._lazy import lazy_import
 from splice.errors import SpliceError
+from splice.io._direct import StagedFile
 from splice.io._dtypes import DTypeLike, itemsize, safetensors_code
-from splice.io._hash import FollowHasher, hash_files
+from splice.io._hash import hash_files
 from splice.io._hints import start_writeback
 from splice.io._safetensors import check_tensor_name
 from splice.io._units import parse_size
@@ -77,14 +78,20 @@ def _tensor_bytes(t: torch.Tensor) -> memoryview:
 
 
 class _PlannedShard:
-    """A shard whose tensors are known up front: header first, data written in place."""
+    """A shard whose tensors are known up front: header first, data written in place.
+
+    Tensors that arrive in file order are staged and written around the page cache and
+    hashed on the way (:class:`~splice.io._direct.StagedFile`); the first one out of order
+    ends that, and it and the rest are written in place through the page cache (the digest is
+    then read back from the file).
+    """
 
     def __init__(
         self,
         path: Path,
         layout: list[tuple[str, tuple[int, ...], DTypeLike]],
         meta: dict,
-        hasher: FollowHasher | None = None,
+        sha: bool = False,
     ) -> None:
         self.path = path
         self.entries: dict[str, dict[str, object]] = {}
@@ -99,13 +106,15 @@ class _PlannedShard:
             self.size += n
         header = _header_bytes(self.entries, meta)
         self.start = len(header)
-        self.hasher = hasher
         self.pending = set(self.entries)
         self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        os.pwrite(self.fd, header, 0)
         os.ftruncate(self.fd, self.start + self.size)
-        if hasher is not None:
-            hasher.track(path, ready=self.start)
+        self.stream = StagedFile(path, self.fd, self.start + self.size, sha=sha, head=header)
+
+    @property
+    def digest(self) -> str | None:
+        """SHA-256 of the whole file when every byte came in order (``sha=True``), else None."""
+        return self.stream.digest
 
     def add(self, name: str, t: torch.Tensor) -> None:
         entry = self.entries[name]
@@ -115,13 +124,16 @@ class _PlannedShard:
                 f"{tuple(entry['shape'])} {entry['dtype']}"
             )
         begin = self.start + entry["data_offsets"][0]
-        view, pos = _tensor_bytes(t), begin
-        while view:
-            n = os.pwrite(self.fd, view, pos)
-            view, pos = view[n:], pos + n
-        start_writeback(self.fd, begin, pos - begin)
-        if self.hasher is not None:
-            self.hasher.advance(self.path, begin, pos - begin)
+        view = _tensor_bytes(t)
+        if self.stream.open and begin == self.stream.written:
+            self.stream.append(view)
+        else:
+            self.stream.abandon()
+            pos = begin
+            while view:
+                n = os.pwrite(self.fd, view, pos)
+                view, pos = view[n:], pos + n
+            start_writeback(self.fd, begin, pos - begin)
         self.pending.discard(name)
 
     def finish(self) -> None:
@@ -130,10 +142,12 @@ class _PlannedShard:
                 f"{len(self.pending)} planned tensor(s) never written, e.g. "
                 f"{sorted(self.pending)[0]!r}"
             )
+        self.stream.abandon()  # a no-op when complete
         os.fsync(self.fd)
         self.close()
 
     def close(self) -> None:
+        self.stream.close()
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
@@ -184,6 +198,8 @@ class CheckpointWriter:
         layout: every ``(name, shape, dtype)`` to be written, in order, when known up front
             (the merge engine knows it from headers). Shards and headers are then laid out
             first and each tensor is written in place: no spill file, no second copy.
+        checksums: with ``layout``, hash each shard from the bytes as they are written
+            (:meth:`shard_digests`); shards written out of order are read back instead.
 
     Raises:
         SpliceError: ``dest`` exists without ``force``, ``dest`` overlaps a protected input,
@@ -217,7 +233,7 @@ class CheckpointWriter:
         if self.dest.exists() and not self.dest.is_dir():
             raise SpliceError("destination exists and is not a directory", where=str(self.dest))
         self._layout = layout
-        self._hasher = FollowHasher() if checksums and layout is not None else None
+        self._checksums = checksums
         self._planned: dict[str, _PlannedShard] = {}
         self._tmp: Path | None = None
         self._shards: list[tuple[Path, dict[str, dict[str, object]], int]] = []
@@ -250,7 +266,7 @@ class CheckpointWriter:
             size += n
         for i, group in enumerate(groups):
             path = self._tmp / f"part-{i:05d}.safetensors"
-            shard = _PlannedShard(path, group, self.metadata, self._hasher)
+            shard = _PlannedShard(path, group, self.metadata, self._checksums)
             for name, _, _ in group:
                 if name in self._planned:
                     raise SpliceError(f"tensor {name!r} planned twice", where=str(self.dest))
@@ -313,8 +329,7 @@ class CheckpointWriter:
         rest: list[tuple[Path, str]] = []
         for path, final in shards:
             shard = planned.get(path)
-            hasher = None if shard is None or shard.pending else shard.hasher
-            digest = None if hasher is None else hasher.digest(path, shard.start + shard.size)
+            digest = None if shard is None or shard.pending else shard.digest
             if digest is None:
                 rest.append((path, final))
             else:
@@ -381,8 +396,6 @@ class CheckpointWriter:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if self._hasher is not None:
-            self._hasher.close()
         if exc_type is not None:
             self._abort()
             return

@@ -42,8 +42,9 @@ if TYPE_CHECKING:
 
 __all__ = ["MemoryPlan", "check_budget", "estimate", "pool_budget", "read_ahead_schedule"]
 
-FIXED_BYTES = 6 << 20
-"""Chunk scratch, histograms, the checksum hashers' two 1 MB buffers and allocator slack."""
+FIXED_BYTES = 8 << 20
+"""Chunk scratch, histograms, the input checksum hasher's 1 MB buffer, the writer's three 1 MB
+staging buffers (:mod:`splice.io._direct`) and allocator slack."""
 DEVICE_FIXED_BYTES = 12 << 20
 """The same on a GPU, in VRAM: chunk scratch, histograms and the caching allocator's rounding
 (measured on an H200: the clip-statistics merge on 256×256 tensors used 3.4 MiB above its
