@@ -34,7 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from splice.errors import SpliceError
-from splice.train.select import ID3Options, RDPOptions, SPTOptions
+from splice.select.run import ID3Options, RDPOptions, SPTOptions, run
 
 __all__ = ["SELECTOR_ROWS", "Selected", "prepare", "selector_plans"]
 
@@ -110,54 +110,38 @@ def prepare(
     steps: int,
 ) -> Selected:
     """Run the selector ``select`` (a plan's ``select`` entry) on ``model`` (frozen, in eval
-    mode) with ``batches()`` → (model inputs, labels) from the training split."""
-    from splice.adapters import inject
-
-    name, budget = select["name"], int(select["budget"])
-    if name == "rdp":
-        from splice.select import rdp
-
-        calib = [batches()[0] for _ in range(RDP.calibration)]
-        points = rdp.trajectory(model, calib, RDP.pooling)
-        chosen = rdp.select_layers(points, k=int(select["k"]))
-        inject(model, "lora", list(targets), layers=chosen["layers"], r=int(select["r"]),
-               alpha=float(select["alpha"]))  # fmt: skip
-        params = _trainable(model)
-        info = {"layers": chosen["layers"], "r": select["r"]}
-        return Selected(params, info, lambda: params)
-    from splice.select._common import matrix_sites
-
-    sites = matrix_sites(model)
-    if name == "spt":
-        from splice.select import spt
-
-        def loss(_: int) -> Tensor:
-            x, y = batches()
-            return nn.functional.cross_entropy(head(encoder.features(x, module=model)), y)
-
-        plan = spt.select(model, loss, budget, batches=SPT.batches, r=SPT.r, alpha=SPT.alpha,
-                          beta=SPT.beta)  # fmt: skip
-        spt.apply(model, plan, r=SPT.r)
-        params = _trainable(model)
-        info = {"lowrank": len(plan.lowrank), "sparse": len(plan.entries), "total": plan.total}
-        return Selected(params, info, lambda: params)
-    if name != "id3":
+    mode) with ``batches()`` → (model inputs, labels) from the training split, through
+    :func:`splice.select.run.run` (as ``splice train --select`` does)."""
+    name = select["name"]
+    if name not in SELECTOR_ROWS:
         raise SpliceError(f"unknown selector row {name!r}", fix=f"one of {sorted(SELECTOR_ROWS)}")
-    from splice.select.id3 import ID3, export
 
-    named = {f"{n}.weight": m.weight.requires_grad_(True) for n, (m, _) in sites.items()}
-    holder: dict[str, ID3] = {}
+    def loss(_: int) -> Tensor:
+        x, y = batches()
+        return nn.functional.cross_entropy(head(encoder.features(x, module=model)), y)
 
-    def wrap(opt: torch.optim.Optimizer) -> torch.optim.Optimizer:
-        horizon = max(1, steps // 2)
-        holder["opt"] = ID3(opt, named, budget, horizon, ID3_OPTIONS.eps, ID3_OPTIONS.exp)
-        return holder["opt"]
+    rdp = name == "rdp"  # its budget is K layers, its LoRA's rank and α the plan's
+    lora = {"r": int(select["r"]), "alpha": float(select["alpha"])} if rdp else {}
+    chosen = run(
+        name, {"spt": SPT, "rdp": RDP, "id3": ID3_OPTIONS}[name], model,
+        int(select["k"] if rdp else select["budget"]), loss=loss,
+        inputs=lambda _: batches()[0], adapter=("lora", list(targets), lora), steps=steps,
+    )  # fmt: skip
+    info = chosen.info
+    if name == "id3":
 
-    def finish() -> list[nn.Parameter]:
-        transposed = [n for n, (_, t) in sites.items() if t]
-        export(model, holder["opt"], transposed=transposed)
-        for w in named.values():
-            w.requires_grad_(False)
-        return _trainable(model)
+        def finish() -> list[nn.Parameter]:  # ID³ exports its entries as a sparse adapter
+            chosen.finish(model)
+            return _trainable(model)
 
-    return Selected(list(named.values()), {"horizon": max(1, steps // 2)}, finish, wrap)
+        return Selected(_trainable(model), {"horizon": info["horizon"]}, finish, chosen.wrap)
+    if rdp:
+        info = {"layers": info["layers"], "r": select["r"]}
+    else:
+        info = {
+            "lowrank": len(info["lowrank"]),
+            "sparse": len(info["entries"]),
+            "total": info["total"],
+        }
+    params = _trainable(model)
+    return Selected(params, info, lambda: params)
