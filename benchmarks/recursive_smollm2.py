@@ -9,7 +9,8 @@ training documents of at most ``--max-length`` tokens. Rows (K = ``--shared``, B
 - ``original``: SmolLM2-135M-Instruct (30 layers);
 - ``pruned``: K layers kept, every B-th (the equal-size baseline: same parameters as ``recursive``);
 - ``recursive``: K shared layers × B loops, stepwise init, no relaxation;
-- ``r<rank>``: average init, per-loop LoRA of that rank from the SVD of the residuals.
+- ``r<rank>``: average init, per-loop LoRA of that rank from the SVD of the residuals;
+  ``r<rank>-stepwise``: the same from the stepwise init.
 
 Every row is uptrained with ``splice train --method full --objective causal-lm`` (the one
 training loop: AdamW, linear warmup then decay) for the same steps, batch, documents and LR;
@@ -91,6 +92,12 @@ def row_names(ranks: list[int]) -> list[str]:
     return ["original", "pruned", "recursive", *(f"r{r}" for r in ranks)]
 
 
+def _lora_row(name: str) -> tuple[str, int]:
+    """``r8`` → average init, rank 8; ``r8-stepwise`` → stepwise init, rank 8."""
+    rank, _, init = name[1:].partition("-")
+    return init or "average", int(rank)
+
+
 def build(out: Path, source: str, k: int, names: list[str]) -> dict[str, Path]:
     """Each row's model dir; converts (from one load of the source) only the missing ones."""
     from splice.data.causal_lm import _smollm2_dir
@@ -111,7 +118,7 @@ def build(out: Path, source: str, k: int, names: list[str]) -> dict[str, Path]:
             pruned.save_pretrained(dirs[name])
             tok.save_pretrained(dirs[name])
         else:
-            init, rank = ("stepwise", 0) if name == "recursive" else ("average", int(name[1:]))
+            init, rank = ("stepwise", 0) if name == "recursive" else _lora_row(name)
             save_recursive(convert_recursive(model, k, init, rank), dirs[name], tok)
         print(f"  built {name}: {time.perf_counter() - start:.1f} s", flush=True)
     return dirs
@@ -274,7 +281,8 @@ def main() -> None:
             | {"max_length": args.max_length, "heldout": args.heldout},
         }
         print(f"  {name}: {results[name]} ({time.perf_counter() - start:.0f} s)", flush=True)
-        store.write_text(json.dumps(results, indent=1))
+        done = json.loads(store.read_text()) if store.is_file() else {}
+        store.write_text(json.dumps(done | {name: results[name]}, indent=1))
     report(results)
 
 
