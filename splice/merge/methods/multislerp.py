@@ -15,10 +15,10 @@ chunks, float64 sums) and the result in a second, without mergekit's stacked cop
 168M benchmark the two tools differ by up to 1.4e-4, which is mergekit's error: its float32
 ``torch.norm`` loses 2e-3 relative on the 32.8M-entry embedding (its formula with exact norms
 lands where splice does, within output rounding of the float64 formula;
-tests/merge/methods/test_spherical.py). ``mergekit_exact`` (set by mergekit recipes)
-reproduces mergekit's floats instead, bit for bit: its arithmetic in the inputs' dtype, whole-
-tensor ``torch.norm`` and dot-product reductions included, one input at a time rather than
-stacked (scratch: three tensors of the output's size, not 3N).
+tests/merge/methods/test_spherical.py). ``mergekit_norms`` (set by mergekit recipes) takes
+the norms as mergekit does, whole-vector float32 ``torch.norm`` — the only place its floats
+leave the formula — and so lands on mergekit's output to float32 rounding (one input's
+vector and the mean as scratch, not mergekit's 3N stacked copies).
 """
 
 from __future__ import annotations
@@ -45,11 +45,11 @@ __all__ = ["MultiSlerp"]
 class Params(HyperParams):
     normalize_weights: bool = Field(True, description="divide the weights by their sum")
     eps: float = Field(1e-8, gt=0, description="ε added to norms")
-    mergekit_exact: bool = Field(
+    mergekit_norms: bool = Field(
         False,
-        description="mergekit's floats bit for bit: its arithmetic in the inputs' dtype, with "
-        "float32 whole-tensor norms (off by ~2e-3 relative on 30M entries; mergekit "
-        "recipes set it)",
+        description="take ‖v_i‖ and ‖Σ w_i u_i‖ with torch's float32 whole-vector norm, as "
+        "mergekit does (it is off by ~2e-3 relative on 30M entries): mergekit's output to "
+        "float32 rounding (mergekit recipes set it)",
     )
 
 
@@ -57,12 +57,16 @@ class ModelParams(HyperParams):
     weight: float = Field(1.0, description="this model's weight")
 
 
-def _coefficients(g: Tensor, w: Tensor, eps: float, where: str) -> Tensor:
-    norms = g.diagonal().sqrt()
+def _coefficients(
+    g: Tensor, w: Tensor, eps: float, where: str, mergekit: tuple[Tensor, float] | None = None
+) -> Tensor:
+    """The result's coefficients on the inputs' vectors, from their Gram matrix ``g``;
+    ``mergekit`` gives the input norms and ‖Σ w_i u_i‖ as mergekit takes them instead."""
+    norms = g.diagonal().sqrt() if mergekit is None else mergekit[0]
     if float(w @ norms) == 0:  # every input is zero (a tensor no fine-tune changed)
         return torch.zeros_like(w)
     c = w / (norms + eps)  # Σ c_i v_i = Σ w_i u_i
-    mean_norm = float(c @ g @ c).__abs__() ** 0.5
+    mean_norm = float(c @ g @ c).__abs__() ** 0.5 if mergekit is None else mergekit[1]
     if mean_norm < eps:
         if len(w) == 2:
             return w
@@ -78,53 +82,27 @@ def _coefficients(g: Tensor, w: Tensor, eps: float, where: str) -> Tensor:
     return float(w @ norms) * (m * math.cos(tn) + a * (math.sin(tn) / tn))
 
 
-def _mergekit_floats(
-    base: Tensor | None, tensors: list[Tensor], weights: list[float], params: Params, where: str
-) -> Tensor:
-    """mergekit's ``multislerp`` as it computes it: every step in the inputs' dtype, the same
-    reductions (``torch.norm`` of a whole vector, ``sum`` of a whole product), so the same
-    bits. Each input's vector and unit vector are recomputed where mergekit reads its stacked
-    copies (the same operations give the same floats)."""
-    dtype, eps = tensors[0].dtype, params.eps
-    w = torch.tensor(weights, dtype=dtype)
-    if params.normalize_weights:
-        w = w / w.sum()
+def _mergekit_norms(
+    base: Tensor | None, tensors: list[Tensor], w: Tensor, eps: float
+) -> tuple[Tensor, float]:
+    """‖v_i‖ and ‖Σ w_i v_i/(‖v_i‖ + ε)‖ with ``torch.norm`` on whole float32 vectors, as
+    mergekit takes them. torch's CPU kernel loses accuracy with length (2e-3 relative at 33M
+    entries) while its ``sum`` does not, so these four norms are where mergekit's output
+    departs from the formula; its other reductions agree with the Gram matrix's to float32
+    rounding. Scratch: one vector and the mean."""
     flat_base = None if base is None else base.reshape(-1)
+    buf = None if base is None else torch.empty_like(flat_base)  # one v_i at a time
 
-    def vector(i: int) -> Tensor:
-        t = tensors[i].reshape(-1)
-        return t if flat_base is None else t - flat_base
+    def vector(t: Tensor) -> Tensor:
+        t = t.reshape(-1)
+        return t if flat_base is None else torch.sub(t, flat_base, out=buf)
 
-    norms = torch.stack([torch.norm(vector(i)) for i in range(len(tensors))])
-    if float((norms * w).sum()) == 0:  # every input is zero: the base, where mergekit raises
-        return tensors[0].new_zeros(tensors[0].shape) if base is None else base.clone()
-
-    def unit(i: int) -> Tensor:
-        return vector(i) / (norms[i] + eps)
-
-    mean = (unit(0) * w[0]).add_(unit(1) * w[1])  # sum(0) of the stacked rows, in order
-    for i in range(2, len(tensors)):
-        mean.add_(unit(i) * w[i])
-    mean_norm = torch.norm(mean)
-    if mean_norm < eps:
-        if len(tensors) > 2:
-            raise SpliceError(
-                "the weighted unit vectors cancel out (antipodal inputs with balancing weights)",
-                where=where,
-                fix="use different weights for these models",
-            )
-        res = vector(0) * w[0] + vector(1) * w[1]
-    else:
-        mean = mean / mean_norm
-        tangent = torch.zeros_like(mean)
-        for i in range(len(tensors)):
-            u = unit(i)
-            tangent.add_(u.sub_((u * mean).sum() * mean).mul_(w[i]))
-            del u
-        tn = torch.norm(tangent) + eps
-        res = mean.mul_(torch.cos(tn)).add_(tangent.mul_(torch.sin(tn) / tn))
-        res.mul_((norms * w).sum())
-    return (res if flat_base is None else res.add_(flat_base)).view_as(tensors[0])
+    norms = torch.tensor([float(torch.norm(vector(t))) for t in tensors], dtype=torch.float64)
+    c = (w / (norms + eps)).tolist()
+    mean = torch.zeros(tensors[0].numel(), dtype=tensors[0].dtype)
+    for t, ci in zip(tensors, c, strict=True):
+        mean.add_(vector(t), alpha=ci)
+    return norms, float(torch.norm(mean))
 
 
 @methods.register("multislerp")
@@ -145,8 +123,8 @@ class MultiSlerp(MergeMethod):
         return 0.1
 
     def scratch_for(self, num_models: int, params: HyperParams) -> float:
-        exact = isinstance(params, Params) and params.mergekit_exact
-        return 5.0 if exact else 0.1  # mergekit's floats: mean, tangent, a unit, products
+        norms = isinstance(params, Params) and params.mergekit_norms
+        return 2.1 if norms else 0.1  # mergekit's norms: one input's vector and the mean
 
     def merge(
         self,
@@ -158,11 +136,9 @@ class MultiSlerp(MergeMethod):
     ) -> Tensor:
         if len(tensors) == 1:
             return tensors[0]
-        if params.mergekit_exact:
-            weights = [mp.weight for mp in model_params]
-            return _mergekit_floats(base, tensors, weights, params, ctx.name)
         w = torch.tensor([mp.weight for mp in model_params], dtype=torch.float64)
         if params.normalize_weights:
             w = w / w.sum()
-        coefs = _coefficients(gram(tensors, base)[0], w, params.eps, ctx.name)
+        mk = _mergekit_norms(base, tensors, w, params.eps) if params.mergekit_norms else None
+        coefs = _coefficients(gram(tensors, base)[0], w, params.eps, ctx.name, mk)
         return linear_combination_(base, tensors, coefs.tolist())

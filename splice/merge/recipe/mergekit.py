@@ -132,7 +132,7 @@ _MERGEKIT = {
     ),
     # mergekit 0.1.5's other methods: splice's files of the same names (issue #31)
     "sce": _Alias("sce", {"mergekit_exact": True}),
-    "multislerp": _Alias("multislerp", {"mergekit_exact": True}),
+    "multislerp": _Alias("multislerp", {"mergekit_norms": True}),
     **{m: _Alias(m) for m in ("model_stock", "nearswap", "arcee_fusion")},
     **{m: _Alias(m) for m in ("nuslerp", "breadcrumbs", "ram")},
     "breadcrumbs_ties": _Alias("breadcrumbs", {"consensus": "ties"}),

@@ -144,7 +144,7 @@ def _mergekit_methods(base: str, fts: list[str]) -> dict[str, dict]:
         "ram": {"plus": True, "epsilon": 0.01},
     }
     out = {m: {"method": m, "base": base, "models": fts, "params": p} for m, p in with_base.items()}
-    out["multislerp_mergekit"] = {**out["multislerp"], "params": {"mergekit_exact": True}}
+    out["multislerp_mergekit"] = {**out["multislerp"], "params": {"mergekit_norms": True}}
     out["karcher"] = {"method": "karcher", "models": fts}
     out["nuslerp"] = {"method": "nuslerp", "base": base, "models": fts[:2]}
     out["nuslerp_rows"] = {**out["nuslerp"], "params": {"nuslerp_flatten": False}}

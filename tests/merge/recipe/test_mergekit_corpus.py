@@ -118,7 +118,7 @@ MAPPINGS = {
     ),
     "sce": ({"select_topk": 0.5}, None, "sce", {"select_topk": 0.5, "mergekit_exact": True}, None),
     "model_stock": ({}, None, "model_stock", {}, None),
-    "multislerp": ({}, {}, "multislerp", {"mergekit_exact": True}, {}),
+    "multislerp": ({}, {}, "multislerp", {"mergekit_norms": True}, {}),
     "ram": ({}, None, "ram", {}, None),
     "ramplus_tl": ({"epsilon": 0.01}, None, "ram", {"plus": True, "epsilon": 0.01}, None),
 }
