@@ -7,6 +7,8 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# the input digest cache (splice.io._hash.DigestCache) is off unless a test turns it on
+os.environ["SPLICE_DIGEST_CACHE"] = "off"
 
 
 def spy_hashed_files(monkeypatch, module) -> list:

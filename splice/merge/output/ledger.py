@@ -11,13 +11,14 @@ recipe and inputs give the same bytes.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from splice.errors import SpliceError
-from splice.io._hash import FollowHasher, hash_files
+from splice.io._hash import DigestCache, FollowHasher, hash_files
 
 if TYPE_CHECKING:
     from splice.merge.engine import Checked, MergeJob, Source, TensorTask
@@ -69,18 +70,31 @@ class StreamHasher:
     (:class:`~splice.io._hash.FollowHasher`): the merge never waits for a hash and does not
     read its inputs from disk twice. A file read out of order, or not completely, is hashed
     from disk at the end; the digest is the same either way. ``MergeJob.check_unchanged``
-    confirms afterwards that no input changed during the merge.
+    confirms afterwards that no input changed during the merge. A file whose digest ``cache``
+    (:class:`~splice.io._hash.DigestCache`) still trusts is not hashed at all, and the digests
+    computed here are remembered in it.
     """
 
-    def __init__(self, sources: Iterable[Source]) -> None:
+    def __init__(self, sources: Iterable[Source], cache: DigestCache | None = None) -> None:
         self._follow = FollowHasher()
+        self._cache = cache
+        self._started = time.time_ns()
+        self._before: dict[Path, list[int] | None] = {}
+        self._known: dict[Path, str] = {}
         for src in sources:
+            files = input_files(src)
+            for path in files if cache is not None else ():
+                if (digest := cache.get(path)) is not None:
+                    self._known[path] = digest
+                else:
+                    self._before[path] = cache.stamp(path)
             infos = getattr(src.weights, "infos", None)
             if infos is None or not any(src.weights is c for c in src.checkpoints):
                 continue
             starts: dict[Path, int] = {}
             for info in infos():
-                starts[info.file] = min(starts.get(info.file, info.offset), info.offset)
+                if info.file not in self._known:
+                    starts[info.file] = min(starts.get(info.file, info.offset), info.offset)
             for path, start in starts.items():
                 self._follow.track(path, ready=start)  # the header: hashed at once
 
@@ -89,17 +103,24 @@ class StreamHasher:
         self._follow.advance(info.file, info.offset, info.nbytes)
 
     def digests(self, paths: Iterable[Path]) -> dict[str, str]:
-        """``{file name: sha256}`` for ``paths``, from the stream where it covered the file."""
-        out, rest = {}, []
+        """``{file name: sha256}`` for ``paths``, from the cache, else from the stream where it
+        covered the file, else read from disk."""
+        rest: list[Path] = []
+        found: dict[Path, str] = {}
         for p in paths:
-            digest = self._follow.digest(p, p.stat().st_size)
+            digest = self._known.get(p) or self._follow.digest(p, p.stat().st_size)
             if digest is None:
                 rest.append(p)
             else:
-                out[p.name] = digest
+                found[p] = digest
         self._follow.close()
-        out.update({Path(k).name: v for k, v in hash_files(rest).items()})
-        return dict(sorted(out.items()))
+        found.update({Path(k): v for k, v in hash_files(rest).items()})
+        if self._cache is not None:
+            for p, digest in found.items():
+                if p in self._before:
+                    self._cache.put(p, self._before[p], self._started, digest)
+            self._cache.save()
+        return dict(sorted((p.name, d) for p, d in found.items()))
 
 
 def input_files(src: Source) -> list[Path]:

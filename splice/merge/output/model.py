@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from splice.io import CheckpointWriter
-from splice.io._hash import hash_files
+from splice.io._hash import DigestCache, hash_files
 from splice.io.writer import AUX_FILES
 from splice.merge.engine import Checked, MergeJob, MergeOptions, Source, execute
 from splice.merge.output.fidelity import OutputCheck
@@ -50,8 +50,8 @@ def write_model(
     ref_dir = getattr(ref.weights, "dir", None)
     files_from = _tokenizer_dir(job, checked) or ref_dir
     inputs = recipe.input_paths()
-    hasher = StreamHasher(job.sources() if checksums else [])
-    job.on_read = hasher.feed if checksums else None
+    hasher = StreamHasher(job.sources(), DigestCache.default()) if checksums else None
+    job.on_read = hasher.feed if hasher is not None else None
     check_output = OutputCheck()
     with CheckpointWriter(
         out,
@@ -81,7 +81,9 @@ def write_model(
         job.check_unchanged()
         outputs = _output_hashes(writer, files_from, added, checksums)
         digests = {
-            s.label: hasher.digests(input_files(s)) if checksums else unhashed(input_files(s))
+            s.label: hasher.digests(input_files(s))
+            if hasher is not None
+            else unhashed(input_files(s))
             for s in job.sources()
         }
         ledger = build_ledger(

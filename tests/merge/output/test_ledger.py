@@ -193,3 +193,35 @@ def test_checksums_can_be_turned_off(disk, tmp_path):
     assert set(ledger["outputs"]) >= {"model.safetensors", "config.json"}
     assert not any(ledger["outputs"].values())
     assert not any(v for i in ledger["inputs"] for v in i["files"].values())
+
+
+def test_digest_cache_skips_unchanged_inputs_and_rehashes_changed_ones(tmp_path, monkeypatch):
+    import splice.io._hash as hash_module
+    import splice.merge.output.ledger as ledger_module
+    from tests.conftest import spy_hashed_files
+
+    monkeypatch.setenv("SPLICE_DIGEST_CACHE", str(tmp_path / "sha.json"))
+    monkeypatch.setattr(hash_module, "_QUIET_NS", 0)  # the fixtures were written just now
+    base = {k: v for k, v in tiny_llama(0).items() if k != "model.steps"}
+    save(base, tmp_path / "base", shard=2000)
+    save(finetune(base, 1), tmp_path / "ft", shard=2000)
+    recipe = {"method": "ties", "base": str(tmp_path / "base"), "models": [str(tmp_path / "ft")]}
+    cold = merge(recipe, tmp_path / "cold")
+    tracked: list[Path] = []
+    track = hash_module.FollowHasher.track
+    monkeypatch.setattr(
+        hash_module.FollowHasher, "track", lambda s, p, ready=0: tracked.append(p) or track(s, p)
+    )
+    from_disk = spy_hashed_files(monkeypatch, ledger_module)
+    warm = merge(recipe, tmp_path / "warm")
+    assert not tracked and not from_disk  # every input digest came from the cache
+    ledger = (warm / "splice-ledger.json").read_bytes()
+    assert ledger == (cold / "splice-ledger.json").read_bytes()
+    shard = sorted((tmp_path / "ft").glob("*.safetensors"))[0]
+    shard.write_bytes(shard.read_bytes())  # the same bytes, a new ctime: not trusted any more
+    again = merge(recipe, tmp_path / "again")
+    assert tracked == [shard]
+    assert (again / "splice-ledger.json").read_bytes() == ledger
+    for entry in json.loads(ledger)["inputs"]:
+        folder = Path(entry["path"])
+        assert all(_hash(folder / f) == h for f, h in entry["files"].items())
