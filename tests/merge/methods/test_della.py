@@ -19,7 +19,7 @@ def della_ref(base, fts, densities, eps, weights, *, seed, name, rescale, ties, 
         tau = (ft - base).double()
         rows = tau.reshape(1, -1) if tau.dim() < 2 else tau
         n = rows.shape[1]
-        ranks = rows.abs().argsort(dim=1).argsort(dim=1).double()
+        ranks = rows.abs().argsort(dim=1, stable=True).argsort(dim=1).double()
         p = (d - eps) + ranks / (n - 1) * 2 * eps
         keep = (torch.rand(rows.shape, generator=gen).double() < p).double()
         kept = rows * keep
@@ -77,6 +77,22 @@ def test_matches_the_reference_draw(params):
         lam=params.get("lambda", 1.0),
     )
     torch.testing.assert_close(got, ref, atol=2e-6, rtol=0)
+
+
+@pytest.mark.parametrize("shape", [(40, 300), (700,), (6, 50, 3)])
+def test_equal_magnitudes_rank_by_index_as_a_stable_argsort(shape):
+    """Ranks of |τ| with many ties (a few distinct magnitudes, both signs) are those of
+    ``argsort(stable=True)`` along dim 1: a tie goes to the lower index, on the float32 fast
+    path (sorted int64 keys) and on the others (float64; trailing dims)."""
+    from splice.merge.methods.della import _rank_order
+
+    g = torch.Generator().manual_seed(3)
+    levels = torch.tensor([0.0, 1e-3, 2e-3, 0.5])
+    tau = levels[torch.randint(0, 4, shape, generator=g)] * (torch.randint(0, 2, shape) * 2 - 1)
+    rows = tau.reshape(1, -1) if tau.dim() < 2 else tau.reshape(tau.shape[0], tau.shape[1], -1)
+    for dtype in (torch.float32, torch.float64):
+        block = rows.to(dtype)
+        assert torch.equal(_rank_order(block), block.abs().argsort(dim=1, stable=True))
 
 
 def test_magprune_statistics():
