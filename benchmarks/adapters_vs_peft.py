@@ -10,8 +10,10 @@ for peft's side too). Every side runs in its own child process (fresh allocator,
 ``ru_maxrss``), one after another; ``--repeats`` interleaves several rounds and takes medians;
 ``--paired`` alternates the sides' steps in one process for time ratios that hold on a loaded
 machine. The step time is the median of ``--steps`` timed steps after ``--warmup``
-untimed ones. Every method peft has runs on both sides with the same settings (so the same
-trainable counts): LoRA, DoRA, LoHa, LoKr (r=8, alpha=16), VeRA (r=256), OFT (blocks of 32) on
+untimed ones; ``--paired`` also prints, per method, the median over steps of splice's step i
+against peft's step i (taken back to back, so a load that drifts over a run cancels). Every
+method peft has runs on both sides with the same settings (so the same trainable counts):
+LoRA, DoRA, LoHa, LoKr (r=8, alpha=16), VeRA (r=256), OFT (blocks of 32) on
 query/value, AdaLoRA (r=12; the step alone: peft allocates ranks and adds its regulariser
 outside it), IA³ on key/value/FFN-out (scaling that output's input); each splice side is
 reported against its peft side. NOLA, MoS, MoLA, EPT, Bi-LoRA (1-bit), Queryable LoRA and
@@ -180,6 +182,7 @@ def child(sides: list[str], args: argparse.Namespace) -> list[dict]:
     gpu = torch.cuda.max_memory_allocated() / 2**20 if args.device.startswith("cuda") else None
     return [
         {"side": side, "median_s": statistics.median(ts), "min_s": min(ts), "steps": steps,
+         "times_s": ts,
          "peak_rss_mb": rss, "peak_gpu_mb": gpu, "trainable": built[side][1],
          "threads": torch.get_num_threads(), "device": args.device}
         for side, ts in times.items()
@@ -288,6 +291,13 @@ def main() -> None:
             out += f" (GPU {r['peak_gpu_mb'] / ref['peak_gpu_mb']:.3f}×)"
         return out
 
+    def per_step(ours: dict, theirs: dict) -> str:  # --paired: step i of one against the other's
+        if not args.paired:
+            return ""
+        ratios = [a / b for r, t in zip(ours["runs"], theirs["runs"], strict=True)
+                  for a, b in zip(r["times_s"], t["times_s"], strict=True)]  # fmt: skip
+        return f"   (median of per-step ratios {statistics.median(ratios):.3f}×)"
+
     pairs = [m for m in PEFT_METHODS if f"splice-{m}" in results and f"peft-{m}" in results]
     if pairs:
         print("\nsplice / peft, same method:  step time   peak RSS   trainable (splice vs peft)")
@@ -295,7 +305,7 @@ def main() -> None:
         ours, theirs = results[f"splice-{m}"], results[f"peft-{m}"]
         print(
             f"  {m:6s}{ours['median_s'] / theirs['median_s']:24.3f}×{rss(ours, theirs):>11s}"
-            f"   {ours['trainable']:,} vs {theirs['trainable']:,}"
+            f"   {ours['trainable']:,} vs {theirs['trainable']:,}{per_step(ours, theirs)}"
         )
     ours, theirs = results.get("splice-prefix_nomlp"), results.get("peft-prefix")
     if ours and theirs:
