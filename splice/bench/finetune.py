@@ -157,17 +157,19 @@ def train(
     on_step: Callable[[int, float], None] | None = None,
     options: Mapping[str, Any] | None = None,
     select: Mapping[str, Any] | None = None,
+    prepared: Any | None = None,
 ) -> Trained:
     """Train ``cfg.steps`` AdamW steps on shuffled train batches; the backbone stays in eval
     mode (no dropout, frozen BatchNorm statistics). ``options``: the adapter's (default:
     ``cfg``'s r and alpha where the method has them). ``select``: a selector row's settings
-    (:mod:`splice.bench.peft_select`) that decide what trains instead of ``cfg.finetune``."""
+    (:mod:`splice.bench.peft_select`) that decide what trains instead of ``cfg.finetune``.
+    ``prepared``: ``encoder.prepare(data.train.x)`` when the caller keeps it across runs."""
     device = next(encoder.module.parameters()).device
     torch.manual_seed(seed)
     model = copy.deepcopy(encoder.module)
     model.requires_grad_(False)
     targets = cfg.targets or encoder.default_targets
-    prepared = encoder.prepare(data.train.x)
+    prepared = encoder.prepare(data.train.x) if prepared is None else prepared
     labels = torch.as_tensor(data.train.y, device=device)
     chosen = None
     if select is None:

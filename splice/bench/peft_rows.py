@@ -93,8 +93,8 @@ def _saved_bytes(key: str, model: nn.Module, head: nn.Module) -> int:
 
 
 def _accuracy(encoder: Any, prepared: Any, labels: np.ndarray, module: Any, head: Any, bs: int):
-    feats = _features(encoder, prepared, None, bs, module)
-    with torch.inference_mode():
+    with torch.no_grad():  # no graph (and no saved activations) through the trained parameters
+        feats = _features(encoder, prepared, None, bs, module)
         pred = head(feats.to(next(head.parameters()).device)).argmax(-1).cpu().numpy()
     return float((pred == labels).mean())
 
@@ -106,14 +106,18 @@ class Task:
         self.encoder, self.data, self.cfg = group.encoder, group.data[name], cfg
         self.val, self.test = group.val[name], group.test[name]
         self.frozen: dict[str, Tensor] = {}
+        self._train_x: Any = None
+
+    @property
+    def train_x(self) -> Any:
+        """The train split through ``encoder.prepare`` (tokenised once per task, not per run)."""
+        if self._train_x is None:
+            self._train_x = self.encoder.prepare(self.data.train.x)
+        return self._train_x
 
     def feats(self, split: str) -> Tensor:
         if split not in self.frozen:
-            x = (
-                self.encoder.prepare(self.data.train.x)
-                if split == "train"
-                else getattr(self, split)
-            )
+            x = self.train_x if split == "train" else getattr(self, split)
             self.frozen[split] = _features(self.encoder, x, None, self.cfg.eval_batch_size)
         return self.frozen[split]
 
@@ -128,7 +132,7 @@ class Task:
             ft = FinetuneConfig(finetune=method, steps=cfg.steps, batch_size=cfg.batch_size,
                                 lr=lr, head_lr=head_lr)  # fmt: skip
             trained = train(self.encoder, self.data, ft, seed, options=plan.get("options", {}),
-                            select=plan.get("select"))  # fmt: skip
+                            select=plan.get("select"), prepared=self.train_x)  # fmt: skip
         state, params = trained.state, {id(p): p for p in trained.params}
         return {
             "selection": trained.selection,

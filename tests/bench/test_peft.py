@@ -49,7 +49,7 @@ def _rows(results, key):
     return [r for r in results["rows"] if r["key"] == key]
 
 
-def test_tiny_run_writes_all_three_files_and_repeats_from_cache(tiny, tmp_path):
+def test_tiny_run_writes_all_three_files_and_repeats_from_cache(tiny, tmp_path, monkeypatch):
     first = run_peft(_config(tiny, methods=("lora", "nola", "mos")))
     assert [r["key"] for r in first["rows"]] == ["probe", "lora", "nola", "mos", "full"] * 2
     for r in _rows(first, "mos"):  # r=8 needs more layers per pool than the tiny BERT's 2
@@ -93,6 +93,15 @@ def test_tiny_run_writes_all_three_files_and_repeats_from_cache(tiny, tmp_path):
     again = run_peft(_config(tiny, methods=("lora", "nola", "mos")))
     assert all(r["cached"] for r in again["rows"] if r["key"] != "mos")
     assert [r.get("acc") for r in again["rows"]] == [r.get("acc") for r in first["rows"]]
+
+    # a re-run on an empty cache trains every row again and repeats every number
+    monkeypatch.setenv("SPLICE_CACHE", str(tmp_path / "fresh"))
+    fresh = run_peft(_config(tiny, methods=("lora", "nola", "mos")))
+    assert not any(r.get("cached") for r in fresh["rows"])
+    fields = ("status", "lr", "val", "acc", "head_lr", "adapter_params", "head_params")
+    assert [[r.get(f) for f in fields] for r in fresh["rows"]] == [
+        [r.get(f) for f in fields] for r in first["rows"]
+    ]
 
 
 class _Broken(LoRA):
