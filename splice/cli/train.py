@@ -23,8 +23,8 @@ def train(
         typer.Option(
             help="Adapter method (adalora, biadaptformer, bilora, dora, ept, houlsby, ia3, "
             "loha, lokr, lora, mam, mola, mos, nola, oft, parallel, prefix, prefix_nomlp, "
-            "prompt, ptuning, querylora, ramt, scaled_parallel, sparse, vera), 'full', or 'head'"
-            " (linear probe: only the new classification head trains)."
+            "prompt, ptuning, querylora, ramt, sappa, scaled_parallel, sparse, vera), 'full', or"
+            " 'head' (linear probe: only the new classification head trains)."
         ),
     ] = "lora",
     targets: Annotated[
