@@ -26,13 +26,20 @@ def search(
     batch_size: Annotated[int, typer.Option(help="Examples per batch.")] = 16,
     lr: Annotated[float | None, typer.Option(help="Adapter learning rate (default 5e-4).")] = None,
     max_length: Annotated[int, typer.Option(help="Tokens per example.")] = 64,
-    max_log2_rank: Annotated[int, typer.Option(help="Largest LoRA rank is 2^this.")] = 5,
+    space: Annotated[
+        str,
+        typer.Option(
+            help="Search space: sappa (serial/parallel/prefix sizes × per-layer leave-out, the "
+            "paper's) or lora (LoRA rank × module groups × layers)."
+        ),
+    ] = "sappa",
+    max_log2_rank: Annotated[int, typer.Option(help="Largest LoRA rank is 2^this (lora).")] = 5,
     seed: Annotated[int, typer.Option(help="Seed of the sampler and of every trial.")] = 0,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
-    """Search LoRA configurations (rank, module groups, layers) for accuracy vs parameter
-    share (AutoPEFT with Optuna); the hand configurations LoRA r=8 q,v and all-linear are the
-    first trials. Rerun with the same --study to continue a stopped search."""
+    """Search PEFT configurations for accuracy vs parameter share (AutoPEFT with Optuna): the
+    paper's serial/parallel/prefix space or LoRA's; the hand configurations LoRA r=8 q,v and
+    all-linear are the first trials. Rerun with the same --study to continue a stopped search."""
     from splice.errors import SpliceError
     from splice.train.search import run_search
 
@@ -41,10 +48,14 @@ def search(
     train = {"steps": steps, "batch_size": batch_size, "lr": lr, "max_length": max_length}
     report = run_search(
         model, data, study, trials=trials, minutes=minutes, train=train, seed=seed,
-        max_log2_rank=max_log2_rank,
+        max_log2_rank=max_log2_rank, space=space,
     )  # fmt: skip
     if as_json:
         print_json(report)
         return
     typer.echo((study / "front.md").read_text(), nl=False)
+    for row in report["hand"]:
+        by = row["dominated_by"]
+        said = f"dominated by trial {', '.join(map(str, by))}" if by else "not dominated"
+        typer.echo(f"hand trial {row['trial']} ({row['configuration']}): {said}")
     typer.echo(f"wrote {study}/front.md, front.json, front.png, front.sh")

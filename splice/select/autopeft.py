@@ -3,9 +3,10 @@
 A configuration is a flat integer vector over a :class:`Space` (sizes in log₂ steps, one
 leave-out bit per layer, §22.2 P12); :meth:`Space.encode`/:meth:`Space.decode` convert.
 :func:`sappa` is the paper's serial + parallel + prefix space with its parameter-share formula
-(:func:`sappa_share`); :func:`lora_space` is the space splice can train today (one LoRA rank,
-which module groups, which layers), and holds the usual hand configurations (LoRA r=8 on q,v;
-on every linear layer) as points.
+(:func:`sappa_share`), trained as the ``sappa`` adapter (:func:`sappa_options` gives its
+options and layers, :func:`sappa_count` its exact trainable count); :func:`lora_space` is one
+LoRA rank, which module groups and which layers, and holds the usual hand configurations
+(LoRA r=8 on q,v; on every linear layer) as points.
 
 :func:`search` maximises validation accuracy and minimises the parameter share with Optuna's
 multi-objective TPE sampler instead of the paper's SAAS-GP + qNEHVI (BoTorch): Optuna is a
@@ -30,8 +31,11 @@ __all__ = [
     "Space",
     "TrialResult",
     "lora_space",
+    "open_study_dir",
     "pareto_front",
     "sappa",
+    "sappa_count",
+    "sappa_options",
     "sappa_share",
     "search",
     "size_from_log2",
@@ -107,6 +111,25 @@ def sappa_share(space: Space, config: dict[str, int], total: int) -> float:
     return 100.0 * active * 2 * d * sizes / total
 
 
+def sappa_options(space: Space, config: dict[str, int]) -> tuple[dict[str, int], list[int]]:
+    """The ``sappa`` adapter's options (``serial``, ``parallel``, ``prefix`` sizes; 0 = the
+    module is absent) and the kept layers of a configuration of :func:`sappa`."""
+    d, n_layers = space.meta["d"], space.meta["n_layers"]
+    sizes = {k: size_from_log2(config[f"log2_reduction_{k}"], d)
+             for k in ("serial", "parallel", "prefix")}  # fmt: skip
+    return sizes, [i for i in range(n_layers) if not config[f"leave_out_{i}"]]
+
+
+def sappa_count(space: Space, config: dict[str, int]) -> int:
+    """Trainable parameters of the ``sappa`` adapter for ``config`` on a model of width d:
+    :func:`sappa_share`'s ``2d·(s_ser + s_par + l_pre)`` per kept layer plus each present
+    bottleneck's biases (``s + d``)."""
+    d = space.meta["d"]
+    sizes, layers = sappa_options(space, config)
+    biases = sum(s + d for k, s in sizes.items() if k != "prefix" and s)
+    return len(layers) * (2 * d * sum(sizes.values()) + biases)
+
+
 def lora_space(n_layers: int, groups: dict[str, list[str]], max_log2_rank: int = 5) -> Space:
     """One LoRA rank 2^k (k ≤ ``max_log2_rank``), a use bit per module group (name → target
     suffixes) and a leave-out bit per layer: the configurations ``splice train`` runs."""
@@ -135,7 +158,13 @@ def pareto_front(results: list[TrialResult]) -> list[TrialResult]:
     return sorted(front, key=lambda r: (r.share, -r.accuracy, r.number))
 
 
-def _open_dir(study_dir: Path, space: Space) -> None:
+def open_study_dir(study_dir: str | Path, space: Space) -> None:
+    """Make ``study_dir`` for ``space``, or check that it was made for it.
+
+    Raises:
+        SpliceError: the dir holds a study of another space (naming both).
+    """
+    study_dir = Path(study_dir)
     path = study_dir / SPACE_FILE
     if path.is_file():
         saved = json.loads(path.read_text())
@@ -145,7 +174,8 @@ def _open_dir(study_dir: Path, space: Space) -> None:
                 f"{len(saved.get('dims', []))} dims; this search: {space.name!r}, "
                 f"{len(space.dims)} dims)",
                 where=str(study_dir),
-                fix="use a new --study dir, or the search settings it was made with",
+                fix=f"use a new --study dir, or the settings it was made with (--space "
+                f"{saved.get('name')})",
             )
         return
     study_dir.mkdir(parents=True, exist_ok=True)
@@ -177,7 +207,7 @@ def search(
     if trials < 1:
         raise SpliceError(f"trial budget {trials} must be ≥ 1")
     study_dir = Path(study_dir)
-    _open_dir(study_dir, space)
+    open_study_dir(study_dir, space)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     # the heartbeat marks a trial of a killed run as failed once it stops beating: it is
     # not counted, and the run continues from the finished ones

@@ -1,31 +1,51 @@
-"""``splice search``: AutoPEFT (:mod:`splice.select.autopeft`) over the LoRA configurations
-``splice train`` runs, scored on held-out data; writes the Pareto front.
+"""``splice search``: AutoPEFT (:mod:`splice.select.autopeft`) scored on held-out data; writes
+the Pareto front.
 
-Each trial is one ``splice train`` run (LoRA of rank 2^k on the chosen module groups of the
-chosen layers) in ``STUDY/trials/<config>``; accuracy is on the bench task's ``val`` split
-(or the held-out share of a CSV), never on test. The hand configurations LoRA r=8 on q,v and
-on every linear layer are the first trials of a new study, so the front is compared with them.
-Outputs in the study dir: ``front.md`` (every trial, the front marked), ``front.json``,
-``front.png`` (accuracy vs parameter share, the front drawn) and ``front.sh`` (the front as
-``splice train`` command lines).
+Two spaces (``space``): ``"sappa"`` (default, the paper's: serial/parallel/prefix sizes and a
+leave-out bit per layer, each trial a ``splice train --method sappa`` run) and ``"lora"`` (one
+LoRA rank 2^k on chosen module groups of chosen layers). Each trial trains in
+``STUDY/trials/<config>``; accuracy is on the bench task's ``val`` split (or the held-out share
+of a CSV), never on test. The hand configurations LoRA r=8 on q,v and on every linear layer are
+the first trials of a new study: inside the LoRA space they are points of the space (the front
+dominates or contains them); in a SAPPA study they train through the LoRA path, are kept in
+``hand.json`` (resumable, counted in the trial budget) and are compared with the front of the
+SAPPA trials, which is computed without them. A SAPPA configuration with no module (every size
+0, or every layer left out) trains the classification head alone (``--method head``, share 0:
+the front's anchor); the ``sappa`` adapter itself refuses it. Outputs in the study dir:
+``front.md`` (every trial, the front marked), ``front.json``, ``front.png`` (accuracy vs
+parameter share, the front drawn) and ``front.sh`` (the front as ``splice train`` command
+lines).
 """
 
 from __future__ import annotations
 
 import json
 import shlex
+import time
 from pathlib import Path
 from typing import Any
 
 from splice.errors import SpliceError
-from splice.select.autopeft import Space, TrialResult, lora_space, pareto_front, search
+from splice.select.autopeft import (
+    Space,
+    TrialResult,
+    lora_space,
+    open_study_dir,
+    pareto_front,
+    sappa,
+    sappa_options,
+    search,
+)
 
-__all__ = ["run_search"]
+__all__ = ["SPACES", "run_search"]
+
+SPACES = ("sappa", "lora")
+HAND_FILE = "hand.json"
 
 
-def _groups(model_dir: Path) -> tuple[dict[str, list[str]], int, int, list[str]]:
-    """Module groups (leaf names of the Linear/Conv1D layers in the stack), layers, |θ| of
-    the backbone, and the model type's default LoRA targets (q,v for BERT)."""
+def _model_facts(model_dir: Path) -> dict[str, Any]:
+    """Module groups (leaf names of the Linear/Conv1D layers in the stack), layers, width d,
+    |θ| of the backbone, and the model type's default targets (q,v for BERT)."""
     import torch
     import transformers
 
@@ -36,19 +56,30 @@ def _groups(model_dir: Path) -> tuple[dict[str, list[str]], int, int, list[str]]
     with torch.device("meta"):  # shapes only
         model = transformers.AutoModel.from_config(config)
     leaves = sorted({name.rsplit(".", 1)[-1] for name in matrix_sites(model)})
-    total = sum(p.numel() for p in model.parameters())
-    default = DEFAULT_TARGETS.get(config.model_type, [])
-    return {leaf: [leaf] for leaf in leaves}, layer_count(model), total, default
+    return {
+        "groups": {leaf: [leaf] for leaf in leaves},
+        "n_layers": layer_count(model),
+        "d": int(config.hidden_size),
+        "total": sum(p.numel() for p in model.parameters()),
+        "default": DEFAULT_TARGETS.get(config.model_type, []),
+    }
 
 
-def _train_args(space: Space, config: dict[str, int]) -> dict[str, Any] | None:
+def _train_args(space: Space, config: dict[str, int], targets: list[str]) -> dict[str, Any] | None:
+    """``splice train`` options of a configuration (None: it adapts nothing)."""
+    if space.name == "sappa":
+        sizes, layers = sappa_options(space, config)
+        if not any(sizes.values()) or not layers:  # no module: the head alone trains
+            return {"method": "head", "targets": [], "layers": [], "adapter": {}}
+        return {"method": "sappa", "targets": targets, "layers": layers, "adapter": sizes}
     groups, n_layers = space.meta["groups"], space.meta["n_layers"]
-    targets = [t for g, ts in groups.items() if config[f"use_{g}"] for t in ts]
+    chosen = [t for g, ts in groups.items() if config[f"use_{g}"] for t in ts]
     layers = [i for i in range(n_layers) if not config[f"leave_out_{i}"]]
-    if not targets or not layers:
+    if not chosen or not layers:
         return None
     r = 2 ** config["log2_rank"]
-    return {"targets": targets, "layers": layers, "adapter": {"r": r, "alpha": 2 * r}}
+    return {"method": "lora", "targets": chosen, "layers": layers,
+            "adapter": {"r": r, "alpha": 2 * r}}  # fmt: skip
 
 
 def _hand_configs(space: Space, default: list[str]) -> list[dict[str, int]]:
@@ -72,81 +103,158 @@ def run_search(
     train: dict[str, Any] | None = None,
     seed: int = 0,
     max_log2_rank: int = 5,
+    space: str = "sappa",
 ) -> dict[str, Any]:
-    """Search, then write the report; returns it (every trial, the front, the hand configs)."""
+    """Search, then write the report; returns it (every trial, the front, the hand configs).
+
+    Raises:
+        SpliceError: an unknown space, a SAPPA budget below the hand configurations + 1, a
+            study dir of another space, or no finished trial.
+    """
     from splice.train import TrainConfig
     from splice.train import train as fit
 
-    groups, n_layers, total, default = _groups(model)
-    space = lora_space(n_layers, groups, max_log2_rank)
+    if space not in SPACES:
+        raise SpliceError(f"unknown search space {space!r}", fix=f"use one of {', '.join(SPACES)}")
+    start = time.monotonic()
+    facts = _model_facts(model)
+    lora = lora_space(facts["n_layers"], facts["groups"], max_log2_rank)
+    searched = lora if space == "lora" else sappa(facts["n_layers"], facts["d"])
+    hand = _hand_configs(lora, facts["default"])
+    if space == "sappa" and trials <= len(hand):
+        raise SpliceError(
+            f"--trials {trials} leaves no SAPPA trial after the {len(hand)} hand configurations",
+            fix=f"use --trials ≥ {len(hand) + 1}",
+        )
+    open_study_dir(study, searched)  # before anything trains
     common = dict(train or {}) | {"seed": seed, "progress": False}
     path = Path(data)
     if not (path.suffix.lower() in (".csv", ".jsonl", ".json") or path.exists()):
         common["eval_split"] = "val"  # a bench task: choose on val, never on test
+    targets = facts["default"] or [".*"]
 
-    def evaluate(config: dict[str, int]) -> tuple[float, float] | None:
-        args = _train_args(space, config)
+    def evaluate(config: dict[str, int], where: Space = searched) -> tuple[float, float] | None:
+        args = _train_args(where, config, targets)
         if args is None:
             return None
-        out = study / "trials" / "-".join(map(str, space.encode(config)))
-        cfg = TrainConfig(model=model, data=data, out=out, method="lora", **args, **common)
-        metrics = fit(cfg)
-        return metrics["eval"]["accuracy"], 100.0 * metrics["adapter_parameters"] / total
+        tag = "hand-" if where is not searched else ""
+        out = study / "trials" / (tag + "-".join(map(str, where.encode(config))))
+        if args["method"] == "head":
+            args = {"method": "head"}
+        metrics = fit(TrainConfig(model=model, data=data, out=out, **args, **common))
+        adapted = metrics["adapter_parameters"] or 0  # None: the linear probe
+        return metrics["eval"]["accuracy"], 100.0 * adapted / facts["total"]
 
-    hand = _hand_configs(space, default)
-    results = search(space, evaluate, study, trials=trials, minutes=minutes, seed=seed, first=hand)
+    if space == "lora":
+        results = search(searched, evaluate, study, trials=trials, minutes=minutes, seed=seed,
+                         first=hand)  # fmt: skip
+        hand_results = []
+    else:
+        hand_results = _hand_trials(study, lora, hand, lambda c: evaluate(c, lora))
+        left = None if minutes is None else max(minutes - (time.monotonic() - start) / 60, 0.01)
+        results = search(searched, evaluate, study, trials=trials - len(hand), minutes=left,
+                         seed=seed)  # fmt: skip
+        results = [TrialResult(r.number + len(hand), r.config, r.accuracy, r.share)
+                   for r in results]  # fmt: skip
     if not results:
         raise SpliceError("no trial finished", fix="raise --trials or --minutes")
-    return _write(study, space, results, hand, model, data, common)
+    spaces = {"searched": searched, "lora": lora, "targets": targets}
+    return _write(study, spaces, results, hand_results, hand, model, data, common)
+
+
+def _hand_trials(study: Path, lora: Space, hand: list[dict[str, int]], evaluate) -> list:
+    """The hand configurations as trials 0, 1, …: trained once, kept in ``hand.json``."""
+    path = study / HAND_FILE
+    done = json.loads(path.read_text()) if path.is_file() else []
+    for config in hand[len(done) :]:
+        accuracy, share = evaluate(config)
+        done.append({"config": config, "accuracy": accuracy, "share": share})
+        path.write_text(json.dumps(done, indent=2) + "\n")
+    return [TrialResult(i, h["config"], h["accuracy"], h["share"]) for i, h in enumerate(done)]
 
 
 def _command(model: Path, data: str, args: dict[str, Any], common: dict[str, Any]) -> str:
-    words = ["splice", "train", str(model), data, "--out", "OUT", "--method", "lora"]
-    words += [
-        "--targets",
-        ",".join(args["targets"]),
-        "--layers",
-        ",".join(map(str, args["layers"])),
-    ]
-    words += [f"--set=r={args['adapter']['r']}", f"--set=alpha={args['adapter']['alpha']}"]
+    words = ["splice", "train", str(model), data, "--out", "OUT", "--method", args["method"]]
+    if args["targets"]:
+        words += [
+            "--targets",
+            ",".join(args["targets"]),
+            "--layers",
+            ",".join(map(str, args["layers"])),
+        ]
+    words += [f"--set={k}={v}" for k, v in args["adapter"].items()]
     for key in ("steps", "batch_size", "lr", "max_length", "seed"):
         if common.get(key) is not None:
             words += [f"--{key.replace('_', '-')}", str(common[key])]
     return shlex.join(words)
 
 
-def _write(study, space, results, hand, model, data, common) -> dict[str, Any]:
+def _describe(args: dict[str, Any]) -> str:
+    if args["method"] == "head":
+        return "no module (linear probe)"
+    if args["method"] == "lora":
+        return f"LoRA r={args['adapter']['r']} on {','.join(args['targets'])}"
+    return ", ".join(f"{k} {v}" for k, v in args["adapter"].items())
+
+
+def _row(r: TrialResult, space: Space, targets, on_front, hand, model, data, common) -> dict:
+    args = _train_args(space, r.config, targets)
+    row = {"trial": r.number, "accuracy": r.accuracy, "share_percent": r.share,
+           "method": args["method"], "layers": args["layers"], "front": r.number in on_front,
+           "hand": hand, "configuration": _describe(args)}  # fmt: skip
+    if args["method"] == "lora":
+        row |= {"rank": args["adapter"]["r"], "targets": args["targets"]}
+    else:
+        row |= {"serial": 0, "parallel": 0, "prefix": 0} | args["adapter"]
+    return row | {"command": _command(model, data, args, common)}
+
+
+def _write(study, spaces, results, hand_results, hand, model, data, common) -> dict[str, Any]:
+    searched, targets = spaces["searched"], spaces["targets"]
     front = pareto_front(results)
     on_front = {r.number for r in front}
-    hand_vectors = [space.encode(h) for h in hand]
-    rows = []
+    hand_vectors = [searched.encode(h) for h in hand] if searched.name == "lora" else []
+    rows = [_row(r, spaces["lora"], targets, set(), True, model, data, common)
+            for r in hand_results]  # fmt: skip
     for r in sorted(results, key=lambda r: r.number):
-        args = _train_args(space, r.config)
-        rows.append({
-            "trial": r.number, "accuracy": r.accuracy, "share_percent": r.share,
-            "rank": args["adapter"]["r"], "targets": args["targets"], "layers": args["layers"],
-            "front": r.number in on_front, "hand": space.encode(r.config) in hand_vectors,
-            "command": _command(model, data, args, common),
-        })  # fmt: skip
+        is_hand = searched.encode(r.config) in hand_vectors
+        rows.append(_row(r, searched, targets, on_front, is_hand, model, data, common))
+    for row in rows:  # which front trials dominate each hand configuration
+        if row["hand"]:
+            row["dominated_by"] = [f.number for f in front if f.number != row["trial"] and
+                                   _dominates(f, row)]  # fmt: skip
     lines = [
-        "| trial | accuracy | param share % | r | targets | layers | front | hand |",
-        "|---:|---:|---:|---:|---|---|:-:|:-:|",
+        f"| trial | accuracy | param share % | configuration ({searched.name} search) | layers "
+        "| front | hand |",
+        "|---:|---:|---:|---|---|:-:|:-:|",
     ]
     for row in rows:
         lines.append(
             f"| {row['trial']} | {row['accuracy']:.4f} | {row['share_percent']:.4f} | "
-            f"{row['rank']} | {','.join(row['targets'])} | {','.join(map(str, row['layers']))} | "
+            f"{row['configuration']} | {','.join(map(str, row['layers']))} | "
             f"{'●' if row['front'] else ''} | {'hand' if row['hand'] else ''} |"
         )
     (study / "front.md").write_text("\n".join(lines) + "\n")
     (study / "front.json").write_text(json.dumps(rows, indent=2) + "\n")
     commands = [row["command"] for row in rows if row["front"]]
     (study / "front.sh").write_text("\n".join(commands) + "\n")
-    _plot(study / "front.png", results, front, {row["trial"] for row in rows if row["hand"]})
-    return {"trials": rows, "front": [row for row in rows if row["front"]]}
+    hand_points = [TrialResult(row["trial"], {}, row["accuracy"], row["share_percent"])
+                   for row in rows if row["hand"]]  # fmt: skip
+    _plot(study / "front.png", results, front, hand_points)
+    return {
+        "space": searched.name,
+        "trials": rows,
+        "front": [row for row in rows if row["front"]],
+        "hand": [row for row in rows if row["hand"]],
+    }
 
 
-def _plot(path: Path, results: list[TrialResult], front: list[TrialResult], hand: set[int]):
+def _dominates(a: TrialResult, row: dict[str, Any]) -> bool:
+    acc, share = row["accuracy"], row["share_percent"]
+    return a.accuracy >= acc and a.share <= share and (a.accuracy > acc or a.share < share)
+
+
+def _plot(path: Path, results: list[TrialResult], front: list[TrialResult], hand: list):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -157,10 +265,8 @@ def _plot(path: Path, results: list[TrialResult], front: list[TrialResult], hand
                label="trial")  # fmt: skip
     ax.step([r.share for r in front], [r.accuracy for r in front], where="post", c="C0",
             marker="o", label="Pareto front")  # fmt: skip
-    for r in results:
-        if r.number in hand:
-            ax.scatter([r.share], [r.accuracy], marker="x", s=60, c="C3")
-    ax.scatter([], [], marker="x", c="C3", label="hand configuration")
+    ax.scatter([r.share for r in hand], [r.accuracy for r in hand], marker="x", s=60, c="C3",
+               label="hand configuration (LoRA r=8)")  # fmt: skip
     ax.set_xscale("log")
     ax.set_xlabel("trainable parameters (% of the backbone, log scale)")
     ax.set_ylabel("validation accuracy")

@@ -117,3 +117,45 @@ def test_a_configuration_proposed_again_is_not_evaluated_again(tmp_path):
     assert len(keys) == len(set(keys)) and len(results) == 30
     for r in results:
         assert (r.accuracy, r.share) == toy(r.config)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_decoded_sappa_configuration_injects_what_it_says(seed):
+    """Vector → configuration → ``sappa`` adapter: its modules sit on the kept layers only, and
+    the trainable count is the paper's share (of the backbone) plus the bottleneck biases."""
+    import random
+
+    from splice.adapters import adapter_layers, inject, trainable_parameters
+    from tests.adapters._tiny_hf import tiny_bert
+
+    model = tiny_bert(layers=3)
+    total = sum(p.numel() for p in model.parameters())
+    space = ap.sappa(n_layers=3, d=16)
+    rng = random.Random(seed)
+    vector = [rng.choice([1, 2, 3]) for _ in range(3)] + [0, 1, 0]  # layer 1 left out
+    vector[seed] = 5 if seed else 4  # 2^5 > 16: absent; 2^4 = 16: size 1
+    config = space.decode(vector)
+    assert space.encode(config) == vector
+    sizes, layers = ap.sappa_options(space, config)
+    assert layers == [0, 2]
+    assert sizes == {k: 16 // 2 ** vector[i] if 2 ** vector[i] <= 16 else 0
+                     for i, k in enumerate(("serial", "parallel", "prefix"))}  # fmt: skip
+    inject(model, "sappa", ["query", "value"], layers=layers, **sizes)
+    wrapped = sorted(adapter_layers(model))
+    ffn = sizes["serial"] or sizes["parallel"]
+    modules = [m for m, on in (("attention.self", sizes["prefix"]), ("output.dense", ffn)) if on]
+    want = [f"encoder.layer.{i}.{m}" for i in layers for m in modules]
+    assert wrapped == sorted(want)
+    count = trainable_parameters(model).trainable
+    assert count == ap.sappa_count(space, config)
+    biases = len(layers) * sum(s + 16 for k, s in sizes.items() if k != "prefix" and s)
+    assert 100 * (count - biases) / total == pytest.approx(ap.sappa_share(space, config, total))
+
+
+def test_sappa_with_every_size_zero_or_every_layer_left_out_adapts_nothing():
+    space = ap.sappa(n_layers=2, d=16)
+    none = space.decode([5, 6, 10, 0, 0])
+    assert ap.sappa_options(space, none)[0] == {"serial": 0, "parallel": 0, "prefix": 0}
+    assert ap.sappa_count(space, none) == 0 == ap.sappa_share(space, none, total=1000)
+    gone = space.decode([1, 1, 1, 1, 1])
+    assert ap.sappa_options(space, gone)[1] == [] and ap.sappa_count(space, gone) == 0
