@@ -267,7 +267,11 @@ def _plot(path: Path, results: list[TrialResult], front: list[TrialResult], hand
             marker="o", label="Pareto front")  # fmt: skip
     ax.scatter([r.share for r in hand], [r.accuracy for r in hand], marker="x", s=60, c="C3",
                label="hand configuration (LoRA r=8)")  # fmt: skip
-    ax.set_xscale("log")
+    positive = [r.share for r in results if r.share > 0]
+    if len(positive) == len(results):
+        ax.set_xscale("log")
+    elif positive:  # a head-only trial sits at 0: linear up to the smallest other share
+        ax.set_xscale("symlog", linthresh=min(positive))
     ax.set_xlabel("trainable parameters (% of the backbone, log scale)")
     ax.set_ylabel("validation accuracy")
     ax.legend(loc="lower right")
