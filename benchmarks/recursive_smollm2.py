@@ -241,16 +241,15 @@ def main() -> None:
         report(results)
         return
     train_texts, test_texts = corpus(args.heldout, 0)
+    generation = [(early_exit, args.early_exit), (cache_speed, args.cache_speed)]
+    for run, row in generation:
+        if row:
+            rows = run(args.out / "up" / row / "model", test_texts[:8], args.gen_tokens)
+            print(f"{run.__name__} ({row}, uptrained; 8 prompts × {args.gen_tokens} tokens)")
+            for r in rows:
+                print(r, flush=True)
+            (args.out / f"{run.__name__}-{row}.json").write_text(json.dumps(rows))
     if args.early_exit or args.cache_speed:
-        row = args.early_exit or args.cache_speed
-        up = args.out / "up" / row / "model"
-        run = early_exit if args.early_exit else cache_speed
-        rows = run(up, test_texts[:8], args.gen_tokens)
-        print(f"{run.__name__} ({row}, uptrained; 8 prompts × {args.gen_tokens} tokens)")
-        for r in rows:
-            print(r)
-        key = "early_exit" if args.early_exit else "cache_speed"
-        (args.out / f"{key}-{row}.json").write_text(json.dumps(rows))
         return
     names = args.rows.split(",") if args.rows else row_names(map(int, args.ranks.split(",")))
     dirs = build(args.out, args.model, args.shared, names)
