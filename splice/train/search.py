@@ -274,7 +274,7 @@ def _plot(path: Path, results: list[TrialResult], front: list[TrialResult], hand
         ax.set_xscale("symlog", linthresh=min(positive))
     ax.set_xlabel("trainable parameters (% of the backbone, log scale)")
     ax.set_ylabel("validation accuracy")
-    ax.legend(loc="lower right")
+    ax.legend(loc="best")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
