@@ -155,8 +155,9 @@ class OFTAdapter(Adapter):
             return r.add_(q, alpha=2.0) if terms == 2 else r
         last = max(3, terms - 1)  # peft's: 3 terms give the 4-term series
         power = q
-        for k in range(1, last + 1):
-            power = torch.bmm(power, q) if k > 1 else q
+        r.add_(q, alpha=2.0)  # k = 1 (last ≥ 3)
+        for k in range(2, last + 1):
+            power = torch.bmm(power, q)
             r.add_(power, alpha=2.0 if k < last else 1.0)
         return r
 

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 from splice._lazy import lazy_import
 from splice.errors import SpliceError
-from splice.io._direct import StagedFile
+from splice.io._direct import StagedFile, _pwrite_all
 from splice.io._dtypes import DTypeLike, itemsize, safetensors_code
 from splice.io._hash import hash_files
 from splice.io._hints import start_writeback
@@ -129,11 +129,8 @@ class _PlannedShard:
             self.stream.append(view)
         else:
             self.stream.abandon()
-            pos = begin
-            while view:
-                n = os.pwrite(self.fd, view, pos)
-                view, pos = view[n:], pos + n
-            start_writeback(self.fd, begin, pos - begin)
+            _pwrite_all(self.fd, view, begin)
+            start_writeback(self.fd, begin, len(view))
         self.pending.discard(name)
 
     def finish(self) -> None:
