@@ -155,14 +155,10 @@ class DOMerge(MergeMethod):
     reference: ClassVar[str] = "https://arxiv.org/abs/2505.15875 (spec merging.md §7)"
     Params: ClassVar[type[HyperParams]] = Params
     delta_only: ClassVar[bool] = True
+    uses_svd: ClassVar[bool] = True
 
     def scratch_tensors(self, num_models: int) -> float:
         return 2 * num_models + 3.3
-
-    def gpu_scratch_tensors(self, num_models: int) -> float:
-        # cuSOLVER's SVD works on copies of its input and outputs (measured on an H200:
-        # 1024×1024 tensors held 8.5 tensors more than on the CPU)
-        return 10
 
     ModelParams: ClassVar[type[HyperParams]] = NoParams
 

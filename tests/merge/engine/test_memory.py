@@ -324,6 +324,14 @@ def test_device_cuda_plan_puts_the_working_set_on_the_gpu(fixture):
     assert gpu["peak_ram"] < cpu["peak_ram"]
 
 
+def test_gpu_plan_counts_cusolver_copies_only_for_svd_methods():
+    from splice.merge.base import SVD_GPU_SCRATCH, methods
+
+    svd = [methods.get(n)() for n in ("dc_merge", "do_merge")]
+    assert all(m.uses_svd and m.gpu_scratch_tensors(3) == SVD_GPU_SCRATCH for m in svd)
+    assert methods.get("ties")().gpu_scratch_tensors(3) == 0
+
+
 def test_max_memory_refuses_up_front(fixture, tmp_path, monkeypatch):
     recipe = _recipes(fixture)["task_arithmetic"]
     total = plan_merge(recipe)["plan"]["total_ram"]
