@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -69,10 +69,12 @@ def bars(show: bool) -> Iterator[Callable[[str, int], Callable[[], None]]]:
         yield start
 
 
-def _finish(out: Path, result: tuple, quiet: bool) -> None:
+def _run(out: Path, quiet: bool, study: Callable[..., tuple], *args: Any, **kwargs: Any) -> None:
+    """Run ``study(*args, progress=..., **kwargs)`` under progress bars; write its report."""
     from splice.analysis.report import write_report
 
-    data, md, figures = result
+    with bars(not quiet) as progress:
+        data, md, figures = study(*args, progress=progress, **kwargs)
     write_report(out, data, md, figures)
     if not quiet:
         typer.echo(md)
@@ -101,21 +103,21 @@ def geometry(
 
     _choice("fit", fit, ("diag", "rank", "global"))
     _choice("target", target, ("transition", "update"))
-    with bars(not quiet) as progress:
-        result = run_geometry(
-            model,
-            parse_ints(layers, "layers"),
-            fit=fit,
-            k=k,
-            ridge=ridge,
-            rank=rank,
-            target=target,
-            center=center,
-            texts=texts,
-            max_len=max_len,
-            progress=progress,
-        )
-    _finish(out, result, quiet)
+    _run(
+        out,
+        quiet,
+        run_geometry,
+        model,
+        parse_ints(layers, "layers"),
+        fit=fit,
+        k=k,
+        ridge=ridge,
+        rank=rank,
+        target=target,
+        center=center,
+        texts=texts,
+        max_len=max_len,
+    )
 
 
 @analyze_app.command()
@@ -139,19 +141,19 @@ def safety(
 
     _choice("direction", direction, ("random", "grad", "mean_diff"))
     texts = read_prompts(prompts) if prompts is not None else None
-    with bars(not quiet) as progress:
-        result = run_safety(
-            model,
-            parse_ints(layers, "layers"),
-            prompts=texts,
-            max_prompts=max_prompts,
-            new_tokens=new_tokens,
-            direction=direction,
-            seed=seed,
-            asa=asa,
-            progress=progress,
-        )
-    _finish(out, result, quiet)
+    _run(
+        out,
+        quiet,
+        run_safety,
+        model,
+        parse_ints(layers, "layers"),
+        prompts=texts,
+        max_prompts=max_prompts,
+        new_tokens=new_tokens,
+        direction=direction,
+        seed=seed,
+        asa=asa,
+    )
 
 
 @analyze_app.command()
@@ -173,18 +175,18 @@ def lapt(
     from splice.train.lapt import lapt_study
 
     texts = read_prompts(prompts) if prompts is not None else None
-    with bars(not quiet) as progress:
-        result = lapt_study(
-            model,
-            layer,
-            eval_layers=parse_ints(eval_layers, "eval-layers"),
-            prompts=texts,
-            steps=steps,
-            lr=lr,
-            new_tokens=new_tokens,
-            progress=progress,
-        )
-    _finish(out, result, quiet)
+    _run(
+        out,
+        quiet,
+        lapt_study,
+        model,
+        layer,
+        eval_layers=parse_ints(eval_layers, "eval-layers"),
+        prompts=texts,
+        steps=steps,
+        lr=lr,
+        new_tokens=new_tokens,
+    )
 
 
 @analyze_app.command()
@@ -216,17 +218,17 @@ def mup(
             f"lr-exponents {lr_exponents!r} give fewer than 3 grid points",
             fix="e.g. --lr-exponents -13:-1",
         )
-    with bars(not quiet) as progress:
-        result = mup_study(
-            family,
-            parse_ints(widths, "widths") or [],
-            [2.0**e for e in exps],
-            steps=steps,
-            seeds=tuple(range(seeds)),
-            parametrizations=params,
-            progress=progress,
-        )
-    _finish(out, result, quiet)
+    _run(
+        out,
+        quiet,
+        mup_study,
+        family,
+        parse_ints(widths, "widths") or [],
+        [2.0**e for e in exps],
+        steps=steps,
+        seeds=tuple(range(seeds)),
+        parametrizations=params,
+    )
 
 
 def _choice(what: str, value: str, allowed: tuple[str, ...]) -> None:
