@@ -18,6 +18,10 @@ at the probe's lr, lr picked on validation. Settings (those of ``splice train --
   constant lr its first unmasked entries wreck the features (rt_sentiment, 40 steps: validation
   55.3 / 58.0 % against the probe's 67.3 %).
 
+SPT's plan and RDP's layers depend on the frozen backbone, the row's new head (seeded) and
+its calibration batches (the seed's training stream), not on the lr: the lr grid computes
+them once per (task, seed, budget) and each lr's run reuses them (:func:`prepare`).
+
 The ``sparse`` method is what SPT and ID³ train, so it has no row of its own: they are its
 rows. A backbone a selector cannot read (no Linear weights in a numbered layer stack, or no
 hidden states for RDP) gets a "not applicable" row with the reason.
@@ -25,7 +29,9 @@ hidden states for RDP) gets a "not applicable" row with the reason.
 
 from __future__ import annotations
 
+import hashlib
 import math
+from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -45,6 +51,8 @@ SELECTOR_ROWS: dict[str, tuple[str, str]] = {  # key → (label, family)
 }
 # the settings of splice train --select at their defaults (one source for both)
 SPT, RDP, ID3_OPTIONS = SPTOptions(), RDPOptions(), ID3Options()
+KEEP = 8  # selections kept for reuse (a plan is a few index tensors; 0: none)
+_CHOSEN: OrderedDict[str, dict[str, Any]] = OrderedDict()
 
 
 def selector_plans(
@@ -100,6 +108,36 @@ def _trainable(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
+def _digest(obj: Any, h: Any) -> None:
+    if isinstance(obj, Tensor):
+        h.update(f"{obj.dtype}{tuple(obj.shape)}".encode())
+        h.update(obj.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    elif isinstance(obj, Mapping):
+        for k in sorted(obj):
+            h.update(repr(k).encode())
+            _digest(obj[k], h)
+    elif isinstance(obj, (list, tuple)):
+        for o in obj:
+            _digest(o, h)
+    else:
+        h.update(repr(obj).encode())
+
+
+def _memo(what: list[Any], head: nn.Module, drawn: list[Any]) -> dict[str, Any] | None:
+    """The memo (:func:`splice.select.run.run`) of ``what`` with this head and these
+    calibration batches: the same dict for every run that shares them."""
+    if KEEP <= 0:
+        return None
+    h = hashlib.sha256()
+    _digest([what, head.state_dict(), drawn], h)
+    key = h.hexdigest()
+    memo = _CHOSEN.pop(key, {})
+    _CHOSEN[key] = memo
+    while len(_CHOSEN) > KEEP:
+        _CHOSEN.popitem(last=False)
+    return memo
+
+
 def prepare(
     select: Mapping[str, Any],
     model: nn.Module,
@@ -116,16 +154,21 @@ def prepare(
     if name not in SELECTOR_ROWS:
         raise SpliceError(f"unknown selector row {name!r}", fix=f"one of {sorted(SELECTOR_ROWS)}")
 
-    def loss(_: int) -> Tensor:
-        x, y = batches()
+    rdp = name == "rdp"  # its budget is K layers, its LoRA's rank and α the plan's
+    drawn = [
+        batches() for _ in range(0 if name == "id3" else RDP.calibration if rdp else SPT.batches)
+    ]
+
+    def loss(i: int) -> Tensor:
+        x, y = drawn[i]
         return nn.functional.cross_entropy(head(encoder.features(x, module=model)), y)
 
-    rdp = name == "rdp"  # its budget is K layers, its LoRA's rank and α the plan's
     lora = {"r": int(select["r"]), "alpha": float(select["alpha"])} if rdp else {}
     chosen = run(
         name, {"spt": SPT, "rdp": RDP, "id3": ID3_OPTIONS}[name], model,
         int(select["k"] if rdp else select["budget"]), loss=loss,
-        inputs=lambda _: batches()[0], adapter=("lora", list(targets), lora), steps=steps,
+        inputs=lambda i: drawn[i][0], adapter=("lora", list(targets), lora), steps=steps,
+        memo=None if name == "id3" else _memo([name, dict(select), encoder.key], head, drawn),
     )  # fmt: skip
     info = chosen.info
     if name == "id3":

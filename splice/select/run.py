@@ -81,6 +81,7 @@ def run(
     weights: Sequence[str] | None = None,
     modules_to_save: Sequence[str] = (),
     steps: int = 1,
+    memo: dict[str, Any] | None = None,
 ) -> Selection:
     """Run selector ``name`` with ``opts`` (:func:`options`) on ``model``.
 
@@ -88,15 +89,25 @@ def run(
     calibration batch i (RDP); ``adapter``: (method, targets, options) that RDP injects on its
     layers; ``weights``: the matrices SPT and ID³ rank (module-name suffixes; default every
     Linear of the layer stack); ``modules_to_save``: new modules that train in full (a head);
-    ``steps``: the run's length (ID³'s horizon defaults to half of it).
+    ``steps``: the run's length (ID³'s horizon defaults to half of it); ``memo``: where SPT's
+    plan and RDP's layers are kept and found again: a caller whose runs share the model, the
+    loss and calibration batches and the budget (the PEFT track's lr grid) passes the same
+    dict to each, and only the first runs the selector.
     """
     from splice.adapters import inject
 
     if name == "rdp":
         from splice.select import rdp
 
-        points = rdp.trajectory(model, [inputs(i) for i in range(opts.calibration)], opts.pooling)
-        chosen = rdp.select_layers(points, k=budget, mapping=opts.mapping, endpoints=opts.endpoints)
+        chosen = (memo or {}).get("rdp")
+        if chosen is None:
+            calibration = [inputs(i) for i in range(opts.calibration)]
+            points = rdp.trajectory(model, calibration, opts.pooling)
+            chosen = rdp.select_layers(
+                points, k=budget, mapping=opts.mapping, endpoints=opts.endpoints
+            )
+            if memo is not None:
+                memo["rdp"] = chosen
         method, targets, settings = adapter
         inject(
             model, method, targets, layers=chosen["layers"],
@@ -106,10 +117,14 @@ def run(
     if name == "spt":
         from splice.select import spt
 
-        plan = spt.select(
-            model, loss, budget, targets=weights, batches=opts.batches, r=opts.r,
-            alpha=opts.alpha, beta=opts.beta,
-        )  # fmt: skip
+        plan = (memo or {}).get("spt")
+        if plan is None:
+            plan = spt.select(
+                model, loss, budget, targets=weights, batches=opts.batches, r=opts.r,
+                alpha=opts.alpha, beta=opts.beta,
+            )  # fmt: skip
+            if memo is not None:
+                memo["spt"] = plan
         spt.apply(model, plan, r=opts.r, modules_to_save=modules_to_save)
         return Selection({"selector": "spt", **plan.summary()})
     if name != "id3":
