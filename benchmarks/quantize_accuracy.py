@@ -1,12 +1,15 @@
 """Accuracy against size (fraction of FP32) for post-training quantization (issue #28).
 
-    python benchmarks/quantize_accuracy.py [--tasks sk_digits,rt_sentiment] [--samples 256]
-        [--iters 100] [--sizes 0.13,0.19,0.25] [--rows fp32,rtn-w8,...] [--out FILE.jsonl]
+    python benchmarks/quantize_accuracy.py [--tasks image|text|all|sk_digits,...] [--rows ...]
+        [--samples 256] [--iters 100] [--bias-steps 100] [--sizes 0.13,0.16,0.19,0.22,0.25]
+        [--budget-s 480] [--store bench-out/quantize_accuracy.json]
+    python benchmarks/quantize_accuracy.py --report [--plot docs/img/quantize-accuracy.png]
 
-Per task: the bench's fine-tuned checkpoint (EfficientNet-Lite0 at 32×32 for image tasks,
-all-MiniLM-L6-v2 mean-pooled for text tasks; LoRA r=8 on the encoder's default targets, 100
-steps, plus a linear head: ``splice.bench.finetune_cached``), quantized whole (head included)
-on the first ``--samples`` training examples and scored on the test split (≤ 500). Rows:
+Per task: the bench's fine-tuned checkpoint (EfficientNet-Lite0 at 32×32 for the image tasks,
+all-MiniLM-L6-v2 mean-pooled for the text tasks; LoRA r=8 on the encoder's default targets,
+100 steps, plus a linear head: ``splice.bench.finetune_cached``), quantized whole (head
+included) on the first ``--samples`` training examples and scored on the test split (≤ 500).
+Rows:
 
 * ``fp32``: the fine-tuned model.
 * ``rtn-w8``/``rtn-w4``: round to nearest, per output channel, min/max range, every layer,
@@ -15,86 +18,60 @@ on the first ``--samples`` training examples and scored on the test split (≤ 5
   user's first reach — on EfficientNet it quantizes the head alone).
 * ``light-w4a8``/``advanced-w4a8``: W4A8, first and last layer 8-bit; light = min/max + BN
   re-estimation; advanced = sequential AdaQuant (``--iters`` per layer) + BN + bias tuning;
-  ``advanced-parallel-w4a8``: the same with parallel AdaQuant.
-* ``ip-C``: the light pipeline's integer program at size ``C`` (options 2/4/8 bits, A8;
-  with 8-bit ends and 4 bits at least, EfficientNet-Lite0 cannot go below 0.144).
+  ``advanced-parallel-w4a8``: the same with parallel AdaQuant (float inputs).
+* ``ip``: the light pipeline's integer program (options 2/4/8 bits, A8, 8-bit ends) at each
+  ``--sizes`` target, one row ``ip-C`` per size; the variants and the sensitivity table are
+  made once and shared (``splice.compress.quantize_sizes``), so a row's ``calibration_s`` is
+  the shared part plus its own program, BN step and scoring. A size below the smallest
+  reachable one is stored as unreachable with that size.
 
-Each finished row is appended as one JSON line to ``--out``; the table is printed at the end.
+Each finished row goes into ``--store`` (JSON) at once and is skipped on the next run, so the
+study runs in pieces: ``--budget-s`` stops starting new rows after that many seconds (run the
+same command again to continue). ``--report`` prints the tables from the store (and SmolLM2's
+from ``benchmarks/quantize_smollm2.py``'s store) and draws the figure.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import json
+import re
 import time
+import warnings
 from pathlib import Path
 
-import numpy as np
 import torch
+from _quantize import Progress, Store, accuracy, batches, suite_tasks, task_model
 from torch import nn
 
-from splice.bench.finetune import FinetuneConfig, apply_deltas, finetune_cached
-from splice.compress import AdaQuantConfig, QuantizeConfig, quantize
-from splice.data.encoders import load_encoder
-from splice.data.registry import TASKS, load_task
+from splice.compress import AdaQuantConfig, QuantizeConfig, quantize, quantize_sizes
+from splice.errors import SpliceError
 from splice.train.loop import minimise
 
-
-class Classifier(nn.Module):
-    """A bench encoder's module with a task head: batch → logits (the pooling of
-    ``splice.data.encoders``: a text encoder's mean over tokens; the image net's own)."""
-
-    def __init__(self, text: bool, body: nn.Module, head) -> None:
-        super().__init__()
-        self.text = text
-        self.body = body
-        self.head = nn.Linear(head.weight.shape[1], head.weight.shape[0])
-        self.head.weight.data.copy_(head.weight)
-        self.head.bias.data.copy_(head.bias)
-
-    def forward(self, batch):
-        if not self.text:
-            return self.head(self.body(batch))
-        h = self.body(**batch).last_hidden_state
-        m = batch["attention_mask"].unsqueeze(-1).to(h.dtype)
-        return self.head((h * m).sum(1) / m.sum(1).clamp_min(1.0))
+ROWS = ("fp32", "rtn-w8", "rtn-w4", "torch-dynamic", "light-w4a8", "advanced-w4a8",
+        "advanced-parallel-w4a8", "ip")  # fmt: skip
+LABELS = {"fp32": "FP32", "rtn-w8": "RTN W8", "rtn-w4": "RTN W4", "torch-dynamic":
+          "torch dynamic int8", "light-w4a8": "light W4A8", "advanced-w4a8": "advanced W4A8",
+          "advanced-parallel-w4a8": "advanced W4A8 (parallel)"}  # fmt: skip
 
 
 def _run(model: nn.Module, batch):
     return model(batch)
 
 
-def _batches(prepared, n: int, size: int) -> list:
-    order = np.arange(min(n, len(prepared)))
-    return [
-        prepared.batch(order[i : i + size], torch.device("cpu")) for i in range(0, len(order), size)
-    ]
-
-
-@torch.no_grad()
-def _accuracy(model: nn.Module, batches: list, labels: np.ndarray) -> float:
-    preds = torch.cat([model(b).argmax(-1) for b in batches]).numpy()
-    return float((preds == labels).mean())
-
-
-def _rows(args: argparse.Namespace) -> dict[str, QuantizeConfig | None]:
+def _configs(args: argparse.Namespace) -> dict[str, QuantizeConfig]:
     fast = AdaQuantConfig(iters=args.iters, batch=50)
     light = {"pipeline": "light", "adaquant": fast}
-    rows: dict[str, QuantizeConfig | None] = {
-        "fp32": None,
+    return {
         "rtn-w8": QuantizeConfig(bits=8, a_bits=None, ends_bits=None, bn=False, **light),
         "rtn-w4": QuantizeConfig(bits=4, a_bits=None, ends_bits=None, bn=False, **light),
-        "torch-dynamic": None,
         "light-w4a8": QuantizeConfig(bits=4, **light),
         "advanced-w4a8": QuantizeConfig(bits=4, adaquant=fast, bias_steps=args.bias_steps),
         "advanced-parallel-w4a8": QuantizeConfig(
             bits=4, adaquant=fast, bias_steps=args.bias_steps, mode="parallel"
         ),
+        "ip": QuantizeConfig(size=1.0, options=(2, 4, 8), **light),
     }
-    for c in args.sizes.split(","):
-        rows[f"ip-{c}"] = QuantizeConfig(size=float(c), options=(2, 4, 8), **light)
-    return rows
 
 
 def _dynamic_fraction(model: nn.Module) -> float:
@@ -103,56 +80,117 @@ def _dynamic_fraction(model: nn.Module) -> float:
     return (total - linear + linear / 4) / total
 
 
+def _key(args: argparse.Namespace, task: str, row: str) -> str:
+    return f"{task}|{row}|n{args.samples}|i{args.iters}|b{args.bias_steps}"
+
+
+def _pending(args: argparse.Namespace, store: Store, task: str) -> list[str]:
+    rows = [r for r in args.rows.split(",") if r] or list(ROWS)
+    sizes = [f"ip-{c}" for c in args.sizes.split(",")]
+    return [r for r in rows if any(_key(args, task, x) not in store for x in _expand(r, sizes))]
+
+
+def _expand(row: str, sizes: list[str]) -> list[str]:
+    return sizes if row == "ip" else [row]
+
+
+def _ip(args, store, task, model, calib, test, labels) -> None:
+    """The size sweep: unreachable sizes stored as such, the rest from one shared profile."""
+    cfg = _configs(args)["ip"]
+    todo = sorted(
+        float(c) for c in args.sizes.split(",") if _key(args, task, f"ip-{c}") not in store
+    )
+    names = {float(c): c for c in args.sizes.split(",")}
+    start = time.perf_counter()
+    while todo:
+        try:
+            for size, q, report in quantize_sizes(model, calib, _run, minimise, cfg, todo):
+                acc = accuracy(q, test, labels)
+                _put(args, store, task, f"ip-{names[size]}", acc, report.fraction, report.seconds,
+                     {"bits": [r.bits for r in report.layers], "loss": report.loss})  # fmt: skip
+            return
+        except SpliceError as e:
+            found = re.search(r"smallest reachable ([\d.]+)", str(e))
+            if found is None:
+                raise
+            least = float(found.group(1))
+            for size in [s for s in todo if s <= least]:
+                store.put(_key(args, task, f"ip-{names[size]}"),
+                          {"task": task, "row": f"ip-{names[size]}", "unreachable": least,
+                           "calibration_s": round(time.perf_counter() - start, 1)})  # fmt: skip
+                print(f"{task:18s} ip-{names[size]:7s} unreachable: smallest size {least}")
+            todo = [s for s in todo if s > least]
+
+
+def _put(args, store, task, row, acc, fraction, seconds, extra=None) -> None:
+    store.put(_key(args, task, row), {
+        "task": task, "row": row, "accuracy": acc, "fraction": fraction,
+        "calibration_s": round(seconds, 1), "samples": args.samples, "iters": args.iters,
+        "bias_steps": args.bias_steps, "threads": torch.get_num_threads(), **(extra or {}),
+    })  # fmt: skip
+    print(f"{task:18s} {row:24s} acc {acc:.4f} size {fraction:.4f} ({seconds:.0f} s)", flush=True)
+
+
+def run(args: argparse.Namespace) -> None:
+    store = Store(args.store)
+    plan = {t: _pending(args, store, t) for t in suite_tasks(args.tasks)}
+    plan = {t: rows for t, rows in plan.items() if rows}
+    progress = Progress(sum(map(len, plan.values())), args.budget_s)
+    print(f"{progress.total} pieces to run: {plan}", flush=True)
+    configs = _configs(args)
+    for task, rows in plan.items():
+        if progress.over_budget():
+            break
+        start = time.perf_counter()
+        model, encoder, data = task_model(task)
+        print(f"{task}: fine-tuned checkpoint ready ({time.perf_counter() - start:.0f} s)")
+        calib = batches(encoder.prepare(data.train.x), args.samples, 50)
+        test = batches(encoder.prepare(data.test.x), len(data.test.x), 100)
+        for row in rows:
+            if progress.over_budget():
+                print(f"budget of {args.budget_s:.0f} s spent: run the same command to go on")
+                break
+            start = time.perf_counter()
+            if row == "ip":
+                _ip(args, store, task, model, calib, test, data.test.y)
+            else:
+                if row == "fp32":
+                    q, fraction, extra = model, 1.0, {}
+                elif row == "torch-dynamic":
+                    q = torch.ao.quantization.quantize_dynamic(copy.deepcopy(model), {nn.Linear})
+                    fraction, extra = _dynamic_fraction(model), {}
+                else:
+                    q, report = quantize(model, calib, _run, minimise, configs[row])
+                    fraction, extra = report.fraction, {"loss": report.loss}
+                seconds = time.perf_counter() - start
+                _put(args, store, task, row, accuracy(q, test, data.test.y), fraction, seconds,
+                     extra)  # fmt: skip
+            progress.step(f"{task} {row} ({time.perf_counter() - start:.0f} s)")
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--tasks", default="sk_digits,rt_sentiment")
+    p.add_argument("--tasks", default="image", help="image, text, all or task names")
+    p.add_argument("--rows", default="", help=f"a subset of {','.join(ROWS)} (default: all)")
     p.add_argument("--samples", type=int, default=256)
     p.add_argument("--iters", type=int, default=100)
     p.add_argument("--bias-steps", type=int, default=100)
-    p.add_argument("--sizes", default="0.13,0.19,0.25")
-    p.add_argument("--rows", default="")
-    p.add_argument("--out", type=Path, default=Path("bench-out/quantize_accuracy.jsonl"))
+    p.add_argument("--sizes", default="0.13,0.16,0.19,0.22,0.25")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--budget-s", type=float, default=0, help="stop starting rows after this")
+    p.add_argument("--store", type=Path, default=Path("bench-out/quantize_accuracy.json"))
+    p.add_argument("--llm-store", type=Path, default=Path("bench-out/quantize_smollm2.json"))
+    p.add_argument("--report", action="store_true", help="print the tables, run nothing")
+    p.add_argument("--plot", type=Path, default=None, help="with --report: draw the figure")
     args = p.parse_args()
-    torch.set_num_threads(2)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    rows = _rows(args)
-    wanted = [r for r in args.rows.split(",") if r] or list(rows)
-    results = []
-    for task_name in args.tasks.split(","):
-        task = TASKS.get(task_name)
-        encoder = load_encoder(task.modality)
-        data = load_task(task)
-        start = time.perf_counter()
-        run, _ = finetune_cached(encoder, data, FinetuneConfig(steps=100), seed=0)
-        body = copy.deepcopy(encoder.module)
-        body.load_state_dict(apply_deltas(encoder.module.state_dict(), run.deltas), strict=False)
-        model = Classifier(task.modality == "text", body, run.head).eval()
-        print(f"{task_name}: fine-tuned checkpoint ready ({time.perf_counter() - start:.0f} s)")
-        calib = _batches(encoder.prepare(data.train.x), args.samples, 50)
-        test = _batches(encoder.prepare(data.test.x), len(data.test.x), 100)
-        for row in wanted:
-            cfg, start = rows[row], time.perf_counter()
-            if row == "fp32":
-                q, fraction = model, 1.0
-            elif row == "torch-dynamic":
-                q = torch.ao.quantization.quantize_dynamic(copy.deepcopy(model), {nn.Linear})
-                fraction = _dynamic_fraction(model)
-            else:
-                q, report = quantize(model, calib, _run, minimise, cfg)
-                fraction = report.fraction
-            seconds = time.perf_counter() - start
-            acc = _accuracy(q, test, data.test.y)
-            result = {"task": task_name, "row": row, "accuracy": acc, "fraction": fraction,
-                      "calibration_s": round(seconds, 1), "samples": args.samples,
-                      "iters": args.iters}  # fmt: skip
-            results.append(result)
-            with args.out.open("a") as f:
-                f.write(json.dumps(result) + "\n")
-            print(f"{task_name:14s} {row:24s} acc {acc:.4f} size {fraction:.4f} ({seconds:.0f} s)")
-    print("\n| task | row | accuracy | size (of FP32) | calibration s |\n|---|---|---|---|---|")
-    for r in results:
-        print(f"| {r['task']} | {r['row']} | {100 * r['accuracy']:.1f} | {r['fraction']:.3f}"
-              f" | {r['calibration_s']} |")  # fmt: skip
+    warnings.filterwarnings("ignore", message=".*(deprecated|torch.ao.quantization)")
+    torch.set_num_threads(args.threads)
+    if args.report:
+        from _quantize_report import report
+
+        report(args)
+    else:
+        run(args)
 
 
 if __name__ == "__main__":

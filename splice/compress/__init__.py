@@ -15,7 +15,7 @@ from .allocate import allocate, bops_cost, size_cost
 from .batchnorm import reestimate_bn
 from .bias import bias_problem, kl_to_target, mean_shift
 from .capture import capture, execution_order
-from .pipeline import QuantizeConfig, QuantizeReport, quantize
+from .pipeline import QuantizeConfig, QuantizeReport, quantize, quantize_sizes
 from .profile import sensitivity
 from .qbase import quantize_base
 from .qlayer import QuantLayer, quant_layers, quantizable, wrap
@@ -43,6 +43,7 @@ __all__ = [
     "quantizable",
     "quantize",
     "quantize_base",
+    "quantize_sizes",
     "reestimate_bn",
     "sensitivity",
     "size_cost",

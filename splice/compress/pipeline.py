@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -37,7 +37,7 @@ from splice.compress.qlayer import QuantLayer, check_bits, quantizable, wrap
 from splice.compress.size import model_bits
 from splice.errors import SpliceError
 
-__all__ = ["LayerReport", "QuantizeConfig", "QuantizeReport", "Steps", "quantize"]
+__all__ = ["LayerReport", "QuantizeConfig", "QuantizeReport", "Steps", "quantize", "quantize_sizes"]
 
 Steps = Callable[[Callable[[int], tuple[Tensor, int]], torch.optim.Optimizer, int], Sequence[float]]
 """Runs ``n`` optimizer steps of a problem (``splice.train.minimise``)."""
@@ -142,8 +142,13 @@ class _Run:
     def calibrate(
         self, layer: QuantLayer, name: str, source: nn.Module, report: LayerReport
     ) -> None:
-        """Min/max init, then AdaQuant for the advanced pipeline; fills the layer's report."""
+        """Min/max init, then AdaQuant for the advanced pipeline; fills the layer's report.
+        A weights-only layer of the light pipeline needs no data (nor its MSE measured)."""
         start = time.perf_counter()
+        if layer.aq is None and not (self.cfg.pipeline == "advanced" and self.cfg.adaquant.iters):
+            layer.requires_grad_(False)  # weights only, rounded to nearest: no data needed
+            report.seconds += time.perf_counter() - start
+            return
         xs, _ = capture(source, name, self.batches, self.forward, outputs=False)
         _, ys = capture(self.fp, name, self.batches, self.forward, inputs=False)
         init_input_range(layer, xs)
@@ -188,7 +193,40 @@ def quantize(
     if cfg.bits is not None:
         _fixed(run, report)
     else:
-        _mixed(run, report)
+        _pick(run, _profile(run, report, cfg.size), cfg.size)
+    return _finish(run, report, start)
+
+
+def quantize_sizes(
+    model: nn.Module,
+    batches: Sequence[Any],
+    forward: Forward,
+    steps: Steps,
+    cfg: QuantizeConfig,
+    sizes: Sequence[float],
+    *,
+    loss_fn: OutputLoss = kl_to_target,
+    progress: Callable[[str], None] | None = None,
+) -> Iterator[tuple[float, nn.Module, QuantizeReport]]:
+    """:func:`quantize` at each size target of ``sizes`` (``cfg.size`` is ignored), sharing
+    one set of per-layer variants and one sensitivity table: only the integer program, BN
+    re-estimation and bias tuning run per size. Yields ``(size, model, report)``; a report's
+    ``seconds`` counts the shared part once per size (what a single run would cost)."""
+    start = time.perf_counter()
+    run = _Run(model, batches, forward, loss_fn, steps, cfg, progress)
+    shared = QuantizeReport()
+    profile = _profile(run, shared, min(sizes))
+    base, shared_s = run.q, time.perf_counter() - start
+    for size in sizes:
+        begin = time.perf_counter() - shared_s
+        run.q = copy.deepcopy(base)
+        _pick(run, profile, size)
+        yield size, *_finish(run, copy.deepcopy(shared), begin)
+
+
+def _finish(run: _Run, report: QuantizeReport, start: float) -> tuple[nn.Module, QuantizeReport]:
+    """BN re-estimation, bias tuning, the losses and the sizes of ``run.q``."""
+    cfg, forward, steps = run.cfg, run.forward, run.steps
     report.loss["quantized"] = run.loss(run.q)
     run.say(f"calibration loss after quantization: {report.loss['quantized']:.5g}")
     if cfg.bn and reestimate_bn(run.q, run.batches, forward, run.fp):
@@ -203,8 +241,10 @@ def quantize(
         report.loss["bias"] = run.loss(run.q)
         run.say(f"biases tuned: loss {report.loss['bias']:.5g}")
     run.q.requires_grad_(False).eval()
+    for rep in report.layers:
+        rep.bits = run.q.get_submodule(rep.name).w_bits
     report.fp32_bits, report.bits = (
-        32 * sum(p.numel() for p in model.parameters()),
+        32 * sum(p.numel() for p in run.fp.parameters()),
         model_bits(run.q),
     )
     report.seconds = time.perf_counter() - start
@@ -220,13 +260,22 @@ def _fixed(run: _Run, report: QuantizeReport) -> None:
         rep = LayerReport(name, bits, layer.a_bits, layer.base.weight.numel())
         run.calibrate(layer, name, source, rep)
         report.layers.append(rep)
-        after = "" if rep.mse_after is None else f" → {rep.mse_after:.3g}"
-        run.say(
-            f"[{i + 1}/{n}] {name} W{bits}: mse {rep.mse_before:.3g}{after} ({rep.seconds:.1f} s)"
-        )
+        mse = "" if rep.mse_before is None else f" mse {rep.mse_before:.3g}"
+        mse += "" if rep.mse_after is None else f" → {rep.mse_after:.3g}"
+        run.say(f"[{i + 1}/{n}] {name} W{bits}:{mse} ({rep.seconds:.1f} s)")
 
 
-def _mixed(run: _Run, report: QuantizeReport) -> None:
+@dataclass
+class _Profile:
+    """The shared part of a size-targeted run: each layer's variants and the ΔL table."""
+
+    variants: dict[str, dict[int, dict]]
+    free: list[str]
+    options: list[int]
+    table: np.ndarray
+
+
+def _profile(run: _Run, report: QuantizeReport, size: float) -> _Profile:
     cfg, n = run.cfg, len(run.order)
     options = sorted({*cfg.options, cfg.base_bits})
     variants: dict[str, dict[int, dict]] = {}
@@ -235,7 +284,7 @@ def _mixed(run: _Run, report: QuantizeReport) -> None:
     free = [name for name in run.order if name not in fixed]
     for name in run.order:
         wrap(run.q, name, fixed.get(name, cfg.base_bits), cfg.a_bits)
-    _program(run, free, fixed, options, np.zeros((len(free), len(options))))  # reachable?
+    _program(run, free, fixed, options, np.zeros((len(free), len(options))), size)  # reachable?
     for i, name in enumerate(run.order):
         choices = [fixed[name]] if name in fixed else options
         layer = run.q.get_submodule(name)
@@ -260,30 +309,39 @@ def _mixed(run: _Run, report: QuantizeReport) -> None:
             lambda i, name: run.say(f"sensitivity [{i + 1}/{len(free)}] {name}"),
         )  # fmt: skip
         report.loss["base"] = base
-    choice = _program(run, free, fixed, options, table)
-    for name in free:
-        bits = options[choice[name]]
-        run.q.get_submodule(name).load_state(variants[name][bits])
-    for rep in report.layers:
-        rep.bits = run.q.get_submodule(rep.name).w_bits
+    return _Profile(variants, free, options, table)
+
+
+def _pick(run: _Run, prof: _Profile, size: float) -> None:
+    """Loads the program's choice at ``size`` into ``run.q``."""
+    fixed = {n: run.q.get_submodule(n).w_bits for n in run.order if n not in prof.free}
+    choice = _program(run, prof.free, fixed, prof.options, prof.table, size)
+    for name in prof.free:
+        bits = prof.options[choice[name]]
+        run.q.get_submodule(name).load_state(prof.variants[name][bits])
 
 
 def _program(
-    run: _Run, free: list[str], fixed: dict[str, int], options: list[int], table: np.ndarray
+    run: _Run,
+    free: list[str],
+    fixed: dict[str, int],
+    options: list[int],
+    table: np.ndarray,
+    size: float,
 ) -> dict[str, int]:
-    """Option index per free layer, within the size (or BOPs) budget."""
+    """Option index per free layer, within the size (or BOPs) budget ``size``."""
     cfg = run.cfg
     layers = {name: run.q.get_submodule(name) for name in run.order}
     if cfg.cost == "size":
         total = 32 * sum(p.numel() for p in run.fp.parameters())
-        budget = cfg.size * total - model_bits(run.q, exclude_weights=True)
+        budget = size * total - model_bits(run.q, exclude_weights=True)
         budget -= sum(layers[n].base.weight.numel() * b for n, b in fixed.items())
         cost = size_cost([layers[n].base.weight.numel() for n in free], options)
         scale, unit = total, " of the FP32 size"
     else:
         macs = _macs(run, free + list(fixed))
         total = sum(macs.values()) * 32 * 32
-        budget = cfg.size * total - sum(macs[n] * b * (cfg.a_bits or 32) for n, b in fixed.items())
+        budget = size * total - sum(macs[n] * b * (cfg.a_bits or 32) for n, b in fixed.items())
         cost = bops_cost([macs[n] for n in free], options, cfg.a_bits)
         scale, unit = total, " of the FP32 BOPs"
     if not free:
@@ -291,10 +349,9 @@ def _program(
     try:
         pick = allocate(table, cost, budget)
     except SpliceError:
-        least = (cost.min(1).sum() + (scale * cfg.size - budget)) / scale
+        least = (cost.min(1).sum() + (scale * size - budget)) / scale
         raise SpliceError(
-            f"size {cfg.size} is below the smallest reachable {least:.4f}{unit}"
-            f" with bits {options}",
+            f"size {size} is below the smallest reachable {least:.4f}{unit} with bits {options}",
             fix=f"use a size ≥ {least:.4f} or add smaller bit options",
         ) from None
     return dict(zip(free, (int(k) for k in pick), strict=True))

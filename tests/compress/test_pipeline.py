@@ -18,6 +18,7 @@ from splice.compress import (
     model_bits,
     quant_layers,
     quantize,
+    quantize_sizes,
     wrap,
 )
 from splice.errors import SpliceError
@@ -128,3 +129,18 @@ def test_a_bops_budget_counts_macs_times_weight_and_input_bits(tinynet, images, 
     assert bits["conv1"] == bits["fc"] == 8  # the ends
     assert sum(macs[n] * b * 8 for n, b in bits.items()) <= 0.053 * sum(macs.values()) * 32 * 32
     assert bits["conv2"] == 2  # 4 bits would not fit: (13824·8 + 4096·4 + 40·8)·8 > budget
+
+
+def test_a_size_sweep_equals_one_run_per_size(tinynet, images, steps):
+    cfg = QuantizeConfig(size=0.3, options=(2, 4, 8), pipeline="light", ends_bits=None)
+    swept = list(quantize_sizes(tinynet, images, run, steps, cfg, [0.25, 0.3, 1.0]))
+    assert [size for size, _, _ in swept] == [0.25, 0.3, 1.0]
+    for size, q, report in swept:
+        alone, single = quantize(tinynet, images, run, steps, cfg.model_copy(update={"size": size}))
+        assert report.fraction == single.fraction <= size
+        assert [r.bits for r in report.layers] == [r.bits for r in single.layers]
+        assert report.loss == pytest.approx(single.loss)
+        assert torch.equal(q(images[0]), alone(images[0]))
+    assert [r.bits for r in swept[-1][2].layers] == [8, 8, 8]
+    with pytest.raises(SpliceError, match="size 0.01 is below the smallest reachable"):
+        next(quantize_sizes(tinynet, images, run, steps, cfg, [0.01, 0.3]))

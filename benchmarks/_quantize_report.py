@@ -1,0 +1,138 @@
+"""Tables and the figure of the quantization benchmarks, from their JSON stores (issue #28):
+``benchmarks/quantize_accuracy.py --report [--plot PNG]``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from _quantize import suite_tasks
+
+__all__ = ["report"]
+
+LABELS = {"fp32": "FP32", "rtn-w8": "RTN W8", "rtn-w4": "RTN W4",
+          "torch-dynamic": "torch dynamic int8", "light-w4a8": "light W4A8",
+          "advanced-w4a8": "advanced W4A8", "advanced-parallel-w4a8": "advanced W4A8 parallel",
+          "light-w8": "light W8", "light-w4": "light W4"}  # fmt: skip
+
+
+def _rows(args) -> dict[tuple[str, str], dict]:
+    tail = f"|n{args.samples}|i{args.iters}|b{args.bias_steps}"
+    store = json.loads(args.store.read_text()) if args.store.is_file() else {}
+    return {(r["task"], r["row"]): r for k, r in store.items() if k.endswith(tail)}
+
+
+def _order(row: str) -> tuple[int, float]:
+    names = list(LABELS)
+    if row.startswith("ip-"):
+        return len(names), float(row[3:])
+    return (names.index(row) if row in names else len(names) + 1), 0.0
+
+
+def _suite(rows: dict, tasks: list[str]) -> list[dict]:
+    """Per row: mean accuracy, mean drop from FP32 and mean size over the tasks it ran on."""
+    tasks = [t for t in tasks if (t, "fp32") in rows]
+    names = sorted({r for t, r in rows if t in tasks}, key=_order)
+    out = []
+    for name in names:
+        done = [rows[t, name] for t in tasks if (t, name) in rows]
+        scored = [r for r in done if "accuracy" in r]
+        if not scored:
+            least = max(r["unreachable"] for r in done)
+            out.append({"row": name, "unreachable": least, "tasks": len(done)})
+            continue
+        acc = [r["accuracy"] for r in scored]
+        drop = [rows[r["task"], "fp32"]["accuracy"] - r["accuracy"] for r in scored]
+        out.append({
+            "row": name, "tasks": len(scored), "accuracy": float(np.mean(acc)),
+            "drop": float(np.mean(drop)), "worst_drop": float(np.max(drop)),
+            "fraction": float(np.mean([r["fraction"] for r in scored])),
+            "seconds": float(np.mean([r["calibration_s"] for r in scored])),
+            "per_task": {r["task"]: r["accuracy"] for r in scored},
+        })  # fmt: skip
+    return out
+
+
+def _print_suite(name: str, tasks: list[str], summary: list[dict]) -> None:
+    if not summary:
+        return
+    tasks = [t for t in tasks if any(t in s.get("per_task", {}) for s in summary)]
+    print(f"\n{name} suite ({len(tasks)} tasks)\n")
+    print("| row | size (of FP32) | mean acc | mean drop | worst drop | "
+          + " | ".join(tasks) + " | calib s (mean) |")  # fmt: skip
+    print("|---" * (6 + len(tasks)) + "|")
+    for s in summary:
+        if "unreachable" in s:
+            print(f"| {s['row']} | unreachable (smallest {s['unreachable']:.3f}) |"
+                  + " |" * (4 + len(tasks)))  # fmt: skip
+            continue
+        per = " | ".join(f"{100 * s['per_task'][t]:.1f}" if t in s["per_task"] else "–"
+                         for t in tasks)  # fmt: skip
+        print(f"| {LABELS.get(s['row'], s['row'])} | {s['fraction']:.3f} | "
+              f"{100 * s['accuracy']:.1f} | {100 * s['drop']:+.1f} | {100 * s['worst_drop']:+.1f}"
+              f" | {per} | {s['seconds']:.0f} |")  # fmt: skip
+
+
+def _llm(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    rows = list(json.loads(path.read_text()).values())
+    print("\nSmolLM2-135M held-out perplexity\n\n| row | size (of FP32) | perplexity | calib s |")
+    print("|---|---|---|---|")
+    for r in sorted(rows, key=lambda r: -r["fraction"]):
+        print(f"| {r['label']} | {r['fraction']:.3f} | {r['perplexity']:.2f} | "
+              f"{r['calibration_s']:.0f} |")  # fmt: skip
+    return rows
+
+
+def _plot(path: Path, suites: dict[str, list[dict]], llm: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [(n, s) for n, s in suites.items() if s] + ([("SmolLM2", llm)] if llm else [])
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.2), squeeze=False)
+    markers = dict(zip(LABELS, "*osv^DPXh", strict=False))
+    for ax, (name, rows) in zip(axes[0], panels, strict=True):
+        if name == "SmolLM2":
+            for r in rows:
+                ax.scatter(r["fraction"], r["perplexity"], label=r["label"], marker="o")
+            ax.set_ylabel("held-out perplexity (lower is better)")
+            ax.set_title("SmolLM2-135M")
+        else:
+            scored = [s for s in rows if "accuracy" in s]
+            ip = sorted((s for s in scored if s["row"].startswith("ip-")),
+                        key=lambda s: s["fraction"])  # fmt: skip
+            for s in scored:
+                if not s["row"].startswith("ip-"):
+                    ax.scatter(s["fraction"], 100 * s["accuracy"], label=LABELS[s["row"]],
+                               marker=markers.get(s["row"], "o"), s=50)  # fmt: skip
+            if ip:
+                ax.plot([s["fraction"] for s in ip], [100 * s["accuracy"] for s in ip], "k.-",
+                        label="integer program (light, 2/4/8)")  # fmt: skip
+            ax.set_ylabel("mean test accuracy (%)")
+            ax.set_title(f"{name} suite ({max(s['tasks'] for s in scored)} tasks)")
+        ax.set_xscale("log")
+        ax.set_xlabel("size (fraction of FP32)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    print(f"\nfigure: {path}")
+
+
+def report(args) -> None:
+    rows = _rows(args)
+    suites = {}
+    for name, spec in (("image", "image"), ("text", "text")):
+        tasks = suite_tasks(spec)
+        suites[f"{name} (EfficientNet-Lite0)" if name == "image" else f"{name} (MiniLM-L6)"] = (
+            summary := _suite(rows, tasks)
+        )
+        _print_suite(name, tasks, summary)
+    llm = _llm(args.llm_store)
+    if args.plot is not None:
+        _plot(args.plot, suites, llm)
