@@ -142,5 +142,5 @@ def test_a_size_sweep_equals_one_run_per_size(tinynet, images, steps):
         assert report.loss == pytest.approx(single.loss)
         assert torch.equal(q(images[0]), alone(images[0]))
     assert [r.bits for r in swept[-1][2].layers] == [8, 8, 8]
-    with pytest.raises(SpliceError, match="size 0.01 is below the smallest reachable"):
+    with pytest.raises(SpliceError, match=r"size 0\.01 is below the smallest reachable"):
         next(quantize_sizes(tinynet, images, run, steps, cfg, [0.01, 0.3]))
