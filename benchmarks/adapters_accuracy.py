@@ -57,6 +57,12 @@ def main() -> None:
             "lr_grid": (5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2),
             "grow": 3,
             "caps": (2000, 200, 500),
+            # the `--full` profile's settings this study ran with until 2026-12-07 (the
+            # profile is smaller since)
+            "batch_size": 32,
+            "max_len": 40,
+            "full_lr_grid": (3e-5, 1e-4),
+            "head_lr_grid": (1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 1e-1, 2e-1, 5e-1),
         }
     )
     results = run_peft(cfg, console=Console(stderr=True))

@@ -18,7 +18,10 @@ The protocol (:data:`PROTOCOL`, printed with every report), per task:
    scored there; the test split plays no part in any choice.
 
 Training is :func:`splice.bench.finetune.train` (the one loop); each row's outcome is cached
-by (model, splits, row, options, protocol), so a re-run repeats the numbers at no cost.
+by (model, splits, row, options, protocol), so a re-run repeats the numbers at no cost. The
+probes run first, in this process; the other rows in ``workers`` forked processes
+(:mod:`splice.bench.peft_pool`), every process on one torch thread, so the numbers do not
+depend on ``workers``.
 """
 
 from __future__ import annotations
@@ -35,10 +38,11 @@ from pydantic import Field
 
 from splice._schema import Strict
 from splice.bench.peft_budget import fit_budget
-from splice.bench.peft_rows import Task, full_grid, run_cached, run_row, start_row
+from splice.bench.peft_pool import Job, PoolProgress, makespan, run_job, run_jobs, workers_for
+from splice.bench.peft_rows import Task, full_grid, start_row
 from splice.bench.peft_select import SELECTOR_ROWS, selector_plans
 from splice.bench.plan import FACTORS, calibrate
-from splice.bench.progress import Phase, Progress, clock
+from splice.bench.progress import Phase, clock
 from splice.bench.runner import load_backbone, profile_update
 from splice.data.cache import cache_root, stable_hash
 from splice.errors import SpliceError
@@ -54,7 +58,11 @@ PROTOCOL = (
     "other seeds; the test split plays no part in any choice."
 )
 REFERENCES = ("probe", "full")
-_FULL_COST = 1.6  # a full fine-tuning step against an adapter's (measured on the dev box)
+# a full fine-tuning step against an adapter's (quick profile on the dev box: 2.7x LoRA's on
+# MiniLM, 1.9x on EfficientNet-Lite0), and what the rows cost beyond the examples they pass
+# (a model copy, adapter injection, the saved file; some methods' heavier steps)
+_FULL_COST = 2.5
+_SLACK = 1.1
 
 
 class PeftConfig(Strict):
@@ -80,30 +88,31 @@ class PeftConfig(Strict):
     text_model: str = "minilm"
     eval_batch_size: int = 128
     device: str = "cpu"
+    workers: int = Field(2, ge=1, description="rows at once (processes of one torch thread)")
 
 
 PEFT_PROFILES: dict[str, PeftConfig] = {
-    # every registered method in minutes (docs/bench.md): the suite's shortest text inputs
-    # (glosses, 16 tokens on average; 25 classes leave room above the probe), 24 steps of 8,
-    # capped validation and test splits
+    # every registered method in minutes (docs/bench.md "PEFT track"): the suite's shortest
+    # text inputs (glosses, 16 tokens on average; 25 classes leave room above the probe),
+    # 20 steps of 8, capped validation and test splits
     "quick": PeftConfig(
         tasks=("wordnet_supersense", "sk_digits"),
-        steps=24,
+        steps=20,
         batch_size=8,
         caps=(1000, 100, 200),
-        max_len=24,
+        max_len=20,
     ),
+    # the same tasks with 2.7x the training per run, larger splits and three seeds (the
+    # extra seeds at the picked lr only), sized to 90 minutes on the slowest 2-core box
     "full": PeftConfig(
-        tasks=("rt_sentiment", "fortune_topic", "sk_digits"),
-        steps=120,
-        batch_size=32,
-        lr_grid=(1e-3, 2e-3, 5e-3),
-        full_lr_grid=(3e-5, 1e-4),
-        head_lr_grid=(1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 1e-1, 2e-1, 5e-1),
-        grow=1,
+        tasks=("wordnet_supersense", "sk_digits"),
+        steps=32,
+        batch_size=16,
+        lr_grid=(1e-3, 5e-3),
+        full_lr_grid=(5e-5, 2e-4),
         seeds=(0, 1, 2),
-        caps=(2000, 200, 500),
-        max_len=40,
+        caps=(2000, 200, 400),
+        max_len=24,
     ),
 }
 
@@ -120,11 +129,13 @@ def configure_peft(
     options: Mapping[str, Mapping[str, Any]] | None = None,
     device: str | None = None,
     text_model: str | None = None,
+    workers: int | None = None,
 ) -> PeftConfig:
     """A profile's config with command-line overrides (as :func:`splice.bench.runner.configure`)."""
     cfg, update = profile_update(PEFT_PROFILES, profile, suite, tasks, seed)
     update |= method_update(methods, options)
-    values = {"steps": steps, "budget": budget, "device": device, "text_model": text_model}
+    values = {"steps": steps, "budget": budget, "device": device, "text_model": text_model,
+              "workers": workers}  # fmt: skip
     update |= {k: v for k, v in values.items() if v is not None}
     return PeftConfig.model_validate(cfg.model_dump() | update)
 
@@ -283,11 +294,11 @@ def _estimate(cfg: PeftConfig, group: Any, plans: list[dict], rate: float) -> li
             elif plan["key"] == "probe":
                 est = (n_train + n_val + n_test) * evaluate * rate
             else:
-                runs = len(cfg.full_lr_grid if full_grid(plan) else cfg.lr_grid)
-                runs += len(cfg.seeds) - 1
+                grid = len(cfg.full_lr_grid if full_grid(plan) else cfg.lr_grid)
+                runs = grid + len(cfg.seeds) - 1  # the grid at the first seed, then the others
                 cost = step * (_FULL_COST if plan["key"] == "full" else 1.0)
-                evals = runs * n_val + len(cfg.seeds) * n_test
-                est = runs * cost + evals * evaluate * rate
+                evals = grid * n_val + len(cfg.seeds) * n_test
+                est = (runs * cost + evals * evaluate * rate) * _SLACK
             phases.append(Phase(f"{mod}/{name}/{plan['key']}", "train", est))
     return phases
 
@@ -302,14 +313,26 @@ def _line(key: str, task: str, row: dict) -> str:
 def run_peft(cfg: PeftConfig, console: Any | None = None) -> dict[str, Any]:
     """Run the PEFT track; returns the results (see :mod:`splice.bench.peft_report`).
 
-    ``console`` (a rich Console) gets the estimate, a line per lr tried and one per row."""
+    ``console`` (a rich Console) gets the estimate, a line per lr tried and one per row.
+    Every process computes on one torch thread (the numbers do not depend on ``workers``)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _run(cfg, console)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(cfg: PeftConfig, console: Any | None) -> dict[str, Any]:
     from splice.data.local import resolve_task
 
     task_objs = [resolve_task(t) for t in cfg.tasks]
     modalities = sorted({t.modality for t in task_objs}, reverse=True)  # text first
+    workers = workers_for(cfg.workers, cfg.device)
     rows: list[dict[str, Any]] = []
     t0 = time.perf_counter()
-    with Progress(console, time.perf_counter) as progress:
+    with PoolProgress(console, time.perf_counter) as progress:
+        progress.workers = workers
         groups = [
             load_backbone(cfg, m, [t for t in task_objs if t.modality == m]) for m in modalities
         ]
@@ -319,41 +342,53 @@ def run_peft(cfg: PeftConfig, console: Any | None = None) -> dict[str, Any]:
         phases = [p for g in groups for p in _estimate(cfg, g, plans[g.encoder.modality],
                                                        rate[g.encoder.modality])]  # fmt: skip
         progress.plan(phases)
-        total = sum(p.est for p in phases)
+        est = {p.key: p.est for p in phases}
+        first = sum(v for k, v in est.items() if k.endswith("/probe"))  # in the parent
+        total = first + makespan([v for k, v in est.items() if not k.endswith("/probe")], workers)
         n_rows = max(len(p) for p in plans.values())
         progress.say(
             f"estimate {clock(load_s + total)} on this machine: {len(cfg.tasks)} tasks × "
-            f"{n_rows} rows × {len(cfg.seeds)} seed(s), {cfg.steps} steps each; load "
-            f"{clock(load_s)} (done), training and evaluation {clock(total)}"
+            f"{n_rows} rows × {len(cfg.seeds)} seed(s), {cfg.steps} steps each, {workers} "
+            f"worker(s); load {clock(load_s)} (done), training and evaluation {clock(total)}"
         )
+
+        def finish(job: Job, row: dict, lines: list[str], seconds: float) -> None:
+            rows[job.index].update(row)
+            for line in lines:
+                progress.say(line)
+            key = f"{job.at}/{job.plan['key']}"
+            progress.done(key, _line(job.plan["key"], job.row["task"], row), seconds)
+
+        jobs = []
         for g in groups:
             mod = g.encoder.modality
             for name in g.data:
                 task, head_lr = Task(g, name, cfg), 1e-2  # the probe's pick replaces it
+                task.train_x  # noqa: B018 — tokenised here, before the workers fork
                 for plan in plans[mod]:
                     if (row := start_row(rows, plan, mod, name)) is None:
                         continue
-                    start = time.perf_counter()
-
-                    def say(text: str, at: str = f"{mod}/{name}") -> None:
-                        progress.say(f"          {at}: {text}")
-
-                    def compute(t: Task = task, p: dict = plan, lr: float = head_lr) -> dict:
-                        return run_row(t, p, lr, say)
-
-                    out = run_cached(row, _row_path(cfg, g, name, plan), compute)
-                    row["head_lr"] = out.get("lr", head_lr)
-                    if plan["key"] == "probe" and out:
-                        head_lr = out["lr"]
+                    path = _row_path(cfg, g, name, plan)
+                    at = f"{mod}/{name}"
+                    job = Job(len(rows) - 1, row, task, plan, head_lr, path,
+                              est.get(f"{at}/{plan['key']}", 0.0), at)  # fmt: skip
+                    probe = plan["key"] == "probe"  # cheap, and every other row needs its lr
+                    if probe or path.is_file():  # here and now (cached: a file read)
+                        finish(job, *run_job(job))
                     else:
-                        row["head_lr"] = head_lr
-                    key = f"{mod}/{name}/{plan['key']}"
-                    progress.done(key, _line(plan["key"], name, row), time.perf_counter() - start)
+                        jobs.append(job)
+                    head_lr = row.get("lr", head_lr) if probe else head_lr
+                    row["head_lr"] = head_lr
+        for job, *done in run_jobs(jobs, workers):
+            finish(job, *done)
+    # each row's estimate and seconds (in its worker), for the estimate's calibration
+    row_s = {k: [round(p.est, 1), round(p.actual or 0.0, 1)] for k, p in progress.phases.items()}
     return {
         "track": "peft",
         "config": cfg.model_dump(mode="json"),
         "protocol": PROTOCOL,
         "tasks": {t.name: {"modality": t.modality, "about": t.description} for t in task_objs},
         "rows": rows,
-        "meta": run_meta(t0, load_s, load_s + total, cfg.device),
+        "meta": run_meta(t0, load_s, load_s + total, cfg.device)
+        | {"workers": workers, "row_s": row_s},
     }

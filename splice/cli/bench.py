@@ -74,6 +74,14 @@ def bench(
             "--protocol paper: a task's fine-tune setting, TASK.KEY=VALUE.",
         ),
     ] = None,
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="peft: rows trained at once, each in its own process on one torch thread "
+            "(default 2, at most the CPU count; the numbers do not depend on it).",
+        ),
+    ] = None,
     protocol: Annotated[
         str,
         typer.Option(
@@ -110,6 +118,10 @@ def bench(
         raise UsageError("--finetune belongs to --track merge", fix="drop it")
     if track != "peft" and (budget is not None or set_):
         raise UsageError("--budget and --set belong to --track peft", fix="add --track peft")
+    if track != "peft" and workers is not None:
+        raise UsageError("--workers belongs to --track peft", fix="add --track peft")
+    if suite == "llm" and workers is not None:
+        raise UsageError("--workers belongs to the text and vision suites", fix="drop it")
     if suite == "llm":  # the LLM suite (splice/cli/_bench_llm.py)
         from splice.cli._bench_llm import run_llm_suite
 
@@ -121,7 +133,8 @@ def bench(
     if track == "peft":
         from splice.bench.peft import configure_peft
 
-        cfg = configure_peft(profile, budget=budget, options=_options(set_ or []), **common)
+        cfg = configure_peft(profile, budget=budget, options=_options(set_ or []),
+                             workers=workers, **common)  # fmt: skip
         from splice.bench.peft import run_peft
         from splice.bench.peft_report import print_peft_table, write_peft_report
 

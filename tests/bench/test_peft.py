@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ from splice.adapters.layer import FAMILIES
 from splice.adapters.lora import LoRA, LoRAAdapter
 from splice.bench.peft import PeftConfig, run_peft
 from splice.bench.peft_budget import fit_budget, size_knobs
+from splice.bench.peft_pool import makespan, workers_for
 from splice.bench.peft_report import summarize, write_peft_report
 
 
@@ -94,11 +96,15 @@ def test_tiny_run_writes_all_three_files_and_repeats_from_cache(tiny, tmp_path, 
     assert all(r["cached"] for r in again["rows"] if r["key"] != "mos")
     assert [r.get("acc") for r in again["rows"]] == [r.get("acc") for r in first["rows"]]
 
-    # a re-run on an empty cache trains every row again and repeats every number
+    # a re-run on an empty cache in one process (the first ran its rows in two worker
+    # processes where the machine has two CPUs) trains every row again and repeats every number
+    assert first["meta"]["workers"] == min(2, os.cpu_count() or 1)
     monkeypatch.setenv("SPLICE_CACHE", str(tmp_path / "fresh"))
-    fresh = run_peft(_config(tiny, methods=("lora", "nola", "mos")))
+    fresh = run_peft(_config(tiny, methods=("lora", "nola", "mos"), workers=1))
+    assert fresh["meta"]["workers"] == 1
     assert not any(r.get("cached") for r in fresh["rows"])
-    fields = ("status", "lr", "val", "acc", "head_lr", "adapter_params", "head_params")
+    fields = ("status", "lr", "val", "acc", "head_lr", "adapter_params", "head_params",
+              "saved_bytes", "reason")  # fmt: skip
     assert [[r.get(f) for f in fields] for r in fresh["rows"]] == [
         [r.get(f) for f in fields] for r in first["rows"]
     ]
@@ -266,3 +272,27 @@ def test_sparse_expands_to_its_selectors_and_a_conv_net_states_why_not(tiny):
     assert [p["key"] for p in plans] == ["probe", "spt", "id3", "full"]
     for p in plans[1:3]:
         assert "does not apply to Sequential" in p["reason"] and "Linear" in p["reason"]
+
+
+def test_makespan_is_longest_first_over_the_workers_and_workers_stay_on_the_cpu():
+    # LPT on 2 workers: 5 | 4 then 3 → 5+2, 4+3; one worker: the sum; no jobs: 0
+    assert makespan([2, 3, 4, 5], 2) == 7 and makespan([2, 3, 4, 5], 1) == 14
+    assert makespan([], 3) == 0 and makespan([9, 1, 1], 2) == 9
+    assert workers_for(64, "cpu") == (os.cpu_count() or 1) and workers_for(2, "cuda:0") == 1
+    assert workers_for(1, "cpu") == 1
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--workers", "2"], "--workers belongs to --track peft"),
+        (["--suite", "llm", "--track", "peft", "--workers", "2"], "--workers belongs to the text"),
+        (["--track", "peft", "--workers", "0"], "greater than or equal to 1"),
+    ],
+)
+def test_workers_option_is_the_peft_tracks(args, message, tmp_path, monkeypatch, capsys):
+    from tests.cli._run import run_cli
+
+    code, _, stderr = run_cli(monkeypatch, capsys, "bench", *args, "--out", str(tmp_path / "o"))
+    assert code == 2 and message in stderr, stderr
+    assert not (tmp_path / "o").exists()
