@@ -74,8 +74,11 @@ class QuantizeConfig(Strict):
             check_bits(self.bits)
         if self.size is not None and not 0 < self.size <= 1:
             raise SpliceError(f"size {self.size} is not a fraction", fix="use a value in (0, 1]")
-        for b in (*self.options, self.base_bits, self.ends_bits or 8, self.a_bits or 8):
-            check_bits(b)
+        for b in self.options:
+            check_bits(b, "bit option")
+        check_bits(self.base_bits, "base bits")
+        check_bits(self.ends_bits or 8, "ends bits")
+        check_bits(self.a_bits or 8, "activation bits")
         return self
 
 

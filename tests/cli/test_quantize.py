@@ -32,6 +32,8 @@ def _splice(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
     return int(done.value.code or 0), out, err
 
 
+# every Linear and Embedding of the tiny BERT, by suffix: nothing left to quantize
+_EVERY_LAYER = "word_embeddings,position_embeddings,token_type_embeddings,query,key,value,dense"
 FAST = ("--iters", "10", "--bias-steps", "0", "--samples", "40", "--batch-size", "10")
 
 
@@ -70,6 +72,9 @@ def test_quantize_writes_a_model_both_loaders_read(workdir, monkeypatch, capsys)
         (("--size", "0.01"), "size 0.01 is below the smallest reachable 0."),
         (("--bits", "4", "--calib", "sk_digits"), "is image, but the model takes text"),
         (("--bits", "4", "--pipeline", "heavy"), "--pipeline: Input should be 'light' or"),
+        (("--bits", "1"), "bits 1 is not supported — fix: use an integer from 2 to 8"),
+        (("--bits", "4", "--a-bits", "9"), "activation bits 9 is not supported"),
+        (("--bits", "4", "--exclude", _EVERY_LAYER), "the model has no quantizable layer"),
     ],
 )
 def test_bad_input_is_one_line_and_writes_nothing(workdir, monkeypatch, capsys, args, message):

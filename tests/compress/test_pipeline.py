@@ -144,3 +144,34 @@ def test_a_size_sweep_equals_one_run_per_size(tinynet, images, steps):
     assert [r.bits for r in swept[-1][2].layers] == [8, 8, 8]
     with pytest.raises(SpliceError, match=r"size 0\.01 is below the smallest reachable"):
         next(quantize_sizes(tinynet, images, run, steps, cfg, [0.01, 0.3]))
+
+
+@pytest.mark.parametrize("mode", ["sequential", "parallel"])
+def test_sequential_inputs_come_from_the_partly_quantized_model_on_every_batch(
+    tinynet, images, steps, monkeypatch, mode
+):
+    import splice.compress.pipeline as pipeline
+
+    seen = []
+
+    def spy(model, name, batches, forward, *, inputs=True, outputs=True):
+        xs, ys = capture(model, name, batches, forward, inputs=inputs, outputs=outputs)
+        if inputs:  # the inputs AdaQuant fits on: from which model, through which quantized layers
+            seen.append((name, model is tinynet, len(xs), [n for n, _ in quant_layers(model)]))
+        return xs, ys
+
+    monkeypatch.setattr(pipeline, "capture", spy)
+    cfg = QuantizeConfig(bits=4, mode=mode, adaquant=FAST, bias_steps=0, bn=False)
+    quantize(tinynet, images, run, steps, cfg)
+    assert [name for name, *_ in seen] == ["conv1", "conv2", "fc"]
+    assert all(n == len(images) for _, _, n, _ in seen)  # every batch, not only the first
+    if mode == "parallel":
+        assert all(fp for _, fp, _, _ in seen)
+    else:
+        assert not any(fp for _, fp, _, _ in seen)
+        # layer k's inputs run through the quantized layers before it (and k itself, wrapped)
+        assert [done for *_, done in seen] == [
+            ["conv1"],
+            ["conv1", "conv2"],
+            ["conv1", "conv2", "fc"],
+        ]
