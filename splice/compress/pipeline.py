@@ -142,18 +142,35 @@ class _Run:
         ]
         return sum(losses) / len(losses)
 
+    def activations(self, name: str, source: nn.Module) -> tuple[list[Tensor], list[Tensor]]:
+        """The layer's inputs in ``source`` and its FP outputs (one pass when ``source`` is
+        the FP model)."""
+        if source is self.fp:
+            return capture(self.fp, name, self.batches, self.forward)
+        xs, _ = capture(source, name, self.batches, self.forward, outputs=False)
+        _, ys = capture(self.fp, name, self.batches, self.forward, inputs=False)
+        return xs, ys
+
     def calibrate(
-        self, layer: QuantLayer, name: str, source: nn.Module, report: LayerReport
+        self,
+        layer: QuantLayer,
+        name: str,
+        source: nn.Module,
+        report: LayerReport,
+        memo: dict[str, Any] | None = None,
     ) -> None:
         """Min/max init, then AdaQuant for the advanced pipeline; fills the layer's report.
-        A weights-only layer of the light pipeline needs no data (nor its MSE measured)."""
+        A weights-only layer of the light pipeline needs no data (nor its MSE measured).
+        ``memo`` keeps the captured activations for the layer's next variant."""
         start = time.perf_counter()
         if layer.aq is None and not (self.cfg.pipeline == "advanced" and self.cfg.adaquant.iters):
             layer.requires_grad_(False)  # weights only, rounded to nearest: no data needed
             report.seconds += time.perf_counter() - start
             return
-        xs, _ = capture(source, name, self.batches, self.forward, outputs=False)
-        _, ys = capture(self.fp, name, self.batches, self.forward, inputs=False)
+        memo = {} if memo is None else memo
+        if "xy" not in memo:
+            memo["xy"] = self.activations(name, source)
+        xs, ys = memo["xy"]
         init_input_range(layer, xs)
         relu = name in self.cfg.relu
         report.mse_before = layer_mse(layer, xs, ys, relu)
@@ -292,11 +309,11 @@ def _profile(run: _Run, report: QuantizeReport, size: float) -> _Profile:
         choices = [fixed[name]] if name in fixed else options
         layer = run.q.get_submodule(name)
         rep = LayerReport(name, choices[0], layer.a_bits, layer.base.weight.numel())
-        original = layer.state()
+        original, memo = layer.state(), {}
         for bits in choices:
             layer.load_state(original)
             layer.set_bits(bits)
-            run.calibrate(layer, name, run.fp, rep)
+            run.calibrate(layer, name, run.fp, rep, memo)
             variants.setdefault(name, {})[bits] = layer.state()
         report.layers.append(rep)
         run.say(
