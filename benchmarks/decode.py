@@ -23,6 +23,7 @@ share of steps where the re-ranking left the drafter's top-1 and the latency ove
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -31,6 +32,7 @@ import torch
 from splice.data.causal_lm import load_causal_lm
 from splice.decode import (
     CachedLM,
+    LeanLM,
     ModelProposer,
     NgramProposer,
     RerankTopK,
@@ -72,8 +74,12 @@ def _chat(tok, text: str) -> list[int]:
     return list(tok.encode(s, add_special_tokens=False))
 
 
-def _linear_bytes(model) -> int:
-    """Bytes of the matrix weights a decoding step reads (fp32 Linear; int8 quantised Linear)."""
+def _linear_bytes(model, layers: int | None = None) -> int:
+    """Bytes of the matrix weights a decoding step reads (fp32 Linear; int8 quantised Linear);
+    ``layers``: count only the head and the first ``layers`` blocks (an fp32 model)."""
+    if layers is not None:
+        per_block = (_linear_bytes(model) - _linear_bytes(model.lm_head)) // len(model.model.layers)
+        return _linear_bytes(model.lm_head) + layers * per_block
     total = 0
     for m in model.modules():
         if isinstance(m, torch.nn.Linear):
@@ -83,31 +89,37 @@ def _linear_bytes(model) -> int:
     return total
 
 
-def _step_ms(model, ids, reps: int = 8) -> float:
-    """Median time of a one-token cached step after ``ids``."""
-    lm, times = CachedLM(model), []
+def _step_ms(lm, ids, reps: int = 8, rows: int = 1) -> float:
+    """Median time of a cached step of ``lm`` (a CachedLM or LeanLM) over ``rows`` new tokens
+    after ``ids`` (``rows = γ + 1`` is the target's verify call)."""
+    times = []
     lm.logits(ids, 1)
     for _ in range(reps):
         t = time.perf_counter()
-        lm.logits([*ids, 1], 1)
+        lm.logits([*ids, *[1] * rows], rows)
         times.append(time.perf_counter() - t)
     return 1000 * sorted(times)[reps // 2]
 
 
-def _drafter(spec: str, model):
-    """``ngram`` | ``self:K`` | ``int8`` | ``int8:K`` -> (label, proposer, drafter model)."""
+def _drafter(spec: str, model, target):
+    """``ngram`` | ``self:K`` | ``int8`` | ``int8:K`` | ``bf16`` (lean only), ``-own`` suffix:
+    no KV sharing (lean only) -> (label, proposer, drafter LM, its matrix bytes)."""
     kind, _, k = spec.partition(":")
+    layers = int(k) if k else None
     if kind == "ngram":
-        return "n-gram n<=3", NgramProposer(model.config.vocab_size, 3), None
-    if kind == "self":
-        m = early_exit(model, int(k))
-        return f"self, first {k} of 30 blocks", ModelProposer(m, spec), m
-    m = int8_draft(model, int(k) if k else None)
-    return (
-        (f"int8 self, first {k} blocks" if k else "int8 self (all 30 blocks)"),
-        (ModelProposer(m, spec)),
-        m,
-    )
+        return "n-gram n<=3", NgramProposer(model.config.vocab_size, 3), None, 0
+    n_blocks = layers or model.config.num_hidden_layers
+    blocks = f"first {n_blocks} blocks"
+    if isinstance(target, LeanLM):  # the lean forward; by default on the target's exact K/V
+        weights = {"self": "fp32"}.get(kind.removesuffix("-own"), kind.removesuffix("-own"))
+        share = None if kind.endswith("-own") else target
+        lm = LeanLM(model, spec, weights=weights, layers=layers, kv_from=share)
+        label = f"lean {weights}, {blocks}, {'own K/V' if share is None else 'target K/V'}"
+        size = _linear_bytes(model, layers) * {"fp32": 4, "bf16": 2, "int8": 1}[weights] // 4
+        return label, ModelProposer(lm, spec), LeanLM(model, weights=weights, layers=layers), size
+    m = early_exit(model, layers) if kind == "self" else int8_draft(model, layers)
+    label = f"{'self' if kind == 'self' else 'int8 self'}, {blocks}"
+    return label, ModelProposer(m, spec), CachedLM(m), _linear_bytes(m)
 
 
 def speculative(args) -> None:
@@ -115,16 +127,17 @@ def speculative(args) -> None:
     texts = COPY_PROMPTS if args.prompt_set == "copy" else PROMPTS
     prompts = [_chat(tok, p) for p in texts[: args.prompts]]
     eos, n = [tok.eos_token_id], args.max_new_tokens
-    target = CachedLM(model, "target")
+    target = LeanLM(model, "target") if args.lean else CachedLM(model, "target")
     generate(prompts[0], target=target, sampling=GREEDY, max_new_tokens=4)  # warm-up
-    t_step, w_bytes = _step_ms(model, prompts[0]), _linear_bytes(model)
+    t_step, w_bytes = _step_ms(target, prompts[0]), _linear_bytes(model)
+    t_hf = _step_ms(CachedLM(model), prompts[0]) if args.lean else t_step
     rows, t0 = [], time.time()
     configs = []  # "int8@2,3" gives that drafter its own γ list
     for d in args.drafters:
         d, _, gs = d.partition("@")
         configs += [(d, g) for g in ([int(x) for x in gs.split(",")] if gs else args.gammas)]
     for i, (spec, g) in enumerate(configs, 1):
-        label, proposer, dm = _drafter(spec, model)
+        label, proposer, dm, d_bytes = _drafter(spec, model, target)
         plain_s = spec_s = 0.0
         toks, calls, acc, drafted, betas, same = 0, 0, 0, 0, [], True
         for ids in prompts:  # plain and speculative interleaved per prompt: same CPU load
@@ -138,26 +151,30 @@ def speculative(args) -> None:
             betas += [m["alpha"]] if m["alpha"] is not None else []
             same &= out.tokens == ref.tokens
         c = _step_ms(dm, prompts[0]) / t_step if dm is not None else 0.0
-        size = _linear_bytes(dm) / w_bytes if dm is not None else 0.0
+        size = d_bytes / w_bytes
+        v = _step_ms(target, prompts[0], rows=g + 1) / t_step
         rows.append((label, g, toks / plain_s, toks / spec_s, betas, acc, drafted,
-                     toks / calls, c, size, same))  # fmt: skip
+                     toks / calls, c, size, same, v))  # fmt: skip
         eta = (time.time() - t0) / i * (len(configs) - i)
         print(f"  [{i}/{len(configs)}] {label} γ={g}: {plain_s / spec_s:.2f}× (ETA {eta:.0f} s)",
               file=sys.stderr, flush=True)  # fmt: skip
+    lean = "lean forward (LeanLM) for target, plain and drafters; " if args.lean else ""
     print(
         f"\nSmolLM2-135M-Instruct, greedy, {len(prompts)} {args.prompt_set} prompts × ≤{n} "
-        f"tokens, torch threads "
-        f"{torch.get_num_threads()}; target step {t_step:.1f} ms, {w_bytes / 1e6:.0f} MB of "
-        f"matrix weights; plain and speculative interleaved per prompt\n"
+        f"tokens, torch threads {torch.get_num_threads()}; {lean}target step {t_step:.1f} ms "
+        f"(transformers forward {t_hf:.1f} ms), {w_bytes / 1e6:.0f} MB of matrix weights; "
+        f"plain and speculative interleaved per prompt; load average {os.getloadavg()[0]:.2f}\n"
     )
-    print("| drafter | weights read vs target | c = step time vs target | γ | plain tok/s | "
-          "spec tok/s | × plain | α | acceptance | tokens/target call | = plain |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| drafter | weights read vs target | c = step time vs target | γ | V = verify vs step "
+          "| plain tok/s | spec tok/s | × plain | α | acceptance | tokens/target call "
+          "| = plain |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     f = lambda x: "-" if x is None else f"{x:.3f}"  # noqa: E731
-    for label, g, tp, ts, betas, acc, drafted, per_call, c, size, same in rows:
+    for label, g, tp, ts, betas, acc, drafted, per_call, c, size, same, v in rows:
         alpha = sum(betas) / len(betas) if betas else None
         print(
-            f"| {label} | {size:.2f} | {c:.2f} | {g} | {tp:.2f} | {ts:.2f} | {ts / tp:.2f} | "
+            f"| {label} | {size:.2f} | {c:.2f} | {g} | {v:.2f} | {tp:.2f} | {ts:.2f} | "
+            f"{ts / tp:.2f} | "
             f"{f(alpha)} | {f(acc / drafted if drafted else None)} | {per_call:.2f} | "
             f"{'yes' if same else 'NO'} |"
         )
@@ -246,6 +263,8 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=5)
     ap.add_argument("--alphas", type=float, nargs="+", default=[1.0, 10.0])
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--lean", action="store_true",
+                    help="target, plain and drafters through splice.decode.LeanLM")  # fmt: skip
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.part in ("speculative", "all"):

@@ -7,7 +7,8 @@
     out.tokens, out.lossless, out.metrics["alpha"]
 
 Pieces, one per file: :mod:`.sampling` (the logit processor φ), :mod:`.lm` (a model behind a
-KV cache with rollback), proposers (:mod:`.draft`, :mod:`.selfdraft`, :mod:`.qdraft`,
+KV cache with rollback), :mod:`.lean` (a packed-weight CPU forward with the same interface),
+proposers (:mod:`.draft`, :mod:`.selfdraft`, :mod:`.qdraft`,
 :mod:`.ngram`), policies
 (:mod:`.lossless`, :mod:`.rerank`), scorers (:mod:`.ambedkar`, :mod:`.tq`), and
 :mod:`.engine`, the one decoding loop. Nothing here updates a model's weights.
@@ -18,6 +19,7 @@ from __future__ import annotations
 from .base import Candidates, Draft, Proposer, Scorer
 from .draft import ModelProposer
 from .engine import Generation, generate
+from .lean import LeanLM
 from .lm import CachedLM
 from .lossless import GreedyMatch, LosslessRejection
 from .ngram import NgramProposer
@@ -32,6 +34,7 @@ __all__ = [
     "Draft",
     "Generation",
     "GreedyMatch",
+    "LeanLM",
     "LosslessRejection",
     "ModelProposer",
     "NgramProposer",

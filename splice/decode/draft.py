@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from splice.decode.base import Candidates, Draft
+from splice.decode.lean import LeanLM
 from splice.decode.lm import CachedLM
 from splice.decode.sampling import Sampling, sample, warp
 
@@ -19,8 +20,8 @@ __all__ = ["ModelProposer"]
 class ModelProposer:
     """Drafts autoregressively from ``model``: ``x_i ~ φ(M_q(· | prefix, x_<i))``."""
 
-    def __init__(self, model: nn.Module | CachedLM, name: str = "draft") -> None:
-        self.lm = model if isinstance(model, CachedLM) else CachedLM(model, name)
+    def __init__(self, model: nn.Module | CachedLM | LeanLM, name: str = "draft") -> None:
+        self.lm = model if isinstance(model, (CachedLM, LeanLM)) else CachedLM(model, name)
         self.name = name
 
     def draft(

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from splice.decode.base import Proposer, Scorer
+from splice.decode.lean import LeanLM
 from splice.decode.lm import CachedLM
 from splice.decode.lossless import Accepted, GreedyMatch, LosslessRejection
 from splice.decode.rerank import RerankTopK
@@ -55,7 +56,7 @@ class _Tally:
 def generate(
     prompt: Sequence[int],
     *,
-    target: CachedLM | None = None,
+    target: CachedLM | LeanLM | None = None,
     proposer: Proposer | None = None,
     policy: Policy | None = None,
     scorer: Scorer | None = None,
@@ -118,7 +119,7 @@ def generate(
 
 def _chain_step(
     ids: list[int],
-    target: CachedLM,
+    target: CachedLM | LeanLM,
     proposer: Proposer | None,
     policy: LosslessRejection | GreedyMatch,
     sampling: Sampling,
@@ -163,7 +164,7 @@ def _check(
     prompt: Sequence[int],
     gamma: int,
     max_new_tokens: int,
-    target: CachedLM | None,
+    target: CachedLM | LeanLM | None,
     proposer: Proposer | None,
     policy: Policy,
     scorer: Scorer | None,
