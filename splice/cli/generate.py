@@ -31,6 +31,13 @@ def generate(
             help="Drafter: an int8 copy of the target (CPU; K blocks with --self-draft K).",
         ),
     ] = False,
+    lean: Annotated[
+        bool,
+        typer.Option(
+            "--lean",
+            help="CPU speculative: target and self-drafters on splice's packed-weight forward.",
+        ),
+    ] = False,
     gamma: Annotated[int, typer.Option(help="Tokens drafted per target call (γ ≥ 1).")] = 4,
     temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 1.0,
     top_k: Annotated[int | None, typer.Option(help="Top-k of φ (both models).")] = None,
@@ -83,6 +90,8 @@ def generate(
         raise SpliceError("give at most one of --draft, --self-draft, --ngram")
     if int8 and (draft is not None or ngram is not None):
         raise SpliceError("--int8 quantises the target's own weights: not with --draft or --ngram")
+    if lean and policy != "speculative":
+        raise SpliceError(f"--lean serves --policy speculative, not {policy}")
     try:
         sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p)
     except pydantic.ValidationError as e:
@@ -192,6 +201,8 @@ def _build(o: dict[str, Any]) -> dict[str, Any]:
     elif o["self_draft"] is not None:
         draft_model = early_exit(target, o["self_draft"])
         parts["drafter"] = f"self, first {o['self_draft']} blocks"
+    if o["policy"] == "speculative" and o["lean"]:
+        return _lean(o, parts, target, draft_model)
     if o["policy"] == "speculative":
         parts["target"] = CachedLM(target, "target")
         if draft_model is not None:
@@ -207,6 +218,25 @@ def _build(o: dict[str, Any]) -> dict[str, Any]:
     parts["scorer"] = (
         _ambedkar(o, target, tok) if o["policy"] == "ambedkar" else _value(o, target, tok, eos)
     )
+    return parts
+
+
+def _lean(o: dict[str, Any], parts: dict[str, Any], target: Any, draft_model: Any) -> Any:
+    """Speculative decoding on LeanLM: self-drafters read the target's exact K/V."""
+    from splice.decode import LeanLM, ModelProposer, NgramProposer
+
+    parts["target"] = lean = LeanLM(target, "target")
+    if o["int8"] or o["self_draft"] is not None:
+        weights = "int8" if o["int8"] else "fp32"
+        drafter = LeanLM(target, "draft", weights=weights, layers=o["self_draft"], kv_from=lean)
+        parts["proposer"] = ModelProposer(drafter)
+        parts["drafter"] += ", lean, target K/V"
+    elif draft_model is not None:
+        parts["proposer"] = ModelProposer(LeanLM(draft_model, "draft"))
+        parts["drafter"] += ", lean"
+    elif o["ngram"] is not None:
+        parts["proposer"] = NgramProposer(target.config.vocab_size, max_n=o["ngram"])
+        parts["drafter"] = f"n-gram n≤{o['ngram']}"
     return parts
 
 

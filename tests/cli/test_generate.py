@@ -57,6 +57,12 @@ def test_self_draft_greedy_equals_plain_and_reports_metrics(dirs: dict[str, Path
     for extra in (("--int8",), ("--int8", "--self-draft", "2")):  # int8 copy of the target
         q = _json(*common, *extra, "--gamma", "3")
         assert q["text"] == plain["text"] and q["lossless"] and q["drafter"].startswith("int8")
+    lean = _json(*common, "--lean")  # plain decoding on the lean forward: the same text
+    assert lean["text"] == plain["text"] and lean["drafter"] == "none"
+    for extra in (("--int8",), ("--self-draft", "2"), ("--ngram", "2")):
+        q = _json(*common, "--lean", *extra, "--gamma", "3")
+        assert q["text"] == plain["text"] and q["lossless"] and q["metrics"]["alpha"] is not None
+        assert "lean" in q["drafter"] or "n-gram" in q["drafter"]
     amb = _json(*common, "--policy", "ambedkar", "--k", "3")
     assert not amb["lossless"] and amb["metrics"]["scorer_calls"] > 0
 
@@ -76,6 +82,7 @@ def test_streams_text_to_the_terminal(dirs: dict[str, Path]) -> None:
         (("--prompt", "the", "--top-p", "0"), r"top_p=0.0 is outside \(0, 1\]"),
         (("--prompt", "the", "--policy", "fast"), "unknown --policy 'fast'"),
         (("--prompt", "the", "--int8", "--ngram", "2"), "--int8 quantises the target's own"),
+        (("--prompt", "the", "--lean", "--policy", "ambedkar"), "--lean serves --policy spec"),
     ],
 )
 def test_bad_input_is_one_line_exit_1(dirs: dict[str, Path], args: tuple, message: str) -> None:
