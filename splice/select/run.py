@@ -29,6 +29,9 @@ class SPTOptions(Strict):
     alpha: float = pydantic.Field(10.0, gt=0, description="structured when n_W ≥ P_struct/alpha")
     beta: float = pydantic.Field(5.0, gt=0, description="whole vector when n ≥ len/beta")
     r: int = pydantic.Field(8, gt=0, description="rank of the structured LoRA")
+    precision: Literal["fp32", "bf16"] = pydantic.Field(
+        "fp32", description="the sensitivity pass's matrix products (bf16: autocast)"
+    )
 
 
 class RDPOptions(Strict):
@@ -121,7 +124,7 @@ def run(
         if plan is None:
             plan = spt.select(
                 model, loss, budget, targets=weights, batches=opts.batches, r=opts.r,
-                alpha=opts.alpha, beta=opts.beta,
+                alpha=opts.alpha, beta=opts.beta, precision=opts.precision,
             )  # fmt: skip
             if memo is not None:
                 memo["spt"] = plan

@@ -53,22 +53,34 @@ class SPTPlan:
 
 
 def sensitivity(
-    loss: Callable[[int], Tensor], params: dict[str, Tensor], batches: int = 16
+    loss: Callable[[int], Tensor],
+    params: dict[str, Tensor],
+    batches: int = 16,
+    precision: str = "fp32",
 ) -> dict[str, Tensor]:
     """``Σ_b (∂ℒ_b/∂w)²`` for each tensor in ``params`` over mini-batches ``0..batches-1``.
 
     ``loss(b)`` returns mini-batch b's loss; only ``params`` get gradients during the pass
-    (their ``requires_grad`` is restored after).
+    (their ``requires_grad`` is restored after). ``precision="bf16"`` runs ``loss`` under
+    bfloat16 autocast, so the forward and backward matrix products (weight gradients
+    included) run in bfloat16; the squares are summed in float32. [recon: the paper's code
+    runs float32] It only ranks entries: on MiniLM-L6 it keeps 99.5 % of the chosen entries
+    (Jaccard), where another draw of the 16 batches keeps 64–72 % (docs/select.md).
     """
     if batches <= 0:
         raise SpliceError(f"sensitivity batches {batches} must be ≥ 1")
+    if precision not in ("fp32", "bf16"):
+        raise SpliceError(f"sensitivity precision {precision!r}", fix="choose fp32 or bf16")
+    device = next(iter(params.values())).device.type
     flags = {n: p.requires_grad for n, p in params.items()}
     sums = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
     try:
         for p in params.values():
             p.requires_grad_(True)
         for b in range(batches):
-            grads = torch.autograd.grad(loss(b), list(params.values()), allow_unused=True)
+            with torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bf16"):
+                value = loss(b)
+            grads = torch.autograd.grad(value, list(params.values()), allow_unused=True)
             for (n, _), g in zip(params.items(), grads, strict=True):
                 if g is not None:
                     g = g.float()
@@ -176,12 +188,14 @@ def select(
     r: int = 8,
     alpha: float = 10.0,
     beta: float = 5.0,
+    precision: str = "fp32",
 ) -> SPTPlan:
-    """Sensitivity over ``batches`` mini-batches of ``loss``, then the τ′ sweep to ``budget``
-    over the weight matrices of ``targets`` (default: every Linear/Conv1D in a layer stack)."""
+    """Sensitivity over ``batches`` mini-batches of ``loss`` (at ``precision``), then the τ′
+    sweep to ``budget`` over the weight matrices of ``targets`` (default: every Linear/Conv1D
+    in a layer stack)."""
     sites = matrix_sites(model, targets)
     weights = {name: module.weight for name, (module, _) in sites.items()}
-    sens = sensitivity(loss, weights, batches)
+    sens = sensitivity(loss, weights, batches, precision)
     canonical = {n: s.t() if sites[n][1] else s for n, s in sens.items()}  # (d_out, d_in)
     cost = {n: r * sum(s.shape) for n, s in canonical.items()}
     return sweep(canonical, budget, cost, alpha, beta)

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from splice.adapters import adapter_layers, load_adapter, save_adapter, trainable_parameters
 from splice.errors import SpliceError
 from splice.select import spt
+from splice.select.run import options
 
 from .conftest import Tiny, data
 
@@ -26,6 +27,24 @@ def test_sensitivity_is_the_sum_of_squared_batch_gradients():
     model.requires_grad_(False)
     spt.sensitivity(loss, {"w": w}, batches=1)
     assert not w.requires_grad
+
+
+def test_bf16_sensitivity_squares_bfloat16_products_and_rejects_other_precisions():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(5, 3)
+    x = torch.randn(64, 5) * 3
+    loss = lambda b: lin(x).sum()  # noqa: E731  (∂ℒ/∂W = 1ᵀx for every row of W)
+    exact = spt.sensitivity(loss, {"w": lin.weight}, 1)["w"]
+    assert torch.allclose(exact, x.sum(0).pow(2).expand(3, 5), rtol=1e-5)
+    low = spt.sensitivity(loss, {"w": lin.weight}, 2, precision="bf16")["w"]
+    col = x.bfloat16().float().sum(0).bfloat16().float()  # inputs and product in bfloat16
+    assert torch.allclose(low, 2 * col.pow(2).expand(3, 5), rtol=2e-2)
+    assert not torch.equal(low, 2 * exact) and low.dtype == torch.float32
+    with pytest.raises(SpliceError, match="fp32 or bf16"):
+        spt.sensitivity(loss, {"w": lin.weight}, 1, precision="fp16")
+    with pytest.raises(SpliceError, match="precision"):
+        options("spt", {"precision": "fp16"})
+    assert options("spt", {"precision": "bf16"}).precision == "bf16"
 
 
 def hand_map():
