@@ -1,5 +1,6 @@
 """The PEFT track's selector rows compute SPT's plan and RDP's layers once per (task, seed,
-budget) and reuse them across the lr grid (splice.bench.peft_select)."""
+budget) and reuse them across the lr grid (splice.bench.peft_select): a row runs its lrs and
+seeds in one process (one worker of splice.bench.peft_pool), which keeps the choice."""
 
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ def _run(bert_dir, csv_file, tmp_path, monkeypatch, keep: int) -> tuple[list[dic
     cfg = PeftConfig(
         tasks=(str(csv_file),), methods=("lora", "spt", "rdp"), steps=4, batch_size=8,
         lr_grid=(1e-3, 5e-3, 2e-2), head_lr_grid=(1e-2,), full_lr_grid=(1e-4,),
-        seeds=(0, 1), caps=(40, 8, 8), text_model=str(bert_dir),
+        seeds=(0, 1), caps=(40, 8, 8), text_model=str(bert_dir), workers=1,  # counted here
     )  # fmt: skip
     rows = [r for r in run_peft(cfg)["rows"] if r["key"] in ("spt", "rdp")]
     return rows, calls
