@@ -186,6 +186,7 @@ class _Changed:
     def __init__(self, inner, alpha: float) -> None:
         self.inner, self.alpha, self.name = inner, alpha, inner.name
         self.steps = self.changed = 0
+        self.flip: list[float] = []  # per step: the least α that would leave the top-1
 
     @property
     def calls(self) -> int:
@@ -195,6 +196,10 @@ class _Changed:
         s = self.inner.score(ids, prompt_len, cand)
         self.steps += 1
         self.changed += int((cand.logq + self.alpha * s).argmax() != cand.logq.argmax())
+        top = int(cand.logq.argmax())
+        gap, gain = cand.logq[top] - cand.logq, s - s[top]  # log-prob lost, score won
+        ratios = (gap / gain)[gain > 0]
+        self.flip.append(float(ratios.min()) if len(ratios) else float("inf"))
         return s
 
 
@@ -225,6 +230,17 @@ def ambedkar(args) -> None:
             print(f"  α={alpha} [{i}/{len(ids)}]", file=sys.stderr, flush=True)
         rows.append(
             ("AMBEDKAR", alpha, iir(prompts, outs), t_amb, scorer.changed / scorer.steps, outs)
+        )
+        f = torch.tensor(scorer.flip)
+        finite = f[f.isfinite()]
+        print(
+            f"α={alpha}: {len(f)} steps; the verifier prefers some candidate to the drafter's "
+            f"top-1 at {100 * len(finite) / len(f):.0f} %; α that would flip a step: median "
+            f"{finite.median():.3g}, ≤10 at {100 * (f <= 10).float().mean():.0f} %, ≤100 at "
+            f"{100 * (f <= 100).float().mean():.0f} % of steps"
+            if len(finite)
+            else f"α={alpha}: the verifier never prefers another candidate",
+            file=sys.stderr,
         )
     print(
         f"\nIIR on our probe set ({len(prompts)} prompts, ≤{n} tokens; drafter = verifier model "
@@ -261,7 +277,7 @@ def main() -> None:
     )  # fmt: skip
     ap.add_argument("--probe-stride", type=int, default=1, help="every n-th probe prompt")
     ap.add_argument("--k", type=int, default=5)
-    ap.add_argument("--alphas", type=float, nargs="+", default=[1.0, 10.0])
+    ap.add_argument("--alphas", type=float, nargs="*", default=[1.0, 10.0])
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--lean", action="store_true",
                     help="target, plain and drafters through splice.decode.LeanLM")  # fmt: skip
