@@ -4,8 +4,6 @@ seeds in one process (one worker of splice.bench.peft_pool), which keeps the cho
 
 from __future__ import annotations
 
-import pytest
-
 from splice.bench import peft_select
 from splice.bench.peft import PeftConfig, run_peft
 from splice.select import rdp, spt
@@ -35,16 +33,6 @@ def _run(bert_dir, csv_file, tmp_path, monkeypatch, keep: int) -> tuple[list[dic
     )  # fmt: skip
     rows = [r for r in run_peft(cfg)["rows"] if r["key"] in ("spt", "rdp")]
     return rows, calls
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_the_lr_grid_runs_each_selector_once_per_seed_with_the_same_numbers(

@@ -34,6 +34,21 @@ def test_spt_selection_is_reported_and_reloaded(bert_dir, csv_file, tmp_path):
         assert torch.equal(model(input_ids=x).logits, again(input_ids=x).logits)
 
 
+def test_spt_bf16_pass_through_splice_train_keeps_the_structured_choice(
+    bert_dir, csv_file, tmp_path
+):
+    opts = {"batches": 2, "r": 2}
+    exact = run(bert_dir, csv_file, tmp_path / "a", select="spt", budget=400, select_options=opts)
+    low = run(bert_dir, csv_file, tmp_path / "b", select="spt", budget=400,
+              select_options=opts | {"precision": "bf16"})  # fmt: skip
+    a, b = exact["selection"], low["selection"]
+    # rounding moves a few sparse entries, not which matrices get a LoRA or entries
+    assert a["lowrank"] == b["lowrank"] and sorted(a["entries"]) == sorted(b["entries"])
+    assert a["tau"] != b["tau"] or a["entries"] != b["entries"]  # the bf16 pass ran
+    # the sweep lands within one structured module (r·(d_in + d_out) ≤ 2·48) of the budget
+    assert low["adapter_parameters"] == b["total"] and abs(b["total"] - 400) <= 2 * 48
+
+
 def test_rdp_adapts_the_chosen_layers(bert_dir, csv_file, tmp_path):
     m = run(bert_dir, csv_file, tmp_path / "o", select="rdp", budget=1)
     layers = m["selection"]["layers"]
