@@ -145,7 +145,7 @@ def to_markdown(results: dict[str, Any]) -> str:
         f"{list(cfg['caps'])}; lr grid {list(cfg['lr_grid'])}, full fine-tune "
         f"{list(cfg['full_lr_grid'])}, head (probe) {list(cfg['head_lr_grid'])}.{budget} "
         f"Wall time {meta['wall_s']:.0f} s (estimate {meta['estimate_s']:.0f} s; "
-        f"{meta['threads']} threads, {meta['device']}).",
+        f"{meta.get('workers', 1)} worker(s) of {meta['threads']} thread(s), {meta['device']}).",
         "",
         f"**Protocol.** {results['protocol']}",
         "",
