@@ -34,8 +34,9 @@ drafter only proposes.
 Outputs equal the ``transformers`` forward up to float rounding (the kernels sum in another
 order; tests/decode/test_lean.py); speculative and plain decoding through the same ``LeanLM``
 target use the same kernels, so greedy speculative output equals greedy plain output.
-Batch size 1, CPU, fp32 models; no rope-scaling variant beyond what the model's own rotary
-module computes. [recon] (an engineering path of ours, not from a paper)
+A LeanLM holds its own packed copy of the matrices (fp32: as many bytes again as the model's;
+int8: a quarter). Batch size 1, CPU, fp32 models; positions through the model's own rotary
+module. [recon] (an engineering path of ours, not from a paper)
 """
 
 from __future__ import annotations

@@ -118,3 +118,15 @@ def test_kv_from_gives_a_drafter_the_targets_exact_context() -> None:
             torch.testing.assert_close(got, ref.logits(ids, 1), rtol=0, atol=1e-5)
     with pytest.raises(SpliceError, match="blocks"):
         LeanLM(model, layers=4, kv_from=LeanLM(model, layers=2))
+
+
+def test_sampling_with_a_drafter_equal_to_the_target_accepts_everything() -> None:
+    # an fp32 drafter of all blocks on the target's K/V has q = p: min(1, p/q) = 1 at every
+    # drafted token, so the lossless rule must accept all of them
+    model = tiny_llama(vocab=40, layers=3, seed=7)
+    target = LeanLM(model, "target")
+    proposer = ModelProposer(LeanLM(model, "same", kv_from=target), "same")
+    out = generate([1, 2, 3], target=target, proposer=proposer, sampling=Sampling(temperature=1.0),
+                   gamma=4, max_new_tokens=30, seed=3)  # fmt: skip
+    assert out.lossless and len(out.tokens) == 30
+    assert out.metrics["acceptance_rate"] == 1.0 and out.metrics["alpha"] > 0.999
