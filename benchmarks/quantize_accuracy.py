@@ -140,6 +140,7 @@ def run(args: argparse.Namespace) -> None:
     configs = _configs(args)
     for task, rows in plan.items():
         if progress.over_budget():
+            print(f"budget of {args.budget_s:.0f} s spent: run the same command to go on")
             break
         start = time.perf_counter()
         model, encoder, data = task_model(task)

@@ -11,7 +11,9 @@ W4A8 pipeline (AdaQuant per layer in ``--mode``, BN, bias tuning). Peak memory i
 process's own peak RSS (``VmHWM``, ``benchmarks/_rss.py``), so torch, Python and the data
 count in both; the ratio quantize / fp is the number the issue's "≤ 2× the FP model" target
 is read against, and the peak above the FP process is also given in units of the model's
-parameter bytes. Each finished task goes into ``--store`` (JSON) and is skipped next time.
+parameter bytes. Both processes then score their model on the test split (after the peak
+is read), so the row also gives the accuracy at 1,000 samples. Each finished task goes into
+``--store`` (JSON) and is skipped next time.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import time
 from pathlib import Path
 
 import torch
-from _quantize import Store, batches, task_model
+from _quantize import Store, accuracy, batches, task_model
 from _rss import peak_rss_mib
 
 
@@ -57,10 +59,12 @@ def _child(args: argparse.Namespace) -> None:
                 print(f"  {time.perf_counter() - start:.0f} s: {msg}", file=sys.stderr, flush=True)
                 last[0] = time.perf_counter()
 
-        _, report = quantize(model, calib, lambda m, b: m(b), minimise, cfg, progress=say)
+        model, report = quantize(model, calib, lambda m, b: m(b), minimise, cfg, progress=say)
         out |= {"fraction": report.fraction, "loss": report.loss,
                 "adaquant_s": sum(r.seconds for r in report.layers)}  # fmt: skip
     out |= {"seconds": time.perf_counter() - start, "peak_rss_mib": peak_rss_mib()}
+    test = batches(encoder.prepare(data.test.x), len(data.test.x), 100)
+    out["accuracy"] = accuracy(model, test, data.test.y)  # after the peak is read
     print(json.dumps(out))
 
 
@@ -100,7 +104,8 @@ def main() -> None:
               f"({args.threads} thread), peak RSS {q['peak_rss_mib']:.0f} MiB vs FP "
               f"{fp['peak_rss_mib']:.0f} MiB ({result['rss_ratio']:.2f}×; model "
               f"{q['model_mib']:.1f} MiB, peak above FP = {result['above_fp_in_models']:.1f}× "
-              "the model)", flush=True)  # fmt: skip
+              f"the model); accuracy {fp['accuracy']:.4f} → {q['accuracy']:.4f}",
+              flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":
