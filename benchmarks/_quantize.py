@@ -20,7 +20,10 @@ from splice.bench.runner import TEXT_TASKS, VISION_TASKS
 from splice.data.encoders import load_encoder
 from splice.data.registry import TASKS, load_task
 
-__all__ = ["Classifier", "Progress", "Store", "accuracy", "batches", "suite_tasks", "task_model"]
+__all__ = [
+    "Classifier", "Progress", "Store", "accuracy", "batches", "samples_for", "suite_tasks",
+    "task_model",
+]  # fmt: skip
 
 
 class Classifier(nn.Module):
@@ -48,6 +51,12 @@ def suite_tasks(spec: str) -> list[str]:
     suites = {"image": list(VISION_TASKS), "text": list(TEXT_TASKS)}
     suites["all"] = suites["image"] + suites["text"]
     return suites.get(spec) or [t for t in spec.split(",") if t]
+
+
+def samples_for(args: Any, task: str) -> int:
+    """Calibration samples of ``task``: ``--text-samples`` for a text task where given."""
+    text = getattr(args, "text_samples", None)
+    return text if text and task in TEXT_TASKS else args.samples
 
 
 def batches(prepared, n: int, size: int) -> list:

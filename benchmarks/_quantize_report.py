@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import numpy as np
-from _quantize import suite_tasks
+from _quantize import samples_for, suite_tasks
 
 __all__ = ["report"]
 
@@ -18,9 +18,9 @@ LABELS = {"fp32": "FP32", "rtn-w8": "RTN W8", "rtn-w4": "RTN W4",
 
 
 def _rows(args) -> dict[tuple[str, str], dict]:
-    tail = f"|n{args.samples}|i{args.iters}|b{args.bias_steps}"
     store = json.loads(args.store.read_text()) if args.store.is_file() else {}
-    return {(r["task"], r["row"]): r for k, r in store.items() if k.endswith(tail)}
+    tail = lambda task: f"|n{samples_for(args, task)}|i{args.iters}|b{args.bias_steps}"  # noqa: E731
+    return {(r["task"], r["row"]): r for k, r in store.items() if k.endswith(tail(r["task"]))}
 
 
 def _order(row: str) -> tuple[int, float]:

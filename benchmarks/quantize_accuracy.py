@@ -1,8 +1,8 @@
 """Accuracy against size (fraction of FP32) for post-training quantization (issue #28).
 
     python benchmarks/quantize_accuracy.py [--tasks image|text|all|sk_digits,...] [--rows ...]
-        [--samples 256] [--iters 100] [--bias-steps 100] [--sizes 0.13,0.16,0.19,0.22,0.25]
-        [--budget-s 480] [--store bench-out/quantize_accuracy.json]
+        [--samples 256] [--text-samples 128] [--iters 100] [--bias-steps 100]
+        [--sizes 0.13,0.16,0.19,0.22,0.25] [--budget-s 480] [--store bench-out/quantize_accuracy.json]
     python benchmarks/quantize_accuracy.py --report [--plot docs/img/quantize-accuracy.png]
 
 Per task: the bench's fine-tuned checkpoint (EfficientNet-Lite0 at 32×32 for the image tasks,
@@ -41,7 +41,7 @@ import warnings
 from pathlib import Path
 
 import torch
-from _quantize import Progress, Store, accuracy, batches, suite_tasks, task_model
+from _quantize import Progress, Store, accuracy, batches, samples_for, suite_tasks, task_model
 from torch import nn
 
 from splice.compress import AdaQuantConfig, QuantizeConfig, quantize, quantize_sizes
@@ -81,7 +81,7 @@ def _dynamic_fraction(model: nn.Module) -> float:
 
 
 def _key(args: argparse.Namespace, task: str, row: str) -> str:
-    return f"{task}|{row}|n{args.samples}|i{args.iters}|b{args.bias_steps}"
+    return f"{task}|{row}|n{samples_for(args, task)}|i{args.iters}|b{args.bias_steps}"
 
 
 def _pending(args: argparse.Namespace, store: Store, task: str) -> list[str]:
@@ -125,7 +125,7 @@ def _ip(args, store, task, model, calib, test, labels) -> None:
 def _put(args, store, task, row, acc, fraction, seconds, extra=None) -> None:
     store.put(_key(args, task, row), {
         "task": task, "row": row, "accuracy": acc, "fraction": fraction,
-        "calibration_s": round(seconds, 1), "samples": args.samples, "iters": args.iters,
+        "calibration_s": round(seconds, 1), "samples": samples_for(args, task), "iters": args.iters,
         "bias_steps": args.bias_steps, "threads": torch.get_num_threads(), **(extra or {}),
     })  # fmt: skip
     print(f"{task:18s} {row:24s} acc {acc:.4f} size {fraction:.4f} ({seconds:.0f} s)", flush=True)
@@ -145,7 +145,7 @@ def run(args: argparse.Namespace) -> None:
         start = time.perf_counter()
         model, encoder, data = task_model(task)
         print(f"{task}: fine-tuned checkpoint ready ({time.perf_counter() - start:.0f} s)")
-        calib = batches(encoder.prepare(data.train.x), args.samples, 50)
+        calib = batches(encoder.prepare(data.train.x), samples_for(args, task), 50)
         test = batches(encoder.prepare(data.test.x), len(data.test.x), 100)
         for row in rows:
             if progress.over_budget():
@@ -174,6 +174,7 @@ def main() -> None:
     p.add_argument("--tasks", default="image", help="image, text, all or task names")
     p.add_argument("--rows", default="", help=f"a subset of {','.join(ROWS)} (default: all)")
     p.add_argument("--samples", type=int, default=256)
+    p.add_argument("--text-samples", type=int, default=0, help="text tasks' (0: --samples)")
     p.add_argument("--iters", type=int, default=100)
     p.add_argument("--bias-steps", type=int, default=100)
     p.add_argument("--sizes", default="0.13,0.16,0.19,0.22,0.25")
