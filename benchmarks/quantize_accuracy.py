@@ -2,7 +2,8 @@
 
     python benchmarks/quantize_accuracy.py [--tasks image|text|all|sk_digits,...] [--rows ...]
         [--samples 256] [--text-samples 128] [--iters 100] [--bias-steps 100]
-        [--sizes 0.13,0.16,0.19,0.22,0.25] [--budget-s 480] [--store bench-out/quantize_accuracy.json]
+        [--sizes 0.13,0.16,0.19,0.22,0.25] [--budget-s 480]
+        [--store bench-out/quantize_accuracy.json]
     python benchmarks/quantize_accuracy.py --report [--plot docs/img/quantize-accuracy.png]
 
 Per task: the bench's fine-tuned checkpoint (EfficientNet-Lite0 at 32×32 for the image tasks,
