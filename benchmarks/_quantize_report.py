@@ -87,37 +87,50 @@ def _llm(path: Path) -> list[dict]:
 
 
 def _plot(path: Path, suites: dict[str, list[dict]], llm: list[dict]) -> None:
+    """Accuracy drop from FP32 (points) against size; a row far below the others is drawn at
+    the top edge with its value written beside it."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FixedLocator, NullLocator
 
     panels = [(n, s) for n, s in suites.items() if s] + ([("SmolLM2", llm)] if llm else [])
     fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.2), squeeze=False)
     markers = dict(zip(LABELS, "*osv^DPXh", strict=False))
     for ax, (name, rows) in zip(axes[0], panels, strict=True):
         if name == "SmolLM2":
-            for r in rows:
-                ax.scatter(r["fraction"], r["perplexity"], label=r["label"], marker="o")
-            ax.set_ylabel("held-out perplexity (lower is better)")
-            ax.set_title("SmolLM2-135M")
+            fp = next(r["perplexity"] for r in rows if r["row"] == "fp32")
+            points = [(r["fraction"], r["perplexity"] / fp - 1, r["label"], r["row"])
+                      for r in rows]  # fmt: skip
+            ylabel, top, fmt = "held-out perplexity / FP32 − 1", 0.6, "{:+.0%}"
+            title = f"SmolLM2-135M (FP32 perplexity {fp:.1f})"
         else:
             scored = [s for s in rows if "accuracy" in s]
-            ip = sorted((s for s in scored if s["row"].startswith("ip-")),
-                        key=lambda s: s["fraction"])  # fmt: skip
-            for s in scored:
-                if not s["row"].startswith("ip-"):
-                    ax.scatter(s["fraction"], 100 * s["accuracy"], label=LABELS[s["row"]],
-                               marker=markers.get(s["row"], "o"), s=50)  # fmt: skip
-            if ip:
-                ax.plot([s["fraction"] for s in ip], [100 * s["accuracy"] for s in ip], "k.-",
-                        label="integer program (light, 2/4/8)")  # fmt: skip
-            ax.set_ylabel("mean test accuracy (%)")
-            ax.set_title(f"{name} suite ({max(s['tasks'] for s in scored)} tasks)")
+            points = [(s["fraction"], 100 * s["drop"], LABELS.get(s["row"], s["row"]), s["row"])
+                      for s in scored]  # fmt: skip
+            ylabel, top, fmt = "mean accuracy drop from FP32 (points)", 6.0, "{:+.1f}"
+            title = f"{name} suite ({max(s['tasks'] for s in scored)} tasks)"
+        for x, y, label, row in points:
+            if row.startswith("ip-"):
+                continue
+            ax.scatter(x, min(y, top), label=label, marker=markers.get(row, "o"), s=55)
+            if y > top:
+                ax.annotate(fmt.format(y), (x, top), textcoords="offset points", xytext=(6, -4),
+                            fontsize=8)  # fmt: skip
+        ip = sorted((p for p in points if p[3].startswith("ip-")), key=lambda p: p[0])
+        if ip:
+            ax.plot([p[0] for p in ip], [min(p[1], top) for p in ip], "k.-",
+                    label="integer program (light)")  # fmt: skip
+        ax.axhline(0, color="grey", lw=0.8)
         ax.set_xscale("log")
-        ax.set_xlabel("size (fraction of FP32)")
+        ax.xaxis.set_major_locator(FixedLocator([0.13, 0.16, 0.19, 0.25, 0.5, 1.0]))
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%.2f"))
+        ax.set_ylim(-0.1 * top, 1.08 * top)
+        ax.set(xlabel="size (fraction of FP32)", ylabel=ylabel, title=title)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="lower right")
+        ax.legend(fontsize=7, loc="upper right")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
