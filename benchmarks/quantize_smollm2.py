@@ -102,7 +102,7 @@ def main() -> None:
     tail = f"|c{args.calib}|h{args.heldout}|l{args.max_length}"
     model, tok = load_causal_lm("smollm2")
     model.requires_grad_(False)
-    train, held = corpus(args.heldout)
+    train, held = corpus(args.heldout, 0)
     calib, test = batches(tok, train[: args.calib], args.max_length), batches(tok, held, 64)
     print(f"{len(calib)} calibration / {len(test)} held-out batches", flush=True)
     cfgs, start = configs(args), time.perf_counter()
