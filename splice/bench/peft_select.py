@@ -50,7 +50,9 @@ SELECTOR_ROWS: dict[str, tuple[str, str]] = {  # key → (label, family)
     "id3": ("ID³ (selector)", "selective"),
 }
 # the settings of splice train --select at their defaults (one source for both)
-SPT, RDP, ID3_OPTIONS = SPTOptions(), RDPOptions(), ID3Options()
+# except SPT's precision: fp32 on every machine, so the track's rows do not depend on whether
+# the CPU multiplies bfloat16 in hardware (the CLI's "auto")
+SPT, RDP, ID3_OPTIONS = SPTOptions(precision="fp32"), RDPOptions(), ID3Options()
 KEEP = 8  # selections kept for reuse (a plan is a few index tensors; 0: none)
 _CHOSEN: OrderedDict[str, dict[str, Any]] = OrderedDict()
 

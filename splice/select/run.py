@@ -29,8 +29,10 @@ class SPTOptions(Strict):
     alpha: float = pydantic.Field(10.0, gt=0, description="structured when n_W ≥ P_struct/alpha")
     beta: float = pydantic.Field(5.0, gt=0, description="whole vector when n ≥ len/beta")
     r: int = pydantic.Field(8, gt=0, description="rank of the structured LoRA")
-    precision: Literal["fp32", "bf16"] = pydantic.Field(
-        "fp32", description="the sensitivity pass's matrix products (bf16: autocast)"
+    precision: Literal["auto", "fp32", "bf16"] = pydantic.Field(
+        "auto",
+        description="the sensitivity pass's matrix products (bf16: autocast; auto: bf16 where "
+        "the device multiplies bfloat16 in hardware, else fp32)",
     )
 
 

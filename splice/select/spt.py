@@ -29,7 +29,16 @@ from splice.errors import SpliceError
 
 from ._common import budget_error, matrix_sites
 
-__all__ = ["SPTPlan", "allocate", "apply", "select", "sensitivity", "sweep"]
+__all__ = [
+    "SPTPlan",
+    "allocate",
+    "apply",
+    "native_bf16",
+    "resolve_precision",
+    "select",
+    "sensitivity",
+    "sweep",
+]
 
 
 @dataclass
@@ -41,6 +50,7 @@ class SPTPlan:
     lowrank: list[str] = field(default_factory=list)
     entries: dict[str, Tensor] = field(default_factory=dict)
     vectors: dict[str, Tensor | None] = field(default_factory=dict)
+    precision: str = "fp32"  # the sensitivity pass's, "auto" resolved
 
     def summary(self) -> dict[str, object]:
         """JSON-ready: τ′, total, the LoRA matrices and the entry count per sparse matrix."""
@@ -48,8 +58,32 @@ class SPTPlan:
             "tau": self.tau,
             "total": self.total,
             "lowrank": self.lowrank,
+            "precision": self.precision,
             "entries": {k: int(v.numel()) for k, v in self.entries.items()},
         }
+
+
+def native_bf16(device: str) -> bool:
+    """Whether ``device`` ("cpu", "cuda", …) multiplies bfloat16 matrices in hardware (a CPU
+    with AVX512-BF16 or AMX, a CUDA GPU of compute capability 8+)."""
+    try:
+        if device == "cuda":
+            return torch.cuda.is_bf16_supported()
+        if device == "cpu":
+            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a torch build without the query
+        pass
+    return False
+
+
+def resolve_precision(precision: str, device: str) -> str:
+    """``precision`` with "auto" resolved: "bf16" where ``device`` has native bfloat16
+    products (:func:`native_bf16`), else "fp32"."""
+    if precision not in ("auto", "fp32", "bf16"):
+        raise SpliceError(f"sensitivity precision {precision!r}", fix="choose auto, fp32 or bf16")
+    if precision == "auto":
+        return "bf16" if native_bf16(device) else "fp32"
+    return precision
 
 
 def sensitivity(
@@ -66,12 +100,13 @@ def sensitivity(
     included) run in bfloat16; the squares are summed in float32. [recon: the paper's code
     runs float32] It only ranks entries: on MiniLM-L6 it keeps 99.5 % of the chosen entries
     (Jaccard), where another draw of the 16 batches keeps 64–72 % (docs/select.md).
+    ``precision="auto"``: bf16 where the device has native bfloat16 products, else fp32
+    (:func:`resolve_precision`).
     """
     if batches <= 0:
         raise SpliceError(f"sensitivity batches {batches} must be ≥ 1")
-    if precision not in ("fp32", "bf16"):
-        raise SpliceError(f"sensitivity precision {precision!r}", fix="choose fp32 or bf16")
     device = next(iter(params.values())).device.type
+    precision = resolve_precision(precision, device)
     flags = {n: p.requires_grad for n, p in params.items()}
     sums = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
     try:
@@ -195,10 +230,13 @@ def select(
     in a layer stack)."""
     sites = matrix_sites(model, targets)
     weights = {name: module.weight for name, (module, _) in sites.items()}
+    precision = resolve_precision(precision, next(iter(weights.values())).device.type)
     sens = sensitivity(loss, weights, batches, precision)
     canonical = {n: s.t() if sites[n][1] else s for n, s in sens.items()}  # (d_out, d_in)
     cost = {n: r * sum(s.shape) for n, s in canonical.items()}
-    return sweep(canonical, budget, cost, alpha, beta)
+    plan = sweep(canonical, budget, cost, alpha, beta)
+    plan.precision = precision
+    return plan
 
 
 def apply(

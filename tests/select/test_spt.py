@@ -40,11 +40,31 @@ def test_bf16_sensitivity_squares_bfloat16_products_and_rejects_other_precisions
     col = x.bfloat16().float().sum(0).bfloat16().float()  # inputs and product in bfloat16
     assert torch.allclose(low, 2 * col.pow(2).expand(3, 5), rtol=2e-2)
     assert not torch.equal(low, 2 * exact) and low.dtype == torch.float32
-    with pytest.raises(SpliceError, match="fp32 or bf16"):
+    with pytest.raises(SpliceError, match="auto, fp32 or bf16"):
         spt.sensitivity(loss, {"w": lin.weight}, 1, precision="fp16")
     with pytest.raises(SpliceError, match="precision"):
         options("spt", {"precision": "fp16"})
     assert options("spt", {"precision": "bf16"}).precision == "bf16"
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_precision_is_bf16_exactly_where_the_device_has_native_bfloat16(native, monkeypatch):
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(5, 3)
+    x = torch.randn(64, 5) * 3
+    loss = lambda b: lin(x).sum()  # noqa: E731
+    monkeypatch.setattr(spt, "native_bf16", lambda device: native)
+    assert spt.resolve_precision("auto", "cpu") == ("bf16" if native else "fp32")
+    assert spt.resolve_precision("fp32", "cpu") == "fp32"
+    auto = spt.sensitivity(loss, {"w": lin.weight}, 2, precision="auto")["w"]
+    same = spt.sensitivity(loss, {"w": lin.weight}, 2, precision="bf16" if native else "fp32")
+    assert torch.equal(auto, same["w"])
+    assert options("spt", {}).precision == "auto"
+
+
+def test_native_bf16_answers_for_this_machine_and_unknown_devices():
+    assert spt.native_bf16("cpu") in (True, False)
+    assert spt.native_bf16("meta") is False
 
 
 def hand_map():

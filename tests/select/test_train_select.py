@@ -38,10 +38,12 @@ def test_spt_bf16_pass_through_splice_train_keeps_the_structured_choice(
     bert_dir, csv_file, tmp_path
 ):
     opts = {"batches": 2, "r": 2}
-    exact = run(bert_dir, csv_file, tmp_path / "a", select="spt", budget=400, select_options=opts)
+    exact = run(bert_dir, csv_file, tmp_path / "a", select="spt", budget=400,
+                select_options=opts | {"precision": "fp32"})  # fmt: skip
     low = run(bert_dir, csv_file, tmp_path / "b", select="spt", budget=400,
               select_options=opts | {"precision": "bf16"})  # fmt: skip
     a, b = exact["selection"], low["selection"]
+    assert (a["precision"], b["precision"]) == ("fp32", "bf16")  # what ran is recorded
     # rounding moves a few sparse entries, not which matrices get a LoRA or entries
     assert a["lowrank"] == b["lowrank"] and sorted(a["entries"]) == sorted(b["entries"])
     assert a["tau"] != b["tau"] or a["entries"] != b["entries"]  # the bf16 pass ran
