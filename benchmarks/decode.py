@@ -2,7 +2,12 @@
 project's probe set (issue #29).
 
     flock /tmp/splice-heavy.lock env PYTHONPATH=$PWD HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 \
-        python benchmarks/decode.py --part speculative --prompts 6 --max-new-tokens 48
+        python benchmarks/decode.py --part speculative --lean --prompts 6 --max-new-tokens 48 \
+        --drafters ngram@3 int8@3,4,5 int8-own@3 bf16@4,6
+
+``--lean`` runs the target, the plain baseline and the drafters on
+:class:`splice.decode.LeanLM` (pre-packed oneDNN matrices, in-place KV cache); its ``int8`` /
+``bf16`` / ``self:K`` drafters read the target's exact K/V (``-own`` suffix: their own).
 
 Part ``speculative``: greedy decoding (so equal output is checkable token for token) of chat
 prompts, plain and speculative interleaved prompt by prompt (the same CPU load for both), for
