@@ -98,3 +98,45 @@ def test_trajectory_pools_valid_tokens_then_examples():
     assert torch.allclose(last, (states[:, 0, 1] + states[:, 2, 4]) / 2)
     with pytest.raises(SpliceError, match="calibration data has no rows"):
         rdp.trajectory(model, [])
+
+
+def test_chosen_layers_train_save_and_reload_to_the_same_outputs(tmp_path):
+    import transformers
+
+    from splice.adapters import adapter_layers, load_adapter, save_adapter
+    from splice.select import run
+
+    def base():
+        torch.manual_seed(0)
+        cfg = transformers.BertConfig(
+            vocab_size=30, hidden_size=16, num_hidden_layers=4, num_attention_heads=2,
+            intermediate_size=32, max_position_embeddings=16, num_labels=2,
+        )  # fmt: skip
+        return transformers.BertForSequenceClassification(cfg).eval()
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randint(0, 30, (8, 6), generator=g)
+    y = torch.arange(8) % 2
+    model = base()
+    sel = run.run(
+        "rdp", run.options("rdp", {"calibration": 2}), model, 2,
+        loss=lambda i: None, inputs=lambda i: {"input_ids": x[4 * i : 4 * i + 4]},
+        adapter=("lora", ["query", "value"], {"r": 2}), modules_to_save=["classifier"],
+    )  # fmt: skip
+    chosen = sel.info["layers"]
+    assert len(chosen) == 2 and set(chosen) <= {0, 1, 2, 3}
+    adapted = {int(n.split(".")[3]) for n in adapter_layers(model)}  # bert.encoder.layer.{i}
+    assert adapted == set(chosen)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(3):
+        torch.nn.functional.cross_entropy(model(input_ids=x).logits, y).backward()
+        opt.step()
+        opt.zero_grad()
+    with torch.no_grad():
+        out = model(input_ids=x).logits
+    save_adapter(model, tmp_path / "rdp")
+    again = load_adapter(base(), tmp_path / "rdp")
+    assert {int(n.split(".")[3]) for n in adapter_layers(again)} == set(chosen)
+    with torch.no_grad():
+        assert torch.equal(again(input_ids=x).logits, out)
+        assert not torch.equal(base()(input_ids=x).logits, out)  # the adapter changed them

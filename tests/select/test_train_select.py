@@ -73,8 +73,11 @@ def test_id3_saves_exactly_b_entries(bert_dir, csv_file, tmp_path):
     ("select", "budget", "message"),
     [
         ("spt", "0", "budget 0 is outside 1..4096"),
+        ("spt", "999999", "budget 999999 is outside 1..4096"),
+        ("id3", "0", "budget 0 is outside 1..4096"),
         ("id3", "999999", "budget 999999 is outside 1..4096"),
         ("rdp", "0", "layer budget K=0 is outside 1..1"),
+        ("rdp", "3", "layer budget K=3 is outside 1..1"),  # K > L
     ],
 )
 def test_cli_bad_budget_is_one_line_exit_1_nothing_written(
@@ -88,6 +91,25 @@ def test_cli_bad_budget_is_one_line_exit_1_nothing_written(
     out = tmp_path / "out"
     args = ["train", str(bert_dir), str(csv_file), "--out", str(out), "--steps", "2"]
     result = CliRunner().invoke(app, [*args, "--select", select, "--budget", budget])
+    assert isinstance(result.exception, SpliceError), result.output  # main(): one line, exit 1
+    assert message in str(result.exception) and "\n" not in str(result.exception)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("case", ["no rows", "no batches"])
+def test_cli_calibration_without_rows_is_one_line_exit_1_nothing_written(
+    bert_dir, csv_file, tmp_path, case
+):
+    out, data = tmp_path / "out", tmp_path / "empty.csv"
+    data.write_text("text,label\n")  # a header and no rows
+    args = ["train", str(bert_dir), "--out", str(out), "--select", "rdp", "--budget", "1"]
+    if case == "no rows":
+        args.insert(2, str(data))
+        message = "no rows"
+    else:
+        args[2:2] = [str(csv_file), "--select-set", "calibration=0"]
+        message = "--select rdp option calibration=0: Input should be greater than 0"
+    result = CliRunner().invoke(app, args)
     assert isinstance(result.exception, SpliceError), result.output  # main(): one line, exit 1
     assert message in str(result.exception) and "\n" not in str(result.exception)
     assert not out.exists()
