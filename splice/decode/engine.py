@@ -155,8 +155,13 @@ def _rerank_step(
     policy: RerankTopK,
     gen: torch.Generator,
 ) -> list[int]:
-    cand = proposer.candidates(ids, policy.k)
-    scores = scorer.score(ids, prompt_len, cand)
+    joint = getattr(scorer, "propose_and_score", None)  # drafter + scorer in one forward
+    both = joint(proposer, ids, prompt_len, policy.k) if joint is not None else None
+    if both is None:
+        cand = proposer.candidates(ids, policy.k)
+        scores = scorer.score(ids, prompt_len, cand)
+    else:
+        cand, scores = both
     return [int(cand.tokens[policy.select(cand, scores, gen)])]
 
 

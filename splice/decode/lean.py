@@ -41,6 +41,7 @@ module. [recon] (an engineering path of ours, not from a paper)
 
 from __future__ import annotations
 
+import copy
 import warnings
 from collections.abc import Callable, Sequence
 
@@ -51,7 +52,7 @@ from torch import Tensor, nn
 from splice.decode.lm import common_prefix
 from splice.errors import SpliceError
 
-__all__ = ["LeanLM"]
+__all__ = ["LeanLM", "batched_logits"]
 
 WEIGHTS = ("fp32", "bf16", "int8")
 PAD_ROWS = 4  # fp32/bf16 calls with fewer rows are padded with zero rows to this many
@@ -95,6 +96,18 @@ class LeanLM:
     @torch.inference_mode()
     def logits(self, ids: Sequence[int], n: int = 1) -> Tensor:
         """Next-token logits ``(n, V)`` after each of the last ``n`` prefixes of ``ids``."""
+        return _forward([self], [ids], n)
+
+    def fork(self, name: str) -> LeanLM:
+        """A LeanLM on the same packed weights (no copy) with its own, empty KV cache: a
+        second context of one model for :func:`batched_logits`."""
+        new = copy.copy(self)
+        new.name, new.ids, new.calls, new.kv_from, new._exact = name, [], 0, None, 0
+        new._k, new._v = torch.zeros_like(self._k), torch.zeros_like(self._v)
+        return new
+
+    def _prepare(self, ids: Sequence[int], n: int) -> tuple[int, list[int]]:
+        """Roll the cache back to what ``ids`` shares with it; (start, tokens to run)."""
         if not 1 <= n <= len(ids):
             raise ValueError(f"n={n} must be in [1, {len(ids)}]")
         keep = min(common_prefix(self.ids, ids), len(ids) - n)
@@ -103,17 +116,7 @@ class LeanLM:
         if self.kv_from is not None:
             keep = self._share(ids, n, keep)
         self.rollback(keep)
-        start, new = len(self.ids), list(ids[len(self.ids) :])
-        h = self.embed[torch.tensor(new)]
-        cos, sin = self._cos[start : start + len(new)], self._sin[start : start + len(new)]
-        mask = None
-        if len(new) > 1:  # query i (position start+i) sees keys 0 .. start+i
-            mask = torch.ones(len(new), start + len(new), dtype=torch.bool).tril(start)
-        for i, b in enumerate(self.blocks):
-            h = self._block(i, b, h, cos, sin, start, mask)
-        self.calls += 1
-        self.ids = list(ids)
-        return self.head(_rms(h[-n:], self.norm, self.eps)).float()
+        return len(self.ids), list(ids[len(self.ids) :])
 
     def _share(self, ids: Sequence[int], n: int, keep: int) -> int:
         """Copy the source's exact K/V of the prefix it shares with ``ids``; the new keep."""
@@ -128,16 +131,19 @@ class LeanLM:
         self._exact = max(share, done)
         return max(keep, share)
 
-    def _block(
-        self, i: int, b: _Block, h: Tensor, cos: Tensor, sin: Tensor, start: int, mask
-    ) -> Tensor:
-        n, H, KV, d = h.shape[0], self.heads, self.kv_heads, self.head_dim
-        qkv = b.qkv(_rms(h, b.ln1, self.eps))
+    def _attend(self, i: int, qkv: Tensor, start: int) -> Tensor:
+        """Block ``i``'s attention for rows ``qkv`` (this context's new positions from
+        ``start``): RoPE, write K/V into the cache, attend causally; ``(rows, H·d)``."""
+        n, H, KV, d = qkv.shape[0], self.heads, self.kv_heads, self.head_dim
         qk = qkv[:, : (H + KV) * d].view(n, H + KV, d)
+        cos, sin = self._cos[start : start + n], self._sin[start : start + n]
         qk = qk * cos + torch.cat((-qk[..., d // 2 :], qk[..., : d // 2]), -1) * sin
         end = start + n
         self._k[i, :, start:end] = qk[:, H:].transpose(0, 1)
         self._v[i, :, start:end] = qkv[:, (H + KV) * d :].view(n, KV, d).transpose(0, 1)
+        mask = None
+        if n > 1:  # query j (position start+j) sees keys 0 .. start+j
+            mask = torch.ones(n, end, dtype=torch.bool).tril(start)
         o = F.scaled_dot_product_attention(
             qk[:, :H].transpose(0, 1)[None],
             self._k[i, :, :end][None],
@@ -145,9 +151,7 @@ class LeanLM:
             attn_mask=mask,
             enable_gqa=True,
         )
-        h = h + b.o(o[0].transpose(0, 1).reshape(n, H * d))
-        gate, up = b.gate_up(_rms(h, b.ln2, self.eps)).chunk(2, -1)
-        return h + b.down(F.silu(gate) * up)
+        return o[0].transpose(0, 1).reshape(n, H * d)
 
     def _grow(self, cap: int) -> None:
         """Room for ``cap`` positions: KV buffers and the rotary cos/sin tables."""
@@ -160,6 +164,40 @@ class LeanLM:
             pos = torch.arange(cap)[None]
             cos, sin = self._rotary(self.embed[:1][None], pos)  # the model's own RoPE
         self._cos, self._sin = cos[0, :, None].float(), sin[0, :, None].float()
+
+
+def batched_logits(lms: Sequence[LeanLM], seqs: Sequence[Sequence[int]]) -> Tensor:
+    """Next-token logits ``(B, V)`` after ``seqs[b]``, each on ``lms[b]``'s own KV cache, in
+    **one** forward: the new rows of all contexts are stacked for every matrix product (each
+    packed weight is read once for all of them) and attention runs per context on its cache.
+    ``lms`` must share one model's packed weights (:meth:`LeanLM.fork`). Equal to calling
+    ``lms[b].logits(seqs[b], 1)`` one by one, up to float rounding (tests/decode)."""
+    if len(lms) != len(seqs) or not lms:
+        raise ValueError(f"need one sequence per LeanLM (>0), got {len(seqs)}/{len(lms)}")
+    if any(lm.blocks is not lms[0].blocks for lm in lms) or len({id(lm) for lm in lms}) < len(lms):
+        raise SpliceError("batched_logits needs distinct forks of one LeanLM (LeanLM.fork)")
+    with torch.inference_mode():
+        return _forward(lms, seqs, 1)
+
+
+def _forward(lms: Sequence[LeanLM], seqs: Sequence[Sequence[int]], n: int) -> Tensor:
+    """The stacked forward of :func:`batched_logits`; the last ``n`` rows of every context."""
+    plans = [lm._prepare(ids, n) for lm, ids in zip(lms, seqs, strict=True)]
+    one = lms[0]
+    sizes = [len(new) for _, new in plans]
+    h = one.embed[torch.tensor([t for _, new in plans for t in new])]
+    for i, b in enumerate(one.blocks):
+        qkv = b.qkv(_rms(h, b.ln1, one.eps)).split(sizes)
+        o = [lm._attend(i, x, start) for lm, x, (start, _) in zip(lms, qkv, plans, strict=True)]
+        h = h + b.o(torch.cat(o) if len(o) > 1 else o[0])
+        gate, up = b.gate_up(_rms(h, b.ln2, one.eps)).chunk(2, -1)
+        h = h + b.down(F.silu(gate) * up)
+    ends = torch.tensor(sizes).cumsum(0)
+    rows = torch.cat([torch.arange(e - n, e) for e in ends.tolist()])
+    for lm, ids in zip(lms, seqs, strict=True):
+        lm.calls += 1
+        lm.ids = list(ids)
+    return one.head(_rms(h[rows], one.norm, one.eps)).float()
 
 
 class _Block:

@@ -131,3 +131,38 @@ def test_probe_set_masks_every_identity() -> None:
     # AMBEDKAR is greedy drafting), and never touches the identity slot
     cf = Counterfactual(protected=PROTECTED)
     assert all(cf(p) != p and cf(p).count("[MASK]") == 1 for p in PROBE_PROMPTS)
+
+
+def test_lean_batched_scorer_and_joint_drafter_equal_the_unbatched_reference() -> None:
+    """Both branches (and the drafter's row) in one LeanLM forward score as the separate
+    transformers passes do, and AMBEDKAR then emits the same tokens."""
+    tok = word_tokenizer(WORDS)
+    model = tiny_llama(vocab=len(WORDS), seed=14, sharpen=12.0)
+    kw = {"constitution": "the rich man said it was good and very good ."}
+    ref = CounterfactualDivergenceScorer(model, tok, Counterfactual(protected=PROTECTED), **kw)
+    lean = CounterfactualDivergenceScorer(
+        model, tok, Counterfactual(protected=PROTECTED), lean=True, **kw
+    )
+    joint = CounterfactualDivergenceScorer(
+        model, tok, Counterfactual(protected=PROTECTED), lean=True, **kw
+    )
+    drafter, proposer = ModelProposer(model), joint.joint_proposer()
+    ids = tok.encode("the violent man was", add_special_tokens=False)
+    for _ in range(4):
+        cand = drafter.candidates(ids, 4)
+        want = ref.score(ids, 4, cand)
+        assert want.abs().max() > 1e-4  # the branches differ: the scores are not all 0
+        torch.testing.assert_close(lean.score(ids, 4, cand), want, rtol=1e-4, atol=1e-7)
+        got_cand, got = joint.propose_and_score(proposer, ids, 4, 4)
+        assert got_cand.tokens.tolist() == cand.tokens.tolist()
+        torch.testing.assert_close(got_cand.logq, cand.logq, rtol=0, atol=1e-5)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-7)
+        ids = [*ids, int(cand.tokens[int((cand.logq - 50 * want).argmax())])]
+    assert joint.propose_and_score(drafter, ids, 4, 4) is None  # not its joint proposer
+    prompt = tok.encode("the violent man was", add_special_tokens=False)
+    policy = RerankTopK(k=4, weight=50.0)
+    a = generate(prompt, proposer=drafter, policy=policy, scorer=ref, max_new_tokens=6)
+    b = generate(prompt, proposer=proposer, policy=policy, scorer=joint, max_new_tokens=6)
+    assert a.tokens == b.tokens and b.metrics["drafter_calls"] == 6
+    with pytest.raises(SpliceError, match="joint_proposer needs lean=True"):
+        ref.joint_proposer()

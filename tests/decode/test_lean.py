@@ -130,3 +130,28 @@ def test_sampling_with_a_drafter_equal_to_the_target_accepts_everything() -> Non
                    gamma=4, max_new_tokens=30, seed=3)  # fmt: skip
     assert out.lossless and len(out.tokens) == 30
     assert out.metrics["acceptance_rate"] == 1.0 and out.metrics["alpha"] > 0.999
+
+
+def test_batched_logits_equal_one_context_at_a_time() -> None:
+    from splice.decode.lean import batched_logits
+
+    model = tiny_llama(vocab=40, layers=3, seed=5)
+    g = torch.Generator().manual_seed(4)
+    seqs = [torch.randint(0, 40, (m,), generator=g).tolist() for m in (9, 14, 5)]
+    a = LeanLM(model)
+    lms = [a, a.fork("b"), a.fork("c")]
+    assert lms[1].blocks is a.blocks and lms[1]._k is not a._k  # weights shared, caches not
+    for step in range(6):  # prefills of three lengths, then one token per context per step
+        if step == 3:
+            seqs[1] = seqs[1][:10]  # one context rolls back, as a re-ranked step can
+        got = batched_logits(lms, seqs)
+        for b, ids in enumerate(seqs):
+            want = LeanLM(model).logits(ids, 1)[0]
+            torch.testing.assert_close(got[b], want, rtol=0, atol=1e-5)
+            torch.testing.assert_close(got[b], _hf(model, ids)[-1], rtol=0, atol=1e-5)
+            seqs[b] = [*ids, int(got[b].argmax())]
+    assert [lm.calls for lm in lms] == [6, 6, 6]
+    with pytest.raises(SpliceError, match="distinct forks of one LeanLM"):
+        batched_logits([a, LeanLM(model)], seqs[:2])
+    with pytest.raises(SpliceError, match="distinct forks"):
+        batched_logits([a, a], seqs[:2])
