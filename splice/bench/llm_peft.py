@@ -130,7 +130,8 @@ class LLMTask:
         del head_lr  # no head
         _reset_peak()
         cfg = self.cfg
-        train = LMTrainConfig(finetune=key, targets=cfg.targets, steps=cfg.steps,
+        targets = tuple(plan.get("targets") or cfg.targets)  # --set METHOD.targets=[...]
+        train = LMTrainConfig(finetune=key, targets=targets, steps=cfg.steps,
                               batch_size=cfg.batch_size, lr=lr)  # fmt: skip
         opts = None if key == "full" else plan.get("options", {})
         tuned, params, state = train_lm(self.model, self.encoded["train"], train, seed,
@@ -179,6 +180,7 @@ def _row_path(cfg: LLMPeftConfig, model_key: str, task: str, data_key: str, plan
               "max_new")  # fmt: skip
     key = stable_hash({"v": 1, "model": model_key, "data": data_key, "row": plan["key"],
                        "options": plan.get("options"),
+                       **({"targets": plan["targets"]} if plan.get("targets") else {}),
                        "cfg": {f: getattr(cfg, f) for f in fields}})  # fmt: skip
     return cache_root() / "bench" / "peft-llm" / f"{task}-{plan['key']}-{key}.json"
 

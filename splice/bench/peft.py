@@ -45,7 +45,7 @@ from splice.bench.plan import FACTORS, calibrate
 from splice.bench.progress import Phase, clock
 from splice.bench.runner import load_backbone, profile_update
 from splice.data.cache import cache_root, stable_hash
-from splice.errors import SpliceError
+from splice.errors import SpliceError, UsageError
 
 __all__ = ["PEFT_PROFILES", "PROTOCOL", "PeftConfig", "configure_peft", "method_update", "run_peft"]
 
@@ -63,6 +63,11 @@ REFERENCES = ("probe", "full")
 # (a model copy, adapter injection, the saved file; some methods' heavier steps)
 _FULL_COST = 2.5
 _SLACK = 1.1
+# rows whose runs cost more than their examples say: a row's seconds over LoRA's on the same
+# suite (quick profile, idle dev box, 2026-12-07): R-AMT's teacher pass per step 2.1x (text;
+# 2.9x on the digits), SPT's sensitivity pass per run 1.8x, prompt and P-tuning's virtual
+# tokens 1.7x, ID3's entry masks 1.8x; so the longest rows start first and the tail is short
+_ROW_COST = {"ramt": 2.2, "spt": 1.8, "id3": 1.8, "prompt": 1.7, "ptuning": 1.7}
 
 
 class PeftConfig(Strict):
@@ -75,6 +80,9 @@ class PeftConfig(Strict):
     )
     budget: int | None = Field(None, gt=0, description="size every method to ~N parameters")
     steps: int = 40
+    suite_steps: dict[str, int] = Field(
+        default_factory=dict, description="per suite (text, image): steps replacing `steps`"
+    )
     batch_size: int = 16
     lr_grid: tuple[float, ...] = (1e-3, 5e-3)
     full_lr_grid: tuple[float, ...] = (5e-5,)
@@ -86,7 +94,7 @@ class PeftConfig(Strict):
     max_len: int = 32
     image_size: int = 32
     text_model: str = "minilm"
-    eval_batch_size: int = 128
+    eval_batch_size: int = Field(32, description="length-sorted: smaller pads less")
     device: str = "cpu"
     workers: int = Field(2, ge=1, description="rows at once (processes of one torch thread)")
 
@@ -138,7 +146,15 @@ def configure_peft(
     values = {"steps": steps, "budget": budget, "device": device, "text_model": text_model,
               "workers": workers}  # fmt: skip
     update |= {k: v for k, v in values.items() if v is not None}
+    if steps is not None:  # --steps sets every suite's
+        update["suite_steps"] = {}
     return PeftConfig.model_validate(cfg.model_dump() | update)
+
+
+def _suite_config(cfg: PeftConfig, modality: str) -> PeftConfig:
+    """``cfg`` as one suite runs it: its ``suite_steps`` entry, if any, as ``steps``."""
+    steps = cfg.suite_steps.get(modality, cfg.steps)
+    return cfg if steps == cfg.steps else cfg.model_copy(update={"steps": steps})
 
 
 def method_update(
@@ -156,7 +172,16 @@ def method_update(
                 METHODS.get(name)  # an unknown name fails here, with a "did you mean"
         update["methods"] = tuple(methods)
     for name, values in (options or {}).items():
-        _config(METHODS.get(name), name, dict(values))
+        values = dict(values)
+        targets = values.pop("targets", None)  # the row's, instead of the backbone's
+        if targets is not None and not (
+            isinstance(targets, list | tuple)
+            and targets
+            and all(isinstance(t, str) for t in targets)
+        ):
+            fix = f"""e.g. --set '{name}.targets=["query","key","value"]'"""
+            raise UsageError(f"{name}.targets={targets!r} is not a list of module names", fix=fix)
+        _config(METHODS.get(name), name, values)
     if options:
         update["options"] = {k: dict(v) for k, v in options.items()}
     return update
@@ -196,16 +221,22 @@ def _row_plans(cfg: PeftConfig, encoder: Any) -> list[dict[str, Any]]:
     names = [n for n in names if n not in SELECTOR_ROWS and not METHODS.get(n).selected_by]
     plans = [{"key": "probe", "label": "linear probe", "kind": "reference", "family": "–"}]
     for name in names:
-        cls = METHODS.get(name)
+        cls, options = METHODS.get(name), dict(cfg.options.get(name, {}))
+        targets = options.pop("targets", None)  # --set METHOD.targets=[...]
         plan: dict[str, Any] = {
             "key": name,
             "label": getattr(cls, "pretty_name", name),
             "kind": "adapter",
             "family": getattr(cls, "family", "undeclared"),
-            "options": for_run(name, dict(cfg.options.get(name, {})), cfg.steps),
+            "options": for_run(name, options, cfg.steps),
+            **({"targets": list(targets)} if targets else {}),
         }
-        own = _own_sites(cls, encoder, plan["options"])
-        missing = [k for k in kinds if k not in cls.kinds] if own is None else []
+        own = _own_sites(cls, encoder, plan["options"], targets)
+        matched = own is None  # the method adapts the layers the targets match
+        if matched and targets:
+            own = _matched(encoder.module, targets)  # its sites, or why none match
+        mine = sorted({s.kind for s in own}) if isinstance(own, list) else kinds
+        missing = [k for k in mine if k not in cls.kinds] if matched else []
         if isinstance(own, str):  # where the method's sites are found: none on this backbone
             plan["reason"] = f"{name} does not apply to {type(encoder.module).__name__}: {own}"
         elif missing:
@@ -243,18 +274,30 @@ def _lora_budget(cfg: PeftConfig, sites: list) -> tuple[dict[str, Any], int]:
     return options, cfg.budget or count
 
 
-def _own_sites(cls: Any, encoder: Any, options: dict[str, Any]) -> list | str | None:
+def _own_sites(
+    cls: Any, encoder: Any, options: dict[str, Any], targets: Any = None
+) -> list | str | None:
     """The sites of a method that finds its own (prefix: attention modules; parallel adapter:
-    sublayer outputs) near the backbone's targets, the reason it finds none, or None."""
+    sublayer outputs) near ``targets`` (default: the backbone's), the reason it finds none,
+    or None."""
     from splice.adapters.inject import _config
 
     impl = cls()
     try:
-        found = impl.find(encoder.module, list(encoder.default_targets), None,
+        found = impl.find(encoder.module, list(targets or encoder.default_targets), None,
                           _config(cls, cls.__name__, options))  # fmt: skip
     except SpliceError as e:
         return str(e)
     return None if found is None else [site for _, _, site in found]
+
+
+def _matched(module: Any, targets: Sequence[str]) -> list | str:
+    from splice.adapters.inject import find_sites
+
+    try:
+        return [site for _, _, site in find_sites(module, list(targets))]
+    except SpliceError as e:
+        return str(e)
 
 
 def _row_path(cfg: PeftConfig, group: Any, task: str, plan: dict) -> Path:
@@ -269,6 +312,7 @@ def _row_path(cfg: PeftConfig, group: Any, task: str, plan: dict) -> Path:
             "row": plan["key"],
             "options": plan.get("options"),
             **({"select": plan["select"]} if plan.get("select") else {}),
+            **({"targets": plan["targets"]} if plan.get("targets") else {}),
             "cfg": {f: getattr(cfg, f) for f in fields},
         }
     )
@@ -292,14 +336,16 @@ def _estimate(cfg: PeftConfig, group: Any, plans: list[dict], rate: float) -> li
                 continue
             if _row_path(cfg, group, name, plan).is_file():
                 est = 0.0
-            elif plan["key"] == "probe":
-                est = (n_train + n_val + n_test) * evaluate * rate
+            elif plan["key"] == "probe":  # features of the examples its batches visit
+                seen = min(n_train, cfg.steps * cfg.batch_size * len(cfg.seeds))
+                est = (seen + n_val + n_test) * evaluate * rate
             else:
                 grid = len(cfg.full_lr_grid if full_grid(plan) else cfg.lr_grid)
                 runs = grid + len(cfg.seeds) - 1  # the grid at the first seed, then the others
                 cost = step * (_FULL_COST if plan["key"] == "full" else 1.0)
                 evals = grid * n_val + len(cfg.seeds) * n_test
                 est = (runs * cost + evals * evaluate * rate) * _SLACK
+                est *= _ROW_COST.get(plan["key"], 1.0)
             phases.append(Phase(f"{mod}/{name}/{plan['key']}", "train", est))
     return phases
 
@@ -337,19 +383,21 @@ def _run(cfg: PeftConfig, console: Any | None) -> dict[str, Any]:
         groups = [
             load_backbone(cfg, m, [t for t in task_objs if t.modality == m]) for m in modalities
         ]
-        plans = {g.encoder.modality: _row_plans(cfg, g.encoder) for g in groups}
+        scfg = {g.encoder.modality: _suite_config(cfg, g.encoder.modality) for g in groups}
+        plans = {m: _row_plans(scfg[m], g.encoder) for m, g in zip(scfg, groups, strict=True)}
         rate = {g.encoder.modality: calibrate(g.encoder, g.val) for g in groups}
         load_s = time.perf_counter() - t0
-        phases = [p for g in groups for p in _estimate(cfg, g, plans[g.encoder.modality],
-                                                       rate[g.encoder.modality])]  # fmt: skip
+        phases = [p for m, g in zip(scfg, groups, strict=True)
+                  for p in _estimate(scfg[m], g, plans[m], rate[m])]  # fmt: skip
         progress.plan(phases)
         est = {p.key: p.est for p in phases}
         first = sum(v for k, v in est.items() if k.endswith("/probe"))  # in the parent
         total = first + makespan([v for k, v in est.items() if not k.endswith("/probe")], workers)
         n_rows = max(len(p) for p in plans.values())
+        steps = "/".join(str(c.steps) for c in scfg.values())
         progress.say(
             f"estimate {clock(load_s + total)} on this machine: {len(cfg.tasks)} tasks × "
-            f"{n_rows} rows × {len(cfg.seeds)} seed(s), {cfg.steps} steps each, {workers} "
+            f"{n_rows} rows × {len(cfg.seeds)} seed(s), {steps} steps each, {workers} "
             f"worker(s); load {clock(load_s)} (done), training and evaluation {clock(total)}"
         )
 
@@ -364,12 +412,12 @@ def _run(cfg: PeftConfig, console: Any | None) -> dict[str, Any]:
         for g in groups:
             mod = g.encoder.modality
             for name in g.data:
-                task, head_lr = Task(g, name, cfg), 1e-2  # the probe's pick replaces it
+                task, head_lr = Task(g, name, scfg[mod]), 1e-2  # the probe's pick replaces it
                 task.train_x  # noqa: B018 — tokenised here, before the workers fork
                 for plan in plans[mod]:
                     if (row := start_row(rows, plan, mod, name)) is None:
                         continue
-                    path = _row_path(cfg, g, name, plan)
+                    path = _row_path(scfg[mod], g, name, plan)
                     at = f"{mod}/{name}"
                     job = Job(len(rows) - 1, row, task, plan, head_lr, path,
                               est.get(f"{at}/{plan['key']}", 0.0), at)  # fmt: skip

@@ -134,13 +134,18 @@ def _front(results: dict[str, Any], suite: str) -> list[dict[str, Any]]:
     return [rows[i] for i in pareto(pts)]
 
 
+def _steps(cfg: dict[str, Any]) -> str:
+    per = ", ".join(f"{k}: {v}" for k, v in (cfg.get("suite_steps") or {}).items())
+    return f"{cfg['steps']} ({per})" if per else str(cfg["steps"])
+
+
 def to_markdown(results: dict[str, Any]) -> str:
     cfg, meta = results["config"], results["meta"]
     budget = f" Budget: {cfg['budget']:,} adapter parameters per method." if cfg["budget"] else ""
     lines = [
         "# splice bench — PEFT track",
         "",
-        f"Tasks: {', '.join(results['tasks'])}. {cfg['steps']} steps of batch "
+        f"Tasks: {', '.join(results['tasks'])}. {_steps(cfg)} steps of batch "
         f"{cfg['batch_size']}; seeds {list(cfg['seeds'])}; caps train/val/test "
         f"{list(cfg['caps'])}; lr grid {list(cfg['lr_grid'])}, full fine-tune "
         f"{list(cfg['full_lr_grid'])}, head (probe) {list(cfg['head_lr_grid'])}.{budget} "

@@ -99,6 +99,24 @@ def _accuracy(encoder: Any, prepared: Any, labels: np.ndarray, module: Any, head
     return float((pred == labels).mean())
 
 
+class _Rows:
+    """The rows ``idx`` of prepared inputs, evaluated in the whole set's length order."""
+
+    def __init__(self, base: Any, idx: np.ndarray) -> None:
+        self.base, self.idx = base, idx
+
+    def __len__(self) -> int:
+        return len(self.idx)
+
+    def batch(self, i: np.ndarray, device: torch.device) -> Any:
+        return self.base.batch(self.idx[i], device)
+
+    def eval_order(self) -> np.ndarray:
+        rank = np.empty(len(self.base), dtype=np.int64)
+        rank[self.base.eval_order()] = np.arange(len(self.base))
+        return np.argsort(rank[self.idx], kind="stable")
+
+
 class Task:
     """One task of one backbone: splits, prepared inputs and (lazily) frozen features."""
 
@@ -107,6 +125,7 @@ class Task:
         self.val, self.test = group.val[name], group.test[name]
         self.frozen: dict[str, Tensor] = {}
         self._train_x: Any = None
+        self._have: np.ndarray | None = None  # which train examples' features are computed
 
     @property
     def train_x(self) -> Any:
@@ -117,9 +136,23 @@ class Task:
 
     def feats(self, split: str) -> Tensor:
         if split not in self.frozen:
-            x = self.train_x if split == "train" else getattr(self, split)
+            x = getattr(self, split)
             self.frozen[split] = _features(self.encoder, x, None, self.cfg.eval_batch_size)
         return self.frozen[split]
+
+    def train_feats(self, idx: np.ndarray) -> Tensor:
+        """Frozen train features, computed for the examples ``idx`` (and any before): the
+        probe's batches visit ``steps × batch`` examples, often far fewer than the split."""
+        if self._have is None:
+            self._have = np.zeros(len(self.train_x), dtype=bool)
+            self.frozen["train"] = torch.zeros(len(self.train_x), self.encoder.dim)
+        todo = np.unique(idx[~self._have[idx]])
+        if len(todo):
+            part = _Rows(self.train_x, todo)
+            bs = self.cfg.eval_batch_size
+            self.frozen["train"][torch.as_tensor(todo)] = _features(self.encoder, part, None, bs)
+            self._have[todo] = True
+        return self.frozen["train"]
 
     def run(self, key: str, lr: float, head_lr: float, seed: int, plan: dict) -> dict:
         """Train one row at one lr and seed; its model and head, and what was measured."""
@@ -129,8 +162,9 @@ class Task:
             trained = self._probe(lr, seed)
         else:
             method = "full" if key == "full" else key
+            targets = tuple(plan["targets"]) if plan.get("targets") else None
             ft = FinetuneConfig(finetune=method, steps=cfg.steps, batch_size=cfg.batch_size,
-                                lr=lr, head_lr=head_lr)  # fmt: skip
+                                lr=lr, head_lr=head_lr, targets=targets)  # fmt: skip
             trained = train(self.encoder, self.data, ft, seed, options=plan.get("options", {}),
                             select=plan.get("select"), prepared=self.train_x)  # fmt: skip
         state, params = trained.state, {id(p): p for p in trained.params}
@@ -146,13 +180,15 @@ class Task:
 
     def _probe(self, lr: float, seed: int) -> Trained:
         torch.manual_seed(seed)
-        feats, labels = self.feats("train"), torch.as_tensor(self.data.train.y)
+        labels, steps = torch.as_tensor(self.data.train.y), self.cfg.steps
+        stream = batch_stream(len(labels), self.cfg.batch_size, seed)
+        batches = [torch.as_tensor(stream()) for _ in range(steps)]
+        feats = self.train_feats(torch.cat(batches).numpy()) if batches else None
         head = nn.Linear(self.encoder.dim, len(self.data.classes))
         opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=0.0)
-        next_batch = batch_stream(len(feats), self.cfg.batch_size, seed)
 
         def micro_loss(i: int) -> tuple[Tensor, int]:
-            idx = torch.as_tensor(next_batch())
+            idx = batches[i]
             return nn.functional.cross_entropy(head(feats[idx]), labels[idx]), len(idx)
 
         state = fit(TrainStep(micro_loss, opt), self.cfg.steps)
