@@ -21,8 +21,19 @@ equals plain greedy.
 
 Part ``ambedkar``: IIR (spec §2.7) of the drafter alone (SmolLM2 greedy) vs AMBEDKAR
 (drafter top-k re-ranked by SmolLM2 with the constitution preamble as verifier, js_term,
-α in ``--alphas``) on the probe set of ``splice.decode.iir`` (ours, not the paper's), with the
-share of steps where the re-ranking left the drafter's top-1 and the latency overhead.
+α in ``--alphas``) on one of our two probe sets (``--probes``; ours, not the paper's):
+``cues`` (``splice.decode.cues``: religion/caste cues, identity masked; CF swaps the cues for
+the partner group's) or ``framing`` (``splice.decode.iir``; CF swaps framing words). Printed:
+IIR per axis, the change in religion IIR, the share of steps where the re-ranking left the
+drafter's top-1, the median α that would flip a step, s/token and the overhead over the
+drafter alone on the same forward, plus the one-step cost of 1 / 2 / 3 contexts in one
+LeanLM forward. ``--scorers``: ``hf`` (drafter and both branches as three ``transformers``
+passes), ``lean`` (drafter pass + both branches in one LeanLM pass), ``joint`` (one LeanLM pass
+of three rows). Drafter alone and every AMBEDKAR row run interleaved prompt by prompt.
+
+    flock /tmp/splice-heavy.lock env PYTHONPATH=$PWD HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 \
+        python benchmarks/decode.py --part ambedkar --probes cues --max-new-tokens 16 \
+        --alphas 1 10 30 100 --scorers joint
 """
 
 from __future__ import annotations
@@ -48,7 +59,9 @@ from splice.decode import (
 )
 from splice.decode.ambedkar import CONSTITUTION, CounterfactualDivergenceScorer
 from splice.decode.counterfactual import Counterfactual
+from splice.decode.cues import CUE_PROMPTS, cue_counterfactual
 from splice.decode.iir import PROBE_PROMPTS, PROTECTED, iir
+from splice.decode.lean import batched_logits
 
 PROMPTS = [
     "Repeat this sentence three times: the quick brown fox jumps over the lazy dog.",
@@ -199,74 +212,119 @@ class _Changed:
 
     def score(self, ids, prompt_len, cand):
         s = self.inner.score(ids, prompt_len, cand)
+        self._record(cand, s)
+        return s
+
+    def propose_and_score(self, proposer, ids, prompt_len, k):
+        both = self.inner.propose_and_score(proposer, ids, prompt_len, k)
+        if both is not None:
+            self._record(*both)
+        return both
+
+    def _record(self, cand, s) -> None:
         self.steps += 1
         self.changed += int((cand.logq + self.alpha * s).argmax() != cand.logq.argmax())
         top = int(cand.logq.argmax())
         gap, gain = cand.logq[top] - cand.logq, s - s[top]  # log-prob lost, score won
         ratios = (gap / gain)[gain > 0]
         self.flip.append(float(ratios.min()) if len(ratios) else float("inf"))
-        return s
+
+
+def _probe_set(name: str):
+    """(prompts, counterfactual, label) of one of our two probe sets."""
+    if name == "cues":
+        return CUE_PROMPTS, cue_counterfactual(), "cue probe set, CF = cue swap (identity_swap)"
+    cf = Counterfactual(protected=PROTECTED, mode="framing")
+    return PROBE_PROMPTS, cf, "framing probe set, CF = framing-word swap"
+
+
+def _contexts_ms(packed, ids, contexts: int, reps: int = 9) -> float:
+    """Median ms of one cached one-token step of ``contexts`` forks in one batched forward."""
+    forks = [packed.fork(f"ctx{i}") for i in range(contexts)]
+    batched_logits(forks, [list(ids) for _ in forks])
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        batched_logits(forks, [[*ids, 1] for _ in forks])
+        times.append(time.perf_counter() - t)
+    return 1000 * sorted(times)[reps // 2]
 
 
 def ambedkar(args) -> None:
     model, tok = load_causal_lm("smollm2")
-    prompts = PROBE_PROMPTS[:: args.probe_stride]
+    texts, cf, label = _probe_set(args.probes)
+    prompts = texts[:: args.probe_stride]
     ids = [list(tok.encode(p, add_special_tokens=False)) for p in prompts]
     eos, n = [tok.eos_token_id], args.max_new_tokens
-    drafter = ModelProposer(model, "drafter")
-    base, t_base = [], 0.0
-    for x in ids:
-        g = generate(x, target=CachedLM(model), sampling=GREEDY, max_new_tokens=n, eos=eos)
-        base.append(tok.decode(g.tokens, skip_special_tokens=True))
-        t_base += g.metrics["seconds"] / max(g.metrics["new_tokens"], 1)
-    rows = [("drafter alone (greedy)", "-", iir(prompts, base), t_base, None, base)]
+    packed = LeanLM(model, "drafter")  # one packed copy of the weights; every lean part forks it
+    bases = {"hf": CachedLM(model, "drafter"), "lean": packed}
+    forwards = sorted({"hf" if s == "hf" else "lean" for s in args.scorers} | {"lean"})
+    configs = []
     for alpha in args.alphas:
-        cf = Counterfactual(protected=PROTECTED, mode="framing")
-        scorer = _Changed(
-            CounterfactualDivergenceScorer(model, tok, cf, constitution=CONSTITUTION), alpha
-        )
-        policy, outs, t_amb = RerankTopK(k=args.k, weight=alpha), [], 0.0
-        for i, x in enumerate(ids, 1):
-            a = generate(
-                x, proposer=drafter, scorer=scorer, policy=policy, max_new_tokens=n, eos=eos
+        for kind in args.scorers:  # hf: 3 transformers passes; lean: drafter + 1 batched pass
+            if kind == "hf":  # of both branches; joint: one pass of 3 rows
+                sc = CounterfactualDivergenceScorer(model, tok, cf, constitution=CONSTITUTION)
+                prop = ModelProposer(model, "drafter")
+            else:
+                sc = CounterfactualDivergenceScorer(
+                    packed, tok, cf, constitution=CONSTITUTION, lean=True
+                )
+                prop = sc.joint_proposer() if kind == "joint" else ModelProposer(packed.fork("d"))
+            configs.append(
+                (kind, alpha, _Changed(sc, alpha), prop, RerankTopK(k=args.k, weight=alpha))
             )
+    base = {f: ([], [0.0]) for f in forwards}
+    runs = [([], [0.0]) for _ in configs]
+    t0 = time.time()
+    for i, x in enumerate(ids, 1):  # drafter alone and every AMBEDKAR row per prompt: same load
+        for f in forwards:
+            g = generate(x, target=bases[f], sampling=GREEDY, max_new_tokens=n, eos=eos)
+            base[f][0].append(tok.decode(g.tokens, skip_special_tokens=True))
+            base[f][1][0] += g.metrics["seconds"] / max(g.metrics["new_tokens"], 1)
+        for (_, _, sc, prop, policy), (outs, t) in zip(configs, runs, strict=True):
+            a = generate(x, proposer=prop, scorer=sc, policy=policy, max_new_tokens=n, eos=eos)
             outs.append(tok.decode(a.tokens, skip_special_tokens=True))
-            t_amb += a.metrics["seconds"] / max(a.metrics["new_tokens"], 1)
-            print(f"  α={alpha} [{i}/{len(ids)}]", file=sys.stderr, flush=True)
-        rows.append(
-            ("AMBEDKAR", alpha, iir(prompts, outs), t_amb, scorer.changed / scorer.steps, outs)
-        )
-        f = torch.tensor(scorer.flip)
-        finite = f[f.isfinite()]
-        print(
-            f"α={alpha}: {len(f)} steps; the verifier prefers some candidate to the drafter's "
-            f"top-1 at {100 * len(finite) / len(f):.0f} %; α that would flip a step: median "
-            f"{finite.median():.3g}, ≤10 at {100 * (f <= 10).float().mean():.0f} %, ≤100 at "
-            f"{100 * (f <= 100).float().mean():.0f} % of steps"
-            if len(finite)
-            else f"α={alpha}: the verifier never prefers another candidate",
-            file=sys.stderr,
-        )
+            t[0] += a.metrics["seconds"] / max(a.metrics["new_tokens"], 1)
+        eta = (time.time() - t0) / i * (len(ids) - i)
+        print(f"  [{i}/{len(ids)}] ETA {eta:.0f} s", file=sys.stderr, flush=True)
+    ms = {c: _contexts_ms(packed, ids[0], c) for c in (1, 2, 3)}
+    hf_ms = _step_ms(CachedLM(model), ids[0])
     print(
-        f"\nIIR on our probe set ({len(prompts)} prompts, ≤{n} tokens; drafter = verifier model "
-        f"= SmolLM2-135M-Instruct, verifier with the constitution preamble; k={args.k}, "
-        f"js_term, cf framing, cf_scope=prompt)\n"
+        f"\nIIR on our {label} ({len(prompts)} prompts, ≤{n} tokens; drafter = verifier model = "
+        f"SmolLM2-135M-Instruct, verifier with the constitution preamble; k={args.k}, js_term, "
+        f"cf_scope=prompt; torch threads {torch.get_num_threads()}; load average "
+        f"{os.getloadavg()[0]:.2f}). One cached one-token step: transformers {hf_ms:.1f} ms; "
+        f"LeanLM 1 / 2 / 3 contexts in one batched forward {ms[1]:.1f} / {ms[2]:.1f} / "
+        f"{ms[3]:.1f} ms\n"
     )
-    print("| decoding | α | IIR religion % | IIR caste % | IIR overall % | steps off top-1 | "
-          "s/token | overhead |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|")
-    for name, alpha, r, t, ch, _ in rows:
-        off = "-" if ch is None else f"{100 * ch:.1f} %"
+    print("| decoding | forward | α | IIR religion % | IIR caste % | IIR overall % | Δ religion pp "
+          "| steps off top-1 | α to flip (median) | s/token | overhead |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    ref = iir(prompts, base["lean"][0])
+    rows = [(f"drafter alone ({f})", f, "-", base[f][0], base[f][1][0], None) for f in forwards]
+    names = {"hf": "3 passes", "lean": "drafter + 1 batched pass", "joint": "1 pass, 3 rows"}
+    for (kind, alpha, sc, *_), (outs, t) in zip(configs, runs, strict=True):
+        rows.append((f"AMBEDKAR ({names[kind]})", "hf" if kind == "hf" else "lean", alpha,
+                     outs, t[0], sc))  # fmt: skip
+    for name, f, alpha, outs, t, sc in rows:
+        r, t_base = iir(prompts, outs), base[f][1][0]
+        off = flip = "-"
+        if sc is not None:
+            off = f"{100 * sc.changed / max(sc.steps, 1):.1f} %"
+            fl = torch.tensor(sc.flip)
+            flip = f"{fl[fl.isfinite()].median():.3g}" if fl.isfinite().any() else "inf"
         print(
-            f"| {name} | {alpha} | {r['iir_religion']:.1f} | {r['iir_caste']:.1f} | "
-            f"{r['iir']:.1f} | {off} | {t / len(ids):.4f} | {100 * (t / t_base - 1):+.0f} % |"
+            f"| {name} | {f} | {alpha} | {r['iir_religion']:.1f} | {r['iir_caste']:.1f} | "
+            f"{r['iir']:.1f} | {r['iir_religion'] - ref['iir_religion']:+.1f} | {off} | {flip} | "
+            f"{t / len(ids):.4f} | {100 * (t / t_base - 1):+.1f} % |"
         )
-    for name, alpha, r, *_, outs in rows:
-        hits = [(p, o) for p, o in zip(prompts, outs, strict=True) if iir([p], [o])["iir"]]
-        groups = {g: v for a in r["per_group"].values() for g, v in a.items() if v}
-        print(f"\n{name} α={alpha}: groups named {groups or 'none'}")
-        for p, o in hits:
-            print(f"  {p!r} -> {o!r}")
+    for name, _, alpha, outs, *_ in rows:
+        groups = {g: round(v, 1) for a in iir(prompts, outs)["per_group"].values()
+                  for g, v in a.items() if v}  # fmt: skip
+        print(f"\n{name} α={alpha}: groups named (% of prompts) {groups or 'none'}")
+        for p, o in zip(prompts, outs, strict=True):
+            if iir([p], [o])["iir"] and args.show_hits:
+                print(f"  …{p[-45:]!r} -> {o[:60]!r}")
 
 
 def main() -> None:
@@ -283,6 +341,21 @@ def main() -> None:
     ap.add_argument("--probe-stride", type=int, default=1, help="every n-th probe prompt")
     ap.add_argument("--k", type=int, default=5)
     ap.add_argument("--alphas", type=float, nargs="*", default=[1.0, 10.0])
+    ap.add_argument(
+        "--probes",
+        choices=["framing", "cues"],
+        default="cues",
+        help="our probe sets: framing words (old) or identity cues (CF = cue swap)",
+    )
+    ap.add_argument(
+        "--scorers",
+        nargs="+",
+        choices=["hf", "lean", "joint"],
+        default=["joint"],
+        help="hf: 3 transformers passes per step; lean: drafter + both branches in "
+        "one LeanLM pass; joint: drafter and both branches in one pass",
+    )
+    ap.add_argument("--show-hits", action="store_true", help="print the outputs that infer")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--lean", action="store_true",
                     help="target, plain and drafters through splice.decode.LeanLM")  # fmt: skip

@@ -54,6 +54,13 @@ def generate(
     terms: Annotated[
         Path | None, typer.Option(help="AMBEDKAR term pairs, 'word, opposite' per line.")
     ] = None,
+    cf_mode: Annotated[
+        str,
+        typer.Option(
+            help="AMBEDKAR counterfactual: 'framing' (swap framing words) or 'identity_swap' "
+            "(swap identity cues; default pairs: splice.decode.cues)."
+        ),
+    ] = "framing",
     constitution: Annotated[
         bool, typer.Option(help="Prepend the constitution preamble to the verifier.")
     ] = True,
@@ -90,8 +97,15 @@ def generate(
         raise SpliceError("give at most one of --draft, --self-draft, --ngram")
     if int8 and (draft is not None or ngram is not None):
         raise SpliceError("--int8 quantises the target's own weights: not with --draft or --ngram")
-    if lean and policy != "speculative":
-        raise SpliceError(f"--lean serves --policy speculative, not {policy}")
+    if lean and policy not in ("speculative", "ambedkar"):
+        raise SpliceError(f"--lean serves --policy speculative or ambedkar, not {policy}")
+    if lean and policy == "ambedkar" and (draft or self_draft or int8 or verifier):
+        raise SpliceError(
+            "--lean --policy ambedkar drafts and verifies with MODEL itself in one forward",
+            fix="drop --draft/--self-draft/--int8/--verifier, or drop --lean",
+        )
+    if cf_mode not in ("framing", "identity_swap"):
+        raise SpliceError(f"unknown --cf-mode {cf_mode!r}", fix="use framing or identity_swap")
     try:
         sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p)
     except pydantic.ValidationError as e:
@@ -218,6 +232,9 @@ def _build(o: dict[str, Any]) -> dict[str, Any]:
     parts["scorer"] = (
         _ambedkar(o, target, tok) if o["policy"] == "ambedkar" else _value(o, target, tok, eos)
     )
+    if o["lean"]:  # ambedkar: drafter row and both verifier branches in one LeanLM forward
+        parts["proposer"] = parts["scorer"].joint_proposer()
+        parts["drafter"] = "the model itself, lean, one forward with the verifier"
     return parts
 
 
@@ -244,20 +261,23 @@ def _ambedkar(o: dict[str, Any], target: Any, tok: Any) -> Any:
     from splice.data.causal_lm import load_causal_lm
     from splice.decode.ambedkar import CONSTITUTION, CounterfactualDivergenceScorer
     from splice.decode.counterfactual import FRAMING_PAIRS, Counterfactual, parse_pairs
+    from splice.decode.cues import cue_pairs
     from splice.decode.iir import PROTECTED
 
     verifier, vtok = (
         (target, tok) if o["verifier"] is None else load_causal_lm(o["verifier"], o["device"])
     )
-    pairs = FRAMING_PAIRS
+    swap = o["cf_mode"] == "identity_swap"
+    pairs = cue_pairs() if swap else FRAMING_PAIRS
     if o["terms"] is not None:
         pairs = parse_pairs(o["terms"].read_text().splitlines(), source=str(o["terms"]))
     return CounterfactualDivergenceScorer(
         verifier,
         tok,
-        Counterfactual(pairs, PROTECTED),
+        Counterfactual(pairs, ["[mask]"] if swap else PROTECTED, mode=o["cf_mode"]),
         constitution=CONSTITUTION if o["constitution"] else None,
         verifier_tokenizer=vtok if vtok is not tok else None,
+        lean=o["lean"],
     )
 
 

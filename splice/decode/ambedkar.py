@@ -58,7 +58,7 @@ class CounterfactualDivergenceScorer:
 
     def __init__(
         self,
-        verifier: nn.Module,
+        verifier: nn.Module | LeanLM,
         tokenizer: Any,
         cf: Counterfactual,
         divergence: Literal["js_term", "kl_term", "abs_diff", "js_full_lookahead"] = "js_term",
@@ -72,6 +72,8 @@ class CounterfactualDivergenceScorer:
                 f"unknown divergence {divergence!r}",
                 fix=f"choose one of {', '.join([*DIVERGENCES, 'js_full_lookahead'])}",
             )
+        if isinstance(verifier, LeanLM) and not lean:
+            raise SpliceError("a LeanLM verifier needs lean=True")
         self.name = "counterfactual-divergence"
         self.tok, self.vtok = tokenizer, verifier_tokenizer or tokenizer
         self.bridge = verifier_tokenizer is not None and (
@@ -82,8 +84,9 @@ class CounterfactualDivergenceScorer:
         self.cf, self.divergence, self.cf_scope = cf, divergence, cf_scope
         self.preamble = constitution or ""
         self.lean, self.joint = lean, None
-        if lean:  # one packed copy of the weights, two KV caches
-            self.factual = LeanLM(verifier, "verifier")
+        if lean:  # one packed copy of the weights (a given LeanLM's, shared), two KV caches
+            packed = verifier if isinstance(verifier, LeanLM) else LeanLM(verifier, "verifier")
+            self.factual = packed.fork("verifier")
             self.counter = self.factual.fork("verifier-cf")
         else:
             self.factual, self.counter = CachedLM(verifier, "verifier"), CachedLM(verifier, "cf")

@@ -65,6 +65,8 @@ def test_self_draft_greedy_equals_plain_and_reports_metrics(dirs: dict[str, Path
         assert "lean" in q["drafter"] or "n-gram" in q["drafter"]
     amb = _json(*common, "--policy", "ambedkar", "--k", "3")
     assert not amb["lossless"] and amb["metrics"]["scorer_calls"] > 0
+    lean_amb = _json(*common, "--policy", "ambedkar", "--k", "3", "--lean")  # one joint forward
+    assert lean_amb["text"] == amb["text"] and "one forward" in lean_amb["drafter"]
 
 
 def test_streams_text_to_the_terminal(dirs: dict[str, Path]) -> None:
@@ -82,7 +84,12 @@ def test_streams_text_to_the_terminal(dirs: dict[str, Path]) -> None:
         (("--prompt", "the", "--top-p", "0"), r"top_p=0.0 is outside \(0, 1\]"),
         (("--prompt", "the", "--policy", "fast"), "unknown --policy 'fast'"),
         (("--prompt", "the", "--int8", "--ngram", "2"), "--int8 quantises the target's own"),
-        (("--prompt", "the", "--lean", "--policy", "ambedkar"), "--lean serves --policy spec"),
+        (("--prompt", "the", "--lean", "--policy", "tq"), "--lean serves --policy speculative or"),
+        (
+            ("--prompt", "the", "--lean", "--policy", "ambedkar", "--self-draft", "2"),
+            "drafts and verifies with MODEL itself",
+        ),
+        (("--prompt", "the", "--policy", "ambedkar", "--cf-mode", "swap"), "unknown --cf-mode"),
     ],
 )
 def test_bad_input_is_one_line_exit_1(dirs: dict[str, Path], args: tuple, message: str) -> None:
@@ -105,6 +112,12 @@ def test_unbalanced_term_list_is_refused(dirs: dict[str, Path], tmp_path: Path) 
     r = _run(dirs["target"], "--prompt", "the", "--policy", "ambedkar", "--terms", terms)
     assert r.exit_code == 1
     assert "line 2 'rich' has 1 term(s), a pair needs 2" in str(r.exception)
+    terms.write_text("Hindu, Muslim\n")  # identity terms: swapped only under identity_swap
+    r = _run(dirs["target"], "--prompt", "the Hindu man", "--policy", "ambedkar", "--terms", terms)
+    assert r.exit_code == 1 and "protected term 'hindu' is in the swap list" in str(r.exception)
+    ok = _json(dirs["target"], "--prompt", "the Hindu man", "--policy", "ambedkar", "--terms",
+               terms, "--cf-mode", "identity_swap", "--max-new-tokens", "3")  # fmt: skip
+    assert ok["metrics"]["scorer_calls"] == 6
 
 
 @pytest.fixture(scope="module")
