@@ -11,7 +11,8 @@ for peft's side too). Every side runs in its own child process (fresh allocator,
 ``--paired`` alternates the sides' steps in one process for time ratios that hold on a loaded
 machine. The step time is the median of ``--steps`` timed steps after ``--warmup``
 untimed ones; ``--paired`` also prints, per method, the median over steps of splice's step i
-against peft's step i (taken back to back, so a load that drifts over a run cancels). Every
+against peft's step i, and of each splice side's step i against splice LoRA's (taken back to
+back, so a load that drifts over a run cancels). Every
 method peft has runs on both sides with the same settings (so the same trainable counts):
 LoRA, DoRA, LoHa, LoKr (r=8, alpha=16), VeRA (r=256), OFT (blocks of 32) on
 query/value, AdaLoRA (r=12; the step alone: peft allocates ranks and adds its regulariser
@@ -320,6 +321,7 @@ def main() -> None:
                     f"  {side[7:]:12s}{r['median_s'] / lora['median_s']:11.3f}×"
                     f"{rss(r, lora):>22s}"
                     f"{r['trainable']:>12,} ({r['trainable'] / lora['trainable']:.3f}×)"
+                    f"{per_step(r, lora)}"
                 )
     if args.json:
         with open(args.json, "w") as f:

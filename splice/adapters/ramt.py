@@ -4,16 +4,21 @@ Spec peft.md §13. Each masked weight W₀ gets real-valued logits m (all ``init
 as W = M⊙W₀ with M = 1[m > τ] (τ < init, so M = 1 and the model is the base model at step 0);
 the binariser is straight-through (∂ℒ/∂m := ∂ℒ/∂M). Under Adam the update ignores the
 gradient's scale, so (init, τ) scaled by c with the lr scaled by c is the same training (the
-L2 gradient m/‖m‖ and GDR's gate are scale-free too): the released code's (0.01, 0.005) at its
-lr 8e-5 is the defaults (0.125, 0.0625) at lr 1e-3, the low end of splice's adapter lrs — at
-(0.01, 0.005) and lr 1e-3 Adam's per-element steps flip masks within 5 steps, and the bench's
-MiniLM row fell 10 points below the linear probe. The loss adds λ_reg·Σ‖m‖₂ (the
-L2 norm, not squared; :meth:`RAMT.aux_loss`). Gradient-dropout regularity (GDR,
-:class:`GradientDropout`): the teacher is the unmasked model; the gradient g_kl of
-KL(teacher ‖ student) only gates the loss gradient g per element, keeping it with probability
-P = ½(1 + sign(g)(g + g_kl)/(|g| + |g_kl| + 1e-8)) — a teacher forward and a second backward
-per step, driven by the training loop's micro-batch (:func:`splice.adapters.inject.guide`).
-Masks are stored as packed bits, one per masked weight (plus the weight's shape).
+L2 gradient m/‖m‖ and GDR's gate are scale-free too; tested): what sets the pace is
+K = (init − τ)/lr, the first step at which a mask can flip (Adam moves a logit by at most about
+lr per step). The released code's (0.01, 0.005) at lr 8e-5 is K = 62 of its ~1,500 steps.
+[recon] The defaults (0.0625, 0.03125) give K = 31 at lr 1e-3 and 6 at 5e-3, the PEFT bench's
+lr grid, whose runs are 24-32 steps long: with the earlier (0.125, 0.0625), K = 62 at 1e-3, no
+mask flipped there and the row was the linear probe's; (0.01, 0.005) at 1e-3 flips masks
+within 5 steps and random ones pile up (the bench's MiniLM row fell 10 points below the
+probe). docs/adapters.md, "R-AMT on the PEFT track", has the flips per step.
+The loss adds λ_reg·Σ‖m‖₂ (the L2 norm, not squared; :meth:`RAMT.aux_loss`).
+Gradient-dropout regularity (GDR, :class:`GradientDropout`): the teacher is the unmasked
+model; the gradient g_kl of KL(teacher ‖ student) only gates the loss gradient g per
+element, keeping it with probability P = ½(1 + sign(g)(g + g_kl)/(|g| + |g_kl| + 1e-8)) —
+a teacher forward and a second backward per step, driven by the training loop's micro-batch
+(:func:`splice.adapters.inject.guide`). Masks are stored as packed bits, one per masked
+weight (plus the weight's shape).
 
 The paper masks CLIP's image encoder (patch embedding and attention projections); splice runs
 the same mechanics on any Linear or (non-grouped) Conv target, e.g. MiniLM's attention
@@ -42,9 +47,11 @@ __all__ = ["GradientDropout", "RAMTAdapter", "RAMTConfig", "gdr_gate"]
 
 
 class RAMTConfig(MethodConfig):
-    init: float = pydantic.Field(0.125, description="initial mask logit (paper 0.01 at lr 8e-5)")
+    init: float = pydantic.Field(
+        0.0625, description="initial mask logit (paper 0.01 at lr 8e-5) [recon]"
+    )
     threshold: float = pydantic.Field(
-        0.0625, description="mask = logit > threshold (paper 0.005 at lr 8e-5)"
+        0.03125, description="mask = logit > threshold (paper 0.005 at lr 8e-5) [recon]"
     )
     l2: float = pydantic.Field(1e-4, ge=0, description="λ_reg of the Σ‖m‖₂ regulariser")
     gdr: float = pydantic.Field(

@@ -158,3 +158,39 @@ def test_runs_on_pointwise_convolutions():
         h = model[0](x)
         bias = model[0].base_layer.bias[0]
         assert torch.allclose(h[:, 0], torch.full_like(h[:, 0], bias.item()), atol=1e-6)
+
+
+def _flips(init: float, threshold: float, lr: float, steps: int = 24) -> list[torch.Tensor]:
+    """The masks after each Adam step of a small R-AMT run (L2 and GDR on)."""
+    model = _mlp()
+    torch.manual_seed(1)
+    x, labels = torch.randn(32, 10), torch.randint(0, 3, (32,))
+    inject(model, "ramt", ["0", "2"], init=init, threshold=threshold)
+    layers = list(adapter_layers(model).values())
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=lr, eps=1e-12)  # eps far below every gradient
+    g = guide(model)
+    masks = []
+    for _ in range(steps):
+        logits = model(x)
+        with g.teacher():
+            teacher = model(x)
+        g(logits, teacher)
+        opt.zero_grad()
+        (F.cross_entropy(logits, labels) + aux_loss(model)).backward()
+        opt.step()
+        masks.append(torch.cat([(la.adapter.logits > threshold).flatten() for la in layers]))
+    return masks
+
+
+def test_init_threshold_and_lr_scaled_together_train_the_same_masks():
+    # under Adam only K = (init − τ)/lr matters (the docstring's scale argument): the
+    # released (0.01, 0.005) and the defaults (0.0625, 0.03125) at lrs 6.25x apart flip the
+    # same masks at the same steps (here K = 0.625: from the first step on)
+    base = _flips(0.01, 0.005, 8e-3)
+    scaled = _flips(0.0625, 0.03125, 5e-2)
+    assert all(torch.equal(a, b) for a, b in zip(base, scaled, strict=True))
+    assert not base[0].all() and not base[-1].all()
+    # and no mask flips before step K: the defaults at lr 5e-3 (K = 6.25)
+    slow = _flips(0.0625, 0.03125, 5e-3, steps=8)
+    assert all(m.all() for m in slow[:6]) and not slow[7].all()
