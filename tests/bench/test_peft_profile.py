@@ -109,3 +109,12 @@ def test_a_rows_targets_move_its_adapter_and_bad_ones_are_named(tiny):
     for bad in ("query", [], [1]):
         with pytest.raises(UsageError, match=r"lora\.targets=.* is not a list of module names"):
             method_update(None, {"lora": {"targets": bad}})
+
+
+def test_a_methods_rows_do_not_start_together_where_another_row_can_go_between():
+    from splice.bench.peft_pool import apart
+
+    # longest first: R-AMT text, R-AMT digits, SPT, LoRA → the two R-AMT rows split by SPT
+    assert apart([0, 1, 2, 3], ["ramt", "ramt", "spt", "lora"]) == [0, 2, 1, 3]
+    assert apart([3, 2, 1, 0], ["x", "y", "y", "x"]) == [3, 2, 0, 1]
+    assert apart([0, 1, 2], ["a", "a", "a"]) == [0, 1, 2] and apart([], []) == []
