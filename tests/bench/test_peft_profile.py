@@ -10,6 +10,7 @@ import torch
 from splice.bench.peft import PEFT_PROFILES, PeftConfig, configure_peft, method_update, run_peft
 from splice.bench.peft_report import to_markdown
 from splice.errors import UsageError
+from tests.bench.test_peft import _cache  # noqa: F401 — autouse: a fresh cache, one thread
 
 
 def _config(tiny, **kw) -> PeftConfig:
@@ -27,15 +28,6 @@ def _config(tiny, **kw) -> PeftConfig:
         "workers": 1,
     }
     return PeftConfig(**(base | kw))
-
-
-@pytest.fixture(autouse=True)
-def _cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("SPLICE_CACHE", str(tmp_path / "cache"))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_suite_steps_set_a_suites_runs_and_steps_on_the_command_line_sets_all(tiny, monkeypatch):
