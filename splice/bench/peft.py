@@ -140,12 +140,13 @@ def configure_peft(
     device: str | None = None,
     text_model: str | None = None,
     workers: int | None = None,
+    grow: int | None = None,
 ) -> PeftConfig:
     """A profile's config with command-line overrides (as :func:`splice.bench.runner.configure`)."""
     cfg, update = profile_update(PEFT_PROFILES, profile, suite, tasks, seed)
     update |= method_update(methods, options)
     values = {"steps": steps, "budget": budget, "device": device, "text_model": text_model,
-              "workers": workers}  # fmt: skip
+              "workers": workers, "grow": grow}  # fmt: skip
     update |= {k: v for k, v in values.items() if v is not None}
     if steps is not None:  # --steps sets every suite's
         update["suite_steps"] = {}

@@ -82,6 +82,14 @@ def bench(
             "(default 2, at most the CPU count; the numbers do not depend on it).",
         ),
     ] = None,
+    grow: Annotated[
+        int | None,
+        typer.Option(
+            min=0,
+            help="peft: a row whose lr pick is on an edge of its grid tries one 1-2-5 step past "
+            "that edge, at most N times (default 0; NOLA's pick at 5e-3 wants 1e-2).",
+        ),
+    ] = None,
     protocol: Annotated[
         str,
         typer.Option(
@@ -118,10 +126,11 @@ def bench(
         raise UsageError("--finetune belongs to --track merge", fix="drop it")
     if track != "peft" and (budget is not None or set_):
         raise UsageError("--budget and --set belong to --track peft", fix="add --track peft")
-    if track != "peft" and workers is not None:
-        raise UsageError("--workers belongs to --track peft", fix="add --track peft")
-    if suite == "llm" and workers is not None:
-        raise UsageError("--workers belongs to the text and vision suites", fix="drop it")
+    for flag, value in (("--workers", workers), ("--grow", grow)):
+        if track != "peft" and value is not None:
+            raise UsageError(f"{flag} belongs to --track peft", fix="add --track peft")
+        if suite == "llm" and value is not None:
+            raise UsageError(f"{flag} belongs to the text and vision suites", fix="drop it")
     if suite == "llm":  # the LLM suite (splice/cli/_bench_llm.py)
         from splice.cli._bench_llm import run_llm_suite
 
@@ -134,7 +143,7 @@ def bench(
         from splice.bench.peft import configure_peft
 
         cfg = configure_peft(profile, budget=budget, options=_options(set_ or []),
-                             workers=workers, **common)  # fmt: skip
+                             workers=workers, grow=grow, **common)  # fmt: skip
         from splice.bench.peft import run_peft
         from splice.bench.peft_report import print_peft_table, write_peft_report
 

@@ -288,9 +288,12 @@ def test_makespan_is_longest_first_over_the_workers_and_workers_stay_on_the_cpu(
         (["--workers", "2"], "--workers belongs to --track peft"),
         (["--suite", "llm", "--track", "peft", "--workers", "2"], "--workers belongs to the text"),
         (["--track", "peft", "--workers", "0"], "greater than or equal to 1"),
+        (["--grow", "1"], "--grow belongs to --track peft"),
+        (["--suite", "llm", "--track", "peft", "--grow", "1"], "--grow belongs to the text"),
+        (["--track", "peft", "--grow", "-1"], "greater than or equal to 0"),
     ],
 )
-def test_workers_option_is_the_peft_tracks(args, message, tmp_path, monkeypatch, capsys):
+def test_workers_and_grow_options_are_the_peft_tracks(args, message, tmp_path, monkeypatch, capsys):
     from tests.cli._run import run_cli
 
     code, _, stderr = run_cli(monkeypatch, capsys, "bench", *args, "--out", str(tmp_path / "o"))

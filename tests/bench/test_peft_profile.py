@@ -110,3 +110,27 @@ def test_a_methods_rows_do_not_start_together_where_another_row_can_go_between()
     assert apart([0, 1, 2, 3], ["ramt", "ramt", "spt", "lora"]) == [0, 2, 1, 3]
     assert apart([3, 2, 1, 0], ["x", "y", "y", "x"]) == [3, 2, 0, 1]
     assert apart([0, 1, 2], ["a", "a", "a"]) == [0, 1, 2] and apart([], []) == []
+
+
+def test_grid_growth_walks_the_1_2_5_ladder_past_an_edge_pick_at_most_grow_times():
+    from splice.bench.peft_rows import _grow, _pick
+
+    assert [_grow(5e-3, 1), _grow(1e-3, -1), _grow(2e-3, 1), _grow(1e-2, -1)] == [
+        1e-2, 5e-4, 5e-3, 5e-3
+    ]  # fmt: skip
+    rising, falling = (lambda lr: lr), (lambda lr: -lr)
+    assert _pick([1e-3, 5e-3], 0, rising) == (5e-3, {1e-3: 1e-3, 5e-3: 5e-3})
+    best, val = _pick([1e-3, 5e-3], 1, rising)  # NOLA's case: 5e-3 on the edge → 1e-2 tried
+    assert best == 1e-2 and sorted(val) == [1e-3, 5e-3, 1e-2]
+    best, val = _pick([1e-3, 5e-3], 2, falling)
+    assert best == 2e-4 and sorted(val) == [2e-4, 5e-4, 1e-3, 5e-3]
+    peak = {1e-3: 0.5, 5e-3: 0.7, 1e-2: 0.6}  # an inside pick stops the growth
+    best, val = _pick([1e-3, 5e-3], 3, peak.__getitem__)
+    assert best == 5e-3 and sorted(val) == [1e-3, 5e-3, 1e-2]
+    flat = lambda lr: 0.5  # noqa: E731 — ties go to the smaller lr, an edge pick like any other
+    assert _pick([1e-3, 5e-3], 0, flat)[0] == 1e-3 and _pick([1e-3, 5e-3], 1, flat)[0] == 5e-4
+
+
+def test_grow_reaches_the_config():
+    cfg = configure_peft("full", grow=1)
+    assert cfg.grow == 1 and configure_peft("full").grow == 0
