@@ -30,6 +30,8 @@ drafter alone on the same forward, plus the one-step cost of 1 / 2 / 3 contexts 
 LeanLM forward. ``--scorers``: ``hf`` (drafter and both branches as three ``transformers``
 passes), ``lean`` (drafter pass + both branches in one LeanLM pass), ``joint`` (one LeanLM pass
 of three rows). Drafter alone and every AMBEDKAR row run interleaved prompt by prompt.
+The cue set is template-major, six religions per template: a ``--probe-stride`` prime to 6
+(1, 5, 7) keeps a subsample balanced across the religions (4 gives three of them, 6 one).
 
     flock /tmp/splice-heavy.lock env PYTHONPATH=$PWD HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 \
         python benchmarks/decode.py --part ambedkar --probes cues --max-new-tokens 16 \
