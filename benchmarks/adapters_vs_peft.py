@@ -16,7 +16,9 @@ back, so a load that drifts over a run cancels). Every
 method peft has runs on both sides with the same settings (so the same trainable counts):
 LoRA, DoRA, LoHa, LoKr (r=8, alpha=16), VeRA (r=256), OFT (blocks of 32) on
 query/value, AdaLoRA (r=12; the step alone: peft allocates ranks and adds its regulariser
-outside it), IA³ on key/value/FFN-out (scaling that output's input); each splice side is
+outside it), IA³ on key/value/FFN-out (scaling that output's input), prompt tuning (16
+virtual tokens) and P-tuning (16 tokens, an MLP encoder of width 128; peft returns the virtual
+positions' outputs too, so its mean pools 80 positions to splice's 64); each splice side is
 reported against its peft side. NOLA, MoS, MoLA, EPT, Bi-LoRA (1-bit), Queryable LoRA and
 R-AMT (its GDR included: a teacher forward and a second backward) are reported relative to
 splice's LoRA, with their trainable counts, and DoRA too (the issue's target: ≤ 1.15× splice
@@ -61,6 +63,10 @@ PEFT_METHODS = {  # method → (splice options, peft config class name, its opti
                 {"init_r": 12, "target_r": 8, "total_step": 1000}, TARGETS),
     "ia3": ({"feedforward": ["output.dense"]}, "IA3Config",
             {"feedforward_modules": ["output.dense"]}, IA3_TARGETS),
+    # virtual input tokens (no target modules on peft's side; splice's find the backbone)
+    "prompt": ({"tokens": 16}, "PromptTuningConfig", {"num_virtual_tokens": 16}, TARGETS),
+    "ptuning": ({"tokens": 16, "hidden": 128}, "PromptEncoderConfig",
+                {"num_virtual_tokens": 16, "encoder_hidden_size": 128}, TARGETS),
 }  # fmt: skip
 SIDES = {  # name → (library, method, options)
     **{
@@ -122,8 +128,12 @@ def build(side: str, args: argparse.Namespace):
                 task_type="FEATURE_EXTRACTION", num_virtual_tokens=options["tokens"]
             )
         else:
-            _, config_class, peft_options, _ = PEFT_METHODS[method]
-            config = getattr(peft, config_class)(target_modules=targets, **peft_options)
+            _, name, peft_options, _ = PEFT_METHODS[method]
+            config_class = getattr(peft, name)
+            if issubclass(config_class, peft.PromptLearningConfig):  # prompt, P-tuning
+                config = config_class(task_type="FEATURE_EXTRACTION", **peft_options)
+            else:
+                config = config_class(target_modules=targets, **peft_options)
         model = peft.get_peft_model(model, config)
     else:
         from splice import adapters

@@ -163,3 +163,28 @@ def test_rank_and_alpha_patterns_both_ways(method, tmp_path):
     pm.save_pretrained(tmp_path / "p")
     assert torch.allclose(run(load_adapter(tiny_bert(), tmp_path / "p"), "bert"), run(pm, "bert"),
                           atol=1e-5)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        (lambda: peft.FourierFTConfig(target_modules=["q_proj"], n_frequency=10),
+         "PEFT adapter type 'FOURIERFT' is not a method splice has"),
+        (lambda: peft.LoHaConfig(r=2, target_modules=["q_proj"], rank_dropout=0.1),
+         "field rank_dropout=0.1 changes"),
+    ],
+)  # fmt: skip
+def test_cli_refuses_a_peft_dir_it_cannot_run_in_one_line_exit_1(config, message, tmp_path):
+    from typer.testing import CliRunner
+
+    from splice.cli import app
+    from tests.decode.conftest import WORDS, tiny_llama, word_tokenizer
+
+    base = tiny_llama(vocab=len(WORDS))
+    base.save_pretrained(tmp_path / "base")
+    word_tokenizer(WORDS).save_pretrained(tmp_path / "base")
+    peft.get_peft_model(base, config()).save_pretrained(tmp_path / "d")
+    args = ["generate", str(tmp_path / "base"), "--prompt", "the", "--adapter", f"x={tmp_path}/d"]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 1
+    assert message in str(r.exception) and len(str(r.exception).splitlines()) == 1
