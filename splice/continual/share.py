@@ -18,6 +18,9 @@ task, loadings ``L_A, L_B`` (k, r):  ``Â = C_A L_A``, ``B̂ = C_B L_B``, ``ΔW 
    re-projected analytically: ``L = C_newᵀ · factor``. ``fidelity="code"`` (the released
    code) differs in one place only: the new task's loadings are projected from its
    reconstruction *without* the temporary path, which then enters the bases alone.
+   With ``refit`` > 0 the merge runs after ``1 − refit`` of the task's steps and the rest
+   fine-tune the task's re-projected loadings in the new bases (step 3's optional
+   fine-tuning; earlier tasks are untouched by it).
 4. *Inference*: :meth:`Share.use_task` selects a task's loadings (the task id is known).
 
 Stored after T tasks, per matrix: ``k(d_in + d_out)`` basis + ``T·2kr`` loadings.
@@ -56,6 +59,12 @@ class ShareConfig(Strict):
     rank_updates: int = pydantic.Field(2, ge=0, description="φ of the temporary path; 0: off")
     fidelity: Literal["paper", "code"] = pydantic.Field(
         "paper", description="new task's loadings from the full (paper) or basis-only (code)"
+    )
+    refit: float = pydantic.Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="share of a task's steps that fine-tune its loadings after the merge",
     )
 
 
@@ -151,6 +160,39 @@ class ShareAdapter(Adapter):
         self.mode = "train"
         return list(self.trainable.values())
 
+    @torch.no_grad()
+    def merge(self, task: str) -> None:
+        """Fold the trained task in: the first task's LoRA gives the bases (§7 step 1), a
+        later task's loadings and temporary path go through the merge (step 3)."""
+        c, p = self.cfg, self.trainable
+        if self.mode == "lora":
+            b, a = self.factors()
+            self.C_A, self.C_B, ls = init_subspace([(a.T, b)], c.k, c.variance)
+            self.loadings = {task: ls[0]}
+        elif self.mode == "train":
+            loadings = {**self.loadings, task: (p["L_A"].detach(), p["L_B"].detach())}
+            self.C_A, self.C_B, self.loadings = merge_subspace(
+                self.C_A, self.C_B, loadings, task, self.temporary(), c.k, c.variance, c.fidelity
+            )
+        self.trainable = nn.ParameterDict()
+        self.mode = task
+
+    def begin_refit(self, task: str) -> list[nn.Parameter]:
+        """After the merge: the task's loadings in the new bases train again (no temporary
+        path; §7 step 3, "optionally fine-tune the new loadings")."""
+        la, lb = self.loadings[task]
+        self.trainable = nn.ParameterDict(
+            {"L_A": nn.Parameter(la.clone()), "L_B": nn.Parameter(lb.clone())}
+        )
+        self.mode = "train"
+        return list(self.trainable.values())
+
+    def end_refit(self, task: str) -> None:
+        p = self.trainable
+        self.loadings[task] = (p["L_A"].detach().clone(), p["L_B"].detach().clone())
+        self.trainable = nn.ParameterDict()
+        self.mode = task
+
     def temporary(self) -> Factors | None:
         p = self.trainable
         if "R1A" not in p:
@@ -221,6 +263,7 @@ class Share(ContinualMethod):
         super().__init__(cfg)
         self.adapters: dict[str, ShareAdapter] = {}
         self._start: dict[str, tuple[Tensor, Tensor]] = {}  # seeded loadings for the first task
+        self._refitting: str | None = None  # the task merged early and being refit
 
     def attach(self, model: nn.Module, targets: Sequence[str] | str) -> None:
         self.adapters = wrap(model, "share", targets, lambda s: ShareAdapter(s, self.cfg))  # type: ignore[assignment]
@@ -251,25 +294,28 @@ class Share(ContinualMethod):
             else:
                 last = ad.loadings[self.tasks[-1]] if self.tasks else self._start[name]
                 params += ad.begin_task(last)
-        return [Phase("lora" if not self.tasks and not self._start else "loadings", 1.0, params)]
+        first = Phase("lora" if not self.tasks and not self._start else "loadings", 1.0, params)
+        if not self.cfg.refit:
+            return [first]
+        refit: list[nn.Parameter] = []
+
+        def merge_then_refit() -> None:
+            self._refitting = task
+            for ad in self.adapters.values():
+                ad.merge(task)
+                refit.extend(ad.begin_refit(task))
+
+        first.fraction, first.after = 1.0 - self.cfg.refit, merge_then_refit
+        return [first, Phase("refit", self.cfg.refit, refit)]
 
     @torch.no_grad()
     def end_task(self, task: str) -> None:
-        c = self.cfg
         for ad in self.adapters.values():
-            p = ad.trainable
-            if ad.mode == "lora":
-                b, a = ad.factors()
-                ad.C_A, ad.C_B, ls = init_subspace([(a.T, b)], c.k, c.variance)
-                ad.loadings = {task: ls[0]}
+            if self._refitting == task:  # merged after the first phase, then refit
+                ad.end_refit(task)
             else:
-                loadings = {**ad.loadings, task: (p["L_A"].detach(), p["L_B"].detach())}
-                extra = ad.temporary()
-                ad.C_A, ad.C_B, ad.loadings = merge_subspace(
-                    ad.C_A, ad.C_B, loadings, task, extra, c.k, c.variance, c.fidelity
-                )
-            ad.trainable = nn.ParameterDict()
-            ad.mode = task
+                ad.merge(task)
+        self._refitting = None
         super().end_task(task)
 
     def use_task(self, task: str) -> None:

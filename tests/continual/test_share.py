@@ -164,3 +164,40 @@ def test_seed_from_existing_loras_and_refuse_mixed_ranks_or_targets(tiny):
     targets = {"a": good["s0"], "b": {"body.q.weight": _lora(2)}}
     with pytest.raises(SpliceError, match="different target sets"):
         Share(ShareConfig(r=2)).seed(targets)
+
+
+def test_refit_trains_the_tasks_loadings_in_the_merged_bases(tiny):
+    """§7 step 3's optional fine-tuning: the merge runs after the first phase, the refit
+    phase trains only the task's loadings in the new bases, and what is stored is the same
+    size as without it."""
+    k, r = 3, 2
+    plain, refit = Share(ShareConfig(r=r, k=k)), Share(ShareConfig(r=r, k=k, refit=0.25))
+    x = torch.randn(4, 6)
+    for share, model in ((plain, tiny), (refit, __import__("copy").deepcopy(tiny))):
+        share.attach(model, ["q", "v"])
+        for i, task in enumerate(("a", "b")):
+            phases = share.start_task(task)
+            _train_like(phases[0].params, i)
+            if share is plain:
+                assert len(phases) == 1
+                share.end_task(task)
+                continue
+            assert [p.fraction for p in phases] == [0.75, 0.25] and phases[1].params == []
+            phases[0].after()  # the merge: bases re-extracted, the task's loadings re-projected
+            ad = share.adapters["body.q"]
+            merged = {t: tuple(x.clone() for x in ad.loadings[t]) for t in ad.loadings}
+            assert set(merged) == set(share.tasks) | {task}
+            assert len(phases[1].params) == 2 * len(share.adapters)  # L_A, L_B per site
+            assert all(p.shape == (ad.C_A.shape[1], r) for p in phases[1].params[:2])
+            y0 = model(x)
+            share.use_task(task)
+            assert torch.allclose(model(x), y0, atol=1e-6)  # refit starts at the merged task
+            _train_like(phases[1].params, 10 + i)
+            share.end_task(task)
+            la, _ = ad.loadings[task]
+            assert torch.equal(la, phases[1].params[0].detach())  # the refit loadings are kept
+            for t in share.tasks[:-1]:  # earlier tasks untouched by the refit
+                assert all(
+                    torch.equal(u, v) for u, v in zip(ad.loadings[t], merged[t], strict=True)
+                )
+    assert refit.stored().params == plain.stored().params
