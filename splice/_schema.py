@@ -43,14 +43,19 @@ def schema_error(
     fix: str | None = None,
     known: Iterable[str] | None = None,
     unknown: str = "key",
+    show_input: bool = False,
 ) -> SpliceError:
     """The first error of ``e`` as a :class:`SpliceError`.
 
-    The message is ``{prefix}{loc}: {msg}``. An unknown key (``extra_forbidden``) reads
-    ``unknown {unknown} 'key'`` and its fix names the closest of ``known`` (when given).
+    The message is ``{prefix}{loc}: {msg}``; with ``show_input``, a top-level field's error
+    reads ``{prefix}{loc}={value!r}: {msg}`` (the value given beside the range allowed). An
+    unknown key (``extra_forbidden``) reads ``unknown {unknown} 'key'`` and its fix names the
+    closest of ``known`` (when given).
     """
     err = e.errors()[0]
     loc = ".".join(str(x) for x in err["loc"])
+    if show_input and len(err["loc"]) == 1 and err["type"] != "extra_forbidden":
+        loc = f"{loc}={err['input']!r}"
     msg = str(err["msg"]).removeprefix("Value error, ")
     if err["type"] == "extra_forbidden" and known is not None:
         key = str(err["loc"][-1])

@@ -67,21 +67,17 @@ class Selection:
 
 def options(name: str, given: Mapping[str, Any]) -> Strict:
     """The validated options of selector ``name`` (``--select-set`` values, defaults filled)."""
-    from splice._schema import schema_error
+    from splice._schema import validate
 
     if name not in SELECTORS:
         raise SpliceError(f"unknown selector {name!r}", fix=f"choose from {sorted(SELECTORS)}")
-    try:
-        return SELECTORS[name].model_validate(dict(given))
-    except pydantic.ValidationError as e:
-        err = e.errors()[0]
-        if err["type"] == "extra_forbidden" or len(err["loc"]) != 1:
-            raise schema_error(e, prefix=f"--select {name} option ") from None
-        # the value given and the range allowed, on one line
-        raise SpliceError(
-            f"--select {name} option {err['loc'][0]}={err['input']!r}: {err['msg']}",
-            fix=f"see `splice train --help` and docs/select.md for {name}'s options",
-        ) from None
+    return validate(
+        SELECTORS[name],
+        dict(given),
+        prefix=f"--select {name} option ",
+        show_input=True,
+        fix=f"see `splice train --help` and docs/select.md for {name}'s options",
+    )
 
 
 def run(
