@@ -54,13 +54,18 @@ class _ScaledLinear(torch.autograd.Function):
     def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:
         kept, v, w = ctx.saved_tensors  # x (inputs), or the unscaled output
         need_x, need_v = ctx.needs_input_grad[:2]
+        # one 2-D GEMM, as the layer's own backward: torch.matmul on a non-contiguous 3-D g
+        # (attention's key/value gradients) would run a batched GEMM over a broadcast W
+        g2, n = g.reshape(-1, g.shape[-1]), v.numel()
+        gx = gv = None
         if ctx.inputs:
-            gxv = torch.matmul(g, w)  # ∂L/∂(x ⊙ v)
-            gx = gxv * v if need_x else None
-            gv = (gxv * kept).reshape(-1, v.numel()).sum(0) if need_v else None
+            gxv = g2 @ w  # ∂L/∂(x ⊙ v)
+            gv = (gxv * kept.reshape(-1, n)).sum(0) if need_v else None
+            gx = gxv.mul_(v).view(kept.shape) if need_x else None  # in place: gxv is ours
         else:
-            gx = torch.matmul(g, w * v[:, None]) if need_x else None
-            gv = (g * kept).reshape(-1, v.numel()).sum(0) if need_v else None
+            gv = (g2 * kept.reshape(-1, n)).sum(0) if need_v else None
+            if need_x:
+                gx = (g2 @ (w * v[:, None])).view(*g.shape[:-1], w.shape[1])
         return gx, gv, None, None, None
 
 

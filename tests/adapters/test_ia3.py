@@ -50,8 +50,9 @@ def test_feedforward_must_be_adapted_and_count_follows_the_side():
     merge_adapters(model)
 
 
+@pytest.mark.parametrize("transposed", [False, True])  # True: g arrives non-contiguous
 @pytest.mark.parametrize("inputs", [True, False])
-def test_fused_linear_backward_matches_autograd(inputs):
+def test_fused_linear_backward_matches_autograd(inputs, transposed):
     from splice.adapters.ia3 import _ScaledLinear
 
     g = torch.Generator().manual_seed(0)
@@ -63,8 +64,14 @@ def test_fused_linear_backward_matches_autograd(inputs):
     assert torch.autograd.gradcheck(lambda x, v: _ScaledLinear.apply(x, v, w, b, inputs), (x, v))
     ref = torch.nn.functional.linear(x * v, w, b) if inputs else (x @ w.t() + b) * v
     up = torch.randn(ref.shape, dtype=torch.float64, generator=g)
+    if transposed:  # the gradient of a transposed view (attention's keys and values)
+        up = up.transpose(0, 1).contiguous().transpose(0, 1)
     want = torch.autograd.grad((ref * up).sum(), (x, v))
-    got = torch.autograd.grad((_ScaledLinear.apply(x, v, w, b, inputs) * up).sum(), (x, v))
+    y = _ScaledLinear.apply(x, v, w, b, inputs)
+    grads = []
+    y.register_hook(lambda t: grads.append(t.is_contiguous()))
+    got = torch.autograd.grad((y * up).sum(), (x, v))
+    assert grads == [not transposed]
     for a, c in zip(got, want, strict=True):
         torch.testing.assert_close(a, c)
 
