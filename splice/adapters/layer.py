@@ -180,6 +180,8 @@ class AdaptedLayer(nn.Module):
         alone = rows is None and not self.merged and single is not None
         if alone and (single.wraps_base or single.fuses_base):
             return single.around(self.base_layer, x, *args, **kwargs)
+        if rows is not None and x is not None and not self.merged and self._runs_base(rows):
+            return self._routed(x, None, rows, args, kwargs)  # no base output on every row
         y = self.base_layer(*args, **kwargs) if x is None else self.base_layer(x, *args, **kwargs)
         if rows is not None:
             return self._routed(x, y, rows, args, kwargs)
@@ -190,7 +192,7 @@ class AdaptedLayer(nn.Module):
         return self._mixed(x, y, [(self.get(n), w) for n, w in active], args, kwargs)
 
     def _run_adapter(
-        self, adapter: Adapter, x: Tensor, y: Tensor, args: tuple, kwargs: dict
+        self, adapter: Adapter, x: Tensor, y: Tensor | None, args: tuple, kwargs: dict
     ) -> Tensor:
         """One adapter's output on rows ``x`` whose base output is ``y``."""
         if adapter.wraps_base:
@@ -212,7 +214,17 @@ class AdaptedLayer(nn.Module):
                 out = out + w * (self._run_adapter(adapter, x, y.clone(), args, kwargs or {}) - y)
         return out
 
-    def _routed(self, x: Tensor, y: Tensor, rows: Rows, args: tuple, kwargs: dict) -> Tensor:
+    def _runs_base(self, rows: Rows) -> bool:
+        """Every adapter routed to calls the base layer itself (IA³ on inputs, OFT): the
+        full-batch base output would be computed and not used."""
+        if rows.weights is not None:
+            return False
+        adapters = [a for name, _, _ in rows.spans if (a := self.get(name)) is not None]
+        return bool(adapters) and all(a.wraps_base for a in adapters)
+
+    def _routed(self, x: Tensor, y: Tensor | None, rows: Rows, args: tuple, kwargs: dict) -> Tensor:
+        """``rows``' adapters on their rows; ``y`` None (:meth:`_runs_base`): the base output
+        is computed only for the rows that get no adapter."""
         if self.merged:
             raise SpliceError(
                 "a mixed batch needs unmerged adapters", fix="unmerge_adapters(model) first"
@@ -235,11 +247,13 @@ class AdaptedLayer(nn.Module):
             return self._run_adapter(spans[0][0], x, y, args, kwargs)
         order, inverse = (None, None) if rows.sorted else rows.order(x.device)
         xs = x if order is None or x is None else rows.gather(x, order)
-        ys = y if order is None else y.index_select(0, order)
+        ys = y if order is None or y is None else y.index_select(0, order)
         parts = [
-            ys[a:b]
+            (ys[a:b] if ys is not None else self.base_layer(xs[a:b], *args, **kwargs))
             if ad is None
-            else self._run_adapter(ad, None if xs is None else xs[a:b], ys[a:b], args, kwargs)
+            else self._run_adapter(
+                ad, None if xs is None else xs[a:b], None if ys is None else ys[a:b], args, kwargs
+            )
             for ad, a, b in spans
         ]
         out = torch.cat(parts)

@@ -316,3 +316,19 @@ def test_a_parallel_adapter_on_a_sublayer_refuses_to_share_but_a_serial_one_shar
     assert torch.allclose(mixed, reference, atol=1e-5)
     assert not torch.allclose(reference[0], reference[2], atol=1e-4)  # serial acts
     assert not torch.allclose(reference[1], reference[3], atol=1e-4)  # serial2 ≠ lora
+
+
+@pytest.mark.parametrize(("case", "calls"), [("ia3_ff", [2]), ("oft", [2, 2, 2]),
+                                             ("lora", [6])])  # fmt: skip
+def test_a_method_that_runs_the_base_itself_runs_it_once_per_row(case, calls):
+    """IA³ on inputs (its fused function reads W, not the module) and OFT run the base layer
+    on their own rows: no full-batch base output is computed beside them; the rows that get
+    no adapter run the base layer alone (the batch sizes the base module sees)."""
+    model, x = two_adapters(case)
+    seen = []
+    layer = model.layers[0]["proj"]
+    layer.base_layer.register_forward_hook(lambda m, i, o: seen.append(i[0].shape[0]))
+    with torch.no_grad():
+        mixed = model(x, adapter_names=ROW_NAMES)
+        assert sorted(seen) == calls
+        assert torch.allclose(mixed, alone(model, x, ROW_NAMES), atol=1e-5)
