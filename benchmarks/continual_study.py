@@ -30,16 +30,21 @@ ROWS: dict[str, tuple[str, dict[str, Any]]] = {
     "lora_per_task": ("lora_per_task", {}),
     "sequential_lora": ("sequential_lora", {}),
     "share": ("share", {}),
+    "share_v06": ("share", {"variance": 0.6}),  # the paper's rule (the default until 12/2026)
     "share_var1": ("share", {"variance": 1.0}),
     "share_k2": ("share", {"k": 2}),
     "share_k3": ("share", {"k": 3}),
     "share_k4": ("share", {"k": 4}),
     "share_k8": ("share", {"k": 8}),
     "share_k32": ("share", {"k": 32}),
-    "share_refit": ("share", {"refit": 0.3}),
+    "share_refit": ("share", {"variance": 0.6, "refit": 0.3}),
     "share_k3_refit": ("share", {"k": 3, "refit": 0.3}),
     "share_k4_refit": ("share", {"k": 4, "refit": 0.3}),
     "share_k8_refit": ("share", {"k": 8, "refit": 0.3}),
+    "share_k3_lr1e-2": ("share", {"k": 3, "lr": 1e-2}),
+    "share_k4_lr1e-2": ("share", {"k": 4, "lr": 1e-2}),
+    "share_k3_phi8": ("share", {"k": 3, "rank_updates": 8}),
+    "share_k3_r4": ("share", {"k": 3, "r": 4, "alpha": 8.0}),
     "igsp": ("igsp", {}),
     "igsp_c1": ("igsp", {"candidates": 1}),
     "igsp_p2": ("igsp", {"prune_below": 0.2}),
@@ -56,12 +61,19 @@ def run_row(
     from splice.train.continual import ContinualConfig, run_sequence
 
     method, options = ROWS[row]
+    options = dict(options)
+    lr = options.pop("lr", None)  # the driver's learning rate, not a method option
     start = time.perf_counter()
     run = run_sequence(
         encoder,
         data,
         ContinualConfig(
-            method=method, options=options, steps=cfg.steps, batch_size=cfg.batch_size, seed=seed
+            method=method,
+            options=options,
+            steps=cfg.steps,
+            batch_size=cfg.batch_size,
+            seed=seed,
+            lr=lr,
         ),
         state,
         resume=True,  # a row killed mid-sequence goes on after its last finished task
@@ -71,7 +83,7 @@ def run_row(
     return {
         "row": row,
         "method": method,
-        "options": options,
+        "options": ROWS[row][1],
         "seed": seed,
         "steps": cfg.steps,
         "R": run.R,

@@ -7,8 +7,11 @@ task, loadings ``L_A, L_B`` (k, r):  ``Â = C_A L_A``, ``B̂ = C_B L_B``, ``ΔW 
 1. *Subspace*: the first task trains a plain rank-r LoRA (or :meth:`Share.seed` takes t ≥ 1
    existing ones); the A-factors ``Aᵀ`` and the B-factors (α/r folded into B) are stacked
    column-wise, mean-centred across columns and the top-k left singular vectors (thin SVD)
-   are the bases; ``k`` is fixed or the fewest reaching ``variance`` of the energy (paper:
-   60 %). The task's loadings are the projections ``C_Aᵀ Aᵀ``, ``C_Bᵀ B``.
+   are the bases; ``k`` is fixed (default ``k = r``) or, with ``variance`` set, the fewest
+   components reaching that share of the energy (the paper's rule, 60 %: with one rank-8
+   LoRA behind the first basis it keeps 1–2 components and costs 5–14 points on the image
+   sequence, docs/continual.md). The task's loadings are the projections ``C_Aᵀ Aᵀ``,
+   ``C_Bᵀ B``.
 2. *Task t*: bases frozen; the loadings train, with the temporary rank-update path
    ``Â += R₁ᴬR₂ᴬ`` (d_in×φ·φ×r), ``B̂ᵀ += R₁ᴮR₂ᴮ`` (r×φ·φ×d_out). A task starts from the
    previous task's loadings with ``R₁ ~ U(±0.5)`` and ``R₂ = 0`` (a library choice: ΔW
@@ -52,9 +55,11 @@ Factors = tuple[Tensor, Tensor]  # (Â (d_in, r), B̂ (d_out, r))
 class ShareConfig(Strict):
     r: int = pydantic.Field(8, gt=0, description="rank of every task's factors")
     alpha: float = pydantic.Field(16.0, description="first-task LoRA scale numerator (α/r)")
-    k: int | None = pydantic.Field(None, gt=0, description="components kept; None: variance")
-    variance: float = pydantic.Field(
-        0.6, gt=0, le=1, description="explained-energy share that picks k (paper: 0.6)"
+    k: int | None = pydantic.Field(
+        None, gt=0, description="components kept; None: r, or by variance when that is set"
+    )
+    variance: float | None = pydantic.Field(
+        None, gt=0, le=1, description="pick k as the fewest reaching this energy share (paper: 0.6)"
     )
     rank_updates: int = pydantic.Field(2, ge=0, description="φ of the temporary path; 0: off")
     fidelity: Literal["paper", "code"] = pydantic.Field(
@@ -66,6 +71,13 @@ class ShareConfig(Strict):
         lt=1,
         description="share of a task's steps that fine-tune its loadings after the merge",
     )
+
+    def components(self) -> tuple[int | None, float]:
+        """``(k, variance)`` for :func:`principal_basis`: a fixed ``k``; else the variance rule
+        when ``variance`` is set; else ``k = r``."""
+        if self.k is None and self.variance is not None:
+            return None, self.variance
+        return (self.k or self.r), 1.0
 
 
 def principal_basis(stack: Tensor, k: int | None, variance: float = 0.6) -> Tensor:
@@ -167,12 +179,12 @@ class ShareAdapter(Adapter):
         c, p = self.cfg, self.trainable
         if self.mode == "lora":
             b, a = self.factors()
-            self.C_A, self.C_B, ls = init_subspace([(a.T, b)], c.k, c.variance)
+            self.C_A, self.C_B, ls = init_subspace([(a.T, b)], *c.components())
             self.loadings = {task: ls[0]}
         elif self.mode == "train":
             loadings = {**self.loadings, task: (p["L_A"].detach(), p["L_B"].detach())}
             self.C_A, self.C_B, self.loadings = merge_subspace(
-                self.C_A, self.C_B, loadings, task, self.temporary(), c.k, c.variance, c.fidelity
+                self.C_A, self.C_B, loadings, task, self.temporary(), *c.components(), c.fidelity
             )
         self.trainable = nn.ParameterDict()
         self.mode = task
@@ -283,7 +295,7 @@ class Share(ContinualMethod):
                     f"source rank {src[0][0].shape[1]} differs from Share's r={self.cfg.r}",
                     fix="set r to the sources' rank",
                 )
-            ad.C_A, ad.C_B, ls = init_subspace(src, self.cfg.k, self.cfg.variance)
+            ad.C_A, ad.C_B, ls = init_subspace(src, *self.cfg.components())
             self._start[name] = ls[-1]
 
     def start_task(self, task: str) -> list[Phase]:

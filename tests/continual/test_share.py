@@ -201,3 +201,15 @@ def test_refit_trains_the_tasks_loadings_in_the_merged_bases(tiny):
                     torch.equal(u, v) for u, v in zip(ad.loadings[t], merged[t], strict=True)
                 )
     assert refit.stored().params == plain.stored().params
+
+
+def test_k_defaults_to_r_and_the_variance_rule_is_opt_in(tiny):
+    assert ShareConfig(r=4).components() == (4, 1.0)
+    assert ShareConfig(r=4, variance=0.6).components() == (None, 0.6)
+    assert ShareConfig(r=4, k=3, variance=0.6).components() == (3, 1.0)  # a fixed k wins
+    share = Share(ShareConfig(r=4))
+    share.attach(tiny, ["q", "v"])
+    (phase,) = share.start_task("a")
+    _train_like(phase.params, 0)
+    share.end_task("a")
+    assert {ad.C_A.shape[1] for ad in share.adapters.values()} == {4}
