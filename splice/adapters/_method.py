@@ -162,12 +162,14 @@ class _Record:
     shapes: dict[str, list[int]] = field(default_factory=dict)  # base weight shape per site
 
     def to_json(self) -> dict[str, Any]:
+        # no ``sites`` where they are the keys of ``shapes`` (read_adapter restores them)
+        sites = {} if list(self.shapes) == self.sites else {"sites": self.sites}
         return {
             "method": self.method,
             "config": self.config.model_dump(),
             "targets": self.targets,
             "layers": self.layers,
             "modules_to_save": self.modules_to_save,
-            "sites": self.sites,
+            **sites,
             "shapes": self.shapes,
         }

@@ -1,6 +1,6 @@
 """Adapter directories in and out: splice's own format and PEFT's.
 
-splice: ``splice_adapter.json`` (method, config, targets, sites) and
+splice: ``splice_adapter.json`` (method, config, targets, sites and their shapes) and
 ``splice_adapter.safetensors`` (trainable tensors, seeds, index maps). PEFT LoRA
 (``adapter_config.json`` + ``adapter_model.safetensors``): out, any adapter whose ΔW is
 low-rank (LoRA, and the other methods materialised to plain LoRA, spec §22.2 P13) becomes a
@@ -60,8 +60,8 @@ def save_adapter(
 ) -> Path:
     """Write the adapter to a directory, atomically (temp dir, then rename).
 
-    ``splice``: ``splice_adapter.json`` (method, config, targets, sites) and
-    ``splice_adapter.safetensors`` (trainable tensors, seeds, index maps). ``peft``:
+    ``splice``: ``splice_adapter.json`` (method, config, targets, sites and their shapes;
+    compact) and ``splice_adapter.safetensors`` (trainable tensors, seeds, index maps). ``peft``:
     ``adapter_config.json`` + ``adapter_model.safetensors`` loadable by
     ``peft.PeftModel.from_pretrained``: a method peft has natively (DoRA, IA³, LoHa, LoKr,
     VeRA, …) in its own format, any other whose ΔW is low-rank as LoRA. ``peft-lora``: always as
@@ -110,7 +110,8 @@ def save_adapter(
     with atomic_dir(path) as tmp:
         tensors = {k: v.contiguous().cpu() for k, v in tensors.items()}
         save_file(tensors, str(tmp / weights_file), metadata={"format": FORMAT})
-        (tmp / config_file).write_text(json.dumps(config, indent=2) + "\n")
+        text = json.dumps(config, indent=2) if peft else json.dumps(config, separators=(",", ":"))
+        (tmp / config_file).write_text(text + "\n")
         if errors:
             worst = max(errors.values())
             report = {"rank": rank, "relative_error_max": worst, "relative_error": errors}
@@ -126,6 +127,7 @@ def read_adapter(path: Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
         info = json.loads((path / CONFIG_FILE).read_text())
         if info.get("format") != FORMAT:
             raise SpliceError(f"unsupported adapter format {info.get('format')!r}", where=str(path))
+        info.setdefault("sites", list(info.get("shapes") or {}))  # compact: shapes' keys
         return info, load_file(str(path / WEIGHTS_FILE))
     if (path / "adapter_config.json").is_file():
         return read_peft(path)
