@@ -25,8 +25,8 @@ def _rows(args) -> dict[tuple[str, str], dict]:
 
 def _order(row: str) -> tuple[int, float]:
     names = list(LABELS)
-    if row.startswith("ip-"):
-        return len(names), float(row[3:])
+    if row.startswith(("ip-", "ipa-")):
+        return len(names) + row.startswith("ipa-"), float(row.split("-")[1])
     return (names.index(row) if row in names else len(names) + 1), 0.0
 
 
@@ -112,16 +112,17 @@ def _plot(path: Path, suites: dict[str, list[dict]], llm: list[dict]) -> None:
             ylabel, top, fmt = "mean accuracy drop from FP32 (points)", 6.0, "{:+.1f}"
             title = f"{name} suite ({max(s['tasks'] for s in scored)} tasks)"
         for x, y, label, row in points:
-            if row.startswith("ip-"):
+            if row.startswith(("ip-", "ipa-")):
                 continue
             ax.scatter(x, min(y, top), label=label, marker=markers.get(row, "o"), s=55)
             if y > top:
                 ax.annotate(fmt.format(y), (x, top), textcoords="offset points", xytext=(6, -4),
                             fontsize=8)  # fmt: skip
-        ip = sorted((p for p in points if p[3].startswith("ip-")), key=lambda p: p[0])
-        if ip:
-            ax.plot([p[0] for p in ip], [min(p[1], top) for p in ip], "k.-",
-                    label="integer program (light)")  # fmt: skip
+        for prefix, style, pipeline in (("ip-", "k.-", "light"), ("ipa-", "b.--", "advanced")):
+            ip = sorted((p for p in points if p[3].startswith(prefix)), key=lambda p: p[0])
+            if ip:
+                ax.plot([p[0] for p in ip], [min(p[1], top) for p in ip], style,
+                        label=f"integer program ({pipeline})")  # fmt: skip
         ax.axhline(0, color="grey", lw=0.8)
         ax.set_xscale("log")
         ax.xaxis.set_major_locator(FixedLocator([0.13, 0.16, 0.19, 0.25, 0.5, 1.0]))

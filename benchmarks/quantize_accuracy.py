@@ -24,7 +24,9 @@ Rows:
   ``--sizes`` target, one row ``ip-C`` per size; the variants and the sensitivity table are
   made once and shared (``splice.compress.quantize_sizes``), so a row's ``calibration_s`` is
   the shared part plus its own program, BN step and scoring. A size below the smallest
-  reachable one is stored as unreachable with that size.
+  reachable one is stored as unreachable with that size. ``ip-advanced`` (rows ``ipa-C``):
+  the advanced pipeline's program (AdaQuant variants at 2/4/8 bits in parallel mode, BN,
+  bias tuning).
 
 Each finished row goes into ``--store`` (JSON) at once and is skipped on the next run, so the
 study runs in pieces: ``--budget-s`` stops starting new rows after that many seconds (run the
@@ -50,7 +52,7 @@ from splice.errors import SpliceError
 from splice.train.loop import minimise
 
 ROWS = ("fp32", "rtn-w8", "rtn-w4", "torch-dynamic", "light-w4a8", "advanced-w4a8",
-        "advanced-parallel-w4a8", "ip")  # fmt: skip
+        "advanced-parallel-w4a8", "ip", "ip-advanced")  # fmt: skip
 LABELS = {"fp32": "FP32", "rtn-w8": "RTN W8", "rtn-w4": "RTN W4", "torch-dynamic":
           "torch dynamic int8", "light-w4a8": "light W4A8", "advanced-w4a8": "advanced W4A8",
           "advanced-parallel-w4a8": "advanced W4A8 (parallel)"}  # fmt: skip
@@ -72,6 +74,9 @@ def _configs(args: argparse.Namespace) -> dict[str, QuantizeConfig]:
             bits=4, adaquant=fast, bias_steps=args.bias_steps, mode="parallel"
         ),
         "ip": QuantizeConfig(size=1.0, options=(2, 4, 8), **light),
+        "ip-advanced": QuantizeConfig(
+            size=1.0, options=(2, 4, 8), adaquant=fast, bias_steps=args.bias_steps
+        ),
     }
 
 
@@ -87,19 +92,20 @@ def _key(args: argparse.Namespace, task: str, row: str) -> str:
 
 def _pending(args: argparse.Namespace, store: Store, task: str) -> list[str]:
     rows = [r for r in args.rows.split(",") if r] or list(ROWS)
-    sizes = [f"ip-{c}" for c in args.sizes.split(",")]
-    return [r for r in rows if any(_key(args, task, x) not in store for x in _expand(r, sizes))]
+    return [r for r in rows if any(_key(args, task, x) not in store for x in _expand(args, r))]
 
 
-def _expand(row: str, sizes: list[str]) -> list[str]:
-    return sizes if row == "ip" else [row]
+def _expand(args: argparse.Namespace, row: str) -> list[str]:
+    """A row's stored names: ``ip-C`` / ``ipa-C`` per size for the integer programs."""
+    prefix = {"ip": "ip", "ip-advanced": "ipa"}.get(row)
+    return [f"{prefix}-{c}" for c in args.sizes.split(",")] if prefix else [row]
 
 
-def _ip(args, store, task, model, calib, test, labels) -> None:
+def _ip(args, store, task, model, calib, test, labels, row: str = "ip") -> None:
     """The size sweep: unreachable sizes stored as such, the rest from one shared profile."""
-    cfg = _configs(args)["ip"]
+    cfg, pre = _configs(args)[row], "ipa" if row == "ip-advanced" else "ip"
     todo = sorted(
-        float(c) for c in args.sizes.split(",") if _key(args, task, f"ip-{c}") not in store
+        float(c) for c in args.sizes.split(",") if _key(args, task, f"{pre}-{c}") not in store
     )
     names = {float(c): c for c in args.sizes.split(",")}
     start = time.perf_counter()
@@ -107,8 +113,9 @@ def _ip(args, store, task, model, calib, test, labels) -> None:
         try:
             for size, q, report in quantize_sizes(model, calib, _run, minimise, cfg, todo):
                 acc = accuracy(q, test, labels)
-                _put(args, store, task, f"ip-{names[size]}", acc, report.fraction, report.seconds,
-                     {"bits": [r.bits for r in report.layers], "loss": report.loss})  # fmt: skip
+                extra = {"bits": [r.bits for r in report.layers], "loss": report.loss}
+                _put(args, store, task, f"{pre}-{names[size]}", acc, report.fraction,
+                     report.seconds, extra)  # fmt: skip
             return
         except SpliceError as e:
             found = re.search(r"smallest reachable ([\d.]+)", str(e))
@@ -116,10 +123,10 @@ def _ip(args, store, task, model, calib, test, labels) -> None:
                 raise
             least = float(found.group(1))
             for size in [s for s in todo if s <= least]:
-                store.put(_key(args, task, f"ip-{names[size]}"),
-                          {"task": task, "row": f"ip-{names[size]}", "unreachable": least,
+                store.put(_key(args, task, f"{pre}-{names[size]}"),
+                          {"task": task, "row": f"{pre}-{names[size]}", "unreachable": least,
                            "calibration_s": round(time.perf_counter() - start, 1)})  # fmt: skip
-                print(f"{task:18s} ip-{names[size]:7s} unreachable: smallest size {least}")
+                print(f"{task:18s} {pre}-{names[size]:7s} unreachable: smallest size {least}")
             todo = [s for s in todo if s > least]
 
 
@@ -153,8 +160,8 @@ def run(args: argparse.Namespace) -> None:
                 print(f"budget of {args.budget_s:.0f} s spent: run the same command to go on")
                 break
             start = time.perf_counter()
-            if row == "ip":
-                _ip(args, store, task, model, calib, test, data.test.y)
+            if row in ("ip", "ip-advanced"):
+                _ip(args, store, task, model, calib, test, data.test.y, row)
             else:
                 if row == "fp32":
                     q, fraction, extra = model, 1.0, {}

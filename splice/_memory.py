@@ -5,7 +5,8 @@ threshold (up to 32 MB) each time a larger mmapped block is freed. After the fir
 large frees, tensors of up to 32 MB come from the heap, and freeing them does not return
 the pages: peak RSS drifts far above the live working set. Pinning the threshold at 1 MB
 keeps every tensor of 1 MB and more in its own mapping, released on free. Used by the
-streaming merge executor and by LAPT's full fine-tune (issue #30: peak RSS ≤ 3 GB).
+streaming merge executor, by LAPT's full fine-tune (issue #30: peak RSS ≤ 3 GB) and by
+``splice.compress.quantize`` (issue #28: each layer's activation cache is freed for the next).
 """
 
 from __future__ import annotations

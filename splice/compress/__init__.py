@@ -2,7 +2,8 @@
 tuning (spec other.md §4; Hubara et al. 2021). One file per piece:
 
 ``quantizer`` (learnable range/zero point, STE), ``qlayer`` (the quantized layer), ``capture``
-(forward hooks), ``adaquant`` (per-layer reconstruction), ``profile`` (the ΔL table),
+(forward hooks), ``lockstep`` (one paused forward per batch for all layers), ``spill`` (float
+layer outputs on disk), ``adaquant`` (per-layer reconstruction), ``profile`` (the ΔL table),
 ``allocate`` (the integer program), ``batchnorm``, ``bias``, ``size``, ``pipeline`` (light and
 advanced), ``files`` (integer weights in safetensors, and the dequantising loader) and
 ``qbase`` (a quantized frozen base under adapters, QLoRA-style).

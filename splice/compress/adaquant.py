@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from splice._schema import Strict
 from splice.compress.qlayer import QuantLayer
 
-__all__ = ["AdaQuantConfig", "adaquant_problem", "init_input_range", "layer_mse", "stack"]
+__all__ = ["AdaQuantConfig", "Rows", "adaquant_problem", "init_input_range", "layer_mse"]
 
 MicroLoss = Callable[[int], tuple[Tensor, int]]
 
@@ -37,15 +37,33 @@ class AdaQuantConfig(Strict):
     seed: int = 0
 
 
-def stack(layer: QuantLayer, ts: list[Tensor]) -> tuple[Tensor, int]:
-    """Cached per-batch tensors as one tensor of units (rows for linear layers and embeddings,
-    whole samples for convolutions) and the number of samples they came from."""
-    samples = sum(t.shape[0] for t in ts)
-    if not isinstance(layer.base, nn.Linear | nn.Embedding):
-        return torch.cat(ts), samples
-    return torch.cat(
-        [t.reshape(-1, t.shape[-1]) if t.is_floating_point() else t.reshape(-1) for t in ts]
-    ), samples
+class Rows:
+    """Cached per-batch tensors seen as one tensor of units (rows for linear layers and
+    embeddings, whole samples for convolutions) without concatenating them, so the cache is
+    held once."""
+
+    def __init__(self, layer: QuantLayer, ts: list[Tensor]) -> None:
+        self.samples = sum(t.shape[0] for t in ts)
+        if isinstance(layer.base, nn.Linear | nn.Embedding):
+            ts = [t.reshape(-1, *t.shape[-1:] if t.is_floating_point() else ()) for t in ts]
+        self.parts = ts
+        ends = torch.tensor([t.shape[0] for t in ts]).cumsum(0)
+        self.ends, self.starts = ends, ends - torch.tensor([t.shape[0] for t in ts])
+
+    def __len__(self) -> int:
+        return int(self.ends[-1]) if len(self.parts) else 0
+
+    def __getitem__(self, idx: Tensor) -> Tensor:
+        """The units ``idx`` in ascending order of index (``torch.cat(units)[idx.sort()]``):
+        the same order for inputs and outputs, and the loss of a draw does not depend on it."""
+        ranked = idx.sort().values
+        part = torch.bucketize(ranked, self.ends, right=True)
+        counts = torch.bincount(part, minlength=len(self.parts)).tolist()
+        local = (ranked - self.starts[part]).split(counts)
+        dev = self.parts[0].device
+        return torch.cat(
+            [p[i.to(dev)] for p, i, n in zip(self.parts, local, counts, strict=True) if n]
+        )
 
 
 @torch.no_grad()
@@ -83,10 +101,9 @@ def adaquant_problem(
     ``cfg.iters`` steps of it. Initialises the input quantizer from ``xs`` first."""
     cfg = cfg or AdaQuantConfig()
     init_input_range(layer, xs)
-    x, samples = stack(layer, xs)
-    y, _ = stack(layer, ys)
-    per = max(1, x.shape[0] // max(samples, 1))  # units per sample (tokens of a sequence)
-    draw = min(cfg.batch * per, x.shape[0])
+    x, y = Rows(layer, xs), Rows(layer, ys)
+    per = max(1, len(x) // max(x.samples, 1))  # units per sample (tokens of a sequence)
+    draw = min(cfg.batch * per, len(x))
     gen = torch.Generator().manual_seed(cfg.seed)
     g = _g(relu)
     groups = [{"params": [layer.base.weight], "lr": cfg.lr_weight}]
@@ -100,7 +117,7 @@ def adaquant_problem(
             p.requires_grad_(True)
 
     def loss(step: int) -> tuple[Tensor, int]:
-        idx = torch.randint(x.shape[0], (draw,), generator=gen).to(x.device)
+        idx = torch.randint(len(x), (draw,), generator=gen)
         out = layer(x[idx])
         return nn.functional.mse_loss(g(out), g(y[idx])), draw
 

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from splice.compress.capture import Forward, capture
+from splice.compress.lockstep import Lockstep
 
 __all__ = ["batchnorms", "reestimate_bn"]
 
@@ -37,12 +38,55 @@ def batchnorms(model: nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, _BN) and m.track_running_stats]
 
 
-def _input_stats(
-    model: nn.Module, name: str, batches: Sequence[Any], forward: Forward
-) -> tuple[Tensor, Tensor]:
-    xs, _ = capture(model, name, batches, forward, outputs=False)
-    flat = torch.cat([x.transpose(0, 1).reshape(x.shape[1], -1) for x in xs], 1).double()
-    return flat.mean(1), flat.var(1, unbiased=False)
+class _Moments:
+    """Per-channel mean and (biased) variance of ``(B, C, ...)`` inputs, in float64, one
+    batch at a time (Chan et al.'s pairwise update)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.mean = self.m2 = torch.zeros((), dtype=torch.float64)
+
+    def add(self, x: Tensor) -> None:
+        flat = x.detach().transpose(0, 1).reshape(x.shape[1], -1).double()
+        n, m = flat.shape[1], flat.mean(1)
+        delta, total = m - self.mean, self.count + n
+        self.m2 = self.m2 + ((flat - m[:, None]) ** 2).sum(1) + delta**2 * self.count * n / total
+        self.mean, self.count = self.mean + delta * n / total, total
+
+    def result(self) -> tuple[Tensor, Tensor]:
+        return self.mean, self.m2 / self.count
+
+
+def _input_stats(xs: list[Tensor]) -> tuple[Tensor, Tensor]:
+    moments = _Moments()
+    for x in xs:
+        moments.add(x)
+    return moments.result()
+
+
+def _reference_stats(
+    model: nn.Module, names: list[str], batches: Sequence[Any], forward: Forward
+) -> dict[str, tuple[Tensor, Tensor]]:
+    """Every BN's input statistics in one forward per batch (each BN's first call)."""
+    moments, seen = {n: _Moments() for n in names}, set()
+
+    def hook(name: str):
+        def add(module: nn.Module, args: tuple) -> None:
+            if name not in seen:
+                seen.add(name)
+                moments[name].add(args[0])
+
+        return add
+
+    handles = [model.get_submodule(n).register_forward_pre_hook(hook(n)) for n in names]
+    try:
+        for batch in batches:
+            seen.clear()
+            forward(model, batch)
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: m.result() for n, m in moments.items() if m.count}
 
 
 @torch.no_grad()
@@ -59,14 +103,22 @@ def reestimate_bn(
     model.eval()
     if reference is not None:
         batches = list(batches)
-        for n in names:  # in module order: each BN sees the inputs its predecessors fixed
-            bn, ref = model.get_submodule(n), reference.get_submodule(n)
-            m_q, v_q = _input_stats(model, n, batches, forward)
-            m_f, v_f = _input_stats(reference, n, batches, forward)
-            ratio = ((v_q + bn.eps) / (v_f + bn.eps)).sqrt()
-            std = (ref.running_var.double() + bn.eps).sqrt() * ratio
-            bn.running_mean.copy_(m_q - (m_f - ref.running_mean.double()) * ratio)
-            bn.running_var.copy_((std**2 - bn.eps).clamp_min(0))
+        fp_stats = _reference_stats(reference, names, batches, forward)
+        with Lockstep(model, names, batches, forward) as q_steps:
+            for n in names:  # in module order: each BN sees the inputs its predecessors fixed
+                bn, ref = model.get_submodule(n), reference.get_submodule(n)
+                got = q_steps.take(n)
+                xs = got[0] if got else capture(model, n, batches, forward, outputs=False)[0]
+                m_q, v_q = _input_stats(xs)
+                del xs, got
+                m_f, v_f = fp_stats.get(n) or _input_stats(
+                    capture(reference, n, batches, forward, outputs=False)[0]
+                )
+                ratio = ((v_q + bn.eps) / (v_f + bn.eps)).sqrt()
+                std = (ref.running_var.double() + bn.eps).sqrt() * ratio
+                bn.running_mean.copy_(m_q - (m_f - ref.running_mean.double()) * ratio)
+                bn.running_var.copy_((std**2 - bn.eps).clamp_min(0))
+                q_steps.release(n)
         model.train(was_training)
         return len(names)
     saved = {}

@@ -26,15 +26,18 @@ import torch
 from pydantic import Field, model_validator
 from torch import Tensor, nn
 
+from splice._memory import return_freed_memory
 from splice._schema import Strict
 from splice.compress.adaquant import AdaQuantConfig, adaquant_problem, init_input_range, layer_mse
 from splice.compress.allocate import allocate, bops_cost, size_cost
 from splice.compress.batchnorm import reestimate_bn
 from splice.compress.bias import bias_parameters, bias_problem, kl_to_target
 from splice.compress.capture import Forward, capture, execution_order
+from splice.compress.lockstep import Lockstep
 from splice.compress.profile import sensitivity
 from splice.compress.qlayer import QuantLayer, check_bits, quantizable, wrap
 from splice.compress.size import model_bits
+from splice.compress.spill import Spill
 from splice.errors import SpliceError
 
 __all__ = ["LayerReport", "QuantizeConfig", "QuantizeReport", "Steps", "quantize", "quantize_sizes"]
@@ -63,6 +66,9 @@ class QuantizeConfig(Strict):
     exclude: tuple[str, ...] = Field((), description="layer names or suffixes to keep float")
     relu: tuple[str, ...] = Field((), description="layers a ReLU follows (AdaQuant's g)")
     profile_batches: int = Field(8, ge=1, description="calibration batches per sensitivity test")
+    spill_dir: str | None = Field(
+        None, description="where sequential mode keeps the float layer outputs (default: TMPDIR)"
+    )
 
     @model_validator(mode="after")
     def _check(self) -> QuantizeConfig:
@@ -115,6 +121,7 @@ class _Run:
     """One quantization run's shared state: the FP reference, the model, the data."""
 
     def __init__(self, model, batches, forward, loss_fn, steps, cfg, progress):
+        return_freed_memory()  # a layer's cache is freed for the next one's: give it back
         self.fp = model.eval().requires_grad_(False)
         self.q = copy.deepcopy(self.fp)
         self.batches, self.forward, self.loss_fn = list(batches), forward, loss_fn
@@ -126,8 +133,16 @@ class _Run:
                 fix="pass a model with such layers, or shorten the exclude list",
             )
         self.order = _order(self.fp, names, self.batches[0], forward)
+        # sequential fixed bits: the float layers' outputs go to disk in the targets' pass
+        data = cfg.a_bits is not None or (cfg.pipeline == "advanced" and cfg.adaquant.iters > 0)
+        seq = cfg.bits is not None and cfg.mode == "sequential" and data
+        self.spill = Spill(self.order, cfg.spill_dir) if seq else None
         with torch.no_grad():
-            self.targets = [forward(self.fp, b).detach() for b in self.batches]
+            self.targets = (
+                self.spill.run(self.fp, self.batches, forward)
+                if self.spill
+                else [forward(self.fp, b).detach() for b in self.batches]
+            )
         self.profile_set = list(range(min(cfg.profile_batches, len(self.batches))))
 
     def fixed_bits(self, i: int, bits: int) -> int:
@@ -142,26 +157,35 @@ class _Run:
         ]
         return sum(losses) / len(losses)
 
-    def activations(self, name: str, source: nn.Module) -> tuple[list[Tensor], list[Tensor]]:
-        """The layer's inputs in ``source`` and its FP outputs (one pass when ``source`` is
-        the FP model)."""
-        if source is self.fp:
-            return capture(self.fp, name, self.batches, self.forward)
-        xs, _ = capture(source, name, self.batches, self.forward, outputs=False)
-        _, ys = capture(self.fp, name, self.batches, self.forward, inputs=False)
+    def activations(
+        self, name: str, fp_steps: Lockstep | None, q_steps: Lockstep | None = None
+    ) -> tuple[list[Tensor], list[Tensor]]:
+        """The layer's inputs and its FP outputs. Parallel: both from the float forwards
+        paused at the layer (``fp_steps``). Sequential: inputs from the quantized forwards
+        paused before it (``q_steps``), outputs from the spill. Fresh forwards where the
+        paused ones are not at the layer."""
+        if q_steps is None:
+            got = None if fp_steps is None else fp_steps.take(name)
+            return got or capture(self.fp, name, self.batches, self.forward)
+        at = q_steps.take(name)
+        xs = at[0] if at else capture(self.q, name, self.batches, self.forward, outputs=False)[0]
+        ys = [] if self.spill is None else self.spill.outputs(name)
+        if len(ys) != len(xs):
+            ys = capture(self.fp, name, self.batches, self.forward, inputs=False)[1]
         return xs, ys
 
     def calibrate(
         self,
         layer: QuantLayer,
         name: str,
-        source: nn.Module,
+        steps: tuple[Lockstep | None, Lockstep | None],
         report: LayerReport,
         memo: dict[str, Any] | None = None,
     ) -> None:
         """Min/max init, then AdaQuant for the advanced pipeline; fills the layer's report.
         A weights-only layer of the light pipeline needs no data (nor its MSE measured).
-        ``memo`` keeps the captured activations for the layer's next variant."""
+        ``steps``: the paused FP forwards (parallel) or quantized ones (sequential)
+        (:meth:`activations`); ``memo`` keeps the activations for the layer's next variant."""
         start = time.perf_counter()
         if layer.aq is None and not (self.cfg.pipeline == "advanced" and self.cfg.adaquant.iters):
             layer.requires_grad_(False)  # weights only, rounded to nearest: no data needed
@@ -169,7 +193,7 @@ class _Run:
             return
         memo = {} if memo is None else memo
         if "xy" not in memo:
-            memo["xy"] = self.activations(name, source)
+            memo["xy"] = self.activations(name, *steps)
         xs, ys = memo["xy"]
         init_input_range(layer, xs)
         relu = name in self.cfg.relu
@@ -273,16 +297,26 @@ def _finish(run: _Run, report: QuantizeReport, start: float) -> tuple[nn.Module,
 
 def _fixed(run: _Run, report: QuantizeReport) -> None:
     cfg, n = run.cfg, len(run.order)
-    source = run.q if cfg.mode == "sequential" else run.fp
-    for i, name in enumerate(run.order):
-        bits = run.fixed_bits(i, cfg.bits)
-        layer = wrap(run.q, name, bits, cfg.a_bits)
-        rep = LayerReport(name, bits, layer.a_bits, layer.base.weight.numel())
-        run.calibrate(layer, name, source, rep)
-        report.layers.append(rep)
-        mse = "" if rep.mse_before is None else f" mse {rep.mse_before:.3g}"
-        mse += "" if rep.mse_after is None else f" → {rep.mse_after:.3g}"
-        run.say(f"[{i + 1}/{n}] {name} W{bits}:{mse} ({rep.seconds:.1f} s)")
+    layers = [wrap(run.q, name, run.fixed_bits(i, cfg.bits), cfg.a_bits) for i, name in
+              enumerate(run.order)]  # fmt: skip
+    seq = cfg.mode == "sequential"
+    fp_steps = None if seq else Lockstep(run.fp, run.order, run.batches, run.forward, "after")
+    q_steps = Lockstep(run.q, run.order, run.batches, run.forward) if seq else None
+    try:
+        for i, (name, layer) in enumerate(zip(run.order, layers, strict=True)):
+            rep = LayerReport(name, layer.w_bits, layer.a_bits, layer.base.weight.numel())
+            run.calibrate(layer, name, (fp_steps, q_steps), rep)
+            for steps in (fp_steps, q_steps):
+                if steps is not None:
+                    steps.release(name)
+            report.layers.append(rep)
+            mse = "" if rep.mse_before is None else f" mse {rep.mse_before:.3g}"
+            mse += "" if rep.mse_after is None else f" → {rep.mse_after:.3g}"
+            run.say(f"[{i + 1}/{n}] {name} W{layer.w_bits}:{mse} ({rep.seconds:.1f} s)")
+    finally:
+        for closing in (fp_steps, q_steps, run.spill):
+            if closing is not None:
+                closing.close()
 
 
 @dataclass
@@ -305,20 +339,21 @@ def _profile(run: _Run, report: QuantizeReport, size: float) -> _Profile:
     for name in run.order:
         wrap(run.q, name, fixed.get(name, cfg.base_bits), cfg.a_bits)
     _program(run, free, fixed, options, np.zeros((len(free), len(options))), size)  # reachable?
-    for i, name in enumerate(run.order):
-        choices = [fixed[name]] if name in fixed else options
-        layer = run.q.get_submodule(name)
-        rep = LayerReport(name, choices[0], layer.a_bits, layer.base.weight.numel())
-        original, memo = layer.state(), {}
-        for bits in choices:
-            layer.load_state(original)
-            layer.set_bits(bits)
-            run.calibrate(layer, name, run.fp, rep, memo)
-            variants.setdefault(name, {})[bits] = layer.state()
-        report.layers.append(rep)
-        run.say(
-            f"[{i + 1}/{n}] {name}: variants W{'/W'.join(map(str, choices))} ({rep.seconds:.1f} s)"
-        )
+    with Lockstep(run.fp, run.order, run.batches, run.forward, "after") as fp_steps:
+        for i, name in enumerate(run.order):
+            choices = [fixed[name]] if name in fixed else options
+            layer = run.q.get_submodule(name)
+            rep = LayerReport(name, choices[0], layer.a_bits, layer.base.weight.numel())
+            original, memo = layer.state(), {}
+            for bits in choices:
+                layer.load_state(original)
+                layer.set_bits(bits)
+                run.calibrate(layer, name, (fp_steps, None), rep, memo)
+                variants.setdefault(name, {})[bits] = layer.state()
+            fp_steps.release(name)
+            report.layers.append(rep)
+            run.say(f"[{i + 1}/{n}] {name}: variants W{'/W'.join(map(str, choices))} "
+                    f"({rep.seconds:.1f} s)")  # fmt: skip
     for name, bits in fixed.items():
         run.q.get_submodule(name).load_state(variants[name][bits])
     table = np.zeros((0, len(options)))

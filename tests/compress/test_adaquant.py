@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 from torch import nn
 
-from splice.compress import AdaQuantConfig, adaquant_problem, capture, layer_mse, wrap
-from splice.compress.adaquant import init_input_range
+from splice.compress import AdaQuantConfig, QuantLayer, adaquant_problem, capture, layer_mse, wrap
+from splice.compress.adaquant import Rows, init_input_range
 
 
 def test_adaquant_reduces_the_layer_mse_of_a_tiny_conv(steps):
@@ -36,3 +37,24 @@ def test_capture_stops_after_the_layer_and_returns_every_batch():
     xs, ys = capture(net, "0", batches, lambda m, b: m(b))
     assert [x.shape[0] for x in xs] == [5, 2] and not calls
     assert torch.equal(ys[1], net[0](batches[1]))
+
+
+@pytest.mark.parametrize(
+    ("base", "shape", "unit"),
+    [
+        (nn.Conv2d(3, 4, 3), (3, 8, 8), (3, 8, 8)),  # a sample
+        (nn.Linear(6, 2), (5, 6), (6,)),  # a token's row
+        (nn.Embedding(9, 2), (5,), ()),  # a token id
+    ],
+)
+def test_rows_draw_from_the_cache_as_if_it_were_concatenated(base, shape, unit):
+    gen = torch.Generator().manual_seed(0)
+    if isinstance(base, nn.Embedding):
+        ts = [torch.randint(9, (n, *shape), generator=gen) for n in (4, 1, 7)]
+    else:
+        ts = [torch.randn(n, *shape, generator=gen) for n in (4, 1, 7)]
+    rows = Rows(QuantLayer(base, 4), ts)
+    units = torch.cat([t.reshape(-1, *unit) for t in ts])
+    assert len(rows) == len(units) and rows.samples == 12
+    idx = torch.randint(len(units), (40,), generator=gen)  # repeats too
+    assert torch.equal(rows[idx], units[idx.sort().values])

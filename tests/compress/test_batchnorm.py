@@ -46,3 +46,14 @@ def test_with_a_reference_the_fp_outputs_statistics_return_on_other_data(tinynet
     assert torch.allclose(q_var, fp_var, rtol=1e-3)
     # the plain re-estimation would have moved the statistics to (β, γ²) instead
     assert (fp_mean - tinynet.bn2.bias).abs().max() > 0.1
+
+
+def test_the_streamed_input_statistics_equal_those_of_all_batches_at_once():
+    from splice.compress.batchnorm import _input_stats
+
+    gen = torch.Generator().manual_seed(0)
+    xs = [torch.randn(n, 3, 4, 4, generator=gen) * 5 + 100 for n in (7, 1, 12)]
+    flat = torch.cat(xs).transpose(0, 1).reshape(3, -1).double()
+    mean, var = _input_stats(xs)
+    assert torch.allclose(mean, flat.mean(1), rtol=1e-12)
+    assert torch.allclose(var, flat.var(1, unbiased=False), rtol=1e-10)

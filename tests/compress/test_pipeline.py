@@ -24,6 +24,7 @@ from splice.compress import (
 from splice.errors import SpliceError
 
 FAST = AdaQuantConfig(iters=30, batch=8)
+FEW = AdaQuantConfig(iters=3, batch=8)
 
 
 def run(model, batches):
@@ -152,26 +153,47 @@ def test_sequential_inputs_come_from_the_partly_quantized_model_on_every_batch(
 ):
     import splice.compress.pipeline as pipeline
 
-    seen = []
+    seen = {}
 
-    def spy(model, name, batches, forward, *, inputs=True, outputs=True):
-        xs, ys = capture(model, name, batches, forward, inputs=inputs, outputs=outputs)
-        if inputs:  # the inputs AdaQuant fits on: from which model, through which quantized layers
-            seen.append((name, model is tinynet, len(xs), [n for n, _ in quant_layers(model)]))
-        return xs, ys
+    def spy(layer, xs):  # the inputs AdaQuant fits on
+        seen[next(n for n, m in quant_layers(q_model[0]) if m is layer)] = [x.clone() for x in xs]
 
-    monkeypatch.setattr(pipeline, "capture", spy)
+    q_model = []
+    wrap_ = pipeline.wrap
+    monkeypatch.setattr(pipeline, "wrap", lambda m, *a: (q_model.append(m), wrap_(m, *a))[1])
+    monkeypatch.setattr(pipeline, "init_input_range", spy)
     cfg = QuantizeConfig(bits=4, mode=mode, adaquant=FAST, bias_steps=0, bn=False)
-    quantize(tinynet, images, run, steps, cfg)
-    assert [name for name, *_ in seen] == ["conv1", "conv2", "fc"]
-    assert all(n == len(images) for _, _, n, _ in seen)  # every batch, not only the first
-    if mode == "parallel":
-        assert all(fp for _, fp, _, _ in seen)
-    else:
-        assert not any(fp for _, fp, _, _ in seen)
-        # layer k's inputs run through the quantized layers before it (and k itself, wrapped)
-        assert [done for *_, done in seen] == [
-            ["conv1"],
-            ["conv1", "conv2"],
-            ["conv1", "conv2", "fc"],
-        ]
+    q, _ = quantize(tinynet, images, run, steps, cfg)
+    assert list(seen) == ["conv1", "conv2", "fc"]
+    for name, xs in seen.items():
+        # sequential: layer k's inputs through the final quantized layers before it
+        source = q if mode == "sequential" else tinynet
+        expected, _ = capture(source, name, images, run, outputs=False)
+        assert len(xs) == len(images)  # every batch, not only the first
+        assert all(torch.equal(x, e) for x, e in zip(xs, expected, strict=True))
+    if mode == "sequential":  # and not the float inputs
+        float_fc, _ = capture(tinynet, "fc", images, run, outputs=False)
+        assert not torch.allclose(seen["fc"][0], float_fc[0])
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        QuantizeConfig(bits=4, adaquant=FEW, bias_steps=2),
+        QuantizeConfig(bits=4, adaquant=FEW, mode="parallel", bias_steps=0),
+        QuantizeConfig(size=0.4, options=(2, 8), adaquant=FEW, bias_steps=0, ends_bits=None),
+    ],
+    ids=["sequential", "parallel", "size"],
+)
+def test_lockstep_and_spill_give_the_fresh_forwards_result(
+    tinynet, images, steps, monkeypatch, cfg
+):
+    from splice.compress.lockstep import Lockstep
+    from splice.compress.spill import Spill
+
+    q, report = quantize(tinynet, images, run, steps, cfg)
+    monkeypatch.setattr(Lockstep, "take", lambda self, name: None)  # every layer captured afresh
+    monkeypatch.setattr(Spill, "outputs", lambda self, name: [])
+    fresh, fresh_report = quantize(tinynet, images, run, steps, cfg)
+    assert report.loss == fresh_report.loss
+    assert torch.equal(q(images[1]), fresh(images[1]))
