@@ -62,7 +62,11 @@ class Rows:
         local = (ranked - self.starts[part]).split(counts)
         dev = self.parts[0].device
         return torch.cat(
-            [p[i.to(dev)] for p, i, n in zip(self.parts, local, counts, strict=True) if n]
+            [
+                p.index_select(0, i.to(dev))
+                for p, i, n in zip(self.parts, local, counts, strict=True)
+                if n
+            ]
         )
 
 

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from splice.compress.quantizer import FakeQuant, codes, grid
+from splice.compress.quantizer import FakeQuant, codes, fake_quant, grid
 from splice.errors import SpliceError
 
 __all__ = [
@@ -80,8 +80,26 @@ class QuantLayer(nn.Module):
         return self.aq(x)
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        base = self.base
+        if isinstance(base, nn.Embedding) and not self.frozen and base.max_norm is None:
+            return self._lookup(x)
         x = self.quant_input(x)
-        return functional_call(self.base, {"weight": self.quant_weight()}, (x, *args), kwargs)
+        return functional_call(base, {"weight": self.quant_weight()}, (x, *args), kwargs)
+
+    def _lookup(self, ids: Tensor) -> Tensor:
+        """``Q(W)[ids]`` computed as ``Q(W[ids])`` (rows are quantized independently): an
+        embedding's rows quantized only where looked up, same values and gradients."""
+        base = self.base
+
+        def gather(table: Tensor) -> Tensor:
+            return nn.functional.embedding(
+                ids, table.reshape(base.num_embeddings, -1), base.padding_idx,
+                scale_grad_by_freq=base.scale_grad_by_freq, sparse=base.sparse,
+            )  # fmt: skip
+
+        return fake_quant(
+            gather(base.weight), gather(self.wq.range), gather(self.wq.low), self.w_bits
+        )
 
     def state(self) -> dict[str, Tensor | int]:
         """A copy of the weights, bias, quantizer parameters and bits (one variant)."""
