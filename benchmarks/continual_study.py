@@ -54,6 +54,10 @@ ROWS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 
+def _say(i: int, name: str, row: list, seconds: float) -> None:
+    print(f"  task {i} {name}: {seconds:.0f} s", flush=True)
+
+
 def run_row(
     cfg: Any, encoder: Any, data: list[Any], row: str, seed: int, ref: Any, state: Path
 ) -> dict:
@@ -64,22 +68,10 @@ def run_row(
     options = dict(options)
     lr = options.pop("lr", None)  # the driver's learning rate, not a method option
     start = time.perf_counter()
-    run = run_sequence(
-        encoder,
-        data,
-        ContinualConfig(
-            method=method,
-            options=options,
-            steps=cfg.steps,
-            batch_size=cfg.batch_size,
-            seed=seed,
-            lr=lr,
-        ),
-        state,
-        resume=True,  # a row killed mid-sequence goes on after its last finished task
-        reference=ref,
-        on_task=lambda i, name, row, s: print(f"  task {i} {name}: {s:.0f} s", flush=True),
-    )
+    sizes = cfg.model_dump(include={"steps", "batch_size"})
+    settings = ContinualConfig(method=method, options=options, seed=seed, lr=lr, **sizes)
+    # resume: a row killed mid-sequence goes on after its last finished task
+    run = run_sequence(encoder, data, settings, state, resume=True, reference=ref, on_task=_say)
     return {
         "row": row,
         "method": method,
