@@ -6,7 +6,8 @@ A (r, max d_in) and B (max d_out, r), kaiming-uniform, drawn from ``seed`` (peft
 regenerated from the seed, never stored (cached per process like NOLA's bases, within
 :func:`~splice.adapters.set_basis_cache`'s budget). Only λ_b (d_out, init 0, so ΔW = 0) and
 λ_d (r, init ``d_initial``) train: d_out + r per adapted matrix. ΔW is rank r: the low-rank
-machinery of every other factor method runs it, and exports it exactly.
+machinery of every other factor method exports it exactly; the forward scales activations
+by the vectors, as peft does (their gradients are then sums over tokens, not a GEMM).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 
 import pydantic
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from splice.errors import SpliceError
@@ -42,6 +44,16 @@ class VeRAAdapter(Adapter):
         d_out, d_in = self.largest
         shapes = ((self.r, d_in), (d_out, self.r))
         return seeded_kaiming(self.seed, shapes, self.vera_lambda_b.device)
+
+    def forward(self, x: Tensor, y: Tensor) -> Tensor:
+        """y + λ_b ⊙ ((λ_d ⊙ x·Aᵀ)·Bᵀ), peft's order: the vectors scale activations, so
+        their gradients are sums over tokens; scaling B instead (:meth:`factors`) would take
+        a (d_out, r) weight-gradient GEMM through B·diag(λ_d) every backward."""
+        A, B = self.shared()
+        dtype = y.dtype
+        h = self.site.down(self.dropout(x), A[:, : self.site.d_in]).to(dtype)
+        u = F.linear(h * self.vera_lambda_d.to(dtype), B[: self.site.d_out].to(dtype))
+        return torch.addcmul(y, u, self.site.per_out(self.vera_lambda_b, y))
 
     def factors(self) -> tuple[Tensor, Tensor]:
         A, B = self.shared()
