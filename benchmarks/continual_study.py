@@ -51,6 +51,9 @@ ROWS: dict[str, tuple[str, dict[str, Any]]] = {
     "igsp_p3": ("igsp", {"prune_below": 0.3}),
     "igsp_c1_p3": ("igsp", {"candidates": 1, "prune_below": 0.3}),
     "igsp_r2_p3": ("igsp", {"r": 2, "alpha": 4.0, "prune_below": 0.3}),
+    "igsp_top2": ("igsp", {"top_k": 2}),
+    "igsp_top2_p2": ("igsp", {"top_k": 2, "prune_below": 0.2}),
+    "igsp_top1": ("igsp", {"top_k": 1}),
 }
 
 

@@ -42,7 +42,7 @@ from splice.errors import SpliceError
 
 from .base import CONTINUAL, ContinualMethod, Phase, Stored, count, wrap
 
-__all__ = ["IGSP", "IGSPConfig", "orthonormal_span"]
+__all__ = ["IGSP", "IGSPConfig", "gates", "orthonormal_span"]
 
 
 class IGSPConfig(Strict):
@@ -57,6 +57,9 @@ class IGSPConfig(Strict):
         0.05, ge=0, lt=1, description="mean routing probability under which a candidate goes"
     )
     phase1: float = pydantic.Field(0.3, gt=0, lt=1, description="share of steps in phase 1")
+    top_k: int | None = pydantic.Field(
+        None, gt=0, description="experts per token (renormalised over them); None: all"
+    )
 
 
 def orthonormal_span(columns: Tensor, rtol: float = 1e-6) -> Tensor:
@@ -102,6 +105,10 @@ class IGSPAdapter(Adapter):
         self.mass = torch.zeros(len(self.A), device=dev)
         new = slice(self.n_old, len(self.A))
         return [*self.A[new], *self.B[new], *self.router[new]]
+
+    def candidate_mass(self) -> float:
+        """The new candidates' mean share of the routing weight over phase 1's tokens."""
+        return float(self.mass[self.n_old :].sum()) / max(1, self.tokens)
 
     def prune(self) -> list[int]:
         """Drop candidates whose mean routing probability is below the threshold; returns
@@ -152,8 +159,8 @@ class IGSPAdapter(Adapter):
         if not len(self.A):
             return y
         cd, r = self.site.channel_dim, self.cfg.r
-        logits = self.site.down(x, torch.stack(list(self.router))).movedim(cd, -1)
-        probs = logits.float().softmax(-1)  # (..., E)
+        logits = self.site.down(x, torch.stack(list(self.router))).movedim(cd, -1).float()
+        probs = gates(logits, self.cfg.top_k)  # (..., E)
         if self.training and self.phase == 1:
             with torch.no_grad():
                 self.mass += probs.reshape(-1, probs.shape[-1]).sum(0)
@@ -198,6 +205,16 @@ class IGSPAdapter(Adapter):
             self.V = orthonormal_span(torch.cat(hist_a, 1) if hist_a else self.V[:, :0])
 
 
+def gates(logits: Tensor, top_k: int | None) -> Tensor:
+    """Per-token expert weights: the softmax over all experts, or with ``top_k`` the softmax
+    over each token's ``top_k`` largest logits (zero elsewhere, so no gradient reaches the
+    other experts or their router rows)."""
+    if top_k is None or top_k >= logits.shape[-1]:
+        return logits.softmax(-1)
+    top, idx = logits.topk(top_k, dim=-1)  # softmax over the kept logits = p_e / Σ_top p
+    return torch.zeros_like(logits).scatter(-1, idx, top.softmax(-1))
+
+
 def weight_penalty(ad: IGSPAdapter, experts: Sequence[int] | range) -> Tensor:
     """Σ_e ‖ΔW_e − UUᵀ ΔW_e VVᵀ‖_F² over ``experts`` (ΔW_e = s·B_e A_e)."""
     total = ad.U.new_zeros(())
@@ -220,6 +237,7 @@ class IGSP(ContinualMethod):
         super().__init__(cfg)
         self.adapters: dict[str, IGSPAdapter] = {}
         self.pruned: dict[str, int] = {}  # task → candidates pruned over all layers
+        self.new_mass: dict[str, float] = {}  # task → candidates' routing share in phase 1
 
     def attach(self, model: nn.Module, targets: Sequence[str] | str) -> None:
         self.adapters = wrap(model, "igsp", targets, lambda s: IGSPAdapter(s, self.cfg))  # type: ignore[assignment]
@@ -235,7 +253,9 @@ class IGSP(ContinualMethod):
         phase2: list[nn.Parameter] = []
 
         def after_phase1() -> None:
-            self.pruned[task] = sum(len(ad.prune()) for ad in self.adapters.values())
+            ads = self.adapters.values()
+            self.new_mass[task] = round(sum(ad.candidate_mass() for ad in ads) / len(ads), 4)
+            self.pruned[task] = sum(len(ad.prune()) for ad in ads)
             phase2.extend(p for ad in self.adapters.values() for p in ad.begin_phase2())
 
         return [
@@ -276,4 +296,5 @@ class IGSP(ContinualMethod):
         return count(experts + routers, detail)
 
     def info(self) -> dict[str, object]:
-        return {"experts": self.stored().detail["experts"], "pruned": dict(self.pruned)}
+        experts = self.stored().detail["experts"]
+        return {"experts": experts, "pruned": dict(self.pruned), "new_mass": dict(self.new_mass)}

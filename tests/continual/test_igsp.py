@@ -135,3 +135,67 @@ def test_state_round_trip_and_stored_count(tiny):
     E, r = 2, 2
     expect = sum(E * (r * (di + do) + di) for di, do in [(6, 9), (9, 5)])
     assert method.stored().params == expect == other.stored().params
+
+
+def test_top_k_gates_against_the_softmax():
+    from splice.continual.igsp import gates
+
+    logits = torch.randn(7, 5, generator=torch.Generator().manual_seed(3))
+    p = logits.softmax(-1)
+    assert torch.allclose(gates(logits, 5), p) and torch.allclose(gates(logits, None), p)
+    w = gates(logits, 2)
+    assert torch.equal((w > 0).sum(-1), torch.full((7,), 2))
+    top = p.topk(2, dim=-1)
+    assert torch.equal(w.topk(2, dim=-1).indices, top.indices)
+    ref = top.values / top.values.sum(-1, keepdim=True)  # renormalised routing probabilities
+    assert torch.allclose(w.gather(-1, top.indices), ref, atol=1e-6)
+
+
+def test_top_k_equal_to_the_expert_count_is_the_dense_mixture(tiny):
+    import copy
+
+    dense = _first_task_done(tiny)
+    dense.start_task("t1")
+    with torch.no_grad():
+        for ad in dense.adapters.values():
+            for e in range(ad.n_old, len(ad.A)):
+                ad.B[e].add_(0.3)
+                ad.router[e].add_(0.1 * (e + 1))
+    topk_model = copy.deepcopy(tiny)
+    x = torch.randn(6, 6)
+    tiny.train()
+    out = tiny(x)
+    penalty = float(dense.penalty().detach())
+    sparse = {n: m for n, m in topk_model.named_modules() if hasattr(m, "cfg")}
+    experts = len(dense.adapters["body.q"].A)
+    assert experts == 4
+    for m in sparse.values():
+        m.cfg = m.cfg.model_copy(update={"top_k": experts})
+    topk_model.train()
+    assert torch.equal(topk_model(x), out)
+    sparse_penalty = sum(float(m.penalty_of().detach()) for m in sparse.values())
+    assert sparse_penalty == pytest.approx(penalty, rel=1e-6)
+    for m in sparse.values():  # one fewer: the output changes
+        m.cfg = m.cfg.model_copy(update={"top_k": experts - 1})
+    assert not torch.allclose(topk_model(x), out)
+
+
+def test_top_k_gradients_reach_only_the_selected_experts(tiny):
+    method = _first_task_done(tiny, top_k=2)
+    method.start_task("t1")
+    ad = method.adapters["body.q"]
+    new, other = ad.n_old, ad.n_old + 1
+    with torch.no_grad():
+        for e in range(len(ad.A)):
+            ad.router[e].fill_(0.0)
+        ad.router[new].fill_(0.5)  # positive inputs: always among the top 2
+        ad.router[other].fill_(-0.5)  # always last
+        ad.B[new].add_(0.3)
+        ad.B[other].add_(0.3)
+    tiny.train()
+    tiny(torch.rand(8, 6) + 0.5).square().sum().backward()
+    for p in (ad.A[new], ad.B[new], ad.router[new]):
+        assert p.grad is not None and float(p.grad.abs().max()) > 0
+    for p in (ad.A[other], ad.B[other], ad.router[other]):
+        assert p.grad is None or not p.grad.any()
+    assert float(ad.mass[other]) == 0.0  # its routing weight, hence its pruning mass, is zero
