@@ -7,6 +7,9 @@ x·W nor builds the dense W + s·B@A: with g = m/‖·‖ it is y + (g − 1)⊙
 from the base output y (one fused pass over it: (1 − g)⊙b + g⊙y), and the squared norm
 comes from the factors,
 ‖W_i‖² + 2s·⟨B_i, (W·Aᵀ)_i⟩ + s²·B_i(A·Aᵀ)B_iᵀ, with ‖W_i‖² cached while W is unchanged.
+On a frozen ``nn.Linear`` acting alone the rescale and the layer are one autograd function
+(:class:`_Rescaled`): x's gradient goes through W with its rows scaled by g (d_out·d_in
+products) instead of scaling the output's gradient (batch·d_out), the same values up to rounding.
 With input dropout splice applies it to the low-rank branch only (peft also drops the input of
 its magnitude term); in eval both agree. ΔW is not low-rank: it is exported as a dense delta.
 Trainable parameters: r·(d_in + d_out) + d_out per adapted matrix.
@@ -17,6 +20,7 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._sites import Site
@@ -24,11 +28,45 @@ from .layer import METHODS, Adapter, Method
 from .lora import LoRAAdapter, LoRAConfig
 
 
+class _Rescaled(torch.autograd.Function):
+    """g⊙(x·Wᵀ) + b = (1 − g)⊙b + g⊙(x·Wᵀ + b) on a frozen Linear, x's gradient as one GEMM
+    through g⊙W (the rows scaled) rather than a pass scaling the output's gradient first."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, w: Tensor, b: Tensor | None, g: Tensor) -> Tensor:
+        y = F.linear(x, w, b)
+        ctx.save_for_backward(y, w, b, g)
+        if b is None:
+            return y * g
+        return torch.addcmul((1 - g) * b, y, g)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        y, w, b, g = ctx.saved_tensors
+        g2 = grad.reshape(-1, grad.shape[-1])  # one 2-D GEMM, as the layer's own backward
+        gx = gg = None
+        if ctx.needs_input_grad[0]:
+            gx = (g2 @ (w * g[:, None])).view(*grad.shape[:-1], w.shape[1])
+        if ctx.needs_input_grad[3]:  # ∂/∂g = y − b, summed over the rows
+            gg = (g2 * y.reshape(-1, y.shape[-1])).sum(0)
+            gg = gg if b is None else gg - b * g2.sum(0)
+        return gx, None, None, gg
+
+
+def _fusable(base: nn.Module, x: Tensor, g: Tensor) -> bool:
+    """Whether ``base`` is a frozen Linear that :class:`_Rescaled` can run with ``g``."""
+    if type(base) is not nn.Linear or base.weight.requires_grad or torch.is_autocast_enabled():
+        return False
+    bias = base.bias
+    return (bias is None or not bias.requires_grad) and x.dtype == base.weight.dtype == g.dtype
+
+
 class DoRAAdapter(LoRAAdapter):
     reads_base = True
 
     def __init__(self, site: Site, cfg: LoRAConfig) -> None:
         super().__init__(site, cfg)
+        self.fuses_base = site.kind == "linear"  # alone, a Linear runs the fused function
         self.magnitude = nn.Parameter(torch.zeros(site.d_out))
         self._w2: tuple[tuple[int, int], Tensor] | None = None
         self._merge_norm: Tensor | None = None
@@ -59,9 +97,25 @@ class DoRAAdapter(LoRAAdapter):
 
     def forward(self, x: Tensor, y: Tensor) -> Tensor:
         B, A = self.factors()
+        return self._adapted(x, y, B, A, self.magnitude / self._norm(B, A))
+
+    def around(self, base: nn.Module, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        B, A = self.factors()
         g = self.magnitude / self._norm(B, A)
+        if args or kwargs or not _fusable(base, x, g):
+            return self._adapted(x, base(x, *args, **kwargs), B, A, g)
+        y = _Rescaled.apply(x, base.weight, base.bias, g)
+        return self._adapted(x, y, B, A, g, rescaled=True)
+
+    def _adapted(
+        self, x: Tensor, y: Tensor, B: Tensor, A: Tensor, g: Tensor, rescaled: bool = False
+    ) -> Tensor:
+        """g⊙(y − b) + b + s·h·(g⊙B)ᵀ from the base output ``y`` (already g⊙(y − b) + b when
+        ``rescaled``)."""
         bias = self.base()[1]
-        if bias is None:
+        if rescaled:  # _Rescaled did it
+            pass
+        elif bias is None:
             y = y * self.site.per_out(g, y)
         else:  # g⊙(y − b) + b as one pass over y: (1 − g)⊙b + g⊙y
             y = torch.addcmul(self.site.per_out((1 - g) * bias, y), y, self.site.per_out(g, y))
