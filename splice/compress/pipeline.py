@@ -26,7 +26,7 @@ import torch
 from pydantic import Field, model_validator
 from torch import Tensor, nn
 
-from splice._memory import return_freed_memory
+from splice._memory import one_arena, return_freed_memory
 from splice._schema import Strict
 from splice.compress.adaquant import AdaQuantConfig, adaquant_problem, init_input_range, layer_mse
 from splice.compress.allocate import allocate, bops_cost, size_cost
@@ -122,6 +122,7 @@ class _Run:
 
     def __init__(self, model, batches, forward, loss_fn, steps, cfg, progress):
         return_freed_memory()  # a layer's cache is freed for the next one's: give it back
+        one_arena()  # the paused forwards' threads take turns: one arena, not one each
         self.fp = model.eval().requires_grad_(False)
         self.q = copy.deepcopy(self.fp)
         self.batches, self.forward, self.loss_fn = list(batches), forward, loss_fn

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from splice.compress.quantizer import FakeQuant, codes, fake_quant, grid
+from splice.compress.quantizer import FakeQuant, codes, fake_quant, grid, saved_as_codes
 from splice.errors import SpliceError
 
 __all__ = [
@@ -83,8 +83,16 @@ class QuantLayer(nn.Module):
         base = self.base
         if isinstance(base, nn.Embedding) and not self.frozen and base.max_norm is None:
             return self._lookup(x)
-        x = self.quant_input(x)
-        return functional_call(base, {"weight": self.quant_weight()}, (x, *args), kwargs)
+        if self.frozen or not torch.is_grad_enabled():
+            x = self.quant_input(x)
+            return functional_call(base, {"weight": self.quant_weight()}, (x, *args), kwargs)
+        # under autograd the saved fake-quant weight and input are kept as their codes
+        coded = [self.wq.coded(base.weight)]
+        if self.aq is not None and x.is_floating_point():
+            coded.append(self.aq.coded(x))
+            x = coded[-1][0]
+        with saved_as_codes(*coded):
+            return functional_call(base, {"weight": coded[0][0]}, (x, *args), kwargs)
 
     def _lookup(self, ids: Tensor) -> Tensor:
         """``Q(W)[ids]`` computed as ``Q(W[ids])`` (rows are quantized independently): an
