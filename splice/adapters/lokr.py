@@ -74,13 +74,16 @@ class _KronApply(torch.autograd.Function):
     def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:
         x, w1, w2 = ctx.saved_tensors
         need_x, need_w1, need_w2 = ctx.needs_input_grad
-        dp = torch.matmul(g, w2)  # ∂L/∂P (N, a, d)
-        gx = torch.matmul(w1.t(), dp) if need_x else None
-        gw1 = torch.einsum("nad,ncd->ac", dp, x) if need_w1 else None
-        gw2 = None
-        if need_w2:
+        gx = gw1 = gw2 = None
+        if need_w2:  # first: P is freed before ∂L/∂P and x's gradient exist (one fewer live)
             p = torch.matmul(w1, x)
             gw2 = g.reshape(-1, g.shape[-1]).t() @ p.reshape(-1, p.shape[-1])
+            del p
+        dp = torch.matmul(g, w2)  # ∂L/∂P (N, a, d)
+        if need_w1:
+            gw1 = torch.einsum("nad,ncd->ac", dp, x)
+        if need_x:
+            gx = torch.matmul(w1.t(), dp)
         return gx, gw1, gw2
 
 
