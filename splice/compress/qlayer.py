@@ -83,10 +83,11 @@ class QuantLayer(nn.Module):
         base = self.base
         if isinstance(base, nn.Embedding) and not self.frozen and base.max_norm is None:
             return self._lookup(x)
-        if self.frozen or not torch.is_grad_enabled():
+        if self.frozen or not torch.is_grad_enabled() or base.weight.requires_grad:
             x = self.quant_input(x)
             return functional_call(base, {"weight": self.quant_weight()}, (x, *args), kwargs)
-        # under autograd the saved fake-quant weight and input are kept as their codes
+        # a graph through the whole network (bias tuning; AdaQuant's is one layer's on a
+        # small draw): the saved fake-quant weight and input are kept as their codes
         coded = [self.wq.coded(base.weight)]
         if self.aq is not None and x.is_floating_point():
             coded.append(self.aq.coded(x))
