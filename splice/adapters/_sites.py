@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from splice.deltas import LowRank
 from splice.errors import SpliceError
 
-__all__ = ["Site", "make_site"]
+__all__ = ["Site", "frozen_linear", "make_site"]
 
 
 @dataclass(frozen=True)
@@ -159,6 +159,17 @@ def _is_gpt2_conv1d(module: nn.Module) -> bool:
     # Checked by name so plain-torch use never imports transformers.
     cls = type(module)
     return cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers")
+
+
+def frozen_linear(base: nn.Module, x: Tensor, *vectors: Tensor, conv1d: bool = False) -> bool:
+    """Whether ``base`` is a frozen ``nn.Linear`` (or, with ``conv1d``, GPT-2 ``Conv1D``) whose
+    weight has the dtype of ``x`` and ``vectors``: what a method's fused autograd function of
+    the layer and its change (IA³, DoRA, OFT) can run in place of the layer."""
+    if not (type(base) is nn.Linear or (conv1d and _is_gpt2_conv1d(base))):
+        return False
+    w, bias = base.weight, base.bias
+    frozen = not w.requires_grad and (bias is None or not bias.requires_grad)
+    return frozen and all(t.dtype == w.dtype for t in (x, *vectors))
 
 
 def make_site(name: str, module: nn.Module, layer: int | None, group: str) -> Site | None:

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._sites import Site
+from ._sites import Site, frozen_linear
 from .layer import METHODS, Adapter, Method
 from .lora import LoRAAdapter, LoRAConfig
 
@@ -51,14 +51,6 @@ class _Rescaled(torch.autograd.Function):
             gg = (g2 * y.reshape(-1, y.shape[-1])).sum(0)
             gg = gg if b is None else gg - b * g2.sum(0)
         return gx, None, None, gg
-
-
-def _fusable(base: nn.Module, x: Tensor, g: Tensor) -> bool:
-    """Whether ``base`` is a frozen Linear that :class:`_Rescaled` can run with ``g``."""
-    if type(base) is not nn.Linear or base.weight.requires_grad or torch.is_autocast_enabled():
-        return False
-    bias = base.bias
-    return (bias is None or not bias.requires_grad) and x.dtype == base.weight.dtype == g.dtype
 
 
 class DoRAAdapter(LoRAAdapter):
@@ -102,7 +94,8 @@ class DoRAAdapter(LoRAAdapter):
     def around(self, base: nn.Module, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         B, A = self.factors()
         g = self.magnitude / self._norm(B, A)
-        if args or kwargs or not _fusable(base, x, g):
+        autocast = torch.is_autocast_enabled(x.device.type)
+        if args or kwargs or autocast or not frozen_linear(base, x, g):
             return self._adapted(x, base(x, *args, **kwargs), B, A, g)
         y = _Rescaled.apply(x, base.weight, base.bias, g)
         return self._adapted(x, y, B, A, g, rescaled=True)

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from splice.errors import SpliceError
 
-from ._sites import Site
+from ._sites import Site, frozen_linear
 from .layer import METHODS, Adapter, Method, MethodConfig
 
 
@@ -69,14 +69,6 @@ class _ScaledLinear(torch.autograd.Function):
         return gx, gv, None, None, None
 
 
-def _fusable(base: nn.Module, x: Tensor, v: Tensor) -> bool:
-    """Whether ``base`` is a frozen Linear that :class:`_ScaledLinear` can run with ``v``."""
-    if type(base) is not nn.Linear or base.weight.requires_grad:
-        return False
-    bias = base.bias
-    return (bias is None or not bias.requires_grad) and x.dtype == base.weight.dtype == v.dtype
-
-
 def _in_channels(site: Site) -> int:
     return site.weight_shape[1] if site.kind == "conv" else site.d_in
 
@@ -98,7 +90,7 @@ class IA3Adapter(Adapter):
         return y * self.site.per_out(self.ia3_l, y)
 
     def around(self, base: nn.Module, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-        if not args and not kwargs and _fusable(base, x, self.ia3_l):
+        if not args and not kwargs and frozen_linear(base, x, self.ia3_l):
             return _ScaledLinear.apply(x, self.ia3_l, base.weight, base.bias, self.feedforward)
         if not self.feedforward:
             return self.forward(x, base(x, *args, **kwargs))

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from splice.errors import SpliceError
 
-from ._sites import Site, _is_gpt2_conv1d
+from ._sites import Site, frozen_linear
 from .layer import METHODS, Adapter, Method, MethodConfig
 
 
@@ -104,14 +104,6 @@ class _RotatedLinear(torch.autograd.Function):
         return *_rotation_grads(ctx, x, blocks, torch.matmul(g, w)), None, None
 
 
-def _fusable(base: nn.Module, x: Tensor) -> bool:
-    """Whether ``base`` is a frozen Linear (or GPT-2 Conv1D) that :class:`_RotatedLinear` runs."""
-    if not (type(base) is nn.Linear or _is_gpt2_conv1d(base)) or base.weight.requires_grad:
-        return False
-    bias = base.bias
-    return (bias is None or not bias.requires_grad) and x.dtype == base.weight.dtype
-
-
 def _blocks(site: Site, cfg: OFTConfig) -> int:
     if cfg.block_size < 2 or site.d_in % cfg.block_size:
         raise SpliceError(
@@ -175,7 +167,8 @@ class OFTAdapter(Adapter):
     def around(self, base: nn.Module, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         blocks = self._expanded(self.rotation(), x.dtype)
         tokens = x.numel() // self.site.d_in  # W rotated when that is fewer products
-        if not args and not kwargs and tokens >= self.site.d_out and _fusable(base, x):
+        fused = not args and not kwargs and frozen_linear(base, x, conv1d=True)
+        if fused and tokens >= self.site.d_out:
             w = self.site.canonical(base.weight)
             return _RotatedLinear.apply(x, blocks, w, base.bias)
         return base(_BlockRotate.apply(x, blocks), *args, **kwargs)

@@ -96,3 +96,14 @@ def test_gradients_equal_the_decomposed_weights(kind):
     assert torch.allclose(out, ref, atol=1e-5)
     for g, r in zip(got, torch.autograd.grad(ref, params, cot), strict=True):
         assert torch.allclose(g, r, rtol=1e-4, atol=1e-5)
+
+
+def test_autocast_runs_the_plain_path_in_the_autocast_dtype():
+    model, x = make_model("linear")
+    inject(model, "dora", ["proj"], r=3, alpha=6)
+    perturb(model)
+    layer = next(iter(adapter_layers(model).values()))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+        plain = layer.adapter(x, layer.base_layer(x))
+    assert out.dtype == torch.bfloat16 and torch.equal(out, plain)
