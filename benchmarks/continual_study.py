@@ -54,6 +54,8 @@ ROWS: dict[str, tuple[str, dict[str, Any]]] = {
     "igsp_top2": ("igsp", {"top_k": 2}),
     "igsp_top2_p2": ("igsp", {"top_k": 2, "prune_below": 0.2}),
     "igsp_top1": ("igsp", {"top_k": 1}),
+    "igsp_ph06": ("igsp", {"phase1": 0.6}),
+    "igsp_reg0": ("igsp", {"reg": 0.0}),
 }
 
 
