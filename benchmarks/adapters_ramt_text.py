@@ -4,13 +4,14 @@
         [--set init=0.0625] [--json out.json]
 
 The rows ``probe`` and ``ramt`` of ``splice bench --track peft --suite text --methods ramt``
-(:func:`splice.bench.peft.run_peft`: the same protocol, the same cache entries; the lr picked
-on validation at the first seed, the test split scored once per seed) without its full
-fine-tuning rows, which this comparison does not need and which cost as much as the rest.
-Prints per task and seed the probe's and R-AMT's test accuracy, the lrs picked and R-AMT's
-validation at each lr of the grid, then the mean difference per task. ``--set`` gives R-AMT
-options (as ``--set ramt.KEY=VALUE`` of ``splice bench``). The text-suite table of
-docs/adapters.md ("R-AMT on the text suite") comes from this script.
+(:func:`splice.bench.peft.run_peft`: the same protocol, the same cache entries; the lr and
+R-AMT's (init, τ) picked on validation at the first seed, the test split scored once per
+seed) without its full fine-tuning rows, which this comparison does not need and which cost
+as much as the rest. Prints per task and seed the probe's and R-AMT's test accuracy, the lr
+and (init, τ) picked and R-AMT's validation at each point of its grid, then the mean
+difference per task. ``--set`` gives R-AMT options (as ``--set ramt.KEY=VALUE`` of ``splice
+bench``). The text-suite table of docs/adapters.md ("R-AMT on the text suite") comes from
+this script.
 """
 
 from __future__ import annotations
@@ -50,9 +51,10 @@ def main() -> None:
             print(f"{task:<20} {ramt['status']}: {ramt.get('error') or ramt.get('reason')}")
             continue
         val = " / ".join(f"{lr}: {v:.1%}" for lr, v in ramt["val"].items())
+        picked = "".join(f" {k}={v:g}" for k, v in ramt.get("picked", {}).items())
         for seed, p, r in zip(cfg.seeds, probe["acc"], ramt["acc"], strict=True):
             print(f"{task:<20} {seed:4d} {p:6.1%} {r:6.1%} {100 * (r - p):+6.1f}  "
-                  f"probe {probe['lr']:g}, R-AMT {ramt['lr']:g} ({val})")  # fmt: skip
+                  f"probe {probe['lr']:g}, R-AMT {ramt['lr']:g}{picked} ({val})")  # fmt: skip
         mp, mr = np.mean(probe["acc"]), np.mean(ramt["acc"])
         print(f"{task:<20} {'mean':>4} {mp:6.1%} {mr:6.1%} {100 * (mr - mp):+6.1f}")
     print(f"wall {results['meta']['wall_s']} s")

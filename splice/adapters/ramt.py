@@ -182,6 +182,9 @@ class RAMT(Method):
     Config = RAMTConfig
     kinds = frozenset({"linear", "conv"})
     lowrank = False  # ΔW = (M − 1)⊙W₀: no PEFT LoRA export
+    # the PEFT track picks (init, τ) on validation with the lr: the row's own values and both
+    # halved (K halved; ties go to the row's own), :func:`splice.bench.peft_rows.run_row`
+    search = ({}, {"init": 0.5, "threshold": 0.5})
 
     def build(self, sites: list[Site], cfg: RAMTConfig) -> list[Adapter]:
         return [RAMTAdapter(site, cfg) for site in sites]

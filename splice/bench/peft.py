@@ -13,7 +13,9 @@ The protocol (:data:`PROTOCOL`, printed with every report), per task:
    ``head_lr_grid`` at the first seed; every other row trains its head at that lr;
 2. each row's lr is chosen on the validation split at the first seed from ``lr_grid``
    (full fine-tuning: ``full_lr_grid``); ties go to the smaller lr; a pick on an edge of
-   the grid grows it by one 1-2-5 step past that edge, at most ``grow`` times;
+   the grid grows it by one 1-2-5 step past that edge, at most ``grow`` times; a method
+   that declares a ``search`` (R-AMT: its (init, τ) and both halved) has each variant's lr
+   grid run and the best (variant, lr) picked, ties to the earlier variant;
 3. the picked run is scored once on the test split, and re-trained at the other seeds and
    scored there; the test split plays no part in any choice.
 
@@ -54,8 +56,10 @@ PROTOCOL = (
     "seed) from the head grid, and every row trains its head at it. Each row's lr is picked on "
     "the validation split (first seed) from the lr grid (full fine-tuning: its own grid); ties "
     "go to the smaller lr; a pick on a grid edge grows the grid one 1-2-5 step past it, at "
-    "most `grow` times. The picked run is scored once on the test split and re-trained at the "
-    "other seeds; the test split plays no part in any choice."
+    "most `grow` times. A method that declares options to search (R-AMT: (init, τ) and both "
+    "halved) has them picked with the lr the same way, ties to its own values. The picked run "
+    "is scored once on the test split and re-trained at the other seeds; the test split plays "
+    "no part in any choice."
 )
 REFERENCES = ("probe", "full")
 # a full fine-tuning step against an adapter's (quick profile on the dev box: 2.7x LoRA's on
@@ -256,11 +260,22 @@ def _row_plans(cfg: PeftConfig, encoder: Any) -> list[dict[str, Any]]:
                 plan["options"] = sizing.options
                 plan["budget"] = {"count": sizing.count, "step": sizing.step,
                                   "knob": list(sizing.knob), "floor": sizing.floor}  # fmt: skip
+        if search := _search(cls, plan["options"]):
+            plan["search"] = search
         plans.append(plan)
     if selectors:
         plans += selector_plans(selectors, encoder, *_lora_budget(cfg, sites))
     plans.append({"key": "full", "label": "full fine-tune", "kind": "reference", "family": "–"})
     return plans
+
+
+def _search(cls: Any, options: dict[str, Any]) -> list[dict[str, Any]]:
+    """The option values the row's selection tries at each lr: the method's ``search``
+    (factors on the row's own values; the first variant is the row's own), or none."""
+    factors = getattr(cls, "search", ())
+    keys = sorted({k for f in factors for k in f})
+    own = {k: options.get(k, cls.Config.model_fields[k].default) for k in keys}
+    return [{k: own[k] * f.get(k, 1.0) for k in keys} for f in factors]
 
 
 def _lora_budget(cfg: PeftConfig, sites: list) -> tuple[dict[str, Any], int]:
@@ -315,6 +330,7 @@ def _row_path(cfg: PeftConfig, group: Any, task: str, plan: dict) -> Path:
             "options": plan.get("options"),
             **({"select": plan["select"]} if plan.get("select") else {}),
             **({"targets": plan["targets"]} if plan.get("targets") else {}),
+            **({"search": plan["search"]} if plan.get("search") else {}),
             "cfg": {f: getattr(cfg, f) for f in fields},
         }
     )
@@ -343,6 +359,7 @@ def _estimate(cfg: PeftConfig, group: Any, plans: list[dict], rate: float) -> li
                 est = (seen + n_val + n_test) * evaluate * rate
             else:
                 grid = len(cfg.full_lr_grid if full_grid(plan) else cfg.lr_grid)
+                grid *= len(plan.get("search") or [{}])  # each lr at each searched option
                 runs = grid + len(cfg.seeds) - 1  # the grid at the first seed, then the others
                 cost = step * (_FULL_COST if plan["key"] == "full" else 1.0)
                 evals = grid * n_val + len(cfg.seeds) * n_test

@@ -46,6 +46,7 @@ def summarize(results: dict[str, Any]) -> list[dict[str, Any]]:
             "family": first["family"],
             "acc": {r["task"]: _ms(r["acc"]) for r in ok},
             "lr": {r["task"]: r["lr"] for r in ok},
+            "picked": {r["task"]: r["picked"] for r in ok if r.get("picked")},
             "note": None,
             "avg_acc": None,
             "budget": first.get("budget"),
@@ -113,11 +114,20 @@ def _table(results: dict[str, Any], suite: str) -> tuple[list[str], list[list[st
         if "adapter_params" in s:
             rss = f"{s['peak_rss_mb']:.0f}" if s["peak_rss_mb"] else "–"
             row += [f"{s['adapter_params']:,}", f"{s['head_params']:,}", f"{s['s_per_step']:.3f}"]
-            row += [rss, _num(s["saved_bytes"]) + "B", "/".join(f"{v:g}" for v in s["lr"].values())]
+            row += [rss, _num(s["saved_bytes"]) + "B", _lrs(s)]
         else:
             row += ["–"] * 6
         body.append(row)
     return header, body
+
+
+def _lrs(s: dict[str, Any]) -> str:
+    """Each task's picked lr, with the searched options picked with it (R-AMT's (init, τ))."""
+    picked = s.get("picked") or {}
+    return "/".join(
+        f"{lr:g}" + "".join(f" {k} {x:g}" for k, x in picked.get(task, {}).items())
+        for task, lr in s["lr"].items()
+    )
 
 
 def _suite(modality: str) -> str:

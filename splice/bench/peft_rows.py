@@ -213,36 +213,52 @@ def full_grid(plan: dict) -> bool:
 
 
 def run_row(task: Task, plan: dict, head_lr: float, say: Callable[[str], None]) -> dict:
-    """The row's lr grid at the first seed, the pick on test, then the other seeds."""
+    """The row's lr grid at the first seed (at each of its searched option values, if any),
+    the pick on test, then the other seeds."""
     cfg, key = task.cfg, plan["key"]
     grid = (
         cfg.full_lr_grid if full_grid(plan) else {"probe": cfg.head_lr_grid}.get(key, cfg.lr_grid)
     )
     seed0, best = cfg.seeds[0], {}
+    variants = plan.get("search") or [{}]
 
-    def score(lr: float) -> float:
-        start = time.perf_counter()
-        out = task.run(key, lr, lr if key == "probe" else head_lr, seed0, plan)
-        acc = task.score(out, "val")
-        if not best or acc > best["val"] or (acc == best["val"] and lr < best["lr"]):
-            best.clear()
-            best.update(out, val=acc, lr=lr)
-        say(f"{key} lr {lr:g}: val {acc:.1%} ({time.perf_counter() - start:.1f} s)")
-        return acc
+    def pick(v: int) -> tuple[float, dict[float, float]]:
+        run_plan = plan | {"options": {**plan.get("options", {}), **variants[v]}}
+        tag = "".join(f" {k}={x:g}" for k, x in variants[v].items())
 
-    lr, val = _pick(grid, cfg.grow, score)
+        def score(lr: float) -> float:
+            start = time.perf_counter()
+            out = task.run(key, lr, lr if key == "probe" else head_lr, seed0, run_plan)
+            acc = task.score(out, "val")
+            if not best or (acc, -v, -lr) > (best["val"], -best["v"], -best["lr"]):
+                best.clear()
+                best.update(out, val=acc, lr=lr, v=v, plan=run_plan)
+            say(f"{key} lr {lr:g}{tag}: val {acc:.1%} ({time.perf_counter() - start:.1f} s)")
+            return acc
+
+        return _pick(grid, cfg.grow, score)
+
+    # every variant's grid; the best (val, earlier variant, smaller lr) over all of them
+    picks = [pick(v) for v in range(len(variants))]
+    v, run_plan = best["v"], best["plan"]
+    lr, val = picks[v][0], {}
+    for i, (_, vals) in enumerate(picks):
+        tag = "".join(f" {k}={x:g}" for k, x in variants[i].items()) if i else ""
+        val |= {f"{k:g}{tag}": x for k, x in vals.items()}
     measured = {k: best[k] for k in ("s_per_step", "peak_rss_mb", "adapter_params", "head_params")}
     if best.get("selection") is not None:  # a selector row's choice (layers, entries)
         measured["selection"] = best["selection"]
+    if plan.get("search"):
+        measured["picked"] = variants[v]
     measured["saved_bytes"] = _saved_bytes(key, best["model"], best["head"])
     acc = [task.score(best, "test")]
     best.clear()
     for seed in cfg.seeds[1:]:
         start = time.perf_counter()
-        out = task.run(key, lr, lr if key == "probe" else head_lr, seed, plan)
+        out = task.run(key, lr, lr if key == "probe" else head_lr, seed, run_plan)
         acc.append(task.score(out, "test"))
         say(f"{key} seed {seed}: test {acc[-1]:.1%} ({time.perf_counter() - start:.1f} s)")
-    return {"lr": lr, "val": {f"{k:g}": v for k, v in val.items()}, "acc": acc, **measured}
+    return {"lr": lr, "val": val, "acc": acc, **measured}
 
 
 def cached(path: Path, compute: Callable[[], dict]) -> tuple[dict, bool]:

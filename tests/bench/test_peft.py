@@ -299,3 +299,52 @@ def test_workers_and_grow_options_are_the_peft_tracks(args, message, tmp_path, m
     code, _, stderr = run_cli(monkeypatch, capsys, "bench", *args, "--out", str(tmp_path / "o"))
     assert code == 2 and message in stderr, stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_ramt_picks_init_and_threshold_with_the_lr_on_validation(tiny, monkeypatch):
+    from splice.adapters.ramt import RAMT
+    from splice.bench.peft import _search
+    from splice.bench.peft_report import _table
+    from splice.bench.peft_rows import Task
+
+    # the searched values scale the row's own (the defaults, or --set), the first variant first
+    own, half = {"init": 0.0625, "threshold": 0.03125}, {"init": 0.03125, "threshold": 0.015625}
+    assert _search(RAMT, {}) == [own, half] and _search(LoRA, {}) == []
+    assert _search(RAMT, {"init": 0.2, "threshold": 0.1})[1] == {"init": 0.1, "threshold": 0.05}
+    # validation scores set per (init, lr); every run is recorded, the test split is real
+    runs, table = [], {}
+    run, score = Task.run, Task.score
+
+    def spy_run(self, key, lr, head_lr, seed, plan):
+        out = run(self, key, lr, head_lr, seed, plan)
+        runs.append((seed, lr, plan.get("options", {}).get("init")))
+        return out | {"at": (plan.get("options", {}).get("init"), lr)}
+
+    def fake_val(self, out, split):
+        return (
+            table[out["at"]] if split == "val" and out["at"] in table else score(self, out, split)
+        )
+
+    monkeypatch.setattr(Task, "run", spy_run)
+    monkeypatch.setattr(Task, "score", fake_val)
+    for steps, val, pick in [
+        (4, {(0.0625, 1e-3): 0.5, (0.0625, 1e-2): 0.6, (0.03125, 1e-3): 0.7, (0.03125, 1e-2): 0.6},
+         (1e-3, half)),
+        (5, {(0.0625, 1e-3): 0.5, (0.0625, 1e-2): 0.7, (0.03125, 1e-3): 0.7, (0.03125, 1e-2): 0.7},
+         (1e-2, own)),  # a tie goes to the row's own values
+    ]:  # fmt: skip
+        runs.clear()
+        table.update(val)
+        cfg = _config(tiny, methods=("ramt",), tasks=tiny[1][:1], seeds=(0, 1), steps=steps,
+                      workers=1)  # fmt: skip
+        results = run_peft(cfg)
+        row = _rows(results, "ramt")[0]
+        assert (row["lr"], row["picked"]) == pick
+        tag = " init=0.03125 threshold=0.015625"
+        assert row["val"] == {f"{lr:g}{tag if i < 0.06 else ''}": v for (i, lr), v in val.items()}
+        ramt = [r for r in runs if r[2] is not None]  # the probe's runs have no options
+        assert sorted(ramt[:4]) == sorted((0, lr, i) for i, lr in val)  # the grid at seed 0
+        assert ramt[4:] == [(1, pick[0], pick[1]["init"])]  # seed 1 at the pick
+        assert (
+            f"{pick[0]:g} init {pick[1]['init']:g} threshold" in _table(results, "text")[1][1][-1]
+        )
