@@ -11,7 +11,9 @@ lr per step). The released code's (0.01, 0.005) at lr 8e-5 is K = 62 of its ~1,5
 lr grid, whose runs are 24-32 steps long: with the earlier (0.125, 0.0625), K = 62 at 1e-3, no
 mask flipped there and the row was the linear probe's; (0.01, 0.005) at 1e-3 flips masks
 within 5 steps and random ones pile up (the bench's MiniLM row fell 10 points below the
-probe). docs/adapters.md, "R-AMT on the PEFT track", has the flips per step.
+probe). docs/adapters.md, "R-AMT on the PEFT track", has the flips per step. The track
+picks (init, τ) with the lr on validation (:attr:`RAMT.search`: these and both halved, K =
+15.6 and 3.1; ties to these), as no one K suits its tasks.
 The loss adds λ_reg·Σ‖m‖₂ (the L2 norm, not squared; :meth:`RAMT.aux_loss`).
 Gradient-dropout regularity (GDR, :class:`GradientDropout`): the teacher is the unmasked
 model; the gradient g_kl of KL(teacher ‖ student) only gates the loss gradient g per
