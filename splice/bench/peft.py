@@ -13,9 +13,8 @@ The protocol (:data:`PROTOCOL`, printed with every report), per task:
    ``head_lr_grid`` at the first seed; every other row trains its head at that lr;
 2. each row's lr is chosen on the validation split at the first seed from ``lr_grid``
    (full fine-tuning: ``full_lr_grid``); ties go to the smaller lr; a pick on an edge of
-   the grid grows it by one 1-2-5 step past that edge, at most ``grow`` times; a method
-   that declares a ``search`` (R-AMT: its (init, τ) and both halved) has each variant's lr
-   grid run and the best (variant, lr) picked, ties to the earlier variant;
+   the grid grows it by one 1-2-5 step past that edge, at most ``grow`` times; a method's
+   ``search`` options (R-AMT's (init, τ)) are picked with the lr, ties to the row's own;
 3. the picked run is scored once on the test split, and re-trained at the other seeds and
    scored there; the test split plays no part in any choice.
 
@@ -41,7 +40,7 @@ from pydantic import Field
 from splice._schema import Strict
 from splice.bench.peft_budget import fit_budget
 from splice.bench.peft_pool import Job, PoolProgress, makespan, run_job, run_jobs, workers_for
-from splice.bench.peft_rows import Task, full_grid, start_row
+from splice.bench.peft_rows import Task, full_grid, search_values, start_row
 from splice.bench.peft_select import SELECTOR_ROWS, selector_plans
 from splice.bench.plan import FACTORS, calibrate
 from splice.bench.progress import Phase, clock
@@ -260,22 +259,11 @@ def _row_plans(cfg: PeftConfig, encoder: Any) -> list[dict[str, Any]]:
                 plan["options"] = sizing.options
                 plan["budget"] = {"count": sizing.count, "step": sizing.step,
                                   "knob": list(sizing.knob), "floor": sizing.floor}  # fmt: skip
-        if search := _search(cls, plan["options"]):
-            plan["search"] = search
-        plans.append(plan)
+        plans.append(plan | {"search": s} if (s := search_values(cls, plan["options"])) else plan)
     if selectors:
         plans += selector_plans(selectors, encoder, *_lora_budget(cfg, sites))
     plans.append({"key": "full", "label": "full fine-tune", "kind": "reference", "family": "–"})
     return plans
-
-
-def _search(cls: Any, options: dict[str, Any]) -> list[dict[str, Any]]:
-    """The option values the row's selection tries at each lr: the method's ``search``
-    (factors on the row's own values; the first variant is the row's own), or none."""
-    factors = getattr(cls, "search", ())
-    keys = sorted({k for f in factors for k in f})
-    own = {k: options.get(k, cls.Config.model_fields[k].default) for k in keys}
-    return [{k: own[k] * f.get(k, 1.0) for k in keys} for f in factors]
 
 
 def _lora_budget(cfg: PeftConfig, sites: list) -> tuple[dict[str, Any], int]:

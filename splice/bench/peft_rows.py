@@ -27,7 +27,7 @@ from splice.bench.finetune import FinetuneConfig, Trained, batch_stream, train
 from splice.bench.suite import _features
 from splice.train.loop import TrainStep, fit
 
-__all__ = ["cached", "full_grid", "run_cached", "run_row", "start_row"]
+__all__ = ["cached", "full_grid", "run_cached", "run_row", "search_values", "start_row"]
 
 
 def _grow(lr: float, way: int) -> float:
@@ -210,6 +210,15 @@ def full_grid(plan: dict) -> bool:
     """Whether the row trains the backbone's own weights (full fine-tuning, ID³) and so takes
     the full fine-tuning lr grid."""
     return plan["key"] == "full" or (plan.get("select") or {}).get("grid") == "full"
+
+
+def search_values(cls: Any, options: dict[str, Any]) -> list[dict[str, Any]]:
+    """The option values the row's selection tries at each lr: the method's ``search``
+    (factors on the row's own values; the first variant is the row's own), or none."""
+    factors = getattr(cls, "search", ())
+    keys = sorted({k for f in factors for k in f})
+    own = {k: options.get(k, cls.Config.model_fields[k].default) for k in keys}
+    return [{k: own[k] * f.get(k, 1.0) for k in keys} for f in factors]
 
 
 def run_row(task: Task, plan: dict, head_lr: float, say: Callable[[str], None]) -> dict:

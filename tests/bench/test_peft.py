@@ -303,14 +303,16 @@ def test_workers_and_grow_options_are_the_peft_tracks(args, message, tmp_path, m
 
 def test_ramt_picks_init_and_threshold_with_the_lr_on_validation(tiny, monkeypatch):
     from splice.adapters.ramt import RAMT
-    from splice.bench.peft import _search
     from splice.bench.peft_report import _table
-    from splice.bench.peft_rows import Task
+    from splice.bench.peft_rows import Task, search_values
 
     # the searched values scale the row's own (the defaults, or --set), the first variant first
     own, half = {"init": 0.0625, "threshold": 0.03125}, {"init": 0.03125, "threshold": 0.015625}
-    assert _search(RAMT, {}) == [own, half] and _search(LoRA, {}) == []
-    assert _search(RAMT, {"init": 0.2, "threshold": 0.1})[1] == {"init": 0.1, "threshold": 0.05}
+    assert search_values(RAMT, {}) == [own, half] and search_values(LoRA, {}) == []
+    assert search_values(RAMT, {"init": 0.2, "threshold": 0.1})[1] == {
+        "init": 0.1,
+        "threshold": 0.05,
+    }
     # validation scores set per (init, lr); every run is recorded, the test split is real
     runs, table = [], {}
     run, score = Task.run, Task.score
