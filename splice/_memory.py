@@ -18,16 +18,11 @@ from __future__ import annotations
 
 import ctypes
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 
-__all__ = ["heap_reuse", "one_arena", "return_freed_memory"]
+__all__ = ["one_arena", "return_freed_memory"]
 
-_M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 _M_ARENA_MAX = -8
-_DEFAULT_TRIM = 128 * 1024  # glibc's, in force while the mmap threshold is pinned
-_MAX_MMAP_THRESHOLD = 32 << 20  # the largest glibc accepts on 64-bit
 _pinned: list[int] = []  # the threshold in force, once one is
 
 
@@ -38,25 +33,6 @@ def _mallopt(param: int, value: int) -> bool:
         return bool(ctypes.CDLL("libc.so.6").mallopt(param, value))
     except (OSError, AttributeError):
         return False
-
-
-@contextmanager
-def heap_reuse() -> Iterator[None]:
-    """Inside, while :func:`return_freed_memory` is in force: buffers up to 32 MB come from the
-    heap and stay there when freed, so a loop that frees and allocates the same sizes (an
-    optimiser's steps) reuses them instead of faulting in fresh pages each time (system time);
-    on exit the pinned threshold is back and ``malloc_trim`` returns the freed heap pages.
-    Nothing changes where no threshold is pinned. Results are unchanged."""
-    if not _pinned or not _mallopt(_M_MMAP_THRESHOLD, _MAX_MMAP_THRESHOLD):
-        yield
-        return
-    _mallopt(_M_TRIM_THRESHOLD, _MAX_MMAP_THRESHOLD)
-    try:
-        yield
-    finally:
-        _mallopt(_M_MMAP_THRESHOLD, _pinned[0])
-        _mallopt(_M_TRIM_THRESHOLD, _DEFAULT_TRIM)
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def one_arena() -> bool:

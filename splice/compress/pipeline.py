@@ -26,7 +26,7 @@ import torch
 from pydantic import Field, model_validator
 from torch import Tensor, nn
 
-from splice._memory import heap_reuse, one_arena, return_freed_memory
+from splice._memory import one_arena, return_freed_memory
 from splice._schema import Strict
 from splice.compress.adaquant import AdaQuantConfig, adaquant_problem, init_input_range, layer_mse
 from splice.compress.allocate import allocate, bops_cost, size_cost
@@ -201,8 +201,7 @@ class _Run:
         report.mse_before = layer_mse(layer, xs, ys, relu)
         if self.cfg.pipeline == "advanced" and self.cfg.adaquant.iters:
             loss, opt = adaquant_problem(layer, xs, ys, self.cfg.adaquant, relu)
-            with heap_reuse():  # each step frees and allocates the same buffers
-                self.steps(loss, opt, self.cfg.adaquant.iters)
+            self.steps(loss, opt, self.cfg.adaquant.iters)
             report.mse_after = layer_mse(layer, xs, ys, relu)
         layer.requires_grad_(False)
         report.seconds += time.perf_counter() - start
