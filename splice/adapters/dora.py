@@ -89,29 +89,29 @@ class DoRAAdapter(LoRAAdapter):
 
     def forward(self, x: Tensor, y: Tensor) -> Tensor:
         B, A = self.factors()
-        return self._adapted(x, y, B, A, self.magnitude / self._norm(B, A))
+        g = self.magnitude / self._norm(B, A)
+        return self._low_rank(x, self._rescale(y, g), B, A, g)
 
     def around(self, base: nn.Module, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         B, A = self.factors()
         g = self.magnitude / self._norm(B, A)
         autocast = torch.is_autocast_enabled(x.device.type)
         if args or kwargs or autocast or not frozen_linear(base, x, g):
-            return self._adapted(x, base(x, *args, **kwargs), B, A, g)
-        y = _Rescaled.apply(x, base.weight, base.bias, g)
-        return self._adapted(x, y, B, A, g, rescaled=True)
+            y = self._rescale(base(x, *args, **kwargs), g)
+        else:
+            y = _Rescaled.apply(x, base.weight, base.bias, g)
+        return self._low_rank(x, y, B, A, g)
 
-    def _adapted(
-        self, x: Tensor, y: Tensor, B: Tensor, A: Tensor, g: Tensor, rescaled: bool = False
-    ) -> Tensor:
-        """g⊙(y − b) + b + s·h·(g⊙B)ᵀ from the base output ``y`` (already g⊙(y − b) + b when
-        ``rescaled``)."""
+    def _rescale(self, y: Tensor, g: Tensor) -> Tensor:
+        """g⊙(y − b) + b from the base output ``y``."""
         bias = self.base()[1]
-        if rescaled:  # _Rescaled did it
-            pass
-        elif bias is None:
-            y = y * self.site.per_out(g, y)
-        else:  # g⊙(y − b) + b as one pass over y: (1 − g)⊙b + g⊙y
-            y = torch.addcmul(self.site.per_out((1 - g) * bias, y), y, self.site.per_out(g, y))
+        if bias is None:
+            return y * self.site.per_out(g, y)
+        # one pass over y: (1 − g)⊙b + g⊙y
+        return torch.addcmul(self.site.per_out((1 - g) * bias, y), y, self.site.per_out(g, y))
+
+    def _low_rank(self, x: Tensor, y: Tensor, B: Tensor, A: Tensor, g: Tensor) -> Tensor:
+        """``y`` (already rescaled) + s·h·(g⊙B)ᵀ."""
         h = self.site.down(self.dropout(x), A)
         return self.site.up_add(y, h, B * g[:, None], self.scale)
 

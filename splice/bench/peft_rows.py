@@ -230,10 +230,10 @@ def run_row(task: Task, plan: dict, head_lr: float, say: Callable[[str], None]) 
     )
     seed0, best = cfg.seeds[0], {}
     variants = plan.get("search") or [{}]
+    tags = ["".join(f" {k}={x:g}" for k, x in variant.items()) for variant in variants]
 
     def pick(v: int) -> tuple[float, dict[float, float]]:
         run_plan = plan | {"options": {**plan.get("options", {}), **variants[v]}}
-        tag = "".join(f" {k}={x:g}" for k, x in variants[v].items())
 
         def score(lr: float) -> float:
             start = time.perf_counter()
@@ -242,7 +242,7 @@ def run_row(task: Task, plan: dict, head_lr: float, say: Callable[[str], None]) 
             if not best or (acc, -v, -lr) > (best["val"], -best["v"], -best["lr"]):
                 best.clear()
                 best.update(out, val=acc, lr=lr, v=v, plan=run_plan)
-            say(f"{key} lr {lr:g}{tag}: val {acc:.1%} ({time.perf_counter() - start:.1f} s)")
+            say(f"{key} lr {lr:g}{tags[v]}: val {acc:.1%} ({time.perf_counter() - start:.1f} s)")
             return acc
 
         return _pick(grid, cfg.grow, score)
@@ -251,9 +251,8 @@ def run_row(task: Task, plan: dict, head_lr: float, say: Callable[[str], None]) 
     picks = [pick(v) for v in range(len(variants))]
     v, run_plan = best["v"], best["plan"]
     lr, val = picks[v][0], {}
-    for i, (_, vals) in enumerate(picks):
-        tag = "".join(f" {k}={x:g}" for k, x in variants[i].items()) if i else ""
-        val |= {f"{k:g}{tag}": x for k, x in vals.items()}
+    for i, (_, vals) in enumerate(picks):  # the row's own values keep the bare lr as key
+        val |= {f"{k:g}{tags[i] if i else ''}": x for k, x in vals.items()}
     measured = {k: best[k] for k in ("s_per_step", "peak_rss_mb", "adapter_params", "head_params")}
     if best.get("selection") is not None:  # a selector row's choice (layers, entries)
         measured["selection"] = best["selection"]
