@@ -12,8 +12,9 @@ lr grid, whose runs are 24-32 steps long: with the earlier (0.125, 0.0625), K = 
 mask flipped there and the row was the linear probe's; (0.01, 0.005) at 1e-3 flips masks
 within 5 steps and random ones pile up (the bench's MiniLM row fell 10 points below the
 probe). docs/adapters.md, "R-AMT on the PEFT track", has the flips per step. The track
-picks (init, τ) with the lr on validation (:attr:`RAMT.search`: these and both halved, K =
-15.6 and 3.1; ties to these), as no one K suits its tasks.
+picks (init, τ) with the lr on validation (:attr:`RAMT.search`: these and both halved; ties
+to these), as no one K suits its tasks; a halved pair runs only where its K stays within the
+row's own Ks (:meth:`RAMT.pace`: at 1e-3, K = 15.6, not at 5e-3, K = 3.1).
 The loss adds λ_reg·Σ‖m‖₂ (the L2 norm, not squared; :meth:`RAMT.aux_loss`).
 Gradient-dropout regularity (GDR, :class:`GradientDropout`): the teacher is the unmasked
 model; the gradient g_kl of KL(teacher ‖ student) only gates the loss gradient g per
@@ -30,7 +31,7 @@ y − x·((1 − M)⊙W₀)ᵀ, so it costs one extra product of the weight's si
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 
 import pydantic
@@ -187,6 +188,13 @@ class RAMT(Method):
     # the PEFT track picks (init, τ) on validation with the lr: the row's own values and both
     # halved (K halved; ties go to the row's own), :func:`splice.bench.peft_rows.run_row`
     search = ({}, {"init": 0.5, "threshold": 0.5})
+
+    @staticmethod
+    def pace(options: Mapping[str, float], lr: float) -> float:
+        """K = (init − τ)/lr, the first step at which a mask can flip: the PEFT track runs a
+        searched (init, τ) only at the lrs where its K lies within the row's own values' Ks
+        (the halved pair at 5e-3, K = 3.1, never won on validation)."""
+        return (options["init"] - options["threshold"]) / lr
 
     def build(self, sites: list[Site], cfg: RAMTConfig) -> list[Adapter]:
         return [RAMTAdapter(site, cfg) for site in sites]

@@ -14,9 +14,9 @@ The protocol (:data:`PROTOCOL`, printed with every report), per task:
 2. each row's lr is chosen on the validation split at the first seed from ``lr_grid``
    (full fine-tuning: ``full_lr_grid``); ties go to the smaller lr; a pick on an edge of
    the grid grows it by one 1-2-5 step past that edge, at most ``grow`` times; a method's
-   ``search`` options (R-AMT's (init, τ)) are picked with the lr, ties to the row's own;
-3. the picked run is scored once on the test split, and re-trained at the other seeds and
-   scored there; the test split plays no part in any choice.
+   ``search`` options (R-AMT's (init, τ), at lrs where its ``pace`` stays within its own
+   values') are picked with the lr, ties to the row's own;
+3. the picked run is scored once on test and re-trained at the other seeds; test picks nothing.
 
 Training is :func:`splice.bench.finetune.train` (the one loop); each row's outcome is cached
 by (model, splits, row, options, protocol), so a re-run repeats the numbers at no cost. The
@@ -40,7 +40,7 @@ from pydantic import Field
 from splice._schema import Strict
 from splice.bench.peft_budget import fit_budget
 from splice.bench.peft_pool import Job, PoolProgress, makespan, run_job, run_jobs, workers_for
-from splice.bench.peft_rows import Task, full_grid, search_values, start_row
+from splice.bench.peft_rows import Task, full_grid, search_key, search_values, start_row
 from splice.bench.peft_select import SELECTOR_ROWS, selector_plans
 from splice.bench.plan import FACTORS, calibrate
 from splice.bench.progress import Phase, clock
@@ -56,9 +56,9 @@ PROTOCOL = (
     "the validation split (first seed) from the lr grid (full fine-tuning: its own grid); ties "
     "go to the smaller lr; a pick on a grid edge grows the grid one 1-2-5 step past it, at "
     "most `grow` times. A method that declares options to search (R-AMT: (init, τ) and both "
-    "halved) has them picked with the lr the same way, ties to its own values. The picked run "
-    "is scored once on the test split and re-trained at the other seeds; the test split plays "
-    "no part in any choice."
+    "halved, at the lrs where K stays within its own values' Ks) has them picked with the lr "
+    "the same way, ties to its own values. The picked run is scored once on the test split "
+    "and re-trained at the other seeds; the test split plays no part in any choice."
 )
 REFERENCES = ("probe", "full")
 # a full fine-tuning step against an adapter's (quick profile on the dev box: 2.7x LoRA's on
@@ -66,10 +66,10 @@ REFERENCES = ("probe", "full")
 # (a model copy, adapter injection, the saved file; some methods' heavier steps)
 _FULL_COST = 2.5
 _SLACK = 1.1
-# rows whose runs cost more than their examples say: a row's seconds over LoRA's on the same
-# suite (quick profile, idle dev box, 2026-12-07): R-AMT's teacher pass per step 2.1x (text;
-# 2.9x on the digits), SPT's sensitivity pass per run 1.8x, prompt and P-tuning's virtual
-# tokens 1.7x, ID3's entry masks 1.8x; so the longest rows start first and the tail is short
+# rows whose runs cost more than their examples say: a row's seconds over LoRA's (quick profile,
+# idle dev box, 2026-12-07): R-AMT's teacher pass per step 2.1x (text; 2.9x on the digits), SPT's
+# sensitivity pass per run 1.8x, prompt and P-tuning's virtual tokens 1.7x, ID3's entry masks
+# 1.8x; so the longest rows start first and the tail is short
 _ROW_COST = {"ramt": 2.2, "spt": 1.8, "id3": 1.8, "prompt": 1.7, "ptuning": 1.7}
 
 
@@ -318,7 +318,7 @@ def _row_path(cfg: PeftConfig, group: Any, task: str, plan: dict) -> Path:
             "options": plan.get("options"),
             **({"select": plan["select"]} if plan.get("select") else {}),
             **({"targets": plan["targets"]} if plan.get("targets") else {}),
-            **({"search": plan["search"]} if plan.get("search") else {}),
+            **({"search": search_key(plan, cfg.lr_grid)} if plan.get("search") else {}),
             "cfg": {f: getattr(cfg, f) for f in fields},
         }
     )
@@ -346,8 +346,8 @@ def _estimate(cfg: PeftConfig, group: Any, plans: list[dict], rate: float) -> li
                 seen = min(n_train, cfg.steps * cfg.batch_size * len(cfg.seeds))
                 est = (seen + n_val + n_test) * evaluate * rate
             else:
-                grid = len(cfg.full_lr_grid if full_grid(plan) else cfg.lr_grid)
-                grid *= len(plan.get("search") or [{}])  # each lr at each searched option
+                lrs = cfg.full_lr_grid if full_grid(plan) else cfg.lr_grid
+                grid = sum(map(len, search_key(plan, lrs)["lrs"]))  # each searched option's lrs
                 runs = grid + len(cfg.seeds) - 1  # the grid at the first seed, then the others
                 cost = step * (_FULL_COST if plan["key"] == "full" else 1.0)
                 evals = grid * n_val + len(cfg.seeds) * n_test

@@ -27,7 +27,16 @@ from splice.bench.finetune import FinetuneConfig, Trained, batch_stream, train
 from splice.bench.suite import _features
 from splice.train.loop import TrainStep, fit
 
-__all__ = ["cached", "full_grid", "run_cached", "run_row", "search_values", "start_row"]
+__all__ = [
+    "cached",
+    "full_grid",
+    "run_cached",
+    "run_row",
+    "search_grids",
+    "search_key",
+    "search_values",
+    "start_row",
+]
 
 
 def _grow(lr: float, way: int) -> float:
@@ -221,6 +230,27 @@ def search_values(cls: Any, options: dict[str, Any]) -> list[dict[str, Any]]:
     return [{k: own[k] * f.get(k, 1.0) for k in keys} for f in factors]
 
 
+def search_grids(plan: dict, grid: Sequence[float]) -> list[list[float]]:
+    """The lrs each searched variant runs at: the whole grid for the row's own values (the
+    first); another only where the method's ``pace`` (R-AMT: K = (init − τ)/lr) lies within
+    the paces of the row's own values on the grid."""
+    from splice.adapters import METHODS
+
+    variants = plan.get("search") or [{}]
+    pace = getattr(METHODS.get(plan["key"]), "pace", None) if len(variants) > 1 else None
+    if pace is None:
+        return [list(grid) for _ in variants]
+    own = [pace(variants[0], lr) for lr in grid]
+    inside = [[lr for lr in grid if min(own) <= pace(v, lr) <= max(own)] for v in variants[1:]]
+    return [list(grid), *inside]
+
+
+def search_key(plan: dict, grid: Sequence[float]) -> dict:
+    """What a row's selection runs beyond its options: the searched variants (one, the row's
+    own, if none) and the lrs each runs at (part of a searched row's cache key)."""
+    return {"variants": plan.get("search") or [{}], "lrs": search_grids(plan, grid)}
+
+
 def run_row(task: Task, plan: dict, head_lr: float, say: Callable[[str], None]) -> dict:
     """The row's lr grid at the first seed (at each of its searched option values, if any),
     the pick on test, then the other seeds."""
@@ -229,7 +259,7 @@ def run_row(task: Task, plan: dict, head_lr: float, say: Callable[[str], None]) 
         cfg.full_lr_grid if full_grid(plan) else {"probe": cfg.head_lr_grid}.get(key, cfg.lr_grid)
     )
     seed0, best = cfg.seeds[0], {}
-    variants = plan.get("search") or [{}]
+    variants, grids = plan.get("search") or [{}], search_grids(plan, grid)
     tags = ["".join(f" {k}={x:g}" for k, x in variant.items()) for variant in variants]
 
     def pick(v: int) -> tuple[float, dict[float, float]]:
@@ -245,13 +275,13 @@ def run_row(task: Task, plan: dict, head_lr: float, say: Callable[[str], None]) 
             say(f"{key} lr {lr:g}{tags[v]}: val {acc:.1%} ({time.perf_counter() - start:.1f} s)")
             return acc
 
-        return _pick(grid, cfg.grow, score)
+        return _pick(grids[v], cfg.grow, score)
 
     # every variant's grid; the best (val, earlier variant, smaller lr) over all of them
-    picks = [pick(v) for v in range(len(variants))]
+    picks = {v: pick(v) for v in range(len(variants)) if grids[v]}
     v, run_plan = best["v"], best["plan"]
     lr, val = picks[v][0], {}
-    for i, (_, vals) in enumerate(picks):  # the row's own values keep the bare lr as key
+    for i, (_, vals) in picks.items():  # the row's own values keep the bare lr as key
         val |= {f"{k:g}{tags[i] if i else ''}": x for k, x in vals.items()}
     measured = {k: best[k] for k in ("s_per_step", "peak_rss_mb", "adapter_params", "head_params")}
     if best.get("selection") is not None:  # a selector row's choice (layers, entries)

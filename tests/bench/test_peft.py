@@ -304,7 +304,7 @@ def test_workers_and_grow_options_are_the_peft_tracks(args, message, tmp_path, m
 def test_ramt_picks_init_and_threshold_with_the_lr_on_validation(tiny, monkeypatch):
     from splice.adapters.ramt import RAMT
     from splice.bench.peft_report import _table
-    from splice.bench.peft_rows import Task, search_values
+    from splice.bench.peft_rows import Task, search_grids, search_values
 
     # the searched values scale the row's own (the defaults, or --set), the first variant first
     own, half = {"init": 0.0625, "threshold": 0.03125}, {"init": 0.03125, "threshold": 0.015625}
@@ -313,6 +313,12 @@ def test_ramt_picks_init_and_threshold_with_the_lr_on_validation(tiny, monkeypat
         "init": 0.1,
         "threshold": 0.05,
     }
+    # a halved pair runs only where its K = (init − τ)/lr lies within the own values' Ks:
+    # on {1e-3, 5e-3} (K 31.25 and 6.25) at 1e-3 (15.6), not at 5e-3 (3.1); LoRA: every lr
+    ramt = {"key": "ramt", "search": [own, half]}
+    assert search_grids(ramt, (1e-3, 5e-3)) == [[1e-3, 5e-3], [1e-3]]
+    assert search_grids(ramt, (1e-3, 2e-3, 4e-3)) == [[1e-3, 2e-3, 4e-3], [1e-3, 2e-3]]
+    assert search_grids({"key": "lora"}, (1e-3, 5e-3)) == [[1e-3, 5e-3]]
     # validation scores set per (init, lr); every run is recorded, the test split is real
     runs, table = [], {}
     run, score = Task.run, Task.score
@@ -330,12 +336,12 @@ def test_ramt_picks_init_and_threshold_with_the_lr_on_validation(tiny, monkeypat
     monkeypatch.setattr(Task, "run", spy_run)
     monkeypatch.setattr(Task, "score", fake_val)
     for steps, val, pick in [
-        (4, {(0.0625, 1e-3): 0.5, (0.0625, 1e-2): 0.6, (0.03125, 1e-3): 0.7, (0.03125, 1e-2): 0.6},
-         (1e-3, half)),
-        (5, {(0.0625, 1e-3): 0.5, (0.0625, 1e-2): 0.7, (0.03125, 1e-3): 0.7, (0.03125, 1e-2): 0.7},
+        (4, {(0.0625, 1e-3): 0.5, (0.0625, 1e-2): 0.6, (0.03125, 1e-3): 0.7}, (1e-3, half)),
+        (5, {(0.0625, 1e-3): 0.5, (0.0625, 1e-2): 0.7, (0.03125, 1e-3): 0.7},
          (1e-2, own)),  # a tie goes to the row's own values
     ]:  # fmt: skip
         runs.clear()
+        table.clear()
         table.update(val)
         cfg = _config(tiny, methods=("ramt",), tasks=tiny[1][:1], seeds=(0, 1), steps=steps,
                       workers=1)  # fmt: skip
@@ -345,8 +351,8 @@ def test_ramt_picks_init_and_threshold_with_the_lr_on_validation(tiny, monkeypat
         tag = " init=0.03125 threshold=0.015625"
         assert row["val"] == {f"{lr:g}{tag if i < 0.06 else ''}": v for (i, lr), v in val.items()}
         ramt = [r for r in runs if r[2] is not None]  # the probe's runs have no options
-        assert sorted(ramt[:4]) == sorted((0, lr, i) for i, lr in val)  # the grid at seed 0
-        assert ramt[4:] == [(1, pick[0], pick[1]["init"])]  # seed 1 at the pick
+        assert sorted(ramt[:3]) == sorted((0, lr, i) for i, lr in val)  # the grid at seed 0
+        assert ramt[3:] == [(1, pick[0], pick[1]["init"])]  # seed 1 at the pick
         assert (
             f"{pick[0]:g} init {pick[1]['init']:g} threshold" in _table(results, "text")[1][1][-1]
         )
