@@ -3,7 +3,7 @@
     python benchmarks/quantize_accuracy.py [--tasks image|text|all|sk_digits,...] [--rows ...]
         [--samples 256] [--text-samples 128] [--iters 100] [--bias-steps 100]
         [--sizes 0.13,0.16,0.19,0.22,0.25] [--budget-s 480]
-        [--store bench-out/quantize_accuracy.json]
+        [--store bench-out/quantize_accuracy.json] [--checkpoints bench-out/quantize-checkpoints]
     python benchmarks/quantize_accuracy.py --report [--plot docs/img/quantize-accuracy.png]
 
 Per task: the bench's fine-tuned checkpoint (EfficientNet-Lite0 at 32×32 for the image tasks,
@@ -30,8 +30,13 @@ Rows:
 
 Each finished row goes into ``--store`` (JSON) at once and is skipped on the next run, so the
 study runs in pieces: ``--budget-s`` stops starting new rows after that many seconds (run the
-same command again to continue). ``--report`` prints the tables from the store (and SmolLM2's
-from ``benchmarks/quantize_smollm2.py``'s store) and draws the figure.
+same command again to continue). The quantizing rows keep each calibrated layer (the ``ip``
+rows: its variants, and the sensitivity table) in ``--checkpoints`` as it is made
+(``quantize(checkpoint=…)``) and stop between two layers once the budget is spent, so one
+row longer than a command may run (``ip-advanced`` at 1,000 samples: 859 s on one thread)
+runs as several commands, with the same result; its ``calibration_s`` counts all of them.
+``--report`` prints the tables from the store (and SmolLM2's from
+``benchmarks/quantize_smollm2.py``'s store) and draws the figure.
 """
 
 from __future__ import annotations
@@ -101,9 +106,27 @@ def _expand(args: argparse.Namespace, row: str) -> list[str]:
     return [f"{prefix}-{c}" for c in args.sizes.split(",")] if prefix else [row]
 
 
-def _ip(args, store, task, model, calib, test, labels, row: str = "ip") -> None:
-    """The size sweep: unreachable sizes stored as such, the rest from one shared profile."""
+class _OutOfBudget(Exception):
+    """Raised between two checkpointed layers once ``--budget-s`` is spent."""
+
+
+def _resumable(args, task: str, row: str, progress: Progress) -> dict:
+    """``quantize``'s checkpoint directory for the row and a progress callback that stops
+    the run after a layer (kept in the checkpoint) once the budget is spent."""
+
+    def say(msg: str) -> None:
+        if msg.startswith("[") and progress.over_budget():
+            raise _OutOfBudget(f"{task} {row}: stopped after layer {msg.split(']')[0][1:]}")
+
+    return {"checkpoint": args.checkpoints / _key(args, task, row).replace("|", "-"),
+            "progress": say}  # fmt: skip
+
+
+def _ip(args, store, task, model, calib, test, labels, row: str, progress: Progress) -> None:
+    """The size sweep: unreachable sizes stored as such, the rest from one shared profile
+    (checkpointed per layer in ``--checkpoints``; stops between layers when over budget)."""
     cfg, pre = _configs(args)[row], "ipa" if row == "ip-advanced" else "ip"
+    resume = _resumable(args, task, pre, progress)
     todo = sorted(
         float(c) for c in args.sizes.split(",") if _key(args, task, f"{pre}-{c}") not in store
     )
@@ -111,7 +134,8 @@ def _ip(args, store, task, model, calib, test, labels, row: str = "ip") -> None:
     start = time.perf_counter()
     while todo:
         try:
-            for size, q, report in quantize_sizes(model, calib, _run, minimise, cfg, todo):
+            for size, q, report in quantize_sizes(model, calib, _run, minimise, cfg, todo,
+                                                  **resume):  # fmt: skip
                 acc = accuracy(q, test, labels)
                 extra = {"bits": [r.bits for r in report.layers], "loss": report.loss}
                 _put(args, store, task, f"{pre}-{names[size]}", acc, report.fraction,
@@ -145,7 +169,6 @@ def run(args: argparse.Namespace) -> None:
     plan = {t: rows for t, rows in plan.items() if rows}
     progress = Progress(sum(map(len, plan.values())), args.budget_s)
     print(f"{progress.total} pieces to run: {plan}", flush=True)
-    configs = _configs(args)
     for task, rows in plan.items():
         if progress.over_budget():
             print(f"budget of {args.budget_s:.0f} s spent: run the same command to go on")
@@ -160,21 +183,31 @@ def run(args: argparse.Namespace) -> None:
                 print(f"budget of {args.budget_s:.0f} s spent: run the same command to go on")
                 break
             start = time.perf_counter()
-            if row in ("ip", "ip-advanced"):
-                _ip(args, store, task, model, calib, test, data.test.y, row)
-            else:
-                if row == "fp32":
-                    q, fraction, extra = model, 1.0, {}
-                elif row == "torch-dynamic":
-                    q = torch.ao.quantization.quantize_dynamic(copy.deepcopy(model), {nn.Linear})
-                    fraction, extra = _dynamic_fraction(model), {}
-                else:
-                    q, report = quantize(model, calib, _run, minimise, configs[row])
-                    fraction, extra = report.fraction, {"loss": report.loss}
-                seconds = time.perf_counter() - start
-                _put(args, store, task, row, accuracy(q, test, data.test.y), fraction, seconds,
-                     extra)  # fmt: skip
+            try:
+                _row(args, store, task, row, model, calib, test, data, progress)
+            except _OutOfBudget as e:
+                print(f"{e}; budget of {args.budget_s:.0f} s spent: run the same command "
+                      f"to go on from {args.checkpoints}", flush=True)  # fmt: skip
+                return
             progress.step(f"{task} {row} ({time.perf_counter() - start:.0f} s)")
+
+
+def _row(args, store, task, row, model, calib, test, data, progress: Progress) -> None:
+    if row in ("ip", "ip-advanced"):
+        return _ip(args, store, task, model, calib, test, data.test.y, row, progress)
+    start = time.perf_counter()
+    seconds = None
+    if row == "fp32":
+        q, fraction, extra = model, 1.0, {}
+    elif row == "torch-dynamic":
+        q = torch.ao.quantization.quantize_dynamic(copy.deepcopy(model), {nn.Linear})
+        fraction, extra = _dynamic_fraction(model), {}
+    else:
+        resume = _resumable(args, task, row, progress)
+        q, report = quantize(model, calib, _run, minimise, _configs(args)[row], **resume)
+        fraction, extra, seconds = report.fraction, {"loss": report.loss}, report.seconds
+    seconds = time.perf_counter() - start if seconds is None else seconds
+    _put(args, store, task, row, accuracy(q, test, data.test.y), fraction, seconds, extra)
 
 
 def main() -> None:
@@ -189,6 +222,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--budget-s", type=float, default=0, help="stop starting rows after this")
     p.add_argument("--store", type=Path, default=Path("bench-out/quantize_accuracy.json"))
+    p.add_argument("--checkpoints", type=Path, default=Path("bench-out/quantize-checkpoints"),
+                   help="where the ip rows keep each layer's variants (resumable)")  # fmt: skip
     p.add_argument("--llm-store", type=Path, default=Path("bench-out/quantize_smollm2.json"))
     p.add_argument("--report", action="store_true", help="print the tables, run nothing")
     p.add_argument("--plot", type=Path, default=None, help="with --report: draw the figure")

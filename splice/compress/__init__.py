@@ -5,8 +5,9 @@ tuning (spec other.md §4; Hubara et al. 2021). One file per piece:
 (forward hooks), ``lockstep`` (one paused forward per batch for all layers), ``spill`` (float
 layer outputs on disk), ``adaquant`` (per-layer reconstruction), ``profile`` (the ΔL table),
 ``allocate`` (the integer program), ``batchnorm``, ``bias``, ``size``, ``pipeline`` (light and
-advanced), ``files`` (integer weights in safetensors, and the dequantising loader) and
-``qbase`` (a quantized frozen base under adapters, QLoRA-style).
+advanced), ``resume`` (a run's calibrated layers on disk, to go on after a stop), ``files``
+(integer weights in safetensors, and the dequantising loader) and ``qbase`` (a quantized
+frozen base under adapters, QLoRA-style).
 """
 
 from __future__ import annotations

@@ -19,6 +19,7 @@ import copy
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -36,6 +37,7 @@ from splice.compress.capture import Forward, capture, execution_order
 from splice.compress.lockstep import Lockstep
 from splice.compress.profile import sensitivity
 from splice.compress.qlayer import QuantLayer, check_bits, quantizable, wrap
+from splice.compress.resume import Checkpoint
 from splice.compress.size import model_bits
 from splice.compress.spill import Spill
 from splice.errors import SpliceError
@@ -228,18 +230,23 @@ def quantize(
     *,
     loss_fn: OutputLoss = kl_to_target,
     progress: Callable[[str], None] | None = None,
+    checkpoint: str | Path | None = None,
 ) -> tuple[nn.Module, QuantizeReport]:
     """A quantized copy of ``model`` (fake-quant :class:`QuantLayer`s; ``model`` is untouched)
     and its report. ``forward(model, batch)`` gives the output ``loss_fn(output, fp_output)``
-    compares (KL of logits by default)."""
+    compares (KL of logits by default). ``checkpoint``: a directory where each calibrated
+    layer (and a size target's sensitivity table) is kept as it is made, and loaded from by
+    a later call with the same config and data (:mod:`splice.compress.resume`): a stopped
+    run goes on where it stopped, with the same result; ``seconds`` then counts every call's."""
     start = time.perf_counter()
     run = _Run(model, batches, forward, loss_fn, steps, cfg, progress)
     report = QuantizeReport()
+    ckpt = _checkpoint(run, checkpoint)
     if cfg.bits is not None:
-        _fixed(run, report)
+        _fixed(run, report, ckpt)
     else:
-        _pick(run, _profile(run, report, cfg.size), cfg.size)
-    return _finish(run, report, start)
+        _pick(run, _profile(run, report, cfg.size, ckpt), cfg.size)
+    return _finish(run, report, start - (ckpt.prior if ckpt else 0.0))
 
 
 def quantize_sizes(
@@ -252,21 +259,33 @@ def quantize_sizes(
     *,
     loss_fn: OutputLoss = kl_to_target,
     progress: Callable[[str], None] | None = None,
+    checkpoint: str | Path | None = None,
 ) -> Iterator[tuple[float, nn.Module, QuantizeReport]]:
     """:func:`quantize` at each size target of ``sizes`` (``cfg.size`` is ignored), sharing
     one set of per-layer variants and one sensitivity table: only the integer program, BN
     re-estimation and bias tuning run per size. Yields ``(size, model, report)``; a report's
-    ``seconds`` counts the shared part once per size (what a single run would cost)."""
+    ``seconds`` counts the shared part once per size (what a single run would cost).
+    ``checkpoint``: as in :func:`quantize` (each layer's variants and the table); the shared
+    part's seconds then count every call's."""
     start = time.perf_counter()
     run = _Run(model, batches, forward, loss_fn, steps, cfg, progress)
     shared = QuantizeReport()
-    profile = _profile(run, shared, min(sizes))
-    base, shared_s = run.q, time.perf_counter() - start
+    ckpt = _checkpoint(run, checkpoint)
+    profile = _profile(run, shared, min(sizes), ckpt)
+    base = run.q
+    shared_s = ckpt.seconds if ckpt else time.perf_counter() - start
     for size in sizes:
         begin = time.perf_counter() - shared_s
         run.q = copy.deepcopy(base)
         _pick(run, profile, size)
         yield size, *_finish(run, copy.deepcopy(shared), begin)
+
+
+def _checkpoint(run: _Run, path: str | Path | None) -> Checkpoint | None:
+    if path is None:
+        return None
+    what = {"config": run.cfg.model_dump(mode="json", exclude={"size"}), "layers": run.order}
+    return Checkpoint(path, {**what, "batches": len(run.batches)})
 
 
 def _finish(run: _Run, report: QuantizeReport, start: float) -> tuple[nn.Module, QuantizeReport]:
@@ -296,7 +315,7 @@ def _finish(run: _Run, report: QuantizeReport, start: float) -> tuple[nn.Module,
     return run.q, report
 
 
-def _fixed(run: _Run, report: QuantizeReport) -> None:
+def _fixed(run: _Run, report: QuantizeReport, ckpt: Checkpoint | None = None) -> None:
     cfg, n = run.cfg, len(run.order)
     layers = [wrap(run.q, name, run.fixed_bits(i, cfg.bits), cfg.a_bits) for i, name in
               enumerate(run.order)]  # fmt: skip
@@ -305,15 +324,24 @@ def _fixed(run: _Run, report: QuantizeReport) -> None:
     q_steps = Lockstep(run.q, run.order, run.batches, run.forward) if seq else None
     try:
         for i, (name, layer) in enumerate(zip(run.order, layers, strict=True)):
-            rep = LayerReport(name, layer.w_bits, layer.a_bits, layer.base.weight.numel())
-            run.calibrate(layer, name, (fp_steps, q_steps), rep)
+            saved = ckpt.layer(i, name) if ckpt else None
+            if saved is None:
+                rep = LayerReport(name, layer.w_bits, layer.a_bits, layer.base.weight.numel())
+                run.calibrate(layer, name, (fp_steps, q_steps), rep)
+                if ckpt:
+                    ckpt.save_layer(i, name, {layer.w_bits: layer.state()}, rep)
+            else:  # the paused forwards run it as it was calibrated
+                layer.load_state(saved[0][layer.w_bits])
+                layer.requires_grad_(False)
+                rep = LayerReport(**saved[1])
             for steps in (fp_steps, q_steps):
                 if steps is not None:
                     steps.release(name)
             report.layers.append(rep)
             mse = "" if rep.mse_before is None else f" mse {rep.mse_before:.3g}"
             mse += "" if rep.mse_after is None else f" → {rep.mse_after:.3g}"
-            run.say(f"[{i + 1}/{n}] {name} W{layer.w_bits}:{mse} ({rep.seconds:.1f} s)")
+            run.say(f"[{i + 1}/{n}] {name} W{layer.w_bits}:{mse} ({rep.seconds:.1f} s"
+                    f"{', saved before' if saved else ''})")  # fmt: skip
     finally:
         for closing in (fp_steps, q_steps, run.spill):
             if closing is not None:
@@ -330,7 +358,9 @@ class _Profile:
     table: np.ndarray
 
 
-def _profile(run: _Run, report: QuantizeReport, size: float) -> _Profile:
+def _profile(
+    run: _Run, report: QuantizeReport, size: float, ckpt: Checkpoint | None = None
+) -> _Profile:
     cfg, n = run.cfg, len(run.order)
     options = sorted({*cfg.options, cfg.base_bits})
     variants: dict[str, dict[int, dict]] = {}
@@ -343,29 +373,49 @@ def _profile(run: _Run, report: QuantizeReport, size: float) -> _Profile:
     with Lockstep(run.fp, run.order, run.batches, run.forward, "after") as fp_steps:
         for i, name in enumerate(run.order):
             choices = [fixed[name]] if name in fixed else options
-            layer = run.q.get_submodule(name)
-            rep = LayerReport(name, choices[0], layer.a_bits, layer.base.weight.numel())
-            original, memo = layer.state(), {}
-            for bits in choices:
-                layer.load_state(original)
-                layer.set_bits(bits)
-                run.calibrate(layer, name, (fp_steps, None), rep, memo)
-                variants.setdefault(name, {})[bits] = layer.state()
+            saved = ckpt.layer(i, name) if ckpt else None
+            if saved is None:
+                rep = _variants(run, name, choices, fp_steps, variants)
+                if ckpt:
+                    ckpt.save_layer(i, name, variants[name], rep)
+            else:
+                variants[name], rep = saved[0], LayerReport(**saved[1])
             fp_steps.release(name)
             report.layers.append(rep)
             run.say(f"[{i + 1}/{n}] {name}: variants W{'/W'.join(map(str, choices))} "
-                    f"({rep.seconds:.1f} s)")  # fmt: skip
+                    f"({rep.seconds:.1f} s{', saved before' if saved else ''})")  # fmt: skip
     for name, bits in fixed.items():
         run.q.get_submodule(name).load_state(variants[name][bits])
     table = np.zeros((0, len(options)))
     if free:
-        table, base = sensitivity(
-            run.q, {k: variants[k] for k in free}, options, cfg.base_bits,
-            lambda m: run.loss(m, run.profile_set),
-            lambda i, name: run.say(f"sensitivity [{i + 1}/{len(free)}] {name}"),
-        )  # fmt: skip
+        saved_table = ckpt.table() if ckpt else None
+        if saved_table is None:
+            table, base = sensitivity(
+                run.q, {k: variants[k] for k in free}, options, cfg.base_bits,
+                lambda m: run.loss(m, run.profile_set),
+                lambda i, name: run.say(f"sensitivity [{i + 1}/{len(free)}] {name}"),
+            )  # fmt: skip
+            if ckpt:
+                ckpt.save_table(table, base)
+        else:
+            table, base = saved_table
         report.loss["base"] = base
     return _Profile(variants, free, options, table)
+
+
+def _variants(
+    run: _Run, name: str, choices: list[int], fp_steps: Lockstep, out: dict[str, dict[int, dict]]
+) -> LayerReport:
+    """Layer ``name`` calibrated at each of ``choices`` from the same start (into ``out``)."""
+    layer = run.q.get_submodule(name)
+    rep = LayerReport(name, choices[0], layer.a_bits, layer.base.weight.numel())
+    original, memo = layer.state(), {}
+    for bits in choices:
+        layer.load_state(original)
+        layer.set_bits(bits)
+        run.calibrate(layer, name, (fp_steps, None), rep, memo)
+        out.setdefault(name, {})[bits] = layer.state()
+    return rep
 
 
 def _pick(run: _Run, prof: _Profile, size: float) -> None:
