@@ -4,10 +4,10 @@ tuning (spec other.md §4; Hubara et al. 2021). One file per piece:
 ``quantizer`` (learnable range/zero point, STE), ``qlayer`` (the quantized layer), ``capture``
 (forward hooks), ``lockstep`` (one paused forward per batch for all layers), ``spill`` (float
 layer outputs on disk), ``adaquant`` (per-layer reconstruction), ``profile`` (the ΔL table),
-``allocate`` (the integer program), ``batchnorm``, ``bias``, ``size``, ``pipeline`` (light and
-advanced), ``resume`` (a run's calibrated layers on disk, to go on after a stop), ``files``
-(integer weights in safetensors, and the dequantising loader) and ``qbase`` (a quantized
-frozen base under adapters, QLoRA-style).
+``allocate`` (the integer program), ``batchnorm``, ``bias``, ``size``, ``config`` (what a run
+is asked and reports), ``pipeline`` (light and advanced), ``resume`` (a run's calibrated
+layers on disk, to go on after a stop), ``files`` (integer weights in safetensors, and the
+dequantising loader) and ``qbase`` (a quantized frozen base under adapters, QLoRA-style).
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ from .allocate import allocate, bops_cost, size_cost
 from .batchnorm import reestimate_bn
 from .bias import bias_problem, kl_to_target, mean_shift
 from .capture import capture, execution_order
-from .pipeline import QuantizeConfig, QuantizeReport, quantize, quantize_sizes
+from .config import QuantizeConfig, QuantizeReport
+from .pipeline import quantize, quantize_sizes
 from .profile import sensitivity
 from .qbase import quantize_base
 from .qlayer import QuantLayer, quant_layers, quantizable, wrap
