@@ -62,29 +62,35 @@ def shapes(site: Site, cfg: LoKrConfig) -> tuple[tuple[int, int], tuple[int, int
 
 
 class _KronApply(torch.autograd.Function):
-    """H = W1·X·W2ᵀ for X (N, c, d), W1 (a, c), W2 (b, d); saves X, W1, W2 only and
-    recomputes P = W1·X in the backward (one extra (a, c)·(c, d) product per example)."""
+    """y + s·W1·X·W2ᵀ for y (N, a, b), X (N, c, d), W1 (a, c), W2 (b, d), the last product
+    one GEMM that accumulates onto y (``addmm``, beta 1: no (N, a, b) temporary). Saves X and
+    the factors only and recomputes P = W1·X in the backward (one extra (a, c)·(c, d) product
+    per example); ∂W1 sums per-example (a, c) products instead of contracting over (N, d),
+    which would copy X and ∂P into permuted layouts."""
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, w1: Tensor, w2: Tensor) -> Tensor:
+    def forward(ctx: Any, y: Tensor, x: Tensor, w1: Tensor, w2: Tensor, scale: float) -> Tensor:
         ctx.save_for_backward(x, w1, w2)
-        return torch.matmul(torch.matmul(w1, x), w2.t())
+        ctx.scale = scale
+        p = torch.matmul(w1, x).reshape(-1, w2.shape[1])
+        return torch.addmm(y.reshape(-1, w2.shape[0]), p, w2.t(), alpha=scale).view(y.shape)
 
     @staticmethod
     def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:
         x, w1, w2 = ctx.saved_tensors
-        need_x, need_w1, need_w2 = ctx.needs_input_grad
+        _, need_x, need_w1, need_w2, _ = ctx.needs_input_grad
         gx = gw1 = gw2 = None
+        flat = g.reshape(-1, w2.shape[0])  # (N·a, b)
         if need_w2:  # first: P is freed before ∂L/∂P and x's gradient exist (one fewer live)
-            p = torch.matmul(w1, x)
-            gw2 = g.reshape(-1, g.shape[-1]).t() @ p.reshape(-1, p.shape[-1])
+            p = torch.matmul(w1, x).reshape(-1, w2.shape[1])
+            gw2 = (flat.t() @ p).mul_(ctx.scale)
             del p
-        dp = torch.matmul(g, w2)  # ∂L/∂P (N, a, d)
+        dp = torch.matmul(flat, w2 * ctx.scale).view(x.shape[0], w1.shape[0], -1)  # ∂L/∂P
         if need_w1:
-            gw1 = torch.einsum("nad,ncd->ac", dp, x)
+            gw1 = torch.matmul(dp, x.transpose(1, 2)).sum(0)
         if need_x:
             gx = torch.matmul(w1.t(), dp)
-        return gx, gw1, gw2
+        return g, gx, gw1, gw2, None
 
 
 def _factor(rows: int, cols: int, low: bool, r: int) -> dict[str, nn.Parameter]:
@@ -116,8 +122,8 @@ class LoKrAdapter(Adapter):
         x = self.dropout(x)
         if self.site.kind in ("linear", "conv1d_gpt2"):
             _, (c, d), _ = self.dims
-            h = _KronApply.apply(x.reshape(-1, c, d), w1.to(x.dtype), w2.to(x.dtype))
-            return y.add(h.reshape(y.shape), alpha=self.scale)
+            w1, w2 = w1.to(x.dtype), w2.to(x.dtype)
+            return _KronApply.apply(y, x.reshape(-1, c, d), w1, w2, self.scale)
         return y.add(self.site.down(x, torch.kron(w1, w2)), alpha=self.scale)
 
     def delta(self) -> Dense:

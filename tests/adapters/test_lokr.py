@@ -46,19 +46,20 @@ def test_backward_matches_the_dense_kronecker_form_and_keeps_no_product():
     from splice.adapters.lokr import _KronApply
 
     g = torch.Generator().manual_seed(0)
+    y = torch.randn(5, 2, 6, dtype=torch.float64, generator=g, requires_grad=True)
     x = torch.randn(5, 3, 4, dtype=torch.float64, generator=g, requires_grad=True)
     w1 = torch.randn(2, 3, dtype=torch.float64, generator=g, requires_grad=True)
     w2 = torch.randn(6, 4, dtype=torch.float64, generator=g, requires_grad=True)
-    assert torch.autograd.gradcheck(_KronApply.apply, (x, w1, w2))
-    # against (W1 ⊗ W2)·vec(X) with autograd's own backward
+    assert torch.autograd.gradcheck(lambda *t: _KronApply.apply(*t, 0.7), (y, x, w1, w2))
+    # against y + s·(W1 ⊗ W2)·vec(X) with autograd's own backward
     up = torch.randn(5, 2 * 6, dtype=torch.float64, generator=g)
-    dense = (x.reshape(5, 12) @ torch.kron(w1, w2).t() * up).sum()
-    want = torch.autograd.grad(dense, (x, w1, w2))
-    out = (_KronApply.apply(x, w1, w2).reshape(5, 12) * up).sum()
-    for a, b in zip(torch.autograd.grad(out, (x, w1, w2)), want, strict=True):
+    dense = ((y.reshape(5, 12) + 0.7 * x.reshape(5, 12) @ torch.kron(w1, w2).t()) * up).sum()
+    want = torch.autograd.grad(dense, (y, x, w1, w2))
+    out = (_KronApply.apply(y, x, w1, w2, 0.7).reshape(5, 12) * up).sum()
+    for a, b in zip(torch.autograd.grad(out, (y, x, w1, w2)), want, strict=True):
         torch.testing.assert_close(a, b)
     # what the forward keeps for the backward: X and the factors, not W1·X
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        _KronApply.apply(x, w1, w2)
+        _KronApply.apply(y, x, w1, w2, 0.7)
     assert sorted(t.numel() for t in saved) == sorted([x.numel(), w1.numel(), w2.numel()])
