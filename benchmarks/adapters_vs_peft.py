@@ -272,8 +272,10 @@ def main() -> None:
                "--warmup", str(args.warmup), "--device", args.device]  # fmt: skip
         cmd += ["--model", args.model] if args.model else []
         cmd += ["--random-init"] if args.random_init else []
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
-        return json.loads(out.strip().splitlines()[-1])
+        done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        if done.returncode:  # the child's own error, not only its exit status
+            sys.exit(f"--child {sides} failed (exit {done.returncode}):\n{done.stderr[-2000:]}")
+        return json.loads(done.stdout.strip().splitlines()[-1])
 
     runs: dict[str, list[dict]] = {}
     for _ in range(args.repeats):  # interleaved, so drifting machine load hits every side alike
