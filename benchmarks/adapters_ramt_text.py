@@ -5,13 +5,13 @@
 
 The rows ``probe`` and ``ramt`` of ``splice bench --track peft --suite text --methods ramt``
 (:func:`splice.bench.peft.run_peft`: the same protocol, the same cache entries; the lr and
-R-AMT's (init, τ) picked on validation at the first seed, the test split scored once per
-seed) without its full fine-tuning rows, which this comparison does not need and which cost
-as much as the rest. Prints per task and seed the probe's and R-AMT's test accuracy, the lr
-and (init, τ) picked and R-AMT's validation at each point of its grid, then the mean
-difference per task. ``--set`` gives R-AMT options (as ``--set ramt.KEY=VALUE`` of ``splice
-bench``). The text-suite table of docs/adapters.md ("R-AMT on the text suite") comes from
-this script.
+R-AMT's (init, τ) picked on validation averaged over the first two seeds, the test split
+scored once per seed) without its full fine-tuning rows, which this comparison does not need
+and which cost as much as the rest. Prints per task and seed the probe's and R-AMT's test
+accuracy, the lr and (init, τ) picked and R-AMT's validation at each point of its grid (and
+per seed), then the mean difference per task. ``--set`` gives R-AMT options (as ``--set
+ramt.KEY=VALUE`` of ``splice bench``). The text-suite tables of docs/adapters.md ("R-AMT on
+the text suite" and below) come from this script.
 """
 
 from __future__ import annotations
@@ -50,7 +50,12 @@ def main() -> None:
         if ramt["status"] != "ok":
             print(f"{task:<20} {ramt['status']}: {ramt.get('error') or ramt.get('reason')}")
             continue
-        val = " / ".join(f"{lr}: {v:.1%}" for lr, v in ramt["val"].items())
+        each = ramt.get("val_seeds") or {}  # validation per seed where the pick averages two
+        val = " / ".join(
+            f"{lr}: {v:.1%}"
+            + (f" ({', '.join(f'{a:.1%}' for a in each[lr])})" if lr in each else "")
+            for lr, v in ramt["val"].items()
+        )
         picked = "".join(f" {k}={v:g}" for k, v in ramt.get("picked", {}).items())
         for seed, p, r in zip(cfg.seeds, probe["acc"], ramt["acc"], strict=True):
             print(f"{task:<20} {seed:4d} {p:6.1%} {r:6.1%} {100 * (r - p):+6.1f}  "

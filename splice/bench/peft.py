@@ -1,9 +1,9 @@
 """The PEFT track of ``splice bench``: every registered adapter method, one protocol, one table.
 
 Rows, per backbone (text tasks on MiniLM-L6, image tasks on EfficientNet-Lite0): the *linear
-probe* (backbone frozen, only the head trains), every method of
-:data:`splice.adapters.METHODS` (a method registered later gets its row with no edit here) at
-its registered defaults (or ``options``, or sized to ``budget``), and *full fine-tuning*.
+probe* (backbone frozen, only the head trains), every method of :data:`splice.adapters.METHODS`
+(one registered later gets its row with no edit here) at its registered defaults (or
+``options``, or sized to ``budget``), and *full fine-tuning*.
 A method whose layer kinds the backbone's targets lack (EPT: linear layers only, on the conv
 net) gets a "not applicable" row with the reason; one that raises gets an error row.
 
@@ -15,14 +15,13 @@ The protocol (:data:`PROTOCOL`, printed with every report), per task:
    (full fine-tuning: ``full_lr_grid``); ties go to the smaller lr; a pick on an edge of
    the grid grows it by one 1-2-5 step past that edge, at most ``grow`` times; a method's
    ``search`` options (R-AMT's (init, τ), at lrs where its ``pace`` stays within its own
-   values') are picked with the lr, ties to the row's own;
+   values') are picked with the lr on validation averaged over two seeds, ties to its own;
 3. the picked run is scored once on test and re-trained at the other seeds; test picks nothing.
 
-Training is :func:`splice.bench.finetune.train` (the one loop); each row's outcome is cached
-by (model, splits, row, options, protocol), so a re-run repeats the numbers at no cost. The
-probes run first, in this process; the other rows in ``workers`` forked processes
-(:mod:`splice.bench.peft_pool`), every process on one torch thread, so the numbers do not
-depend on ``workers``.
+Training is :func:`splice.bench.finetune.train` (the one loop); each row's outcome is cached by
+(model, splits, row, options, protocol), so a re-run repeats the numbers at no cost. The probes
+run first, in this process; the other rows in ``workers`` forked processes
+(:mod:`splice.bench.peft_pool`), each on one torch thread: the numbers do not depend on it.
 """
 
 from __future__ import annotations
@@ -40,7 +39,7 @@ from pydantic import Field
 from splice._schema import Strict
 from splice.bench.peft_budget import fit_budget
 from splice.bench.peft_pool import Job, PoolProgress, makespan, run_job, run_jobs, workers_for
-from splice.bench.peft_rows import Task, full_grid, search_key, search_values, start_row
+from splice.bench.peft_rows import Task, search_key, search_values, start_row
 from splice.bench.peft_select import SELECTOR_ROWS, selector_plans
 from splice.bench.plan import FACTORS, calibrate
 from splice.bench.progress import Phase, clock
@@ -57,8 +56,9 @@ PROTOCOL = (
     "go to the smaller lr; a pick on a grid edge grows the grid one 1-2-5 step past it, at "
     "most `grow` times. A method that declares options to search (R-AMT: (init, τ) and both "
     "halved, at the lrs where K stays within its own values' Ks) has them picked with the lr "
-    "the same way, ties to its own values. The picked run is scored once on the test split "
-    "and re-trained at the other seeds; the test split plays no part in any choice."
+    "on validation averaged over the first two seeds, ties to its own values. The picked run "
+    "is scored once on the test split (at each seed it was trained at) and re-trained at the "
+    "other seeds; the test split plays no part in any choice."
 )
 REFERENCES = ("probe", "full")
 # a full fine-tuning step against an adapter's (quick profile on the dev box: 2.7x LoRA's on
@@ -318,7 +318,7 @@ def _row_path(cfg: PeftConfig, group: Any, task: str, plan: dict) -> Path:
             "options": plan.get("options"),
             **({"select": plan["select"]} if plan.get("select") else {}),
             **({"targets": plan["targets"]} if plan.get("targets") else {}),
-            **({"search": search_key(plan, cfg.lr_grid)} if plan.get("search") else {}),
+            **({"search": search_key(plan, cfg)} if plan.get("search") else {}),
             "cfg": {f: getattr(cfg, f) for f in fields},
         }
     )
@@ -346,9 +346,9 @@ def _estimate(cfg: PeftConfig, group: Any, plans: list[dict], rate: float) -> li
                 seen = min(n_train, cfg.steps * cfg.batch_size * len(cfg.seeds))
                 est = (seen + n_val + n_test) * evaluate * rate
             else:
-                lrs = cfg.full_lr_grid if full_grid(plan) else cfg.lr_grid
-                grid = sum(map(len, search_key(plan, lrs)["lrs"]))  # each searched option's lrs
-                runs = grid + len(cfg.seeds) - 1  # the grid at the first seed, then the others
+                k = search_key(plan, cfg)
+                grid = sum(map(len, k["lrs"])) * k["seeds"]  # at the seeds the pick is made on
+                runs = grid + len(cfg.seeds) - k["seeds"]  # then the other seeds
                 cost = step * (_FULL_COST if plan["key"] == "full" else 1.0)
                 evals = grid * n_val + len(cfg.seeds) * n_test
                 est = (runs * cost + evals * evaluate * rate) * _SLACK

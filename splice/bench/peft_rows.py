@@ -28,6 +28,7 @@ from splice.bench.suite import _features
 from splice.train.loop import TrainStep, fit
 
 __all__ = [
+    "SEARCH_SEEDS",
     "cached",
     "full_grid",
     "run_cached",
@@ -245,53 +246,68 @@ def search_grids(plan: dict, grid: Sequence[float]) -> list[list[float]]:
     return [list(grid), *inside]
 
 
-def search_key(plan: dict, grid: Sequence[float]) -> dict:
-    """What a row's selection runs beyond its options: the searched variants (one, the row's
-    own, if none) and the lrs each runs at (part of a searched row's cache key)."""
-    return {"variants": plan.get("search") or [{}], "lrs": search_grids(plan, grid)}
+SEARCH_SEEDS = 2  # a searched row's pick: validation averaged over the first two seeds
 
 
-def run_row(task: Task, plan: dict, head_lr: float, say: Callable[[str], None]) -> dict:
-    """The row's lr grid at the first seed (at each of its searched option values, if any),
-    the pick on test, then the other seeds."""
-    cfg, key = task.cfg, plan["key"]
+def search_key(plan: dict, cfg: Any) -> dict:
+    """What a row's selection runs: the searched variants (one, the row's own, if none), the
+    lrs each runs at and how many of the first seeds the pick averages (a searched row's
+    cache key holds it)."""
+    key = plan["key"]
     grid = (
         cfg.full_lr_grid if full_grid(plan) else {"probe": cfg.head_lr_grid}.get(key, cfg.lr_grid)
     )
-    seed0, best = cfg.seeds[0], {}
-    variants, grids = plan.get("search") or [{}], search_grids(plan, grid)
+    n = min(len(cfg.seeds), SEARCH_SEEDS if plan.get("search") else 1)
+    return {"variants": plan.get("search") or [{}], "lrs": search_grids(plan, grid), "seeds": n}
+
+
+def run_row(task: Task, plan: dict, head_lr: float, say: Callable[[str], None]) -> dict:
+    """The row's lr grid at the first seed (a searched row: at each of its option values, at
+    the first two seeds, validation averaged), the pick on test, then the other seeds."""
+    cfg, key, best = task.cfg, plan["key"], {}
+    sel = search_key(plan, cfg)
+    variants, grids, seeds = sel["variants"], sel["lrs"], cfg.seeds[: sel["seeds"]]
     tags = ["".join(f" {k}={x:g}" for k, x in variant.items()) for variant in variants]
+    by_seed: dict[str, list[float]] = {}
 
     def pick(v: int) -> tuple[float, dict[float, float]]:
         run_plan = plan | {"options": {**plan.get("options", {}), **variants[v]}}
 
         def score(lr: float) -> float:
             start = time.perf_counter()
-            out = task.run(key, lr, lr if key == "probe" else head_lr, seed0, run_plan)
-            acc = task.score(out, "val")
+            outs = [
+                task.run(key, lr, lr if key == "probe" else head_lr, s, run_plan) for s in seeds
+            ]
+            accs = [task.score(out, "val") for out in outs]
+            acc = accs[0] if len(accs) == 1 else round(float(np.mean(accs)), 9)  # ties stay
             if not best or (acc, -v, -lr) > (best["val"], -best["v"], -best["lr"]):
-                best.clear()
-                best.update(out, val=acc, lr=lr, v=v, plan=run_plan)
-            say(f"{key} lr {lr:g}{tags[v]}: val {acc:.1%} ({time.perf_counter() - start:.1f} s)")
+                best.update(outs=outs, val=acc, lr=lr, v=v, plan=run_plan)
+            by_seed[f"{lr:g}{tags[v] if v else ''}"] = accs
+            each = f" (seeds: {' / '.join(f'{a:.1%}' for a in accs)})" if len(accs) > 1 else ""
+            say(f"{key} lr {lr:g}{tags[v]}: val {acc:.1%}{each} "
+                f"({time.perf_counter() - start:.1f} s)")  # fmt: skip
             return acc
 
         return _pick(grids[v], cfg.grow, score)
 
     # every variant's grid; the best (val, earlier variant, smaller lr) over all of them
     picks = {v: pick(v) for v in range(len(variants)) if grids[v]}
-    v, run_plan = best["v"], best["plan"]
+    v, run_plan, outs = best["v"], best["plan"], best["outs"]
     lr, val = picks[v][0], {}
     for i, (_, vals) in picks.items():  # the row's own values keep the bare lr as key
         val |= {f"{k:g}{tags[i] if i else ''}": x for k, x in vals.items()}
-    measured = {k: best[k] for k in ("s_per_step", "peak_rss_mb", "adapter_params", "head_params")}
-    if best.get("selection") is not None:  # a selector row's choice (layers, entries)
-        measured["selection"] = best["selection"]
+    first = outs[0]
+    measured = {k: first[k] for k in ("s_per_step", "peak_rss_mb", "adapter_params", "head_params")}
+    if first.get("selection") is not None:  # a selector row's choice (layers, entries)
+        measured["selection"] = first["selection"]
     if plan.get("search"):
         measured["picked"] = variants[v]
-    measured["saved_bytes"] = _saved_bytes(key, best["model"], best["head"])
-    acc = [task.score(best, "test")]
+    if len(seeds) > 1:
+        measured["val_seeds"] = by_seed
+    measured["saved_bytes"] = _saved_bytes(key, first["model"], first["head"])
+    acc = [task.score(out, "test") for out in outs]
     best.clear()
-    for seed in cfg.seeds[1:]:
+    for seed in cfg.seeds[len(seeds) :]:
         start = time.perf_counter()
         out = task.run(key, lr, lr if key == "probe" else head_lr, seed, run_plan)
         acc.append(task.score(out, "test"))

@@ -319,40 +319,45 @@ def test_ramt_picks_init_and_threshold_with_the_lr_on_validation(tiny, monkeypat
     assert search_grids(ramt, (1e-3, 5e-3)) == [[1e-3, 5e-3], [1e-3]]
     assert search_grids(ramt, (1e-3, 2e-3, 4e-3)) == [[1e-3, 2e-3, 4e-3], [1e-3, 2e-3]]
     assert search_grids({"key": "lora"}, (1e-3, 5e-3)) == [[1e-3, 5e-3]]
-    # validation scores set per (init, lr); every run is recorded, the test split is real
+    # validation scores set per (init, lr, seed); every run is recorded, the test split is real
     runs, table = [], {}
     run, score = Task.run, Task.score
 
     def spy_run(self, key, lr, head_lr, seed, plan):
         out = run(self, key, lr, head_lr, seed, plan)
         runs.append((seed, lr, plan.get("options", {}).get("init")))
-        return out | {"at": (plan.get("options", {}).get("init"), lr)}
+        return out | {"at": (plan.get("options", {}).get("init"), lr), "seed": seed}
 
     def fake_val(self, out, split):
-        return (
-            table[out["at"]] if split == "val" and out["at"] in table else score(self, out, split)
-        )
+        if split == "val" and out["at"] in table:
+            return table[out["at"]][out["seed"]]
+        return score(self, out, split)
 
     monkeypatch.setattr(Task, "run", spy_run)
     monkeypatch.setattr(Task, "score", fake_val)
+    # validation at seeds 0 and 1 averaged: seed 0 alone would pick the own values at 1e-2
+    o, h = own["init"], half["init"]
     for steps, val, pick in [
-        (4, {(0.0625, 1e-3): 0.5, (0.0625, 1e-2): 0.6, (0.03125, 1e-3): 0.7}, (1e-3, half)),
-        (5, {(0.0625, 1e-3): 0.5, (0.0625, 1e-2): 0.7, (0.03125, 1e-3): 0.7},
+        (4, {(o, 1e-3): [0.5, 0.5], (o, 1e-2): [1.0, 0.25], (h, 1e-3): [0.75, 0.75]}, (1e-3, half)),
+        (5, {(o, 1e-3): [0.5, 0.5], (o, 1e-2): [0.75, 0.75], (h, 1e-3): [1.0, 0.5]},
          (1e-2, own)),  # a tie goes to the row's own values
     ]:  # fmt: skip
         runs.clear()
         table.clear()
         table.update(val)
-        cfg = _config(tiny, methods=("ramt",), tasks=tiny[1][:1], seeds=(0, 1), steps=steps,
+        cfg = _config(tiny, methods=("ramt",), tasks=tiny[1][:1], seeds=(0, 1, 2), steps=steps,
                       workers=1)  # fmt: skip
         results = run_peft(cfg)
         row = _rows(results, "ramt")[0]
-        assert (row["lr"], row["picked"]) == pick
+        assert (row["lr"], row["picked"]) == pick and len(row["acc"]) == 3
         tag = " init=0.03125 threshold=0.015625"
-        assert row["val"] == {f"{lr:g}{tag if i < 0.06 else ''}": v for (i, lr), v in val.items()}
+        names = {f"{lr:g}{tag if i < 0.06 else ''}": v for (i, lr), v in val.items()}
+        assert row["val"] == {k: sum(v) / 2 for k, v in names.items()}
+        assert row["val_seeds"] == names
         ramt = [r for r in runs if r[2] is not None]  # the probe's runs have no options
-        assert sorted(ramt[:3]) == sorted((0, lr, i) for i, lr in val)  # the grid at seed 0
-        assert ramt[3:] == [(1, pick[0], pick[1]["init"])]  # seed 1 at the pick
+        grid = sorted((s, lr, i) for i, lr in val for s in (0, 1))
+        assert sorted(ramt[:6]) == grid  # the grid at seeds 0 and 1, their runs scored on test
+        assert ramt[6:] == [(2, pick[0], pick[1]["init"])]  # seed 2 at the pick
         assert (
             f"{pick[0]:g} init {pick[1]['init']:g} threshold" in _table(results, "text")[1][1][-1]
         )
