@@ -15,7 +15,7 @@ The protocol (:data:`PROTOCOL`, printed with every report), per task:
    (full fine-tuning: ``full_lr_grid``); ties go to the smaller lr; a pick on an edge of
    the grid grows it by one 1-2-5 step past that edge, at most ``grow`` times; a method's
    ``search`` options (R-AMT's (init, τ), at lrs where its ``pace`` stays within its own
-   values') are picked with the lr on validation averaged over two seeds, ties to its own;
+   values') are picked with the lr on validation averaged over two seeds (ties: lower loss);
 3. the picked run is scored once on test and re-trained at the other seeds; test picks nothing.
 
 Training is :func:`splice.bench.finetune.train` (the one loop); each row's outcome is cached by
@@ -56,9 +56,9 @@ PROTOCOL = (
     "go to the smaller lr; a pick on a grid edge grows the grid one 1-2-5 step past it, at "
     "most `grow` times. A method that declares options to search (R-AMT: (init, τ) and both "
     "halved, at the lrs where K stays within its own values' Ks) has them picked with the lr "
-    "on validation averaged over the first two seeds, ties to its own values. The picked run "
-    "is scored once on the test split (at each seed it was trained at) and re-trained at the "
-    "other seeds; the test split plays no part in any choice."
+    "on validation averaged over the first two seeds, ties to the lower validation loss, then "
+    "its own values. The picked run is scored once on the test split (at each seed it was "
+    "trained at) and re-trained at the other seeds; the test split plays no part in any choice."
 )
 REFERENCES = ("probe", "full")
 # a full fine-tuning step against an adapter's (quick profile on the dev box: 2.7x LoRA's on

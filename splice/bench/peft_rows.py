@@ -102,11 +102,10 @@ def _saved_bytes(key: str, model: nn.Module, head: nn.Module) -> int:
         return sum(f.stat().st_size for f in Path(tmp).rglob("*") if f.is_file())
 
 
-def _accuracy(encoder: Any, prepared: Any, labels: np.ndarray, module: Any, head: Any, bs: int):
+def _logits(encoder: Any, prepared: Any, module: Any, head: Any, bs: int) -> Tensor:
     with torch.no_grad():  # no graph (and no saved activations) through the trained parameters
         feats = _features(encoder, prepared, None, bs, module)
-        pred = head(feats.to(next(head.parameters()).device)).argmax(-1).cpu().numpy()
-    return float((pred == labels).mean())
+        return head(feats.to(next(head.parameters()).device)).float().cpu()
 
 
 class _Rows:
@@ -204,16 +203,19 @@ class Task:
         state = fit(TrainStep(micro_loss, opt), self.cfg.steps)
         return Trained(None, head, state, [])  # type: ignore[arg-type]
 
-    def score(self, out: dict, split: str) -> float:
-        if out["model"] is None:  # the probe: frozen features
-            feats = self.feats(split)
-            with torch.inference_mode():
-                pred = out["head"](feats).argmax(-1).numpy()
-            return float((pred == getattr(self.data, split).y).mean())
-        prepared = self.val if split == "val" else self.test
+    def score(self, out: dict, split: str, loss: bool = False) -> Any:
+        """Accuracy on ``split``; with ``loss``, (accuracy, mean cross-entropy)."""
         labels = getattr(self.data, split).y
-        bs = self.cfg.eval_batch_size
-        return _accuracy(self.encoder, prepared, labels, out["model"], out["head"], bs)
+        if out["model"] is None:  # the probe: frozen features
+            with torch.inference_mode():
+                logits = out["head"](self.feats(split)).float()
+        else:
+            prepared, bs = self.val if split == "val" else self.test, self.cfg.eval_batch_size
+            logits = _logits(self.encoder, prepared, out["model"], out["head"], bs)
+        acc = float((logits.argmax(-1).numpy() == labels).mean())
+        if not loss:
+            return acc
+        return acc, float(nn.functional.cross_entropy(logits, torch.as_tensor(labels)))
 
 
 def full_grid(plan: dict) -> bool:
@@ -258,7 +260,8 @@ def search_key(plan: dict, cfg: Any) -> dict:
         cfg.full_lr_grid if full_grid(plan) else {"probe": cfg.head_lr_grid}.get(key, cfg.lr_grid)
     )
     n = min(len(cfg.seeds), SEARCH_SEEDS if plan.get("search") else 1)
-    return {"variants": plan.get("search") or [{}], "lrs": search_grids(plan, grid), "seeds": n}
+    lrs = search_grids(plan, grid)
+    return {"variants": plan.get("search") or [{}], "lrs": lrs, "seeds": n, "ties": "val loss"}
 
 
 def run_row(task: Task, plan: dict, head_lr: float, say: Callable[[str], None]) -> dict:
@@ -269,6 +272,7 @@ def run_row(task: Task, plan: dict, head_lr: float, say: Callable[[str], None]) 
     variants, grids, seeds = sel["variants"], sel["lrs"], cfg.seeds[: sel["seeds"]]
     tags = ["".join(f" {k}={x:g}" for k, x in variant.items()) for variant in variants]
     by_seed: dict[str, list[float]] = {}
+    by_loss: dict[str, float] = {}
 
     def pick(v: int) -> tuple[float, dict[float, float]]:
         run_plan = plan | {"options": {**plan.get("options", {}), **variants[v]}}
@@ -278,11 +282,15 @@ def run_row(task: Task, plan: dict, head_lr: float, say: Callable[[str], None]) 
             outs = [
                 task.run(key, lr, lr if key == "probe" else head_lr, s, run_plan) for s in seeds
             ]
-            accs = [task.score(out, "val") for out in outs]
+            accs, losses = zip(*(task.score(out, "val", loss=True) for out in outs), strict=True)
             acc = accs[0] if len(accs) == 1 else round(float(np.mean(accs)), 9)  # ties stay
-            if not best or (acc, -v, -lr) > (best["val"], -best["v"], -best["lr"]):
-                best.update(outs=outs, val=acc, lr=lr, v=v, plan=run_plan)
-            by_seed[f"{lr:g}{tags[v] if v else ''}"] = accs
+            # a searched row's ties (accuracy moves in steps of 1/n) go to the lower loss
+            tie = -float(np.mean(losses)) if len(variants) > 1 else 0.0
+            rank = (acc, tie, -v, -lr)
+            if not best or rank > best["rank"]:
+                best.update(outs=outs, rank=rank, lr=lr, v=v, plan=run_plan)
+            name = f"{lr:g}{tags[v] if v else ''}"
+            by_seed[name], by_loss[name] = list(accs), round(-tie, 6)
             each = f" (seeds: {' / '.join(f'{a:.1%}' for a in accs)})" if len(accs) > 1 else ""
             say(f"{key} lr {lr:g}{tags[v]}: val {acc:.1%}{each} "
                 f"({time.perf_counter() - start:.1f} s)")  # fmt: skip
@@ -292,18 +300,15 @@ def run_row(task: Task, plan: dict, head_lr: float, say: Callable[[str], None]) 
 
     # every variant's grid; the best (val, earlier variant, smaller lr) over all of them
     picks = {v: pick(v) for v in range(len(variants)) if grids[v]}
-    v, run_plan, outs = best["v"], best["plan"], best["outs"]
-    lr, val = picks[v][0], {}
+    v, lr, run_plan, outs, val = best["v"], best["lr"], best["plan"], best["outs"], {}
     for i, (_, vals) in picks.items():  # the row's own values keep the bare lr as key
         val |= {f"{k:g}{tags[i] if i else ''}": x for k, x in vals.items()}
     first = outs[0]
     measured = {k: first[k] for k in ("s_per_step", "peak_rss_mb", "adapter_params", "head_params")}
     if first.get("selection") is not None:  # a selector row's choice (layers, entries)
         measured["selection"] = first["selection"]
-    if plan.get("search"):
-        measured["picked"] = variants[v]
-    if len(seeds) > 1:
-        measured["val_seeds"] = by_seed
+    if plan.get("search"):  # validation per seed and its mean loss (ties go to the lower)
+        measured |= {"picked": variants[v], "val_seeds": by_seed, "val_loss": by_loss}
     measured["saved_bytes"] = _saved_bytes(key, first["model"], first["head"])
     acc = [task.score(out, "test") for out in outs]
     best.clear()

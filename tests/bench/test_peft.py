@@ -319,8 +319,9 @@ def test_ramt_picks_init_and_threshold_with_the_lr_on_validation(tiny, monkeypat
     assert search_grids(ramt, (1e-3, 5e-3)) == [[1e-3, 5e-3], [1e-3]]
     assert search_grids(ramt, (1e-3, 2e-3, 4e-3)) == [[1e-3, 2e-3, 4e-3], [1e-3, 2e-3]]
     assert search_grids({"key": "lora"}, (1e-3, 5e-3)) == [[1e-3, 5e-3]]
-    # validation scores set per (init, lr, seed); every run is recorded, the test split is real
-    runs, table = [], {}
+    # validation scores set per (init, lr, seed), losses per (init, lr); every run is
+    # recorded, the test split is real
+    runs, table, losses = [], {}, {}
     run, score = Task.run, Task.score
 
     def spy_run(self, key, lr, head_lr, seed, plan):
@@ -328,23 +329,28 @@ def test_ramt_picks_init_and_threshold_with_the_lr_on_validation(tiny, monkeypat
         runs.append((seed, lr, plan.get("options", {}).get("init")))
         return out | {"at": (plan.get("options", {}).get("init"), lr), "seed": seed}
 
-    def fake_val(self, out, split):
+    def fake_val(self, out, split, loss=False):
         if split == "val" and out["at"] in table:
-            return table[out["at"]][out["seed"]]
-        return score(self, out, split)
+            acc = table[out["at"]][out["seed"]]
+            return (acc, losses.get(out["at"], 1.0)) if loss else acc
+        return score(self, out, split, loss)
 
     monkeypatch.setattr(Task, "run", spy_run)
     monkeypatch.setattr(Task, "score", fake_val)
     # validation at seeds 0 and 1 averaged: seed 0 alone would pick the own values at 1e-2
     o, h = own["init"], half["init"]
-    for steps, val, pick in [
-        (4, {(o, 1e-3): [0.5, 0.5], (o, 1e-2): [1.0, 0.25], (h, 1e-3): [0.75, 0.75]}, (1e-3, half)),
-        (5, {(o, 1e-3): [0.5, 0.5], (o, 1e-2): [0.75, 0.75], (h, 1e-3): [1.0, 0.5]},
-         (1e-2, own)),  # a tie goes to the row's own values
+    tied = {(o, 1e-3): [0.5, 0.5], (o, 1e-2): [0.75, 0.75], (h, 1e-3): [1.0, 0.5]}
+    for steps, val, loss, pick in [
+        (4, {(o, 1e-3): [0.5, 0.5], (o, 1e-2): [1.0, 0.25], (h, 1e-3): [0.75, 0.75]}, {},
+         (1e-3, half)),
+        (5, tied, {}, (1e-2, own)),  # a tie at equal losses goes to the row's own values
+        (6, tied, {(h, 1e-3): 0.5}, (1e-3, half)),  # else to the lower validation loss
     ]:  # fmt: skip
         runs.clear()
         table.clear()
         table.update(val)
+        losses.clear()
+        losses.update(loss)
         cfg = _config(tiny, methods=("ramt",), tasks=tiny[1][:1], seeds=(0, 1, 2), steps=steps,
                       workers=1)  # fmt: skip
         results = run_peft(cfg)
@@ -354,6 +360,8 @@ def test_ramt_picks_init_and_threshold_with_the_lr_on_validation(tiny, monkeypat
         names = {f"{lr:g}{tag if i < 0.06 else ''}": v for (i, lr), v in val.items()}
         assert row["val"] == {k: sum(v) / 2 for k, v in names.items()}
         assert row["val_seeds"] == names
+        assert row["val_loss"] == {f"{lr:g}{tag if i < 0.06 else ''}": loss.get((i, lr), 1.0)
+                                   for i, lr in val}  # fmt: skip
         ramt = [r for r in runs if r[2] is not None]  # the probe's runs have no options
         grid = sorted((s, lr, i) for i, lr in val for s in (0, 1))
         assert sorted(ramt[:6]) == grid  # the grid at seeds 0 and 1, their runs scored on test
