@@ -11,7 +11,10 @@ W4A8 pipeline (AdaQuant per layer in ``--mode``, BN, bias tuning). Peak memory i
 process's own peak RSS (``VmHWM``, ``benchmarks/_rss.py``), so torch, Python and the data
 count in both; the ratio quantize / fp is the number the issue's "≤ 2× the FP model" target
 is read against, and the peak above the FP process is also given in units of the model's
-parameter bytes. Both processes then score their model on the test split (after the peak
+parameter bytes. A quantize child may run in pieces (``--child quantize --checkpoint DIR
+--budget-s S``: it stops after the first layer past S seconds, exit 3, and the same command
+goes on from DIR); its ``seconds`` then count every piece, and each piece reports its own
+peak. Both processes then score their model on the test split (after the peak
 is read), so the row also gives the accuracy at 1,000 samples. Each finished task goes into
 ``--store`` (JSON) and is skipped next time.
 """
@@ -55,14 +58,21 @@ def _child(args: argparse.Namespace) -> None:
         last = [time.perf_counter()]
 
         def say(msg: str) -> None:
-            if time.perf_counter() - last[0] > 30:
-                print(f"  {time.perf_counter() - start:.0f} s: {msg}", file=sys.stderr, flush=True)
-                last[0] = time.perf_counter()
+            now = time.perf_counter()
+            if now - last[0] > 30 or not msg.startswith("["):  # stages always, layers at times
+                print(f"  {now - start:.0f} s: {msg}", file=sys.stderr, flush=True)
+                last[0] = now
+            if args.budget_s and now - start > args.budget_s and msg.startswith("["):
+                print(json.dumps({"stopped_after": msg, "seconds_here": now - start,
+                                  "peak_rss_mib": peak_rss_mib()}))  # fmt: skip
+                sys.exit(3)  # the layers so far are in --checkpoint: run the child again
 
-        model, report = quantize(model, calib, lambda m, b: m(b), minimise, cfg, progress=say)
-        out |= {"fraction": report.fraction, "loss": report.loss,
+        model, report = quantize(model, calib, lambda m, b: m(b), minimise, cfg, progress=say,
+                                 checkpoint=args.checkpoint)  # fmt: skip
+        out |= {"fraction": report.fraction, "loss": report.loss, "seconds": report.seconds,
                 "adaquant_s": sum(r.seconds for r in report.layers)}  # fmt: skip
-    out |= {"seconds": time.perf_counter() - start, "peak_rss_mib": peak_rss_mib()}
+    out |= {"seconds_here": time.perf_counter() - start, "peak_rss_mib": peak_rss_mib()}
+    out.setdefault("seconds", out["seconds_here"])
     test = batches(encoder.prepare(data.test.x), len(data.test.x), 100)
     out["accuracy"] = accuracy(model, test, data.test.y)  # after the peak is read
     print(json.dumps(out))
@@ -77,6 +87,18 @@ def main() -> None:
     p.add_argument("--mode", default="sequential", choices=("sequential", "parallel"))
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--store", type=Path, default=Path("bench-out/quantize_cost.json"))
+    p.add_argument(
+        "--checkpoint",
+        type=Path,
+        default=None,
+        help="quantize child: keep each calibrated layer here, resume from it",
+    )
+    p.add_argument(
+        "--budget-s",
+        type=float,
+        default=0,
+        help="quantize child: stop after a layer past this (exit 3; run it again)",
+    )
     p.add_argument("--child", choices=("fp", "quantize"), help=argparse.SUPPRESS)
     p.add_argument("--task", help=argparse.SUPPRESS)
     args = p.parse_args()
