@@ -145,13 +145,15 @@ class LLMTask:
             "head_params": 0,
         }
 
-    def score(self, out: dict, split: str) -> float:
+    def score(self, out: dict, split: str, loss: bool = False) -> Any:
+        """The headline exact match on ``split``; with ``loss``, (that, the mean answer
+        cross-entropy −loglik) — the PEFT track's tie-break for searched rows."""
         from splice.bench.llm import headline
         from splice.bench.llm_eval import score
 
         cfg = self.cfg
-        enc = self.encoded[split]
-        return headline(score(out["model"], self.tok, enc, cfg.eval_batch_size, cfg.max_new))
+        got = score(out["model"], self.tok, self.encoded[split], cfg.eval_batch_size, cfg.max_new)
+        return (headline(got), -got["loglik"]) if loss else headline(got)
 
 
 def _plans(cfg: LLMPeftConfig, model: Any) -> list[dict[str, Any]]:
