@@ -82,10 +82,10 @@ def main() -> None:
     for layer in layers:
         x = torch.cat([s[m] for s, m in zip(cap_in.calls[layer], masks, strict=True)]).double()
         y = torch.cat([s[m] for s, m in zip(cap_out.calls[layer], masks, strict=True)]).double()
-        u = y - x
         if sizes:
             by_tokens(layer, x, y, sizes)
             continue
+        u = y - x
         for choice, (k, center, loo) in CHOICES.items():
             t = fit_tokenwise(x, y, fit="diag", k=k, center=center, leave_one_out=loo)
             met = layer_metrics(x, y, t)

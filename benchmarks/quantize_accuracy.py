@@ -223,7 +223,7 @@ def main() -> None:
     p.add_argument("--budget-s", type=float, default=0, help="stop starting rows after this")
     p.add_argument("--store", type=Path, default=Path("bench-out/quantize_accuracy.json"))
     p.add_argument("--checkpoints", type=Path, default=Path("bench-out/quantize-checkpoints"),
-                   help="where the ip rows keep each layer's variants (resumable)")  # fmt: skip
+                   help="where quantizing rows keep each calibrated layer (resumable)")  # fmt: skip
     p.add_argument("--llm-store", type=Path, default=Path("bench-out/quantize_smollm2.json"))
     p.add_argument("--report", action="store_true", help="print the tables, run nothing")
     p.add_argument("--plot", type=Path, default=None, help="with --report: draw the figure")
