@@ -77,7 +77,9 @@ class _KronApply(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:
-        x, w1, w2 = ctx.saved_tensors
+        # in the forward's compute dtype (autocast's, which the backward runs without);
+        # autograd casts each gradient back to its input's dtype
+        x, w1, w2 = (t.to(g.dtype) for t in ctx.saved_tensors)
         _, need_x, need_w1, need_w2, _ = ctx.needs_input_grad
         gx = gw1 = gw2 = None
         flat = g.reshape(-1, w2.shape[0])  # (N·a, b)

@@ -63,3 +63,22 @@ def test_backward_matches_the_dense_kronecker_form_and_keeps_no_product():
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         _KronApply.apply(y, x, w1, w2, 0.7)
     assert sorted(t.numel() for t in saved) == sorted([x.numel(), w1.numel(), w2.numel()])
+
+
+def test_trains_under_cpu_autocast_with_the_fp32_gradients():
+    """The fused backward runs without autocast: it recomputes W1·X in the forward's bf16."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(24, 24), torch.nn.ReLU(), torch.nn.Linear(24, 12))
+    inject(model, "lokr", ["0", "2"], r=2, alpha=4)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    for p in trained:
+        torch.nn.init.normal_(p, std=0.1)
+    x = torch.randn(5, 24)
+    want = torch.autograd.grad(model(x).sum(), trained)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x)
+    got = torch.autograd.grad(out.float().sum(), trained)
+    assert out.dtype == torch.bfloat16
+    for a, b in zip(got, want, strict=True):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a, b, rtol=0.05, atol=0.05 * b.abs().max().item())
