@@ -1,7 +1,8 @@
 """SmolLM2-135M held-out perplexity at W8 / W4 / mixed precision (issue #28).
 
     python benchmarks/quantize_smollm2.py [--rows fp32,rtn-w8,rtn-w4,ip] [--sizes 0.16,0.19,0.22]
-        [--calib 16] [--heldout 128] [--max-length 64] [--store bench-out/quantize_smollm2.json]
+        [--calib 16] [--heldout 128] [--max-length 64] [--iters 100] [--budget-s 0]
+        [--store bench-out/quantize_smollm2.json] [--checkpoints bench-out/quantize-checkpoints]
 
 The packaged SmolLM2-135M-Instruct (fp32), quantized whole with ``splice.compress.quantize``,
 weights only (inputs float: an LLM's activation outliers are another study), per output
@@ -14,11 +15,17 @@ calibration reads the first ``--calib`` of the rest. Rows:
 * ``ip``: the integer program over 4/8 bits at each ``--sizes`` target (light pipeline,
   sensitivity = the increase of the last hidden state's MSE to FP32 on one batch of 8
   calibration documents when a layer goes from 8 to 4 bits; one shared profile);
-* ``advanced-w4``: sequential AdaQuant (``--iters`` steps per layer) at 4 bits, 8-bit ends.
+* ``rtn-w4-e8``: ``rtn-w4`` with the first and last layer at 8 bits (the embedding, which is
+  also the head, and the last MLP projection);
+* ``advanced-w4``: sequential AdaQuant (``--iters`` steps per layer) at 4 bits, 8-bit ends
+  (the bits of ``rtn-w4-e8``).
 
 Perplexity = exp(mean next-token loss over the held-out tokens). Each finished row goes into
-``--store`` (JSON) at once and is skipped on the next run. ``benchmarks/quantize_accuracy.py
---report`` prints the table and adds a panel to the figure.
+``--store`` (JSON) at once and is skipped on the next run. The quantizing rows keep each
+calibrated layer (``ip``: its variants and the sensitivity table) in ``--checkpoints``; with
+``--budget-s`` a row stops after the first layer past the budget (exit 3) and the same
+command goes on from there, with the same result (its ``calibration_s`` counts every piece).
+``benchmarks/quantize_accuracy.py --report`` prints the table and adds a panel to the figure.
 """
 
 from __future__ import annotations
@@ -26,11 +33,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 import time
 from pathlib import Path
 
 import torch
-from _quantize import Store
+from _quantize import OutOfBudget, Progress, Store, stop_after_layer
 from recursive_smollm2 import corpus
 from torch import nn
 
@@ -74,11 +82,16 @@ def perplexity(model: nn.Module, test: list[dict]) -> float:
     return math.exp(total / count)
 
 
+LABELS = {"rtn-w8": "RTN W8", "rtn-w4": "RTN W4", "rtn-w4-e8": "RTN W4, 8-bit ends",
+          "advanced-w4": "AdaQuant W4, 8-bit ends"}  # fmt: skip
+
+
 def configs(args) -> dict[str, QuantizeConfig]:
     weights_only = {"a_bits": None, "ends_bits": None, "bn": False, "pipeline": "light"}
     return {
         "rtn-w8": QuantizeConfig(bits=8, **weights_only),
         "rtn-w4": QuantizeConfig(bits=4, **weights_only),
+        "rtn-w4-e8": QuantizeConfig(bits=4, **{**weights_only, "ends_bits": 8}),
         "ip": QuantizeConfig(size=1.0, options=(4, 8), profile_batches=1, **weights_only),
         "advanced-w4": QuantizeConfig(
             bits=4, a_bits=None, bn=False, bias_steps=0, adaquant=AdaQuantConfig(iters=args.iters)
@@ -95,7 +108,10 @@ def main() -> None:
     p.add_argument("--max-length", type=int, default=64)
     p.add_argument("--iters", type=int, default=100)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--budget-s", type=float, default=0, help="stop a row after this (exit 3)")
     p.add_argument("--store", type=Path, default=Path("bench-out/quantize_smollm2.json"))
+    p.add_argument("--checkpoints", type=Path, default=Path("bench-out/quantize-checkpoints"),
+                   help="where quantizing rows keep each calibrated layer (resumable)")  # fmt: skip
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     store = Store(args.store)
@@ -115,13 +131,28 @@ def main() -> None:
         print(f"{label:28s} size {fraction:.4f} ppl {ppl:.3f} ({seconds:.0f} s calibration, "
               f"{time.perf_counter() - start:.0f} s elapsed)", flush=True)  # fmt: skip
 
-    say = lambda msg: print("  " + msg, flush=True)  # noqa: E731
+    budget = Progress(0, args.budget_s)
+
+    def resume(row: str) -> dict:
+        where = args.checkpoints / f"smollm2-{row}{tail}-i{args.iters}".replace("|", "-")
+        return {"checkpoint": where, "progress": stop_after_layer(budget, row, echo=True)}
+
+    try:
+        rows(args, store, tail, cfgs, model, calib, put, resume)
+    except OutOfBudget as e:
+        print(f"{e}; budget of {args.budget_s:.0f} s spent: run the same command to go on")
+        sys.exit(3)
+    print(json.dumps({k: v["perplexity"] for k, v in store.rows.items()}, indent=1))
+
+
+def rows(args, store: Store, tail: str, cfgs: dict, model, calib, put, resume) -> None:
+    """Runs the rows of ``--rows`` that ``store`` lacks."""
     for row in args.rows.split(","):
         if row == "ip":
             sizes = [float(c) for c in args.sizes.split(",") if f"ip-{c}{tail}" not in store]
             if sizes:
                 gen = quantize_sizes(model, calib, hidden, minimise, cfgs["ip"], sizes,
-                                     loss_fn=mse, progress=say)  # fmt: skip
+                                     loss_fn=mse, **resume("ip"))  # fmt: skip
                 for size, q, rep in gen:
                     bits = [layer.bits for layer in rep.layers]
                     put(f"ip-{size}", f"mixed 4/8 at {size} ({bits.count(4)}/{len(bits)} W4)",
@@ -132,11 +163,8 @@ def main() -> None:
         if row == "fp32":
             put(row, "FP32", model, 1.0, 0.0)
             continue
-        t0 = time.perf_counter()
-        q, rep = quantize(model, calib, hidden, minimise, cfgs[row], loss_fn=mse, progress=say)
-        put(row, {"rtn-w8": "RTN W8", "rtn-w4": "RTN W4", "advanced-w4": "AdaQuant W4"}[row],
-            q, rep.fraction, time.perf_counter() - t0)  # fmt: skip
-    print(json.dumps({k: v["perplexity"] for k, v in store.rows.items()}, indent=1))
+        q, rep = quantize(model, calib, hidden, minimise, cfgs[row], loss_fn=mse, **resume(row))
+        put(row, LABELS[row], q, rep.fraction, rep.seconds)
 
 
 if __name__ == "__main__":
