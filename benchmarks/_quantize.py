@@ -8,7 +8,6 @@ import copy
 import json
 import os
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +21,8 @@ from splice.data.encoders import load_encoder
 from splice.data.registry import TASKS, load_task
 
 __all__ = [
-    "Classifier", "OutOfBudget", "Progress", "Store", "accuracy", "batches", "samples_for",
-    "stop_after_layer", "suite_tasks", "task_model",
+    "Classifier", "Progress", "Store", "accuracy", "batches", "samples_for", "suite_tasks",
+    "task_model",
 ]  # fmt: skip
 
 
@@ -126,21 +125,3 @@ class Progress:
             f"[{self.done}/{self.total}] {what} — {self.elapsed:.0f} s elapsed, ETA {eta:.0f} s",
             flush=True,
         )
-
-
-class OutOfBudget(Exception):
-    """Raised between two checkpointed layers once a run's ``--budget-s`` is spent."""
-
-
-def stop_after_layer(progress: Progress, what: str, echo: bool = False) -> Callable[[str], None]:
-    """A ``quantize(progress=…)`` callback that raises :class:`OutOfBudget` after a layer (its
-    ``[i/n]`` line comes once the layer is in the checkpoint) once ``progress`` is over budget;
-    ``echo``: print every line too."""
-
-    def say(msg: str) -> None:
-        if echo:
-            print("  " + msg, flush=True)
-        if msg.startswith("[") and progress.over_budget():
-            raise OutOfBudget(f"{what}: stopped after layer {msg.split(']')[0][1:]}")
-
-    return say

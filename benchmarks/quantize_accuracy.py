@@ -52,7 +52,13 @@ import torch
 from _quantize import Progress, Store, accuracy, batches, samples_for, suite_tasks, task_model
 from torch import nn
 
-from splice.compress import AdaQuantConfig, QuantizeConfig, quantize, quantize_sizes
+from splice.compress import (
+    AdaQuantConfig,
+    QuantizeConfig,
+    QuantizeStopped,
+    quantize,
+    quantize_sizes,
+)
 from splice.errors import SpliceError
 from splice.train.loop import minimise
 
@@ -106,20 +112,11 @@ def _expand(args: argparse.Namespace, row: str) -> list[str]:
     return [f"{prefix}-{c}" for c in args.sizes.split(",")] if prefix else [row]
 
 
-class _OutOfBudget(Exception):
-    """Raised between two checkpointed layers once ``--budget-s`` is spent."""
-
-
 def _resumable(args, task: str, row: str, progress: Progress) -> dict:
-    """``quantize``'s checkpoint directory for the row and a progress callback that stops
-    the run after a layer (kept in the checkpoint) once the budget is spent."""
-
-    def say(msg: str) -> None:
-        if msg.startswith("[") and progress.over_budget():
-            raise _OutOfBudget(f"{task} {row}: stopped after layer {msg.split(']')[0][1:]}")
-
+    """``quantize``'s checkpoint directory for the row, and its stop after a layer (kept in
+    the checkpoint) once the budget is spent."""
     return {"checkpoint": args.checkpoints / _key(args, task, row).replace("|", "-"),
-            "progress": say}  # fmt: skip
+            "should_stop": progress.over_budget}  # fmt: skip
 
 
 def _ip(args, store, task, model, calib, test, labels, row: str, progress: Progress) -> None:
@@ -185,9 +182,9 @@ def run(args: argparse.Namespace) -> None:
             start = time.perf_counter()
             try:
                 _row(args, store, task, row, model, calib, test, data, progress)
-            except _OutOfBudget as e:
-                print(f"{e}; budget of {args.budget_s:.0f} s spent: run the same command "
-                      f"to go on from {args.checkpoints}", flush=True)  # fmt: skip
+            except QuantizeStopped as e:
+                print(f"{task} {row}: {e}; budget of {args.budget_s:.0f} s spent: run the same "
+                      f"command to go on from {args.checkpoints}", flush=True)  # fmt: skip
                 return
             progress.step(f"{task} {row} ({time.perf_counter() - start:.0f} s)")
 

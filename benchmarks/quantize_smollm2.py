@@ -38,11 +38,17 @@ import time
 from pathlib import Path
 
 import torch
-from _quantize import OutOfBudget, Progress, Store, stop_after_layer
+from _quantize import Progress, Store
 from recursive_smollm2 import corpus
 from torch import nn
 
-from splice.compress import AdaQuantConfig, QuantizeConfig, quantize, quantize_sizes
+from splice.compress import (
+    AdaQuantConfig,
+    QuantizeConfig,
+    QuantizeStopped,
+    quantize,
+    quantize_sizes,
+)
 from splice.compress.qlayer import QuantLayer
 from splice.data.causal_lm import load_causal_lm
 from splice.train.loop import minimise
@@ -132,14 +138,15 @@ def main() -> None:
               f"{time.perf_counter() - start:.0f} s elapsed)", flush=True)  # fmt: skip
 
     budget = Progress(0, args.budget_s)
+    say = lambda msg: print("  " + msg, flush=True)  # noqa: E731
 
     def resume(row: str) -> dict:
         where = args.checkpoints / f"smollm2-{row}{tail}-i{args.iters}".replace("|", "-")
-        return {"checkpoint": where, "progress": stop_after_layer(budget, row, echo=True)}
+        return {"checkpoint": where, "progress": say, "should_stop": budget.over_budget}
 
     try:
         rows(args, store, tail, cfgs, model, calib, put, resume)
-    except OutOfBudget as e:
+    except QuantizeStopped as e:
         print(f"{e}; budget of {args.budget_s:.0f} s spent: run the same command to go on")
         sys.exit(3)
     print(json.dumps({k: v["perplexity"] for k, v in store.rows.items()}, indent=1))

@@ -18,7 +18,7 @@ from .batchnorm import reestimate_bn
 from .bias import bias_problem, kl_to_target, mean_shift
 from .capture import capture, execution_order
 from .config import QuantizeConfig, QuantizeReport
-from .pipeline import quantize, quantize_sizes
+from .pipeline import QuantizeStopped, quantize, quantize_sizes
 from .profile import sensitivity
 from .qbase import quantize_base
 from .qlayer import QuantLayer, quant_layers, quantizable, wrap
@@ -31,6 +31,7 @@ __all__ = [
     "QuantLayer",
     "QuantizeConfig",
     "QuantizeReport",
+    "QuantizeStopped",
     "adaquant_problem",
     "allocate",
     "bias_problem",

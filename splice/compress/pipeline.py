@@ -41,11 +41,19 @@ from splice.compress.size import model_bits
 from splice.compress.spill import Spill
 from splice.errors import SpliceError
 
-__all__ = ["LayerReport", "QuantizeConfig", "QuantizeReport", "Steps", "quantize", "quantize_sizes"]
+__all__ = [
+    "LayerReport", "QuantizeConfig", "QuantizeReport", "QuantizeStopped", "Steps", "quantize",
+    "quantize_sizes",
+]  # fmt: skip
 
 Steps = Callable[[Callable[[int], tuple[Tensor, int]], torch.optim.Optimizer, int], Sequence[float]]
 """Runs ``n`` optimizer steps of a problem (``splice.train.minimise``)."""
 OutputLoss = Callable[[Tensor, Tensor], Tensor]
+
+
+class QuantizeStopped(Exception):
+    """Raised by :func:`quantize` / :func:`quantize_sizes` when their ``should_stop`` says so,
+    after a layer (kept in the checkpoint, if one is given) and before the next."""
 
 
 class _Run:
@@ -76,6 +84,13 @@ class _Run:
                 else [forward(self.fp, b).detach() for b in self.batches]
             )
         self.profile_set = list(range(min(cfg.profile_batches, len(self.batches))))
+
+    should_stop: Callable[[], bool] | None = None
+
+    def layer_done(self, i: int, n: int) -> None:
+        """After layer ``i`` of ``n`` (and its checkpoint): stop if ``should_stop`` says so."""
+        if self.should_stop is not None and self.should_stop():
+            raise QuantizeStopped(f"stopped after layer {i + 1}/{n}")
 
     def fixed_bits(self, i: int, bits: int) -> int:
         cfg = self.cfg
@@ -160,15 +175,19 @@ def quantize(
     loss_fn: OutputLoss = kl_to_target,
     progress: Callable[[str], None] | None = None,
     checkpoint: str | Path | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> tuple[nn.Module, QuantizeReport]:
     """A quantized copy of ``model`` (fake-quant :class:`QuantLayer`s; ``model`` is untouched)
     and its report. ``forward(model, batch)`` gives the output ``loss_fn(output, fp_output)``
     compares (KL of logits by default). ``checkpoint``: a directory where each calibrated
     layer (and a size target's sensitivity table) is kept as it is made, and loaded from by
     a later call with the same config and data (:mod:`splice.compress.resume`): a stopped
-    run goes on where it stopped, with the same result; ``seconds`` then counts every call's."""
+    run goes on where it stopped, with the same result; ``seconds`` then counts every call's.
+    ``should_stop``: asked after each layer (after its checkpoint is written, the last layer
+    included); True raises :class:`QuantizeStopped` (to keep to a time budget, then go on)."""
     start = time.perf_counter()
     run = _Run(model, batches, forward, loss_fn, steps, cfg, progress)
+    run.should_stop = should_stop
     report = QuantizeReport()
     ckpt = _checkpoint(run, checkpoint)
     if cfg.bits is not None:
@@ -189,15 +208,18 @@ def quantize_sizes(
     loss_fn: OutputLoss = kl_to_target,
     progress: Callable[[str], None] | None = None,
     checkpoint: str | Path | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> Iterator[tuple[float, nn.Module, QuantizeReport]]:
     """:func:`quantize` at each size target of ``sizes`` (``cfg.size`` is ignored), sharing
     one set of per-layer variants and one sensitivity table: only the integer program, BN
     re-estimation and bias tuning run per size. Yields ``(size, model, report)``; a report's
     ``seconds`` counts the shared part once per size (what a single run would cost).
     ``checkpoint``: as in :func:`quantize` (each layer's variants and the table); the shared
-    part's seconds then count every call's."""
+    part's seconds then count every call's; ``should_stop`` as in :func:`quantize` (asked
+    after each layer's variants)."""
     start = time.perf_counter()
     run = _Run(model, batches, forward, loss_fn, steps, cfg, progress)
+    run.should_stop = should_stop
     shared = QuantizeReport()
     ckpt = _checkpoint(run, checkpoint)
     profile = _profile(run, shared, min(sizes), ckpt)
@@ -271,6 +293,7 @@ def _fixed(run: _Run, report: QuantizeReport, ckpt: Checkpoint | None = None) ->
             mse += "" if rep.mse_after is None else f" → {rep.mse_after:.3g}"
             run.say(f"[{i + 1}/{n}] {name} W{layer.w_bits}:{mse} ({rep.seconds:.1f} s"
                     f"{', saved before' if saved else ''})")  # fmt: skip
+            run.layer_done(i, n)
     finally:
         for closing in (fp_steps, q_steps, run.spill):
             if closing is not None:
@@ -313,6 +336,7 @@ def _profile(
             report.layers.append(rep)
             run.say(f"[{i + 1}/{n}] {name}: variants W{'/W'.join(map(str, choices))} "
                     f"({rep.seconds:.1f} s{', saved before' if saved else ''})")  # fmt: skip
+            run.layer_done(i, n)
     for name, bits in fixed.items():
         run.q.get_submodule(name).load_state(variants[name][bits])
     table = np.zeros((0, len(options)))

@@ -1,36 +1,46 @@
-"""A run stopped part-way and resumed from its checkpoint gives the uninterrupted run's result
-(splice.compress.resume): fixed bits (sequential AdaQuant) and a size sweep."""
+"""A run stopped part-way (``should_stop``) and resumed from its checkpoint gives the
+uninterrupted run's result (splice.compress.resume): fixed bits (sequential AdaQuant) and a
+size sweep."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from splice.compress import AdaQuantConfig, QuantizeConfig, quantize, quantize_sizes
+from splice.compress import (
+    AdaQuantConfig,
+    QuantizeConfig,
+    QuantizeStopped,
+    quantize,
+    quantize_sizes,
+)
 from splice.errors import SpliceError
 
 CFG = QuantizeConfig(size=0.4, options=(2, 8), adaquant=AdaQuantConfig(iters=2, batch=8),
                      bias_steps=2, ends_bits=None)  # fmt: skip
 
 
-class Stop(Exception):
-    pass
-
-
 def run(model, batch):
     return model(batch)
+
+
+def stop_after(layers: int):
+    """A ``should_stop`` that says stop once it has been asked ``layers`` times."""
+    asked = []
+
+    def should_stop() -> bool:
+        asked.append(1)
+        return len(asked) >= layers
+
+    return should_stop
 
 
 def test_a_stopped_sweep_resumes_to_the_uninterrupted_result(tinynet, images, steps, tmp_path):
     whole = list(quantize_sizes(tinynet, images, run, steps, CFG, [0.3]))
 
-    def stop_after_conv2(msg: str) -> None:
-        if "conv2: variants" in msg:
-            raise Stop
-
-    with pytest.raises(Stop):
+    with pytest.raises(QuantizeStopped, match="after layer 2/3"):
         next(quantize_sizes(tinynet, images, run, steps, CFG, [0.3],
-                            progress=stop_after_conv2, checkpoint=tmp_path))  # fmt: skip
+                            should_stop=stop_after(2), checkpoint=tmp_path))  # fmt: skip
     assert sorted(p.name for p in tmp_path.glob("*.pt")) == ["layer-0.pt", "layer-1.pt"]
     said: list[str] = []
     resumed = list(quantize_sizes(tinynet, images, run, steps, CFG, [0.3],
@@ -51,12 +61,9 @@ def test_a_stopped_sequential_run_resumes_to_the_uninterrupted_result(
     cfg = QuantizeConfig(bits=4, adaquant=AdaQuantConfig(iters=3, batch=8), bias_steps=2)
     whole, report = quantize(tinynet, images, run, steps, cfg)
 
-    def stop_after_conv1(msg: str) -> None:
-        if msg.startswith("[1/3]"):
-            raise Stop
-
-    with pytest.raises(Stop):
-        quantize(tinynet, images, run, steps, cfg, progress=stop_after_conv1, checkpoint=tmp_path)
+    with pytest.raises(QuantizeStopped, match="after layer 1/3"):
+        quantize(tinynet, images, run, steps, cfg, should_stop=stop_after(1), checkpoint=tmp_path)
+    assert sorted(p.name for p in tmp_path.glob("*.pt")) == ["layer-0.pt"]
     said: list[str] = []
     q, report2 = quantize(tinynet, images, run, steps, cfg, progress=said.append,
                           checkpoint=tmp_path)  # fmt: skip
