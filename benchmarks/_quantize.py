@@ -5,6 +5,7 @@ calibration and test batches, a resumable JSON store of finished rows, progress 
 from __future__ import annotations
 
 import copy
+import fcntl
 import json
 import os
 import time
@@ -86,7 +87,8 @@ def task_model(task_name: str) -> tuple[Classifier, Any, Any]:
 
 class Store:
     """Finished rows in a JSON file (``key → result``), rewritten atomically after each row, so
-    an interrupted or budget-limited run continues where it stopped."""
+    an interrupted or budget-limited run continues where it stopped; runs of different rows
+    may share the file."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -96,11 +98,17 @@ class Store:
         return key in self.rows
 
     def put(self, key: str, result: dict) -> None:
-        self.rows[key] = result
+        """Adds a row to the file as it is now (under a lock: another process may have added
+        rows of other tasks or rows since this one read it)."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.rows, indent=1, sort_keys=True))
-        os.replace(tmp, self.path)
+        with open(self.path.with_suffix(".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if self.path.is_file():
+                self.rows = {**self.rows, **json.loads(self.path.read_text())}
+            self.rows[key] = result
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(self.rows, indent=1, sort_keys=True))
+            os.replace(tmp, self.path)
 
 
 class Progress:

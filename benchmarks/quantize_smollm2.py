@@ -171,7 +171,8 @@ def rows(args, store: Store, tail: str, cfgs: dict, model, calib, put, resume) -
             put(row, "FP32", model, 1.0, 0.0)
             continue
         q, rep = quantize(model, calib, hidden, minimise, cfgs[row], loss_fn=mse, **resume(row))
-        put(row, LABELS[row], q, rep.fraction, rep.seconds)
+        steps = f" ({args.iters} steps)" if row == "advanced-w4" else ""
+        put(row, LABELS[row] + steps, q, rep.fraction, rep.seconds)
 
 
 if __name__ == "__main__":
