@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # splice's one entry point for humans and CI.
 #   ./run.sh bench [ARGS]   install everything (idempotent), then `splice bench` (quick profile)
-#   ./run.sh test           install everything, then ruff + the default pytest run
+#   ./run.sh test           install everything, then ruff + the default pytest run (one pytest
+#                           worker per core, at most 4; SPLICE_TEST_WORKERS=N to change, 0 = none)
 #   ./run.sh test-slow      install everything, then the slow tests
 #   ./run.sh test-gpu       install everything, then the CUDA tests (on a machine with a GPU)
 #   ./run.sh install        install only
@@ -92,7 +93,7 @@ shift || true
 case "$cmd" in
   install) install ;;
   bench) install; HF_HUB_OFFLINE=1 exec "$VENV/bin/splice" bench "$@" ;;
-  test) install; run_tests "$@" ;;
+  test) install; run_tests -n "${SPLICE_TEST_WORKERS:-auto}" --maxprocesses 4 "$@" ;;
   test-slow) install; run_tests -m slow "$@" ;;
   test-gpu) install; run_tests -m gpu tests/gpu "$@" ;;
   *) echo "usage: ./run.sh {bench|test|test-slow|test-gpu|install} [args]" >&2; exit 2 ;;
