@@ -54,9 +54,16 @@ def _suite(rows: dict, tasks: list[str]) -> list[dict]:
     return out
 
 
+def _label(s: dict, most: int) -> str:
+    """A row's name, with its task count where it ran on fewer tasks than the suite's."""
+    name = LABELS.get(s["row"], s["row"])
+    return name if s["tasks"] >= most else f"{name} ({s['tasks']} tasks)"
+
+
 def _print_suite(name: str, tasks: list[str], summary: list[dict]) -> None:
     if not summary:
         return
+    most = max(s["tasks"] for s in summary)
     tasks = [t for t in tasks if any(t in s.get("per_task", {}) for s in summary)]
     print(f"\n{name} suite ({len(tasks)} tasks)\n")
     print("| row | size (of FP32) | mean acc | mean drop | worst drop | "
@@ -69,7 +76,7 @@ def _print_suite(name: str, tasks: list[str], summary: list[dict]) -> None:
             continue
         per = " | ".join(f"{100 * s['per_task'][t]:.1f}" if t in s["per_task"] else "–"
                          for t in tasks)  # fmt: skip
-        print(f"| {LABELS.get(s['row'], s['row'])} | {s['fraction']:.3f} | "
+        print(f"| {_label(s, most)} | {s['fraction']:.3f} | "
               f"{100 * s['accuracy']:.1f} | {100 * s['drop']:+.1f} | {100 * s['worst_drop']:+.1f}"
               f" | {per} | {s['seconds']:.0f} |")  # fmt: skip
 
@@ -97,20 +104,22 @@ def _plot(path: Path, suites: dict[str, list[dict]], llm: list[dict]) -> None:
 
     panels = [(n, s) for n, s in suites.items() if s] + ([("SmolLM2", llm)] if llm else [])
     fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.2), squeeze=False)
-    markers = dict(zip(LABELS, "*osv^DPXh", strict=False))
+    markers = dict(zip([*LABELS, "rtn-w4-e8", "advanced-w4"], "*osv^DPXh<>", strict=False))
     for ax, (name, rows) in zip(axes[0], panels, strict=True):
         if name == "SmolLM2":
             fp = next(r["perplexity"] for r in rows if r["row"] == "fp32")
             points = [(r["fraction"], r["perplexity"] / fp - 1, r["label"], r["row"])
                       for r in rows]  # fmt: skip
-            ylabel, top, fmt = "held-out perplexity / FP32 − 1", 0.6, "{:+.0%}"
+            ylabel, top, fmt = "held-out perplexity / FP32 − 1", 1.0, "{:+.0%}"
             title = f"SmolLM2-135M (FP32 perplexity {fp:.1f})"
         else:
             scored = [s for s in rows if "accuracy" in s]
-            points = [(s["fraction"], 100 * s["drop"], LABELS.get(s["row"], s["row"]), s["row"])
+            most = max(s["tasks"] for s in scored)
+            points = [(s["fraction"], 100 * s["drop"], _label(s, most), s["row"])
                       for s in scored]  # fmt: skip
-            ylabel, top, fmt = "mean accuracy drop from FP32 (points)", 6.0, "{:+.1f}"
-            title = f"{name} suite ({max(s['tasks'] for s in scored)} tasks)"
+            ylabel, fmt = "mean accuracy drop from FP32 (points)", "{:+.1f}"
+            top = min(6.0, max(2.0, max(p[1] for p in points) + 0.5))
+            title = f"{name} suite ({most} tasks)"
         for x, y, label, row in points:
             if row.startswith(("ip-", "ipa-")):
                 continue
@@ -128,7 +137,7 @@ def _plot(path: Path, suites: dict[str, list[dict]], llm: list[dict]) -> None:
         ax.xaxis.set_major_locator(FixedLocator([0.13, 0.16, 0.19, 0.25, 0.5, 1.0]))
         ax.xaxis.set_minor_locator(NullLocator())
         ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%.2f"))
-        ax.set_ylim(-0.1 * top, 1.08 * top)
+        ax.set_ylim(min(-0.1 * top, min(p[1] for p in points) - 0.05 * top), 1.08 * top)
         ax.set(xlabel="size (fraction of FP32)", ylabel=ylabel, title=title)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="upper right")
