@@ -111,8 +111,10 @@ class AtomMemory(nn.Module):
         if hit is not None or (self.routes and max(self.routes) > block):
             self.reset()  # a new forward
         z = h.movedim(channel_dim, -1).reshape(h.shape[0], -1, h.shape[channel_dim]).mean(1)
-        w, _ = softmax_topk(self.logits(z.float()), self.cfg.top_k)
-        r = torch.einsum("bm,mrs->brs", w, self.atoms)
+        # in fp32 under autocast too: a bf16 logit may flip the top-k choice of a near tie
+        with torch.autocast(h.device.type, enabled=False):
+            w, _ = softmax_topk(self.logits(z.float()), self.cfg.top_k)
+            r = torch.einsum("bm,mrs->brs", w, self.atoms)
         if self.cfg.identity:
             r = r + torch.eye(r.shape[-1], device=r.device, dtype=r.dtype)
         self.routes[block] = (r, {site})

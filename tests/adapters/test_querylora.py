@@ -106,3 +106,19 @@ def test_wrong_instruction_width_is_an_error():
     inject(model, "querylora", ["proj"], instruction_dim=6)
     with pytest.raises(SpliceError, match="width 5; the adapter takes 6"):
         set_instruction(model, torch.randn(5))
+
+
+def test_routing_is_fp32_under_autocast():
+    """Two keys 0.2 % apart: a bf16 logit (one step is 0.4 %) ties them and top-1 takes
+    either; under autocast the routing still picks the atom fp32 picks, sample by sample."""
+    model, x = make_model("linear")
+    inject(model, "querylora", ["proj"], r=2, atoms=2, top_k=1, key_dim=4, block=3)
+    memory = _memory(model)
+    with torch.no_grad():
+        memory.keys[1] = memory.keys[0] * 1.002
+        model(torch.cat([x, -x]))  # z and −z: q·κ₀ of both signs, so both atoms win somewhere
+        want = memory.last_weights.argmax(-1)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model(torch.cat([x, -x]))
+    assert want.unique().numel() == 2
+    assert torch.equal(memory.last_weights.argmax(-1), want)
