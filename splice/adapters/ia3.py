@@ -55,8 +55,10 @@ class _ScaledLinear(torch.autograd.Function):
         kept, v, w = ctx.saved_tensors  # x (inputs), or the unscaled output
         need_x, need_v = ctx.needs_input_grad[:2]
         # one 2-D GEMM, as the layer's own backward: torch.matmul on a non-contiguous 3-D g
-        # (attention's key/value gradients) would run a batched GEMM over a broadcast W
-        g2, n = g.reshape(-1, g.shape[-1]), v.numel()
+        # (attention's key/value gradients) would run a batched GEMM over a broadcast W. W in
+        # g's dtype: under autocast g is the forward's bf16 and the backward may run without
+        # autocast (fp32 W would raise); autograd casts each gradient to its input's dtype
+        g2, n, w = g.reshape(-1, g.shape[-1]), v.numel(), w.to(g.dtype)
         gx = gv = None
         if ctx.inputs:
             gxv = g2 @ w  # ∂L/∂(x ⊙ v)
@@ -65,7 +67,7 @@ class _ScaledLinear(torch.autograd.Function):
         else:
             gv = (g2 * kept.reshape(-1, n)).sum(0) if need_v else None
             if need_x:
-                gx = (g2 @ (w * v[:, None])).view(*g.shape[:-1], w.shape[1])
+                gx = (g2 @ (w * v[:, None]).to(g.dtype)).view(*g.shape[:-1], w.shape[1])
         return gx, gv, None, None, None
 
 

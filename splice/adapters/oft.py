@@ -100,7 +100,9 @@ class _RotatedLinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:
-        x, blocks, w = ctx.saved_tensors
+        # in the forward's compute dtype (autocast's bf16 F.linear, which the backward may run
+        # without); autograd casts each gradient back to its input's dtype
+        x, blocks, w = (t.to(g.dtype) for t in ctx.saved_tensors)
         return *_rotation_grads(ctx, x, blocks, torch.matmul(g, w)), None, None
 
 

@@ -22,6 +22,7 @@ from splice.adapters import (
 )
 from splice.adapters.inject import find_sites
 from splice.errors import SpliceError
+from splice.train.loop import TrainStep
 
 from .conftest import KINDS, METHOD_CASES, SITE_KIND, make_model, perturb
 
@@ -183,3 +184,102 @@ def test_base_weights_frozen_and_fp32_adapters_on_bf16_base():
     assert y.dtype == torch.bfloat16
     y.float().sum().backward()
     assert model.layers[0]["proj"].adapter.lora_A.grad is not None
+
+
+def _grads(model: torch.nn.Module, x: torch.Tensor, dtype: torch.dtype | None, loop: bool):
+    """The trainable parameters' gradients of a fixed random readout of the output (Σ of a
+    LayerNorm's output has gradient 0: BERT sites), the forward under autocast to ``dtype``
+    (None: fp32) as the training loop enters it (:meth:`TrainStep.autocast`, bf16) and the
+    backward inside it (``loop``, as the loop runs it) or after it (PyTorch's recommended
+    pattern, HF Trainer's: no autocast in the backward, so a fused backward that mixes its
+    forward's bf16 with fp32 saved tensors raises)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    precision = "fp32" if dtype is None else "bf16"
+    step = TrainStep(loss=None, optimizer=None, precision=precision)  # type: ignore[arg-type]
+    with torch.autocast("cpu", dtype=dtype) if dtype == torch.float16 else step.autocast():
+        out = model(x)
+        w = torch.randn(out.shape, generator=torch.Generator().manual_seed(2))
+        loss = (out.float() * w).sum()
+        if loop:
+            return out, params, torch.autograd.grad(loss, params, allow_unused=True)
+    return out, params, torch.autograd.grad(loss, params, allow_unused=True)
+
+
+def _flat(grads) -> torch.Tensor:
+    return torch.cat([g.reshape(-1) for g in grads if g is not None])
+
+
+@pytest.mark.parametrize(("case", "kind"), CASES)
+def test_autocast_gradients_match_fp32(case, kind):
+    """Under autocast (``--precision bf16``; fp16 too), the backward inside it or after it,
+    the input in fp32 or in the autocast dtype, every method runs forward and backward, its
+    output is finite, and each trainable parameter gets a gradient in its own dtype (fp32)
+    where the fp32 run has one, close to that one; after an optimizer step on those gradients
+    a merge keeps the base dtype.
+
+    How close: bf16's 8-bit mantissa flips P-tuning's ReLU whose input is 7e-4 (its encoder's
+    gradients then differ by 70 %, the model's by 12 % in norm), so bf16 is held to 25 % of
+    the gradients' norm (a missing scale, a wrong sign or a dropped term is out by more).
+    fp16 (11 bits, the same code paths) flips none: there each tensor is held to 5 % of its
+    own largest gradient (an exact 0, top-1 routing's renormalised weight, to round-off: 1e-6
+    of the model's largest)."""
+    model, x, _ = adapted(case, kind)
+    perturb(model)  # off the init: every factor's gradient ≠ 0 (LoRA's A at B = 0 has none)
+    x = torch.cat([x, x.flip(0)], 1) if x.dim() == 3 else x  # 20 tokens ≥ d_out: OFT fuses
+    _, params, want = _grads(model, x, None, loop=False)
+    flat = _flat(want)
+    # the backward inside autocast or after it; after it, the input also in the autocast dtype,
+    # as an earlier autocast layer hands its activations on (another branch: x's dtype ≠ W's)
+    modes = [(True, False), (False, False), (False, x.is_floating_point())]
+    for dtype, (loop, cast) in itertools.product((torch.bfloat16, torch.float16), modes):
+        out, _, got = _grads(model, x.to(dtype) if cast else x, dtype, loop)
+        assert torch.isfinite(out).all()
+        assert [a is None for a in got] == [b is None for b in want]
+        assert all(a.dtype == p.dtype == torch.float32 for p, a in zip(params, got, strict=True)
+                   if a is not None)  # fmt: skip
+        if dtype == torch.bfloat16:
+            assert (_flat(got) - flat).norm() <= 0.25 * flat.norm()
+            continue
+        for a, b in zip(got, want, strict=True):
+            if a is not None:
+                atol = max(0.05 * b.abs().max().item(), 1e-6 * flat.abs().max().item())
+                torch.testing.assert_close(a, b, rtol=0.05, atol=atol)
+    if (case, kind) in MERGEABLE:
+        layers = adapter_layers(model)
+        dtypes = {n: layer.weight.dtype for n, layer in layers.items()}
+        with torch.no_grad():
+            for p, a in zip(params, got, strict=True):  # a step on the autocast gradients
+                if a is not None:
+                    p.sub_(a, alpha=0.1)
+        merge_adapters(model)
+        assert {n: layer.weight.dtype for n, layer in layers.items()} == dtypes
+
+
+@pytest.mark.parametrize(("case", "kind"), MERGEABLE)
+def test_autocast_training_on_a_bf16_base_merges_into_bf16(case, kind):
+    """A bf16 base (an LLM loaded in bf16) with fp32 adapters trained under bf16 autocast:
+    fp32 gradients, and the merge folds ΔW (and IA³'s Δb) into the bf16 weights in fp32,
+    rounding once."""
+    method, cfg = METHOD_CASES[case]
+    model, x = make_model(kind)
+    model.to(torch.bfloat16)
+    x = x.to(torch.bfloat16) if x.is_floating_point() else x
+    inject(model, method, ["proj"], **cfg)
+    perturb(model)
+    _, params, grads = _grads(model, x, torch.bfloat16, loop=False)
+    with torch.no_grad():
+        for p, g in zip(params, grads, strict=True):
+            assert g is None or (g.dtype == p.dtype == torch.float32 and g.isfinite().all())
+            if g is not None:
+                p.sub_(g, alpha=0.1)
+    layers = adapter_layers(model)
+    base = {f"{n}.{k}": t.detach().float() for n, layer in layers.items()
+            for k, t in layer.base_layer.named_parameters()}  # fmt: skip
+    deltas = adapter_deltas(model)
+    merge_adapters(model)
+    for name, delta in deltas.items():  # W + ΔW summed in fp32, rounded to bf16 once
+        layer, tensor = name.rsplit(".", 1)
+        merged = getattr(layers[layer].base_layer, tensor)
+        want = (base[name] + delta.materialize(torch.float32)).to(torch.bfloat16)
+        assert merged.dtype == torch.bfloat16
+        assert torch.equal(merged, want)
