@@ -38,7 +38,16 @@ class Site:
     weight_shape: tuple[int, ...]
 
     def weight(self, module: nn.Module) -> nn.Parameter:
-        return module.weight
+        w = getattr(module, "weight", None)
+        if not isinstance(w, Tensor):  # splice.compress's QuantLayer: codes, a step, a zero
+            raise SpliceError(
+                f"the base layer ({type(module).__name__}) holds no float weight (a quantized "
+                "base keeps only its codes): none to merge into, none for the method to read",
+                where=self.name,
+                fix="merge the saved adapter into the unquantized model; on a quantized base "
+                "train a method that does not read the base weight (LoRA, not DoRA)",
+            )
+        return w
 
     def down(self, x: Tensor, A: Tensor) -> Tensor:
         """x ↦ x·Aᵀ for the layer's input layout; A is (R, d_in)."""
