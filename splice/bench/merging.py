@@ -62,12 +62,15 @@ class MergeSpec:
     tune: tuple[float, ...] = ()
     tune_key: str | None = None
     learned: bool = False  # a data-driven method of splice.merge.learned
+    repair_bn: bool = False  # batch-norm repair of the merge (splice.bench.bn_repair)
 
     @property
     def key(self) -> str:
         parts = [self.method, *(f"{k}={v}" for k, v in self.chosen_fixed.items())]
         if self.transform:
             parts.append(f"+{self.transform}")
+        if self.repair_bn:
+            parts.append("+bn")
         return "@".join(parts) + ("@tuned" if self.tune else "")
 
     @property
@@ -77,6 +80,8 @@ class MergeSpec:
         label = f"{self.method} {args}".strip()
         if self.transform:
             label += f" + {self.transform}"
+        if self.repair_bn:
+            label += " + BN repair"
         return label + (f" · {symbol(self.tune_key or '')} val" if self.tune else "")
 
     def resolved_key(self) -> str:
@@ -90,6 +95,8 @@ class MergeSpec:
         if self.transform:
             tp = transforms.get(self.transform).Params(**self.transform_params)
             parts["transform"] = [self.transform, tp.model_dump()]
+        if self.repair_bn:
+            parts["repair_bn"] = True
         return json.dumps(parts, sort_keys=True, default=str)
 
     def with_value(self, value: float) -> MergeSpec:

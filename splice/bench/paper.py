@@ -20,6 +20,7 @@ it (the cost model of :mod:`splice.bench.plan`).
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Mapping, Sequence
 from functools import partial
@@ -69,6 +70,11 @@ class PaperConfig(Strict):
     )
     transductive: tuple[str, ...] = ("adamerging",)
     emr: bool = True
+    bn_repair: tuple[str, ...] = Field(
+        ("linear", "task_arithmetic", "ties", "regmean", "emr"),
+        description="methods that also get a batch-norm-repaired row (backbones with batch "
+        "norm; λ then tuned on val with the repair)",
+    )
     wemoe: WEMoESettings | None = WEMoESettings()
     seeds: tuple[int, ...] = (0,)
     caps: tuple[int, int, int] = (2000, 150, 400)
@@ -160,21 +166,25 @@ def paper_specs(cfg: PaperConfig) -> list[MergeSpec]:
     from splice.merge.base import methods
     from splice.merge.learned import learned
 
-    out = []
+    out, repaired = [], []
     for name in cfg.methods:
         if name in learned.names():
             sched = cfg.schedules.get(name, "short")
             out.append(MergeSpec(name, schedule_params(name, sched), learned=True))
-            continue
-        spec = MergeSpec(name, **PRESETS.get(name, {}))
-        scale = scale_param(methods.get(name))
-        if scale is None:
-            out.append(spec)
-            continue
-        out.append(MergeSpec(name, {**spec.params, scale[0]: cfg.fixed_lambda}))
-        if cfg.lambda_grid:
-            out.append(MergeSpec(name, dict(spec.params), tune=cfg.lambda_grid, tune_key=scale[0]))
-    return out
+        else:
+            spec = MergeSpec(name, **PRESETS.get(name, {}))
+            scale = scale_param(methods.get(name))
+            if scale is None:
+                out.append(spec)
+            else:
+                out.append(MergeSpec(name, {**spec.params, scale[0]: cfg.fixed_lambda}))
+                if cfg.lambda_grid:
+                    out.append(
+                        MergeSpec(name, dict(spec.params), tune=cfg.lambda_grid, tune_key=scale[0])
+                    )
+        if name in cfg.bn_repair:  # the method's last (tuned) setting, repaired
+            repaired.append(dataclasses.replace(out[-1], repair_bn=True))
+    return out + repaired
 
 
 def transductive_specs(cfg: PaperConfig) -> list[MergeSpec]:
@@ -221,6 +231,8 @@ def _plan(
                           for p in phases]  # fmt: skip
             if cfg.emr:
                 phases.append(Phase(f"evaluate/{at}/emr", "evaluate", n_test * t))
+            if cfg.emr and "emr" in cfg.bn_repair:
+                phases.append(Phase(f"evaluate/{at}/emr+bn", "evaluate", 2 * n_test * t))
             if cfg.wemoe is not None and mod == "text":
                 w = cfg.wemoe
                 one = (w.steps * w.batch_size * n_tasks * train + n_test * 2) * rate[mod]
@@ -356,6 +368,9 @@ def _extra_rows(
     todo: list[tuple[str, str, str, Any]] = []
     if cfg.emr:
         todo.append(("emr", "EMR-Merging (a model per task)", "per-task", lambda: emr_row(suite)))
+    if cfg.emr and "emr" in cfg.bn_repair:
+        todo.append(("emr+bn", "EMR-Merging + BN repair (a model per task)", "per-task",
+                     lambda: emr_row(suite, repair_bn=True)))  # fmt: skip
     w = cfg.wemoe
     if w is not None and mod == "text":
         kw = {"steps": w.steps, "lr": w.lr, "batch_size": w.batch_size, "seed": seed}

@@ -51,15 +51,26 @@ def _module_acc(suite: Suite, module: torch.nn.Module, task: str) -> float:
     return _accuracy(suite.runs[task].head, feats, suite.data[task].test.y)
 
 
-def emr_row(suite: Suite) -> Row:
-    """EMR-Merging: each task scored with its rebuilt model ``θ₀ + λ_t·M_t ⊙ τ_uni``."""
+def emr_row(suite: Suite, repair_bn: bool = False) -> Row:
+    """EMR-Merging: each task scored with its rebuilt model ``θ₀ + λ_t·M_t ⊙ τ_uni``; with
+    ``repair_bn``, that model's batch norm repaired to its task's fine-tune
+    (:mod:`splice.bench.bn_repair`; a backbone without batch norm is refused)."""
+    from splice.bench.bn_repair import NO_BN, BNRepair, has_batchnorm
+    from splice.errors import SpliceError
     from splice.merge.fusion.emr import emr_merge
 
+    if repair_bn and not has_batchnorm(suite.encoder.module):
+        raise SpliceError(NO_BN)
     base, taus = task_vectors(suite)
     start = time.perf_counter()
     emr = emr_merge(taus)
     merge_s = time.perf_counter() - start
-    acc = {t: suite.acc(emr.weights(base, t), tasks=[t])[t] for t in suite.data}
+    own = {t: {n: base[n] + tau[n] for n in base} for t, tau in taus.items()}
+    repair = BNRepair(suite, own) if repair_bn else None
+    acc = {}
+    for t in suite.data:
+        weights = emr.weights(base, t)
+        acc[t] = suite.acc(repair(weights, t) if repair else weights, tasks=[t])[t]
     size = emr.nbytes()
     extra = {"extra_params": (size["masks"] + size["scales"]) / 4, "eval_time_x": 1.0}
     return acc, extra, merge_s

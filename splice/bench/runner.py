@@ -24,6 +24,7 @@ from pydantic import Field
 from torch import Tensor
 
 from splice._schema import Strict
+from splice.bench.bn_repair import NO_BN, repairer
 from splice.bench.continual import continual_methods, run_continual
 from splice.bench.finetune import (
     FinetuneConfig,
@@ -151,28 +152,30 @@ def _evaluate(
     )
     models = list(own.values())
     tested: dict[str, tuple[dict[str, float], float]] = {}  # one test run per setting
+    repair = repairer(suite, own, specs)  # None: no spec asks for it, or no batch norm
     for spec in specs:
         start = time.perf_counter()
-        reason = unsupported(spec, len(tasks))
+        reason = unsupported(spec, len(tasks)) or (NO_BN if spec.repair_bn and not repair else None)
+        fix = repair if spec.repair_bn and repair else dict  # dict: the merge as it is
         if reason:
             skipped[spec.label] = reason
             progress.done(f"evaluate/{at}/{spec.key}", f"skip {spec.label}: {reason}", 0.0)
             continue
         if spec.learned:
             merged, secs = _learn(suite, spec, seed)
-            _add(rows, spec.key, spec.label, "merge", suite.acc(merged), secs, spec.params)
+            _add(rows, spec.key, spec.label, "merge", suite.acc(fix(merged)), secs, spec.params)
         else:
             chosen, best = spec, -1.0
             for value in spec.tune:
                 merged, _ = merge_state(spec.with_value(value), base, models, seed)
-                val = suite.acc(merged, "val")
+                val = suite.acc(fix(merged), "val")
                 score = float(np.mean([val[t] / max(val_own[t], 1e-9) for t in tasks]))
                 if score > best:
                     chosen, best = spec.with_value(value), score
             key = chosen.resolved_key()
             if key not in tested:
                 merged, secs = merge_state(chosen, base, models, seed)
-                tested[key] = suite.acc(merged), secs
+                tested[key] = suite.acc(fix(merged)), secs
             acc, secs = tested[key]
             _add(rows, spec.key, spec.label, "merge", acc, secs, chosen.chosen)
             rows[spec.key].tuned = spec.tune_key if spec.tune else None

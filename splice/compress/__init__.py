@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from .adaquant import AdaQuantConfig, adaquant_problem, layer_mse
 from .allocate import allocate, bops_cost, size_cost
-from .batchnorm import reestimate_bn
+from .batchnorm import bn_targets, match_bn, pool_targets, reestimate_bn
 from .bias import bias_problem, kl_to_target, mean_shift
 from .capture import capture, execution_order
 from .config import QuantizeConfig, QuantizeReport
@@ -35,14 +35,17 @@ __all__ = [
     "adaquant_problem",
     "allocate",
     "bias_problem",
+    "bn_targets",
     "bops_cost",
     "capture",
     "execution_order",
     "fake_quant",
     "kl_to_target",
     "layer_mse",
+    "match_bn",
     "mean_shift",
     "model_bits",
+    "pool_targets",
     "quant_layers",
     "quantizable",
     "quantize",

@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from splice.bench.bn_repair import NO_BN
 from splice.bench.finetune import FinetuneConfig
 from splice.bench.paper import PaperConfig, WEMoESettings, configure_paper, estimate, run_paper
 from splice.bench.paper_report import paper_markdown, write_paper_report
@@ -62,6 +63,9 @@ def test_rows_kinds_and_per_task_steps(results):
     assert extra["wemoe-inductive"]["eval_time_x"] > 0
     norm = {s["key"]: s["avg_norm"][0] for s in summarize(results)}
     assert norm["individual"] == pytest.approx(1.0)
+    # BERT has no batch norm: every repaired twin (3 methods + EMR) is listed as not run
+    repaired = {k: v for k, v in results["skipped"].items() if "BN repair" in k}
+    assert len(repaired) == 4 and set(repaired.values()) == {NO_BN}
 
 
 def test_transductive_rows_only_in_their_table(results, tmp_path):
