@@ -70,6 +70,13 @@ class BNRepair:
             self._targets[task] = bn_targets(ref, self.batches(task), self._forward)
         return self._targets[task]
 
+    def buffer_count(self) -> int:
+        """Entries of the running means and variances one repaired model carries."""
+        from splice.compress.batchnorm import batchnorms
+
+        module = self.encoder.module
+        return sum(2 * module.get_submodule(n).running_mean.numel() for n in batchnorms(module))
+
     @torch.no_grad()
     def __call__(self, merged: Mapping[str, Tensor], task: str | None = None) -> dict[str, Tensor]:
         """``merged`` with repaired BN buffers: for every task (pooled, one model) or for

@@ -72,8 +72,10 @@ def emr_row(suite: Suite, repair_bn: bool = False) -> Row:
         weights = emr.weights(base, t)
         acc[t] = suite.acc(repair(weights, t) if repair else weights, tasks=[t])[t]
     size = emr.nbytes()
-    extra = {"extra_params": (size["masks"] + size["scales"]) / 4, "eval_time_x": 1.0}
-    return acc, extra, merge_s
+    params = (size["masks"] + size["scales"]) / 4
+    if repair is not None:  # each task's model keeps its own BN running mean and variance
+        params += len(acc) * repair.buffer_count()
+    return acc, {"extra_params": params, "eval_time_x": 1.0}, merge_s
 
 
 def wemoe_row(

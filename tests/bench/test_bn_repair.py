@@ -96,6 +96,7 @@ def test_the_pooled_repair_moves_the_merge_toward_the_fine_tunes_features():
         return total
 
     assert error(fixed) < 0.5 * error(merged)
+    assert BNRepair(suite, own).buffer_count() == 2 * (6 + 4)
 
 
 def test_no_repairer_without_batch_norm_or_without_a_spec_asking():
