@@ -59,13 +59,14 @@ class QuantizeStopped(Exception):
 class _Run:
     """One quantization run's shared state: the FP reference, the model, the data."""
 
-    def __init__(self, model, batches, forward, loss_fn, steps, cfg, progress):
+    def __init__(self, model, batches, forward, loss_fn, steps, cfg, progress, should_stop):
         return_freed_memory()  # a layer's cache is freed for the next one's: give it back
         one_arena()  # the paused forwards' threads take turns: one arena, not one each
         self.fp = model.eval().requires_grad_(False)
         self.q = copy.deepcopy(self.fp)
         self.batches, self.forward, self.loss_fn = list(batches), forward, loss_fn
         self.steps, self.cfg, self.say = steps, cfg, progress or (lambda msg: None)
+        self.should_stop: Callable[[], bool] | None = should_stop
         names = quantizable(self.fp, cfg.exclude)
         if not names:
             raise SpliceError(
@@ -84,8 +85,6 @@ class _Run:
                 else [forward(self.fp, b).detach() for b in self.batches]
             )
         self.profile_set = list(range(min(cfg.profile_batches, len(self.batches))))
-
-    should_stop: Callable[[], bool] | None = None
 
     def layer_done(self, i: int, n: int) -> None:
         """After layer ``i`` of ``n`` (and its checkpoint): stop if ``should_stop`` says so."""
@@ -186,8 +185,7 @@ def quantize(
     ``should_stop``: asked after each layer (after its checkpoint is written, the last layer
     included); True raises :class:`QuantizeStopped` (to keep to a time budget, then go on)."""
     start = time.perf_counter()
-    run = _Run(model, batches, forward, loss_fn, steps, cfg, progress)
-    run.should_stop = should_stop
+    run = _Run(model, batches, forward, loss_fn, steps, cfg, progress, should_stop)
     report = QuantizeReport()
     ckpt = _checkpoint(run, checkpoint)
     if cfg.bits is not None:
@@ -218,8 +216,7 @@ def quantize_sizes(
     part's seconds then count every call's; ``should_stop`` as in :func:`quantize` (asked
     after each layer's variants)."""
     start = time.perf_counter()
-    run = _Run(model, batches, forward, loss_fn, steps, cfg, progress)
-    run.should_stop = should_stop
+    run = _Run(model, batches, forward, loss_fn, steps, cfg, progress, should_stop)
     shared = QuantizeReport()
     ckpt = _checkpoint(run, checkpoint)
     profile = _profile(run, shared, min(sizes), ckpt)
