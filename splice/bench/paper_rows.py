@@ -65,8 +65,10 @@ def emr_row(suite: Suite, repair_bn: bool = False) -> Row:
     start = time.perf_counter()
     emr = emr_merge(taus)
     merge_s = time.perf_counter() - start
-    own = {t: {n: base[n] + tau[n] for n in base} for t, tau in taus.items()}
-    repair = BNRepair(suite, own) if repair_bn else None
+    repair = None
+    if repair_bn:  # each task's fine-tune is its model's reference
+        own = {t: {n: base[n] + tau[n] for n in base} for t, tau in taus.items()}
+        repair = BNRepair(suite, own)
     acc = {}
     for t in suite.data:
         weights = emr.weights(base, t)
