@@ -17,11 +17,20 @@ training loop: AdamW, linear warmup then decay) for the same steps, batch, docum
 perplexity is ``splice train``'s evaluation on the held-out documents. Gap recovered, on
 perplexity and on log perplexity (the mean token loss):
 ``(x_pruned − x_row) / (x_pruned − x_original)`` after uptraining (target ≥ 0.5 for the relaxed
-rows). Each row runs on its own (``--rows``) so no run is longer than one row's uptraining;
-results accumulate in ``OUT/results.json`` and ``--report`` prints the table.
+rows). Each row runs on its own (``--rows``); results accumulate in ``OUT/results.json`` and
+``--report`` prints the tables (perplexity, and gap recovered, at every evaluated step).
+
+A longer budget runs as one ``splice train`` run per row (one LR schedule over ``--steps``) cut
+into commands of a few minutes (``benchmarks/_recursive_uptrain.py``): ``--eval-at 60,120``
+evaluates the held-out documents on the checkpoints of those steps (multiples of
+``--checkpoint-every``); ``--budget-s S`` pauses at the checkpoint after which the next segment
+would end past S seconds and exits 3, and the same command resumes (the resumed run equals an
+unbroken one). The curve and each segment's seconds persist in ``OUT/up/ROW/curve.json``.
 
     python benchmarks/recursive_smollm2.py --time-steps          # one step of each row, timed
     python benchmarks/recursive_smollm2.py --rows original       # then pruned, recursive, r8, …
+    python benchmarks/recursive_smollm2.py --rows r8 --steps 240 --eval-at 60,120,180 \
+        --budget-s 420                                            # rerun while it exits 3
     python benchmarks/recursive_smollm2.py --report
     python benchmarks/recursive_smollm2.py --early-exit r64      # uptrained row, 3 thresholds
     python benchmarks/recursive_smollm2.py --cache-speed r64     # generate() with/without cache
@@ -32,11 +41,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import random
+import sys
 import time
 from pathlib import Path
 
 import torch
+from _recursive_uptrain import checkpoint_step, load_checkpoint_weights, segments
 
 
 def corpus(heldout: int, seed: int) -> tuple[list[str], list[str]]:
@@ -54,7 +66,13 @@ def corpus(heldout: int, seed: int) -> tuple[list[str], list[str]]:
 
 
 def write_jsonl(path: Path, texts: list[str]) -> Path:
-    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    """Write ``path`` unless it holds these texts already (atomically: rows of one ``OUT`` may
+    run side by side and read it)."""
+    text = "".join(json.dumps({"text": t}) + "\n" for t in texts)
+    if not path.is_file() or path.read_text() != text:
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(text)
+        tmp.replace(path)
     return path
 
 
@@ -76,11 +94,16 @@ def batches(tok, texts: list[str], max_length: int, batch: int) -> list[dict]:
     return [collate(c, ids, None, pad) for c in chunks]
 
 
-def evaluate(model_dir: Path, texts: list[str], max_length: int, batch: int) -> dict:
-    """The held-out loss and perplexity exactly as ``splice train`` evaluates them."""
+def evaluate(
+    model_dir: Path, texts: list[str], max_length: int, batch: int, checkpoint: Path | None = None
+) -> dict:
+    """The held-out loss and perplexity exactly as ``splice train`` evaluates them (of the
+    weights in ``checkpoint`` when given)."""
     from splice.train.hf import evaluate as run
 
     model, tok = load(model_dir)
+    if checkpoint is not None:
+        load_checkpoint_weights(model, checkpoint)
     with torch.no_grad():
         return run(
             model, batches(tok, texts, max_length, batch), "causal-lm",
@@ -141,15 +164,17 @@ def time_steps(model_dir: Path, texts: list[str], args) -> float:
     return sorted(times[1:])[1]
 
 
-def uptrain(model_dir: Path, data: Path, test: Path, out: Path, args) -> dict:
-    from splice.train import TrainConfig, train
+def uptrain(model_dir: Path, data: Path, test: Path, out: Path, args, on_eval) -> dict | None:
+    """One row's ``splice train`` run, paused at ``--eval-at`` steps for ``on_eval`` and, with
+    ``--budget-s``, at the checkpoint after which the next would end late (then None)."""
+    from splice.train import TrainConfig
 
     cfg = TrainConfig(
         model=model_dir, data=str(data), eval_data=str(test), out=out, method="full",
         objective="causal-lm", steps=args.steps, batch_size=args.batch, lr=args.lr,
-        max_length=args.max_length, progress=False, seed=0,
+        max_length=args.max_length, progress=False, seed=0, checkpoint_every=args.checkpoint_every,
     )  # fmt: skip
-    return train(cfg)
+    return segments(cfg, args.eval_at, args.budget_s, on_eval, reserve_s=args.reserve_s)
 
 
 def early_exit(model_dir: Path, prompts: list[str], new_tokens: int) -> list[dict]:
@@ -198,22 +223,108 @@ def cache_speed(model_dir: Path, prompts: list[str], new_tokens: int) -> list[di
     return rows
 
 
+def curve(r: dict) -> dict[int, float]:
+    """Held-out perplexity by uptraining step (a result of the 60-step format: before/after)."""
+    if "curve" in r:
+        return {int(k): v["perplexity"] for k, v in r["curve"].items()}
+    return {0: r["ppl_before"], r["settings"]["steps"]: r["ppl_after"]}
+
+
+def gap(p: float, o: float, x: float) -> tuple[float, float]:
+    """Gap recovered between pruned ``p`` and original ``o`` by ``x``: on ppl, on log ppl."""
+    if p == o:
+        return float("nan"), float("nan")
+    return (p - x) / (p - o), (math.log(p) - math.log(x)) / (math.log(p) - math.log(o))
+
+
 def report(results: dict) -> None:
-    orig, pruned = results.get("original"), results.get("pruned")
-    steps = "/".join(sorted({str(r["settings"]["steps"]) for r in results.values()}))
-    print(f"\n| row | parameters | ppl before | ppl after {steps} steps | gap recovered (ppl) "
-          "| (log ppl) | uptraining s |")  # fmt: skip
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    curves = {name: curve(r) for name, r in results.items()}
+    steps = sorted({s for c in curves.values() for s in c})
+    print("\n| row | parameters | " + " | ".join(f"ppl @ {s}" for s in steps) + " | uptraining s |")
+    print("| --- | ---: | " + "---: | " * len(steps) + "---: |")
     for name, r in results.items():
-        gap = log_gap = float("nan")
-        if orig and pruned and pruned["ppl_after"] != orig["ppl_after"]:
-            p, o, x = pruned["ppl_after"], orig["ppl_after"], r["ppl_after"]
-            gap = (p - x) / (p - o)
-            log_gap = (math.log(p) - math.log(x)) / (math.log(p) - math.log(o))
-        print(
-            f"| {name} | {r['parameters'] / 1e6:.1f} M | {r['ppl_before']:,.1f} | "
-            f"{r['ppl_after']:,.1f} | {gap:.2f} | {log_gap:.2f} | {r['train_seconds']:.0f} |"
-        )
+        ppl = [f"{curves[name][s]:,.1f}" if s in curves[name] else "" for s in steps]
+        print(f"| {name} | {r['parameters'] / 1e6:.1f} M | " + " | ".join(ppl)
+              + f" | {r['train_seconds']:.0f} |")  # fmt: skip
+    orig, pruned = curves.get("original"), curves.get("pruned")
+    if not (orig and pruned):
+        return
+    print("\ngap recovered, log ppl (ppl):\n")
+    print("| row | " + " | ".join(f"@ {s}" for s in steps) + " |")
+    print("| --- | " + "---: | " * len(steps))
+    for name, c in curves.items():
+        cells = []
+        for s in steps:
+            if s in c and s in orig and s in pruned:
+                on_ppl, on_log = gap(pruned[s], orig[s], c[s])
+                cells.append(f"{on_log:.2f} ({on_ppl:.2f})")
+            else:
+                cells.append("")
+        print(f"| {name} | " + " | ".join(cells) + " |")
+
+
+def uptrain_row(name, model_dir, data, test, test_texts, args, started) -> dict | None:
+    """Evaluate ``name`` before uptraining, uptrain it (resuming, pausing at ``--eval-at``) and
+    return its result; None when ``--budget-s`` ran out. The curve (step → loss, ppl) and the
+    seconds of every segment persist in ``OUT/up/NAME/curve.json`` across commands."""
+    out = args.out / "up" / name
+    out.mkdir(parents=True, exist_ok=True)
+    log = out / "curve.json"
+    state = json.loads(log.read_text()) if log.is_file() else {"curve": {}, "segments": []}
+
+    def save(step: int, metrics: dict, seconds: dict) -> None:
+        state["curve"][str(step)] = {k: metrics[k] for k in ("loss", "perplexity")}
+        state["segments"].append({"to": step} | {k: round(v, 1) for k, v in seconds.items()})
+        log.write_text(json.dumps(state, indent=1))
+        spent = ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items())
+        print(f"  {name} @ {step}: ppl {metrics['perplexity']:,.1f} ({spent})", flush=True)
+
+    if "0" not in state["curve"]:
+        t = time.perf_counter()
+        before = evaluate(model_dir, test_texts, args.max_length, args.batch)
+        save(0, before, {"eval_s": time.perf_counter() - t})
+    finished = out / "metrics.json"
+    if not finished.is_file():
+        mark = {"t": time.perf_counter(), "step": checkpoint_step(out)}
+
+        def on_eval(step: int, checkpoint: Path) -> None:
+            trained = time.perf_counter() - mark["t"]
+            t = time.perf_counter()
+            metrics = evaluate(model_dir, test_texts, args.max_length, args.batch, checkpoint)
+            save(step, metrics, {"train_s": trained, "eval_s": time.perf_counter() - t})
+            eta(name, step, trained / max(1, step - mark["step"]), args.steps)
+            mark.update(t=time.perf_counter(), step=step)
+
+        metrics = uptrain(model_dir, data, test, out, args, on_eval)
+        if metrics is None:
+            step, trained = checkpoint_step(out), time.perf_counter() - mark["t"]
+            state["segments"].append({"to": step, "train_s": round(trained, 1)})
+            log.write_text(json.dumps(state, indent=1))
+            eta(name, step, trained / max(1, step - mark["step"]), args.steps)
+            print(f"  {name}: paused at step {step} after {time.perf_counter() - started:.0f} s "
+                  "(--budget-s); rerun the command to resume", flush=True)  # fmt: skip
+            return None
+        save(args.steps, metrics["eval"], {"train_s": time.perf_counter() - mark["t"]})
+    metrics = json.loads(finished.read_text())
+    seconds = sum(seg.get("train_s", 0) for seg in state["segments"])
+    return {
+        "parameters": metrics["total_parameters"],
+        "ppl_before": state["curve"]["0"]["perplexity"],
+        "ppl_after": metrics["eval"]["perplexity"],
+        "loss_after": metrics["eval"]["loss"],
+        "train_seconds": seconds,
+        "curve": state["curve"],
+        "segments": state["segments"],
+        "settings": {k: getattr(args, k) for k in ("shared", "steps", "batch", "lr")}
+        | {"max_length": args.max_length, "heldout": args.heldout},
+    }
+
+
+def eta(name: str, step: int, per_step: float, steps: int) -> None:
+    left = (steps - step) * per_step
+    print(f"  {name}: step {step}/{steps}, {per_step:.1f} s/step, ≈ {left / 60:.0f} min of "
+          f"uptraining left (ETA {time.strftime('%H:%M', time.localtime(time.time() + left))})",
+          flush=True)  # fmt: skip
 
 
 def main() -> None:
@@ -233,7 +344,16 @@ def main() -> None:
     parser.add_argument("--cache-speed", metavar="ROW", help="generate() with vs without cache")
     parser.add_argument("--gen-tokens", type=int, default=24)
     parser.add_argument("--out", type=Path, default=Path("/tmp/rrt-bench"))
+    parser.add_argument("--eval-at", default="", help="steps to evaluate at, e.g. 60,120,180")
+    parser.add_argument("--checkpoint-every", type=int, default=20)
+    parser.add_argument(
+        "--budget-s", type=float, default=None,
+        help="pause at the checkpoint after which the next would end past S s (exit 3; "
+        "the same command resumes)",
+    )  # fmt: skip
+    parser.add_argument("--reserve-s", type=float, default=60.0, help="kept for an evaluation")
     args = parser.parse_args()
+    args.eval_at = [int(s) for s in args.eval_at.split(",") if s]
     args.out.mkdir(parents=True, exist_ok=True)
     store = args.out / "results.json"
     results = json.loads(store.read_text()) if store.is_file() else {}
@@ -266,22 +386,14 @@ def main() -> None:
         f"≤{args.max_length} tokens each; lr {args.lr}",
         flush=True,
     )
+    started = time.perf_counter()
     for name in names:
-        start = time.perf_counter()
-        before = evaluate(dirs[name], test_texts, args.max_length, args.batch)
-        metrics = uptrain(dirs[name], data, test, args.out / "up" / name, args)
-        results[name] = {
-            "parameters": metrics["total_parameters"],
-            "ppl_before": before["perplexity"],
-            "ppl_after": metrics["eval"]["perplexity"],
-            "loss_after": metrics["eval"]["loss"],
-            "train_seconds": metrics["wall_seconds"],
-            "settings": {k: getattr(args, k) for k in ("shared", "steps", "batch", "lr")}
-            | {"max_length": args.max_length, "heldout": args.heldout},
-        }
-        print(f"  {name}: {results[name]} ({time.perf_counter() - start:.0f} s)", flush=True)
+        row = uptrain_row(name, dirs[name], data, test, test_texts, args, started)
+        if row is None:
+            sys.exit(3)  # out of --budget-s: the checkpoint is kept, the same command resumes
+        results[name] = row
         done = json.loads(store.read_text()) if store.is_file() else {}
-        store.write_text(json.dumps(done | {name: results[name]}, indent=1))
+        store.write_text(json.dumps(done | {name: row}, indent=1))
     report(results)
 
 
