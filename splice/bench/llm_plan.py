@@ -1,25 +1,30 @@
 """Progress of an LLM-suite run: an up-front estimate, then a line per phase with the ETA.
 
-The estimate counts optimizer steps of the fine-tunes not in the cache and test/val examples
-to score, at :data:`STEP_S` and :data:`EXAMPLE_S` seconds each (SmolLM2-135M, one thread, on
+The estimate counts optimizer steps of the fine-tunes not in the cache, test/val examples
+to score and the learned merges' statistics sequences, at :data:`STEP_S`, :data:`EXAMPLE_S`
+and :data:`STATS_S` seconds each (SmolLM2-135M, one thread, on
 the 2-core dev box); the ETA rescales the rest by how fast the finished part ran against it.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from splice.bench.progress import clock
 
-__all__ = ["EXAMPLE_S", "STEP_S", "Clock", "model_key"]
+__all__ = ["EXAMPLE_S", "STATS_S", "STEP_S", "Clock", "model_key"]
 
 # Measured by the first quick run (docs/bench.md, "LLM suite"): 372 s for 4 × 30 steps,
 # 197 s for 1,120 scored examples.
 STEP_S = 3.1  # one LoRA step, batch 8, ~60 tokens
 EXAMPLE_S = 0.18  # one example scored: prompt, free and constrained decoding, gold answer
+# Statistics of the learned merges, per training sequence and task (splice.bench.llm_learned):
+# RegMean one forward; Fisher one forward and backward; RegMean++ a forward per decoder block,
+# stopped after it (about (blocks + 1) / 2 full forwards).
+STATS_S = {"regmean": 0.1, "fisher": 0.5, "regmean_plusplus": 1.5}
 
 
 def model_key(name: str) -> str:
@@ -48,8 +53,11 @@ class Clock:
         self.train_s = 0.0
 
     def loaded(self, cfg: Any, encoded: Mapping[str, Mapping[str, Any]],
-               entries: Mapping[Any, Path], settings: int) -> None:  # fmt: skip
-        """Print the estimate once the model and data are loaded."""
+               entries: Mapping[Any, Path], settings: int,
+               learned: Sequence[str] = ()) -> None:  # fmt: skip
+        """Print the estimate once the model and data are loaded (``settings``: weight sets
+        scored on test besides the references; ``learned``: the learned merges among them,
+        whose statistics passes are counted too)."""
         from splice.bench.llm_train import load_entry
 
         self.load_s = time.perf_counter() - self.start
@@ -60,7 +68,8 @@ class Clock:
         tuned = settings * len(cfg.lambda_grid) * val
         evals = (2 + settings) * test + tuned  # zero-shot, individual, settings
         seeds = len(cfg.seeds)
-        self.est_total = seeds * (evals * EXAMPLE_S) + fresh * cfg.train.steps * STEP_S
+        stats = sum(STATS_S.get(n, 0.0) for n in learned) * cfg.learned_samples * len(encoded)
+        self.est_total = seeds * (evals * EXAMPLE_S + stats) + fresh * cfg.train.steps * STEP_S
         self.say(
             f"[{clock(self.load_s)}] loaded {cfg.model} and {len(encoded)} tasks; plan: "
             f"{fresh} of {len(entries)} fine-tunes to train ({cfg.train.steps} steps), "
@@ -70,6 +79,10 @@ class Clock:
 
     def tick(self, n: int, train: bool = False) -> None:
         self.est_done += n * (STEP_S if train else EXAMPLE_S)
+
+    def tick_stats(self, method: str, sequences: int) -> None:
+        """A learned merge's statistics passes over ``sequences`` training sequences."""
+        self.est_done += sequences * STATS_S.get(method, 0.0)
 
     def _eta(self) -> str:
         spent = time.perf_counter() - self.work_start

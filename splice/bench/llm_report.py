@@ -3,7 +3,9 @@
 Columns: each task's score (constrained exact match where the task has labels, free exact
 match otherwise), the averages of that score, of free-generation exact match and of the
 answer log-likelihood (nats per token), and the normalized score (merged / individual, mean
-over tasks). Values are means over seeds.
+over tasks). Values are means over seeds. A ``per-task`` row (EMR-Merging) is not one dense
+model: each task is scored with its own rebuilt model, and its label gives the extra
+parameters (masks and rescalers, in float32 parameters).
 """
 
 from __future__ import annotations
@@ -37,8 +39,10 @@ def llm_table(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
         free = _mean([_mean([s["em"] for s in sc[t]]) for t in tasks])
         ll = _mean([_mean([s["loglik"] for s in sc[t]]) for t in tasks])
         ratios = [task_em[t] / own_avg[t] for t in tasks if own_avg[t] > 0]
-        norm = f"{_mean(ratios):.1%}" if r["kind"] == "merge" and ratios else ""
+        norm = f"{_mean(ratios):.1%}" if r["kind"] in ("merge", "per-task") and ratios else ""
         label = r["label"]
+        if r.get("extra_params"):
+            label += f" (+{r['extra_params'][-1] / 1e6:.2f} M mask params)"
         if r.get("params") and any(k in ("lambda",) for k in r["params"][-1]):
             label += f" (λ={r['params'][-1]['lambda']})"
         body.append(

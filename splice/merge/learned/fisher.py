@@ -9,10 +9,12 @@ cancels: ``τ* = Σ_t (F_t + ε)τ_t / Σ_t (F_t + ε)``; equal Fishers give the
 ``F_t = mean over examples of (∂ log p(y|x) / ∂θ)²`` from per-example gradients of the expert's
 log-likelihood of ``y``: sampled from the model's own predictive distribution (``target =
 "sampled"``, the true Fisher as in the paper), its argmax (``"predicted"``) or the given labels
-(``"labels"``, the empirical Fisher). The per-example gradients make the pass one forward and
-one backward per example. With ``stats`` (a directory) each task's Fisher is read from
-``<stats>/<task>.fisher.safetensors`` when it exists (refused in one line if it was made on
-another base, for other deltas or another tensor set) and written there otherwise.
+(``"labels"``, the empirical Fisher; a label < 0 marks a position left out, e.g. a causal
+LM's prompt tokens, as cross-entropy's ``ignore_index``). The per-example gradients make the
+pass one forward and one backward per example. With ``stats`` (a directory) each task's
+Fisher is read from ``<stats>/<task>.fisher.safetensors`` when it exists (refused in one line
+if it was made on another base, for other deltas or another tensor set) and written there
+otherwise.
 """
 
 from __future__ import annotations
@@ -73,6 +75,7 @@ def diagonal_fisher(
         if target == "labels":
             assert labels is not None
             y = labels.reshape(-1).to(logp.device)
+            logp, y = logp[y >= 0], y[y >= 0]  # label < 0: an ignored position (a prompt's)
         elif target == "predicted":
             y = logp.argmax(-1)
         else:
