@@ -108,7 +108,8 @@ def configure_llm(
     device: str | None = None,
     model: str | None = None,
 ) -> LLMBenchConfig:
-    """A profile's config with command-line overrides (``methods == ["all"]``: every one)."""
+    """A profile's config with command-line overrides (``methods == ["all"]``: every one, the
+    EMR-Merging row included; ``"emr"`` among ``methods`` turns that row on)."""
     from splice.data.llm_tasks import LLM_TASKS
     from splice.errors import UsageError
 
@@ -123,7 +124,9 @@ def configure_llm(
             )
         update["tasks"] = tuple(tasks)
     if methods is not None:
-        update["methods"] = None if list(methods) == ["all"] else tuple(methods)
+        names = [m for m in methods if m != "emr"]
+        update["emr"] = "emr" in methods or list(methods) == ["all"]
+        update["methods"] = None if names == ["all"] else tuple(names)
         if update["methods"] is not None:
             update["adapter_methods"] = update["methods"]
     if steps is not None:

@@ -143,6 +143,9 @@ def test_run_llm_rows_and_identical_rerun_from_cache(lm, tmp_path, monkeypatch):
 def test_configure_llm_and_cli_usage_errors(monkeypatch, capsys):
     assert configure_llm("quick", steps=5, methods=["ties"]).adapter_methods == ("ties",)
     assert configure_llm("full").methods is None
+    assert configure_llm("quick", methods=["ties", "emr"]).model_dump()["emr"] is True
+    assert configure_llm("quick", methods=["ties", "emr"]).methods == ("ties",)
+    assert configure_llm("quick", methods=["all"]).emr
     code, _, err = run_cli(monkeypatch, capsys, "bench", "--suite", "llm", "--tasks", "nope")
     assert code == 2 and "unknown llm task 'nope'" in err
     code, _, err = run_cli(monkeypatch, capsys, "bench", "--suite", "llm", "--track", "continual")
