@@ -69,11 +69,23 @@ class PaperConfig(Strict):
         "transductive rows)",
     )
     transductive: tuple[str, ...] = ("adamerging",)
+    variants: dict[str, tuple[dict[str, Any], ...]] = Field(
+        default_factory=lambda: {"ties": ({}, {"aggregate": "sum"})},
+        description="method -> one row group per parameter set ({}: the method's defaults); "
+        "TIES twice: splice's disjoint mean (the paper's text) and the disjoint sum of the "
+        "reference code and FusionBench (merge_func 'dis-sum' / 'sum'), whose λ = 0.3 the "
+        "published tables use",
+    )
     emr: bool = True
     bn_repair: tuple[str, ...] = Field(
-        ("linear", "task_arithmetic", "ties", "regmean", "emr"),
+        ("linear", "task_arithmetic", "ties", "regmean", "adamerging", "emr"),
         description="methods that also get a batch-norm-repaired row (backbones with batch "
         "norm; λ then tuned on val with the repair)",
+    )
+    repair_params: dict[str, dict[str, Any]] = Field(
+        default_factory=lambda: {"adamerging": {"bn": "batch"}},
+        description="method -> parameters of its repaired row only (AdaMerging then fits its "
+        "coefficients with batch statistics, since the stored ones are replaced after)",
     )
     wemoe: WEMoESettings | None = WEMoESettings()
     seeds: tuple[int, ...] = (0,)
@@ -171,19 +183,24 @@ def paper_specs(cfg: PaperConfig) -> list[MergeSpec]:
         if name in learned.names():
             sched = cfg.schedules.get(name, "short")
             out.append(MergeSpec(name, schedule_params(name, sched), learned=True))
-        else:
-            spec = MergeSpec(name, **PRESETS.get(name, {}))
-            scale = scale_param(methods.get(name))
+            if name in cfg.bn_repair:
+                params = {**out[-1].params, **cfg.repair_params.get(name, {})}
+                repaired.append(dataclasses.replace(out[-1], params=params, repair_bn=True))
+            continue
+        scale = scale_param(methods.get(name))
+        for variant in cfg.variants.get(name, ({},)):
+            preset = PRESETS.get(name, {})
+            rest = {k: v for k, v in preset.items() if k != "params"}
+            spec = MergeSpec(name, {**preset.get("params", {}), **variant}, **rest)
             if scale is None:
                 out.append(spec)
             else:
-                out.append(MergeSpec(name, {**spec.params, scale[0]: cfg.fixed_lambda}))
+                fixed = {**spec.params, scale[0]: cfg.fixed_lambda}
+                out.append(dataclasses.replace(spec, params=fixed))
                 if cfg.lambda_grid:
-                    out.append(
-                        MergeSpec(name, dict(spec.params), tune=cfg.lambda_grid, tune_key=scale[0])
-                    )
-        if name in cfg.bn_repair:  # the method's last (tuned) setting, repaired
-            repaired.append(dataclasses.replace(out[-1], repair_bn=True))
+                    out.append(dataclasses.replace(spec, tune=cfg.lambda_grid, tune_key=scale[0]))
+            if name in cfg.bn_repair:  # the variant's last (tuned) setting, repaired
+                repaired.append(dataclasses.replace(out[-1], repair_bn=True))
     return out + repaired
 
 

@@ -121,3 +121,28 @@ def test_cli_estimate_and_bad_options(tiny, monkeypatch, capsys):
     assert run_cli(monkeypatch, capsys, "bench", "--estimate")[0] == 2
     assert run_cli(monkeypatch, capsys, "bench", "--protocol", "x")[0] == 2
     assert configure_paper("quick", suite="vision").tasks[0] == "fashion_mnist"
+
+
+def test_ties_rows_in_both_aggregations_and_a_batch_statistics_adamerging_repair():
+    from splice.bench.paper import paper_specs
+
+    cfg = PaperConfig(
+        tasks=("mnist_5k",),
+        methods=("ties", "adamerging"),
+        lambda_grid=(0.3, 1.0),
+        schedules={"adamerging": {"steps": 2}},
+    )
+    specs = {s.key: s for s in paper_specs(cfg)}
+    assert sorted(specs) == [
+        "adamerging@steps=2",
+        "adamerging@steps=2@bn=batch@+bn",
+        "ties@+bn@tuned",
+        "ties@aggregate=sum@+bn@tuned",
+        "ties@aggregate=sum@lambda=0.3",
+        "ties@aggregate=sum@tuned",
+        "ties@lambda=0.3",
+        "ties@tuned",
+    ]
+    assert specs["ties@aggregate=sum@tuned"].tune == (0.3, 1.0)
+    assert specs["adamerging@steps=2@bn=batch@+bn"].repair_bn
+    assert specs["adamerging@steps=2"].params == {"steps": 2}

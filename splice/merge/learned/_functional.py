@@ -26,6 +26,7 @@ __all__ = [
     "Network",
     "TaskVectors",
     "accumulate_grad",
+    "batch_statistics",
     "entropy",
     "frozen",
     "resolve_device",
@@ -222,6 +223,24 @@ class Network:
             return self.features({**weights, **head}, batch)
         out = self.features(weights, batch)
         return out if head is None else head(out)
+
+
+@contextmanager
+def batch_statistics(module: nn.Module) -> Iterator[None]:
+    """Context: every batch norm of ``module`` normalises with the current batch's mean and
+    variance (train-mode normalisation) and leaves its running buffers untouched; modes and
+    flags are restored after."""
+    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [(m, m.training, m.track_running_stats) for m in norms]
+    for m in norms:
+        m.train()
+        m.track_running_stats = False  # no running buffers read or updated
+    try:
+        yield
+    finally:
+        for m, training, track in saved:
+            m.train(training)
+            m.track_running_stats = track
 
 
 @contextmanager

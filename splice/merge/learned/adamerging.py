@@ -7,12 +7,19 @@ unlabeled batches per task and takes one Adam step on Λ. ``ties_density`` gives
 the task vectors are TIES-processed first (global per-task trim, elected sign, disagreeing
 entries dropped) but stay separate. The paper adapts on unlabeled *test* inputs
 (transductive); pass training or validation inputs to keep test data unseen.
+
+``bn="batch"`` fits the coefficients with every batch norm normalising by the batch's own
+statistics (FusionBench's AdaMerging for ResNets adapts in ``train()`` mode); the running
+buffers are neither used nor changed, so the merged model's statistics are to be set after
+(e.g. :func:`splice.compress.match_bn`). With ``"running"`` (default) the stored statistics
+are used, which a merge of fine-tunes with their own statistics no longer matches.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
+from contextlib import nullcontext
 from functools import partial
 from typing import Any, Literal
 
@@ -29,6 +36,7 @@ from splice.merge.learned._functional import (
     Network,
     TaskVectors,
     accumulate_grad,
+    batch_statistics,
     entropy,
     resolve_device,
     to_cpu,
@@ -46,6 +54,9 @@ class Params(HyperParams):
     batch_size: int = Field(16, ge=1, description="examples per batch")
     batches_per_step: int = Field(2, ge=1, description="batches per task per step")
     clamp: bool = Field(True, description="clamp coefficients to [0, 1] inside the merge")
+    bn: Literal["running", "batch"] = Field(
+        "running", description="batch norms use their running statistics or the batch's"
+    )
     ties_density: float | None = Field(
         None, gt=0, le=1, description="AdaMerging++: TIES-process task vectors, keeping this"
     )
@@ -141,6 +152,7 @@ def adamerging(
     batch_size: int = 16,
     batches_per_step: int = 2,
     clamp: bool = True,
+    bn: Literal["running", "batch"] = "running",
     ties_density: float | None = None,
     seed: int = 0,
     device: str | torch.device | None = None,
@@ -160,13 +172,15 @@ def adamerging(
         tv = ties_process(tv, ties_density)
     net = Network(module, forward, heads, tv.tasks)
     feeds = streams(data, tv.tasks, batch_size, seed)
-    final, history = learn_coefficients(
-        tv, net, feeds, mode, init, lr, steps, clamp, batches_per_step, dev, progress
-    )
+    with batch_statistics(module) if bn == "batch" else nullcontext():
+        final, history = learn_coefficients(
+            tv, net, feeds, mode, init, lr, steps, clamp, batches_per_step, dev, progress
+        )
     with torch.no_grad():
         weights = to_cpu(tv.merge(final), tv.base)
     info = {
         "mode": mode,
+        "bn": bn,
         "tasks": list(tv.tasks),
         "names": list(tv.names),
         "num_coefficients": final.numel(),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from splice.merge.learned import learned
@@ -86,3 +87,43 @@ def test_registered_run_validates_and_forwards_context():
     m = learned.get("adamerging")
     out = m.run(module, deltas(module), x, params={"steps": 2, "mode": "task"}, heads=hs, rows=None)
     assert len(out.history) == 2
+
+
+def _bn_net() -> torch.nn.Module:
+    torch.manual_seed(4)
+    net = torch.nn.Sequential(
+        torch.nn.Linear(5, 4), torch.nn.BatchNorm1d(4), torch.nn.Tanh(), torch.nn.Linear(4, 4)
+    ).double()
+    net[1].running_mean.fill_(2.0)  # stale statistics, far from any batch's
+    net[1].running_var.fill_(9.0)
+    return net.eval()
+
+
+def _reference_entropy(module, ds, hs, x, train_bn: bool) -> float:
+    """Σ_t H(batch of task t) of the merge at λ = 0.3, by an ordinary copy of the module."""
+    from splice.merge.learned._data import streams
+    from splice.merge.learned._functional import entropy
+
+    from ._toys import merged_copy
+
+    weights = {n: p + 0.3 * sum(ds[t][n] for t in TASKS) for n, p in module.named_parameters()}
+    ref = merged_copy(module, weights).train(train_bn)
+    feeds = streams(x, TASKS, 8, 0)
+    with torch.no_grad():
+        return sum(float(entropy(hs[t](ref(feeds[t].next(None)[0])))) for t in TASKS)
+
+
+def test_batch_statistics_fit_uses_each_batchs_moments_and_keeps_the_buffers():
+    module, hs, x = _bn_net(), heads(), inputs()
+    ds = deltas(module)
+    buffers = {n: b.clone() for n, b in module.named_buffers()}
+    kw = dict(heads=hs, steps=1, batch_size=8, batches_per_step=1, mode="task")
+    batch = adamerging(module, ds, x, bn="batch", **kw)
+    running = adamerging(module, ds, x, **kw)
+    assert batch.history[0] == pytest.approx(_reference_entropy(module, ds, hs, x, True))
+    assert running.history[0] == pytest.approx(_reference_entropy(module, ds, hs, x, False))
+    assert abs(batch.history[0] - running.history[0]) > 1e-3
+    assert batch.info["bn"] == "batch"
+    assert not module.training and module[1].track_running_stats  # restored
+    for n, b in module.named_buffers():
+        torch.testing.assert_close(b, buffers[n])  # neither read nor updated
