@@ -32,6 +32,7 @@ def main() -> None:
             "methods": methods,
             "adapter_methods": tuple(m for m in args.adapter.split(",") if m),
             "adapter_rank": args.rank,
+            "emr": False,
             "lambda_grid": tuple(float(x) for x in args.grid.split(",")),
         }
     )

@@ -87,7 +87,7 @@ class LLMBenchConfig(Strict):
 
 
 LLM_PROFILES: dict[str, LLMBenchConfig] = {
-    "quick": LLMBenchConfig(),
+    "quick": LLMBenchConfig(methods=("task_arithmetic", "ties", "dare", "regmean"), emr=True),
     "full": LLMBenchConfig(
         tasks=("sentiment", "topic", "supersense", "tweet", "headword"),
         methods=None,
