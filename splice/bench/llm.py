@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from splice._schema import Strict
 from splice.bench.finetune import apply_deltas
 from splice.bench.llm_eval import Encoded, encode, score
-from splice.bench.llm_learned import LLM_LEARNED, emr_rows, learned_merge
+from splice.bench.llm_learned import LLM_LEARNED, NOT_IN_ALL, emr_rows, learned_merge
 from splice.bench.llm_train import LMTrainConfig, finetune_lm_cached, lm_entry
 from splice.bench.merging import MergeSpec, merge_specs, merge_state, unsupported
 from splice.bench.suite import _digest
@@ -92,6 +92,7 @@ LLM_PROFILES: dict[str, LLMBenchConfig] = {
         tasks=("sentiment", "topic", "supersense", "tweet", "headword"),
         methods=None,
         adapter_methods=("task_arithmetic", "ties", "dare"),
+        emr=True,
         train=LMTrainConfig(steps=40),
         caps=(2000, 24, 40),
     ),
@@ -223,6 +224,7 @@ def _settings(cfg: LLMBenchConfig) -> tuple[list[MergeSpec], list[MergeSpec], di
             for n in learned.names()
             if n not in LLM_LEARNED
         }
+        skipped |= NOT_IN_ALL
     else:
         for n in [n for n in names if n in learned.names()]:
             if n not in LLM_LEARNED:
@@ -244,7 +246,7 @@ def _settings(cfg: LLMBenchConfig) -> tuple[list[MergeSpec], list[MergeSpec], di
 def _wired(cfg: LLMBenchConfig) -> list[str]:
     """The learned merges the run includes (those of :data:`LLM_LEARNED` asked for)."""
     if cfg.methods is None:
-        return list(LLM_LEARNED)
+        return [n for n in LLM_LEARNED if n not in NOT_IN_ALL]
     return [n for n in cfg.methods if n in LLM_LEARNED]
 
 

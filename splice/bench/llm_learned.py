@@ -34,6 +34,7 @@ from splice.bench.llm_eval import Encoded
 
 __all__ = [
     "LLM_LEARNED",
+    "NOT_IN_ALL",
     "LMSequences",
     "answer_labels",
     "emr_rows",
@@ -47,6 +48,15 @@ LLM_LEARNED: dict[str, dict[str, Any]] = {
     "regmean": {"batch_size": 8},
     "regmean_plusplus": {"batch_size": 8},
     "fisher": {"target": "labels"},
+}
+# Wired but not part of ``--methods all`` (the full profile), with the reason: their statistics
+# cost more than the full profile's 120-minute bound leaves.
+NOT_IN_ALL = {
+    "regmean_plusplus": "wired (run it with --methods regmean_plusplus) but not in 'all': its "
+    "statistics re-run each task's sequences once per decoder block (about 15 RegMean passes "
+    "on SmolLM2's 30 blocks), over the full profile's time bound",
+    "fisher": "wired (run it with --methods fisher) but not in 'all': one forward and backward "
+    "per sequence, over the full profile's time bound",
 }
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from splice.bench.finetune import apply_deltas
-from splice.bench.llm import LLMBenchConfig, run_llm
+from splice.bench.llm import LLMBenchConfig, _settings, _wired, configure_llm, run_llm
 from splice.bench.llm_eval import encode
 from splice.bench.llm_learned import LMSequences, answer_labels, emr_rows, learned_merge
 from splice.bench.llm_report import markdown
@@ -23,6 +23,7 @@ from splice.merge.learned._stats import stats_path
 from tests.bench._llm_fixture import gen_task, tiny_llama
 
 Q = "model.layers.0.self_attn.q_proj"
+V = "model.layers.1.self_attn.v_proj"
 
 
 @pytest.fixture(scope="module")
@@ -50,10 +51,19 @@ def test_regmean_of_one_task_is_that_tasks_model(lm):
         torch.testing.assert_close(weights[n], w, atol=1e-5, rtol=1e-4)
 
 
-def _gram(model, seqs):
-    """Σ xᵀx of q_proj's inputs, each sequence run alone (no padding)."""
+def test_regmean_plusplus_of_one_task_is_that_tasks_model(lm):
+    _, model, tok, enc, (d, _) = lm
+    weights, info = learned_merge("regmean_plusplus", model, {"a": d}, {"a": enc},
+                                  tok.pad_token_id, 12)  # fmt: skip
+    assert info["blocks"] == ["model.layers.0", "model.layers.1"]
+    for n, w in apply_deltas(_base(model, d), d).items():
+        torch.testing.assert_close(weights[n], w, atol=1e-5, rtol=1e-4)
+
+
+def _gram(model, seqs, layer):
+    """Σ xᵀx of a layer's inputs, each sequence run alone (no padding)."""
     grams = []
-    handle = model.get_submodule(Q).register_forward_pre_hook(
+    handle = model.get_submodule(layer).register_forward_pre_hook(
         lambda m, a: grams.append(a[0][0].double().T @ a[0][0].double())
     )
     try:
@@ -77,12 +87,13 @@ def test_padding_rows_do_not_change_the_gram(lm, tmp_path):
         learned_merge("regmean", model, {"a": d}, {"a": enc}, pad, 10,
                       params={"batch_size": b, "stats": str(out)})  # fmt: skip
         values, rows = _stored(stats_path(out, "a", "gram"))
-        grams[b] = values[Q]
-        assert rows[Q] == sum(len(s) for s in seqs.seqs)  # real tokens only
-    torch.testing.assert_close(grams[8], grams[1])
+        grams[b] = values
+        assert rows[Q] == rows[V] == sum(len(s) for s in seqs.seqs)  # real tokens only
     with apply_swap(model, apply_deltas(_base(model, d), d)):
-        want = _gram(model, seqs.seqs)
-    torch.testing.assert_close(grams[8], want, atol=1e-6, rtol=1e-6)
+        for layer in (Q, V):  # V shares layer 1's input Gram with its q_proj
+            want = _gram(model, seqs.seqs, layer)  # entries up to ~500; float32 forward
+            torch.testing.assert_close(grams[1][layer], want, atol=1e-4, rtol=1e-5)
+            torch.testing.assert_close(grams[8][layer], want, atol=1e-4, rtol=1e-5)
 
 
 def _stored(path):
@@ -178,3 +189,13 @@ def test_run_llm_has_the_learned_and_emr_rows(lm, tmp_path, monkeypatch):
     assert "EMR-Merging (a model per task) (+" in md and "M mask params)" in md
     emr_line = next(x for x in md.splitlines() if x.startswith("| EMR"))
     assert emr_line.rstrip(" |").endswith("%")  # normalized, like a merge row
+
+
+def test_all_runs_regmean_and_emr_and_lists_the_costly_wired_ones():
+    for cfg in (configure_llm("full"), configure_llm("quick", methods=["all"])):
+        assert _wired(cfg) == ["regmean"] and cfg.emr
+        _, _, skipped = _settings(cfg)
+        assert "regmean" not in skipped and "adamerging" in skipped
+        assert skipped["fisher"].startswith("wired (run it with --methods fisher)")
+    quick = configure_llm("quick")
+    assert _wired(quick) == ["regmean"] and quick.emr

@@ -28,6 +28,10 @@ def _flat(x: Tensor) -> Tensor:
     return x.reshape(-1, x.shape[-1])
 
 
+Memo = dict[tuple[int, bool], tuple[Tensor, Tensor, int]]
+"""One batch's Grams by (id of the input tensor, bias column): see :meth:`Layer.observe`."""
+
+
 @dataclass
 class Layer:
     """Running statistics of one solvable layer (or one q/k/v block of an attention)."""
@@ -48,15 +52,28 @@ class Layer:
     bias_num: Tensor | None = None  # norm/shift: Σ_t N_t τ_β,t
     rows: int = 0  # Σ_t N_t
 
-    def observe(self, x: Tensor) -> None:
-        r = self.inputs(x.detach()).double()
-        self.task_rows += r.shape[0]
-        if self.kind == "shift":
-            return
-        if self.kind == "linear" and self.bias is not None:
-            r = torch.cat([r, r.new_ones(r.shape[0], 1)], dim=1)
-        stat = r.T @ r if self.kind == "linear" else r.pow(2).sum(0)
-        self.task_stat = stat if self.task_stat is None else self.task_stat + stat
+    def observe(self, x: Tensor, memo: Memo | None = None, raw: Tensor | None = None) -> None:
+        """Add the rows of ``x`` to the task's statistics. With ``memo`` (one batch's), a
+        linear layer reuses the Gram another one computed from the same input tensor ``raw``
+        (before row masking), e.g. the q/k/v projections of one transformer layer."""
+        linear = raw is not None and self.kind == "linear" and self.inputs is _flat
+        share = memo if linear else None
+        key = (id(raw), self.bias is not None)
+        if share is not None and key in share:
+            _, stat, rows = share[key]
+            stat = stat.clone()
+        else:
+            r = self.inputs(x.detach()).double()
+            rows, stat = r.shape[0], None
+            if self.kind == "linear" and self.bias is not None:
+                r = torch.cat([r, r.new_ones(r.shape[0], 1)], dim=1)
+            if self.kind != "shift":
+                stat = r.T @ r if self.kind == "linear" else r.pow(2).sum(0)
+            if share is not None and raw is not None and stat is not None:
+                share[key] = (raw, stat, rows)  # raw kept alive: its id is not reused
+        self.task_rows += rows
+        if stat is not None:
+            self.task_stat = stat if self.task_stat is None else self.task_stat + stat
 
     def names(self) -> list[str]:
         return [n for n in (self.weight, self.bias) if n is not None]
@@ -98,9 +115,9 @@ def _norm_rows(module: nn.Module) -> Callable[[Tensor], Tensor] | None:
 
 def _linear_rows(module: nn.Module) -> tuple[Callable[[Tensor], Tensor], bool] | None:
     if isinstance(module, nn.Linear):
-        return (lambda x: x.reshape(-1, x.shape[-1])), False
+        return _flat, False
     if type(module).__name__ == "Conv1D" and getattr(module, "weight", None) is not None:
-        return (lambda x: x.reshape(-1, x.shape[-1])), True
+        return _flat, True
     if isinstance(module, nn.Conv2d) and module.groups == 1 and module.padding_mode == "zeros":
         if isinstance(module.padding, str):
             return None
@@ -191,7 +208,10 @@ def _attention_inputs(
 
 @contextmanager
 def collect(
-    module: nn.Module, layers: Mapping[str, Layer], keep: list[Tensor | None]
+    module: nn.Module,
+    layers: Mapping[str, Layer],
+    keep: list[Tensor | None],
+    memo: Memo | None = None,
 ) -> Iterator[None]:
     groups: dict[str, list[Layer]] = {}
     for lay in layers.values():
@@ -209,10 +229,10 @@ def collect(
                 sources = {"input": args[0] if args else next(iter(kwargs.values()))}
             mask = keep[0]
             for lay in group:
-                x = sources[lay.source]
+                x = raw = sources[lay.source]
                 if mask is not None and x.dim() == 3 and x.shape[:2] == mask.shape:
                     x = x[mask]
-                lay.observe(x)
+                lay.observe(x, memo, raw)
 
         return pre
 
@@ -240,12 +260,15 @@ def feed(
 ) -> None:
     """One streaming pass: ``run(batch)`` over the first ``count`` examples of ``samples``
     (a :class:`~splice.merge.learned._data.Samples`) in batches, with every layer's hook on;
-    ``rows(batch)`` picks the token rows counted; ``on_batch(n)`` after each batch of n."""
+    ``rows(batch)`` picks the token rows counted; ``on_batch(n)`` after each batch of n.
+    Linear layers that read the same input tensor share its Gram within a batch."""
     keep: list[Tensor | None] = [None]
-    with collect(module, layers, keep):
+    memo: Memo = {}
+    with collect(module, layers, keep, memo):
         for start in range(0, count, batch_size):
             idx = torch.arange(start, min(start + batch_size, count)).numpy()
             batch = samples.take(idx, device)[0]
             keep[0] = rows(batch).bool() if rows is not None else None
             run(batch)
+            memo.clear()
             on_batch(len(idx))
