@@ -21,10 +21,11 @@ __all__ = ["EXAMPLE_S", "STATS_S", "STEP_S", "Clock", "model_key"]
 # 197 s for 1,120 scored examples.
 STEP_S = 3.1  # one LoRA step, batch 8, ~60 tokens
 EXAMPLE_S = 0.18  # one example scored: prompt, free and constrained decoding, gold answer
-# Statistics of the learned merges, per training sequence and task (splice.bench.llm_learned):
-# RegMean one forward; Fisher one forward and backward; RegMean++ a forward per decoder block,
-# stopped after it (about (blocks + 1) / 2 full forwards).
-STATS_S = {"regmean": 0.1, "fisher": 0.5, "regmean_plusplus": 1.5}
+# Statistics of the learned merges, per training sequence and task (splice.bench.llm_learned),
+# measured on the quick profile 2026-12-08 (docs/bench.md): RegMean one forward (43.0 s for
+# 4 × 32 sequences); Fisher one forward and backward (147 s, beside other jobs); RegMean++ a
+# forward per decoder block, stopped after it: (30 + 1) / 2 RegMean passes (not measured).
+STATS_S = {"regmean": 0.34, "fisher": 1.15, "regmean_plusplus": 5.3}
 
 
 def model_key(name: str) -> str:
