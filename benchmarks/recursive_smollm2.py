@@ -251,7 +251,7 @@ def report(results: dict) -> None:
         return
     print("\ngap recovered, log ppl (ppl):\n")
     print("| row | " + " | ".join(f"@ {s}" for s in steps) + " |")
-    print("| --- | " + "---: | " * len(steps))
+    print("| --- |" + " ---: |" * len(steps))
     for name, c in curves.items():
         cells = []
         for s in steps:
