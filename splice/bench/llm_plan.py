@@ -24,8 +24,8 @@ EXAMPLE_S = 0.18  # one example scored: prompt, free and constrained decoding, g
 # Statistics of the learned merges, per training sequence and task (splice.bench.llm_learned),
 # measured on the quick profile 2026-12-08 (docs/bench.md): RegMean one forward (43.0 s for
 # 4 × 32 sequences); Fisher one forward and backward (147 s, beside other jobs); RegMean++ a
-# forward per decoder block, stopped after it: (30 + 1) / 2 RegMean passes (not measured).
-STATS_S = {"regmean": 0.34, "fisher": 1.15, "regmean_plusplus": 5.3}
+# forward per decoder block, stopped after it (233 s for 4 × 16 sequences).
+STATS_S = {"regmean": 0.34, "fisher": 1.15, "regmean_plusplus": 3.6}
 
 
 def model_key(name: str) -> str:
