@@ -70,8 +70,7 @@ def main() -> None:
     rows["task arithmetic λ=0.3"] = {t: accuracy(t, ta)[0] for t in QUICK}
     emr = emr_merge(deltas)
     rows["EMR-Merging"] = {t: accuracy(t, emr.weights(tv.base, t))[0] for t in QUICK}
-    size = emr.nbytes()
-    extra = {"EMR-Merging": (size["masks"] + size["scales"]) / 4, "task arithmetic λ=0.3": 0}
+    extra = {"EMR-Merging": emr.extra_params(), "task arithmetic λ=0.3": 0}
     seconds = {"EMR-Merging": 1.0, "task arithmetic λ=0.3": 1.0}
     ffn = r"layer\.\d+\.(intermediate|output)$"  # BERT's two feed-forward halves
     val = {t: enc.prepare(d.val.x) for t, d in data.items()}

@@ -163,9 +163,8 @@ def emr_rows(
     start = time.perf_counter()
     emr = emr_merge(dict(zip(tasks, dws, strict=True)))
     weights = {t: emr.weights(base, t) for t in tasks}
-    size = emr.nbytes()
     extra = {
-        "extra_params": int((size["masks"] + size["scales"]) / 4),
+        "extra_params": int(emr.extra_params()),
         "merge_s": round(time.perf_counter() - start, 2),
         "scales": {t: round(s, 4) for t, s in emr.scales.items()},
     }

@@ -188,9 +188,9 @@ def paper_specs(cfg: PaperConfig) -> list[MergeSpec]:
                 repaired.append(dataclasses.replace(out[-1], params=params, repair_bn=True))
             continue
         scale = scale_param(methods.get(name))
+        preset = PRESETS.get(name, {})
+        rest = {k: v for k, v in preset.items() if k != "params"}
         for variant in cfg.variants.get(name, ({},)):
-            preset = PRESETS.get(name, {})
-            rest = {k: v for k, v in preset.items() if k != "params"}
             spec = MergeSpec(name, {**preset.get("params", {}), **variant}, **rest)
             if scale is None:
                 out.append(spec)

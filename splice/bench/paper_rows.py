@@ -73,8 +73,7 @@ def emr_row(suite: Suite, repair_bn: bool = False) -> Row:
     for t in suite.data:
         weights = emr.weights(base, t)
         acc[t] = suite.acc(repair(weights, t) if repair else weights, tasks=[t])[t]
-    size = emr.nbytes()
-    params = (size["masks"] + size["scales"]) / 4
+    params = emr.extra_params()
     if repair is not None:  # each task's model keeps its own BN running mean and variance
         params += len(acc) * repair.buffer_count()
     return acc, {"extra_params": params, "eval_time_x": 1.0}, merge_s

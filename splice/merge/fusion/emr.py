@@ -79,6 +79,12 @@ class EMRModel:
         masks = sum(m.numel() for per in self.masks.values() for m in per.values())
         return {"unified": uni, "masks": masks, "scales": 8 * len(self.scales)}
 
+    def extra_params(self) -> float:
+        """What the per-task rebuild stores beside one dense model (every mask and rescaler),
+        counted as float32 parameters: their bytes / 4."""
+        size = self.nbytes()
+        return (size["masks"] + size["scales"]) / 4
+
     def save(self, directory: str | Path) -> Path:
         """Write ``emr.safetensors`` (``unified/<name>``, ``mask/<task>/<name>``) and
         ``emr.json`` (format, tasks, rescalers, shapes) to ``directory``."""

@@ -69,7 +69,7 @@ class Layer:
                 r = torch.cat([r, r.new_ones(r.shape[0], 1)], dim=1)
             if self.kind != "shift":
                 stat = r.T @ r if self.kind == "linear" else r.pow(2).sum(0)
-            if share is not None and raw is not None and stat is not None:
+            if share is not None:  # a linear layer: raw is set and stat computed
                 share[key] = (raw, stat, rows)  # raw kept alive: its id is not reused
         self.task_rows += rows
         if stat is not None:
