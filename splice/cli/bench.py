@@ -23,7 +23,7 @@ def bench(
             "--full/--quick",
             help="Profile: --quick (default; 4 text tasks, 4 merge methods, ~2.5 min on the "
             "2-core dev box) or --full (6 text + 4 vision tasks, every method with its λ grid, "
-            "longer training, 3 seeds).",
+            "longer training, 2 seeds, then the LLM suite).",
         ),
     ] = False,
     suite: Annotated[
@@ -179,6 +179,12 @@ def bench(
     cfg = configure(profile, finetune=finetune, **common)
     with_llm = full and suite is None and tasks is None  # the full profile includes the LLM suite
     show = None if with_llm and as_json else as_json  # --json: one document for both
+    if with_llm:
+        from rich.console import Console
+
+        Console(stderr=True).print(
+            "then the LLM suite (SmolLM2): its estimate follows once it has loaded", soft_wrap=True
+        )
     title = f"splice bench[/] {profile}"
     results = _run(title, cfg, run_bench, write_report, print_table, out, show)
     if with_llm:

@@ -106,3 +106,4 @@ def test_full_profile_json_is_one_document_with_the_llm_suite(tmp_path, monkeypa
     )
     assert code == 0, err
     assert json.loads(out) == {"merge": {"rows": [1]}, "llm": {"rows": [2]}}
+    assert "then the LLM suite (SmolLM2)" in err  # the up-front estimate covers only the first
