@@ -4,11 +4,11 @@ commands of a few minutes each, and its held-out curve is read at chosen steps.
 
 ``segments(cfg, stops, budget_s, on_eval)`` trains ``cfg`` from its checkpoint (if any) and
 pauses at each step of ``stops`` (multiples of ``cfg.checkpoint_every``) to call
-``on_eval(step, checkpoint_dir)``. ``splice.train`` writes a checkpoint after the hook of a
-boundary step, so the hook raises one step later: each pause costs one optimizer step, redone
-after the resume (batches are a function of the step index and the checkpoint holds parameters,
-AdamW moments, the LR schedule and the RNG, so the resumed run equals an unbroken one — tested
-in ``tests/convert/test_recursive_uptrain.py``). With ``budget_s`` it also pauses at the first
+``on_eval(step, checkpoint_dir)``. ``splice.train`` writes a boundary step's checkpoint before
+its step hook, so the hook stops the run right there and no step is redone (batches are a
+function of the step index and the checkpoint holds parameters, AdamW moments, the LR schedule
+and the RNG, so the resumed run equals an unbroken one — tested in
+``tests/convert/test_recursive_uptrain.py``). With ``budget_s`` it also pauses at the first
 boundary after which the next segment would end past ``budget_s`` seconds of this process, and
 returns None: the same command resumes it.
 """
@@ -25,7 +25,7 @@ import torch
 
 
 class _Pause(Exception):
-    """Raised from the step hook one step after the boundary whose checkpoint is kept."""
+    """Raised from the step hook of the boundary whose checkpoint was just written."""
 
 
 def checkpoint_step(out: Path) -> int:
@@ -79,17 +79,17 @@ def segments(
         paused, times = {"at": None, "budget": False}, [clock()]
 
         def hook(step: int, loss: float, pending=pending, paused=paused, times=times) -> None:
-            if paused["at"] is not None:
-                raise _Pause
             times.append(clock())
             if step % every or step >= cfg.steps:
                 return
             per_step[0] = (times[-1] - times[0]) / (len(times) - 1)
-            late = clock() - start + (every + 1) * per_step[0] + reserve_s
+            late = clock() - start + every * per_step[0] + reserve_s
             if pending and step == pending[0]:
                 paused["at"] = step
             elif budget_s is not None and late > budget_s:
                 paused["at"], paused["budget"] = step, True
+            if paused["at"] is not None:
+                raise _Pause
 
         try:
             return train(cfg, on_step=hook)
@@ -98,6 +98,6 @@ def segments(
         if paused["budget"]:
             return None
         on_eval(paused["at"], cfg.out / "checkpoint")
-        late = clock() - start + (every + 1) * per_step[0] + reserve_s
+        late = clock() - start + every * per_step[0] + reserve_s
         if budget_s is not None and late > budget_s:
             return None

@@ -31,6 +31,7 @@ from pydantic import Field
 
 from splice._schema import Strict
 from splice.bench.finetune import FinetuneConfig
+from splice.bench.journal import Journal
 from splice.bench.merging import MergeSpec, scale_param
 from splice.bench.progress import Phase
 
@@ -298,27 +299,31 @@ def estimate_text(cfg: PaperConfig, seconds: float, plan: Sequence[Phase]) -> st
     )
 
 
-def run_paper(cfg: PaperConfig, console: Any | None = None) -> dict[str, Any]:
+def run_paper(
+    cfg: PaperConfig, console: Any | None = None, journal: Journal | None = None
+) -> dict[str, Any]:
     """Run the paper protocol; the results have the shape of :func:`splice.bench.run_bench`'s
     plus ``extra`` (per row: extra parameters, evaluation-time factor) and rows of kind
-    ``per-task`` (EMR), ``routed`` (WEMoE) and ``transductive``."""
+    ``per-task`` (EMR), ``routed`` (WEMoE) and ``transductive``. ``journal`` keeps every
+    finished row and supplies those of an interrupted run (as in ``run_bench``)."""
     import platform
 
     import torch
 
     from splice.bench.finetune import finetune_cached
     from splice.bench.progress import Progress
-    from splice.bench.runner import Row, _evaluate, _train_line
+    from splice.bench.runner import Row, _evaluate, _train_line, resumed
     from splice.bench.suite import Suite
 
     rows: dict[str, Row] = {}
     extra: dict[str, dict[str, Any]] = {}
     skipped: dict[str, str] = {}
     runs_meta: list[dict[str, Any]] = []
+    journal = journal if journal is not None else Journal(None, {})
     start = time.perf_counter()
     with Progress(console, time.perf_counter) as progress:
         groups, rate, configs = _load(cfg)
-        plan = _plan(cfg, groups, rate, configs)
+        plan = resumed(_plan(cfg, groups, rate, configs), journal)
         progress.plan(plan)
         est = time.perf_counter() - start + sum(p.est for p in plan)
         progress.say(estimate_text(cfg, est, plan))
@@ -341,8 +346,8 @@ def run_paper(cfg: PaperConfig, console: Any | None = None) -> dict[str, Any]:
                     )
                     line = _train_line(name, seed, run, was, c.steps)
                     progress.done(f"train/{at}/{name}", line, time.perf_counter() - t0)
-                _evaluate(suite, specs, rows, skipped, seed, progress)
-                _extra_rows(cfg, suite, seed, trans, rows, extra, skipped, progress)
+                _evaluate(suite, specs, rows, skipped, seed, progress, journal)
+                _extra_rows(cfg, suite, seed, trans, rows, extra, skipped, progress, journal)
     wall = time.perf_counter() - start
     return {
         "protocol": "paper",
@@ -356,6 +361,7 @@ def run_paper(cfg: PaperConfig, console: Any | None = None) -> dict[str, Any]:
         "meta": {
             "wall_s": round(wall, 1),
             "estimate_s": round(est, 1),
+            "resumed_rows": journal.reused,
             "torch": torch.__version__,
             "python": platform.python_version(),
             "threads": torch.get_num_threads(),
@@ -373,9 +379,11 @@ def _extra_rows(
     extra: dict[str, dict[str, Any]],
     skipped: dict[str, str],
     progress: Any,
+    journal: Journal,
 ) -> None:
     """EMR, WEMoE and the transductive rows of one (backbone, seed); a row that cannot run
-    (WEMoE without feed-forward blocks) is listed as not run, with the reason."""
+    (WEMoE without feed-forward blocks) is listed as not run, with the reason. Rows in
+    ``journal`` are read from it, the others added to it."""
     from splice.bench.paper_rows import emr_row, transductive_row, wemoe_row
     from splice.bench.runner import _add
     from splice.errors import SpliceError
@@ -404,14 +412,21 @@ def _extra_rows(
         todo.append((f"{spec.key}@test", label, "transductive", make))
     for key, label, kind, make in todo:
         t0 = time.perf_counter()
-        try:
-            acc, more, secs = make()
-        except SpliceError as e:
-            skipped[label] = str(e)
-            progress.done(f"evaluate/{at}/{key}", f"skip {label}: {e}", 0.0)
+        row = journal.get(f"evaluate/{at}/{key}")
+        if row is None:
+            try:
+                acc, more, secs = make()
+                row = {"acc": acc, "more": more, "secs": secs}
+            except SpliceError as e:
+                row = {"skip": str(e)}
+            journal.put(f"evaluate/{at}/{key}", row)
+        if "skip" in row:
+            skipped[label] = row["skip"]
+            progress.done(f"evaluate/{at}/{key}", f"skip {label}: {row['skip']}", 0.0)
             continue
-        _add(rows, key, label, kind, acc, secs, {})
-        extra.setdefault(key, {}).update(more)
+        acc = row["acc"]
+        _add(rows, key, label, kind, acc, row["secs"], {})
+        extra.setdefault(key, {}).update(row["more"])
         mean = float(np.mean(list(acc.values())))
         took = time.perf_counter() - t0
         progress.done(f"evaluate/{at}/{key}", f"evaluate {label}: {mean:.1%}", took)

@@ -15,7 +15,7 @@ import platform
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -33,9 +33,10 @@ from splice.bench.finetune import (
     finetune_cached,
     is_cached,
 )
+from splice.bench.journal import Journal
 from splice.bench.merging import MergeSpec, merge_specs, merge_state, scale_param, unsupported
 from splice.bench.plan import calibrate, estimate_line, plan_run
-from splice.bench.progress import Progress
+from splice.bench.progress import Phase, Progress
 from splice.bench.suite import Suite
 from splice.data.encoders import Encoder, Prepared, load_encoder
 from splice.data.local import resolve_task
@@ -132,8 +133,11 @@ def _evaluate(
     skipped: dict[str, str],
     seed: int,
     progress: Progress,
+    journal: Journal | None = None,
 ) -> None:
-    """Evaluate the reference rows and every setting; one progress line each."""
+    """Evaluate the reference rows and every setting; one progress line each. A row found in
+    ``journal`` (an interrupted run resumed) is read from it, a row evaluated is added to it."""
+    journal = journal if journal is not None else Journal(None, {})
     tasks = list(suite.data)
     at = f"{suite.encoder.modality}/{seed}"
     names = sorted({n for r in suite.runs.values() for n in r.deltas})
@@ -142,50 +146,69 @@ def _evaluate(
     own = {t: {**base, **apply_deltas(base, suite.runs[t].deltas)} for t in tasks}
     n_tune = sum(len(s.tune) for s in specs)
     start = time.perf_counter()
-    _add(rows, "zero_shot", "zero-shot", "reference", suite.acc(None))
-    individual = {t: suite.acc(own[t], tasks=[t])[t] for t in tasks}  # own task only
-    _add(rows, "individual", "individual", "reference", individual)
-    val_own = {t: suite.acc(own[t], "val", [t])[t] for t in tasks} if n_tune else {}
-    zero = _mean(rows["zero_shot"].acc)
+    ref = journal.get(f"evaluate/{at}/references")
+    if ref is None:
+        ref = {
+            "zero_shot": suite.acc(None),
+            "individual": {t: suite.acc(own[t], tasks=[t])[t] for t in tasks},  # own task only
+            "val_own": {t: suite.acc(own[t], "val", [t])[t] for t in tasks} if n_tune else {},
+        }
+        journal.put(f"evaluate/{at}/references", ref)
+    _add(rows, "zero_shot", "zero-shot", "reference", ref["zero_shot"])
+    _add(rows, "individual", "individual", "reference", ref["individual"])
+    val_own = ref["val_own"]
+    zero, ind = _mean(rows["zero_shot"].acc), np.mean(list(ref["individual"].values()))
     progress.done(
         f"evaluate/{at}/references",
-        f"evaluate zero-shot {zero:.1%}, individual {np.mean(list(individual.values())):.1%}",
+        f"evaluate zero-shot {zero:.1%}, individual {ind:.1%}",
         time.perf_counter() - start,
     )
     models = list(own.values())
     tested: dict[str, tuple[dict[str, float], float]] = {}  # one test run per setting
     repair = repairer(suite, own, specs)  # None: no spec asks for it, or no batch norm
-    for spec in specs:
-        start = time.perf_counter()
+
+    def setting(spec: MergeSpec) -> dict[str, Any]:
+        """One row: ``{"skip": reason}`` or its accuracies, merge seconds and parameters."""
         reason = unsupported(spec, len(tasks)) or (NO_BN if spec.repair_bn and not repair else None)
-        fix = repair if spec.repair_bn and repair else dict  # dict: the merge as it is
         if reason:
-            skipped[spec.label] = reason
-            progress.done(f"evaluate/{at}/{spec.key}", f"skip {spec.label}: {reason}", 0.0)
-            continue
+            return {"skip": reason}
+        fix = repair if spec.repair_bn and repair else dict  # dict: the merge as it is
         if spec.learned:
             merged, secs = _learn(suite, spec, seed)
-            _add(rows, spec.key, spec.label, "merge", suite.acc(fix(merged)), secs, spec.params)
-        else:
-            chosen, best = spec, -1.0
-            for value in spec.tune:
-                merged, _ = merge_state(spec.with_value(value), base, models, seed)
-                val = suite.acc(fix(merged), "val")
-                score = float(np.mean([val[t] / max(val_own[t], 1e-9) for t in tasks]))
-                if score > best:
-                    chosen, best = spec.with_value(value), score
-            key = chosen.resolved_key()
-            if key not in tested:
-                merged, secs = merge_state(chosen, base, models, seed)
-                tested[key] = suite.acc(fix(merged)), secs
-            acc, secs = tested[key]
-            _add(rows, spec.key, spec.label, "merge", acc, secs, chosen.chosen)
+            return {"acc": suite.acc(fix(merged)), "secs": secs, "params": spec.params}
+        chosen, best = spec, -1.0
+        for value in spec.tune:
+            merged, _ = merge_state(spec.with_value(value), base, models, seed)
+            val = suite.acc(fix(merged), "val")
+            score = float(np.mean([val[t] / max(val_own[t], 1e-9) for t in tasks]))
+            if score > best:
+                chosen, best = spec.with_value(value), score
+        key = chosen.resolved_key()
+        if key not in tested:
+            merged, secs = merge_state(chosen, base, models, seed)
+            tested[key] = suite.acc(fix(merged)), secs
+        acc, secs = tested[key]
+        return {"acc": acc, "secs": secs, "params": chosen.chosen}
+
+    for spec in specs:
+        start = time.perf_counter()
+        key = f"evaluate/{at}/{spec.key}"
+        row = journal.get(key)
+        if row is None:
+            row = setting(spec)
+            journal.put(key, row)
+        if "skip" in row:
+            skipped[spec.label] = row["skip"]
+            progress.done(key, f"skip {spec.label}: {row['skip']}", 0.0)
+            continue
+        _add(rows, spec.key, spec.label, "merge", row["acc"], row["secs"], row["params"])
+        if not spec.learned:
             rows[spec.key].tuned = spec.tune_key if spec.tune else None
         label = rows[spec.key].label
         if spec.tune:
             label += f" → {rows[spec.key].params[-1][spec.tune_key]}"
         progress.done(
-            f"evaluate/{at}/{spec.key}",
+            key,
             f"evaluate {label}: avg acc {_mean(rows[spec.key].acc):.1%}",
             time.perf_counter() - start,
         )
@@ -302,10 +325,14 @@ def _train_line(name: str, seed: int, run: TaskRun, cached: bool, steps: int) ->
     return f"train {name} (seed {seed}): {per100:.1f} s per 100 steps, final loss {loss:.3f}"
 
 
-def run_bench(cfg: BenchConfig, console: Any | None = None) -> dict[str, Any]:
+def run_bench(
+    cfg: BenchConfig, console: Any | None = None, journal: Journal | None = None
+) -> dict[str, Any]:
     """Run the benchmark; returns the results (see :mod:`splice.bench.report`).
 
-    ``console`` (a rich Console) gets the estimate and a line per phase as it ends."""
+    ``console`` (a rich Console) gets the estimate and a line per phase as it ends;
+    ``journal`` keeps every finished row and supplies those of an interrupted run."""
+    journal = journal if journal is not None else Journal(None, {})
     task_objs = [resolve_task(t) for t in cfg.tasks]
     specs = _specs(cfg)
     rows: dict[str, Row] = {}
@@ -326,7 +353,7 @@ def run_bench(cfg: BenchConfig, console: Any | None = None) -> dict[str, Any]:
                 for seed in cfg.seeds
                 for n, d in g.data.items()
             }
-        plan = plan_run(cfg, specs, groups, rate, cached)
+        plan = resumed(plan_run(cfg, specs, groups, rate, cached), journal)
         progress.plan(plan)
         phases["estimate_s"] = phases["load_s"] + sum(p.est for p in plan)
         progress.say(estimate_line(cfg, specs, plan, phases, rate))
@@ -348,14 +375,19 @@ def run_bench(cfg: BenchConfig, console: Any | None = None) -> dict[str, Any]:
                         time.perf_counter() - t0,
                     )
                 with _timed(phases, "evaluate_s"):
-                    _evaluate(suite, specs, rows, skipped, seed, progress)
+                    _evaluate(suite, specs, rows, skipped, seed, progress, journal)
                 if cfg.continual_orders and continual_methods(specs):
                     ind = {t: rows["individual"].acc[t][-1] for t in g.data}
                     with _timed(phases, "continual_s"):
                         t0 = time.perf_counter()
-                        continual += run_continual(
-                            suite, continual_methods(specs), cfg.continual_orders, seed, ind
-                        )
+                        key = f"continual/{g.encoder.modality}/{seed}"
+                        view = journal.get(key)
+                        if view is None:
+                            view = run_continual(
+                                suite, continual_methods(specs), cfg.continual_orders, seed, ind
+                            )
+                            journal.put(key, view)
+                        continual += view
                     progress.done(
                         f"continual/{g.encoder.modality}/{seed}",
                         f"continual view (seed {seed}): {', '.join(continual_methods(specs))}",
@@ -372,12 +404,18 @@ def run_bench(cfg: BenchConfig, console: Any | None = None) -> dict[str, Any]:
         "meta": {
             **{k: round(v, 1) for k, v in phases.items()},
             "train_s_per_100_steps": round(float(np.mean(fresh)), 2) if fresh else None,
+            "resumed_rows": journal.reused,
             "torch": torch.__version__,
             "python": platform.python_version(),
             "threads": torch.get_num_threads(),
             "device": cfg.device,
         },
     }
+
+
+def resumed(plan: Sequence[Phase], journal: Journal) -> list[Phase]:
+    """The plan with the phases already in ``journal`` (an interrupted run's) costing 0."""
+    return [replace(p, est=0.0) if p.key in journal else p for p in plan]
 
 
 def profile_update(

@@ -101,6 +101,14 @@ def bench(
         bool,
         typer.Option("--estimate", help="--protocol paper: print the predicted time, run nothing."),
     ] = False,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            "--resume",
+            help="merge track: go on with the interrupted run whose journal.jsonl is in --out "
+            "(same options); its finished rows are read, not evaluated again.",
+        ),
+    ] = False,
 ) -> None:
     """Fine-tune tasks from packaged data, merge them (--full: every registered way), report a
     table; an estimate first, then a line per phase with the time left. --track peft compares
@@ -117,8 +125,12 @@ def bench(
               "seed": seed, "device": device, "text_model": text_model}  # fmt: skip
     if protocol not in ("default", "paper"):
         raise UsageError(f"unknown protocol {protocol!r}", fix="use default or paper")
+    if resume and (track != "merge" or suite == "llm" or estimate):
+        raise UsageError(
+            "--resume belongs to the merge track's runs (text and vision suites)", fix="drop it"
+        )
     if protocol == "paper":
-        _paper(profile, common, finetune, set_ or [], estimate, track, budget, out, as_json)
+        _paper(profile, common, finetune, set_ or [], estimate, track, budget, out, as_json, resume)
         return
     if estimate:
         raise UsageError("--estimate belongs to --protocol paper", fix="add --protocol paper")
@@ -186,7 +198,7 @@ def bench(
             "then the LLM suite (SmolLM2): its estimate follows once it has loaded", soft_wrap=True
         )
     title = f"splice bench[/] {profile}"
-    results = _run(title, cfg, run_bench, write_report, print_table, out, show)
+    results = _run(title, cfg, run_bench, write_report, print_table, out, show, resume)
     if with_llm:
         from splice.cli._bench_llm import run_llm_suite
 
@@ -204,14 +216,30 @@ def _run(
     table: Callable[[dict[str, Any], Any], None],
     out: Path,
     as_json: bool | None,
+    resume: bool | None = None,
 ) -> dict[str, Any]:
     """Run with progress on stderr, write the files, print the table (or JSON; neither for
-    ``as_json=None``) on stdout; return the results."""
+    ``as_json=None``) on stdout; return the results. ``resume`` (None: the run keeps no
+    journal): whether to go on from the journal in ``out`` rather than start it over."""
     from rich.console import Console
 
     err = Console(stderr=True)
     err.print(f"[bold]{title}: {', '.join(cfg.tasks)}", soft_wrap=True)
-    results = run(cfg, console=err)
+    if resume is None:
+        results = run(cfg, console=err)
+    else:
+        from splice.bench.journal import JOURNAL, Journal
+
+        journal = Journal(out / JOURNAL, cfg.model_dump(mode="json"), resume)
+        try:
+            results = run(cfg, console=err, journal=journal)
+        except KeyboardInterrupt:
+            err.print(
+                f"{len(journal.rows)} finished rows are kept in {journal.path}; "
+                "the same command with --resume goes on from there",
+                soft_wrap=True,
+            )
+            raise
     paths = write(results, out)
     if as_json:
         print_json(results)
@@ -232,6 +260,7 @@ def _paper(
     budget: int | None,
     out: Path,
     as_json: bool,
+    resume: bool,
 ) -> None:
     """``--protocol paper``: configure, then estimate only or run and report."""
     from splice.errors import UsageError
@@ -253,7 +282,7 @@ def _paper(
     from splice.bench.paper_report import print_paper_table, write_paper_report
 
     title = f"splice bench --protocol paper[/] {profile}"
-    _run(title, cfg, run_paper, write_paper_report, print_paper_table, out, as_json)
+    _run(title, cfg, run_paper, write_paper_report, print_paper_table, out, as_json, resume)
 
 
 def _options(items: list[str]) -> dict[str, dict[str, object]]:

@@ -112,8 +112,9 @@ def fit(
 ) -> LoopState:
     """Run ``step`` until ``steps`` optimizer steps are done; returns the final state.
 
-    After every step: the progress bar (loss, examples/s), ``on_step(step, loss)``, and every
-    ``checkpoint_every`` steps but the last, ``checkpoint(state)``.
+    After every step: the progress bar (loss, examples/s), every ``checkpoint_every`` steps
+    but the last ``checkpoint(state)``, then ``on_step(step, loss)`` (so a hook that raises,
+    Ctrl-C included, loses no step past the checkpoint it follows).
     """
     state = state or LoopState()
     start = time.perf_counter()
@@ -124,11 +125,11 @@ def fit(
             state.history.append(loss)
             state.seen += seen
             advance(loss, state.seen / (time.perf_counter() - start))
-            if on_step is not None:
-                on_step(state.step, loss)
             every = checkpoint_every and state.step % checkpoint_every == 0
             if checkpoint is not None and every and state.step < steps:
-                checkpoint(state)
+                checkpoint(state)  # before the hook: a hook that stops the run keeps this step
+            if on_step is not None:
+                on_step(state.step, loss)
     state.seconds = time.perf_counter() - start
     return state
 

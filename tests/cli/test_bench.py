@@ -28,10 +28,30 @@ def test_bench_cli_writes_report_for_local_tasks(tmp_path, monkeypatch, capsys):
     code, stdout, stderr = _run(args, monkeypatch, capsys)
     assert code == 0, stderr
     assert "task_arithmetic" in stdout and "individual" in stdout and "wrote" in stderr
-    assert sorted(p.name for p in out.iterdir()) == ["results.json", "results.md", "results.png"]
+    names = ["journal.jsonl", "results.json", "results.md", "results.png"]
+    assert sorted(p.name for p in out.iterdir()) == names
     data = json.loads((out / "results.json").read_text())
     assert list(data["tasks"]) == ["spam", "tone"]
     assert data["config"]["train"]["steps"] == 2
+
+    # Ctrl-C in the merge: the journal keeps the reference rows and says how to go on
+    import splice.bench.runner as runner
+
+    def interrupt(*args, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner, "merge_state", interrupt)
+    code, _, stderr = _run(args, monkeypatch, capsys)
+    assert code == 130 and "1 finished rows are kept in" in stderr and "--resume" in stderr
+    monkeypatch.undo()
+    monkeypatch.setenv("SPLICE_CACHE", str(tmp_path / "cache"))
+    code, _, stderr = _run([*args, "--resume"], monkeypatch, capsys)
+    assert code == 0, stderr
+    again = json.loads((out / "results.json").read_text())
+    assert again["meta"]["resumed_rows"] == 1
+    assert [r["acc"] for r in again["rows"]] == [r["acc"] for r in data["rows"]]
+    code, _, stderr = _run([*args, "--resume", "--steps", "3"], monkeypatch, capsys)
+    assert code == 2 and "different settings: ['train']" in stderr
 
 
 @pytest.mark.parametrize(
@@ -75,6 +95,8 @@ def test_bench_cli_peft_track_writes_report(tmp_path, monkeypatch, capsys):
         (["--track", "peft", "--finetune", "full"], 2, "--finetune belongs to --track merge"),
         (["--suite", "llm", "--budget", "100"], 2, "--budget and --set belong to --track peft"),
         (["--suite", "llm", "--track", "peft", "--finetune", "lora"], 2, "--finetune belongs"),
+        (["--track", "peft", "--resume"], 2, "--resume belongs to the merge track's runs"),
+        (["--suite", "llm", "--resume"], 2, "--resume belongs to the merge track's runs"),
     ],
 )
 def test_bench_cli_peft_errors_are_one_line(args, code, message, tmp_path, monkeypatch, capsys):
@@ -94,9 +116,9 @@ def test_full_profile_json_is_one_document_with_the_llm_suite(tmp_path, monkeypa
     import splice.bench.report as report
     import splice.bench.runner as runner
 
-    cfg = types.SimpleNamespace(tasks=["t"])
+    cfg = types.SimpleNamespace(tasks=["t"], model_dump=lambda mode: {"tasks": ["t"]})
     monkeypatch.setattr(runner, "configure", lambda profile, **kw: cfg)
-    monkeypatch.setattr(runner, "run_bench", lambda c, console: {"rows": [1]})
+    monkeypatch.setattr(runner, "run_bench", lambda c, console, journal: {"rows": [1]})
     monkeypatch.setattr(report, "write_report", lambda r, out: [out / "results.md"])
     monkeypatch.setattr(llm, "configure_llm", lambda profile, **kw: cfg)
     monkeypatch.setattr(llm, "run_llm", lambda c, say: {"rows": [2]})

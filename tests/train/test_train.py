@@ -128,6 +128,14 @@ def test_interrupted_run_resumes_to_the_same_result(bert_dir, csv_file, tmp_path
     assert stable(resumed) == stable(full)
 
 
+def test_a_hook_that_stops_at_a_checkpoint_step_keeps_that_step(bert_dir, csv_file, tmp_path):
+    """The checkpoint of a boundary step is written before the step hook runs, so Ctrl-C
+    (or a pause) raised by the hook at step 3 resumes from 3, not from the step before."""
+    kw = dict(checkpoint_every=3)
+    interrupted(bert_dir, csv_file, tmp_path / "cut", at_step=3, **kw)
+    assert json.loads((tmp_path / "cut" / "checkpoint" / "state.json").read_text())["step"] == 3
+
+
 def test_resume_refuses_a_checkpoint_with_other_settings(bert_dir, csv_file, tmp_path):
     interrupted(bert_dir, csv_file, tmp_path, at_step=2, checkpoint_every=1)
     with pytest.raises(SpliceError, match=r"different settings: \['lr'\]"):
