@@ -230,6 +230,9 @@ def _run(
     else:
         from splice.bench.journal import JOURNAL, Journal
 
+        if resume and not (out / JOURNAL).is_file():
+            err.print(f"--resume: no {JOURNAL} in {out}; the run starts from the beginning",
+                      soft_wrap=True)  # fmt: skip
         journal = Journal(out / JOURNAL, cfg.model_dump(mode="json"), resume)
         try:
             results = run(cfg, console=err, journal=journal)

@@ -52,6 +52,8 @@ def test_bench_cli_writes_report_for_local_tasks(tmp_path, monkeypatch, capsys):
     assert [r["acc"] for r in again["rows"]] == [r["acc"] for r in data["rows"]]
     code, _, stderr = _run([*args, "--resume", "--steps", "3"], monkeypatch, capsys)
     assert code == 2 and "different settings: ['train']" in stderr
+    code, _, stderr = _run([*args, "--resume", "--out", str(tmp_path / "new")], monkeypatch, capsys)
+    assert code == 0 and "--resume: no journal.jsonl in" in stderr
 
 
 @pytest.mark.parametrize(
