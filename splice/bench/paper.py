@@ -312,7 +312,8 @@ def run_paper(
 
     from splice.bench.finetune import finetune_cached
     from splice.bench.progress import Progress
-    from splice.bench.runner import Row, _evaluate, _train_line, resumed
+    from splice.bench.rows import Row, evaluate_rows, resumed
+    from splice.bench.runner import _train_line
     from splice.bench.suite import Suite
 
     rows: dict[str, Row] = {}
@@ -346,7 +347,7 @@ def run_paper(
                     )
                     line = _train_line(name, seed, run, was, c.steps)
                     progress.done(f"train/{at}/{name}", line, time.perf_counter() - t0)
-                _evaluate(suite, specs, rows, skipped, seed, progress, journal)
+                evaluate_rows(suite, specs, rows, skipped, seed, progress, journal)
                 _extra_rows(cfg, suite, seed, trans, rows, extra, skipped, progress, journal)
     wall = time.perf_counter() - start
     return {
@@ -385,7 +386,7 @@ def _extra_rows(
     (WEMoE without feed-forward blocks) is listed as not run, with the reason. Rows in
     ``journal`` are read from it, the others added to it."""
     from splice.bench.paper_rows import emr_row, transductive_row, wemoe_row
-    from splice.bench.runner import _add
+    from splice.bench.rows import add_row
     from splice.errors import SpliceError
 
     mod = suite.encoder.modality
@@ -425,7 +426,7 @@ def _extra_rows(
             progress.done(f"evaluate/{at}/{key}", f"skip {label}: {row['skip']}", 0.0)
             continue
         acc = row["acc"]
-        _add(rows, key, label, kind, acc, row["secs"], {})
+        add_row(rows, key, label, kind, acc, row["secs"], {})
         extra.setdefault(key, {}).update(row["more"])
         mean = float(np.mean(list(acc.values())))
         took = time.perf_counter() - t0

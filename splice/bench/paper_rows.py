@@ -151,7 +151,7 @@ def wemoe_row(
 
 def transductive_row(suite: Suite, spec: Any, seed: int) -> Row:
     """A learned merge fitted on the unlabeled *test* inputs (its own objective)."""
-    from splice.bench.runner import _learn
+    from splice.bench.rows import learn
 
-    weights, secs = _learn(suite, spec, seed, split="test")
+    weights, secs = learn(suite, spec, seed, split="test")
     return suite.acc(weights), {}, secs

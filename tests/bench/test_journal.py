@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from splice.bench import runner
+from splice.bench import rows
 from splice.bench.finetune import FinetuneConfig
 from splice.bench.journal import Journal
 from splice.bench.runner import BenchConfig, run_bench
@@ -50,7 +50,7 @@ def test_an_interrupted_run_resumes_to_the_unbroken_rows(tiny, tmp_path, monkeyp
     cfg = _config(tiny)
     whole = run_bench(cfg)
 
-    real, calls = runner.merge_state, []
+    real, calls = rows.merge_state, []
 
     def stop_at_ties(spec, *args, **kw):  # Ctrl-C in the third setting's merge
         calls.append(spec.method)
@@ -59,7 +59,7 @@ def test_an_interrupted_run_resumes_to_the_unbroken_rows(tiny, tmp_path, monkeyp
         return real(spec, *args, **kw)
 
     path = tmp_path / "out" / "journal.jsonl"
-    monkeypatch.setattr(runner, "merge_state", stop_at_ties)
+    monkeypatch.setattr(rows, "merge_state", stop_at_ties)
     with pytest.raises(KeyboardInterrupt):
         run_bench(cfg, journal=Journal(path, cfg.model_dump(mode="json")))
     kept = [json.loads(line)["key"] for line in path.read_text().splitlines()[1:]]
@@ -74,7 +74,7 @@ def test_an_interrupted_run_resumes_to_the_unbroken_rows(tiny, tmp_path, monkeyp
         return real(spec, *args, **kw)
 
     calls.clear()
-    monkeypatch.setattr(runner, "merge_state", counted)
+    monkeypatch.setattr(rows, "merge_state", counted)
     again = run_bench(cfg, journal=Journal(path, cfg.model_dump(mode="json"), resume=True))
     assert "task_arithmetic" not in calls  # read from the journal, not merged again
     assert again["meta"]["resumed_rows"] == 3

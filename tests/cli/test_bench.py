@@ -35,12 +35,12 @@ def test_bench_cli_writes_report_for_local_tasks(tmp_path, monkeypatch, capsys):
     assert data["config"]["train"]["steps"] == 2
 
     # Ctrl-C in the merge: the journal keeps the reference rows and says how to go on
-    import splice.bench.runner as runner
+    import splice.bench.rows as rows
 
     def interrupt(*args, **kw):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(runner, "merge_state", interrupt)
+    monkeypatch.setattr(rows, "merge_state", interrupt)
     code, _, stderr = _run(args, monkeypatch, capsys)
     assert code == 130 and "1 finished rows are kept in" in stderr and "--resume" in stderr
     monkeypatch.undo()
