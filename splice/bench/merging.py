@@ -30,6 +30,9 @@ TRANSFORM_BASE = "task_arithmetic"  # the base method transforms are evaluated o
 # Values for hyperparameters a method leaves required (no default), from the spec's presets.
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "dare": {"model_params": {"p": 0.5}},  # FusionBench preset, merging.md §3.4
+    # mergekit's documented example; at the method's defaults (density 1) the window keeps
+    # every entry and the row would be task arithmetic's (the bench before 2026-12-08)
+    "breadcrumbs": {"model_params": {"density": 0.9, "gamma": 0.01}},
 }
 
 
