@@ -44,11 +44,11 @@ def evaluate_rows(
     skipped: dict[str, str],
     seed: int,
     progress: Progress,
-    journal: Journal | None = None,
+    journal: Journal,
 ) -> None:
     """Evaluate the reference rows and every setting; one progress line each. A row found in
-    ``journal`` (an interrupted run resumed) is read from it, a row evaluated is added to it."""
-    journal = journal if journal is not None else Journal(None, {})
+    ``journal`` (an interrupted run resumed) is read from it, a row evaluated is added to it
+    (``Journal(None, {})`` keeps nothing)."""
     tasks = list(suite.data)
     at = f"{suite.encoder.modality}/{seed}"
     names = sorted({n for r in suite.runs.values() for n in r.deltas})
