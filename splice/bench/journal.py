@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -38,16 +38,25 @@ class Journal:
         if path is None:
             return
         if resume and path.is_file():
-            lines = path.read_text().splitlines()
+            text = path.read_text()
+            if not text.endswith("\n"):  # drop the line being written when the run stopped,
+                text = text[: text.rfind("\n") + 1]  # so the next row starts on its own line
+                path.write_text(text)
+            lines = text.splitlines()
             first = json.loads(lines[0]) if lines else {}
             if first.get("settings") != head["settings"]:
                 _refuse(path, first.get("settings") or {}, head["settings"])
-            for line in lines[1:]:
+            for n, line in enumerate(lines[1:], 2):
                 try:
                     entry = json.loads(line)
-                except json.JSONDecodeError:  # the line being written when the run stopped
-                    continue
-                self.rows[entry["key"]] = entry["value"]
+                    self.rows[entry["key"]] = entry["value"]
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    from splice.errors import SpliceError
+
+                    raise SpliceError(
+                        f"--resume: line {n} of {path} is not a journal row",
+                        fix="rerun without --resume to start over",
+                    ) from None
             return
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(head) + "\n")
@@ -61,6 +70,14 @@ class Journal:
             return None
         self.reused += 1
         return self.rows[key]
+
+    def row(self, key: str, compute: Callable[[], Any]) -> Any:
+        """The stored value of ``key``, else ``compute()``, recorded before it is returned."""
+        value = self.get(key)
+        if value is None:
+            value = compute()
+            self.put(key, value)
+        return value
 
     def put(self, key: str, value: Any) -> None:
         """Record a finished row; on disk before this returns."""

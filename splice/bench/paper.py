@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from typing import Any
 
@@ -411,16 +411,17 @@ def _extra_rows(
         label = f"{spec.label} · test inputs (transductive)"
         make = partial(transductive_row, suite, spec, seed)
         todo.append((f"{spec.key}@test", label, "transductive", make))
+
+    def outcome(make: Callable[[], Any]) -> dict[str, Any]:
+        try:
+            acc, more, secs = make()
+        except SpliceError as e:
+            return {"skip": str(e)}
+        return {"acc": acc, "more": more, "secs": secs}
+
     for key, label, kind, make in todo:
         t0 = time.perf_counter()
-        row = journal.get(f"evaluate/{at}/{key}")
-        if row is None:
-            try:
-                acc, more, secs = make()
-                row = {"acc": acc, "more": more, "secs": secs}
-            except SpliceError as e:
-                row = {"skip": str(e)}
-            journal.put(f"evaluate/{at}/{key}", row)
+        row = journal.row(f"evaluate/{at}/{key}", partial(outcome, make))
         if "skip" in row:
             skipped[label] = row["skip"]
             progress.done(f"evaluate/{at}/{key}", f"skip {label}: {row['skip']}", 0.0)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -57,14 +58,14 @@ def evaluate_rows(
     own = {t: {**base, **apply_deltas(base, suite.runs[t].deltas)} for t in tasks}
     n_tune = sum(len(s.tune) for s in specs)
     start = time.perf_counter()
-    ref = journal.get(f"evaluate/{at}/references")
-    if ref is None:
-        ref = {
+    ref = journal.row(
+        f"evaluate/{at}/references",
+        lambda: {
             "zero_shot": suite.acc(None),
             "individual": {t: suite.acc(own[t], tasks=[t])[t] for t in tasks},  # own task only
             "val_own": {t: suite.acc(own[t], "val", [t])[t] for t in tasks} if n_tune else {},
-        }
-        journal.put(f"evaluate/{at}/references", ref)
+        },
+    )
     add_row(rows, "zero_shot", "zero-shot", "reference", ref["zero_shot"])
     add_row(rows, "individual", "individual", "reference", ref["individual"])
     val_own = ref["val_own"]
@@ -104,10 +105,7 @@ def evaluate_rows(
     for spec in specs:
         start = time.perf_counter()
         key = f"evaluate/{at}/{spec.key}"
-        row = journal.get(key)
-        if row is None:
-            row = setting(spec)
-            journal.put(key, row)
+        row = journal.row(key, partial(setting, spec))
         if "skip" in row:
             skipped[spec.label] = row["skip"]
             progress.done(key, f"skip {spec.label}: {row['skip']}", 0.0)

@@ -16,6 +16,7 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -220,13 +221,9 @@ def run_bench(
                     with _timed(phases, "continual_s"):
                         t0 = time.perf_counter()
                         key = f"continual/{g.encoder.modality}/{seed}"
-                        view = journal.get(key)
-                        if view is None:
-                            view = run_continual(
-                                suite, continual_methods(specs), cfg.continual_orders, seed, ind
-                            )
-                            journal.put(key, view)
-                        continual += view
+                        names = continual_methods(specs)
+                        view = partial(run_continual, suite, names, cfg.continual_orders, seed, ind)
+                        continual += journal.row(key, view)
                     progress.done(
                         f"continual/{g.encoder.modality}/{seed}",
                         f"continual view (seed {seed}): {', '.join(continual_methods(specs))}",

@@ -11,7 +11,7 @@ from splice.bench import rows
 from splice.bench.finetune import FinetuneConfig
 from splice.bench.journal import Journal
 from splice.bench.runner import BenchConfig, run_bench
-from splice.errors import UsageError
+from splice.errors import SpliceError, UsageError
 
 
 def test_journal_round_trip_torn_line_restart_and_other_settings(tmp_path):
@@ -24,6 +24,13 @@ def test_journal_round_trip_torn_line_restart_and_other_settings(tmp_path):
     assert "evaluate/text/0/ties" in back and "evaluate/text/0/linear" not in back
     assert back.get("evaluate/text/0/ties")["acc"] == {"a": 0.5} and back.reused == 1
     assert back.get("evaluate/text/0/linear") is None and back.reused == 1
+    assert back.row("evaluate/text/0/ties", lambda: 1 / 0)["secs"] == 0.1  # read, not computed
+    assert back.row("evaluate/text/0/linear", lambda: {"skip": "x"}) == {"skip": "x"}
+    assert Journal(path, {"steps": 5}, resume=True).get("evaluate/text/0/linear") == {"skip": "x"}
+    with path.open("a") as f:
+        f.write("[1]\n")  # a complete line that is no row: damaged by hand, not by a stop
+    with pytest.raises(SpliceError, match=r"line 4 of .* is not a journal row"):
+        Journal(path, {"steps": 5}, resume=True)
     with pytest.raises(UsageError, match=r"different settings: \['steps'\]"):
         Journal(path, {"steps": 6}, resume=True)
     fresh = Journal(path, {"steps": 6})  # without --resume: started over
